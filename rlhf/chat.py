@@ -1,0 +1,81 @@
+"""Chat-template tokenization: conversations -> token ids, with loss masks, for every stage.
+
+Assistant-only labels come from rendering the conversation incrementally: the tokens between
+`render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])` are message i's
+answer (its content, the turn-end token and whatever the template puts after it). This needs
+no `{% generation %}` markers in the template and works for any template whose renderings of
+a conversation's prefixes are prefixes of each other (ChatML, Llama 3, Qwen, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def encode_sft(
+    tokenizer: Any, messages: list[dict], max_length: int, assistant_only: bool = True
+) -> dict[str, list[int]]:
+    """One conversation -> {"input_ids", "labels"}; labels are IGNORE_INDEX outside answers."""
+    ids = render_ids(tokenizer, messages, add_generation_prompt=False)
+    if not assistant_only:
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(render_ids(tokenizer, messages[:i], add_generation_prompt=True))
+            end = len(render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
+            labels[start:end] = ids[start:end]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def encode_prompt_response(
+    tokenizer: Any, prompt: list[dict], response: str, max_length: int
+) -> list[int]:
+    """(prompt messages, assistant reply) -> ids of the whole rendered conversation.
+
+    Over-long sequences keep their END (where the reward is read) and lose the prompt's start.
+    """
+    ids = render_ids(tokenizer, [*prompt, {"role": "assistant", "content": response}], False)
+    return ids[-max_length:]
+
+
+def encode_prompt(tokenizer: Any, prompt: list[dict], max_length: int) -> list[int]:
+    """Prompt messages + the assistant header, ready for generation (keeps the END if long)."""
+    return render_ids(tokenizer, prompt, add_generation_prompt=True)[-max_length:]
+
+
+def pad_batch(
+    sequences: list[list[int]],
+    pad_id: int,
+    side: str = "right",
+    labels: list[list[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest row. The attention mask comes from lengths, never from `ids != pad`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    lab = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+        if labels is not None:
+            lab[row, cols] = torch.tensor(labels[row], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = lab
+    return batch

@@ -1,0 +1,204 @@
+"""`rlhf` command line: parses arguments, loads the recipe, dispatches. No training logic here.
+
+  rlhf sft|reward|ppo RECIPE [key.path=value ...] [--resume]
+  rlhf eval reward MODEL_DIR DATA [--format hh|oasst|pairs|rankings] [--json]
+  rlhf generate MODEL_DIR --prompt TEXT | --prompts FILE
+  rlhf curves RUN_DIR [RUN_DIR ...]     rlhf data check FILE     rlhf models prepare NAME
+
+User mistakes (UserError) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+
+from rlhf import __version__
+from rlhf.errors import UserError
+
+STAGES = ("sft", "reward", "ppo")
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from rlhf.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        module = importlib.import_module(f"rlhf.stages.{args.command}")
+    except ModuleNotFoundError as e:
+        if e.name == f"rlhf.stages.{args.command}":
+            print(f"rlhf {args.command}: this stage is not built yet", file=sys.stderr)
+            return 1
+        raise
+    run_dir = module.run(recipe, resume=args.resume)
+    print(f"{args.command}: done -> {run_dir}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from rlhf import models
+
+    if args.action == "list":
+        for name, entry in models.REGISTRY.items():
+            state = "prepared" if models.is_prepared(name) else "not prepared"
+            print(f"{name:24s} {entry['kind']:7s} {state:13s} {models.prepared_dir(name)}")
+        return 0
+    for name in args.names:
+        already = models.is_prepared(name) and not args.force
+        path = models.prepare(name, force=args.force)
+        print(f"{name}: {'already prepared' if already else 'prepared'} at {path}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from rlhf.data.check import check_file
+
+    stats = check_file(args.file, fmt=args.format, tokenizer=args.tokenizer, recipe=args.recipe)
+    print(json.dumps(stats, indent=2) if args.json else _format_stats(stats))
+    return 0
+
+
+def _format_stats(stats: dict) -> str:
+    return "\n".join(f"{k:>24s}: {v}" for k, v in stats.items())
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rlhf import evaluate
+
+    if args.what == "reward":
+        result = evaluate.reward_accuracy_cli(
+            args.model_dir,
+            args.data,
+            fmt=args.format,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            limit=args.limit,
+        )
+    elif args.what == "perplexity":
+        result = evaluate.perplexity_cli(args.model_dir, args.data, max_length=args.max_length)
+    else:  # pragma: no cover - argparse restricts choices
+        raise UserError(f"unknown eval '{args.what}'")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_format_stats(result))
+    return 0
+
+
+def _optional(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """Commands whose module may not exist yet say so instead of pretending to work."""
+
+    def call(args: argparse.Namespace) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                print(f"rlhf {args.command}: not built yet", file=sys.stderr)
+                return 1
+            raise
+        return getattr(mod, func)(args)
+
+    return call
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf",
+        description="SFT -> reward model -> PPO. Start with: make sft reward ppo",
+    )
+    p.add_argument("--version", action="version", version=f"rlhf {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for stage, text in zip(
+        STAGES,
+        (
+            "stage 1: supervised fine-tuning on chat data",
+            "stage 2: reward model on ranked comparisons",
+            "stage 3: PPO against the reward model with a KL penalty",
+        ),
+    ):
+        s = sub.add_parser(stage, help=text, description=text)
+        s.add_argument("recipe", help="recipe YAML, e.g. recipes/smollm2-135m.yaml")
+        s.add_argument("overrides", nargs="*", help="dotted overrides: ppo.kl_coef=0.1")
+        s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        s.set_defaults(func=_stage)
+
+    m = sub.add_parser("models", help="prepare or list registered base models")
+    m.add_argument("action", choices=["prepare", "list"])
+    m.add_argument("names", nargs="*", default=["smollm2-135m-instruct"])
+    m.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    m.set_defaults(func=_models)
+
+    d = sub.add_parser("data", help="validate a data file and print statistics")
+    d.add_argument("action", choices=["check"])
+    d.add_argument("file")
+    d.add_argument("--format", default="auto")
+    d.add_argument("--tokenizer", default=None, help="model for token lengths (default: recipe's)")
+    d.add_argument("--recipe", default=None, help="recipe whose tokenizer and limits apply")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_data_check)
+
+    e = sub.add_parser("eval", help="evaluate a reward model or a policy")
+    e.add_argument("what", choices=["reward", "perplexity"])
+    e.add_argument("model_dir")
+    e.add_argument("data")
+    e.add_argument("--format", default="auto", help="hh | oasst | pairs | rankings | auto")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_eval)
+
+    g = sub.add_parser("generate", help="generate from a model folder (chat template applied)")
+    g.add_argument("model_dir")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompts", help="JSONL file of {'prompt': ...}")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output", help="JSONL output file (default: stdout)")
+    g.set_defaults(func=_optional("rlhf.generate", "main"))
+
+    c = sub.add_parser("curves", help="PNG dashboards and an HTML report from run directories")
+    c.add_argument("run_dirs", nargs="*")
+    c.add_argument("--recipe", help="use the recipe's output_dir (sft, reward, ppo)")
+    c.add_argument("--out", help="output folder (default: <first run's parent>/curves)")
+    c.add_argument("overrides", nargs="*", default=[])
+    c.set_defaults(func=_optional("rlhf.curves", "main"))
+
+    v = sub.add_parser("viz", help="look inside a model: attention maps, per-token KL")
+    v.add_argument("what", choices=["attention", "kl"])
+    v.add_argument("model_dir")
+    v.add_argument("--text")
+    v.add_argument("--prompt")
+    v.add_argument("--reference")
+    v.add_argument("--layer", type=int, default=-1)
+    v.add_argument("--head", type=int, default=0)
+    v.add_argument("--out", default=None)
+    v.set_defaults(func=_optional("rlhf.viz", "main"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

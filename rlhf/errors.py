@@ -1,0 +1,7 @@
+"""The one exception type for user mistakes: the CLI prints it as one line and exits 2."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix (recipe, data, paths, arguments). Never a traceback."""
+
+    exit_code = 2

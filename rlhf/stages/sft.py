@@ -1,0 +1,271 @@
+"""Stage 1: supervised fine-tuning on chat data (InstructGPT step 1), on accelerate.
+
+Our own loop rather than TRL's SFTTrainer: the loss is normalised by the number of target
+tokens in the WHOLE optimizer step (all micro-batches, all ranks), so 2 ranks x batch b equals
+1 rank x 2b exactly and gradient accumulation does not overweight short batches; the same loop
+resumes from our checkpoints; and nothing hides in a trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from rlhf import checkpoint, data, models, training
+from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
+from rlhf.rundir import RunDir
+from rlhf.runtime import make_accelerator, run_info
+from rlhf.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+def load_datasets(recipe: Any) -> tuple[list, list]:
+    cfg = recipe.sft
+    if cfg.train is None:
+        from rlhf.errors import UserError
+
+        raise UserError(f"{recipe._source}: sft.train: missing required key")
+    train = data.load_sft(cfg.train, recipe.data.on_invalid).items
+    if cfg.eval is not None:
+        evals = data.load_sft(cfg.eval, recipe.data.on_invalid).items
+    else:
+        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
+    return train, evals
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token negative log-likelihoods over labelled positions."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def n_targets(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> dict[str, float]:
+    """Held-out loss and perplexity over answer tokens, summed across ranks before dividing."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        totals[0] += token_nll_sum(logits, batch["labels"]).double()
+        totals[1] += n_targets(batch["labels"]).double()
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def run(recipe: Any, resume: bool = False) -> Path:
+    cfg = recipe.sft
+    accelerator = make_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum)
+    out = RunDir(recipe.stage_dir("sft"), "sft", recipe, accelerator.is_main_process, {})
+
+    # --- data and tokenizer (all validation happens before the model loads)
+    tokenizer = models.load_tokenizer(
+        cfg.init_from or recipe.model.name,
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+    )
+    train_items, eval_items = load_datasets(recipe)
+    encode = lambda ex: encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss)  # noqa: E731
+    train_rows = [
+        r for r in map(encode, train_items) if any(t != IGNORE_INDEX for t in r["labels"])
+    ]
+    eval_rows = [r for r in map(encode, eval_items) if any(t != IGNORE_INDEX for t in r["labels"])]
+    if not train_rows:
+        from rlhf.errors import UserError
+
+        raise UserError(f"{cfg.train.path}: no example has answer tokens within max_length")
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(
+            [r["input_ids"] for r in rows],
+            tokenizer.pad_token_id,
+            "right",
+            [r["labels"] for r in rows],
+        )
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(
+        train_rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
+    )
+    eval_loader = DataLoader(eval_rows, batch_size=cfg.batch_size, collate_fn=collate)
+
+    # --- model
+    model = models.load_causal_lm(
+        cfg.init_from or recipe.model.name,
+        num_hidden_layers=recipe.model.num_hidden_layers,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
+    optimizer = training.make_optimizer(model, cfg.optim)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
+    world = accelerator.num_processes
+    trainable, total = training.trainable_parameters(model)
+    out.info.update(
+        run_info(accelerator),
+        effective_batch=cfg.batch_size * cfg.grad_accum * world,
+        train_examples=len(train_rows),
+        eval_examples=len(eval_rows),
+        total_steps=total_steps,
+        trainable_parameters=trainable,
+        parameters=total,
+    )
+
+    step, epoch, batches_done = 0, 0, 0
+    ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
+    out.start(resume=ckpt is not None)
+    if ckpt is not None:
+        state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+    logger = MetricsLogger(out.path, "sft", recipe, accelerator)
+    log.info(
+        "sft: %d train / %d eval conversations, %d steps, effective batch %d (%d x %d x %d ranks)",
+        len(train_rows),
+        len(eval_rows),
+        total_steps,
+        cfg.batch_size * cfg.grad_accum * world,
+        cfg.batch_size,
+        cfg.grad_accum,
+        world,
+    )
+
+    base_eval = evaluate(model, eval_loader, accelerator) if eval_rows and step == 0 else {}
+    if base_eval:
+        logger.log(0, base_eval)
+    guard = training.NonFiniteGuard()
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="sft",
+        disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+    )
+    model.train()
+    t_last = time.time()
+    while step < total_steps:
+        generator.manual_seed(recipe.seed + epoch)  # epoch e always sees the same order
+        batches = iter(
+            accelerator.skip_first_batches(train_loader, batches_done)
+            if batches_done
+            else train_loader
+        )
+        while step < total_steps:
+            group = [b for _, b in zip(range(cfg.grad_accum), batches)]
+            if not group:
+                break
+            batches_done += len(group)
+            # Normalise by the target tokens of the whole optimizer step across all ranks.
+            step_tokens = accelerator.reduce(sum(n_targets(b["labels"]) for b in group), "sum")
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in group:
+                with accelerator.accumulate(model), accelerator.autocast():
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    nll = token_nll_sum(logits, batch["labels"])
+                    # accelerate divides by grad_accum and DDP averages over ranks: undo both.
+                    loss = nll * world * cfg.grad_accum / step_tokens.clamp(min=1)
+                    if guard.ok(loss):
+                        accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            model.parameters(), cfg.optim.max_grad_norm
+                        )
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += nll.detach()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                global_loss = accelerator.reduce(loss_sum, "sum") / step_tokens.clamp(min=1)
+                now = time.time()
+                metrics = {
+                    "train/loss": global_loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "train/tokens": step_tokens.item(),
+                    "epoch": epoch + batches_done / max(1, len(train_loader)),
+                    "timing/step": (now - t_last) / cfg.log_every,
+                    "train/skipped_batches": guard.skipped,
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                logger.log(step, metrics)
+                t_last = now
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            if eval_rows and (step % cfg.eval_every == 0 or step == total_steps):
+                logger.log(step, evaluate(model, eval_loader, accelerator))
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                checkpoint.save_checkpoint(
+                    accelerator,
+                    out.checkpoints,
+                    step,
+                    {"step": step, "epoch": epoch, "batches_done": batches_done},
+                    scheduler,
+                    cfg.keep_last,
+                )
+        if step < total_steps:
+            epoch, batches_done = epoch + 1, 0
+    bar.close()
+
+    final_eval = evaluate(model, eval_loader, accelerator) if eval_rows else {}
+    results = {
+        "base_perplexity": base_eval.get("eval/perplexity"),
+        "perplexity": final_eval.get("eval/perplexity"),
+        "eval_loss": final_eval.get("eval/loss"),
+        "steps": step,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "skipped_batches": guard.skipped,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        card = training.model_card(
+            "SFT model",
+            recipe,
+            f"Supervised fine-tuning, {step} steps. Held-out perplexity "
+            f"{results['base_perplexity']} (base) -> {results['perplexity']} (this model).",
+        )
+        with out.staging(out.model_dir) as tmp:
+            training.save_model(
+                accelerator.unwrap_model(model), tokenizer, tmp, cfg.merge_lora, card
+            )
+    logger.close()
+    out.finish(results)
+    accelerator.wait_for_everyone()
+    log.info(
+        "sft: perplexity %.3f (base %.3f)",
+        results["perplexity"] or float("nan"),
+        results["base_perplexity"] or float("nan"),
+    )
+    return out.path

@@ -1,0 +1,130 @@
+"""Pieces every training stage shares: optimizer + schedule, LoRA / checkpointing set-up,
+saving a `model/` folder, non-finite checks. The loops themselves live in the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import models
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norms (standard practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, optim: Any, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine / linear decay to 0 (or constant). Stepped once per update."""
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    total = max(total_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if optim.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_for_training(
+    model: torch.nn.Module, lora: Any, gradient_checkpointing: bool, task_type: str
+) -> torch.nn.Module:
+    """Dropout off is NOT done here (SFT/RM keep the model's dropout); LoRA and checkpointing."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora.enabled:
+        model = models.apply_lora(model, lora, task_type=task_type)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def save_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    merge_lora: bool,
+    card: str,
+) -> None:
+    """save_pretrained folder: safetensors, tokenizer, chat template, generation config, card.
+
+    Refuses to write non-finite weights. A LoRA model is merged into plain weights when
+    `merge_lora`, else saved as an adapter folder (peft) next to the base model name.
+    """
+    if not all_finite(model):
+        raise RuntimeError("refusing to save: the model has non-finite weights")
+    to_save = model
+    if hasattr(model, "peft_config") and merge_lora:
+        to_save = model.merge_and_unload()
+    to_save.config.use_cache = True
+    to_save.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if hasattr(to_save, "generation_config") and to_save.generation_config is not None:
+        gen = to_save.generation_config
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.eos_token_id = tokenizer.eos_token_id
+        gen.save_pretrained(out_dir)
+    (Path(out_dir) / "README.md").write_text(card)
+
+
+def model_card(title: str, recipe: Any, body: str) -> str:
+    return (
+        f"---\nlibrary_name: transformers\ntags: [rlhf]\n---\n# {title}\n\n"
+        f"Trained by `rlhf` with the recipe `{getattr(recipe, '_source', recipe.name)}` "
+        f"(resolved copy in `../recipe.yaml`), base model `{recipe.model.name}`.\n\n{body}\n"
+    )
+
+
+class NonFiniteGuard:
+    """Counts batches skipped for a non-finite loss; stops the run after too many in a row."""
+
+    def __init__(self, max_consecutive: int = 5):
+        self.skipped = 0
+        self.consecutive = 0
+        self.max_consecutive = max_consecutive
+
+    def ok(self, loss: torch.Tensor) -> bool:
+        if torch.isfinite(loss).all():
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(f"{self.consecutive} non-finite losses in a row: stopping")
+        log.warning("non-finite loss: batch skipped (%d so far)", self.skipped)
+        return False
