@@ -321,7 +321,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         errors = e.errors()
         # Name the override the user just typed before anything inherited from the file.
         keys = {o.split("=", 1)[0] for o in overrides}
-        errors.sort(key=lambda err: ".".join(map(str, err["loc"])) not in keys)
+        def about_override(err: dict) -> bool:
+            loc = ".".join(map(str, err["loc"]))
+            return any(k == loc or k.startswith(loc + ".") for k in keys)
+
+        errors.sort(key=lambda err: not about_override(err))
         raise UserError(_format_error(str(path), errors[0], overrides)) from None
     recipe._source = str(path)
     return recipe

@@ -1,0 +1,102 @@
+"""The trainable PPO roles in one module: the policy (a causal LM, maybe with LoRA) and its value
+function, so DDP / DeepSpeed wrap ONE model and one backward serves both losses.
+
+value_model="shared":   a linear value head on the policy's last hidden state (one forward).
+value_model="separate": a critic initialised from the reward model (InstructGPT, sec. 3.5),
+                        its score head applied at every position.
+The reference is NOT in here: with LoRA it is the same weights with the adapter disabled
+(`reference_logits`), otherwise a separate frozen copy the stage owns.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio must compare the same function twice: no dropout in any role (N impl. details)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic  # a sequence-classification model, or None for the shared head
+        if critic is None:
+            hidden = policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            # Zero init: values start at 0, so early advantages are the (whitened) returns.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+        disable_dropout(self)
+
+    @property
+    def uses_lora(self) -> bool:
+        return hasattr(self.policy, "peft_config")
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> logits (B, T, V) and values (B, T) at every position."""
+        position_ids = positions_from_mask(attention_mask)
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=self.value_head is not None,
+            use_cache=False,
+        )
+        if self.value_head is not None:
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        else:
+            backbone = getattr(self.critic, self.critic.base_model_prefix)
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state
+            values = self.critic.score(hidden).squeeze(-1)
+        return out.logits, values.float()
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen reference: the policy with its LoRA adapter switched off."""
+        with self.adapter_disabled():
+            return self.policy(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+            ).logits
+
+    def adapter_disabled(self):
+        return self.policy.disable_adapter() if self.uses_lora else nullcontext()
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    states = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, s in zip(modules, states):
+            m.train(s)

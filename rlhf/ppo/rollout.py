@@ -1,0 +1,179 @@
+"""Rollout: prompts -> sampled responses -> log-probs, values, reference log-probs, scores.
+
+Shapes: B rollouts, P prompt tokens (left padded), R response tokens (right padded).
+`mask` (B, R) is 1 on response tokens up to and including the first EOS, 0 after: everything
+after the first EOS is masked everywhere (N implementation details of RLHF with PPO, #4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf import models
+from rlhf.chat import encode_prompt_response, pad_batch
+from rlhf.ppo.actor_critic import ActorCritic, positions_from_mask
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R)
+    mask: torch.Tensor  # (B, R) float 0/1
+    logprobs: torch.Tensor = field(default=None)  # (B, R) policy, at sampling temperature
+    ref_logprobs: torch.Tensor = field(default=None)  # (B, R)
+    values: torch.Tensor = field(default=None)  # (B, R)
+    entropy: torch.Tensor = field(default=None)  # (B, R)
+    scores: torch.Tensor = field(default=None)  # (B,) raw reward-model scores
+    ended_with_eos: torch.Tensor = field(default=None)  # (B,) bool
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        """Rows `idx` of every tensor field (minibatching)."""
+        out = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, torch.Tensor):
+                out[name] = value[idx]
+            elif name == "texts" and value:
+                out[name] = [value[i] for i in idx.tolist()]
+            else:
+                out[name] = value
+        return Rollout(**out)
+
+
+def response_mask(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 up to and including the first EOS; (mask (B, R) float, ended_with_eos (B,) bool)."""
+    is_eos = response_ids == eos_id
+    eos_seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    ended = is_eos.any(dim=1)
+    return (~eos_seen_before).float(), ended
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) at the sampling temperature: the ratio must compare the distribution
+    the tokens were sampled from (N implementation details, #10)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_slice(prompt_len: int, response_len: int) -> slice:
+    """Logits at position t predict token t+1: responses are predicted from P-1 .. P+R-2."""
+    return slice(prompt_len - 1, prompt_len + response_len - 1)
+
+
+@torch.no_grad()
+def generate(
+    policy: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cfg: Any,
+    tokenizer: Any,
+) -> Rollout:
+    """Sample responses from a causal LM with a KV cache; cut everything after the first EOS."""
+    gen_kwargs: dict[str, Any] = {
+        "do_sample": True,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "use_cache": True,
+    }
+    if cfg.stop_strings:
+        gen_kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
+    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+    response_ids = out[:, prompt_ids.shape[1] :]
+    if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
+        response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
+    mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
+    if cfg.stop_strings:
+        mask, ended = _apply_stop_strings(response_ids, mask, ended, tokenizer, cfg.stop_strings)
+    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
+    texts = [
+        tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+        for row, m in zip(response_ids, mask)
+    ]
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
+
+
+def _apply_stop_strings(response_ids, mask, ended, tokenizer, stop_strings):
+    """Treat the token that completes a stop string like EOS (kept, everything after masked)."""
+    mask = mask.clone()
+    ended = ended.clone()
+    for row in range(response_ids.shape[0]):
+        n = int(mask[row].sum())
+        text = ""
+        for t in range(n):
+            text += tokenizer.decode(response_ids[row, t : t + 1])
+            if any(s in text for s in stop_strings):
+                mask[row, t + 1 :] = 0
+                ended[row] = True
+                break
+    return mask, ended
+
+
+@torch.no_grad()
+def score_with_models(
+    rollout: Rollout,
+    model: ActorCritic,
+    reference: torch.nn.Module | None,
+    temperature: float,
+    autocast: Any,
+) -> None:
+    """Fill logprobs, values, entropy (policy) and ref_logprobs: one batched forward each."""
+    ids, attn = rollout.input_ids, rollout.attention_mask
+    P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    window = response_slice(P, R)
+    with autocast():
+        logits, values = model(ids, attn)
+    logits = logits[:, window]
+    rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
+    rollout.values = values[:, window].float()
+    from rlhf.ppo.core import entropy_from_logits
+
+    rollout.entropy = entropy_from_logits(logits.float() / temperature)
+    del logits
+    with autocast():
+        if reference is None:
+            ref_logits = model.reference_logits(ids, attn)
+        else:
+            ref_logits = reference(
+                input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn)
+            ).logits
+    rollout.ref_logprobs = logprobs_from_logits(ref_logits[:, window], rollout.response_ids, temperature)
+
+
+@torch.no_grad()
+def reward_scores(
+    reward_model: torch.nn.Module,
+    reward_tokenizer: Any,
+    prompts: list[list[dict]],
+    responses: list[str],
+    max_length: int,
+    device: torch.device,
+    autocast: Any,
+) -> torch.Tensor:
+    """Score (prompt, response) exactly as the reward model was trained: the chat template
+    renders the conversation, and the score is read at the last real token."""
+    seqs = [
+        encode_prompt_response(reward_tokenizer, p, r, max_length)
+        for p, r in zip(prompts, responses)
+    ]
+    batch = pad_batch(seqs, reward_tokenizer.pad_token_id, side="right")
+    with autocast():
+        scores = models.sequence_scores(
+            reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        )
+    return scores.float()

@@ -1,0 +1,371 @@
+"""Stage 3: PPO against the reward model with a per-token KL penalty (InstructGPT step 3).
+
+One iteration (Ziegler et al. 2019; "The N Implementation Details of RLHF with PPO"):
+  1. rollout   prompts -> sampled responses (KV cache), masked after the first EOS
+  2. score     policy / reference log-probs, values, reward-model score of (prompt, response)
+  3. shape     r_t = -beta * KL_t, plus the (normalised) score at the last response token
+  4. GAE       advantages and returns; advantages whitened over the batch
+  5. update    PPO epochs over minibatches: clipped policy + clipped value loss
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf import checkpoint, data, models, training
+from rlhf.chat import encode_prompt, pad_batch
+from rlhf.errors import UserError
+from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
+from rlhf.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_whiten,
+    shape_rewards,
+)
+from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
+from rlhf.ppo.update import ppo_update
+from rlhf.rundir import RunDir, require_completed
+from rlhf.runtime import make_accelerator, run_info
+from rlhf.tracking import MetricsLogger, mean_across_ranks
+
+log = logging.getLogger(__name__)
+
+
+def input_dirs(recipe: Any) -> tuple[Path, Path]:
+    """The SFT and reward run folders PPO reads; both must have finished (COMPLETED)."""
+    cfg = recipe.ppo
+    sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else recipe.stage_dir("sft")
+    reward_dir = Path(cfg.reward_dir) if cfg.reward_dir else recipe.stage_dir("reward")
+    require_completed(sft_dir, "ppo.sft_dir: the SFT run")
+    require_completed(reward_dir, "ppo.reward_dir: the reward run")
+    return sft_dir, reward_dir
+
+
+def load_calibration(reward_model_dir: Path) -> dict[str, float] | None:
+    path = reward_model_dir / "reward_calibration.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class PromptSampler:
+    """Deterministic prompt batches: iteration i on rank r always gets the same prompts, so a
+    resumed run sees exactly what an uninterrupted one would. Ranks take disjoint slices."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+
+    def indices(self, iteration: int) -> list[int]:
+        per_iter = self.batch * self.world
+        start = iteration * per_iter + self.rank * self.batch
+        out = []
+        for pos in range(start, start + self.batch):
+            epoch, offset = divmod(pos, self.n)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            out.append(int(order[offset]))
+        return out
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    return seed * 1_000_003 + iteration * 1009 + rank
+
+
+def run(recipe: Any, resume: bool = False) -> Path:
+    cfg = recipe.ppo
+    if cfg.prompts is None:
+        raise UserError(f"{recipe._source}: ppo.prompts: missing required key")
+    sft_dir, reward_dir = input_dirs(recipe)
+    accelerator = make_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = RunDir(recipe.stage_dir("ppo"), "ppo", recipe, accelerator.is_main_process, {})
+    device = accelerator.device
+
+    # --- tokenizers and prompts (validated before any model loads)
+    tokenizer = models.load_tokenizer(str(sft_dir / "model"), padding_side="left")
+    reward_tokenizer = models.load_tokenizer(str(reward_dir / "model"))
+    if reward_tokenizer.chat_template is None:
+        raise UserError(f"{reward_dir}/model: reward tokenizer has no chat template")
+    prompts = [p.messages for p in data.load_prompts(cfg.prompts, recipe.data.on_invalid).items]
+    eval_prompts = (
+        [p.messages for p in data.load_prompts(cfg.eval_prompts, recipe.data.on_invalid).items]
+        if cfg.eval_prompts
+        else []
+    )
+    prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+
+    # --- roles
+    policy = models.load_causal_lm(str(sft_dir / "model"))
+    critic = None
+    if cfg.value_model == "separate":
+        critic = models.load_reward_model(str(reward_dir / "model"))
+    reference = None
+    if cfg.lora.enabled:
+        policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy
+    else:
+        reference = models.load_causal_lm(str(sft_dir / "model")).to(device).eval()
+        reference.requires_grad_(False)
+        disable_dropout(reference)
+    model = ActorCritic(policy, critic)
+    reward_model = models.load_reward_model(str(reward_dir / "model")).to(device).eval()
+    reward_model.requires_grad_(False)
+    disable_dropout(reward_model)
+    calibration = load_calibration(reward_dir / "model") if cfg.normalize_score else None
+
+    optimizer = training.make_optimizer(model, cfg.optim)
+    # one optimizer step per minibatch: ppo_epochs * (batch / mini_batch) per iteration
+    updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.iterations * updates_per_iter)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped: ActorCritic = accelerator.unwrap_model(model)
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.kl_coef)
+    )
+    sampler = PromptSampler(len(prompts), cfg.batch_size, rank, world, recipe.seed)
+    trainable, total = training.trainable_parameters(model)
+    out.info.update(
+        run_info(accelerator),
+        sft_dir=str(sft_dir),
+        reward_dir=str(reward_dir),
+        rollouts_per_iteration=cfg.batch_size * world,
+        effective_minibatch=cfg.mini_batch_size * world,
+        prompts=len(prompts),
+        trainable_parameters=trainable,
+        parameters=total,
+        reference="lora-disabled" if cfg.lora.enabled else "frozen copy",
+        calibration=calibration,
+    )
+
+    start_iter = 0
+    ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
+    out.start(resume=ckpt is not None)
+    if ckpt is not None:
+        state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
+        start_iter = state["iteration"]
+        kl_ctl.load_state_dict(state["kl_controller"])
+        log.info("resumed from %s (iteration %d)", ckpt, start_iter)
+    logger = MetricsLogger(out.path, "ppo", recipe, accelerator)
+    log.info(
+        "ppo: %d prompts, %d iterations x %d rollouts (%d per rank x %d ranks), reference: %s",
+        len(prompts), cfg.iterations, cfg.batch_size * world, cfg.batch_size, world,
+        out.info["reference"],
+    )
+
+    bar = tqdm(
+        total=cfg.iterations, initial=start_iter, desc="ppo",
+        disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+    )
+    for iteration in range(start_iter, cfg.iterations):
+        t0 = time.time()
+        torch.manual_seed(iteration_seed(recipe.seed, iteration, rank))
+        idx = sampler.indices(iteration)
+        batch = pad_batch([prompt_ids[i] for i in idx], tokenizer.pad_token_id, side="left")
+        batch_prompts = [prompts[i] for i in idx]
+
+        # 1. rollout
+        with eval_mode(model), accelerator.autocast():
+            roll = generate(
+                unwrapped.policy, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                cfg, tokenizer,
+            )
+        t_rollout = time.time()
+
+        # 2. score: log-probs, values, reference, reward model
+        with eval_mode(model):
+            score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
+        roll.scores = reward_scores(
+            reward_model, reward_tokenizer, batch_prompts, roll.texts,
+            recipe.reward.max_length, device, accelerator.autocast,
+        )
+        score = roll.scores
+        if calibration:
+            score = (score - calibration["mean"]) / max(calibration["std"], 1e-6)
+        if cfg.score_clip:
+            score = score.clamp(-cfg.score_clip, cfg.score_clip)
+        if cfg.missing_eos_penalty is not None:
+            score = score - cfg.missing_eos_penalty * (~roll.ended_with_eos).float()
+        t_score = time.time()
+
+        # 3. shaping and 4. GAE
+        rewards, kl = shape_rewards(
+            score, roll.logprobs, roll.ref_logprobs, roll.mask, kl_ctl.value, cfg.kl_estimator
+        )
+        non_score = -kl_ctl.value * (kl * roll.mask).sum(1)  # the KL part of the return
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, roll.mask, shift_mean=False)
+        advantages, returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, roll.mask)
+
+        # 5. update
+        gen = torch.Generator().manual_seed(iteration_seed(recipe.seed, iteration, rank) + 7)
+        stats = ppo_update(model, optimizer, accelerator, roll, advantages, returns, cfg, gen, scheduler)
+        t_update = time.time()
+
+        seq_kl = (kl * roll.mask).sum(1)
+        lengths = roll.mask.sum(1)
+        metrics = {
+            "objective/score": roll.scores.mean().item(),
+            "objective/score_std": roll.scores.std().item() if len(roll.scores) > 1 else 0.0,
+            "objective/score_normalized": score.mean().item(),
+            "objective/kl": seq_kl.mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (score + non_score).mean().item(),
+            "objective/entropy": (roll.entropy * roll.mask).sum(1).mean().item(),
+            "objective/entropy_per_token": masked_mean(roll.entropy, roll.mask).item(),
+            "value/explained_variance": explained_variance(roll.values, returns, roll.mask).item(),
+            "response/length_mean": lengths.mean().item(),
+            "response/eos_rate": roll.ended_with_eos.float().mean().item(),
+            "kl_coef": kl_ctl.value,
+            "lr": scheduler.get_last_lr()[0],
+            "timing/rollout": t_rollout - t0,
+            "timing/score": t_score - t_rollout,
+            "timing/update": t_update - t_score,
+            "timing/iteration": t_update - t0,
+            "tokens_per_second": lengths.sum().item() / max(t_update - t0, 1e-9),
+            **stats,
+        }
+        metrics = mean_across_ranks(accelerator, metrics)
+        # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
+        kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
+        logger.log(iteration + 1, metrics)
+        if (iteration + 1) % cfg.sample_every == 0:
+            logger.log_samples(iteration + 1, [
+                {
+                    "prompt": _last_user(batch_prompts[i]),
+                    "response": roll.texts[i],
+                    "score": float(roll.scores[i]),
+                    "kl": float(seq_kl[i]),
+                }
+                for i in range(min(4, len(roll.texts)))
+            ])
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        if cfg.save_every and (iteration + 1) % cfg.save_every == 0 and iteration + 1 < cfg.iterations:
+            checkpoint.save_checkpoint(
+                accelerator, out.checkpoints, iteration + 1,
+                {"iteration": iteration + 1, "kl_controller": kl_ctl.state_dict()},
+                scheduler, cfg.keep_last,
+            )
+    bar.close()
+
+    results = evaluate_policy(
+        unwrapped, reference, reward_model, reward_tokenizer, tokenizer, eval_prompts or prompts,
+        recipe, accelerator, calibration,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        card = training.model_card(
+            "PPO policy",
+            recipe,
+            f"PPO for {cfg.iterations} iterations against `{reward_dir}/model`, KL penalty to "
+            f"`{sft_dir}/model`. Held-out mean reward {results['ppo_score_mean']:.3f} "
+            f"(SFT {results['sft_score_mean']:.3f}), win rate {results['win_rate']:.2f}.",
+        )
+        with out.staging(out.model_dir) as tmp:
+            training.save_model(unwrapped.policy, tokenizer, tmp, cfg.merge_lora, card)
+    logger.close()
+    out.finish(results)
+    accelerator.wait_for_everyone()
+    log.info(
+        "ppo: held-out score %.3f (SFT %.3f), win rate %.2f, KL %.2f",
+        results["ppo_score_mean"], results["sft_score_mean"], results["win_rate"], results["kl_mean"],
+    )
+    return out.path
+
+
+def _last_user(messages: list[dict]) -> str:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model: ActorCritic,
+    reference: torch.nn.Module | None,
+    reward_model: torch.nn.Module,
+    reward_tokenizer: Any,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    recipe: Any,
+    accelerator: Any,
+    calibration: dict | None,
+) -> dict[str, Any]:
+    """Held-out prompts: PPO policy vs the SFT policy, same sampling settings and seed, both
+    scored by the reward model; win rate with a 95% normal-approximation interval."""
+    cfg = recipe.ppo
+    rank, world = accelerator.process_index, accelerator.num_processes
+    chosen = prompts[: cfg.eval_size][rank::world]
+    device = accelerator.device
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("ppo", "sft", "kl", "len", "eos")}
+    samples = []
+    for start in range(0, len(chosen), cfg.batch_size):
+        group = chosen[start : start + cfg.batch_size]
+        batch = pad_batch(
+            [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in group],
+            tokenizer.pad_token_id, side="left",
+        )
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        for which in ("ppo", "sft"):
+            torch.manual_seed(recipe.seed + 12345 + start + rank)
+            with eval_mode(model), accelerator.autocast():
+                if which == "ppo":
+                    roll = generate(model.policy, ids, mask, cfg, tokenizer)
+                    score_with_models(roll, model, reference, cfg.temperature, accelerator.autocast)
+                    rows["kl"].append(((roll.logprobs - roll.ref_logprobs) * roll.mask).sum(1))
+                    rows["len"].append(roll.mask.sum(1))
+                    rows["eos"].append(roll.ended_with_eos.float())
+                else:
+                    roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
+            scores = reward_scores(
+                reward_model, reward_tokenizer, group, roll.texts, recipe.reward.max_length,
+                device, accelerator.autocast,
+            )
+            rows[which].append(scores)
+            if which == "ppo":
+                samples.extend(
+                    {"prompt": _last_user(p), "ppo": t, "ppo_score": float(s)}
+                    for p, t, s in zip(group, roll.texts, scores)
+                )
+            else:
+                for s_row, t, s in zip(samples[-len(group) :], roll.texts, scores):
+                    s_row.update(sft=t, sft_score=float(s))
+    cat = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in rows.items()}
+    gathered = {k: accelerator.gather_for_metrics(v) for k, v in cat.items()}
+    n = len(gathered["ppo"])
+    wins = (gathered["ppo"] > gathered["sft"]).float() + 0.5 * (gathered["ppo"] == gathered["sft"]).float()
+    win_rate = wins.mean().item() if n else float("nan")
+    half_width = 1.96 * math.sqrt(max(win_rate * (1 - win_rate), 1e-12) / max(n, 1))
+    result = {
+        "n_prompts": n,
+        "ppo_score_mean": gathered["ppo"].mean().item(),
+        "sft_score_mean": gathered["sft"].mean().item(),
+        "win_rate": win_rate,
+        "win_rate_ci95": [max(0.0, win_rate - half_width), min(1.0, win_rate + half_width)],
+        "kl_mean": gathered["kl"].mean().item(),
+        "response_length_mean": gathered["len"].mean().item(),
+        "eos_rate": gathered["eos"].mean().item(),
+        "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
+        "samples": samples[:8],
+    }
+    if calibration:
+        result["calibration"] = calibration
+    return result
+
+
+def _generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:
+    """Sample from the SFT policy: the adapter-disabled policy, or the frozen reference copy."""
+    if reference is None:
+        with model.adapter_disabled():
+            return generate(model.policy, ids, mask, cfg, tokenizer)
+    return generate(reference, ids, mask, cfg, tokenizer)
