@@ -321,6 +321,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         errors = e.errors()
         # Name the override the user just typed before anything inherited from the file.
         keys = {o.split("=", 1)[0] for o in overrides}
+
         def about_override(err: dict) -> bool:
             loc = ".".join(map(str, err["loc"]))
             return any(k == loc or k.startswith(loc + ".") for k in keys)

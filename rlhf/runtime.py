@@ -41,7 +41,10 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":
         mixed = "bf16"  # fp16 autocast is not supported on CPU
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # gloo must be named explicitly for DeepSpeed on CPU; naming it in a single process would
+    # make accelerate look for a process group that does not exist.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else []
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=mixed,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from rlhf import models
+from rlhf.chat import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ def prepare_for_training(
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token negative log-likelihoods over labelled positions."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def n_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Number of labelled next-token targets (the denominator of token_nll_sum)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:

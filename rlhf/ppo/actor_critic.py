@@ -71,7 +71,9 @@ class ActorCritic(nn.Module):
         return out.logits, values.float()
 
     @torch.no_grad()
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reference_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Logits of the frozen reference: the policy with its LoRA adapter switched off."""
         with self.adapter_disabled():
             return self.policy(

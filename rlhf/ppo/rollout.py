@@ -60,7 +60,9 @@ def response_mask(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor
     return (~eos_seen_before).float(), ended
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+def logprobs_from_logits(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """log pi(token) at the sampling temperature: the ratio must compare the distribution
     the tokens were sampled from (N implementation details, #10)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
@@ -152,7 +154,9 @@ def score_with_models(
             ref_logits = reference(
                 input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn)
             ).logits
-    rollout.ref_logprobs = logprobs_from_logits(ref_logits[:, window], rollout.response_ids, temperature)
+    rollout.ref_logprobs = logprobs_from_logits(
+        ref_logits[:, window], rollout.response_ids, temperature
+    )
 
 
 @torch.no_grad()

@@ -71,7 +71,9 @@ class PromptSampler:
         out = []
         for pos in range(start, start + self.batch):
             epoch, offset = divmod(pos, self.n)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed + epoch)
+            )
             out.append(int(order[offset]))
         return out
 
@@ -158,12 +160,18 @@ def run(recipe: Any, resume: bool = False) -> Path:
     logger = MetricsLogger(out.path, "ppo", recipe, accelerator)
     log.info(
         "ppo: %d prompts, %d iterations x %d rollouts (%d per rank x %d ranks), reference: %s",
-        len(prompts), cfg.iterations, cfg.batch_size * world, cfg.batch_size, world,
+        len(prompts),
+        cfg.iterations,
+        cfg.batch_size * world,
+        cfg.batch_size,
+        world,
         out.info["reference"],
     )
 
     bar = tqdm(
-        total=cfg.iterations, initial=start_iter, desc="ppo",
+        total=cfg.iterations,
+        initial=start_iter,
+        desc="ppo",
         disable=not (accelerator.is_main_process and sys.stderr.isatty()),
     )
     for iteration in range(start_iter, cfg.iterations):
@@ -176,8 +184,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
         # 1. rollout
         with eval_mode(model), accelerator.autocast():
             roll = generate(
-                unwrapped.policy, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                cfg, tokenizer,
+                unwrapped.policy,
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                cfg,
+                tokenizer,
             )
         t_rollout = time.time()
 
@@ -185,8 +196,13 @@ def run(recipe: Any, resume: bool = False) -> Path:
         with eval_mode(model):
             score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
         roll.scores = reward_scores(
-            reward_model, reward_tokenizer, batch_prompts, roll.texts,
-            recipe.reward.max_length, device, accelerator.autocast,
+            reward_model,
+            reward_tokenizer,
+            batch_prompts,
+            roll.texts,
+            recipe.reward.max_length,
+            device,
+            accelerator.autocast,
         )
         score = roll.scores
         if calibration:
@@ -209,7 +225,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
         # 5. update
         gen = torch.Generator().manual_seed(iteration_seed(recipe.seed, iteration, rank) + 7)
-        stats = ppo_update(model, optimizer, accelerator, roll, advantages, returns, cfg, gen, scheduler)
+        stats = ppo_update(
+            model, optimizer, accelerator, roll, advantages, returns, cfg, gen, scheduler
+        )
         t_update = time.time()
 
         seq_kl = (kl * roll.mask).sum(1)
@@ -240,28 +258,47 @@ def run(recipe: Any, resume: bool = False) -> Path:
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
         logger.log(iteration + 1, metrics)
         if (iteration + 1) % cfg.sample_every == 0:
-            logger.log_samples(iteration + 1, [
-                {
-                    "prompt": _last_user(batch_prompts[i]),
-                    "response": roll.texts[i],
-                    "score": float(roll.scores[i]),
-                    "kl": float(seq_kl[i]),
-                }
-                for i in range(min(4, len(roll.texts)))
-            ])
+            logger.log_samples(
+                iteration + 1,
+                [
+                    {
+                        "prompt": _last_user(batch_prompts[i]),
+                        "response": roll.texts[i],
+                        "score": float(roll.scores[i]),
+                        "kl": float(seq_kl[i]),
+                    }
+                    for i in range(min(4, len(roll.texts)))
+                ],
+            )
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
-        if cfg.save_every and (iteration + 1) % cfg.save_every == 0 and iteration + 1 < cfg.iterations:
+        bar.set_postfix(
+            score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.2f}"
+        )
+        if (
+            cfg.save_every
+            and (iteration + 1) % cfg.save_every == 0
+            and iteration + 1 < cfg.iterations
+        ):
             checkpoint.save_checkpoint(
-                accelerator, out.checkpoints, iteration + 1,
+                accelerator,
+                out.checkpoints,
+                iteration + 1,
                 {"iteration": iteration + 1, "kl_controller": kl_ctl.state_dict()},
-                scheduler, cfg.keep_last,
+                scheduler,
+                cfg.keep_last,
             )
     bar.close()
 
     results = evaluate_policy(
-        unwrapped, reference, reward_model, reward_tokenizer, tokenizer, eval_prompts or prompts,
-        recipe, accelerator, calibration,
+        unwrapped,
+        reference,
+        reward_model,
+        reward_tokenizer,
+        tokenizer,
+        eval_prompts or prompts,
+        recipe,
+        accelerator,
+        calibration,
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -279,7 +316,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     log.info(
         "ppo: held-out score %.3f (SFT %.3f), win rate %.2f, KL %.2f",
-        results["ppo_score_mean"], results["sft_score_mean"], results["win_rate"], results["kl_mean"],
+        results["ppo_score_mean"],
+        results["sft_score_mean"],
+        results["win_rate"],
+        results["kl_mean"],
     )
     return out.path
 
@@ -313,7 +353,8 @@ def evaluate_policy(
         group = chosen[start : start + cfg.batch_size]
         batch = pad_batch(
             [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in group],
-            tokenizer.pad_token_id, side="left",
+            tokenizer.pad_token_id,
+            side="left",
         )
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         for which in ("ppo", "sft"):
@@ -328,8 +369,13 @@ def evaluate_policy(
                 else:
                     roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
             scores = reward_scores(
-                reward_model, reward_tokenizer, group, roll.texts, recipe.reward.max_length,
-                device, accelerator.autocast,
+                reward_model,
+                reward_tokenizer,
+                group,
+                roll.texts,
+                recipe.reward.max_length,
+                device,
+                accelerator.autocast,
             )
             rows[which].append(scores)
             if which == "ppo":
@@ -343,7 +389,9 @@ def evaluate_policy(
     cat = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in rows.items()}
     gathered = {k: accelerator.gather_for_metrics(v) for k, v in cat.items()}
     n = len(gathered["ppo"])
-    wins = (gathered["ppo"] > gathered["sft"]).float() + 0.5 * (gathered["ppo"] == gathered["sft"]).float()
+    wins = (gathered["ppo"] > gathered["sft"]).float() + 0.5 * (
+        gathered["ppo"] == gathered["sft"]
+    ).float()
     win_rate = wins.mean().item() if n else float("nan")
     half_width = 1.96 * math.sqrt(max(win_rate * (1 - win_rate), 1e-12) / max(n, 1))
     result = {

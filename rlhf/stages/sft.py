@@ -24,6 +24,7 @@ from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.rundir import RunDir
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.tracking import MetricsLogger
+from rlhf.training import n_targets, token_nll_sum
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,8 @@ def load_datasets(recipe: Any) -> tuple[list, list]:
     return train, evals
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token negative log-likelihoods over labelled positions."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def n_targets(labels: torch.Tensor) -> torch.Tensor:
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: list[dict], accelerator: Any) -> dict[str, float]:
     """Held-out loss and perplexity over answer tokens, summed across ranks before dividing."""
     was_training = model.training
     model.eval()
@@ -75,6 +60,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> di
     model.train(was_training)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def _chunks(rows: list, size: int) -> list[list]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def run(recipe: Any, resume: bool = False) -> Path:
@@ -111,7 +100,6 @@ def run(recipe: Any, resume: bool = False) -> Path:
     train_loader = DataLoader(
         train_rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
     )
-    eval_loader = DataLoader(eval_rows, batch_size=cfg.batch_size, collate_fn=collate)
 
     # --- model
     model = models.load_causal_lm(
@@ -122,9 +110,15 @@ def run(recipe: Any, resume: bool = False) -> Path:
     model.config.pad_token_id = tokenizer.pad_token_id
     model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
     optimizer = training.make_optimizer(model, cfg.optim)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader
-    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # Eval rows are split by rank without padding (a prepared loader would repeat rows to even
+    # out the ranks and count them twice); the sums are reduced across ranks.
+    eval_loader = [
+        {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
+        for chunk in _chunks(
+            eval_rows[accelerator.process_index :: accelerator.num_processes], cfg.batch_size
+        )
+    ]
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)

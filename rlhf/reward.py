@@ -1,0 +1,260 @@
+"""Reward-model math: the Bradley-Terry ranking loss, batching of ranked responses, metrics.
+
+Loss (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, sec. 3.5 / eq. 1):
+
+    loss(prompt) = 1/C(K,2) * sum over its pairs (better, worse) of
+                   -log sigmoid(r(better) - r(worse) - margin)
+                   + center_coef * mean_k(r_k)^2
+
+  * A prompt with K ranked responses gives all K(K-1)/2 pairs. Its pairs stay in ONE batch and
+    each response is scored ONCE (the batch's responses are flattened into one forward, then the
+    pairs are indexed), as InstructGPT does to avoid overfitting and K-fold recomputation.
+  * Normalisation: a prompt's loss is the MEAN over its pairs (InstructGPT's 1/C(K,2)), and the
+    batch loss is the MEAN over prompts, so a K=9 prompt weighs as much as a K=2 prompt. Across
+    micro-batches and ranks the stage divides the summed prompt losses by the number of prompts
+    in the whole optimizer step, so 2 ranks x b prompts equals 1 rank x 2b.
+  * `margin` (Llama 2, Touvron et al. 2023, eq. 2) asks for a gap of at least `margin`.
+  * The centring term (Eisenstein et al. 2023, "Helping or Herding") keeps rewards near zero;
+    here it is the squared mean reward of a prompt's responses, which is (r+ + r-)^2 / 4 for K=2.
+
+Metrics take plain lists, so the stage (gathered across ranks) and `rlhf eval reward` share them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rlhf import models
+from rlhf.chat import encode_prompt_response, pad_batch
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+def encode_ranking(tokenizer: Any, ranking: Any, max_length: int) -> dict[str, Any]:
+    """A data.Ranking -> {"seqs": K token lists, "pairs": [(better, worse)], "ranking": order}.
+
+    Each response is rendered with its prompt through the chat template; long sequences keep
+    their END (where the reward is read). `ranking` is the best-first order of response indices.
+    """
+    seqs = [
+        encode_prompt_response(tokenizer, ranking.prompt, response, max_length)
+        for response in ranking.responses
+    ]
+    return {
+        "seqs": seqs,
+        "pairs": [tuple(p) for p in ranking.pairs()],
+        "ranking": list(ranking.ranking),
+    }
+
+
+def collate_rankings(
+    rows: Sequence[dict[str, Any]], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Prompts -> one padded batch of ALL their responses, plus the pairs as row indices.
+
+    input_ids / attention_mask: (R, T), R = sum of K over the prompts (one row per response).
+    better / worse / pair_prompt: (N,) row of the better and worse response, prompt of the pair.
+    row_prompt: (R,) prompt of each row. n_prompts: () the number of prompts.
+    """
+    seqs, better, worse, pair_prompt, row_prompt = [], [], [], [], []
+    for p, row in enumerate(rows):
+        offset = len(seqs)
+        seqs.extend(row["seqs"])
+        row_prompt.extend([p] * len(row["seqs"]))
+        for b, w in row["pairs"]:
+            better.append(offset + b)
+            worse.append(offset + w)
+            pair_prompt.append(p)
+    batch = pad_batch(seqs, pad_id, side)
+    batch["better"] = torch.tensor(better, dtype=torch.long)
+    batch["worse"] = torch.tensor(worse, dtype=torch.long)
+    batch["pair_prompt"] = torch.tensor(pair_prompt, dtype=torch.long)
+    batch["row_prompt"] = torch.tensor(row_prompt, dtype=torch.long)
+    batch["n_prompts"] = torch.tensor(len(rows), dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+
+def bradley_terry_loss(
+    better: torch.Tensor, worse: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
+    """Per-pair -log sigmoid(r_better - r_worse - margin) (Bradley-Terry; InstructGPT eq. 1)."""
+    return -torch.nn.functional.logsigmoid(better.float() - worse.float() - margin)
+
+
+def segment_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of `values` per group `index` in [0, n): (M,), (M,) -> (n,). Empty groups give 0."""
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
+    counts = torch.bincount(index, minlength=n).clamp(min=1).to(values.dtype)
+    return sums / counts
+
+
+def prompt_losses(
+    scores: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Loss of each prompt in the batch: (R,) scores -> (P,). Mean over the prompt's pairs."""
+    n = int(batch["n_prompts"])
+    scores = scores.float()
+    pair_loss = bradley_terry_loss(scores[batch["better"]], scores[batch["worse"]], margin)
+    loss = segment_mean(pair_loss, batch["pair_prompt"], n)
+    if center_coef:
+        loss = loss + center_coef * segment_mean(scores, batch["row_prompt"], n) ** 2
+    return loss
+
+
+def batch_loss(
+    scores: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Mean over prompts of the per-prompt loss (a single micro-batch on a single rank)."""
+    return prompt_losses(scores, batch, margin, center_coef).mean()
+
+
+class RewardScorer(torch.nn.Module):
+    """(input_ids, attention_mask) -> reward at the last real token, (B, T) -> (B,).
+
+    Wraps the (possibly LoRA) sequence-classification model so that accelerate's DDP wrapper and
+    autocast see ONE forward; the pooling is `models.sequence_scores` (left or right padding).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return models.sequence_scores(models.unwrap_peft(self.model), input_ids, attention_mask)
+
+
+@torch.no_grad()
+def score_rankings(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rows: Sequence[dict[str, Any]],
+    batch_size: int,
+    pad_id: int,
+    device: Any = "cpu",
+) -> list[list[float]]:
+    """Scores of every response of every prompt, `batch_size` prompts per forward."""
+    out: list[list[float]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate_rankings(chunk, pad_id)
+        scores = score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        flat = scores.float().cpu().tolist()
+        for row in chunk:
+            k = len(row["seqs"])
+            out.append(flat[:k])
+            flat = flat[k:]
+    return out
+
+
+@torch.no_grad()
+def score_sequences(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    seqs: Sequence[list[int]],
+    batch_size: int,
+    pad_id: int,
+    device: Any = "cpu",
+) -> list[float]:
+    out: list[float] = []
+    for start in range(0, len(seqs), batch_size):
+        batch = pad_batch(list(seqs[start : start + batch_size]), pad_id, "right")
+        scores = score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out.extend(scores.float().cpu().tolist())
+    return out
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def kendall_tau(scores: Sequence[float], ranking: Sequence[int]) -> float:
+    """Kendall's tau between the model's scores and a best-first human order of K responses.
+
+    tau = (concordant - discordant) / C(K,2); a tie in scores counts as neither, so
+    tau = 2 * (pairwise accuracy with ties as half) - 1 for a full ranking.
+    """
+    k = len(ranking)
+    if k < 2:
+        raise ValueError("kendall_tau needs at least 2 ranked responses")
+    concordant = discordant = 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            d = scores[ranking[i]] - scores[ranking[j]]
+            concordant += d > 0
+            discordant += d < 0
+    return (concordant - discordant) / (k * (k - 1) / 2)
+
+
+def top1_agreement(scores: Sequence[float], ranking: Sequence[int]) -> float:
+    """1 if the highest-scored response is the human's best (1/t if it ties with t-1 others)."""
+    best = max(scores)
+    tied = [i for i, s in enumerate(scores) if s == best]
+    return 1.0 / len(tied) if ranking[0] in tied else 0.0
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def ranking_metrics(
+    scores: Sequence[Sequence[float]],
+    pairs: Sequence[Sequence[tuple[int, int]]],
+    rankings: Sequence[Sequence[int]],
+) -> dict[str, float | int | None]:
+    """Metrics over prompts, given each prompt's scores, pairs and best-first order.
+
+    accuracy: over all pairs, a tie counts half. mean_margin: mean r_better - r_worse.
+    chosen_* / rejected_*: mean and std of the better / worse reward over pairs.
+    kendall_tau, top1: averaged over prompts with K > 2 (absent when there are none).
+    """
+    correct, margins, chosen, rejected = 0.0, [], [], []
+    taus, tops = [], []
+    for s, prs, order in zip(scores, pairs, rankings):
+        for b, w in prs:
+            d = s[b] - s[w]
+            correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+            margins.append(d)
+            chosen.append(s[b])
+            rejected.append(s[w])
+        if len(order) > 2:
+            taus.append(kendall_tau(s, order))
+            tops.append(top1_agreement(s, order))
+    n_pairs = len(margins)
+    chosen_mean, chosen_std = _mean_std(chosen)
+    rejected_mean, rejected_std = _mean_std(rejected)
+    out: dict[str, float | int | None] = {
+        "accuracy": correct / n_pairs if n_pairs else None,
+        "n_pairs": n_pairs,
+        "n_prompts": len(scores),
+        "mean_margin": sum(margins) / n_pairs if n_pairs else None,
+        "chosen_mean": chosen_mean,
+        "chosen_std": chosen_std,
+        "rejected_mean": rejected_mean,
+        "rejected_std": rejected_std,
+    }
+    if taus:
+        out["kendall_tau"] = sum(taus) / len(taus)
+        out["top1"] = sum(tops) / len(tops)
+        out["n_rankings"] = len(taus)
+    return out
+
+
+def calibration(scores: Sequence[float]) -> dict[str, float | int]:
+    """Mean and (population) std of rewards, stored with the model so PPO can normalise."""
+    mean, std = _mean_std([float(s) for s in scores])
+    if mean is None:
+        raise ValueError("calibration needs at least one score")
+    return {"mean": mean, "std": std, "n": len(scores)}

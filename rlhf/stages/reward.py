@@ -1,0 +1,382 @@
+"""Stage 2: a scalar reward model trained on human rankings (InstructGPT step 2, sec. 3.5).
+
+An `AutoModelForSequenceClassification` head (`num_labels=1`) on the SFT model (or
+`reward.init_from`), read at the last real token (`models.sequence_scores`, right or left
+padding), trained with the Bradley-Terry loss of `rlhf.reward`:
+
+  * a batch is a set of PROMPTS; each brings its K ranked responses and all K(K-1)/2 pairs;
+    every response is scored once per step (one forward over the flattened responses);
+  * a prompt's loss is the mean over its pairs and the step's loss the mean over its prompts
+    (InstructGPT's 1/C(K,2)), normalised by the number of prompts in the WHOLE optimizer step
+    across micro-batches and ranks, so 2 ranks x b prompts equals 1 rank x 2b (as sft.py does
+    with tokens).
+
+At the end the mean/std of the rewards of up to `calibration_size` training responses are
+stored with the model (`model/config.json: reward_calibration` and
+`model/reward_calibration.json`) so that PPO can normalise scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from rlhf import checkpoint, data, models, training
+from rlhf import reward as rm
+from rlhf.errors import UserError
+from rlhf.rundir import RunDir, require_completed, write_json_atomic
+from rlhf.runtime import make_accelerator, run_info
+from rlhf.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+def init_model_name(recipe: Any) -> str:
+    """`reward.init_from`, else the finished SFT run's model (which must have COMPLETED)."""
+    if recipe.reward.init_from:
+        return recipe.reward.init_from
+    sft_dir = require_completed(recipe.stage_dir("sft"), "sft run")
+    return str(sft_dir / "model")
+
+
+def source_name(source: Any) -> str:
+    """A metric-key-safe name from a data source: `../x/oasst_en_trees.jsonl` -> oasst_en_trees."""
+    name = Path(source.path).name
+    for ext in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
+        name = name.removesuffix(ext)
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "extra"
+
+
+def load_datasets(recipe: Any) -> tuple[list, list, dict[str, list]]:
+    """(train rankings, eval rankings, {extra name: rankings}); eval never overlaps train."""
+    cfg = recipe.reward
+    if cfg.train is None:
+        raise UserError(f"{recipe._source}: reward.train: missing required key")
+    on_invalid = recipe.data.on_invalid
+    train = data.load_comparisons(cfg.train, on_invalid).items
+    if cfg.eval is not None:
+        evals = data.load_comparisons(cfg.eval, on_invalid).items
+    elif cfg.eval_fraction > 0:
+        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
+    else:
+        evals = []
+    extras: dict[str, list] = {}
+    for source in cfg.extra_eval:
+        name = source_name(source)
+        while name in extras:
+            name += "_"
+        extras[name] = data.load_comparisons(source, on_invalid).items
+    return train, evals, extras
+
+
+def evaluate(
+    scorer: torch.nn.Module,
+    rows: list[dict],
+    batch_size: int,
+    pad_id: int,
+    accelerator: Any,
+) -> dict[str, Any]:
+    """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
+    was_training = scorer.training
+    scorer.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(rows), world))
+    with accelerator.autocast():
+        scores = rm.score_rankings(
+            scorer, [rows[i] for i in mine], batch_size, pad_id, accelerator.device
+        )
+    gathered = (
+        dict(gather_object(list(zip(mine, scores)))) if world > 1 else dict(zip(mine, scores))
+    )
+    scorer.train(was_training)
+    ordered = [gathered[i] for i in range(len(rows))]
+    return rm.ranking_metrics(ordered, [r["pairs"] for r in rows], [r["ranking"] for r in rows])
+
+
+def evaluate_all(
+    scorer: torch.nn.Module, sets: dict[str, list[dict]], cfg: Any, pad_id: int, accelerator: Any
+) -> dict[str, dict[str, Any]]:
+    return {
+        name: evaluate(scorer, rows, cfg.batch_size, pad_id, accelerator)
+        for name, rows in sets.items()
+        if rows
+    }
+
+
+def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{"eval": {"accuracy": ..}, "eval_oasst": {..}} -> {"eval/accuracy": .., ...}."""
+    return {
+        f"{name}/{key}": value
+        for name, metrics in results.items()
+        for key, value in metrics.items()
+        if value is not None
+    }
+
+
+def calibrate(
+    scorer: torch.nn.Module,
+    train_rows: list[dict],
+    cfg: Any,
+    pad_id: int,
+    seed: int,
+    accelerator: Any,
+) -> dict[str, float]:
+    """Mean/std of the rewards of up to `calibration_size` training responses (seeded sample)."""
+    seqs = [s for row in train_rows for s in row["seqs"]]
+    picked = sorted(
+        random.Random(seed).sample(range(len(seqs)), min(cfg.calibration_size, len(seqs)))
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = [seqs[i] for i in picked[rank::world]]
+    was_training = scorer.training
+    scorer.eval()
+    with accelerator.autocast():
+        scores = rm.score_sequences(scorer, mine, cfg.batch_size * 2, pad_id, accelerator.device)
+    scorer.train(was_training)
+    if world > 1:
+        scores = gather_object(scores)
+    return rm.calibration(scores)
+
+
+def run(recipe: Any, resume: bool = False) -> Path:
+    cfg = recipe.reward
+    init_from = init_model_name(recipe)
+    accelerator = make_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum)
+    out = RunDir(recipe.stage_dir("reward"), "reward", recipe, accelerator.is_main_process, {})
+
+    # --- data and tokenizer (all validation happens before the model loads)
+    tokenizer = models.load_tokenizer(
+        init_from, recipe.model.chat_template, recipe.model.trust_remote_code
+    )
+    pad_id = tokenizer.pad_token_id
+    train_items, eval_items, extra_items = load_datasets(recipe)
+    encode = lambda r: rm.encode_ranking(tokenizer, r, cfg.max_length)  # noqa: E731
+    train_rows = [r for r in map(encode, train_items) if r["pairs"]]
+    eval_sets = {"eval": [r for r in map(encode, eval_items) if r["pairs"]]}
+    for name, items in extra_items.items():
+        eval_sets[f"eval_{name}"] = [r for r in map(encode, items) if r["pairs"]]
+    if not train_rows:
+        raise UserError(f"{cfg.train.path}: no ranking with at least one pair")
+    n_train_pairs = sum(len(r["pairs"]) for r in train_rows)
+    n_truncated = sum(len(s) >= cfg.max_length for r in train_rows for s in r["seqs"])
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        return rm.collate_rankings(rows, pad_id, "right")
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(
+        train_rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
+    )
+
+    # --- model: scalar head, pooled at the last real token
+    model = models.load_reward_model(
+        init_from,
+        num_hidden_layers=recipe.model.num_hidden_layers,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # SEQ_CLS: peft keeps the freshly initialised `score` head fully trainable (modules_to_save).
+    model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
+    scorer = rm.RewardScorer(model)
+    optimizer = training.make_optimizer(scorer, cfg.optim)
+    scorer, optimizer, train_loader = accelerator.prepare(scorer, optimizer, train_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
+    world = accelerator.num_processes
+    trainable, total = training.trainable_parameters(scorer)
+    out.info.update(
+        run_info(accelerator),
+        init_from=init_from,
+        effective_batch_prompts=cfg.batch_size * cfg.grad_accum * world,
+        train_prompts=len(train_rows),
+        train_pairs=n_train_pairs,
+        eval_prompts={k: len(v) for k, v in eval_sets.items()},
+        truncated_responses=n_truncated,
+        total_steps=total_steps,
+        trainable_parameters=trainable,
+        parameters=total,
+    )
+
+    step, epoch, batches_done = 0, 0, 0
+    ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
+    out.start(resume=ckpt is not None)
+    if ckpt is not None:
+        state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
+        log.info("resumed from %s (step %d)", ckpt, step)
+    logger = MetricsLogger(out.path, "reward", recipe, accelerator)
+    log.info(
+        "reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts "
+        "(%d x %d x %d ranks), %d responses truncated to %d tokens",
+        len(train_rows),
+        n_train_pairs,
+        {k: len(v) for k, v in eval_sets.items()},
+        total_steps,
+        cfg.batch_size * cfg.grad_accum * world,
+        cfg.batch_size,
+        cfg.grad_accum,
+        world,
+        n_truncated,
+        cfg.max_length,
+    )
+
+    base = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator) if step == 0 else {}
+    if base:
+        logger.log(0, flat_metrics(base))
+    guard = training.NonFiniteGuard()
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="reward",
+        disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+    )
+    scorer.train()
+    t_last = time.time()
+    while step < total_steps:
+        generator.manual_seed(recipe.seed + epoch)  # epoch e always sees the same order
+        batches = iter(
+            accelerator.skip_first_batches(train_loader, batches_done)
+            if batches_done
+            else train_loader
+        )
+        while step < total_steps:
+            group = [b for _, b in zip(range(cfg.grad_accum), batches)]
+            if not group:
+                break
+            batches_done += len(group)
+            # Normalise by the prompts of the whole optimizer step across all ranks.
+            step_prompts = accelerator.reduce(sum(b["n_prompts"] for b in group), "sum")
+            # [loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]
+            stats = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
+            for batch in group:
+                with accelerator.accumulate(scorer), accelerator.autocast():
+                    scores = scorer(batch["input_ids"], batch["attention_mask"])
+                    per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
+                    # accelerate divides by grad_accum and DDP averages over ranks: undo both.
+                    loss = per_prompt.sum() * world * cfg.grad_accum / step_prompts.clamp(min=1)
+                    if guard.ok(loss):
+                        accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            scorer.parameters(), cfg.optim.max_grad_norm
+                        )
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    d = (scores[batch["better"]] - scores[batch["worse"]]).double()
+                    stats += torch.stack(
+                        [
+                            per_prompt.detach().sum().double(),
+                            ((d > 0).double() + 0.5 * (d == 0).double()).sum(),
+                            torch.tensor(float(d.numel()), device=d.device, dtype=torch.float64),
+                            d.sum(),
+                            torch.tensor(
+                                float(scores.numel()), device=d.device, dtype=torch.float64
+                            ),
+                        ]
+                    )
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                totals = accelerator.reduce(stats, "sum")
+                now = time.time()
+                metrics = {
+                    "train/loss": (totals[0] / step_prompts.clamp(min=1)).item(),
+                    "train/accuracy": (totals[1] / totals[2].clamp(min=1)).item(),
+                    "train/margin": (totals[3] / totals[2].clamp(min=1)).item(),
+                    "train/prompts": step_prompts.item(),
+                    "train/pairs": totals[2].item(),
+                    "train/responses": totals[4].item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": epoch + batches_done / max(1, len(train_loader)),
+                    "timing/step": (now - t_last) / cfg.log_every,
+                    "train/skipped_batches": guard.skipped,
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                logger.log(step, metrics)
+                t_last = now
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            if step % cfg.eval_every == 0 and step < total_steps:
+                logger.log(
+                    step, flat_metrics(evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator))
+                )
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                checkpoint.save_checkpoint(
+                    accelerator,
+                    out.checkpoints,
+                    step,
+                    {"step": step, "epoch": epoch, "batches_done": batches_done},
+                    scheduler,
+                    cfg.keep_last,
+                )
+        if step < total_steps:
+            epoch, batches_done = epoch + 1, 0
+    bar.close()
+
+    final = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)
+    if final:
+        logger.log(step, flat_metrics(final))
+    calib = calibrate(scorer, train_rows, cfg, pad_id, recipe.seed, accelerator)
+    logger.log(step, {"calibration/mean": calib["mean"], "calibration/std": calib["std"]})
+    main = final.get("eval", {})
+    results: dict[str, Any] = {
+        **main,
+        "base_accuracy": base.get("eval", {}).get("accuracy"),
+        "base": base.get("eval"),
+        "extra_eval": {
+            name.removeprefix("eval_"): {
+                **metrics,
+                "base_accuracy": base.get(name, {}).get("accuracy"),
+            }
+            for name, metrics in final.items()
+            if name != "eval"
+        },
+        "calibration": calib,
+        "steps": step,
+        "train_prompts": len(train_rows),
+        "train_pairs": n_train_pairs,
+        "skipped_batches": guard.skipped,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(scorer).model
+        models.unwrap_peft(inner).config.reward_calibration = calib
+        card = training.model_card(
+            "Reward model",
+            recipe,
+            f"Scalar reward model (Bradley-Terry on ranked pairs), {step} steps from "
+            f"`{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} (initial) -> "
+            f"{results.get('accuracy')} (this model). Rewards are read at the last token; "
+            f"calibration (mean/std over {calib['n']} training responses) is in "
+            "`reward_calibration.json` and `config.json`.",
+        )
+        with out.staging(out.model_dir) as tmp:
+            training.save_model(inner, tokenizer, tmp, cfg.merge_lora, card)
+            write_json_atomic(tmp / "reward_calibration.json", calib)
+    logger.close()
+    out.finish(results)
+    accelerator.wait_for_everyone()
+    log.info(
+        "reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
+        results.get("accuracy"),
+        results["base_accuracy"],
+        calib["mean"],
+        calib["std"],
+    )
+    return out.path

@@ -1,0 +1,456 @@
+"""Reward model: Bradley-Terry loss, ranking batching and normalisation, pooling, metrics, stage."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf import models
+from rlhf import reward as rm
+from rlhf.data.types import Ranking
+
+USER = [{"role": "user", "content": "Name a colour."}]
+
+
+def ranking(k: int, prompt: str = "Name a colour.") -> Ranking:
+    """K responses whose human order is 0 (best), 1, ..., K-1."""
+    return Ranking([{"role": "user", "content": prompt}], [f"answer {i}" for i in range(k)], list(range(k)))
+
+
+def fake_row(k: int) -> dict:
+    """An encoded ranking without a tokenizer: K one-token sequences, best first."""
+    r = ranking(k)
+    return {"seqs": [[i + 1] for i in range(k)], "pairs": r.pairs(), "ranking": r.ranking}
+
+
+# ------------------------------------------------------------------------------------ the loss
+
+
+def test_bradley_terry_loss_hand_computed():
+    better, worse = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.5, 2.0, 1.0])
+    # -log sigmoid(1.5) = log(1 + e^-1.5) = 0.201413; -log sigmoid(-1.5) = 1.701413;
+    # -log sigmoid(0) = log 2 = 0.693147.
+    got = rm.bradley_terry_loss(better, worse)
+    assert torch.allclose(got, torch.tensor([0.201413, 1.701413, 0.693147]), atol=1e-6)
+    # margin 1: -log sigmoid(1.5 - 1) = log(1 + e^-0.5) = 0.474077
+    assert rm.bradley_terry_loss(better[:1], worse[:1], margin=1.0).item() == pytest.approx(
+        0.474077, abs=1e-6
+    )
+
+
+def test_loss_gradient_pushes_better_up_and_worse_down():
+    scores = torch.tensor([0.0, 0.0], requires_grad=True)
+    batch = rm.collate_rankings([fake_row(2)], pad_id=0)
+    rm.batch_loss(scores, batch).backward()
+    # d/dr_b of -log sigmoid(r_b - r_w) at 0 = -(1 - sigmoid(0)) = -0.5
+    assert scores.grad.tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_center_term_is_squared_mean_reward_of_the_prompt():
+    scores = torch.tensor([3.0, 1.0])
+    batch = rm.collate_rankings([fake_row(2)], pad_id=0)
+    plain = rm.batch_loss(scores, batch)
+    centred = rm.batch_loss(scores, batch, center_coef=0.1)
+    # log(1 + e^-2) = 0.126928; mean reward 2 -> 0.1 * 2^2 = 0.4
+    assert plain.item() == pytest.approx(0.126928, abs=1e-6)
+    assert centred.item() - plain.item() == pytest.approx(0.4, abs=1e-6)
+
+
+# ---------------------------------------------------------------- rankings, batching, weights
+
+
+def test_ranking_of_four_gives_six_pairs_in_one_batch():
+    r = ranking(4)
+    assert r.num_pairs == 6 and len(r.pairs()) == 6
+    assert set(r.pairs()) == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}
+    batch = rm.collate_rankings([fake_row(4), fake_row(2)], pad_id=0)
+    # One row per RESPONSE (4 + 2), not two per pair (2 * 7).
+    assert batch["input_ids"].shape[0] == 6
+    assert batch["better"].shape[0] == batch["worse"].shape[0] == 7
+    assert batch["pair_prompt"].tolist() == [0] * 6 + [1]
+    assert batch["row_prompt"].tolist() == [0, 0, 0, 0, 1, 1]
+    # The second prompt's pair indexes its own rows (offset 4).
+    assert (batch["better"][-1].item(), batch["worse"][-1].item()) == (4, 5)
+
+
+def test_each_response_is_scored_once_per_batch(tiny_model_dir):
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_reward_model(tiny_model_dir)
+    rows_seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    rows = [rm.encode_ranking(tok, ranking(k, f"prompt {k}"), 64) for k in (4, 3, 2)]
+    batch = rm.collate_rankings(rows, tok.pad_token_id)
+    scores = rm.RewardScorer(model)(batch["input_ids"], batch["attention_mask"])
+    loss = rm.batch_loss(scores, batch)
+    loss.backward()
+    hook.remove()
+    assert rows_seen == [4 + 3 + 2]  # one forward, one row per response
+    assert batch["better"].numel() == 6 + 3 + 1
+
+
+def test_k9_prompt_weighs_the_same_as_a_k2_prompt():
+    """InstructGPT's 1/C(K,2): a prompt's loss is the mean over its pairs."""
+    # K=9 prompt: every pair has margin 2 -> each pair loss log(1 + e^-2).
+    k9 = torch.tensor([float(8 - i) * 2 for i in range(9)])  # 16, 14, ..., 0: adjacent gap 2
+    batch9 = rm.collate_rankings([fake_row(9)], pad_id=0)
+    per_pair = rm.bradley_terry_loss(k9[batch9["better"]], k9[batch9["worse"]])
+    assert batch9["better"].numel() == 36
+    assert rm.batch_loss(k9, batch9).item() == pytest.approx(per_pair.mean().item(), rel=1e-6)
+
+    # A K=9 prompt next to a K=2 prompt: each is half of the batch loss, not 36/37 and 1/37.
+    k2 = torch.tensor([0.0, 0.0])
+    both = rm.collate_rankings([fake_row(9), fake_row(2)], pad_id=0)
+    expected = 0.5 * per_pair.mean().item() + 0.5 * math.log(2.0)
+    assert rm.batch_loss(torch.cat([k9, k2]), both).item() == pytest.approx(expected, rel=1e-6)
+
+    # One K=9 prompt beside nine K=2 prompts is 1 of 10 prompts (weight 1/10), although it
+    # brings 36 of the 45 pairs: (L9 + 9 L2) / 10, not (36 L9 + 9 L2) / 45 (pair weighting).
+    batch = rm.collate_rankings([fake_row(9)] + [fake_row(2)] * 9, pad_id=0)
+    loss = rm.batch_loss(torch.cat([k9, torch.zeros(18)]), batch).item()
+    assert loss == pytest.approx((per_pair.mean().item() + 9 * math.log(2.0)) / 10, rel=1e-6)
+    pair_weighted = (per_pair.sum().item() + 9 * math.log(2.0)) / 45
+    assert abs(loss - pair_weighted) > 0.1
+
+
+def test_prompt_losses_split_across_micro_batches_add_up():
+    """Summed per-prompt losses / total prompts is the same however the prompts are split."""
+    torch.manual_seed(0)
+    rows = [fake_row(k) for k in (2, 5, 3, 4)]
+    scores = [torch.randn(len(r["seqs"])) for r in rows]
+    whole = rm.batch_loss(torch.cat(scores), rm.collate_rankings(rows, 0))
+    parts = sum(
+        rm.prompt_losses(torch.cat(scores[i : i + 2]), rm.collate_rankings(rows[i : i + 2], 0)).sum()
+        for i in (0, 2)
+    )
+    assert (parts / 4).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ pooling
+
+
+def test_last_token_index_with_and_without_padding():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    assert models.last_token_index(mask).tolist() == [1, 3, 3]
+
+
+def test_scores_are_the_same_with_left_and_right_padding(tiny_model_dir):
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_reward_model(tiny_model_dir).eval()
+    rows = [rm.encode_ranking(tok, ranking(3, "a much longer prompt " * 5), 128)]
+    rows.append(rm.encode_ranking(tok, ranking(2, "short"), 128))
+    seqs = [s for r in rows for s in r["seqs"]]
+    assert len({len(s) for s in seqs}) > 1  # there is padding to do
+    scorer = rm.RewardScorer(model)
+    with torch.no_grad():
+        right = scorer(**rm.pad_batch(seqs, tok.pad_token_id, "right"))
+        left = scorer(**rm.pad_batch(seqs, tok.pad_token_id, "left"))
+        alone = torch.cat([scorer(**rm.pad_batch([s], tok.pad_token_id)) for s in seqs])
+    assert torch.allclose(left, right, atol=1e-5)
+    assert torch.allclose(alone, right, atol=1e-5)
+    # With pad_token_id set (pad != eos), transformers' own pooling agrees on right padding.
+    model.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        own = model(**rm.pad_batch(seqs, tok.pad_token_id, "right")).logits[:, 0]
+    assert torch.allclose(own, right, atol=1e-5)
+
+
+def test_lora_seq_cls_keeps_the_score_head_trainable(tiny_model_dir):
+    from rlhf import training
+    from rlhf.recipe import LoraConfig
+
+    model = models.load_reward_model(tiny_model_dir)
+    model = training.prepare_for_training(model, LoraConfig(enabled=True, r=4), False, "SEQ_CLS")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable)
+    assert any("lora_" in n for n in trainable)
+    assert models.score_head(models.unwrap_peft(model)) is not None
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def test_kendall_tau_on_known_permutations():
+    order = [0, 1, 2, 3]
+    assert rm.kendall_tau([4.0, 3.0, 2.0, 1.0], order) == 1.0
+    assert rm.kendall_tau([1.0, 2.0, 3.0, 4.0], order) == -1.0
+    # One adjacent swap: 5 concordant, 1 discordant of 6 -> 4/6.
+    assert rm.kendall_tau([4.0, 2.0, 3.0, 1.0], order) == pytest.approx(2 / 3)
+    # The human order is a permutation of indices: response 2 best, then 0, then 1.
+    assert rm.kendall_tau([5.0, 1.0, 9.0], [2, 0, 1]) == 1.0
+    # A tie is neither concordant nor discordant: (2 - 0) / 3.
+    assert rm.kendall_tau([1.0, 1.0, 0.0], [0, 1, 2]) == pytest.approx(2 / 3)
+
+
+def test_ranking_metrics():
+    rows = [fake_row(2), fake_row(2), fake_row(3)]
+    scores = [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0, 2.0]]
+    m = rm.ranking_metrics(scores, [r["pairs"] for r in rows], [r["ranking"] for r in rows])
+    # pairs: right, tie (half), then three wrong -> 1.5 / 5
+    assert m["accuracy"] == pytest.approx(0.3)
+    assert m["n_pairs"] == 5 and m["n_prompts"] == 3
+    assert m["mean_margin"] == pytest.approx((1 + 0 - 1 - 2 - 1) / 5)
+    assert m["kendall_tau"] == -1.0 and m["top1"] == 0.0 and m["n_rankings"] == 1
+    assert rm.top1_agreement([2.0, 2.0, 0.0], [0, 1, 2]) == 0.5
+    pairs_only = rm.ranking_metrics([[1.0, 0.0]], [[(0, 1)]], [[0, 1]])
+    assert "kendall_tau" not in pairs_only and pairs_only["accuracy"] == 1.0
+
+
+def test_calibration_stats():
+    c = rm.calibration([1.0, 3.0])
+    assert c == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+# --------------------------------------------------------------------------------- the stage
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+
+
+def ranking_rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        k = 2 + i % 3
+        responses = [f"My answer {j} about item {i}: " + COLOURS[(i + j) % 8] for j in range(k)]
+        rows.append(
+            {
+                "prompt": f"Question {i}: name a colour.",
+                "responses": responses,
+                "ranking": list(range(k))[::-1] if i % 2 else list(range(k)),
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def tiny_reward_data(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", ranking_rows(12))
+    test = write_jsonl(tmp_path / "test.jsonl", ranking_rows(5, offset=100))
+    pairs = write_jsonl(
+        tmp_path / "extra_pairs.jsonl",
+        [
+            {"prompt": f"Say hi {i}", "chosen": "Hello there!", "rejected": "Go away."}
+            for i in range(3)
+        ],
+    )
+    return {"train": train, "test": test, "pairs": pairs}
+
+
+# The other stages' shipped data is not needed here (and may not be built yet).
+OTHER_STAGES_OFF = ["sft.train=null", "sft.eval=null", "ppo.prompts=null", "ppo.eval_prompts=null"]
+
+
+def tiny_recipe(tmp_path, paths, *extra):
+    from rlhf.recipe import load_recipe
+
+    return load_recipe(
+        "recipes/tiny.yaml",
+        [
+            *OTHER_STAGES_OFF,
+            f"output_dir={tmp_path / 'run'}",
+            "reward.init_from=tiny-llama",
+            f"reward.train.path={paths['train']}",
+            f"reward.eval.path={paths['test']}",
+            f"reward.extra_eval=[{{path: {paths['pairs']}, format: pairs}}]",
+            *extra,
+        ],
+    )
+
+
+def test_reward_stage_end_to_end(tmp_path, tiny_reward_data):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf import cli
+    from rlhf.stages import reward as stage
+
+    run_dir = stage.run(tiny_recipe(tmp_path, tiny_reward_data))
+    assert run_dir == tmp_path / "run" / "reward"
+    for name in ("recipe.yaml", "run.json", "metrics.jsonl", "eval.json", "COMPLETED", "tb"):
+        assert (run_dir / name).exists(), name
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "completed" and run["train_prompts"] == 12
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["stage"] == "reward" for m in metrics)
+    train_steps = [m for m in metrics if "train/loss" in m]
+    assert [m["step"] for m in train_steps] == [1, 2, 3, 4]
+    assert all(m["train/prompts"] == 2 for m in train_steps)
+    evals = [m for m in metrics if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 2, 4]
+    assert "eval_extra_pairs/accuracy" in evals[-1] and "eval/kendall_tau" in evals[-1]
+
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["n_prompts"] == 5 and result["n_pairs"] == 3 + 6 + 1 + 3 + 6  # K = 3, 4, 2, 3, 4
+    assert 0.0 <= result["accuracy"] <= 1.0 and "kendall_tau" in result and "top1" in result
+    assert result["extra_eval"]["extra_pairs"]["n_pairs"] == 3
+    assert result["base_accuracy"] is not None and result["steps"] == 4
+
+    # Calibration stored twice, and the saved model loads with plain transformers.
+    model_dir = run_dir / "model"
+    calib = json.loads((model_dir / "reward_calibration.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["reward_calibration"] == calib == result["calibration"]
+    assert calib["n"] == 32 and calib["std"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == models.load_tokenizer(str(model_dir)).pad_token_id
+
+    # `rlhf eval reward --json` on the held-out file reproduces the stage's final numbers.
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(
+            ["eval", "reward", str(model_dir), tiny_reward_data["test"], "--format",
+             "rankings", "--max-length", "128", "--json"]
+        )
+    assert rc == 0
+    printed = json.loads(buf.getvalue())
+    assert printed["n_pairs"] == result["n_pairs"] and printed["n_prompts"] == 5
+    assert printed["accuracy"] == pytest.approx(result["accuracy"])
+    assert printed["kendall_tau"] == pytest.approx(result["kendall_tau"])
+    assert printed["mean_margin"] == pytest.approx(result["mean_margin"], abs=1e-4)
+
+
+def test_reward_stage_lora_saves_a_merged_model_with_the_trained_head(tmp_path, tiny_reward_data):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.stages import reward as stage
+
+    recipe = tiny_recipe(
+        tmp_path, tiny_reward_data, "reward.lora.enabled=true", "reward.lora.r=4",
+        "reward.extra_eval=[]", "reward.max_steps=2",
+    )
+    run_dir = stage.run(recipe)
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    assert not list((run_dir / "model").glob("adapter_*"))
+    initial = []
+    for _ in range(2):  # the stage seeds the RNG (recipe.seed) right before loading the model
+        torch.manual_seed(recipe.seed)
+        initial.append(models.load_reward_model("tiny-llama").score.weight)
+    assert torch.equal(initial[0], initial[1])
+    assert not torch.equal(model.score.weight, initial[0])  # the head was trained and saved
+
+
+def test_default_init_requires_a_completed_sft_run(tmp_path, tiny_reward_data):
+    from rlhf.errors import UserError
+    from rlhf.recipe import load_recipe
+    from rlhf.stages import reward as stage
+
+    recipe = load_recipe(
+        "recipes/tiny.yaml",
+        [*OTHER_STAGES_OFF, f"output_dir={tmp_path}", f"reward.train.path={tiny_reward_data['train']}",
+         f"reward.eval.path={tiny_reward_data['test']}"],
+    )
+    with pytest.raises(UserError, match="sft run"):
+        stage.run(recipe)
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(UserError, match="COMPLETED"):
+        stage.run(recipe)
+
+
+def test_source_name_for_metric_keys():
+    from rlhf.recipe import DataSource
+    from rlhf.stages.reward import source_name
+
+    assert source_name(DataSource.model_construct(path="../x/oasst_en_trees.jsonl")) == "oasst_en_trees"
+    assert source_name(DataSource.model_construct(path="a/hh-pairs.jsonl.gz")) == "hh_pairs"
+    assert source_name(DataSource.model_construct(path="Anthropic/hh-rlhf")) == "hh_rlhf"
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+SAME_STEP = ["reward.extra_eval=[]", "reward.max_steps=3", "reward.eval_every=100"]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Same loss and gradient norm (before clipping) at every step, and the same weights.
+
+    The gradient norm is what catches a normalisation slip (Adam hides a constant factor in the
+    weights); the weights only differ by Adam-amplified float noise from different padding.
+    """
+    rows = [
+        [m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "train/loss" in m]
+        for d in (a, b)
+    ]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for x, y in zip(*rows):
+        assert x["train/prompts"] == y["train/prompts"] == 2
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5)
+        assert x["train/grad_norm"] == pytest.approx(y["train/grad_norm"], rel=1e-4)
+    assert _max_diff(_weights(a), _weights(b)) < 1e-4  # lr 1e-3: an update is ~1e-3
+
+
+def test_grad_accum_two_of_one_prompt_equals_a_batch_of_two(tmp_path, tiny_reward_data):
+    """The loss is normalised by the prompts of the whole optimizer step, not per micro-batch."""
+    from rlhf.stages import reward as stage
+
+    big = stage.run(
+        tiny_recipe(tmp_path / "a", tiny_reward_data, *SAME_STEP, "reward.batch_size=2")
+    )
+    accum = stage.run(
+        tiny_recipe(
+            tmp_path / "b", tiny_reward_data, *SAME_STEP, "reward.batch_size=1", "reward.grad_accum=2"
+        )
+    )
+    assert_same_training(big, accum)
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (big, accum))
+    assert a["accuracy"] == b["accuracy"]
+    assert a["mean_margin"] == pytest.approx(b["mean_margin"], abs=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_of_one_prompt_equal_one_rank_of_two(tmp_path, tiny_reward_data):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from rlhf.stages import reward as stage
+
+    one = stage.run(tiny_recipe(tmp_path / "one", tiny_reward_data, *SAME_STEP, "reward.batch_size=2"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = [
+        "sft.train=null", "sft.eval=null", "ppo.prompts=null", "ppo.eval_prompts=null",
+        f"output_dir={tmp_path / 'two'}", "reward.init_from=tiny-llama",
+        f"reward.train.path={tiny_reward_data['train']}",
+        f"reward.eval.path={tiny_reward_data['test']}", *SAME_STEP, "reward.batch_size=1",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env["ACCELERATE_USE_CPU"] = "true"
+    launcher = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(launcher), "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
+         "--main_process_port", str(port), "-m", "rlhf.cli", "reward", "recipes/tiny.yaml",
+         *overrides],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two" / "reward"
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    assert_same_training(one, two)
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (one, two))
+    assert a["n_pairs"] == b["n_pairs"] and a["accuracy"] == b["accuracy"]
+    assert a["calibration"]["n"] == b["calibration"]["n"]
+    assert a["calibration"]["mean"] == pytest.approx(b["calibration"]["mean"], abs=1e-4)
