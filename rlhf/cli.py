@@ -33,9 +33,22 @@ def _stage(args: argparse.Namespace) -> int:
             print(f"rlhf {args.command}: this stage is not built yet", file=sys.stderr)
             return 1
         raise
-    run_dir = module.run(recipe, resume=args.resume)
+    try:
+        run_dir = module.run(recipe, resume=args.resume)
+    except BaseException as e:
+        if _is_main_process():
+            from rlhf.rundir import mark_failed
+
+            mark_failed(recipe.stage_dir(args.command), f"{type(e).__name__}: {e}"[:500])
+        raise
     print(f"{args.command}: done -> {run_dir}")
     return 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -152,38 +165,58 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_eval)
 
-    g = sub.add_parser("generate", help="generate from a model folder (chat template applied)")
-    g.add_argument("model_dir")
+    g = sub.add_parser(
+        "generate",
+        help="generate from a model folder (chat template applied), JSONL out",
+        description="Greedy by default; --num-beams N for beam search; --do-sample (or any of "
+        "--temperature/--top-k/--top-p) for sampling. Combinations work (beam sampling).",
+    )
+    g.add_argument("model_dir", help="model folder or registered name (tiny-llama)")
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompts", help="JSONL file of {'prompt': ...}")
+    src.add_argument("--prompt", help="one user message")
+    src.add_argument("--prompts", help="prompts file (any format `rlhf data check` reads)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-prompt-length", type=int, default=1024, help="keeps the prompt's end")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam")
+    g.add_argument("--temperature", type=float, default=None, help="implies sampling")
+    g.add_argument("--top-k", type=int, default=None, help="implies sampling")
+    g.add_argument("--top-p", type=float, default=None, help="implies sampling")
     g.add_argument("--num-beams", type=int, default=1)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="makes sampling reproducible")
+    g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--output", help="JSONL output file (default: stdout)")
     g.set_defaults(func=_optional("rlhf.generate", "main"))
 
-    c = sub.add_parser("curves", help="PNG dashboards and an HTML report from run directories")
-    c.add_argument("run_dirs", nargs="*")
+    c = sub.add_parser(
+        "curves",
+        help="PNG dashboards, health alarms and an HTML report from run directories",
+        description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
+        "[key=value ...]. Runs of the same stage are overlaid.",
+    )
+    c.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="or key=value with --recipe")
     c.add_argument("--recipe", help="use the recipe's output_dir (sft, reward, ppo)")
     c.add_argument("--out", help="output folder (default: <first run's parent>/curves)")
-    c.add_argument("overrides", nargs="*", default=[])
+    c.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
+    c.add_argument("--no-report", action="store_true", help="PNGs only, no report.html")
     c.set_defaults(func=_optional("rlhf.curves", "main"))
 
-    v = sub.add_parser("viz", help="look inside a model: attention maps, per-token KL")
+    v = sub.add_parser(
+        "viz",
+        help="look inside a model: attention maps, per-token KL",
+        description="rlhf viz attention MODEL_DIR --text TEXT [--layer L --head H] | "
+        "rlhf viz kl POLICY_DIR --reference REF_DIR --prompt TEXT",
+    )
     v.add_argument("what", choices=["attention", "kl"])
-    v.add_argument("model_dir")
-    v.add_argument("--text")
-    v.add_argument("--prompt")
-    v.add_argument("--reference")
-    v.add_argument("--layer", type=int, default=-1)
-    v.add_argument("--head", type=int, default=0)
-    v.add_argument("--out", default=None)
+    v.add_argument("model_dir", help="attention: the model; kl: the policy")
+    v.add_argument("--text", help="attention: the text to look at (no chat template)")
+    v.add_argument("--prompt", help="kl: user message the policy answers (greedy)")
+    v.add_argument("--reference", help="kl: reference model folder (e.g. the SFT model)")
+    v.add_argument("--layer", type=int, default=-1, help="attention: layer index (-1 = last)")
+    v.add_argument("--head", type=int, default=0, help="attention: head index")
+    v.add_argument("--max-new-tokens", type=int, default=48, help="kl: response length")
+    v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    v.add_argument("--out", default=None, help="attention: PNG; kl: .html (+ .png beside it)")
     v.set_defaults(func=_optional("rlhf.viz", "main"))
     return p
 

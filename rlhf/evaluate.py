@@ -39,6 +39,22 @@ def _check_model_dir(model_dir: str) -> None:
         raise UserError(f"{model_dir}: not a model folder (no config.json){hint}")
 
 
+def _require_reward_head(model_dir: str) -> None:
+    """A causal LM (e.g. an SFT model) would get a RANDOM score head: refuse, in one line."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(models.resolve(model_dir))
+    except OSError:
+        return  # a hub id we cannot reach: load_reward_model reports it
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(
+            f"{model_dir}: not a reward model ({', '.join(archs)}); its score head would be "
+            "random. Train one with `rlhf reward` or pass a *ForSequenceClassification model"
+        )
+
+
 @torch.no_grad()
 def reward_accuracy(
     model: torch.nn.Module,
@@ -76,6 +92,7 @@ def reward_accuracy_cli(
     if not rankings:
         raise UserError(f"{data}: no comparisons found")
     tokenizer = models.load_tokenizer(model_dir)
+    _require_reward_head(model_dir)
     model = models.load_reward_model(model_dir)
     result = reward_accuracy(model, tokenizer, rankings, batch_size, max_length)
     calibration = getattr(model.config, "reward_calibration", None)

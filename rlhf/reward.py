@@ -121,6 +121,14 @@ def batch_loss(
     return prompt_losses(scores, batch, margin, center_coef).mean()
 
 
+def _fp32_head(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    weight = next(module.parameters(), None)
+    if output.dtype == torch.float32 or weight is None or weight.dtype != torch.float32:
+        return output  # already fp32, or a low-precision model: nothing to gain
+    with torch.autocast(device_type=args[0].device.type, enabled=False):
+        return module.forward(args[0].float())
+
+
 class RewardScorer(torch.nn.Module):
     """(input_ids, attention_mask) -> reward at the last real token, (B, T) -> (B,).
 
@@ -131,6 +139,9 @@ class RewardScorer(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        # Under bf16 autocast the head's output would be rounded to bf16 (~3 digits: spurious
+        # ties in accuracy). The residual stream is fp32 already; run the 1-row head in fp32.
+        models.score_head(models.unwrap_peft(model)).register_forward_hook(_fp32_head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return models.sequence_scores(models.unwrap_peft(self.model), input_ids, attention_mask)
@@ -144,17 +155,21 @@ def score_rankings(
     pad_id: int,
     device: Any = "cpu",
 ) -> list[list[float]]:
-    """Scores of every response of every prompt, `batch_size` prompts per forward."""
-    out: list[list[float]] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = collate_rankings(chunk, pad_id)
+    """Scores of every response of every prompt, `batch_size` prompts per forward.
+
+    Prompts are batched in order of length (less padding; the pooling makes a row's score
+    independent of its batch-mates) and the scores come back in the input order.
+    """
+    order = sorted(range(len(rows)), key=lambda i: max(map(len, rows[i]["seqs"])))
+    out: list[list[float]] = [[] for _ in rows]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate_rankings([rows[i] for i in idx], pad_id)
         scores = score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         flat = scores.float().cpu().tolist()
-        for row in chunk:
-            k = len(row["seqs"])
-            out.append(flat[:k])
-            flat = flat[k:]
+        for i in idx:
+            k = len(rows[i]["seqs"])
+            out[i], flat = flat[:k], flat[k:]
     return out
 
 
@@ -166,11 +181,15 @@ def score_sequences(
     pad_id: int,
     device: Any = "cpu",
 ) -> list[float]:
-    out: list[float] = []
-    for start in range(0, len(seqs), batch_size):
-        batch = pad_batch(list(seqs[start : start + batch_size]), pad_id, "right")
+    """Score of each sequence (batched by length, returned in input order)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = pad_batch([seqs[i] for i in idx], pad_id, "right")
         scores = score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out.extend(scores.float().cpu().tolist())
+        for i, value in zip(idx, scores.float().cpu().tolist()):
+            out[i] = value
     return out
 
 

@@ -70,6 +70,18 @@ def require_completed(path: Path, what: str) -> Path:
     return path
 
 
+def mark_failed(path: Path, reason: str) -> None:
+    """Record a crash in run.json (status failed) if the stage had started writing there."""
+    run_json = Path(path) / "run.json"
+    try:
+        info = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        return
+    if info.get("status") == "running":
+        info.update(status="failed", reason=reason, end_time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(run_json, info)
+
+
 class RunDir:
     """Lifecycle of one stage's folder. Use as a context manager around the stage body."""
 

@@ -18,7 +18,9 @@ USER = [{"role": "user", "content": "Name a colour."}]
 
 def ranking(k: int, prompt: str = "Name a colour.") -> Ranking:
     """K responses whose human order is 0 (best), 1, ..., K-1."""
-    return Ranking([{"role": "user", "content": prompt}], [f"answer {i}" for i in range(k)], list(range(k)))
+    return Ranking(
+        [{"role": "user", "content": prompt}], [f"answer {i}" for i in range(k)], list(range(k))
+    )
 
 
 def fake_row(k: int) -> dict:
@@ -125,7 +127,9 @@ def test_prompt_losses_split_across_micro_batches_add_up():
     scores = [torch.randn(len(r["seqs"])) for r in rows]
     whole = rm.batch_loss(torch.cat(scores), rm.collate_rankings(rows, 0))
     parts = sum(
-        rm.prompt_losses(torch.cat(scores[i : i + 2]), rm.collate_rankings(rows[i : i + 2], 0)).sum()
+        rm.prompt_losses(
+            torch.cat(scores[i : i + 2]), rm.collate_rankings(rows[i : i + 2], 0)
+        ).sum()
         for i in (0, 2)
     )
     assert (parts / 4).item() == pytest.approx(whole.item(), rel=1e-6)
@@ -311,8 +315,17 @@ def test_reward_stage_end_to_end(tmp_path, tiny_reward_data):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(
-            ["eval", "reward", str(model_dir), tiny_reward_data["test"], "--format",
-             "rankings", "--max-length", "128", "--json"]
+            [
+                "eval",
+                "reward",
+                str(model_dir),
+                tiny_reward_data["test"],
+                "--format",
+                "rankings",
+                "--max-length",
+                "128",
+                "--json",
+            ]
         )
     assert rc == 0
     printed = json.loads(buf.getvalue())
@@ -328,8 +341,12 @@ def test_reward_stage_lora_saves_a_merged_model_with_the_trained_head(tmp_path, 
     from rlhf.stages import reward as stage
 
     recipe = tiny_recipe(
-        tmp_path, tiny_reward_data, "reward.lora.enabled=true", "reward.lora.r=4",
-        "reward.extra_eval=[]", "reward.max_steps=2",
+        tmp_path,
+        tiny_reward_data,
+        "reward.lora.enabled=true",
+        "reward.lora.r=4",
+        "reward.extra_eval=[]",
+        "reward.max_steps=2",
     )
     run_dir = stage.run(recipe)
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
@@ -349,8 +366,12 @@ def test_default_init_requires_a_completed_sft_run(tmp_path, tiny_reward_data):
 
     recipe = load_recipe(
         "recipes/tiny.yaml",
-        [*OTHER_STAGES_OFF, f"output_dir={tmp_path}", f"reward.train.path={tiny_reward_data['train']}",
-         f"reward.eval.path={tiny_reward_data['test']}"],
+        [
+            *OTHER_STAGES_OFF,
+            f"output_dir={tmp_path}",
+            f"reward.train.path={tiny_reward_data['train']}",
+            f"reward.eval.path={tiny_reward_data['test']}",
+        ],
     )
     with pytest.raises(UserError, match="sft run"):
         stage.run(recipe)
@@ -363,7 +384,10 @@ def test_source_name_for_metric_keys():
     from rlhf.recipe import DataSource
     from rlhf.stages.reward import source_name
 
-    assert source_name(DataSource.model_construct(path="../x/oasst_en_trees.jsonl")) == "oasst_en_trees"
+    assert (
+        source_name(DataSource.model_construct(path="../x/oasst_en_trees.jsonl"))
+        == "oasst_en_trees"
+    )
     assert source_name(DataSource.model_construct(path="a/hh-pairs.jsonl.gz")) == "hh_pairs"
     assert source_name(DataSource.model_construct(path="Anthropic/hh-rlhf")) == "hh_rlhf"
 
@@ -389,7 +413,11 @@ def assert_same_training(a: Path, b: Path) -> None:
     weights); the weights only differ by Adam-amplified float noise from different padding.
     """
     rows = [
-        [m for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "train/loss" in m]
+        [
+            m
+            for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in m
+        ]
         for d in (a, b)
     ]
     assert len(rows[0]) == len(rows[1]) == 3
@@ -409,7 +437,11 @@ def test_grad_accum_two_of_one_prompt_equals_a_batch_of_two(tmp_path, tiny_rewar
     )
     accum = stage.run(
         tiny_recipe(
-            tmp_path / "b", tiny_reward_data, *SAME_STEP, "reward.batch_size=1", "reward.grad_accum=2"
+            tmp_path / "b",
+            tiny_reward_data,
+            *SAME_STEP,
+            "reward.batch_size=1",
+            "reward.grad_accum=2",
         )
     )
     assert_same_training(big, accum)
@@ -427,24 +459,45 @@ def test_two_ranks_of_one_prompt_equal_one_rank_of_two(tmp_path, tiny_reward_dat
 
     from rlhf.stages import reward as stage
 
-    one = stage.run(tiny_recipe(tmp_path / "one", tiny_reward_data, *SAME_STEP, "reward.batch_size=2"))
+    one = stage.run(
+        tiny_recipe(tmp_path / "one", tiny_reward_data, *SAME_STEP, "reward.batch_size=2")
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     overrides = [
-        "sft.train=null", "sft.eval=null", "ppo.prompts=null", "ppo.eval_prompts=null",
-        f"output_dir={tmp_path / 'two'}", "reward.init_from=tiny-llama",
+        *OTHER_STAGES_OFF,
+        f"output_dir={tmp_path / 'two'}",
+        "reward.init_from=tiny-llama",
         f"reward.train.path={tiny_reward_data['train']}",
-        f"reward.eval.path={tiny_reward_data['test']}", *SAME_STEP, "reward.batch_size=1",
+        f"reward.eval.path={tiny_reward_data['test']}",
+        *SAME_STEP,
+        "reward.batch_size=1",
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env["ACCELERATE_USE_CPU"] = "true"
     launcher = Path(sys.executable).with_name("accelerate")
     proc = subprocess.run(
-        [str(launcher), "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", "2",
-         "--main_process_port", str(port), "-m", "rlhf.cli", "reward", "recipes/tiny.yaml",
-         *overrides],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(launcher),
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "rlhf.cli",
+            "reward",
+            "recipes/tiny.yaml",
+            *overrides,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two" / "reward"
@@ -454,3 +507,53 @@ def test_two_ranks_of_one_prompt_equal_one_rank_of_two(tmp_path, tiny_reward_dat
     assert a["n_pairs"] == b["n_pairs"] and a["accuracy"] == b["accuracy"]
     assert a["calibration"]["n"] == b["calibration"]["n"]
     assert a["calibration"]["mean"] == pytest.approx(b["calibration"]["mean"], abs=1e-4)
+
+
+def test_scores_under_bf16_autocast_are_not_rounded_to_bf16(tiny_model_dir):
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_reward_model(tiny_model_dir).eval()
+    seqs = rm.encode_ranking(tok, ranking(4), 64)["seqs"]
+    batch = rm.pad_batch(seqs, tok.pad_token_id)
+    scorer = rm.RewardScorer(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = scorer(**batch)
+    assert scores.dtype == torch.float32
+    assert not torch.equal(scores, scores.to(torch.bfloat16).float())  # more than 8 bits
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, tiny_reward_data):
+    from rlhf.stages import reward as stage
+
+    args = [*SAME_STEP, "reward.max_steps=4", "reward.save_every=2"]
+    straight = stage.run(tiny_recipe(tmp_path / "a", tiny_reward_data, *args))
+    assert (straight / "checkpoints" / "step-000002" / "VALID").is_file()
+    # Pretend the run died after step 2: only the checkpoint remains, then resume.
+    resumed_dir = tmp_path / "b" / "run" / "reward"
+    stage.run(tiny_recipe(tmp_path / "b", tiny_reward_data, *args))
+    for name in ("COMPLETED", "eval.json"):
+        (resumed_dir / name).unlink()
+    import shutil
+
+    shutil.rmtree(resumed_dir / "model")
+    stage.run(tiny_recipe(tmp_path / "b", tiny_reward_data, *args), resume=True)
+    assert (resumed_dir / "COMPLETED").is_file()
+    assert _max_diff(_weights(straight), _weights(resumed_dir)) < 1e-6
+    steps = [
+        m["step"]
+        for m in map(json.loads, (resumed_dir / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in m
+    ]
+    assert steps == [1, 2, 3, 4, 3, 4]  # the first run's rows, then the resumed steps
+
+
+def test_score_rankings_returns_scores_in_input_order():
+    rows = [
+        {"seqs": [[1] * n for n in lengths], "pairs": [(0, 1)], "ranking": [0, 1]}
+        for lengths in ([9, 2], [1, 1], [5, 7])
+    ]
+
+    def fn(ids, mask):  # score = length of the row
+        return mask.sum(dim=1).float()
+
+    assert rm.score_rankings(fn, rows, 2, 0) == [[9.0, 2.0], [1.0, 1.0], [5.0, 7.0]]
+    assert rm.score_sequences(fn, [[1] * 4, [1], [1] * 3], 2, 0) == [4.0, 1.0, 3.0]

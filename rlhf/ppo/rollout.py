@@ -29,6 +29,7 @@ class Rollout:
     entropy: torch.Tensor = field(default=None)  # (B, R)
     scores: torch.Tensor = field(default=None)  # (B,) raw reward-model scores
     ended_with_eos: torch.Tensor = field(default=None)  # (B,) bool
+    seq_kl: torch.Tensor = field(default=None)  # (B,) summed per-token KL to the reference
     texts: list[str] = field(default_factory=list)
 
     @property

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,9 @@ from rlhf import checkpoint, data, models, training
 from rlhf.chat import encode_prompt, pad_batch
 from rlhf.errors import UserError
 from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
-from rlhf.ppo.core import (
-    AdaptiveKLController,
-    FixedKLController,
-    explained_variance,
-    gae,
-    masked_mean,
-    masked_whiten,
-    shape_rewards,
-)
+from rlhf.ppo.core import AdaptiveKLController, FixedKLController
+from rlhf.ppo.iteration import ppo_iteration
 from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
-from rlhf.ppo.update import ppo_update
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.tracking import MetricsLogger, mean_across_ranks
@@ -175,84 +166,38 @@ def run(recipe: Any, resume: bool = False) -> Path:
         disable=not (accelerator.is_main_process and sys.stderr.isatty()),
     )
     for iteration in range(start_iter, cfg.iterations):
-        t0 = time.time()
         torch.manual_seed(iteration_seed(recipe.seed, iteration, rank))
         idx = sampler.indices(iteration)
         batch = pad_batch([prompt_ids[i] for i in idx], tokenizer.pad_token_id, side="left")
         batch_prompts = [prompts[i] for i in idx]
 
-        # 1. rollout
-        with eval_mode(model), accelerator.autocast():
-            roll = generate(
-                unwrapped.policy,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                cfg,
-                tokenizer,
+        def score_fn(roll: Rollout, batch_prompts: list = batch_prompts) -> torch.Tensor:
+            return reward_scores(
+                reward_model,
+                reward_tokenizer,
+                batch_prompts,
+                roll.texts,
+                recipe.reward.max_length,
+                device,
+                accelerator.autocast,
             )
-        t_rollout = time.time()
 
-        # 2. score: log-probs, values, reference, reward model
-        with eval_mode(model):
-            score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
-        roll.scores = reward_scores(
-            reward_model,
-            reward_tokenizer,
-            batch_prompts,
-            roll.texts,
-            recipe.reward.max_length,
-            device,
-            accelerator.autocast,
-        )
-        score = roll.scores
-        if calibration:
-            score = (score - calibration["mean"]) / max(calibration["std"], 1e-6)
-        if cfg.score_clip:
-            score = score.clamp(-cfg.score_clip, cfg.score_clip)
-        if cfg.missing_eos_penalty is not None:
-            score = score - cfg.missing_eos_penalty * (~roll.ended_with_eos).float()
-        t_score = time.time()
-
-        # 3. shaping and 4. GAE
-        rewards, kl = shape_rewards(
-            score, roll.logprobs, roll.ref_logprobs, roll.mask, kl_ctl.value, cfg.kl_estimator
-        )
-        non_score = -kl_ctl.value * (kl * roll.mask).sum(1)  # the KL part of the return
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, roll.mask, shift_mean=False)
-        advantages, returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, roll.mask)
-
-        # 5. update
         gen = torch.Generator().manual_seed(iteration_seed(recipe.seed, iteration, rank) + 7)
-        stats = ppo_update(
-            model, optimizer, accelerator, roll, advantages, returns, cfg, gen, scheduler
+        roll, metrics = ppo_iteration(
+            model,
+            reference,
+            optimizer,
+            scheduler,
+            accelerator,
+            tokenizer,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            score_fn,
+            kl_ctl,
+            cfg,
+            gen,
+            calibration,
         )
-        t_update = time.time()
-
-        seq_kl = (kl * roll.mask).sum(1)
-        lengths = roll.mask.sum(1)
-        metrics = {
-            "objective/score": roll.scores.mean().item(),
-            "objective/score_std": roll.scores.std().item() if len(roll.scores) > 1 else 0.0,
-            "objective/score_normalized": score.mean().item(),
-            "objective/kl": seq_kl.mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (score + non_score).mean().item(),
-            "objective/entropy": (roll.entropy * roll.mask).sum(1).mean().item(),
-            "objective/entropy_per_token": masked_mean(roll.entropy, roll.mask).item(),
-            "value/explained_variance": explained_variance(roll.values, returns, roll.mask).item(),
-            "response/length_mean": lengths.mean().item(),
-            "response/eos_rate": roll.ended_with_eos.float().mean().item(),
-            "kl_coef": kl_ctl.value,
-            "lr": scheduler.get_last_lr()[0],
-            "timing/rollout": t_rollout - t0,
-            "timing/score": t_score - t_rollout,
-            "timing/update": t_update - t_score,
-            "timing/iteration": t_update - t0,
-            "tokens_per_second": lengths.sum().item() / max(t_update - t0, 1e-9),
-            **stats,
-        }
         metrics = mean_across_ranks(accelerator, metrics)
         # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
@@ -265,7 +210,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                         "prompt": _last_user(batch_prompts[i]),
                         "response": roll.texts[i],
                         "score": float(roll.scores[i]),
-                        "kl": float(seq_kl[i]),
+                        "kl": float(roll.seq_kl[i]),
                     }
                     for i in range(min(4, len(roll.texts)))
                 ],

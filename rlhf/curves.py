@@ -1,0 +1,736 @@
+"""Training curves: PNG dashboards, health alarms and an HTML report from run directories.
+
+  rlhf curves RUN_DIR [RUN_DIR ...] [--out DIR]      any stage folders; same stages overlay
+  rlhf curves --recipe RECIPE [key=value ...]        <output_dir>/{sft,reward,ppo}
+
+Reads only the run-directory contract (metrics.jsonl, samples.jsonl, eval.json, recipe.yaml,
+run.json), never the training code, so it works on old runs and on runs still in progress.
+Writes <out>/<stage>.png per stage, overview.png for a whole pipeline, and report.html.
+
+The health alarms are pure functions over metric series (check_kl, check_entropy, ...), so
+they are easy to test and to reuse from a notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import statistics
+import sys
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.errors import UserError
+
+STAGES = ("sft", "reward", "ppo")
+
+# One dashboard panel = (title, patterns). Patterns are exact names or fnmatch globs; a panel
+# appears only when some series matches, so the same table serves old and new runs.
+PANELS: dict[str, list[tuple[str, list[str]]]] = {
+    "sft": [
+        ("loss", ["train/loss", "eval/loss"]),
+        ("eval perplexity", ["eval/perplexity"]),
+        ("learning rate", ["lr"]),
+        ("grad norm", ["train/grad_norm"]),
+    ],
+    "reward": [
+        ("loss", ["train/loss", "eval/loss", "*/loss"]),
+        ("accuracy", ["train/accuracy", "eval/accuracy", "*/accuracy"]),
+        ("margin", ["train/margin", "eval/margin", "*/margin"]),
+        ("Kendall tau", ["*/kendall_tau"]),
+        ("learning rate", ["lr"]),
+        ("grad norm", ["train/grad_norm"]),
+    ],
+    "ppo": [
+        ("score (reward model)", ["objective/score"]),
+        (
+            "rewards",
+            ["objective/score_normalized", "objective/rlhf_reward", "objective/non_score_reward"],
+        ),
+        ("KL to reference", ["objective/kl"]),
+        ("KL coefficient", ["kl_coef"]),
+        ("entropy", ["objective/entropy"]),
+        ("response length", ["response/length_mean"]),
+        ("EOS rate", ["response/eos_rate"]),
+        ("policy", ["policy/clipfrac", "policy/approxkl"]),
+        ("value loss", ["value/loss"]),
+        ("explained variance", ["value/explained_variance"]),
+        ("held-out judge", ["eval/judge_*", "judge/*"]),
+        ("timing (s)", ["timing/*"]),
+        ("tokens / second", ["tokens_per_second"]),
+    ],
+}
+
+# The pipeline overview: the one or two curves per stage that say whether it worked.
+OVERVIEW: list[tuple[str, str, list[str]]] = [
+    ("sft", "SFT: loss", ["train/loss", "eval/loss"]),
+    ("sft", "SFT: eval perplexity", ["eval/perplexity"]),
+    ("reward", "reward: accuracy", ["train/accuracy", "eval/accuracy", "*/accuracy"]),
+    ("ppo", "PPO: score", ["objective/score"]),
+    ("ppo", "PPO: KL to reference", ["objective/kl"]),
+    ("ppo", "PPO: response length", ["response/length_mean"]),
+]
+
+MIN_POINTS_TO_SMOOTH = 10
+
+# Series that are bookkeeping, not curves.
+SKIP = {"stage", "step", "time", "epoch"}
+
+
+# ------------------------------------------------------------------------------ reading runs
+
+
+@dataclass
+class Series:
+    steps: list[float]
+    values: list[float]
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    stage: str
+    series: dict[str, Series]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    recipe_text: str | None = None
+    eval: dict[str, Any] | None = None
+    info: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file. A run that died mid-write leaves a torn last line: skip it
+    rather than refuse to plot everything before it."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def series_from_rows(rows: list[dict[str, Any]]) -> dict[str, Series]:
+    """metrics.jsonl rows -> one step-sorted series per numeric key.
+
+    A resumed run logs the steps after its last checkpoint a second time; the later row wins,
+    so the curve shows what the finished run actually did.
+    """
+    by_key: dict[str, dict[float, float]] = {}
+    for row in rows:
+        step = row.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        for key, value in row.items():
+            if key in SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):
+                continue
+            by_key.setdefault(key, {})[float(step)] = float(value)
+    out = {}
+    for key, points in by_key.items():
+        steps = sorted(points)
+        out[key] = Series(steps, [points[s] for s in steps])
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory")
+    known = ("metrics.jsonl", "run.json", "recipe.yaml", "eval.json")
+    if not any((path / name).is_file() for name in known):
+        raise UserError(f"{path}: not a run directory (no metrics.jsonl, run.json or recipe.yaml)")
+    rows = read_jsonl(path / "metrics.jsonl")
+    info = _read_json(path / "run.json")
+    recipe_text = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
+    try:
+        recipe = yaml.safe_load(recipe_text or "") or {}
+    except yaml.YAMLError:
+        recipe = {}
+    # The stage is whatever the run says it was; the folder name is only a fallback.
+    stage = next((r["stage"] for r in rows if isinstance(r.get("stage"), str)), None)
+    stage = stage or (info or {}).get("stage") or path.name
+    return Run(
+        path=path,
+        label=label or str(path),
+        stage=str(stage),
+        series=series_from_rows(rows),
+        recipe=recipe if isinstance(recipe, dict) else {},
+        recipe_text=recipe_text,
+        eval=_read_json(path / "eval.json"),
+        info=info,
+        samples=read_jsonl(path / "samples.jsonl"),
+    )
+
+
+def _get(mapping: dict[str, Any], dotted: str) -> Any:
+    node: Any = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+# ---------------------------------------------------------------------------- health alarms
+
+
+@dataclass
+class Alarm:
+    name: str  # kl_high | entropy_collapse | length_explosion | eos_falling | judge_disagrees
+    metric: str  # the series whose panel shows it
+    message: str
+    spans: list[tuple[float, float]]  # (first step, last step) of each flagged stretch
+    run: str = ""
+
+
+def flagged_spans(steps: Sequence[float], flags: Sequence[bool]) -> list[tuple[float, float]]:
+    """Contiguous flagged points -> [(first step, last step), ...]."""
+    spans: list[tuple[float, float]] = []
+    start = None
+    for i, flag in enumerate(flags):
+        if flag and start is None:
+            start = i
+        if not flag and start is not None:
+            spans.append((steps[start], steps[i - 1]))
+            start = None
+    if start is not None:
+        spans.append((steps[start], steps[len(flags) - 1]))
+    return spans
+
+
+def _first_flag(steps: Sequence[float], flags: Sequence[bool]) -> float:
+    return next(s for s, f in zip(steps, flags) if f)
+
+
+def check_kl(
+    steps: Sequence[float],
+    kl: Sequence[float],
+    target: float | None = None,
+    factor: float = 2.0,
+    median_factor: float = 3.0,
+) -> Alarm | None:
+    """KL far above the adaptive controller's target (> factor x target). Without a target,
+    far above the run's own typical KL (> median_factor x its median)."""
+    if not kl:
+        return None
+    if target is not None and target > 0:
+        limit = factor * target
+        why = f"{factor:g}x the target {target:g}"
+    else:
+        median = statistics.median(kl)
+        if len(kl) < 3 or median <= 0:
+            return None  # too few points, or a KL still around 0: no baseline to compare to
+        limit = median_factor * median
+        why = f"{median_factor:g}x its median {median:.3g}"
+    flags = [v > limit for v in kl]
+    if not any(flags):
+        return None
+    return Alarm(
+        "kl_high",
+        "objective/kl",
+        f"KL far above target: reached {max(kl):.3g} (limit {limit:.3g} = {why}) from step "
+        f"{_first_flag(steps, flags):g}; the policy is drifting from the reference "
+        "(raise kl_coef or lower the learning rate)",
+        flagged_spans(steps, flags),
+    )
+
+
+def check_entropy(
+    steps: Sequence[float], entropy: Sequence[float], fraction: float = 0.2, metric: str = ""
+) -> Alarm | None:
+    """Entropy collapse: below `fraction` of its first value."""
+    if len(entropy) < 2 or entropy[0] <= 0:
+        return None
+    limit = fraction * entropy[0]
+    flags = [v < limit for v in entropy]
+    if not any(flags):
+        return None
+    return Alarm(
+        "entropy_collapse",
+        metric or "objective/entropy",
+        f"entropy collapse: {metric or 'entropy'} fell to {min(entropy):.3g}, below {fraction:.0%} of its first value "
+        f"{entropy[0]:.3g}, from step {_first_flag(steps, flags):g}; the policy is becoming "
+        "deterministic (mode collapse)",
+        flagged_spans(steps, flags),
+    )
+
+
+def check_length(
+    steps: Sequence[float],
+    length: Sequence[float],
+    max_new_tokens: int | None = None,
+    factor: float = 3.0,
+    patience: int = 3,
+) -> Alarm | None:
+    """Response length exploding: > factor x its first value, or at max_new_tokens (mean
+    length >= 95% of it) for `patience` consecutive logged steps (all of them if fewer)."""
+    if not length:
+        return None
+    grown = [length[0] > 0 and v > factor * length[0] for v in length]
+    at_max = [bool(max_new_tokens) and v >= 0.95 * max_new_tokens for v in length]
+    need = min(patience, len(length))
+    capped = [False] * len(length)
+    run = 0
+    for i, hit in enumerate(at_max):
+        run = run + 1 if hit else 0
+        if run >= need:
+            for j in range(i - run + 1, i + 1):  # the whole stretch, not just its tail
+                capped[j] = True
+    flags = [g or c for g, c in zip(grown, capped)]
+    if not any(flags):
+        return None
+    if any(capped):
+        what = (
+            f"responses hit max_new_tokens ({max_new_tokens}) for {need}+ consecutive steps "
+            f"from step {_first_flag(steps, capped):g}: they are being truncated"
+        )
+    else:
+        what = (
+            f"response length grew to {max(length):.3g}, over {factor:g}x its first value "
+            f"{length[0]:.3g}, from step {_first_flag(steps, grown):g}"
+        )
+    return Alarm(
+        "length_explosion",
+        "response/length_mean",
+        f"response length exploding: {what} (the policy may be exploiting a length bias "
+        "of the reward model)",
+        flagged_spans(steps, flags),
+    )
+
+
+def check_eos(steps: Sequence[float], eos: Sequence[float], threshold: float = 0.5) -> Alarm | None:
+    """EOS rate falling: below `threshold` after having been at or above it."""
+    flags = []
+    best = -math.inf
+    for v in eos:
+        flags.append(best >= threshold and v < threshold)
+        best = max(best, v)
+    if not any(flags):
+        return None
+    return Alarm(
+        "eos_falling",
+        "response/eos_rate",
+        f"EOS rate falling: {min(eos):.0%} of responses end with EOS (was {max(eos):.0%}) from "
+        f"step {_first_flag(steps, flags):g}; responses run into max_new_tokens "
+        "(consider ppo.missing_eos_penalty)",
+        flagged_spans(steps, flags),
+    )
+
+
+def trend(steps: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares change over the run in units of the series' own spread: about +3.5 for a
+    clean rise, around 0 for noise. Comparable between series of different scales."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = sum(steps) / n, sum(values) / n
+    var_x = sum((x - mean_x) ** 2 for x in steps)
+    spread = statistics.pstdev(values)
+    if var_x == 0 or spread == 0:
+        return 0.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values)) / var_x
+    return slope * (max(steps) - min(steps)) / spread
+
+
+def check_judge(
+    score_steps: Sequence[float],
+    score: Sequence[float],
+    judge_steps: Sequence[float],
+    judge: Sequence[float],
+    judge_name: str = "judge",
+    min_trend: float = 0.5,
+) -> Alarm | None:
+    """The reward-model score rises while a held-out judge falls: reward hacking."""
+    if len(score) < 3 or len(judge) < 3:
+        return None
+    score_trend, judge_trend = trend(score_steps, score), trend(judge_steps, judge)
+    if not (score_trend > min_trend and judge_trend < -min_trend):
+        return None
+    peak = judge_steps[max(range(len(judge)), key=lambda i: judge[i])]
+    return Alarm(
+        "judge_disagrees",
+        judge_name,
+        f"score rising while the held-out judge disagrees: objective/score went "
+        f"{score[0]:.3g} -> {score[-1]:.3g} but {judge_name} {judge[0]:.3g} -> {judge[-1]:.3g}; "
+        "the policy is probably exploiting the reward model",
+        [(peak, judge_steps[-1])],
+    )
+
+
+def check_run(run: Run) -> list[Alarm]:
+    """Every alarm whose series the run logged; thresholds come from its recipe.yaml."""
+    s = run.series
+    alarms: list[Alarm | None] = []
+    if "objective/kl" in s:
+        # Only the adaptive controller has a target; a fixed kl_coef falls back to the median.
+        target = _get(run.recipe, "ppo.adaptive_kl.target")
+        target = float(target) if isinstance(target, (int, float)) else None
+        alarms.append(check_kl(s["objective/kl"].steps, s["objective/kl"].values, target))
+    # Per-token entropy when logged: the per-sequence sum also falls when responses merely get
+    # shorter, which the length alarm already covers.
+    for name in ("objective/entropy_per_token", "objective/entropy"):
+        if name in s:
+            alarm = check_entropy(s[name].steps, s[name].values, metric=name)
+            if alarm is not None:
+                alarm.metric = "objective/entropy" if "objective/entropy" in s else name
+            alarms.append(alarm)
+            break
+    if "response/length_mean" in s:
+        max_new = _get(run.recipe, "ppo.max_new_tokens")
+        ser = s["response/length_mean"]
+        alarms.append(check_length(ser.steps, ser.values, max_new if max_new else None))
+    if "response/eos_rate" in s:
+        alarms.append(check_eos(s["response/eos_rate"].steps, s["response/eos_rate"].values))
+    if "objective/score" in s:
+        score = s["objective/score"]
+        for name in sorted(s):
+            if fnmatch.fnmatch(name, "eval/judge_*") or fnmatch.fnmatch(name, "judge/*"):
+                judge = s[name]
+                alarms.append(
+                    check_judge(score.steps, score.values, judge.steps, judge.values, name)
+                )
+    out = [a for a in alarms if a is not None]
+    for alarm in out:
+        alarm.run = run.label
+    return out
+
+
+# -------------------------------------------------------------------------------- plotting
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard-style smoothing, debiased so the first points are not pulled towards 0."""
+    out, last = [], 0.0
+    for n, v in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * v
+        out.append(last / (1 - weight**n) if weight > 0 else v)
+    return out
+
+
+def match_series(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """Names matching the patterns, in pattern order (train before eval before extras).
+    `*_std` series are bands around their mean, never curves of their own."""
+    out: list[str] = []
+    for pattern in patterns:
+        for name in sorted(names):
+            if name.endswith("_std") or name in out:
+                continue
+            if fnmatch.fnmatch(name, pattern):
+                out.append(name)
+    return out
+
+
+def panels_for(stage: str, runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
+    """The panels for a stage's dashboard, only those with data."""
+    names = sorted({name for run in runs for name in run.series})
+    if stage in PANELS:
+        spec = PANELS[stage]
+    else:
+        # A stage we do not know: one panel per metric prefix ("train/...", "eval/...").
+        prefixes = sorted({n.split("/")[0] for n in names if not n.endswith("_std")})
+        spec = [(p, [p, f"{p}/*"]) for p in prefixes]
+    out = []
+    for title, patterns in spec:
+        matched = match_series(names, patterns)
+        if matched:
+            out.append((title, matched))
+    return out
+
+
+def draw_panel(
+    ax: Any,
+    title: str,
+    names: Sequence[str],
+    runs: Sequence[Run],
+    smoothing: float,
+    alarms: Sequence[Alarm] = (),
+    guides: Sequence[tuple[str, float, str]] = (),
+) -> None:
+    """Each series smoothed (solid) over its raw values (faint). One run: a colour per series;
+    several runs: a colour per run and a line style per series, so runs stay comparable."""
+    colors = [f"C{i}" for i in range(10)]
+    styles = ["-", "--", ":", "-."]
+    several = len(runs) > 1
+    positive = True
+    lo, hi = math.inf, -math.inf
+    for r, run in enumerate(runs):
+        for k, name in enumerate(names):
+            ser = run.series.get(name)
+            if ser is None or not ser.values:
+                continue
+            color = colors[(r if several else k) % len(colors)]
+            style = styles[k % len(styles)] if several else "-"
+            if several:
+                label = run.label if len(names) == 1 else f"{run.label}: {name}"
+            else:
+                label = name
+            # A handful of eval points smoothed would mostly show the EMA's lag: draw them raw.
+            weight = smoothing if len(ser.values) >= MIN_POINTS_TO_SMOOTH else 0.0
+            smooth = ema(ser.values, weight)
+            if weight > 0:
+                ax.plot(ser.steps, ser.values, color=color, alpha=0.25, linewidth=1)
+            marker = "o" if len(ser.values) <= 12 else None
+            ax.plot(
+                ser.steps,
+                smooth,
+                color=color,
+                linestyle=style,
+                label=label,
+                marker=marker,
+                markersize=3,
+                linewidth=1.6,
+            )
+            std = run.series.get(f"{name}_std")
+            if std is not None and std.steps == ser.steps:
+                ax.fill_between(
+                    ser.steps,
+                    [m - s for m, s in zip(ser.values, std.values)],
+                    [m + s for m, s in zip(ser.values, std.values)],
+                    color=color, alpha=0.12, linewidth=0,
+                )  # fmt: skip
+            positive = positive and min(ser.values) > 0
+            lo, hi = min(lo, min(ser.values)), max(hi, max(ser.values))
+    # Losses of a random model start orders of magnitude above where they end.
+    if positive and hi / lo > 1e3:
+        ax.set_yscale("log")
+    # Thresholds only where the data comes near them: a KL target of 6 would flatten a KL
+    # curve that stays around 0.2 into a line at the bottom of the panel.
+    y_lo, y_hi = ax.get_ylim()
+    for metric, y, text in guides:
+        if metric in names and y_lo <= y <= y_hi:
+            ax.axhline(y, color="gray", linestyle="--", linewidth=1)
+            ax.annotate(
+                text, (1, y), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                fontsize=7, color="gray",
+            )  # fmt: skip
+    flagged = [a for a in alarms if a.metric in names]
+    for alarm in flagged:
+        for start, end in alarm.spans:
+            if start == end:
+                ax.axvline(start, color="red", alpha=0.5, linewidth=2)
+            else:
+                ax.axvspan(start, end, color="red", alpha=0.12, linewidth=0)
+    if flagged:
+        tags = ", ".join(sorted({f"{a.name} ({a.run})" if several else a.name for a in flagged}))
+        ax.text(
+            0.02, 0.97, f"ALARM: {tags}", transform=ax.transAxes, color="red", fontsize=8,
+            va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5,
+            "edgecolor": "none"},
+        )  # fmt: skip
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False)  # "+8.6e1" offsets collide with titles
+    ax.set_title(title, color="red" if flagged else "black", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("step", fontsize=8)
+    if ax.get_legend_handles_labels()[0] and (several or len(names) > 1):
+        ax.legend(fontsize=7, loc="best")
+
+
+def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
+    """Horizontal lines for the thresholds the alarms use: (metric, y, label)."""
+    out: list[tuple[str, float, str]] = []
+    for run in runs:
+        target = _get(run.recipe, "ppo.adaptive_kl.target")
+        if isinstance(target, (int, float)):
+            out.append(("objective/kl", float(target), "KL target"))
+        max_new = _get(run.recipe, "ppo.max_new_tokens")
+        if isinstance(max_new, (int, float)) and run.stage == "ppo":
+            out.append(("response/length_mean", float(max_new), "max_new_tokens"))
+    if any(run.stage == "ppo" for run in runs):
+        out.append(("response/eos_rate", 0.5, "50%"))
+    return list(dict.fromkeys(out))  # several runs with one recipe: one line
+
+
+def _figure(n_panels: int, ncols: int) -> tuple[Any, list[Any]]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    ncols = max(1, min(ncols, n_panels))
+    nrows = math.ceil(n_panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.8), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat[:n_panels]
+
+
+def _save(fig: Any, path: Path, title: str, alarms: Sequence[Alarm]) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    bottom = 0.0
+    if alarms:
+        by_run: dict[str, list[str]] = {}
+        for alarm in alarms:
+            by_run.setdefault(alarm.run, []).append(alarm.name)
+        text = "\n".join(f"ALARMS {run}: {', '.join(names)}" for run, names in by_run.items())
+        width_chars = int(fig.get_figwidth() * 13)  # about 13 characters per inch at 9 pt
+        text = "\n".join(textwrap.fill(line, width_chars) for line in text.splitlines())
+        fig.text(0.5, 0.005, text, ha="center", va="bottom", color="red", fontsize=9)
+        bottom = (text.count("\n") + 1) * 0.17 / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom + 0.01, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_stage(
+    stage: str,
+    runs: Sequence[Run],
+    path: Path,
+    smoothing: float = 0.6,
+    alarms: Sequence[Alarm] = (),
+) -> Path | None:
+    """One dashboard PNG for the runs of one stage (overlaid). None when nothing was logged."""
+    panels = panels_for(stage, runs)
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), 4 if len(panels) > 9 else 3)
+    guides = guide_lines(runs)
+    for ax, (title, names) in zip(axes, panels):
+        draw_panel(ax, title, names, runs, smoothing, alarms, guides)
+    labels = ", ".join(r.label for r in runs)
+    return _save(fig, path, f"{stage}: {labels}", alarms)
+
+
+def plot_overview(
+    by_stage: dict[str, list[Run]],
+    path: Path,
+    smoothing: float = 0.6,
+    alarms: Sequence[Alarm] = (),
+) -> Path | None:
+    """The whole pipeline on one page: SFT loss, RM accuracy, PPO score / KL / length."""
+    panels = []
+    for stage, title, patterns in OVERVIEW:
+        runs = by_stage.get(stage, [])
+        names = match_series(sorted({n for r in runs for n in r.series}), patterns)
+        if names:
+            panels.append((title, names, runs))
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels), 3)
+    for ax, (title, names, runs) in zip(axes, panels):
+        draw_panel(ax, title, names, runs, smoothing, alarms, guide_lines(runs))
+    return _save(fig, path, "pipeline overview: SFT -> reward model -> PPO", alarms)
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def group_by_stage(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by stage, pipeline order first."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.stage, []).append(run)
+    order = [s for s in STAGES if s in groups] + sorted(s for s in groups if s not in STAGES)
+    return {s: groups[s] for s in order}
+
+
+def render(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    smoothing: float = 0.6,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Load the runs, check their health, write the PNGs (and report.html).
+
+    Returns {"runs", "alarms", "figures": {name: path}, "report": path | None}.
+    """
+    if not 0 <= smoothing < 1:
+        raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")
+    runs = [load_run(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    alarms = [a for run in runs for a in check_run(run)]
+    by_stage = group_by_stage(runs)
+    figures: dict[str, Path] = {}
+    if all(s in by_stage for s in STAGES):
+        path = plot_overview(by_stage, out_dir / "overview.png", smoothing, alarms)
+        if path is not None:
+            figures["overview"] = path
+    for stage, stage_runs in by_stage.items():
+        stage_alarms = [a for a in alarms if any(a.run == r.label for r in stage_runs)]
+        path = plot_stage(stage, stage_runs, out_dir / f"{stage}.png", smoothing, stage_alarms)
+        if path is not None:
+            figures[stage] = path
+    report_path = None
+    if report:
+        from rlhf.report import write_report
+
+        report_path = write_report(out_dir / "report.html", by_stage, figures, alarms, smoothing)
+    return {"runs": runs, "alarms": alarms, "figures": figures, "report": report_path}
+
+
+def recipe_run_dirs(recipe_path: str, overrides: Sequence[str]) -> tuple[Path, list[Path]]:
+    """(output_dir, its stage folders that exist) for `rlhf curves --recipe`."""
+    from rlhf.recipe import Recipe, load_recipe
+
+    try:
+        output_dir = Path(load_recipe(recipe_path, list(overrides)).output_dir)
+    except UserError:
+        # Plotting a finished run must not need its training data: when validation fails
+        # only because a data file is gone, read output_dir from the merged YAML alone.
+        from rlhf.recipe import _read_yaml, apply_override
+
+        data = _read_yaml(Path(recipe_path))  # re-raises for a missing or broken recipe
+        for override in overrides:
+            apply_override(data, override)
+        output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))
+    dirs = [output_dir / s for s in STAGES if (output_dir / s).is_dir()]
+    if not dirs:
+        raise UserError(f"{output_dir}: no sft, reward or ppo run folders yet (run a stage first)")
+    return output_dir, dirs
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = list(args.run_dirs or [])
+    if args.recipe:
+        overrides = [p for p in paths if "=" in p]
+        stray = [p for p in paths if "=" not in p]
+        if stray:
+            raise UserError(f"with --recipe, give overrides (key=value), not run folders: {stray}")
+        output_dir, run_dirs = recipe_run_dirs(args.recipe, overrides)
+        default_out = output_dir / "curves"
+    else:
+        if not paths:
+            raise UserError("give one or more run folders, or --recipe RECIPE")
+        run_dirs = [Path(p) for p in paths]
+        default_out = run_dirs[0].parent / "curves"
+    out_dir = Path(args.out) if args.out else default_out
+    result = render(run_dirs, out_dir, args.smoothing, report=not args.no_report)
+    for alarm in result["alarms"]:
+        print(f"ALARM {alarm.run}: {alarm.message}", file=sys.stderr)
+    for name, path in result["figures"].items():
+        print(f"{name}: {path}")
+    if result["report"] is not None:
+        print(f"report: {result['report']}")
+    if not result["figures"]:
+        print("no metrics logged yet: nothing to plot", file=sys.stderr)
+    return 0

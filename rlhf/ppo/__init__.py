@@ -1,0 +1,31 @@
+"""PPO for RLHF. The public math API lives in `core`: pure tensor functions."""
+
+from rlhf.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "shape_rewards",
+    "value_loss",
+]

@@ -1,0 +1,111 @@
+"""One PPO iteration, end to end, with the score as a pluggable function.
+
+The stage passes a reward-model scorer; tests pass a programmatic reward. Steps follow
+Ziegler et al. 2019 and "The N Implementation Details of RLHF with PPO" (Huang et al.):
+  1. rollout   sample responses (KV cache), mask everything after the first EOS
+  2. score     policy / reference log-probs and values (one batched forward each), the score
+  3. shape     r_t = -beta * KL_t, + normalised score at the last response token
+  4. GAE       advantages, returns = advantages + values; advantages whitened
+  5. update    ppo_epochs over shuffled minibatches (rlhf.ppo.update)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf.ppo.actor_critic import eval_mode
+from rlhf.ppo.core import explained_variance, gae, masked_mean, masked_whiten, shape_rewards
+from rlhf.ppo.rollout import Rollout, generate, score_with_models
+from rlhf.ppo.update import ppo_update
+
+
+def normalise_score(
+    raw: torch.Tensor, ended_with_eos: torch.Tensor, cfg: Any, calibration: dict | None
+) -> torch.Tensor:
+    """Reward-model score -> the score PPO optimises: calibrated, clipped, EOS-penalised."""
+    score = raw
+    if calibration:
+        score = (score - calibration["mean"]) / max(calibration["std"], 1e-6)
+    if cfg.score_clip:
+        score = score.clamp(-cfg.score_clip, cfg.score_clip)
+    if cfg.missing_eos_penalty is not None:
+        # Truncated answers look finished to the reward model once rendered: penalise them.
+        score = score - cfg.missing_eos_penalty * (~ended_with_eos).float()
+    return score
+
+
+def ppo_iteration(
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Any,
+    tokenizer: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    score_fn: Callable[[Rollout], torch.Tensor],
+    kl_ctl: Any,
+    cfg: Any,
+    generator: torch.Generator,
+    calibration: dict | None = None,
+) -> tuple[Rollout, dict[str, float]]:
+    """Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced)."""
+    unwrapped = accelerator.unwrap_model(model)
+    t0 = time.time()
+
+    # 1. rollout
+    with eval_mode(model), accelerator.autocast():
+        roll = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg, tokenizer)
+    t_rollout = time.time()
+
+    # 2. score
+    with eval_mode(model):
+        score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
+    roll.scores = score_fn(roll).float()
+    score = normalise_score(roll.scores, roll.ended_with_eos, cfg, calibration)
+    t_score = time.time()
+
+    # 3. shaping and 4. GAE
+    rewards, kl = shape_rewards(
+        score, roll.logprobs, roll.ref_logprobs, roll.mask, kl_ctl.value, cfg.kl_estimator
+    )
+    roll.seq_kl = (kl * roll.mask).sum(1)
+    non_score = -kl_ctl.value * roll.seq_kl  # the KL part of each sequence's return
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, roll.mask, shift_mean=False)
+    advantages, returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, roll.mask)
+
+    # 5. update
+    stats = ppo_update(
+        model, optimizer, accelerator, roll, advantages, returns, cfg, generator, scheduler
+    )
+    t_update = time.time()
+
+    lengths = roll.mask.sum(1)
+    metrics = {
+        "objective/score": roll.scores.mean().item(),
+        "objective/score_std": roll.scores.std().item() if len(roll.scores) > 1 else 0.0,
+        "objective/score_normalized": score.mean().item(),
+        "objective/kl": roll.seq_kl.mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/rlhf_reward": (score + non_score).mean().item(),
+        "objective/entropy": (roll.entropy * roll.mask).sum(1).mean().item(),
+        "objective/entropy_per_token": masked_mean(roll.entropy, roll.mask).item(),
+        "value/explained_variance": explained_variance(roll.values, returns, roll.mask).item(),
+        "response/length_mean": lengths.mean().item(),
+        "response/eos_rate": roll.ended_with_eos.float().mean().item(),
+        "kl_coef": float(kl_ctl.value),
+        "lr": scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr,
+        "timing/rollout": t_rollout - t0,
+        "timing/score": t_score - t_rollout,
+        "timing/update": t_update - t_score,
+        "timing/iteration": t_update - t0,
+        "tokens_per_second": lengths.sum().item() / max(t_update - t0, 1e-9),
+        **stats,
+    }
+    return roll, metrics

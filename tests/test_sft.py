@@ -1,0 +1,131 @@
+"""SFT: assistant-only labels under the real SmolLM2 chat template, and the stage on tiny data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf import models
+from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
+from rlhf.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_dir):
+    return models.load_tokenizer(smollm2_dir)
+
+
+def _labelled_text(tok, row):
+    return tok.decode([t for t in row["labels"] if t != IGNORE_INDEX])
+
+
+def test_loss_only_on_assistant_turns(smol_tok):
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+    row = encode_sft(smol_tok, messages, max_length=512)
+    assert _labelled_text(smol_tok, row) == "Blue.<|im_end|>\nGreen.<|im_end|>\n"
+    full = encode_sft(smol_tok, messages, max_length=512, assistant_only=False)
+    assert full["labels"] == full["input_ids"]
+    # The system prompt the template adds, and the user turns, carry no loss.
+    assert "SmolLM" in smol_tok.decode(row["input_ids"]) and "SmolLM" not in _labelled_text(
+        smol_tok, row
+    )
+
+
+def test_turn_ends_survive_padding(smol_tok):
+    """pad != eos, and masks come from lengths: <|im_end|> inside a prompt stays attended."""
+    a = encode_sft(
+        smol_tok,
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        512,
+    )
+    b = encode_sft(
+        smol_tok,
+        [
+            {"role": "user", "content": "Hi there, how are you today?"},
+            {"role": "assistant", "content": "Fine."},
+        ],
+        512,
+    )
+    batch = pad_batch(
+        [a["input_ids"], b["input_ids"]], smol_tok.pad_token_id, "right", [a["labels"], b["labels"]]
+    )
+    eos = smol_tok.eos_token_id
+    n_eos = sum(t == eos for t in a["input_ids"])
+    assert n_eos >= 3  # system, user and assistant turns all end with <|im_end|>
+    assert int(((batch["input_ids"][0] == eos) & (batch["attention_mask"][0] == 1)).sum()) == n_eos
+    assert int(batch["attention_mask"][0].sum()) == len(a["input_ids"])
+
+
+def _write_sft(path: Path, n: int) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i} plus {i}?"},
+                            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+
+
+def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path):
+    from rlhf.stages import sft
+
+    _write_sft(tmp_path / "train.jsonl", 24)
+    _write_sft(tmp_path / "eval.jsonl", 6)
+    recipe = load_recipe(
+        "recipes/tiny.yaml",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"sft.train.path={tmp_path / 'train.jsonl'}",
+            f"sft.eval.path={tmp_path / 'eval.jsonl'}",
+            "sft.max_steps=3",
+        ],
+    )
+    run_dir = sft.run(recipe)
+    for name in (
+        "recipe.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "eval.json",
+        "COMPLETED",
+        "tb",
+        "model",
+    ):
+        assert (run_dir / name).exists(), name
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["world_size"] == 1 and info["seed"] == 42
+    assert {"torch", "transformers"} <= set(info["versions"])
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert results["steps"] == 3 and results["perplexity"] < results["base_perplexity"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+    assert all(r["stage"] == "sft" for r in rows)
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert not list((run_dir / "model").glob("*.bin"))
+
+    # A fresh process loads the folder with plain transformers and generates.
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        "d=sys.argv[1]; t=AutoTokenizer.from_pretrained(d); m=AutoModelForCausalLM.from_pretrained(d);"
+        "x=t.apply_chat_template([{'role':'user','content':'hi'}], add_generation_prompt=True, return_tensors='pt', return_dict=True);"
+        "print(m.generate(**x, max_new_tokens=3, do_sample=False).shape[1] > x['input_ids'].shape[1])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir / "model")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
