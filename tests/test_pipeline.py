@@ -1,0 +1,140 @@
+"""The three stages chained on the tiny model: PPO reads SFT and reward outputs; role variants."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from rlhf.cli import main
+
+
+def _write_data(root: Path) -> dict[str, Path]:
+    rng = random.Random(0)
+    paths = {k: root / f"{k}.jsonl" for k in ("sft", "rank", "prompts")}
+    with open(paths["sft"], "w") as f:
+        for i in range(24):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {a} plus {b}?"},
+                            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    with open(paths["rank"], "w") as f:
+        for i in range(16):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"What is {a} times {b}?",
+                        "responses": [
+                            f"It is {a * b}.",
+                            "No idea.",
+                            f"{a * b}, obviously, idiot.",
+                            "Hm.",
+                        ],
+                        "ranking": [0, 3, 1, 2],
+                    }
+                )
+                + "\n"
+            )
+    with open(paths["prompts"], "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"prompt": f"Tell me a fact about the number {i}."}) + "\n")
+    return paths
+
+
+def _overrides(root: Path, paths: dict[str, Path]) -> list[str]:
+    return [
+        f"output_dir={root / 'run'}",
+        f"sft.train.path={paths['sft']}",
+        "sft.eval=null",
+        f"reward.train.path={paths['rank']}",
+        "reward.eval=null",
+        f"ppo.prompts.path={paths['prompts']}",
+        f"ppo.eval_prompts.path={paths['prompts']}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    args = _overrides(root, _write_data(root))
+    # PPO before SFT exists: one line, exit 2, nothing that looks complete.
+    assert main(["ppo", "recipes/tiny.yaml", *args]) == 2
+    assert not (root / "run" / "ppo" / "COMPLETED").exists()
+    for stage in ("sft", "reward"):
+        assert main([stage, "recipes/tiny.yaml", *args]) == 0
+    return root, args
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],  # default: LoRA policy, reference = adapter disabled, shared value head
+        ["ppo.value_model=separate"],  # critic initialised from the reward model
+        ["ppo.lora.enabled=false", "ppo.kl_estimator=k3"],  # full FT + frozen reference copy
+    ],
+    ids=["lora-shared", "lora-separate-critic", "full-ft-frozen-ref"],
+)
+def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
+    root, args = pipeline
+    assert main(["ppo", "recipes/tiny.yaml", *args, *variant]) == 0
+    ppo = root / "run" / "ppo"
+    assert (ppo / "COMPLETED").is_file() and (ppo / "model" / "model.safetensors").is_file()
+    info = json.loads((ppo / "run.json").read_text())
+    assert info["status"] == "completed" and info["world_size"] == 1
+    expected_ref = "frozen copy" if "ppo.lora.enabled=false" in variant else "lora-disabled"
+    assert info["reference"] == expected_ref
+    rows = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in (
+        "objective/score",
+        "objective/score_normalized",
+        "objective/kl",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "objective/entropy",
+        "kl_coef",
+        "policy/loss",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "value/loss",
+        "value/clipfrac",
+        "value/explained_variance",
+        "response/length_mean",
+        "response/eos_rate",
+        "lr",
+        "timing/rollout",
+        "timing/score",
+        "timing/update",
+        "timing/iteration",
+        "tokens_per_second",
+    ):
+        assert key in rows[-1], key
+    results = json.loads((ppo / "eval.json").read_text())
+    for key in ("ppo_score_mean", "sft_score_mean", "win_rate", "kl_mean", "eos_rate"):
+        assert key in results
+    assert (ppo / "samples.jsonl").is_file()
+    # The saved policy is a plain transformers model (LoRA merged).
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ppo / "model")
+    assert not hasattr(model, "peft_config")
+
+
+def test_ppo_refuses_an_unfinished_sft_dir(pipeline, capsys):
+    root, args = pipeline
+    (root / "run" / "sft" / "COMPLETED").rename(root / "run" / "sft" / "COMPLETED.bak")
+    try:
+        assert main(["ppo", "recipes/tiny.yaml", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no COMPLETED marker" in err
+    finally:
+        (root / "run" / "sft" / "COMPLETED.bak").rename(root / "run" / "sft" / "COMPLETED")
