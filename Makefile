@@ -20,6 +20,7 @@ PYTEST_ARGS ?=
 export RLHF_CACHE ?= $(HOME)/.cache/rlhf
 
 BIN := $(VENV)/bin
+LINT_PATHS := rlhf tests $(wildcard bench reward_data/*.py)
 STAMP := $(VENV)/.rlhf-setup-stamp
 RLHF := $(BIN)/rlhf
 RESUME_FLAG := $(if $(filter 1 true yes,$(RESUME)),--resume,)
@@ -69,12 +70,12 @@ test-fast: models
 	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check rlhf tests bench
-	$(BIN)/ruff format --check rlhf tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 format: setup
-	$(BIN)/ruff format rlhf tests bench
-	$(BIN)/ruff check --fix rlhf tests bench
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 bench: models
 	$(BIN)/python -m bench.run $(ARGS)

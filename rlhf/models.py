@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,37 +74,37 @@ def prepare(name: str, force: bool = False) -> Path:
     if is_prepared(name) and not force:
         return out
     entry = REGISTRY[name]
+    # Build in a temporary sibling and rename: a crash never leaves a folder that looks ready.
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if entry["kind"] == "gguf":
-        info = _prepare_from_gguf(entry, tmp)
-    else:
-        info = _prepare_random(entry, tmp)
-    (tmp / "PREPARED.json").write_text(json.dumps(info, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    try:
+        if entry["kind"] == "gguf":
+            info = _prepare_from_gguf(entry, tmp)
+        else:
+            info = _prepare_random(entry, tmp)
+        (tmp / "PREPARED.json").write_text(json.dumps(info, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
 
 
 def _prepare_from_gguf(entry: dict[str, Any], out: Path) -> dict[str, Any]:
-    import importlib
+    import importlib.util
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        package = importlib.import_module(entry["package"])
-    except ImportError:
-        raise UserError(
-            f"the package '{entry['package']}' is not installed: {entry['pip']}"
-        ) from None
-    folder = Path(package.__file__).parent
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which is
+    # deliberately not installed (--no-deps); we only need the GGUF file it ships.
+    spec = importlib.util.find_spec(entry["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the package '{entry['package']}' is not installed: {entry['pip']}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / entry["file"]).is_file():
+        raise UserError(f"{folder}: {entry['file']} is missing; reinstall: {entry['pip']}")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry["file"])
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry["file"])
     # The GGUF was Q4_1: transformers dequantises to fp32; save it as a plain model.

@@ -228,20 +228,29 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
+def _neg_log_sigmoid(x: float) -> float:
+    return math.log1p(math.exp(-x)) if x > -30 else -x
+
+
 def ranking_metrics(
     scores: Sequence[Sequence[float]],
     pairs: Sequence[Sequence[tuple[int, int]]],
     rankings: Sequence[Sequence[int]],
+    margin: float = 0.0,
 ) -> dict[str, float | int | None]:
     """Metrics over prompts, given each prompt's scores, pairs and best-first order.
 
-    accuracy: over all pairs, a tie counts half. mean_margin: mean r_better - r_worse.
+    loss: the Bradley-Terry loss normalised as in training (mean over a prompt's pairs, then
+    over prompts; no centring term). accuracy: over all pairs, a tie counts half.
+    mean_margin: mean r_better - r_worse over pairs.
     chosen_* / rejected_*: mean and std of the better / worse reward over pairs.
     kendall_tau, top1: averaged over prompts with K > 2 (absent when there are none).
     """
     correct, margins, chosen, rejected = 0.0, [], [], []
-    taus, tops = [], []
+    taus, tops, losses = [], [], []
     for s, prs, order in zip(scores, pairs, rankings):
+        if prs:
+            losses.append(sum(_neg_log_sigmoid(s[b] - s[w] - margin) for b, w in prs) / len(prs))
         for b, w in prs:
             d = s[b] - s[w]
             correct += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
@@ -255,6 +264,7 @@ def ranking_metrics(
     chosen_mean, chosen_std = _mean_std(chosen)
     rejected_mean, rejected_std = _mean_std(rejected)
     out: dict[str, float | int | None] = {
+        "loss": sum(losses) / len(losses) if losses else None,
         "accuracy": correct / n_pairs if n_pairs else None,
         "n_pairs": n_pairs,
         "n_prompts": len(scores),

@@ -13,7 +13,7 @@ def _write_data(root: Path) -> dict[str, Path]:
     rng = random.Random(0)
     paths = {k: root / f"{k}.jsonl" for k in ("sft", "rank", "prompts")}
     with open(paths["sft"], "w") as f:
-        for i in range(24):
+        for _ in range(24):
             a, b = rng.randint(1, 50), rng.randint(1, 50)
             f.write(
                 json.dumps(
@@ -27,7 +27,7 @@ def _write_data(root: Path) -> dict[str, Path]:
                 + "\n"
             )
     with open(paths["rank"], "w") as f:
-        for i in range(16):
+        for _ in range(16):
             a, b = rng.randint(1, 50), rng.randint(1, 50)
             f.write(
                 json.dumps(

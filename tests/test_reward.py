@@ -199,6 +199,9 @@ def test_ranking_metrics():
     assert m["accuracy"] == pytest.approx(0.3)
     assert m["n_pairs"] == 5 and m["n_prompts"] == 3
     assert m["mean_margin"] == pytest.approx((1 + 0 - 1 - 2 - 1) / 5)
+    # loss: per prompt mean of -log sigmoid(d), then mean over prompts
+    nls = [math.log1p(math.exp(-d)) for d in (1.0, 0.0, -1.0, -2.0, -1.0)]
+    assert m["loss"] == pytest.approx((nls[0] + nls[1] + sum(nls[2:]) / 3) / 3)
     assert m["kendall_tau"] == -1.0 and m["top1"] == 0.0 and m["n_rankings"] == 1
     assert rm.top1_agreement([2.0, 2.0, 0.0], [0, 1, 2]) == 0.5
     pairs_only = rm.ranking_metrics([[1.0, 0.0]], [[(0, 1)]], [[0, 1]])

@@ -86,6 +86,7 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     accelerator: Any,
+    margin: float = 0.0,
 ) -> dict[str, Any]:
     """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
     was_training = scorer.training
@@ -101,14 +102,15 @@ def evaluate(
     )
     scorer.train(was_training)
     ordered = [gathered[i] for i in range(len(rows))]
-    return rm.ranking_metrics(ordered, [r["pairs"] for r in rows], [r["ranking"] for r in rows])
+    pairs, orders = [r["pairs"] for r in rows], [r["ranking"] for r in rows]
+    return rm.ranking_metrics(ordered, pairs, orders, margin)
 
 
 def evaluate_all(
     scorer: torch.nn.Module, sets: dict[str, list[dict]], cfg: Any, pad_id: int, accelerator: Any
 ) -> dict[str, dict[str, Any]]:
     return {
-        name: evaluate(scorer, rows, cfg.batch_size, pad_id, accelerator)
+        name: evaluate(scorer, rows, cfg.batch_size, pad_id, accelerator, cfg.margin)
         for name, rows in sets.items()
         if rows
     }
@@ -298,7 +300,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 metrics = {
                     "train/loss": (totals[0] / step_prompts.clamp(min=1)).item(),
                     "train/accuracy": (totals[1] / totals[2].clamp(min=1)).item(),
-                    "train/margin": (totals[3] / totals[2].clamp(min=1)).item(),
+                    "train/mean_margin": (totals[3] / totals[2].clamp(min=1)).item(),
                     "train/prompts": step_prompts.item(),
                     "train/pairs": totals[2].item(),
                     "train/responses": totals[4].item(),
