@@ -82,6 +82,8 @@ def setup_logging(is_main: bool) -> None:
 def run_info(accelerator: Any) -> dict[str, Any]:
     return {
         "world_size": accelerator.num_processes,
+        # ranks on this machine (torchrun sets it); world_size / local_world_size = machines
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
         "distributed_type": str(accelerator.distributed_type),
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,

@@ -1,8 +1,14 @@
-"""Two real CPU ranks (gloo) through `accelerate launch`: every stage runs with world_size 2, and
-one optimizer step on 2 ranks x batch b equals 1 rank x batch 2b (SFT and reward)."""
+"""Real multi-process runs on CPU (gloo) through `accelerate launch`.
+
+Every launch asserts world_size == 2 (a launcher that silently starts one rank, or two
+unsynchronised ones, must fail here). Equivalence: one optimizer step with 2 ranks x batch b
+equals one rank x batch 2b, for SFT (here), the reward model (tests/test_reward.py) and a PPO
+update on a fixed rollout batch (here).
+"""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +21,39 @@ from tests.test_pipeline import _overrides, _write_data
 
 pytestmark = pytest.mark.multiprocess
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+CPU_2PROC = "recipes/accelerate/cpu-2proc.yaml"
 
 
-def _launch(stage: str, args: list[str], nproc: int, extra_env: dict | None = None) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _launch(module_args: list[str], nproc: int) -> None:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "rlhf.cli", stage, "recipes/tiny.yaml", *args]
+        cmd = [sys.executable, "-m", *module_args]
     else:
         cmd = [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            "recipes/accelerate/cpu-2proc.yaml",
-            "--num_processes",
-            str(nproc),
-            "-m",
-            "rlhf.cli",
-            stage,
-            "recipes/tiny.yaml",
-            *args,
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+            ACCELERATE, "launch", "--config_file", CPU_2PROC, "--num_processes", str(nproc),
+            "--main_process_port", str(_free_port()), "-m", *module_args,
+        ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _stage(stage: str, args: list[str], nproc: int) -> None:
+    _launch(["rlhf.cli", stage, "recipes/tiny.yaml", *args], nproc)
 
 
 def _run_info(run: Path, stage: str) -> dict:
     return json.loads((run / stage / "run.json").read_text())
-
-
-def _weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
-    return load_file(run / stage / "model" / "model.safetensors")
 
 
 def _metric(run: Path, stage: str, key: str) -> list[float]:
@@ -58,44 +67,104 @@ def data(tmp_path_factory):
     return root, _write_data(root)
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
-def test_two_ranks_equal_one_rank_with_twice_the_batch(data, stage):
+def test_sft_two_ranks_equal_one_rank_with_twice_the_batch(data):
     root, paths = data
-    runs = {n: root / f"{stage}-{n}rank" for n in (1, 2)}
+    runs = {n: root / f"sft-{n}rank" for n in (1, 2)}
     for nproc, run in runs.items():
         args = _overrides(run.parent, paths)
         args[0] = f"output_dir={run}"
-        batch = 4 if stage == "sft" else 2
         args += [
-            f"{stage}.max_steps=1",
-            f"{stage}.batch_size={batch * (2 // nproc)}",
-            f"{stage}.optim.warmup_ratio=0",
-            f"{stage}.optim.weight_decay=0",
+            "sft.max_steps=1",
+            f"sft.batch_size={4 * (2 // nproc)}",
+            "sft.optim.warmup_ratio=0",
+            "sft.optim.weight_decay=0",
         ]
-        if stage == "reward":
-            args += ["reward.init_from=tiny-llama"]
-        _launch(stage, args, nproc)
-    assert _run_info(runs[1], stage)["world_size"] == 1
-    assert _run_info(runs[2], stage)["world_size"] == 2, "two ranks must really synchronise"
-    # Same data, same loss normalisation: the gradient (its norm) and the step are the same.
-    g1, g2 = _metric(runs[1], stage, "train/grad_norm"), _metric(runs[2], stage, "train/grad_norm")
+        _stage("sft", args, nproc)
+    assert _run_info(runs[1], "sft")["world_size"] == 1
+    assert _run_info(runs[2], "sft")["world_size"] == 2, "two ranks must really synchronise"
+    # Same data, loss normalised by the tokens of the whole step: same gradient, same step.
+    g1, g2 = _metric(runs[1], "sft", "train/grad_norm"), _metric(runs[2], "sft", "train/grad_norm")
     assert g1 and g1[0] == pytest.approx(g2[0], rel=1e-4)
-    l1, l2 = _metric(runs[1], stage, "train/loss"), _metric(runs[2], stage, "train/loss")
+    l1, l2 = _metric(runs[1], "sft", "train/loss"), _metric(runs[2], "sft", "train/loss")
     assert l1[0] == pytest.approx(l2[0], rel=1e-5)
-    w1, w2 = _weights(runs[1], stage), _weights(runs[2], stage)
+    w1, w2 = (load_file(r / "sft" / "model" / "model.safetensors") for r in runs.values())
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_ppo_runs_on_two_ranks(data):
+def test_ppo_update_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _launch(["tests.dist_ppo_update", str(one)], 1)
+    _launch(["tests.dist_ppo_update", str(two)], 2)
+    w1, w2 = load_file(one), load_file(two)
+    assert w1.pop("world_size").item() == 1 and w2.pop("world_size").item() == 2
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6, msg=name)
+    init = _initial_weights()  # the step did something
+    assert sum(not torch.equal(init[k], w1[k]) for k in init) > 0
+
+
+def _initial_weights() -> dict[str, torch.Tensor]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.ppo.actor_critic import ActorCritic
+    from tests.dist_ppo_update import VOCAB
+
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    )
+    return ActorCritic(policy).state_dict()
+
+
+def test_every_stage_runs_on_two_ranks(data):
     root, paths = data
-    run = root / "ppo-2rank"
+    run = root / "pipeline-2rank"
     args = _overrides(root, paths)
     args[0] = f"output_dir={run}"
     for stage in ("sft", "reward", "ppo"):
-        _launch(stage, args, 2)
+        _stage(stage, args, 2)
         assert _run_info(run, stage)["world_size"] == 2
+        assert (run / stage / "COMPLETED").is_file()
     info = _run_info(run, "ppo")
-    assert info["rollouts_per_iteration"] == 2 * 4
-    assert (run / "ppo" / "COMPLETED").is_file()
+    assert info["rollouts_per_iteration"] == 2 * info["batch_size_per_rank"]
+
+
+def test_two_machine_launch_on_localhost_completes_sft(data):
+    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1."""
+    root, paths = data
+    run = root / "sft-2machines"
+    args = _overrides(root, paths)
+    args[0] = f"output_dir={run}"
+    args += ["sft.max_steps=2"]
+    port = str(_free_port())
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [
+            ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2",
+            "--machine_rank", str(machine_rank), "--num_processes", "2",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+            "-m", "rlhf.cli", "sft", "recipes/tiny.yaml", *args,
+        ]  # fmt: skip
+        env = {**_env(), "ACCELERATE_USE_CPU": "true"}
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    info = _run_info(run, "sft")
+    assert info["world_size"] == 2 and info["local_world_size"] == 1  # one rank per "machine"
+    assert (run / "sft" / "COMPLETED").is_file()

@@ -131,6 +131,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         run_info(accelerator),
         sft_dir=str(sft_dir),
         reward_dir=str(reward_dir),
+        batch_size_per_rank=cfg.batch_size,
         rollouts_per_iteration=cfg.batch_size * world,
         effective_minibatch=cfg.mini_batch_size * world,
         prompts=len(prompts),

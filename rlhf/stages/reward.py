@@ -89,6 +89,9 @@ def evaluate(
     margin: float = 0.0,
 ) -> dict[str, Any]:
     """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
+    # Score with the unwrapped module: ranks hold different numbers of rows, and a DDP forward
+    # runs collectives (buffer broadcast) that would pair up wrongly and hang.
+    scorer = accelerator.unwrap_model(scorer)
     was_training = scorer.training
     scorer.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -141,6 +144,7 @@ def calibrate(
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = [seqs[i] for i in picked[rank::world]]
+    scorer = accelerator.unwrap_model(scorer)  # uneven slices: no DDP collectives (see evaluate)
     was_training = scorer.training
     scorer.eval()
     with accelerator.autocast():

@@ -46,6 +46,9 @@ def load_datasets(recipe: Any) -> tuple[list, list]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: list[dict], accelerator: Any) -> dict[str, float]:
     """Held-out loss and perplexity over answer tokens, summed across ranks before dividing."""
+    # Unwrapped: ranks may hold different numbers of batches, and a DDP forward runs
+    # collectives (buffer broadcast) that would then pair up wrongly and hang.
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)

@@ -1,0 +1,91 @@
+"""Worker for tests/test_distributed.py: ONE PPO optimizer step on a fixed rollout batch of 8.
+
+Run as `python -m tests.dist_ppo_update OUT` (one rank, all 8 rows) or under
+`accelerate launch --num_processes 2` (each rank its 4 rows). Every row has the same number of
+response tokens, so the per-rank token mean of the losses, averaged by DDP, equals the token
+mean over the whole batch: the two runs must end with the same parameters.
+"""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhf.ppo.actor_critic import ActorCritic
+from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.update import ppo_update
+from rlhf.recipe import PPOConfig, Recipe
+from rlhf.runtime import make_accelerator
+from rlhf.training import make_optimizer
+
+BATCH, P, R, VOCAB = 8, 5, 6, 64
+
+
+def fixed_rollout() -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    rollout = Rollout(
+        prompt_ids=torch.randint(3, VOCAB, (BATCH, P), generator=g),
+        prompt_mask=torch.ones(BATCH, P, dtype=torch.long),
+        response_ids=torch.randint(3, VOCAB, (BATCH, R), generator=g),
+        mask=torch.ones(BATCH, R),
+        logprobs=-4.0 + 0.1 * torch.randn(BATCH, R, generator=g),
+        values=0.1 * torch.randn(BATCH, R, generator=g),
+    )
+    advantages = torch.randn(BATCH, R, generator=g)
+    returns = advantages + rollout.values
+    return rollout, advantages, returns
+
+
+def main(out: str) -> None:
+    accelerator = make_accelerator(Recipe(precision="fp32", seed=0))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_rank = BATCH // world
+    cfg = PPOConfig(
+        batch_size=per_rank,
+        mini_batch_size=per_rank,
+        ppo_epochs=1,
+        temperature=0.7,
+        entropy_coef=0.01,
+        optim={"lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant", "weight_decay": 0.0},
+    )
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    )
+    model = ActorCritic(policy)
+    torch.nn.init.normal_(model.value_head.weight, std=0.1)  # a non-trivial value gradient
+    optimizer = make_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rollout, advantages, returns = fixed_rollout()
+    mine = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    stats = ppo_update(
+        model,
+        optimizer,
+        accelerator,
+        rollout.select(mine),
+        advantages[mine],
+        returns[mine],
+        cfg,
+        torch.Generator().manual_seed(0),
+    )
+    assert stats["policy/epochs_run"] == 1.0
+    if accelerator.is_main_process:
+        state = accelerator.unwrap_model(model).state_dict()
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        tensors["world_size"] = torch.tensor(world)
+        save_file(tensors, out)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
