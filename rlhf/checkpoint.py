@@ -33,7 +33,12 @@ def valid_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if p.is_dir() and (p / "VALID").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """checkpoints/step-000040 -> 40."""
+    return int(path.name.split("-")[1])
 
 
 def latest_checkpoint(root: Path) -> Path | None:

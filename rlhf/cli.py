@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable
 
 from rlhf import __version__
-from rlhf.errors import UserError
+from rlhf.errors import NumericalFault, UserError
+from rlhf.signals import Interrupted
 
 STAGES = ("sft", "reward", "ppo")
 
@@ -227,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except NumericalFault as e:
+        print(f"{args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

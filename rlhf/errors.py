@@ -5,3 +5,9 @@ class UserError(Exception):
     """A mistake the user can fix (recipe, data, paths, arguments). Never a traceback."""
 
     exit_code = 2
+
+
+class NumericalFault(RuntimeError):
+    """A non-finite loss, gradient or reward that the recipe does not allow to skip (exit 3)."""
+
+    exit_code = 3

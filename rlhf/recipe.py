@@ -192,6 +192,15 @@ class DataPolicy(Section):
     )
 
 
+class NumericsConfig(Section):
+    on_nonfinite: Literal["skip", "stop"] = Field(
+        "skip",
+        description="non-finite loss / gradients / rewards: skip that step (counted and "
+        "logged) or stop the run with a message",
+    )
+    max_consecutive: int = Field(5, ge=1, description="skip mode: stop after N bad steps in a row")
+
+
 class TrackingConfig(Section):
     tensorboard: bool = True
     trackers: list[Literal["wandb", "mlflow", "trackio"]] = Field(default_factory=list)
@@ -208,6 +217,7 @@ class Recipe(Section):
     )
     model: ModelConfig = ModelConfig()
     data: DataPolicy = DataPolicy()
+    numerics: NumericsConfig = NumericsConfig()
     tracking: TrackingConfig = TrackingConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()

@@ -82,6 +82,23 @@ def mark_failed(path: Path, reason: str) -> None:
         write_json_atomic(run_json, info)
 
 
+def _truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keep the rows with "step" <= `step` (and drop a torn last line); atomic rewrite."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the crash
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class RunDir:
     """Lifecycle of one stage's folder. Use as a context manager around the stage body."""
 
@@ -117,7 +134,10 @@ class RunDir:
             **extra,
         }
 
-    def start(self, resume: bool = False) -> None:
+    def start(self, resume: bool = False, resume_step: int | None = None) -> None:
+        """Fresh start: clear what an earlier run left. Resume from the checkpoint of step
+        `resume_step`: keep the logs up to that step and drop the rows the crashed run wrote
+        after it (they are about to be recomputed), so the log reads like one clean run."""
         if not self.is_main:
             return
         try:
@@ -128,6 +148,9 @@ class RunDir:
         except OSError as e:
             raise UserError(f"output_dir: cannot write to {self.path} ({e.strerror})") from None
         (self.path / "COMPLETED").unlink(missing_ok=True)
+        if resume and resume_step is not None:
+            for log_file in ("metrics.jsonl", "samples.jsonl"):
+                _truncate_jsonl_after(self.path / log_file, resume_step)
         if not resume:
             for stale in ("metrics.jsonl", "eval.json", "samples.jsonl"):
                 (self.path / stale).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import torch
 
 from rlhf import models
 from rlhf.chat import IGNORE_INDEX
+from rlhf.errors import NumericalFault
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +99,26 @@ def save_model(
     out_dir: Path,
     merge_lora: bool,
     card: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """save_pretrained folder: safetensors, tokenizer, chat template, generation config, card.
 
     Refuses to write non-finite weights. A LoRA model is merged into plain weights when
     `merge_lora`, else saved as an adapter folder (peft) next to the base model name.
+    `state_dict`: the full weights gathered from a sharded model (rlhf.distributed
+    .full_state_dict); `model` then only supplies the config and class.
     """
-    if not all_finite(model):
+    values = state_dict.values() if state_dict is not None else model.parameters()
+    if not all(torch.isfinite(v).all() for v in values if v.is_floating_point()):
         raise RuntimeError("refusing to save: the model has non-finite weights")
     to_save = model
     if hasattr(model, "peft_config") and merge_lora:
-        to_save = model.merge_and_unload()
+        if state_dict is None:
+            to_save = model.merge_and_unload()
+        else:  # sharded weights cannot be merged in place; peft keeps the adapter keys only
+            log.warning("merge_lora under ZeRO-3/FSDP: saving the LoRA adapter; merge it offline")
     to_save.config.use_cache = True
-    to_save.save_pretrained(out_dir, safe_serialization=True)
+    to_save.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if hasattr(to_save, "generation_config") and to_save.generation_config is not None:
         gen = to_save.generation_config
@@ -129,20 +137,49 @@ def model_card(title: str, recipe: Any, body: str) -> str:
 
 
 class NonFiniteGuard:
-    """Counts batches skipped for a non-finite loss; stops the run after too many in a row."""
+    """Counts optimizer steps skipped for non-finite values; stops when the recipe says so
+    (`numerics.on_nonfinite: stop`) or after `max_consecutive` bad steps in a row."""
 
-    def __init__(self, max_consecutive: int = 5):
+    def __init__(self, on_nonfinite: str = "skip", max_consecutive: int = 5):
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0
-        self.max_consecutive = max_consecutive
 
-    def ok(self, loss: torch.Tensor) -> bool:
-        if torch.isfinite(loss).all():
+    def ok(self, value: torch.Tensor | float, what: str = "loss") -> bool:
+        if bool(torch.isfinite(torch.as_tensor(value)).all()):
             self.consecutive = 0
             return True
         self.skipped += 1
         self.consecutive += 1
+        if self.on_nonfinite == "stop":
+            raise NumericalFault(f"non-finite {what}: stopping (numerics.on_nonfinite=stop)")
         if self.consecutive >= self.max_consecutive:
-            raise RuntimeError(f"{self.consecutive} non-finite losses in a row: stopping")
-        log.warning("non-finite loss: batch skipped (%d so far)", self.skipped)
+            raise NumericalFault(
+                f"{self.consecutive} steps in a row with a non-finite {what}: stopping "
+                "(numerics.max_consecutive)"
+            )
+        log.warning("non-finite %s: step skipped (%d so far)", what, self.skipped)
         return False
+
+
+def step_if_finite(
+    accelerator: Any,
+    model: torch.nn.Module,
+    optimizer: Any,
+    max_grad_norm: float | None,
+    guard: NonFiniteGuard,
+) -> float | None:
+    """At the end of an accumulation window: clip, then step only if the gradient norm is finite.
+
+    Every rank always runs backward (a rank that skipped it would hang DDP); a non-finite loss
+    on any rank makes the all-reduced gradients non-finite everywhere, so every rank sees the
+    same norm here and takes the same decision. Returns the norm (None inside the window).
+    """
+    norm = None
+    if accelerator.sync_gradients:
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
+        if guard.ok(norm, "gradient norm"):
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

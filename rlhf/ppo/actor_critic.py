@@ -45,6 +45,15 @@ class ActorCritic(nn.Module):
         disable_dropout(self)
 
     @property
+    def _no_split_modules(self) -> list[str]:
+        """Layer classes FSDP's transformer auto wrap shards one by one (accelerate reads this
+        attribute of the prepared model; this wrapper is not a PreTrainedModel)."""
+        names: set[str] = set()
+        for role in (self.policy, self.critic):
+            names.update(getattr(role, "_no_split_modules", None) or [])
+        return sorted(names)
+
+    @property
     def uses_lora(self) -> bool:
         return hasattr(self.policy, "peft_config")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlhf.distributed import gathered_for_generation
 from rlhf.ppo.actor_critic import eval_mode
 from rlhf.ppo.core import explained_variance, gae, masked_mean, masked_whiten, shape_rewards
 from rlhf.ppo.rollout import Rollout, generate, score_with_models
@@ -52,18 +53,19 @@ def ppo_iteration(
     cfg: Any,
     generator: torch.Generator,
     calibration: dict | None = None,
+    guard: Any = None,
 ) -> tuple[Rollout, dict[str, float]]:
     """Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced)."""
     unwrapped = accelerator.unwrap_model(model)
     t0 = time.time()
 
-    # 1. rollout
-    with eval_mode(model), accelerator.autocast():
+    # 1. rollout (ZeRO-3 / FSDP: parameters gathered, every rank in step; rlhf/distributed.py)
+    with eval_mode(model), gathered_for_generation(accelerator, model), accelerator.autocast():
         roll = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg, tokenizer)
     t_rollout = time.time()
 
     # 2. score
-    with eval_mode(model):
+    with eval_mode(model), gathered_for_generation(accelerator, model):
         score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
     roll.scores = score_fn(roll).float()
     score = normalise_score(roll.scores, roll.ended_with_eos, cfg, calibration)
@@ -82,13 +84,14 @@ def ppo_iteration(
 
     # 5. update
     stats = ppo_update(
-        model, optimizer, accelerator, roll, advantages, returns, cfg, generator, scheduler
+        model, optimizer, accelerator, roll, advantages, returns, cfg, generator, scheduler, guard
     )
     t_update = time.time()
 
     lengths = roll.mask.sum(1)
     metrics = {
         "objective/score": roll.scores.mean().item(),
+        "objective/nonfinite_scores": float((~torch.isfinite(roll.scores)).sum()),
         "objective/score_std": roll.scores.std().item() if len(roll.scores) > 1 else 0.0,
         "objective/score_normalized": score.mean().item(),
         "objective/kl": roll.seq_kl.mean().item(),

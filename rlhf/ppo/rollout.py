@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf import models
+from rlhf import distributed, models
 from rlhf.chat import encode_prompt_response, pad_batch
 from rlhf.ppo.actor_critic import ActorCritic, positions_from_mask
 
@@ -96,6 +96,8 @@ def generate(
     }
     if cfg.stop_strings:
         gen_kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
+    if distributed.synced_gpus():  # ZeRO-3 / FSDP: every rank steps until all ranks finish
+        gen_kwargs["synced_gpus"] = True
     out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
     response_ids = out[:, prompt_ids.shape[1] :]
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column

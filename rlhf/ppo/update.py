@@ -13,6 +13,7 @@ import torch
 
 from rlhf.ppo.core import entropy_from_logits, masked_mean, policy_loss, value_loss
 from rlhf.ppo.rollout import Rollout, logprobs_from_logits, response_slice
+from rlhf.training import NonFiniteGuard, step_if_finite
 
 
 def ppo_update(
@@ -25,8 +26,11 @@ def ppo_update(
     cfg: Any,
     generator: torch.Generator,
     scheduler: Any = None,
+    guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
     """Runs cfg.ppo_epochs passes; returns the mean of each statistic over all micro-batches."""
+    guard = guard or NonFiniteGuard()
+    skipped_before = guard.skipped
     stats: dict[str, list[float]] = defaultdict(list)
     batch = rollout.mask.shape[0]
     micro = cfg.mini_batch_size // cfg.grad_accum
@@ -59,18 +63,14 @@ def ppo_update(
                             entropy_from_logits(logits.float() / cfg.temperature), mb.mask
                         )
                         loss = loss - cfg.entropy_coef * entropy
-                    if not torch.isfinite(loss):
-                        stats["skipped_nonfinite"].append(1.0)
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
+                    # A non-finite loss (or reward) still goes through backward on every rank;
+                    # the synced gradient norm then decides, identically everywhere, to skip.
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        norm = accelerator.clip_grad_norm_(
-                            model.parameters(), cfg.optim.max_grad_norm
-                        )
-                        stats["policy/grad_norm"].append(float(norm))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    norm = step_if_finite(
+                        accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
+                    )
+                    if norm is not None:
+                        stats["policy/grad_norm"].append(norm)
                 if scheduler is not None and accelerator.sync_gradients:
                     scheduler.step()
                 stats["policy/loss"].append(pg_loss.item())
@@ -87,4 +87,5 @@ def ppo_update(
                 break
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["policy/epochs_run"] = float(epochs_run)
+    out["skipped_steps"] = float(guard.skipped - skipped_before)
     return out

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf import checkpoint, data, models, training
+from rlhf import checkpoint, data, distributed, models, training
 from rlhf.chat import encode_prompt, pad_batch
 from rlhf.errors import UserError
 from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
@@ -29,6 +29,7 @@ from rlhf.ppo.iteration import ppo_iteration
 from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import make_accelerator, run_info
+from rlhf.signals import Interrupted, StopSignal
 from rlhf.tracking import MetricsLogger, mean_across_ranks
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,15 @@ def run(recipe: Any, resume: bool = False) -> Path:
     if cfg.lora.enabled:
         policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy
     else:
-        reference = models.load_causal_lm(str(sft_dir / "model")).to(device).eval()
+        # Frozen roles are never prepared: a plain full copy on each rank's device, even next
+        # to a ZeRO-3 / FSDP policy (rlhf/distributed.py).
+        with distributed.unsharded_init(accelerator):
+            reference = models.load_causal_lm(str(sft_dir / "model")).to(device).eval()
         reference.requires_grad_(False)
         disable_dropout(reference)
     model = ActorCritic(policy, critic)
-    reward_model = models.load_reward_model(str(reward_dir / "model")).to(device).eval()
+    with distributed.unsharded_init(accelerator):
+        reward_model = models.load_reward_model(str(reward_dir / "model")).to(device).eval()
     reward_model.requires_grad_(False)
     disable_dropout(reward_model)
     calibration = load_calibration(reward_dir / "model") if cfg.normalize_score else None
@@ -143,7 +148,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     start_iter = 0
     ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
-    out.start(resume=ckpt is not None)
+    out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
     if ckpt is not None:
         state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
         start_iter = state["iteration"]
@@ -166,6 +171,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         desc="ppo",
         disable=not (accelerator.is_main_process and sys.stderr.isatty()),
     )
+    guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
+    stop = StopSignal().install()
     for iteration in range(start_iter, cfg.iterations):
         torch.manual_seed(iteration_seed(recipe.seed, iteration, rank))
         idx = sampler.indices(iteration)
@@ -198,6 +205,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             cfg,
             gen,
             calibration,
+            guard,
         )
         metrics = mean_across_ranks(accelerator, metrics)
         # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
@@ -220,33 +228,37 @@ def run(recipe: Any, resume: bool = False) -> Path:
         bar.set_postfix(
             score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.2f}"
         )
-        if (
-            cfg.save_every
-            and (iteration + 1) % cfg.save_every == 0
-            and iteration + 1 < cfg.iterations
-        ):
-            checkpoint.save_checkpoint(
+        signum = stop.requested(accelerator)
+        done = iteration + 1
+        if (cfg.save_every and done % cfg.save_every == 0 or signum) and done < cfg.iterations:
+            saved = checkpoint.save_checkpoint(
                 accelerator,
                 out.checkpoints,
-                iteration + 1,
-                {"iteration": iteration + 1, "kl_controller": kl_ctl.state_dict()},
+                done,
+                {"iteration": done, "kl_controller": kl_ctl.state_dict()},
                 scheduler,
                 cfg.keep_last,
             )
+            if signum:
+                stop.restore()
+                raise Interrupted(signum, saved)
     bar.close()
+    stop.restore()
 
-    results = evaluate_policy(
-        unwrapped,
-        reference,
-        reward_model,
-        reward_tokenizer,
-        tokenizer,
-        eval_prompts or prompts,
-        recipe,
-        accelerator,
-        calibration,
-    )
+    with distributed.gathered_for_generation(accelerator, model):
+        results = evaluate_policy(
+            unwrapped,
+            reference,
+            reward_model,
+            reward_tokenizer,
+            tokenizer,
+            eval_prompts or prompts,
+            recipe,
+            accelerator,
+            calibration,
+        )
     accelerator.wait_for_everyone()
+    full = distributed.full_state_dict(accelerator, model, prefix="policy.")  # every rank
     if accelerator.is_main_process:
         card = training.model_card(
             "PPO policy",
@@ -256,7 +268,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             f"(SFT {results['sft_score_mean']:.3f}), win rate {results['win_rate']:.2f}.",
         )
         with out.staging(out.model_dir) as tmp:
-            training.save_model(unwrapped.policy, tokenizer, tmp, cfg.merge_lora, card)
+            training.save_model(unwrapped.policy, tokenizer, tmp, cfg.merge_lora, card, full)
     logger.close()
     out.finish(results)
     accelerator.wait_for_everyone()
@@ -290,8 +302,9 @@ def evaluate_policy(
     """Held-out prompts: PPO policy vs the SFT policy, same sampling settings and seed, both
     scored by the reward model; win rate with a 95% normal-approximation interval."""
     cfg = recipe.ppo
-    rank, world = accelerator.process_index, accelerator.num_processes
-    chosen = prompts[: cfg.eval_size][rank::world]
+    rank = accelerator.process_index
+    pool = prompts[: cfg.eval_size]  # sharded: every rank gets as many prompts (in step)
+    chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
     device = accelerator.device
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("ppo", "sft", "kl", "len", "eos")}
     samples = []

@@ -32,11 +32,12 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from rlhf import checkpoint, data, models, training
+from rlhf import checkpoint, data, distributed, models, training
 from rlhf import reward as rm
 from rlhf.errors import UserError
 from rlhf.rundir import RunDir, require_completed, write_json_atomic
 from rlhf.runtime import make_accelerator, run_info
+from rlhf.signals import Interrupted, StopSignal
 from rlhf.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,12 @@ def evaluate(
     """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
     # Score with the unwrapped module: ranks hold different numbers of rows, and a DDP forward
     # runs collectives (buffer broadcast) that would pair up wrongly and hang.
-    scorer = accelerator.unwrap_model(scorer)
+    wrapped, scorer = scorer, accelerator.unwrap_model(scorer)
     was_training = scorer.training
     scorer.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(rows), world))
-    with accelerator.autocast():
+    world = accelerator.num_processes
+    mine = distributed.rank_indices(len(rows), accelerator)  # sharded: equal shares
+    with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
         scores = rm.score_rankings(
             scorer, [rows[i] for i in mine], batch_size, pad_id, accelerator.device
         )
@@ -142,12 +143,13 @@ def calibrate(
     picked = sorted(
         random.Random(seed).sample(range(len(seqs)), min(cfg.calibration_size, len(seqs)))
     )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = [seqs[i] for i in picked[rank::world]]
+    world = accelerator.num_processes
+    mine = [seqs[picked[i]] for i in distributed.rank_indices(len(picked), accelerator)]
+    wrapped = scorer
     scorer = accelerator.unwrap_model(scorer)  # uneven slices: no DDP collectives (see evaluate)
     was_training = scorer.training
     scorer.eval()
-    with accelerator.autocast():
+    with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
         scores = rm.score_sequences(scorer, mine, cfg.batch_size * 2, pad_id, accelerator.device)
     scorer.train(was_training)
     if world > 1:
@@ -218,7 +220,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     step, epoch, batches_done = 0, 0, 0
     ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
-    out.start(resume=ckpt is not None)
+    out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
     if ckpt is not None:
         state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
@@ -242,7 +244,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     base = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator) if step == 0 else {}
     if base:
         logger.log(0, flat_metrics(base))
-    guard = training.NonFiniteGuard()
+    guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
+    stop = StopSignal().install()
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -273,15 +276,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both.
                     loss = per_prompt.sum() * world * cfg.grad_accum / step_prompts.clamp(min=1)
-                    if guard.ok(loss):
-                        accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            scorer.parameters(), cfg.optim.max_grad_norm
-                        )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    grad_norm = training.step_if_finite(
+                        accelerator, scorer, optimizer, cfg.optim.max_grad_norm, guard
+                    )
                 with torch.no_grad():
                     d = (scores[batch["better"]] - scores[batch["worse"]]).double()
                     stats += torch.stack(
@@ -322,8 +320,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 logger.log(
                     step, flat_metrics(evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator))
                 )
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint.save_checkpoint(
+            signum = stop.requested(accelerator)
+            if (cfg.save_every and step % cfg.save_every == 0 or signum) and step < total_steps:
+                saved = checkpoint.save_checkpoint(
                     accelerator,
                     out.checkpoints,
                     step,
@@ -331,9 +330,13 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     scheduler,
                     cfg.keep_last,
                 )
+                if signum:
+                    stop.restore()
+                    raise Interrupted(signum, saved)
         if step < total_steps:
             epoch, batches_done = epoch + 1, 0
     bar.close()
+    stop.restore()
 
     final = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)
     if final:
@@ -360,6 +363,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         "skipped_batches": guard.skipped,
     }
     accelerator.wait_for_everyone()
+    full = distributed.full_state_dict(accelerator, scorer, prefix="model.")  # every rank
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(scorer).model
         models.unwrap_peft(inner).config.reward_calibration = calib
@@ -373,7 +377,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             "`reward_calibration.json` and `config.json`.",
         )
         with out.staging(out.model_dir) as tmp:
-            training.save_model(inner, tokenizer, tmp, cfg.merge_lora, card)
+            training.save_model(inner, tokenizer, tmp, cfg.merge_lora, card, full)
             write_json_atomic(tmp / "reward_calibration.json", calib)
     logger.close()
     out.finish(results)

@@ -19,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from rlhf import checkpoint, data, models, training
+from rlhf import checkpoint, data, distributed, models, training
 from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.rundir import RunDir
 from rlhf.runtime import make_accelerator, run_info
+from rlhf.signals import Interrupted, StopSignal
 from rlhf.tracking import MetricsLogger
 from rlhf.training import n_targets, token_nll_sum
 
@@ -48,12 +49,12 @@ def evaluate(model: torch.nn.Module, loader: list[dict], accelerator: Any) -> di
     """Held-out loss and perplexity over answer tokens, summed across ranks before dividing."""
     # Unwrapped: ranks may hold different numbers of batches, and a DDP forward runs
     # collectives (buffer broadcast) that would then pair up wrongly and hang.
-    model = accelerator.unwrap_model(model)
+    wrapped, model = model, accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in loader:
-        with accelerator.autocast():
+    for batch in loader:  # sharded: same number of batches on every rank (rank_indices)
+        with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
@@ -119,7 +120,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     eval_loader = [
         {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
         for chunk in _chunks(
-            eval_rows[accelerator.process_index :: accelerator.num_processes], cfg.batch_size
+            [eval_rows[i] for i in distributed.rank_indices(len(eval_rows), accelerator)],
+            cfg.batch_size,
         )
     ]
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
@@ -139,7 +141,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     step, epoch, batches_done = 0, 0, 0
     ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
-    out.start(resume=ckpt is not None)
+    out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
     if ckpt is not None:
         state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
@@ -159,7 +161,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     base_eval = evaluate(model, eval_loader, accelerator) if eval_rows and step == 0 else {}
     if base_eval:
         logger.log(0, base_eval)
-    guard = training.NonFiniteGuard()
+    guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
+    stop = StopSignal().install()
     bar = tqdm(
         total=total_steps,
         initial=step,
@@ -191,15 +194,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     nll = token_nll_sum(logits, batch["labels"])
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both.
                     loss = nll * world * cfg.grad_accum / step_tokens.clamp(min=1)
-                    if guard.ok(loss):
-                        accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            model.parameters(), cfg.optim.max_grad_norm
-                        )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    grad_norm = training.step_if_finite(
+                        accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
+                    )
                 loss_sum += nll.detach()
             scheduler.step()
             step += 1
@@ -222,8 +220,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             if eval_rows and (step % cfg.eval_every == 0 or step == total_steps):
                 logger.log(step, evaluate(model, eval_loader, accelerator))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint.save_checkpoint(
+            signum = stop.requested(accelerator)
+            if (cfg.save_every and step % cfg.save_every == 0 or signum) and step < total_steps:
+                saved = checkpoint.save_checkpoint(
                     accelerator,
                     out.checkpoints,
                     step,
@@ -231,9 +230,13 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     scheduler,
                     cfg.keep_last,
                 )
+                if signum:
+                    stop.restore()
+                    raise Interrupted(signum, saved)
         if step < total_steps:
             epoch, batches_done = epoch + 1, 0
     bar.close()
+    stop.restore()
 
     final_eval = evaluate(model, eval_loader, accelerator) if eval_rows else {}
     results = {
@@ -246,6 +249,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         "skipped_batches": guard.skipped,
     }
     accelerator.wait_for_everyone()
+    full = distributed.full_state_dict(accelerator, model)  # every rank: a collective if sharded
     if accelerator.is_main_process:
         card = training.model_card(
             "SFT model",
@@ -255,7 +259,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         )
         with out.staging(out.model_dir) as tmp:
             training.save_model(
-                accelerator.unwrap_model(model), tokenizer, tmp, cfg.merge_lora, card
+                accelerator.unwrap_model(model), tokenizer, tmp, cfg.merge_lora, card, full
             )
     logger.close()
     out.finish(results)

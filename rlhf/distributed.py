@@ -1,0 +1,172 @@
+"""Everything the stages need to know about sharded training (DeepSpeed ZeRO-3, FSDP), in one place.
+
+DDP, DeepSpeed ZeRO-1/2 and a single process keep a full copy of every parameter on each rank:
+generation, evaluation and saving work on the unwrapped module, and every helper here is a
+no-op. ZeRO-3 and FSDP shard the parameters themselves, which changes three things:
+
+1. A forward of the sharded model is a collective (parameters are all-gathered layer by layer),
+   so every rank must run the same number of forwards, in step. `generate` must keep ranks that
+   finished early stepping until all are done (`synced_gpus`), and evaluation must give every
+   rank the same number of batches (`rank_indices`).
+2. Saving needs the full state dict, gathered by every rank (`full_state_dict`), written by
+   rank 0. For ZeRO-3 the config must set `zero3_save_16bit_model: true`; for FSDP,
+   accelerate gathers a FULL_STATE_DICT to rank 0's CPU.
+3. Frozen roles (PPO reference and reward model) are NOT prepared: each rank holds a plain,
+   unsharded copy on its device and runs it independently. Under ZeRO-3 with
+   `zero3_init_flag`, `from_pretrained` would partition them at load time (transformers sees
+   the DeepSpeed config), so they are loaded inside `unsharded_init`.
+
+ZeRO-3 and FSDP need CUDA (NCCL); on this project's CPU tests they are exercised through
+their configs and the no-op paths only (see recipes/accelerate/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _state(accelerator: Any | None) -> Any | None:
+    if accelerator is not None:
+        return accelerator.state
+    from accelerate.state import AcceleratorState
+
+    # Not yet built (unit tests, scripts without accelerate): nothing is sharded.
+    return AcceleratorState() if AcceleratorState._shared_state else None
+
+
+def sharding(accelerator: Any | None = None) -> str:
+    """`zero3`, `fsdp1` or `fsdp2` when the parameters are sharded across ranks, else ""."""
+    state = _state(accelerator)
+    if state is None:
+        return ""
+    from accelerate.utils import DistributedType
+
+    kind = getattr(state, "distributed_type", None)
+    if kind == DistributedType.DEEPSPEED:
+        plugin = getattr(state, "deepspeed_plugin", None)
+        return "zero3" if plugin is not None and plugin.zero_stage == 3 else ""
+    if kind == DistributedType.FSDP:
+        plugin = getattr(state, "fsdp_plugin", None)
+        return f"fsdp{getattr(plugin, 'fsdp_version', 1) or 1}"
+    return ""
+
+
+def is_sharded(accelerator: Any | None = None) -> bool:
+    return sharding(accelerator) != ""
+
+
+def synced_gpus(accelerator: Any | None = None) -> bool:
+    """`generate(synced_gpus=...)`: True when parameters are sharded over several ranks.
+
+    A rank whose sequences all hit EOS keeps running dummy forwards until every rank is done;
+    otherwise the others would wait forever in that rank's missing all-gather. transformers
+    only auto-detects this for its own DeepSpeed / FSDP setups, not for a module nested in an
+    accelerate-prepared wrapper (our policy inside ActorCritic), so we pass it explicitly.
+    """
+    state = _state(accelerator)
+    return state is not None and is_sharded(accelerator) and state.num_processes > 1
+
+
+@contextmanager
+def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[None]:
+    """Make forwards of the UNWRAPPED module (generation, scoring, evaluation) valid.
+
+    `model` is the prepared (wrapped) model. Every rank must enter, and run the same number of
+    forwards inside (with `synced_gpus` for `generate`).
+
+    - not sharded (1 process, DDP, ZeRO-1/2): no-op.
+    - ZeRO-3: no-op on purpose. DeepSpeed hooks every submodule of the engine's module, so a
+      forward of the unwrapped policy all-gathers each layer just in time and frees it after;
+      peak memory stays one layer above the shards. The faster alternative, gathering the whole
+      model with `deepspeed.zero.GatheredParameters` (TRL's `unwrap_model_for_generation`),
+      only works after removing those hooks through DeepSpeed internals (the hooks would
+      re-partition gathered parameters after each layer), and needs the full model per rank.
+    - FSDP1: `summon_full_params(recurse=False)` materialises the root's own flat parameter
+      (embeddings, LM head, value head, which the auto wrap leaves at the root); the wrapped
+      decoder layers all-gather themselves in their forward, as TRL does for generation.
+    - FSDP2: the same, with the root's `unshard()` / `reshard()`. The root is initialised
+      first: FSDP2 otherwise elects the first module to run forward (a decoder layer) as root.
+    """
+    kind = sharding(accelerator)
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, recurse=False, writeback=False):
+            yield
+    elif kind == "fsdp2":
+        state = model._get_fsdp_state()  # torch's FSDPModule; private, as in accelerate
+        state._lazy_init()
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        yield
+
+
+def rank_indices(n: int, accelerator: Any) -> list[int]:
+    """This rank's share of n evaluation items: rank, rank + world, ...
+
+    Under sharding every rank must run the same number of forwards, so the shorter shares are
+    padded with items from the start (at most world - 1 items are then evaluated twice; callers
+    that key results by index are unaffected). Without sharding the shares are disjoint.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, n, world))
+    if is_sharded(accelerator) and n > 0:
+        per_rank = -(-n // world)
+        mine += [i % n for i in range(len(mine), per_rank)]
+    return mine
+
+
+def unsharded_init(accelerator: Any) -> Any:
+    """Context to load a model that must stay a plain full copy on each rank (frozen roles).
+
+    Under ZeRO-3 with `zero3_init_flag`, accelerate registers the DeepSpeed config with
+    transformers and `from_pretrained` partitions the weights at load time (deepspeed.zero.Init);
+    `zero3_init_context_manager(enable=False)` switches that off for the load (accelerate docs,
+    "DeepSpeed: ZeRO-3 and multiple models").
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero3_init_flag", False):
+        return plugin.zero3_init_context_manager(enable=False)
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true"):
+        # FSDP cpu_ram_efficient_loading: transformers loads on ranks > 0 as empty (meta)
+        # tensors, to be filled by FSDP's broadcast, which never happens for a frozen role.
+        return _env_override("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    return nullcontext()
+
+
+@contextmanager
+def _env_override(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str, Any] | None:
+    """The full, unsharded state dict of a prepared model, for `save_pretrained(state_dict=...)`.
+
+    Collective under sharding: EVERY rank must call it; the result is complete on rank 0 only.
+    Returns None when not sharded (the unwrapped module already holds full weights: save it
+    directly). `prefix` selects a submodule ("policy." of ActorCritic) and strips it.
+    """
+    if not is_sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(model)  # ZeRO-3: needs zero3_save_16bit_model: true
+    if prefix:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
