@@ -72,6 +72,10 @@ def _data_check(args: argparse.Namespace) -> int:
 
     stats = check_file(args.file, fmt=args.format, tokenizer=args.tokenizer, recipe=args.recipe)
     print(json.dumps(stats, indent=2) if args.json else _format_stats(stats))
+    if stats.get("skipped"):
+        # A checker fails on any invalid row (training would stop there with on_invalid=error).
+        n = sum(stats["skipped"].values())
+        raise UserError(f"{stats['skipped_examples'][0]} ({n} invalid row(s) in total)")
     return 0
 
 

@@ -190,6 +190,11 @@ class DataPolicy(Section):
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="invalid rows: stop with file:line, or skip and count them"
     )
+    truncate_long_prompts: bool = Field(
+        False,
+        description="prompts over the stage's max length keep their END (e.g. long HH "
+        "transcripts) instead of counting as invalid rows",
+    )
 
 
 class NumericsConfig(Section):

@@ -110,7 +110,7 @@ def save_model(
     """
     values = state_dict.values() if state_dict is not None else model.parameters()
     if not all(torch.isfinite(v).all() for v in values if v.is_floating_point()):
-        raise RuntimeError("refusing to save: the model has non-finite weights")
+        raise NumericalFault("refusing to save: the model has non-finite weights")
     to_save = model
     if hasattr(model, "peft_config") and merge_lora:
         if state_dict is None:

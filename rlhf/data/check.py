@@ -18,6 +18,7 @@ from rlhf.data.loaders import as_source, load
 from rlhf.data.readers import BadLine, read_hub, read_rows
 from rlhf.data.types import Ranking
 from rlhf.data.validate import RowPolicy
+from rlhf.errors import UserError
 from rlhf.recipe import looks_like_local_path
 
 EXAMPLES_SHOWN = 5
@@ -30,7 +31,14 @@ def check_file(
     source = as_source(path, fmt)
     kind = _kind(source)
     policy = RowPolicy("skip", keep_examples=EXAMPLES_SHOWN)
-    result = load(source, kind, policy=policy)
+    try:
+        result = load(source, kind, policy=policy)
+    except UserError as e:
+        if not policy.examples:
+            raise
+        # Nothing valid at all: name the first bad row (file:line), not just the counts.
+        n = sum(policy.skipped.values())
+        raise UserError(f"{policy.examples[0]} ({n} invalid row(s), no valid example)") from e
     items = result.items
 
     stats: dict[str, Any] = {"path": result.path, "format": result.format, "kind": kind}

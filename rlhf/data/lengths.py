@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -9,6 +10,7 @@ from rlhf.data.split import prompt_text
 from rlhf.data.validate import InvalidRow, RowPolicy
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def prompt_tokens(tokenizer: Any, prompt: list[dict]) -> int:
@@ -40,3 +42,16 @@ def check_lengths(
             continue
         kept.append(item)
     return kept, dict(policy.skipped)
+
+
+def fit_prompts(items: list[T], tokenizer: Any, max_length: int, policy: Any) -> list[T]:
+    """A stage's length check under the recipe's `data` policy: over-long prompts are invalid
+    rows (error with file:line, or skipped and logged), unless the recipe truncates them."""
+    if policy.truncate_long_prompts or not items:
+        return items
+    kept, skipped = check_lengths(items, tokenizer, max_length, policy.on_invalid)
+    if skipped:
+        log.warning(
+            "skipped %d prompts longer than max_length %d", sum(skipped.values()), max_length
+        )
+    return kept

@@ -89,12 +89,14 @@ def run(recipe: Any, resume: bool = False) -> Path:
     reward_tokenizer = models.load_tokenizer(str(reward_dir / "model"))
     if reward_tokenizer.chat_template is None:
         raise UserError(f"{reward_dir}/model: reward tokenizer has no chat template")
-    prompts = [p.messages for p in data.load_prompts(cfg.prompts, recipe.data.on_invalid).items]
-    eval_prompts = (
-        [p.messages for p in data.load_prompts(cfg.eval_prompts, recipe.data.on_invalid).items]
-        if cfg.eval_prompts
-        else []
-    )
+
+    def load(source: Any) -> list[list[dict]]:
+        items = data.load_prompts(source, recipe.data.on_invalid).items
+        items = data.fit_prompts(items, tokenizer, cfg.max_prompt_length, recipe.data)
+        return [p.messages for p in items]
+
+    prompts = load(cfg.prompts)
+    eval_prompts = load(cfg.eval_prompts) if cfg.eval_prompts else []
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
 
     # --- roles

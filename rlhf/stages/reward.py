@@ -169,6 +169,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
     )
     pad_id = tokenizer.pad_token_id
     train_items, eval_items, extra_items = load_datasets(recipe)
+    fit = lambda items: data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)  # noqa: E731
+    train_items, eval_items = fit(train_items), fit(eval_items)
+    extra_items = {name: fit(items) for name, items in extra_items.items()}
     encode = lambda r: rm.encode_ranking(tokenizer, r, cfg.max_length)  # noqa: E731
     train_rows = [r for r in map(encode, train_items) if r["pairs"]]
     eval_sets = {"eval": [r for r in map(encode, eval_items) if r["pairs"]]}

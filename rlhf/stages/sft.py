@@ -82,6 +82,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         recipe.model.trust_remote_code,
     )
     train_items, eval_items = load_datasets(recipe)
+    train_items = data.fit_prompts(train_items, tokenizer, cfg.max_length, recipe.data)
+    eval_items = data.fit_prompts(eval_items, tokenizer, cfg.max_length, recipe.data)
     encode = lambda ex: encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss)  # noqa: E731
     train_rows = [
         r for r in map(encode, train_items) if any(t != IGNORE_INDEX for t in r["labels"])
