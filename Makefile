@@ -81,7 +81,7 @@ bench: models
 	$(BIN)/python -m bench.run $(ARGS)
 
 chaos: models
-	$(BIN)/python -m pytest -q -m slow tests/test_chaos.py
+	CHAOS_TRIALS=10 CHAOS_REPORT=chaos_report.txt $(BIN)/python -m pytest -q -s -m slow tests/test_chaos.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
