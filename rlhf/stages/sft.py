@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from rlhf import checkpoint, data, distributed, models, training
 from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
+from rlhf.packing import collate_packed, pack_rows
 from rlhf.rundir import RunDir
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
@@ -102,9 +103,17 @@ def run(recipe: Any, resume: bool = False) -> Path:
             [r["labels"] for r in rows],
         )
 
+    train_data, train_collate = train_rows, collate
+    if cfg.packing:  # batch_size then counts packed rows of up to max_length tokens
+        train_data = pack_rows(train_rows, cfg.max_length)
+        train_collate = lambda bins: collate_packed(bins, tokenizer.pad_token_id)  # noqa: E731
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(
-        train_rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
+        train_data,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=train_collate,
+        generator=generator,
     )
 
     # --- model
@@ -135,6 +144,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         run_info(accelerator),
         effective_batch=cfg.batch_size * cfg.grad_accum * world,
         train_examples=len(train_rows),
+        packed_rows=len(train_data) if cfg.packing else None,
         eval_examples=len(eval_rows),
         total_steps=total_steps,
         trainable_parameters=trainable,
@@ -191,7 +201,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
             for batch in group:
                 with accelerator.accumulate(model), accelerator.autocast():
                     logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        position_ids=batch.get("position_ids"),  # packing restarts positions
                     ).logits
                     nll = token_nll_sum(logits, batch["labels"])
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both.
