@@ -11,6 +11,7 @@ root, as the Makefile does); `inherits:` is relative to the recipe file that nam
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -344,4 +345,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         errors.sort(key=lambda err: not about_override(err))
         raise UserError(_format_error(str(path), errors[0], overrides)) from None
     recipe._source = str(path)
+    if recipe.model.trust_remote_code:
+        print(
+            f"WARNING: {path}: model.trust_remote_code is true: Python code shipped with "
+            f"'{recipe.model.name}' will run on this machine",
+            file=sys.stderr,
+        )
     return recipe

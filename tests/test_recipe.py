@@ -93,3 +93,10 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert "rlhf" in capsys.readouterr().out
+
+
+def test_trust_remote_code_is_off_by_default_and_loud_when_on(capsys):
+    assert load_recipe("recipes/smollm2-135m.yaml").model.trust_remote_code is False
+    capsys.readouterr()
+    load_recipe("recipes/smollm2-135m.yaml", ["model.trust_remote_code=true"])
+    assert "trust_remote_code is true" in capsys.readouterr().err
