@@ -2,6 +2,7 @@
 
   rlhf sft|reward|ppo RECIPE [key.path=value ...] [--resume]
   rlhf eval reward MODEL_DIR DATA [--format hh|oasst|pairs|rankings] [--json]
+  rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR [--reference REF]
   rlhf generate MODEL_DIR --prompt TEXT | --prompts FILE
   rlhf curves RUN_DIR [RUN_DIR ...]     rlhf data check FILE     rlhf models prepare NAME
 
@@ -86,6 +87,16 @@ def _format_stats(stats: dict) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from rlhf import evaluate
 
+    if args.what == "compare":
+        from rlhf import compare
+
+        result = compare.compare_cli(args)
+        print(json.dumps(result) if args.json else compare.format_report(result))
+        return 0
+    # The compare flags would be silently ignored here: refuse them instead.
+    for dest, (flag, default) in args.compare_flags.items():
+        if getattr(args, dest) != default:
+            raise UserError(f"{flag} is only for `rlhf eval compare`")
     if args.what == "reward":
         result = evaluate.reward_accuracy_cli(
             args.model_dir,
@@ -159,16 +170,50 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_data_check)
 
-    e = sub.add_parser("eval", help="evaluate a reward model or a policy")
-    e.add_argument("what", choices=["reward", "perplexity"])
-    e.add_argument("model_dir")
-    e.add_argument("data")
-    e.add_argument("--format", default="auto", help="hh | oasst | pairs | rankings | auto")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a reward model or a policy, or compare two policies",
+        description="rlhf eval reward RM_DIR COMPARISONS | rlhf eval perplexity MODEL_DIR SFT_DATA"
+        " | rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR "
+        "[--reward-model RM2] [--reference REF_DIR]. compare samples (T=1) unless --greedy.",
+    )
+    e.add_argument("what", choices=["reward", "perplexity", "compare"])
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="the model; compare: policy A")
+    e.add_argument("data", metavar="DATA", help="the data file; compare: policy B's folder")
+    e.add_argument(
+        "--format", default="auto", help="data format (compare: of --prompts); default: detected"
+    )
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-length", type=int, default=512)
-    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--max-length", type=int, default=512, help="tokens the reward model reads")
+    e.add_argument("--limit", type=int, default=None, help="first N rows (compare: prompts)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.set_defaults(func=_eval)
+    cmp = e.add_argument_group("compare (policy A vs policy B)")
+    compare_flags = [
+        cmp.add_argument("--prompts", help="held-out prompts (any format `rlhf data check` reads)"),
+        cmp.add_argument(
+            "--reward-model",
+            dest="reward_models",
+            action="append",
+            default=[],
+            metavar="RM_DIR",
+            help="a judge; repeat for several",
+        ),
+        cmp.add_argument("--reference", help="reference model (e.g. SFT) for the mean KL"),
+        cmp.add_argument("--max-new-tokens", type=int, default=48),
+        cmp.add_argument("--max-prompt-length", type=int, default=1024, help="keeps the end"),
+        cmp.add_argument("--greedy", action="store_true", help="greedy instead of sampling"),
+        cmp.add_argument("--temperature", type=float, default=None, help="sampling (default 1)"),
+        cmp.add_argument("--top-k", type=int, default=None, help="sampling (default off)"),
+        cmp.add_argument("--top-p", type=float, default=None, help="sampling (default off)"),
+        cmp.add_argument("--seed", type=int, default=0, help="same seed for both policies"),
+        cmp.add_argument("--references-field", help="row field with a reference (BLEU/ROUGE)"),
+        cmp.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)"),
+        cmp.add_argument("--output", help="per-prompt samples and scores, JSONL"),
+    ]
+    e.set_defaults(
+        func=_eval,
+        compare_flags={a.dest: (a.option_strings[0], a.default) for a in compare_flags},
+    )
 
     g = sub.add_parser(
         "generate",

@@ -121,8 +121,11 @@ def generate(
     max_prompt_length: int = 1024,
     seed: int = 0,
     progress: bool = False,
+    with_ids: bool = False,
 ) -> list[dict[str, Any]]:
     """Chat-templated prompts -> [{"prompt", "response", "tokens", "finished"}], in order.
+    `with_ids` adds "ids": the generated token ids (EOS included), for scoring those exact
+    tokens afterwards (`rlhf eval compare` computes log-probs on them).
 
     Greedy and beam search are deterministic. Sampling draws from torch's global generator,
     seeded once here, so the same seed, prompts and batch size give the same text.
@@ -155,14 +158,15 @@ def generate(
             # Everything after the first EOS is padding (shorter rows of the batch).
             end = next((i for i, t in enumerate(ids) if t in stops), None)
             kept = ids if end is None else ids[: end + 1]
-            rows.append(
-                {
-                    "prompt": last_user_text(messages),
-                    "response": tokenizer.decode(kept, skip_special_tokens=True),
-                    "tokens": len(kept),
-                    "finished": end is not None,
-                }
-            )
+            row = {
+                "prompt": last_user_text(messages),
+                "response": tokenizer.decode(kept, skip_special_tokens=True),
+                "tokens": len(kept),
+                "finished": end is not None,
+            }
+            if with_ids:
+                row["ids"] = kept
+            rows.append(row)
     return rows
 
 

@@ -1,0 +1,524 @@
+"""`rlhf eval compare`: two policies answer the same held-out prompts; reward models judge.
+
+  rlhf eval compare runs/x/sft/model runs/x/ppo/model --prompts held_out.jsonl \\
+      --reward-model runs/x/reward/model [--reward-model OTHER_RM] [--reference runs/x/sft/model]
+
+Both policies answer every prompt with the same decoding settings and the same seed. Per
+reward model: mean raw (and calibrated) score of A and B, and the win rate of B over A (ties
+count half) with a 95% Wilson score interval. Per policy: mean response length in tokens (the
+closing EOS included), EOS rate and, with --reference, the mean summed per-token KL to the
+reference. Scoring, calibration and KL reuse the PPO stage's own functions (rlhf.ppo.rollout,
+rlhf.ppo.iteration), so the numbers mean what `ppo_score_mean`, `win_rate` and `kl_mean` mean
+in a PPO run's eval.json. When the prompt rows carry references (an SFT file's final assistant
+turn, or --references-field), BLEU (sacrebleu) and ROUGE (rouge_score) are added if installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from rlhf import models
+from rlhf.errors import UserError
+from rlhf.generate import Decoding, generate, last_user_text, load, pick_device
+
+WIN_RATE_CI_METHOD = "wilson"  # the PPO stage's eval.json uses the normal approximation
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion successes / n (z = 1.96: 95%).
+
+    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a point
+    when every comparison goes one way, which happens often on a few dozen prompts.
+    """
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
+    p = successes / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], z: float = 1.96) -> dict:
+    """Win rate of B over A on paired scores, ties counting half, with a Wilson interval.
+
+    Counting a tie as half a win is what the PPO stage does; the interval then treats the
+    half-counted total as a binomial count (slightly conservative when there are ties).
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
+    n = len(scores_a)
+    if n == 0:
+        raise ValueError("win_rate needs at least one pair of scores")
+    wins = sum(1 for a, b in zip(scores_a, scores_b) if b > a)
+    ties = sum(1 for a, b in zip(scores_a, scores_b) if b == a)
+    rate = (wins + 0.5 * ties) / n
+    low, high = wilson_interval(wins + 0.5 * ties, n, z)
+    return {
+        "win_rate_b_over_a": rate,
+        "win_rate_ci95": [low, high],
+        "wins_b": wins,
+        "ties": ties,
+        "wins_a": n - wins - ties,
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------- references
+
+
+def load_references(result: Any, field: str | None) -> list[str | None] | None:
+    """One reference text (or None) per prompt, matched on the row each prompt came from.
+
+    With a field name, that field of each raw row; otherwise, for SFT data (messages,
+    prompt_completion, alpaca), the final assistant turn that load_prompts drops.
+    Returns None when the file holds no references at all.
+    """
+    from rlhf.data import formats, load_sft
+    from rlhf.data.readers import BadLine, read_rows
+    from rlhf.recipe import looks_like_local_path
+
+    wanted = {p.source for p in result.items}
+    by_row: dict[str, str] = {}
+    if field:
+        if not looks_like_local_path(result.path):
+            raise UserError(f"--references-field needs a local prompts file, not {result.path}")
+        for where, row in read_rows(result.path):
+            if where not in wanted or isinstance(row, BadLine) or not isinstance(row, dict):
+                continue
+            value = row.get(field)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise UserError(f"{where}: field '{field}' is not a string")
+            by_row[where] = value
+        if not by_row:
+            raise UserError(f"{result.path}: no prompt row has a field '{field}'")
+    elif formats.kind_of(result.format) == "sft":
+        try:
+            examples = load_sft(result.path, on_invalid="skip").items
+        except UserError:  # e.g. messages rows that all end with a user turn: no references
+            return None
+        by_row = {ex.source: ex.response for ex in examples if ex.source in wanted}
+    if not by_row:
+        return None
+    return [by_row.get(p.source) for p in result.items]
+
+
+def text_metrics(
+    hypotheses: dict[str, list[str]], references: list[str | None]
+) -> tuple[dict[str, Any], list[str]]:
+    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE F1 (rouge_score, 0-1) of each policy's
+    responses against the references, on the prompts that have one. Each library is optional
+    (`pip install 'rlhf[eval]'`): a missing one is skipped with a one-line note."""
+    keep = [i for i, r in enumerate(references) if r is not None]
+    refs = [references[i] for i in keep]
+    out: dict[str, Any] = {"n_references": len(keep)}
+    notes: list[str] = []
+    try:
+        import sacrebleu
+    except ImportError:
+        notes.append("BLEU skipped: sacrebleu is not installed (pip install 'rlhf[eval]')")
+    else:
+        for name, hyps in hypotheses.items():
+            chosen = [hyps[i] for i in keep]
+            out.setdefault(name, {})["bleu"] = sacrebleu.corpus_bleu(chosen, [refs]).score
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        notes.append("ROUGE skipped: rouge_score is not installed (pip install 'rlhf[eval]')")
+    else:
+        kinds = ["rouge1", "rouge2", "rougeL"]
+        scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)
+        for name, hyps in hypotheses.items():
+            scores = [scorer.score(r, hyps[i]) for i, r in zip(keep, refs)]
+            for kind in kinds:
+                out.setdefault(name, {})[kind] = _mean([s[kind].fmeasure for s in scores])
+    if notes:
+        out["notes"] = notes
+    return out, notes
+
+
+# ---------------------------------------------------------------------------- model helpers
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    pad_id: int,
+    temperature: float,
+    batch_size: int,
+) -> list[float]:
+    """Summed log pi(token) over each response's own tokens (EOS included), computed as the
+    PPO stage does: left-padded prompt + right-padded response, positions from the mask,
+    log-softmax at the sampling temperature (rlhf.ppo.rollout.logprobs_from_logits)."""
+    from rlhf.chat import pad_batch
+    from rlhf.ppo.actor_critic import positions_from_mask
+    from rlhf.ppo.rollout import logprobs_from_logits, response_slice
+
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts = pad_batch(prompt_ids[start : start + batch_size], pad_id, side="left")
+        responses = pad_batch(response_ids[start : start + batch_size], pad_id, side="right")
+        ids = torch.cat([prompts["input_ids"], responses["input_ids"]], dim=1).to(device)
+        attn = torch.cat([prompts["attention_mask"], responses["attention_mask"]], 1).to(device)
+        logits = model(
+            input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn)
+        ).logits
+        prompt_len, response_len = prompts["input_ids"].shape[1], responses["input_ids"].shape[1]
+        window = response_slice(prompt_len, response_len)
+        logp = logprobs_from_logits(logits[:, window], ids[:, prompt_len:], temperature)
+        mask = responses["attention_mask"].to(device).float()
+        sums.extend((logp * mask).sum(1).tolist())
+    return sums
+
+
+def _free_gpu_memory(device: torch.device) -> None:
+    """After a model is dropped: give its GPU memory back before the next model loads (one
+    model is held at a time). On CPU reference counting already freed it."""
+    if device.type == "cuda":
+        gc.collect()  # HF modules hold reference cycles
+        torch.cuda.empty_cache()
+
+
+def _check_model(flag: str, model_dir: str) -> None:
+    """Fail before any generation: a missing folder, a LoRA adapter folder, a typo."""
+    from rlhf.evaluate import _check_model_dir
+
+    _check_model_dir(model_dir)
+    try:
+        models.resolve(model_dir)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
+def _calibration(model_dir: str, model: torch.nn.Module) -> dict | None:
+    """The reward stage's calibration: the file PPO reads, else the copy in config.json."""
+    from rlhf.stages.ppo import load_calibration
+
+    found = load_calibration(Path(models.resolve(model_dir)))
+    return found or getattr(model.config, "reward_calibration", None) or None
+
+
+# ---------------------------------------------------------------------------------- compare
+
+
+def compare(
+    policy_a: str,
+    policy_b: str,
+    prompts: list[list[dict]],
+    reward_models: list[str],
+    reference: str | None = None,
+    decoding: Decoding | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_prompt_length: int = 1024,
+    max_length: int = 512,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary, per-prompt samples). Loads one model at a time."""
+    from rlhf.chat import encode_prompt
+    from rlhf.evaluate import _require_reward_head
+    from rlhf.ppo.iteration import normalise_score
+    from rlhf.ppo.rollout import reward_scores
+
+    decoding = decoding or Decoding(max_new_tokens=48, do_sample=True)
+    decoding.validate()
+    # Judges are checked before minutes of generation: a causal LM would get a random head.
+    judge_tokenizers = {}
+    for rm_dir in reward_models:
+        _require_reward_head(rm_dir)
+        judge_tokenizers[rm_dir] = models.load_tokenizer(rm_dir)
+        if judge_tokenizers[rm_dir].chat_template is None:
+            raise UserError(f"--reward-model {rm_dir}: its tokenizer has no chat template")
+    device = device or torch.device("cpu")
+    progress = sys.stderr.isatty()
+    # KL as the PPO stage measures it: log-probs at the sampling temperature (1 for greedy).
+    kl_temperature = decoding.temperature if decoding.do_sample else 1.0
+
+    outputs: dict[str, dict[str, Any]] = {}
+    for name, model_dir in (("a", policy_a), ("b", policy_b)):
+        model, tokenizer = load(model_dir, device)
+        rows = generate(
+            model,
+            tokenizer,
+            prompts,
+            decoding,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+            seed=seed,  # the same seed for A and B: with equal weights, equal samples
+            progress=progress,
+            with_ids=True,
+        )
+        out: dict[str, Any] = {"model": model_dir, "rows": rows, "vocab": tokenizer.get_vocab()}
+        if reference:
+            # Summed log pi now, summed log pi_ref later: their difference is the summed k1 KL
+            # (rollout.py: logprobs - ref_logprobs over the response mask), one model in memory.
+            out["prompt_ids"] = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+            out["pad_id"] = tokenizer.pad_token_id
+            out["logprobs"] = sequence_logprobs(
+                model,
+                out["prompt_ids"],
+                [r["ids"] for r in rows],
+                tokenizer.pad_token_id,
+                kl_temperature,
+                batch_size,
+            )
+        outputs[name] = out
+        del model
+        _free_gpu_memory(device)
+
+    if reference:
+        ref_model, ref_tokenizer = load(reference, device)
+        if any(out["vocab"] != ref_tokenizer.get_vocab() for out in outputs.values()):
+            raise UserError(f"--reference {reference}: its tokenizer differs from a policy's")
+        for out in outputs.values():
+            ref = sequence_logprobs(
+                ref_model,
+                out["prompt_ids"],
+                [r["ids"] for r in out["rows"]],
+                out["pad_id"],
+                kl_temperature,
+                batch_size,
+            )
+            out["kl"] = [lp - rp for lp, rp in zip(out["logprobs"], ref)]
+        del ref_model
+        _free_gpu_memory(device)
+
+    texts = {name: [r["response"] for r in out["rows"]] for name, out in outputs.items()}
+    judged: list[dict[str, Any]] = []
+    raw: dict[str, dict[str, list[float]]] = {}
+    for rm_dir, rm_tokenizer in judge_tokenizers.items():
+        rm = models.load_reward_model(rm_dir).to(device).eval()
+        calibration = _calibration(rm_dir, rm)
+        entry: dict[str, Any] = {"model": rm_dir}
+        raw[rm_dir] = {}
+        for name in outputs:
+            scores = torch.cat(
+                [
+                    reward_scores(
+                        rm,
+                        rm_tokenizer,
+                        prompts[i : i + batch_size],
+                        texts[name][i : i + batch_size],
+                        max_length,
+                        device,
+                        contextlib.nullcontext,
+                    ).cpu()
+                    for i in range(0, len(prompts), batch_size)
+                ]
+            )
+            raw[rm_dir][name] = scores.tolist()
+            entry[f"score_{name}_mean"] = scores.mean().item()
+            if calibration:
+                # The PPO stage's own normalisation, without its clip and EOS penalty.
+                plain = SimpleNamespace(score_clip=None, missing_eos_penalty=None)
+                ended = torch.ones_like(scores, dtype=torch.bool)
+                calibrated = normalise_score(scores, ended, plain, calibration)
+                entry[f"calibrated_score_{name}_mean"] = calibrated.mean().item()
+            else:
+                entry[f"calibrated_score_{name}_mean"] = None
+        entry["calibration"] = calibration
+        # Calibration is affine with a positive scale: raw scores give the same wins.
+        entry.update(win_rate(raw[rm_dir]["a"], raw[rm_dir]["b"]))
+        judged.append(entry)
+        del rm
+        _free_gpu_memory(device)
+
+    policies = {}
+    for name, out in outputs.items():
+        rows = out["rows"]
+        policies[name] = {
+            "model": out["model"],
+            "response_tokens_mean": _mean([r["tokens"] for r in rows]),
+            "eos_rate": _mean([float(r["finished"]) for r in rows]),
+            "kl_to_reference_mean": _mean(out["kl"]) if reference else None,
+        }
+    summary = {
+        "n_prompts": len(prompts),
+        "seed": seed,
+        "decoding": {
+            "do_sample": decoding.do_sample,
+            "temperature": decoding.temperature,
+            "top_k": decoding.top_k,
+            "top_p": decoding.top_p,
+            "max_new_tokens": decoding.max_new_tokens,
+        },
+        "policies": policies,
+        "reference": reference,
+        "kl_temperature": kl_temperature if reference else None,
+        "reward_models": judged,
+        "win_rate_ci_method": WIN_RATE_CI_METHOD,
+    }
+
+    samples = []
+    for i, messages in enumerate(prompts):
+        sample: dict[str, Any] = {"prompt": last_user_text(messages)}
+        for name, out in outputs.items():
+            row = out["rows"][i]
+            sample[name] = row["response"]
+            sample[f"{name}_tokens"] = row["tokens"]
+            sample[f"{name}_finished"] = row["finished"]
+            if reference:
+                sample[f"{name}_kl"] = out["kl"][i]
+        sample["scores"] = {rm: {n: s[n][i] for n in s} for rm, s in raw.items()}
+        samples.append(sample)
+    return summary, samples
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def decoding_from_args(args: Any) -> Decoding:
+    """Sampling at temperature 1 by default (how the PPO stage evaluates); --greedy turns it
+    off, and then the sampling flags would be ignored, so they are refused."""
+    sampling = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
+    if args.greedy and any(v is not None for v in sampling.values()):
+        given = ", ".join(flag for flag, v in sampling.items() if v is not None)
+        raise UserError(f"--greedy does not sample: drop {given}")
+    decoding = Decoding(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=0 if args.top_k is None else args.top_k,
+        top_p=1.0 if args.top_p is None else args.top_p,
+    )
+    decoding.validate()
+    return decoding
+
+
+def compare_cli(args: Any) -> dict[str, Any]:
+    """`rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM ...`."""
+    from rlhf import data as datalib
+    from rlhf.evaluate import _source
+
+    decoding = decoding_from_args(args)
+    if not args.prompts:
+        raise UserError("rlhf eval compare needs --prompts FILE (held-out prompts)")
+    if not args.reward_models:
+        raise UserError("rlhf eval compare needs at least one --reward-model RM_DIR")
+    if args.batch_size < 1 or args.max_length < 8 or args.max_prompt_length < 1:
+        raise UserError("--batch-size and --max-prompt-length must be >= 1, --max-length >= 8")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.output and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a folder; give a file name")
+    _check_model("POLICY_A", args.model_dir)
+    _check_model("POLICY_B", args.data)
+    if args.reference:
+        _check_model("--reference", args.reference)
+    for rm in args.reward_models:
+        _check_model("--reward-model", rm)
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+    loaded = datalib.load_prompts(_source(args.prompts, args.format, args.limit))
+    prompts = [p.messages for p in loaded.items]
+    references = load_references(loaded, args.references_field)
+
+    summary, samples = compare(
+        args.model_dir,
+        args.data,
+        prompts,
+        args.reward_models,
+        reference=args.reference,
+        decoding=decoding,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_prompt_length=args.max_prompt_length,
+        max_length=args.max_length,
+        device=pick_device(args.device),
+    )
+    summary = {"prompts": str(args.prompts), **summary}
+    if references is not None:
+        hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
+        summary["text_metrics"], notes = text_metrics(hypotheses, references)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        for sample, ref in zip(samples, references):
+            if ref is not None:
+                sample["reference"] = ref
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        Path(args.output).write_text(lines, encoding="utf-8")
+        print(f"compare: {len(samples)} samples -> {args.output}", file=sys.stderr)
+    return summary
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The human-readable table printed without --json."""
+    a, b = summary["policies"]["a"], summary["policies"]["b"]
+    d = summary["decoding"]
+    how = (
+        f"sampling T={d['temperature']} top_k={d['top_k']} top_p={d['top_p']}"
+        if d["do_sample"]
+        else "greedy"
+    )
+
+    def row(label: str, va: float | None, vb: float | None) -> str:
+        cells = ["-" if v is None else f"{v:.4f}" for v in (va, vb)]
+        return f"  {label:<28s}{cells[0]:>12s}{cells[1]:>12s}"
+
+    lines = [
+        f"A: {a['model']}",
+        f"B: {b['model']}",
+        f"{summary['n_prompts']} prompts from {summary.get('prompts', '?')}; {how}, "
+        f"max {d['max_new_tokens']} new tokens, seed {summary['seed']}",
+        f"  {'':<28s}{'A':>12s}{'B':>12s}",
+        row("response tokens (mean)", a["response_tokens_mean"], b["response_tokens_mean"]),
+        row("EOS rate", a["eos_rate"], b["eos_rate"]),
+    ]
+    if summary["reference"]:
+        lines.append(
+            row(
+                f"KL to reference (T={summary['kl_temperature']})",
+                a["kl_to_reference_mean"],
+                b["kl_to_reference_mean"],
+            )
+        )
+    for rm in summary["reward_models"]:
+        lo, hi = rm["win_rate_ci95"]
+        lines += [
+            f"reward model {rm['model']}",
+            row("score (raw, mean)", rm["score_a_mean"], rm["score_b_mean"]),
+            row(
+                "score (calibrated, mean)",
+                rm["calibrated_score_a_mean"],
+                rm["calibrated_score_b_mean"],
+            ),
+            f"  win rate of B over A: {rm['win_rate_b_over_a']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}] (95% {summary['win_rate_ci_method']}); "
+            f"B wins {rm['wins_b']}, ties {rm['ties']}, A wins {rm['wins_a']}",
+        ]
+    metrics = summary.get("text_metrics")
+    if metrics:
+        lines.append(f"against {metrics['n_references']} references")
+        for key in ("bleu", "rouge1", "rouge2", "rougeL"):
+            if key in metrics.get("a", {}):
+                lines.append(row(key, metrics["a"][key], metrics["b"][key]))
+    return "\n".join(lines)

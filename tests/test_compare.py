@@ -1,0 +1,250 @@
+"""`rlhf eval compare` (rlhf.compare): policy A vs policy B, on the tiny random model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from rlhf import cli, compare, models
+from rlhf.generate import Decoding
+
+PROMPTS = [
+    [{"role": "user", "content": "Say hello."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Count to three, slowly please."}],
+]
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+@pytest.mark.parametrize(
+    "successes, n, low, high",
+    [
+        (8, 10, 0.4902, 0.9433),  # textbook Wilson 95% values
+        (5, 10, 0.2366, 0.7634),
+        (0, 10, 0.0, 0.2775),  # all losses: still an interval, unlike the normal approx.
+        (10, 10, 0.7225, 1.0),
+        (1, 1, 0.2065, 1.0),
+    ],
+)
+def test_wilson_interval_known_values(successes, n, low, high):
+    got = compare.wilson_interval(successes, n)
+    assert got == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_interval_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        compare.wilson_interval(1, 0)
+    with pytest.raises(ValueError):
+        compare.wilson_interval(3, 2)
+
+
+def test_win_rate_counts_ties_half():
+    got = compare.win_rate([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 5.0])
+    assert (got["wins_b"], got["ties"], got["wins_a"]) == (2, 1, 1)
+    assert got["win_rate_b_over_a"] == 2.5 / 4
+    assert got["win_rate_ci95"] == pytest.approx(list(compare.wilson_interval(2.5, 4)))
+    all_ties = compare.win_rate([0.3] * 6, [0.3] * 6)
+    assert all_ties["win_rate_b_over_a"] == 0.5 and all_ties["ties"] == 6
+    lo, hi = all_ties["win_rate_ci95"]
+    assert lo < 0.5 < hi and 0.5 - lo == pytest.approx(hi - 0.5)
+    with pytest.raises(ValueError):
+        compare.win_rate([1.0], [1.0, 2.0])
+
+
+# -------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A 3M-parameter model gains nothing from intra-op threads, and they make it many times
+    slower on a busy machine (a training run beside the tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny model with a seeded, untrained score head and a stored calibration."""
+    out = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_reward_model(tiny_model_dir)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "reward_calibration.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 8}))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_rm_dir(tmp_path_factory, tiny_rm_dir) -> str:
+    """The same judge without a calibration file (and none in its config.json)."""
+    out = tmp_path_factory.mktemp("tiny-rm-raw") / "model"
+    shutil.copytree(tiny_rm_dir, out, ignore=shutil.ignore_patterns("reward_calibration.json"))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def other_policy_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny model with perturbed weights: a different policy, same tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-other")
+    torch.manual_seed(1)
+    model = models.load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out)
+    models.load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_model_dir, tiny_rm_dir):
+    summary, samples = compare.compare(
+        tiny_model_dir,
+        tiny_model_dir,
+        PROMPTS,
+        [tiny_rm_dir],
+        reference=tiny_model_dir,
+        decoding=Decoding(max_new_tokens=8, do_sample=True),
+        seed=3,
+        batch_size=2,
+    )
+    rm = summary["reward_models"][0]
+    assert rm["win_rate_b_over_a"] == 0.5 and rm["ties"] == len(PROMPTS)
+    assert rm["score_a_mean"] == rm["score_b_mean"]
+    a, b = summary["policies"]["a"], summary["policies"]["b"]
+    assert a["kl_to_reference_mean"] == 0.0 and b["kl_to_reference_mean"] == 0.0
+    assert [s["a"] for s in samples] == [s["b"] for s in samples]
+    # The stored calibration is applied exactly as PPO does: (raw - mean) / std.
+    assert rm["calibration"]["mean"] == 0.5
+    assert rm["calibrated_score_a_mean"] == pytest.approx((rm["score_a_mean"] - 0.5) / 2.0)
+
+
+def test_cli_two_policies_json_with_every_field(
+    tmp_path, tiny_model_dir, other_policy_dir, tiny_rm_dir, uncalibrated_rm_dir
+):
+    # An SFT file: the prompt is the conversation without its final assistant turn, which
+    # serves as the reference for BLEU / ROUGE.
+    rows = [{"messages": [*p, {"role": "assistant", "content": "Hello there."}]} for p in PROMPTS]
+    data = write_jsonl(tmp_path / "held_out.jsonl", rows)
+    samples_path = tmp_path / "out" / "samples.jsonl"
+    argv = [
+        "eval", "compare", tiny_model_dir, other_policy_dir,
+        "--prompts", data, "--reward-model", tiny_rm_dir, "--reward-model", uncalibrated_rm_dir,
+        "--reference", tiny_model_dir, "--max-new-tokens", "6", "--batch-size", "2",
+        "--temperature", "0.8", "--json", "--output", str(samples_path),
+    ]  # fmt: skip
+    rc, out, err = run_cli(argv)
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["n_prompts"] == 3 and got["win_rate_ci_method"] == "wilson"
+    assert got["decoding"]["do_sample"] and got["decoding"]["temperature"] == 0.8
+    assert got["kl_temperature"] == 0.8  # KL at the sampling temperature, as in PPO
+    for name in ("a", "b"):
+        policy = got["policies"][name]
+        assert 1 <= policy["response_tokens_mean"] <= 6 and 0 <= policy["eos_rate"] <= 1
+        assert math.isfinite(policy["kl_to_reference_mean"])
+    assert got["policies"]["a"]["kl_to_reference_mean"] == 0.0  # A is the reference
+    assert got["policies"]["b"]["kl_to_reference_mean"] != 0.0
+    calibrated, raw = got["reward_models"]
+    for rm in (calibrated, raw):
+        assert rm["wins_b"] + rm["ties"] + rm["wins_a"] == 3
+        lo, hi = rm["win_rate_ci95"]
+        assert 0 <= lo <= rm["win_rate_b_over_a"] <= hi <= 1
+        assert math.isfinite(rm["score_a_mean"]) and math.isfinite(rm["score_b_mean"])
+    # Same weights: same raw scores; only the calibrated one reports calibrated means.
+    assert raw["score_b_mean"] == pytest.approx(calibrated["score_b_mean"], abs=1e-6)
+    assert math.isfinite(calibrated["calibrated_score_b_mean"])
+    assert raw["calibration"] is None and raw["calibrated_score_b_mean"] is None
+    assert got["text_metrics"]["n_references"] == 3
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    assert len(samples) == 3 and samples[0]["reference"] == "Hello there."
+    assert set(samples[0]["scores"][tiny_rm_dir]) == {"a", "b"} and "b_kl" in samples[0]
+    # BLEU / ROUGE come from optional libraries: present -> numbers, absent -> one note each.
+    for lib, key in (("sacrebleu", "bleu"), ("rouge_score", "rougeL")):
+        try:
+            __import__(lib)
+        except ImportError:
+            assert "not installed (pip install 'rlhf[eval]')" in err and lib in err
+        else:
+            assert 0 <= got["text_metrics"]["b"][key] <= 100
+
+
+def test_cli_human_readable_greedy_without_reference(tmp_path, tiny_model_dir, tiny_rm_dir):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Bye"}])
+    argv = ["eval", "compare", tiny_model_dir, tiny_model_dir, "--prompts", data]
+    rc, out, err = run_cli([*argv, "--reward-model", tiny_rm_dir, "--greedy", "--limit", "1"])
+    assert rc == 0, err
+    assert "1 prompts" in out and "greedy" in out and "win rate of B over A: 0.500" in out
+    assert "KL to reference" not in out
+
+
+def test_cli_mistakes_are_one_line_exit_2(tmp_path, tiny_model_dir, tiny_rm_dir):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = ["eval", "compare", tiny_model_dir]
+    cases = [
+        (
+            [*base, str(tmp_path / "missing"), "--prompts", data, "--reward-model", tiny_rm_dir],
+            "no such folder",
+        ),
+        (
+            [*base, tiny_model_dir, "--prompts", str(empty), "--reward-model", tiny_rm_dir],
+            "no rows",
+        ),
+        ([*base, tiny_model_dir, "--prompts", data], "--reward-model"),
+        ([*base, tiny_model_dir, "--reward-model", tiny_rm_dir], "--prompts"),
+        ([*base, tiny_model_dir, "--prompts", data, "--reward-model", tiny_model_dir], "reward"),
+        (
+            [*base, tiny_model_dir, "--prompts", data, "--reward-model", tiny_rm_dir]
+            + ["--greedy", "--temperature", "0.7"],
+            "--greedy",
+        ),
+        (["eval", "reward", tiny_rm_dir, data, "--prompts", data], "only for"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = run_cli(argv)
+        assert rc == 2 and err.startswith("error:") and err.count("\n") == 1, (argv, err)
+        assert needle in err and out == ""
+
+
+def test_references_from_a_field_or_an_sft_file(tmp_path):
+    from rlhf.data import load_prompts
+    from rlhf.errors import UserError
+
+    rows = [{"prompt": "a", "answer": "x"}, {"prompt": "b"}, {"prompt": "c", "answer": "z"}]
+    loaded = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert compare.load_references(loaded, "answer") == ["x", None, "z"]
+    assert compare.load_references(loaded, None) is None  # a prompts file has no replies
+    with pytest.raises(UserError, match="no prompt row has a field 'gold'"):
+        compare.load_references(loaded, "gold")
+    bad = load_prompts(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "answer": [1]}]))
+    with pytest.raises(UserError, match="not a string"):
+        compare.load_references(bad, "answer")
+    # An SFT file: the final assistant turn, which load_prompts dropped from the prompt.
+    sft = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}]
+    loaded = load_prompts(write_jsonl(tmp_path / "s.jsonl", sft))
+    assert compare.load_references(loaded, None) == ["r"]
