@@ -122,7 +122,7 @@ def rank_indices(n: int, accelerator: Any) -> list[int]:
     mine = list(range(rank, n, world))
     if is_sharded(accelerator) and n > 0:
         per_rank = -(-n // world)
-        mine += [i % n for i in range(len(mine), per_rank)]
+        mine += [k % n for k in range(per_rank - len(mine))]
     return mine
 
 

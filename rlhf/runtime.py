@@ -45,8 +45,11 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     # gloo must be named explicitly for DeepSpeed on CPU; naming it in a single process would
     # make accelerate look for a process group that does not exist.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else []
+    # accelerate honours ACCELERATE_USE_DEEPSPEED only with cpu=False (cpu=True would silently
+    # run plain DDP); DeepSpeed then picks its own CPU accelerator and the gloo group above.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
-        cpu=on_cpu,
+        cpu=on_cpu and not deepspeed,
         mixed_precision=mixed,
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=handlers,

@@ -178,8 +178,10 @@ def step_if_finite(
     """
     norm = None
     if accelerator.sync_gradients:
-        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf))
-        if guard.ok(norm, "gradient norm"):
+        clipped = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+        # DeepSpeed clips inside its own step (config `gradient_clipping`) and may report None.
+        norm = float(clipped) if clipped is not None else None
+        if norm is None or guard.ok(norm, "gradient norm"):
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
