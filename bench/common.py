@@ -1,0 +1,104 @@
+"""What the workers share: the work spec, phase timing by wrapping callables, result files.
+
+Standard library + torch only: this module is imported inside bench/.venv-trl too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def worker_args(description: str) -> argparse.Namespace:
+    """Every worker reads a JSON spec and writes a JSON result."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--spec", required=True, help="JSON file written by bench.run")
+    parser.add_argument("--out", required=True, help="where to write the JSON result")
+    return parser.parse_args()
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def self_peak_rss_mb() -> float:
+    """This process's peak RSS (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PhaseTimer:
+    """Collects (phase, start, end) events from wrapped callables, grouped into iterations.
+
+    Wrapping from the outside lets the same instrumentation time our loop and TRL's without
+    editing either; the per-call overhead is two perf_counter() calls.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, float]] = []
+        self.marks: list[float] = []  # iteration start times
+        self.shapes: list[dict[str, int]] = []  # one per generate call
+
+    def mark_iteration(self) -> None:
+        self.marks.append(time.perf_counter())
+
+    def wrap(self, fn: Callable, phase: str | Callable[[], str]) -> Callable:
+        """`phase` may be a function, called at run time (e.g. grad enabled -> train forward)."""
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            name = phase() if callable(phase) else phase
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.events.append((name, start, time.perf_counter()))
+
+        return timed
+
+    def patch(self, owner: Any, attr: str, phase: str | Callable[[], str]) -> None:
+        setattr(owner, attr, self.wrap(getattr(owner, attr), phase))
+
+    def iteration_events(self, end: float) -> list[list[tuple[str, float, float]]]:
+        """Events split at the iteration marks; the last iteration ends at `end`."""
+        bounds = [*self.marks, end]
+        return [
+            [e for e in self.events if lo <= e[1] < hi] for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+
+
+def phase_sum(events: list[tuple[str, float, float]], name: str) -> float:
+    return sum(e - s for n, s, e in events if n == name)
+
+
+def count_response_tokens(response_ids: Any, eos_id: int) -> int:
+    """Tokens up to and including the first EOS per row (what both PPOs train on)."""
+    import torch
+
+    is_eos = response_ids == eos_id
+    before = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    return int(before.sum().item()) if isinstance(before, torch.Tensor) else 0
+
+
+def summarize(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,174 @@
+"""Worker: this project's PPO iteration (rlhf.ppo.ppo_iteration) on the benchmark's work.
+
+Roles are built the way rlhf/stages/ppo.py builds them, but from the prepared base model (no
+SFT / reward run needed: the benchmark measures cost, not learning):
+  parity    full fine-tuning, frozen reference copy, separate value model initialised from the
+            reward model (as TRL does), fp32, no gradient clipping (TRL's PPO does not clip)
+  defaults  the recipe defaults: LoRA policy (reference = adapter disabled), shared-backbone
+            value head, bf16 autocast where the CPU supports it (precision: auto)
+Both do identical PPO work (batch, new tokens, epochs, minibatches, temperature, prompts).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.common import (
+    PhaseTimer,
+    count_response_tokens,
+    log,
+    phase_sum,
+    read_json,
+    self_peak_rss_mb,
+    worker_args,
+    write_json,
+)
+
+
+def build_recipe(spec: dict):
+    from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
+
+    parity = spec["variant"] == "parity"
+    ppo = PPOConfig(
+        batch_size=spec["batch_size"],
+        mini_batch_size=spec["batch_size"] // spec["num_mini_batches"],
+        ppo_epochs=spec["ppo_epochs"],
+        max_prompt_length=spec["max_prompt_length"],
+        max_new_tokens=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        kl_coef=spec["kl_coef"],
+        normalize_score=False,  # no calibration file for the raw base model
+        value_model="separate" if parity else "shared",
+        lora=LoraConfig(enabled=not parity),
+        optim=OptimConfig(
+            lr=spec["lr"],
+            warmup_ratio=0.0,
+            scheduler="constant",
+            max_grad_norm=None if parity else OptimConfig().max_grad_norm,
+        ),
+    )
+    return Recipe(seed=spec["seed"], precision="fp32" if parity else "auto", ppo=ppo)
+
+
+def main() -> None:
+    args = worker_args(__doc__.splitlines()[0])
+    spec = read_json(args.spec)
+    t_start = time.perf_counter()
+
+    from rlhf import models, training
+    from rlhf.chat import pad_batch
+    from rlhf.ppo.actor_critic import ActorCritic, disable_dropout
+    from rlhf.ppo.core import FixedKLController
+    from rlhf.ppo.iteration import ppo_iteration
+    from rlhf.ppo.rollout import reward_scores
+    from rlhf.runtime import make_accelerator
+
+    recipe = build_recipe(spec)
+    cfg = recipe.ppo
+    accelerator = make_accelerator(recipe)
+    device = accelerator.device
+    path = spec["model"]
+
+    tokenizer = models.load_tokenizer(path, padding_side="left")
+    reward_tokenizer = models.load_tokenizer(path)
+    policy = models.load_causal_lm(path)
+    critic = models.load_reward_model(path) if cfg.value_model == "separate" else None
+    reference = None
+    if cfg.lora.enabled:
+        policy = models.apply_lora(policy, cfg.lora)
+    else:
+        reference = models.load_causal_lm(path).to(device).eval()
+        reference.requires_grad_(False)
+        disable_dropout(reference)
+    model = ActorCritic(policy, critic)
+    reward_model = models.load_reward_model(path).to(device).eval()
+    reward_model.requires_grad_(False)
+    disable_dropout(reward_model)
+    optimizer = training.make_optimizer(model, cfg.optim)
+    n_iters = spec["warmup"] + spec["iterations"]
+    scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kl_ctl = FixedKLController(cfg.kl_coef)
+
+    timer = PhaseTimer()
+    # Finer split of the update phase; the coarse phases come from ppo_iteration's own timing.
+    timer.patch(accelerator, "backward", "backward")
+    timer.patch(optimizer, "step", "optimizer")
+    prompts = spec["prompts"]
+    load_s = time.perf_counter() - t_start
+    log(f"{spec['label']}: loaded in {load_s:.1f}s, mixed precision {accelerator.mixed_precision}")
+
+    iterations = []
+    for it in range(n_iters):
+        # The same fixed batch order as the TRL worker: iteration i gets prompts [8i, 8i+8).
+        rows = [prompts[(it * cfg.batch_size + j) % len(prompts)] for j in range(cfg.batch_size)]
+        timer.mark_iteration()
+        t0 = time.perf_counter()
+        torch.manual_seed(spec["seed"] + it)
+        batch = pad_batch([r["input_ids"] for r in rows], tokenizer.pad_token_id, side="left")
+        messages = [r["messages"] for r in rows]
+
+        def score_fn(roll, messages=messages):
+            return reward_scores(
+                reward_model,
+                reward_tokenizer,
+                messages,
+                roll.texts,
+                recipe.reward.max_length,
+                device,
+                accelerator.autocast,
+            )
+
+        gen = torch.Generator().manual_seed(spec["seed"] + 7 + it)
+        roll, metrics = ppo_iteration(
+            model,
+            reference,
+            optimizer,
+            scheduler,
+            accelerator,
+            tokenizer,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            score_fn,
+            kl_ctl,
+            cfg,
+            gen,
+        )
+        total = time.perf_counter() - t0
+        events = timer.iteration_events(time.perf_counter())[-1]
+        row = {
+            "total": total,
+            "generate": metrics["timing/rollout"],
+            "score": metrics["timing/score"],
+            "update": metrics["timing/update"],
+            "backward": phase_sum(events, "backward"),
+            "optimizer": phase_sum(events, "optimizer"),
+            "prompt_len": int(roll.prompt_ids.shape[1]),
+            "response_len": int(roll.response_ids.shape[1]),
+            "response_tokens": count_response_tokens(roll.response_ids, tokenizer.eos_token_id),
+        }
+        row["train_forward_and_loss"] = row["update"] - row["backward"] - row["optimizer"]
+        row["other"] = total - row["generate"] - row["score"] - row["update"]
+        iterations.append(row)
+        log(f"{spec['label']}: iteration {it} {total:.2f}s")
+
+    write_json(
+        args.out,
+        {
+            "label": spec["label"],
+            "variant": spec["variant"],
+            "load_s": load_s,
+            "warmup": spec["warmup"],
+            "iterations": iterations,
+            "torch_threads": torch.get_num_threads(),
+            "mixed_precision": accelerator.mixed_precision,
+            "trainable_parameters": training.trainable_parameters(model)[0],
+            "self_peak_rss_mb": self_peak_rss_mb(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

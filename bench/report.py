@@ -1,0 +1,223 @@
+"""Summaries of the raw runs: medians, min-max, per-pair ratios vs TRL, FLOP efficiency; files.
+
+Writes <out>/<YYYY-MM-DD>-<host>.json (raw runs + summary) and appends a markdown section to
+the RESULTS.md it is given. Nothing here measures: a number missing from the runs stays missing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.common import summarize
+from bench.flops import Arch, generation_bound_s, ppo_flops
+
+PHASES = (
+    "total",
+    "generate",
+    "score",
+    "update",
+    "train_forward_and_loss",
+    "backward",
+    "optimizer",
+    "gc",
+    "other",
+)
+ROW_TITLES = {
+    "ours-parity": "ours, parity (full FT, frozen reference copy, separate value model, fp32)",
+    "trl": "TRL 1.12 PPOTrainer as shipped (fp32)",
+    # precision "auto": bf16 autocast only where the CPU runs it natively; the title says which
+    "ours-defaults": "ours, defaults (LoRA reference, shared value head, precision auto: {mp})",
+}
+
+
+def _measured(run: dict) -> list[dict]:
+    result = run.get("result") or {}
+    return result.get("iterations", [])[result.get("warmup", 0) :]
+
+
+def run_medians(run: dict) -> dict[str, float]:
+    """Per process: the median of each metric over its measured (post-warm-up) iterations."""
+    iters = _measured(run)
+    out: dict[str, float] = {}
+    for key in (*PHASES, "prompt_len", "response_len", "response_tokens"):
+        values = [it[key] for it in iters if it.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    if iters:
+        out["response_tokens_per_s"] = statistics.median(
+            it["response_tokens"] / it["total"] for it in iters
+        )
+        out["sequence_tokens_per_s"] = statistics.median(
+            run["batch_size"] * (it["prompt_len"] + it["response_len"]) / it["total"]
+            for it in iters
+        )
+    return out
+
+
+def summarize_rows(runs: list[dict]) -> dict[str, Any]:
+    """Per row: median/min/max across processes of the per-process medians, and peak RSS."""
+    rows: dict[str, Any] = {}
+    for name in dict.fromkeys(r["row"] for r in runs):
+        ok = [r for r in runs if r["row"] == name and r["rc"] == 0 and _measured(r)]
+        per_run = [run_medians(r) for r in ok]
+        row: dict[str, Any] = {
+            "title": ROW_TITLES.get(name, name),
+            "runs_ok": len(ok),
+            "runs_failed": sum(1 for r in runs if r["row"] == name) - len(ok),
+            "peak_rss_mb": summarize([r["peak_rss_mb"] for r in ok]),
+        }
+        for key in per_run[0] if per_run else []:
+            row[key] = summarize([m[key] for m in per_run if key in m])
+        if ok:
+            row["mixed_precision"] = ok[0]["result"].get("mixed_precision", "no")
+            mp = {"no": "fp32", "bf16": "bf16 autocast"}.get(row["mixed_precision"], "?")
+            row["title"] = row["title"].format(mp=mp)
+        rows[name] = row
+    return rows
+
+
+def pair_ratios(runs: list[dict], baseline: str = "trl") -> dict[str, Any]:
+    """Ratio row / baseline within each pair (same pair index), then summarised."""
+    ratios: dict[str, Any] = {}
+    pairs = sorted({r["pair"] for r in runs})
+    for name in dict.fromkeys(r["row"] for r in runs):
+        if name == baseline:
+            continue
+        per_pair: dict[str, list[float]] = {"seconds_per_iteration": [], "peak_rss": []}
+        for p in pairs:
+            a = [r for r in runs if r["row"] == name and r["pair"] == p and r["rc"] == 0]
+            b = [r for r in runs if r["row"] == baseline and r["pair"] == p and r["rc"] == 0]
+            if not (a and b and _measured(a[0]) and _measured(b[0])):
+                continue
+            ma, mb = run_medians(a[0]), run_medians(b[0])
+            per_pair["seconds_per_iteration"].append(ma["total"] / mb["total"])
+            per_pair["peak_rss"].append(a[0]["peak_rss_mb"] / b[0]["peak_rss_mb"])
+        ratios[name] = {
+            k: {"per_pair": v, **(summarize(v) or {})} for k, v in per_pair.items() if v
+        }
+    return ratios
+
+
+def efficiency(rows: dict, model_dir: str, settings: dict, machine: dict | None) -> dict:
+    """FLOPs per phase, achieved GFLOP/s and the fraction of this run's matmul peak."""
+    if not machine:
+        return {}
+    arch = Arch.from_config(model_dir)
+    out = {}
+    for name, row in rows.items():
+        if not row.get("total"):
+            continue
+        variant = "trl" if name == "trl" else name.removeprefix("ours-")
+        P, R = row["prompt_len"]["median"], row["response_len"]["median"]
+        flops = ppo_flops(arch, variant, settings["batch_size"], P, R, settings["ppo_epochs"])
+        bf16 = row.get("mixed_precision") == "bf16"
+        peak = machine["bf16_gflops" if bf16 else "fp32_gflops"]
+        phases = {}
+        for phase, f in flops.items():
+            seconds = row[phase]["median"]
+            achieved = f / seconds / 1e9 if seconds else None
+            phases[phase] = {
+                "gflop": f / 1e9,
+                "seconds": seconds,
+                "gflops": achieved,
+                "fraction_of_peak": achieved / peak if achieved else None,
+            }
+        bound = generation_bound_s(
+            arch, settings["batch_size"], P, R, machine["read_bandwidth_gbs"]
+        )
+        out[name] = {
+            "peak_used": "bf16" if bf16 else "fp32",
+            "peak_gflops": peak,
+            "phases": phases,
+            "generation_bandwidth_bound_s": bound,
+            "generation_vs_bound": row["generate"]["median"] / bound,
+        }
+    return out
+
+
+def _fmt(s: dict | None, digits: int = 2, scale: float = 1.0) -> str:
+    if not s:
+        return "-"
+    med, lo, hi = (s[k] * scale for k in ("median", "min", "max"))
+    return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def markdown(report: dict) -> str:
+    s, m = report["settings"], report.get("machine_limits")
+    lines = [
+        f"## {report['date']} {report['host']}{' (quick smoke test)' if s.get('quick') else ''}",
+        "",
+        f"Machine: {report['machine']['description']}. "
+        + (
+            f"Matmul peak {m['matmul_n']}x{m['matmul_n']}: fp32 {m['fp32_gflops']:.0f}, "
+            f"bf16 {m['bf16_gflops']:.0f} GFLOP/s; read bandwidth {m['read_bandwidth_gbs']:.1f} "
+            "GB/s."
+            if m
+            else "Matmul peak not measured in this run."
+        ),
+        "",
+        f"Work: {Path(s['model']).name} as policy, reference, reward and value model; "
+        f"{s['n_prompts']} prompts from {Path(s['prompts_file']).name} (chat template, left "
+        f"padding, <= {s['max_prompt_length']} tokens, fixed batch order); batch "
+        f"{s['batch_size']}, {s['max_new_tokens']} new tokens, {s['ppo_epochs']} PPO epochs, "
+        f"{s['num_mini_batches']} minibatch, temperature {s['temperature']}. Each process: "
+        f"{s['warmup']} warm-up + {s['iterations']} measured iterations; {s['pairs']} "
+        "interleaved rounds. Cells: median (min-max) across processes of each process's median.",
+        "",
+        "| row | s / iteration | generate | score | update | response tok/s | peak RSS GB "
+        "| ratio vs TRL: time | ratio vs TRL: RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in report["rows"].items():
+        ratio = report["ratios"].get(name, {})
+        lines.append(
+            f"| {row['title']} | {_fmt(row.get('total'))} | {_fmt(row.get('generate'))} "
+            f"| {_fmt(row.get('score'))} | {_fmt(row.get('update'))} "
+            f"| {_fmt(row.get('response_tokens_per_s'), 1)} "
+            f"| {_fmt(row.get('peak_rss_mb'), 2, 1 / 1024)} "
+            f"| {_fmt(ratio.get('seconds_per_iteration'))} | {_fmt(ratio.get('peak_rss'))} |"
+        )
+        if row["runs_failed"]:
+            lines.append(f"| ({name}: {row['runs_failed']} failed process(es)) | | | | | | | | |")
+    if report.get("efficiency"):
+        lines += [
+            "",
+            "| row | phase | GFLOP | GFLOP/s | of matmul peak |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, eff in report["efficiency"].items():
+            for phase, p in eff["phases"].items():
+                frac = p["fraction_of_peak"]
+                lines.append(
+                    f"| {name} | {phase} | {p['gflop']:.0f} | {p['gflops']:.1f} "
+                    f"| {frac:.0%} of {eff['peak_used']} |"
+                )
+            lines.append(
+                f"| {name} | generate vs bandwidth bound | | | "
+                f"{eff['generation_vs_bound']:.1f}x the {eff['generation_bandwidth_bound_s']:.2f}"
+                " s bound |"
+            )
+    lines += ["", f"SFT / reward-model throughput vs TRL 1.16: {report['sft_reward']}.", ""]
+    lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n\n"
+
+
+def write(report: dict, out_dir: Path, results_md: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{report['date']}-{report['host']}.json"
+    n = 1
+    while path.exists():  # several runs on one day: keep them all
+        n += 1
+        path = out_dir / f"{report['date']}-{report['host']}-{n}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    if not results_md.exists():
+        results_md.write_text("# Benchmark results\n\nAppended by `make bench` (bench/run.py).\n\n")
+    with results_md.open("a") as f:
+        f.write(markdown(report))
+    return path

@@ -1,0 +1,295 @@
+"""Benchmark harness entry point (issue 9): `make bench ARGS='...'` or `python -m bench.run`.
+
+  python -m bench.run --quick            tiny random model, 1 round, 2 iterations: smoke test
+  python -m bench.run                    SmolLM2-135M, 3 interleaved rounds of every row
+  python -m bench.run --only trl,parity --pairs 5
+  python -m bench.run --model tiny-llama   the same rows on the tiny random model
+  python -m bench.run --e2e-log FILE     quote a `make sft reward ppo` timing file verbatim
+
+Each measurement is a separate process (peak RSS per process from os.wait4), run one after the
+other in rounds: ours-parity, trl, ours-defaults, ours-parity, trl, ... so slow drift of the
+machine hits every row alike. The TRL worker runs in bench/.venv-trl, created on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.common import log, read_json, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+TRL_VENV = BENCH / ".venv-trl"
+# trl 1.12.0 is the last release with trl.experimental.ppo; the rest pinned to what it was
+# checked with (torch first, from the local CPU wheel, so nothing pulls a CUDA build).
+TRL_PINS = [
+    "trl==1.12.0",
+    "transformers==5.23.0",
+    "accelerate==1.15.0",
+    "datasets==5.2.0",
+    "peft==0.21.2",
+]
+TORCH_PIN = "torch==2.13.0"
+PROMPTS_FILE = ROOT.parent / "shared" / "data" / "oasst_prompts_en.jsonl"
+ROWS = ("parity", "trl", "defaults")  # the order inside each round
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 1 round, few iterations")
+    p.add_argument("--pairs", type=int, default=None, help="interleaved rounds (default 3)")
+    p.add_argument(
+        "--model",
+        choices=("smollm2-135m-instruct", "tiny-llama"),
+        default=None,
+        help="prepared model for every role (default: SmolLM2; tiny-llama with --quick)",
+    )
+    p.add_argument(
+        "--only",
+        default="matmul,parity,trl,defaults",
+        help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl",
+    )
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    p.add_argument("--results-md", type=Path, default=None, help="markdown file to append to")
+    p.add_argument("--iterations", type=int, default=None, help="measured iterations / process")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up iterations per process")
+    p.add_argument("--prompts", type=Path, default=PROMPTS_FILE)
+    p.add_argument("--n-prompts", type=int, default=64)
+    p.add_argument("--e2e-log", type=Path, default=None, help="`make sft reward ppo` timings")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    args = p.parse_args(argv)
+    only = set()
+    for item in args.only.split(","):
+        item = item.strip()
+        only |= {"parity", "defaults"} if item == "ours" else {item}
+    unknown = only - {"matmul", *ROWS}
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}")
+    args.only = only
+    args.model = args.model or ("tiny-llama" if args.quick else "smollm2-135m-instruct")
+    args.pairs = args.pairs or (1 if args.quick else 3)
+    args.iterations = args.iterations or (2 if args.quick else 3)
+    # Smoke tests must not land in the committed results.
+    args.out = args.out or (BENCH / "results" / ("tmp/quick" if args.quick else ""))
+    args.results_md = args.results_md or (
+        args.out / "RESULTS.md" if args.quick else BENCH / "RESULTS.md"
+    )
+    return args
+
+
+def ensure_trl_venv() -> Path:
+    """bench/.venv-trl with trl 1.12 (python -m venv + pip); reused when the pins match."""
+    python = TRL_VENV / "bin" / "python"
+    stamp = TRL_VENV / ".bench-pins"
+    wanted = "\n".join([TORCH_PIN, *TRL_PINS])
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    log(f"creating {TRL_VENV} ({', '.join(TRL_PINS)})")
+    subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    subprocess.run([*pip, *TRL_PINS], check=True)
+    stamp.write_text(wanted)
+    return python
+
+
+def encode_prompts(model_dir: Path, path: Path, n: int, max_len: int) -> list[dict]:
+    """Tokenised once here, so both workers get identical ids (chat template, <= max_len)."""
+    from rlhf import models
+    from rlhf.chat import encode_prompt
+
+    tokenizer = models.load_tokenizer(str(model_dir), padding_side="left")
+    texts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
+    out = []
+    for text in texts:
+        messages = [{"role": "user", "content": text}]
+        out.append({"messages": messages, "input_ids": encode_prompt(tokenizer, messages, max_len)})
+    return out
+
+
+def describe_machine() -> dict:
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cores = os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gb": round(mem_gb, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "description": f"{cores} cores of {cpu}, {mem_gb:.0f} GB RAM, torch {torch.__version__}",
+    }
+
+
+def run_process(cmd: list[str], log_path: Path, timeout: int) -> tuple[int, float, float]:
+    """Runs one worker; returns (exit code, peak RSS in MB of that process, wall seconds)."""
+    start = time.perf_counter()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = str(ROOT)  # the TRL venv does not have this repo installed
+    with log_path.open("w") as logf:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        # wait4 reports this child's own rusage (RUSAGE_CHILDREN would be the max over all).
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout:
+                os.kill(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rlhf import models
+
+    model_name = args.model
+    model_dir = models.prepared_dir(model_name)
+    if not models.is_prepared(model_name):
+        log(f"{model_name} is not prepared: run `make models` first")
+        return 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    scratch = args.out / "tmp" / stamp if not args.quick else args.out / stamp
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    settings = {
+        "quick": args.quick,
+        "model": str(model_dir),
+        "prompts_file": str(args.prompts),
+        "n_prompts": args.n_prompts,
+        "max_prompt_length": 64,
+        "batch_size": 8,
+        "max_new_tokens": 32,
+        "ppo_epochs": 4,
+        "num_mini_batches": 1,
+        "temperature": 0.7,
+        "lr": 3e-6,  # TRL 1.12 PPOConfig's default
+        "kl_coef": 0.05,
+        "seed": 42,
+        "warmup": args.warmup,
+        "iterations": args.iterations,
+        "pairs": args.pairs,
+    }
+    prompts = encode_prompts(model_dir, args.prompts, args.n_prompts, 64)
+    trl_python = ensure_trl_venv() if "trl" in args.only else None
+
+    machine_limits = None
+    if "matmul" in args.only:
+        spec = {"matmul_n": 512 if args.quick else 2048, "repeats": 5 if args.quick else 10}
+        spec["bandwidth_mib"] = 64 if args.quick else 1024
+        write_json(scratch / "matmul.spec.json", spec)
+        cmd = [sys.executable, "-m", "bench.matmul", "--spec", str(scratch / "matmul.spec.json")]
+        cmd += ["--out", str(scratch / "matmul.json")]
+        rc, _, _ = run_process(cmd, scratch / "matmul.log", args.timeout)
+        if rc == 0:
+            machine_limits = read_json(scratch / "matmul.json")
+        else:
+            log(f"matmul failed (rc {rc}), see {scratch / 'matmul.log'}")
+
+    runs = []
+    for pair in range(args.pairs):
+        for row in (r for r in ROWS if r in args.only):
+            label = "trl" if row == "trl" else f"ours-{row}"
+            spec = {**settings, "label": label, "variant": row, "prompts": prompts}
+            spec_path = scratch / f"{label}.{pair}.spec.json"
+            out_path = scratch / f"{label}.{pair}.json"
+            write_json(spec_path, spec)
+            python = str(trl_python) if row == "trl" else sys.executable
+            module = "bench.trl_ppo" if row == "trl" else "bench.ours_ppo"
+            cmd = [python, "-m", module, "--spec", str(spec_path), "--out", str(out_path)]
+            log(f"round {pair + 1}/{args.pairs}: {label}")
+            rc, rss, wall = run_process(cmd, scratch / f"{label}.{pair}.log", args.timeout)
+            result = read_json(out_path) if rc == 0 and out_path.exists() else None
+            if result is None:
+                log(f"{label} failed (rc {rc}), see {scratch / f'{label}.{pair}.log'}")
+            else:
+                medians = report.run_medians({"result": result, "batch_size": 8})
+                log(f"{label}: {medians['total']:.2f} s/iteration, peak RSS {rss / 1024:.2f} GB")
+            runs.append(
+                {
+                    "row": label,
+                    "pair": pair,
+                    "rc": rc,
+                    "peak_rss_mb": rss,
+                    "wall_s": wall,
+                    "batch_size": settings["batch_size"],
+                    "result": result,
+                }
+            )
+
+    rows = report.summarize_rows(runs)
+    e2e = {"summary": "not measured"}
+    if args.e2e_log:
+        text = args.e2e_log.read_text().strip()
+        e2e = {"file": str(args.e2e_log), "text": text}
+        e2e["summary"] = f"from {args.e2e_log}: " + "; ".join(text.splitlines())
+    trl_runs = [r["result"] for r in runs if r["row"] == "trl" and r["result"]]
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node() or "unknown-host",
+        "machine": describe_machine(),
+        "machine_limits": machine_limits,
+        "settings": settings,
+        "rows": rows,
+        "ratios": report.pair_ratios(runs),
+        "efficiency": report.efficiency(rows, str(model_dir), settings, machine_limits),
+        "sft_reward": "not measured (not yet in this harness)",
+        "e2e": e2e,
+        "notes": notes(trl_runs[0] if trl_runs else None),
+        "runs": runs,
+        "scratch": str(scratch),
+    }
+    path = report.write(out, args.out, args.results_md)
+    log(f"wrote {path} and appended to {args.results_md}")
+    return 0 if all(r["rc"] == 0 for r in runs) else 1
+
+
+def notes(trl_result: dict | None) -> list[str]:
+    out = [
+        "TRL as shipped calls gc.collect() twice per iteration (column `gc` in the JSON), and "
+        "empty_cache() several times (a no-op on CPU).",
+        "TRL takes the policy's rollout log-probs from generate()'s scores, so its score phase "
+        "runs 3 forwards (reference, value, reward); ours runs 4 in parity (policy+critic, "
+        "reference, reward) and re-renders the text through the chat template for the reward "
+        "model, as the PPO stage does.",
+        "TRL's PPO does not clip gradients; ours-parity runs with max_grad_norm off to match, "
+        "ours-defaults with the recipe default (1.0).",
+        "TRL runs with pad token <|endoftext|>: with SmolLM2's pad == eos it would treat every "
+        "<|im_end|> inside the chat prompt as padding. Its shuffled dataloader is replaced by "
+        "the fixed batch order ours uses, so both see identical batches.",
+    ]
+    if trl_result:
+        opt = trl_result.get("optimizer_defaults", {})
+        flags = ", ".join(f"{k}={opt[k]}" for k in ("fused", "foreach") if k in opt)
+        out.append(
+            f"TRL's optimizer: {trl_result.get('optimizer')} ({flags}); ours: torch AdamW with "
+            "default settings."
+        )
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
