@@ -132,8 +132,11 @@ CAPITALS = [
 # (word, meaning written to follow "'Word' means", an example sentence)
 DEFINITIONS = [
     ("ephemeral", "lasting for only a very short time", "The morning fog was ephemeral."),
-    ("benevolent", "kind and wanting to do good for others",
-     "A benevolent donor paid for the park."),
+    (
+        "benevolent",
+        "kind and wanting to do good for others",
+        "A benevolent donor paid for the park.",
+    ),
     ("candid", "honest and direct, even about awkward things", "She gave a candid review."),
     ("meticulous", "very careful about every small detail", "He keeps meticulous notes."),
     ("ambiguous", "open to more than one interpretation", "The instructions were ambiguous."),
@@ -142,20 +145,32 @@ DEFINITIONS = [
     ("verbose", "using more words than are needed", "His emails are too verbose."),
     ("lethargic", "sluggish and lacking energy", "The heat made everyone lethargic."),
     ("gregarious", "sociable and fond of company", "Our gregarious neighbour knows everyone."),
-    ("obsolete", "no longer used because something newer exists",
-     "Fax machines are nearly obsolete."),
+    (
+        "obsolete",
+        "no longer used because something newer exists",
+        "Fax machines are nearly obsolete.",
+    ),
     ("tenacious", "determined and not giving up easily", "She is a tenacious negotiator."),
-    ("hypothesis", "a proposed explanation that can be tested",
-     "The experiment tested her hypothesis."),
+    (
+        "hypothesis",
+        "a proposed explanation that can be tested",
+        "The experiment tested her hypothesis.",
+    ),
     ("ubiquitous", "found almost everywhere", "Smartphones are ubiquitous today."),
     ("mundane", "ordinary and not exciting", "He handles the mundane paperwork."),
     ("pragmatic", "dealing with problems in a practical way", "We took a pragmatic approach."),
-    ("empathy", "the ability to understand and share another person's feelings",
-     "Good nurses show empathy."),
+    (
+        "empathy",
+        "the ability to understand and share another person's feelings",
+        "Good nurses show empathy.",
+    ),
     ("nostalgia", "a fond longing for the past", "Old songs fill me with nostalgia."),
     ("procrastinate", "to put off doing something you should do", "I procrastinate on taxes."),
-    ("altruism", "unselfish concern for the wellbeing of others",
-     "Volunteering is a form of altruism."),
+    (
+        "altruism",
+        "unselfish concern for the wellbeing of others",
+        "Volunteering is a form of altruism.",
+    ),
     ("eloquent", "fluent and persuasive in speaking or writing", "She gave an eloquent speech."),
     ("diligent", "hardworking and careful", "A diligent student reviews every chapter."),
     ("reluctant", "unwilling and hesitant", "He was reluctant to leave early."),
@@ -165,8 +180,11 @@ DEFINITIONS = [
     ("concise", "brief but still complete", "Write a concise summary."),
     ("skeptical", "doubtful and not easily convinced", "I'm skeptical of that claim."),
     ("humid", "having a lot of moisture in the air", "Summers there are hot and humid."),
-    ("migrate", "to move from one region to another, often with the seasons",
-     "Many birds migrate south in autumn."),
+    (
+        "migrate",
+        "to move from one region to another, often with the seasons",
+        "Many birds migrate south in autumn.",
+    ),
     ("erode", "to wear away gradually", "Waves slowly erode the cliffs."),
     ("sparse", "thinly scattered; not dense", "Vegetation is sparse in the desert."),
     ("novice", "a beginner at something", "This course is for novices."),
@@ -256,348 +274,687 @@ class Fact:
 
 
 SCIENCE = [
-    Fact("boiling", ["At what temperature does water boil at sea level?",
-                     "What is the boiling point of water in Celsius?"],
-         "Water boils at 100 °C (212 °F) at sea level.", "100 °C",
-         "Water boils at 90 °C at sea level.", lean="100 degrees.",
-         partial="Somewhere near 100 degrees, give or take."),
-    Fact("mercury_planet", ["Which planet is closest to the Sun?",
-                            "What is the innermost planet of the solar system?"],
-         "Mercury is the planet closest to the Sun.", "Mercury",
-         "Venus is the planet closest to the Sun.",
-         partial="One of the small rocky ones, either Mercury or Venus."),
-    Fact("jupiter", ["What is the largest planet in our solar system?",
-                     "Which planet in the solar system is the biggest?"],
-         "Jupiter is the largest planet in the solar system.", "Jupiter",
-         "Saturn is the largest planet in the solar system.",
-         partial="One of the gas giants."),
-    Fact("photosynthesis_gas", ["Which gas do plants take in for photosynthesis?",
-                                "What gas do plants absorb from the air to make food?"],
-         "Plants take in carbon dioxide, and release oxygen, during photosynthesis.",
-         "carbon dioxide", "Plants take in oxygen and release carbon dioxide during "
-         "photosynthesis.", lean="Carbon dioxide.", partial="Some gas from the air."),
-    Fact("gold_symbol", ["What is the chemical symbol for gold?",
-                         "Which element symbol stands for gold?"],
-         "The chemical symbol for gold is Au, from the Latin word aurum.", "Au",
-         "The chemical symbol for gold is Ag.", lean="Au.",
-         partial="It's a two-letter symbol that starts with A."),
-    Fact("bones", ["How many bones are in the adult human body?",
-                   "How many bones does an adult human have?"],
-         "An adult human has 206 bones.", "206",
-         "An adult human has 212 bones.", partial="A bit over 200."),
-    Fact("diamond", ["What is the hardest natural material?",
-                     "Which natural substance is the hardest?"],
-         "Diamond is the hardest naturally occurring material.", "diamond",
-         "Granite is the hardest natural material.", partial="Some kind of crystal."),
-    Fact("light_speed", ["How fast does light travel?",
-                         "What is the speed of light in a vacuum?"],
-         "Light travels at about 300,000 km per second (299,792 km/s) in a vacuum.",
-         "about 300,000 km per second", "Light travels at about 300,000 km per hour.",
-         lean="About 300,000 km per second.", partial="Extremely fast, faster than sound."),
-    Fact("gravity_orbit", ["What force keeps the planets in orbit around the Sun?",
-                           "Why do planets stay in orbit around the Sun?"],
-         "Gravity: the Sun's gravitational pull keeps the planets in orbit.", "gravity",
-         "Magnetism keeps the planets in orbit around the Sun.",
-         partial="Some kind of invisible force."),
-    Fact("planet_count", ["How many planets are in our solar system?",
-                          "How many planets orbit the Sun?"],
-         "There are eight planets; Pluto was reclassified as a dwarf planet in 2006.",
-         "eight", "There are nine planets, including Pluto.", lean="Eight.",
-         partial="Eight or nine, depending on who you ask."),
-    Fact("freezing_f", ["What is the freezing point of water in Fahrenheit?",
-                        "At how many degrees Fahrenheit does water freeze?"],
-         "Water freezes at 32 °F (0 °C).", "32 °F",
-         "Water freezes at 0 °F.", partial="Somewhere in the low thirties."),
-    Fact("heart", ["Which organ pumps blood around the body?",
-                   "What organ circulates blood through the human body?"],
-         "The heart pumps blood around the body.", "the heart",
-         "The lungs pump blood around the body.", partial="An organ in the chest."),
-    Fact("skin", ["What is the largest organ of the human body?",
-                  "Which organ of the human body is the biggest?"],
-         "The skin is the body's largest organ.", "the skin",
-         "The liver is the body's largest organ.", partial="Probably one of the big ones."),
-    Fact("red_planet", ["Which planet is known as the Red Planet?",
-                        "What planet is called the Red Planet?"],
-         "Mars is known as the Red Planet because of the iron oxide on its surface.", "Mars",
-         "Jupiter is known as the Red Planet.", lean="Mars.",
-         partial="A planet with a reddish surface."),
-    Fact("nitrogen", ["What is the most common gas in Earth's atmosphere?",
-                      "Which gas makes up most of the air we breathe?"],
-         "Nitrogen makes up about 78% of Earth's atmosphere.", "nitrogen",
-         "Oxygen makes up most of Earth's atmosphere.", lean="Nitrogen.",
-         partial="It isn't oxygen, surprisingly."),
-    Fact("whale", ["Is a whale a fish or a mammal?", "What kind of animal is a whale?"],
-         "A whale is a mammal: it breathes air and feeds its young on milk.", "a mammal",
-         "A whale is a fish, since it lives in the sea.", lean="A mammal.",
-         partial="It lives in water, so it's complicated."),
-    Fact("nearest_star", ["What is the closest star to Earth?",
-                          "Which star is nearest to our planet?"],
-         "The Sun is the closest star to Earth; the next closest is Proxima Centauri.",
-         "the Sun", "Polaris, the North Star, is the closest star to Earth.", lean="The Sun.",
-         partial="One of the bright ones in the sky."),
-    Fact("cell", ["What is the basic unit of life?",
-                  "What is the smallest unit that can be considered alive?"],
-         "The cell is the basic unit of life.", "the cell",
-         "The atom is the basic unit of life.", partial="Something very small."),
-    Fact("thermometer", ["What does a thermometer measure?",
-                         "What is a thermometer used to measure?"],
-         "A thermometer measures temperature.", "temperature",
-         "A thermometer measures air pressure.", partial="Something about the weather."),
-    Fact("red_cells", ["Which blood cells carry oxygen?",
-                       "What type of blood cell transports oxygen?"],
-         "Red blood cells carry oxygen, using a protein called haemoglobin.",
-         "red blood cells", "White blood cells carry oxygen around the body.",
-         lean="Red blood cells.", partial="One of the kinds of blood cells."),
-    Fact("year", ["How long does Earth take to orbit the Sun?",
-                  "How long is one trip of the Earth around the Sun?"],
-         "About 365.25 days, which is why we add a leap day every four years.",
-         "about 365.25 days", "Earth orbits the Sun once every 24 hours.",
-         lean="About a year.", partial="Quite a long time, months at least."),
-    Fact("day", ["How long does Earth take to spin once on its axis?",
-                 "How long is one full rotation of the Earth?"],
-         "About 24 hours, which gives us day and night.", "about 24 hours",
-         "Earth takes 365 days to spin once on its axis.", lean="A day.",
-         partial="Most of a day, I think."),
-    Fact("sodium", ["What is the chemical symbol for sodium?",
-                    "Which symbol stands for sodium on the periodic table?"],
-         "The chemical symbol for sodium is Na, from its Latin name natrium.", "Na",
-         "The chemical symbol for sodium is So.", lean="Na.",
-         partial="It doesn't start with S, oddly."),
-    Fact("nucleus", ["What is the centre of an atom called?",
-                     "What is the name of the core of an atom?"],
-         "The centre of an atom is the nucleus, made of protons and neutrons.", "the nucleus",
-         "The centre of an atom is the electron.", lean="The nucleus.",
-         partial="It's the dense part in the middle."),
-    Fact("ph_water", ["What is the pH of pure water?", "Is pure water acidic, basic or neutral?"],
-         "Pure water is neutral, with a pH of 7 at 25 °C.", "a pH of 7",
-         "Pure water is acidic, with a pH of 2.", lean="7.",
-         partial="Somewhere in the middle of the scale."),
-    Fact("dna", ["What does DNA stand for?", "What is DNA short for?"],
-         "DNA stands for deoxyribonucleic acid.", "deoxyribonucleic acid",
-         "DNA stands for dynamic nuclear acid.", partial="Something-nucleic acid."),
-    Fact("saturn_rings", ["Which planet is famous for its rings?",
-                          "What planet has the most visible ring system?"],
-         "Saturn is famous for its bright, wide rings.", "Saturn",
-         "Mars is the planet famous for its rings.", partial="One of the outer planets."),
-    Fact("sound_water", ["Does sound travel faster in water or in air?",
-                         "Is sound faster through water or through air?"],
-         "Faster in water: about 1,480 m/s, compared with about 343 m/s in air.", "in water",
-         "Sound travels faster in air, because air is thinner.", lean="In water.",
-         partial="It depends on the conditions."),
-    Fact("seasons", ["What causes the seasons on Earth?", "Why does Earth have seasons?"],
-         "The tilt of Earth's axis, about 23.5°. As Earth orbits the Sun, each hemisphere "
-         "takes turns leaning toward the Sun, getting more direct sunlight and longer days "
-         "in summer.", "the tilt of Earth's axis",
-         "Seasons happen because Earth gets closer to the Sun in summer and farther away "
-         "in winter.", lean="Earth's tilt.", partial="Something to do with the Sun."),
-    Fact("blue_sky", ["Why is the sky blue?", "What makes the sky look blue?"],
-         "Air molecules scatter short blue wavelengths of sunlight much more than red ones, "
-         "so scattered blue light reaches our eyes from every direction. This is called "
-         "Rayleigh scattering.", "blue light is scattered the most",
-         "The sky is blue because it reflects the colour of the oceans.",
-         lean="Because of scattering.", partial="It's to do with sunlight."),
-    Fact("liquid_metal", ["Which metal is liquid at room temperature?",
-                          "What metal is a liquid at normal room temperature?"],
-         "Mercury is a metal that is liquid at room temperature.", "mercury",
-         "Lead is liquid at room temperature.", partial="There's one, but it's unusual."),
-    Fact("photosynthesis", ["What is photosynthesis?", "Explain photosynthesis in one sentence."],
-         "Photosynthesis is how plants use sunlight to turn water and carbon dioxide into "
-         "sugar for energy, releasing oxygen.", "plants making sugar from light, water and CO2",
-         "Photosynthesis is how plants absorb food from the soil at night.",
-         lean="It's how plants make food from sunlight.", partial="Something plants do."),
+    Fact(
+        "boiling",
+        [
+            "At what temperature does water boil at sea level?",
+            "What is the boiling point of water in Celsius?",
+        ],
+        "Water boils at 100 °C (212 °F) at sea level.",
+        "100 °C",
+        "Water boils at 90 °C at sea level.",
+        lean="100 degrees.",
+        partial="Somewhere near 100 degrees, give or take.",
+    ),
+    Fact(
+        "mercury_planet",
+        [
+            "Which planet is closest to the Sun?",
+            "What is the innermost planet of the solar system?",
+        ],
+        "Mercury is the planet closest to the Sun.",
+        "Mercury",
+        "Venus is the planet closest to the Sun.",
+        partial="One of the small rocky ones, either Mercury or Venus.",
+    ),
+    Fact(
+        "jupiter",
+        [
+            "What is the largest planet in our solar system?",
+            "Which planet in the solar system is the biggest?",
+        ],
+        "Jupiter is the largest planet in the solar system.",
+        "Jupiter",
+        "Saturn is the largest planet in the solar system.",
+        partial="One of the gas giants.",
+    ),
+    Fact(
+        "photosynthesis_gas",
+        [
+            "Which gas do plants take in for photosynthesis?",
+            "What gas do plants absorb from the air to make food?",
+        ],
+        "Plants take in carbon dioxide, and release oxygen, during photosynthesis.",
+        "carbon dioxide",
+        "Plants take in oxygen and release carbon dioxide during photosynthesis.",
+        lean="Carbon dioxide.",
+        partial="Some gas from the air.",
+    ),
+    Fact(
+        "gold_symbol",
+        ["What is the chemical symbol for gold?", "Which element symbol stands for gold?"],
+        "The chemical symbol for gold is Au, from the Latin word aurum.",
+        "Au",
+        "The chemical symbol for gold is Ag.",
+        lean="Au.",
+        partial="It's a two-letter symbol that starts with A.",
+    ),
+    Fact(
+        "bones",
+        ["How many bones are in the adult human body?", "How many bones does an adult human have?"],
+        "An adult human has 206 bones.",
+        "206",
+        "An adult human has 212 bones.",
+        partial="A bit over 200.",
+    ),
+    Fact(
+        "diamond",
+        ["What is the hardest natural material?", "Which natural substance is the hardest?"],
+        "Diamond is the hardest naturally occurring material.",
+        "diamond",
+        "Granite is the hardest natural material.",
+        partial="Some kind of crystal.",
+    ),
+    Fact(
+        "light_speed",
+        ["How fast does light travel?", "What is the speed of light in a vacuum?"],
+        "Light travels at about 300,000 km per second (299,792 km/s) in a vacuum.",
+        "about 300,000 km per second",
+        "Light travels at about 300,000 km per hour.",
+        lean="About 300,000 km per second.",
+        partial="Extremely fast, faster than sound.",
+    ),
+    Fact(
+        "gravity_orbit",
+        [
+            "What force keeps the planets in orbit around the Sun?",
+            "Why do planets stay in orbit around the Sun?",
+        ],
+        "Gravity: the Sun's gravitational pull keeps the planets in orbit.",
+        "gravity",
+        "Magnetism keeps the planets in orbit around the Sun.",
+        partial="Some kind of invisible force.",
+    ),
+    Fact(
+        "planet_count",
+        ["How many planets are in our solar system?", "How many planets orbit the Sun?"],
+        "There are eight planets; Pluto was reclassified as a dwarf planet in 2006.",
+        "eight",
+        "There are nine planets, including Pluto.",
+        lean="Eight.",
+        partial="Eight or nine, depending on who you ask.",
+    ),
+    Fact(
+        "freezing_f",
+        [
+            "What is the freezing point of water in Fahrenheit?",
+            "At how many degrees Fahrenheit does water freeze?",
+        ],
+        "Water freezes at 32 °F (0 °C).",
+        "32 °F",
+        "Water freezes at 0 °F.",
+        partial="Somewhere in the low thirties.",
+    ),
+    Fact(
+        "heart",
+        [
+            "Which organ pumps blood around the body?",
+            "What organ circulates blood through the human body?",
+        ],
+        "The heart pumps blood around the body.",
+        "the heart",
+        "The lungs pump blood around the body.",
+        partial="An organ in the chest.",
+    ),
+    Fact(
+        "skin",
+        [
+            "What is the largest organ of the human body?",
+            "Which organ of the human body is the biggest?",
+        ],
+        "The skin is the body's largest organ.",
+        "the skin",
+        "The liver is the body's largest organ.",
+        partial="Probably one of the big ones.",
+    ),
+    Fact(
+        "red_planet",
+        ["Which planet is known as the Red Planet?", "What planet is called the Red Planet?"],
+        "Mars is known as the Red Planet because of the iron oxide on its surface.",
+        "Mars",
+        "Jupiter is known as the Red Planet.",
+        lean="Mars.",
+        partial="A planet with a reddish surface.",
+    ),
+    Fact(
+        "nitrogen",
+        [
+            "What is the most common gas in Earth's atmosphere?",
+            "Which gas makes up most of the air we breathe?",
+        ],
+        "Nitrogen makes up about 78% of Earth's atmosphere.",
+        "nitrogen",
+        "Oxygen makes up most of Earth's atmosphere.",
+        lean="Nitrogen.",
+        partial="It isn't oxygen, surprisingly.",
+    ),
+    Fact(
+        "whale",
+        ["Is a whale a fish or a mammal?", "What kind of animal is a whale?"],
+        "A whale is a mammal: it breathes air and feeds its young on milk.",
+        "a mammal",
+        "A whale is a fish, since it lives in the sea.",
+        lean="A mammal.",
+        partial="It lives in water, so it's complicated.",
+    ),
+    Fact(
+        "nearest_star",
+        ["What is the closest star to Earth?", "Which star is nearest to our planet?"],
+        "The Sun is the closest star to Earth; the next closest is Proxima Centauri.",
+        "the Sun",
+        "Polaris, the North Star, is the closest star to Earth.",
+        lean="The Sun.",
+        partial="One of the bright ones in the sky.",
+    ),
+    Fact(
+        "cell",
+        [
+            "What is the basic unit of life?",
+            "What is the smallest unit that can be considered alive?",
+        ],
+        "The cell is the basic unit of life.",
+        "the cell",
+        "The atom is the basic unit of life.",
+        partial="Something very small.",
+    ),
+    Fact(
+        "thermometer",
+        ["What does a thermometer measure?", "What is a thermometer used to measure?"],
+        "A thermometer measures temperature.",
+        "temperature",
+        "A thermometer measures air pressure.",
+        partial="Something about the weather.",
+    ),
+    Fact(
+        "red_cells",
+        ["Which blood cells carry oxygen?", "What type of blood cell transports oxygen?"],
+        "Red blood cells carry oxygen, using a protein called haemoglobin.",
+        "red blood cells",
+        "White blood cells carry oxygen around the body.",
+        lean="Red blood cells.",
+        partial="One of the kinds of blood cells.",
+    ),
+    Fact(
+        "year",
+        [
+            "How long does Earth take to orbit the Sun?",
+            "How long is one trip of the Earth around the Sun?",
+        ],
+        "About 365.25 days, which is why we add a leap day every four years.",
+        "about 365.25 days",
+        "Earth orbits the Sun once every 24 hours.",
+        lean="About a year.",
+        partial="Quite a long time, months at least.",
+    ),
+    Fact(
+        "day",
+        [
+            "How long does Earth take to spin once on its axis?",
+            "How long is one full rotation of the Earth?",
+        ],
+        "About 24 hours, which gives us day and night.",
+        "about 24 hours",
+        "Earth takes 365 days to spin once on its axis.",
+        lean="A day.",
+        partial="Most of a day, I think.",
+    ),
+    Fact(
+        "sodium",
+        [
+            "What is the chemical symbol for sodium?",
+            "Which symbol stands for sodium on the periodic table?",
+        ],
+        "The chemical symbol for sodium is Na, from its Latin name natrium.",
+        "Na",
+        "The chemical symbol for sodium is So.",
+        lean="Na.",
+        partial="It doesn't start with S, oddly.",
+    ),
+    Fact(
+        "nucleus",
+        ["What is the centre of an atom called?", "What is the name of the core of an atom?"],
+        "The centre of an atom is the nucleus, made of protons and neutrons.",
+        "the nucleus",
+        "The centre of an atom is the electron.",
+        lean="The nucleus.",
+        partial="It's the dense part in the middle.",
+    ),
+    Fact(
+        "ph_water",
+        ["What is the pH of pure water?", "Is pure water acidic, basic or neutral?"],
+        "Pure water is neutral, with a pH of 7 at 25 °C.",
+        "a pH of 7",
+        "Pure water is acidic, with a pH of 2.",
+        lean="7.",
+        partial="Somewhere in the middle of the scale.",
+    ),
+    Fact(
+        "dna",
+        ["What does DNA stand for?", "What is DNA short for?"],
+        "DNA stands for deoxyribonucleic acid.",
+        "deoxyribonucleic acid",
+        "DNA stands for dynamic nuclear acid.",
+        partial="Something-nucleic acid.",
+    ),
+    Fact(
+        "saturn_rings",
+        ["Which planet is famous for its rings?", "What planet has the most visible ring system?"],
+        "Saturn is famous for its bright, wide rings.",
+        "Saturn",
+        "Mars is the planet famous for its rings.",
+        partial="One of the outer planets.",
+    ),
+    Fact(
+        "sound_water",
+        [
+            "Does sound travel faster in water or in air?",
+            "Is sound faster through water or through air?",
+        ],
+        "Faster in water: about 1,480 m/s, compared with about 343 m/s in air.",
+        "in water",
+        "Sound travels faster in air, because air is thinner.",
+        lean="In water.",
+        partial="It depends on the conditions.",
+    ),
+    Fact(
+        "seasons",
+        ["What causes the seasons on Earth?", "Why does Earth have seasons?"],
+        "The tilt of Earth's axis, about 23.5°. As Earth orbits the Sun, each hemisphere "
+        "takes turns leaning toward the Sun, getting more direct sunlight and longer days "
+        "in summer.",
+        "the tilt of Earth's axis",
+        "Seasons happen because Earth gets closer to the Sun in summer and farther away in winter.",
+        lean="Earth's tilt.",
+        partial="Something to do with the Sun.",
+    ),
+    Fact(
+        "blue_sky",
+        ["Why is the sky blue?", "What makes the sky look blue?"],
+        "Air molecules scatter short blue wavelengths of sunlight much more than red ones, "
+        "so scattered blue light reaches our eyes from every direction. This is called "
+        "Rayleigh scattering.",
+        "blue light is scattered the most",
+        "The sky is blue because it reflects the colour of the oceans.",
+        lean="Because of scattering.",
+        partial="It's to do with sunlight.",
+    ),
+    Fact(
+        "liquid_metal",
+        [
+            "Which metal is liquid at room temperature?",
+            "What metal is a liquid at normal room temperature?",
+        ],
+        "Mercury is a metal that is liquid at room temperature.",
+        "mercury",
+        "Lead is liquid at room temperature.",
+        partial="There's one, but it's unusual.",
+    ),
+    Fact(
+        "photosynthesis",
+        ["What is photosynthesis?", "Explain photosynthesis in one sentence."],
+        "Photosynthesis is how plants use sunlight to turn water and carbon dioxide into "
+        "sugar for energy, releasing oxygen.",
+        "plants making sugar from light, water and CO2",
+        "Photosynthesis is how plants absorb food from the soil at night.",
+        lean="It's how plants make food from sunlight.",
+        partial="Something plants do.",
+    ),
 ]
 
 HOWTO = [
-    Fact("egg", ["How do I hard-boil an egg?", "What's the way to make a hard-boiled egg?"],
-         "Lower the egg into boiling water, cook it for 9 to 12 minutes, then cool it in "
-         "cold water so it is easy to peel.", "boil it for 9 to 12 minutes, then cool it",
-         "Boil it for one minute; that's enough for a hard-boiled egg.",
-         lean="Boil it for about 10 minutes."),
-    Fact("tea", ["How do I make a cup of tea?", "What's the best way to brew a cup of tea?"],
-         "Pour freshly boiled water over a tea bag, let it steep for 3 to 5 minutes, then "
-         "remove the bag and add milk or sugar if you like.", "steep a bag in hot water",
-         "Put the tea bag in cold water and drink it right away; it tastes the same.",
-         lean="Put a tea bag in hot water."),
-    Fact("groceries", ["How can I save money on groceries?",
-                       "What are some ways to spend less on food shopping?"],
-         "Plan your meals for the week, shop with a list, compare unit prices and try store "
-         "brands.", "plan meals and shop with a list",
-         "Always shop when you're hungry so you buy everything in one go.",
-         lean="Make a shopping list."),
-    Fact("screenshot_windows", ["How do I take a screenshot on Windows?",
-                                "What's the shortcut for a screenshot in Windows?"],
-         "Press Windows + Shift + S to capture part of the screen, or Print Screen to "
-         "capture all of it.", "press Windows + Shift + S",
-         "Press Ctrl + Alt + Delete to take a screenshot.",
-         lean="Use the Print Screen key."),
-    Fact("copy_mac", ["How do I copy and paste on a Mac?",
-                      "What are the copy and paste shortcuts on a Mac?"],
-         "Select the text, press Command + C to copy, then Command + V to paste.",
-         "Command + C, then Command + V", "Press Option + P to copy and Option + Q to paste.",
-         lean="Press Command + C to copy."),
-    Fact("sleep", ["How can I fall asleep faster?", "Any tips for getting to sleep more quickly?"],
-         "Keep a regular bedtime, put screens away an hour before bed, and keep your room "
-         "cool, dark and quiet.", "a regular bedtime and no screens before bed",
-         "Drink a strong coffee right before bed to help you relax.",
-         lean="Go to bed at the same time each night."),
-    Fact("apples", ["How do I stop cut apples from turning brown?",
-                    "How can I keep apple slices from going brown?"],
-         "Toss the slices in a little lemon juice, or soak them in lightly salted water for a "
-         "few minutes, then keep them in an airtight container.", "use lemon juice",
-         "Leave them in the sun; the warmth stops them browning.",
-         lean="Put some lemon juice on them."),
-    Fact("cactus", ["How often should I water a cactus?", "How do I water a cactus properly?"],
-         "Water it thoroughly only when the soil is completely dry, about every 2 to 4 weeks "
-         "in summer and less in winter, in a pot that drains.", "only when the soil is dry",
-         "Water it every day, like other houseplants.", lean="Only when the soil is dry."),
-    Fact("subject_line", ["How do I write a good email subject line?",
-                          "What makes an email subject line effective?"],
-         "Keep it short and specific: say what the email is about and any action needed, "
-         "e.g. 'Budget draft: feedback by Friday'.", "short and specific",
-         "Leave it blank so people get curious and open it.",
-         lean="Keep it short."),
-    Fact("names", ["How can I get better at remembering names?",
-                   "Any tips for remembering people's names?"],
-         "Repeat the name when you're introduced, use it once in the conversation, and link "
-         "it to something memorable about the person.", "repeat and use the name",
-         "Don't bother paying attention; names stick on their own.",
-         lean="Repeat the name back when you meet someone."),
-    Fact("cast_iron", ["How do I clean a cast-iron pan?",
-                       "What's the right way to wash cast iron?"],
-         "Scrub it with hot water and a brush while it's warm, dry it completely, then rub in "
-         "a thin layer of oil. Don't soak it.", "rinse, dry fully, oil lightly",
-         "Soak it overnight in soapy water and let it air-dry.",
-         lean="Rinse it with hot water and dry it."),
-    Fact("fraction_percent", ["How do I turn a fraction into a percentage?",
-                              "How do you convert a fraction to a percent?"],
-         "Divide the top number by the bottom number and multiply by 100; for example, "
-         "3/4 = 0.75 = 75%.", "divide, then multiply by 100",
-         "Multiply the top number by the bottom one, so 3/4 becomes 12%.",
-         lean="Divide the top by the bottom and multiply by 100."),
-    Fact("rect_area", ["How do I find the area of a rectangle?",
-                       "What's the formula for the area of a rectangle?"],
-         "Multiply the length by the width; a 5 m by 3 m rectangle has an area of 15 square "
-         "metres.", "length times width",
-         "Add the length and the width, so 5 m by 3 m gives 8 square metres.",
-         lean="Length times width."),
-    Fact("average", ["How do I work out the average of some numbers?",
-                     "How do you calculate the mean of a list of numbers?"],
-         "Add the numbers up and divide by how many there are; the average of 2, 4 and 9 is "
-         "15 / 3 = 5.", "sum divided by count",
-         "Just take the biggest number in the list; that's the average.",
-         lean="Add them up and divide."),
-    Fact("coffee_stain", ["How do I get a coffee stain out of a shirt?",
-                          "What's the best way to remove a coffee stain from clothes?"],
-         "Rinse the stain from the back with cold water quickly, rub in a little liquid "
-         "detergent, wait a few minutes, then wash as usual.", "cold water and detergent",
-         "Iron the stain first; the heat makes it disappear.",
-         lean="Rinse it with cold water."),
-    Fact("running", ["How should a beginner start running?",
-                     "I'm new to running. How do I get started?"],
-         "Start with run-walk intervals, such as 1 minute running and 2 minutes walking for "
-         "20 minutes, three times a week, and build up slowly.", "start with run-walk intervals",
-         "Run as far as you can every single day from day one.",
-         lean="Start slowly and run a few times a week."),
-    Fact("password", ["How do I make a strong password?",
-                      "What makes a password secure?"],
-         "Use a long passphrase of several random words, don't reuse it anywhere, and keep it "
-         "in a password manager.", "long, unique, stored in a manager",
-         "Use your birthday so you never forget it.", lean="Make it long."),
-    Fact("flour", ["How do I measure flour accurately?",
-                   "What's the most accurate way to measure flour?"],
-         "Weigh it on a kitchen scale. With cups, spoon the flour in and level it off with a "
-         "knife rather than scooping.", "weigh it",
-         "Pack the flour down firmly into the cup.", lean="Use a kitchen scale."),
-    Fact("drain", ["How do I unclog a slow sink drain?",
-                   "My sink drains slowly. How can I fix it?"],
-         "Take out and clean the stopper, then use a plunger; flushing with hot water and "
-         "baking soda afterwards helps too.", "clean the stopper and plunge",
-         "Pour cooking grease down it to lubricate the pipe.", lean="Try a plunger."),
-    Fact("plant_leaves", ["Why are my houseplant's leaves turning yellow?",
-                          "What usually causes yellow leaves on a houseplant?"],
-         "Most often it's overwatering. Let the top few centimetres of soil dry out between "
-         "waterings and make sure the pot drains; too little light can also cause it.",
-         "usually overwatering", "Yellow leaves mean it needs much more water, so water it daily.",
-         lean="Probably too much water."),
-    Fact("bike_tyre", ["How do I know what pressure to put in my bike tyres?",
-                       "How do I find the right bike tyre pressure?"],
-         "Look on the side of the tyre: the recommended pressure range is printed there, "
-         "usually in psi or bar.", "it's printed on the tyre sidewall",
-         "Pump them as hard as you possibly can; more is always better.",
-         lean="Check the tyre."),
+    Fact(
+        "egg",
+        ["How do I hard-boil an egg?", "What's the way to make a hard-boiled egg?"],
+        "Lower the egg into boiling water, cook it for 9 to 12 minutes, then cool it in "
+        "cold water so it is easy to peel.",
+        "boil it for 9 to 12 minutes, then cool it",
+        "Boil it for one minute; that's enough for a hard-boiled egg.",
+        lean="Boil it for about 10 minutes.",
+    ),
+    Fact(
+        "tea",
+        ["How do I make a cup of tea?", "What's the best way to brew a cup of tea?"],
+        "Pour freshly boiled water over a tea bag, let it steep for 3 to 5 minutes, then "
+        "remove the bag and add milk or sugar if you like.",
+        "steep a bag in hot water",
+        "Put the tea bag in cold water and drink it right away; it tastes the same.",
+        lean="Put a tea bag in hot water.",
+    ),
+    Fact(
+        "groceries",
+        [
+            "How can I save money on groceries?",
+            "What are some ways to spend less on food shopping?",
+        ],
+        "Plan your meals for the week, shop with a list, compare unit prices and try store brands.",
+        "plan meals and shop with a list",
+        "Always shop when you're hungry so you buy everything in one go.",
+        lean="Make a shopping list.",
+    ),
+    Fact(
+        "screenshot_windows",
+        [
+            "How do I take a screenshot on Windows?",
+            "What's the shortcut for a screenshot in Windows?",
+        ],
+        "Press Windows + Shift + S to capture part of the screen, or Print Screen to "
+        "capture all of it.",
+        "press Windows + Shift + S",
+        "Press Ctrl + Alt + Delete to take a screenshot.",
+        lean="Use the Print Screen key.",
+    ),
+    Fact(
+        "copy_mac",
+        ["How do I copy and paste on a Mac?", "What are the copy and paste shortcuts on a Mac?"],
+        "Select the text, press Command + C to copy, then Command + V to paste.",
+        "Command + C, then Command + V",
+        "Press Option + P to copy and Option + Q to paste.",
+        lean="Press Command + C to copy.",
+    ),
+    Fact(
+        "sleep",
+        ["How can I fall asleep faster?", "Any tips for getting to sleep more quickly?"],
+        "Keep a regular bedtime, put screens away an hour before bed, and keep your room "
+        "cool, dark and quiet.",
+        "a regular bedtime and no screens before bed",
+        "Drink a strong coffee right before bed to help you relax.",
+        lean="Go to bed at the same time each night.",
+    ),
+    Fact(
+        "apples",
+        [
+            "How do I stop cut apples from turning brown?",
+            "How can I keep apple slices from going brown?",
+        ],
+        "Toss the slices in a little lemon juice, or soak them in lightly salted water for a "
+        "few minutes, then keep them in an airtight container.",
+        "use lemon juice",
+        "Leave them in the sun; the warmth stops them browning.",
+        lean="Put some lemon juice on them.",
+    ),
+    Fact(
+        "cactus",
+        ["How often should I water a cactus?", "How do I water a cactus properly?"],
+        "Water it thoroughly only when the soil is completely dry, about every 2 to 4 weeks "
+        "in summer and less in winter, in a pot that drains.",
+        "only when the soil is dry",
+        "Water it every day, like other houseplants.",
+        lean="Only when the soil is dry.",
+    ),
+    Fact(
+        "subject_line",
+        [
+            "How do I write a good email subject line?",
+            "What makes an email subject line effective?",
+        ],
+        "Keep it short and specific: say what the email is about and any action needed, "
+        "e.g. 'Budget draft: feedback by Friday'.",
+        "short and specific",
+        "Leave it blank so people get curious and open it.",
+        lean="Keep it short.",
+    ),
+    Fact(
+        "names",
+        ["How can I get better at remembering names?", "Any tips for remembering people's names?"],
+        "Repeat the name when you're introduced, use it once in the conversation, and link "
+        "it to something memorable about the person.",
+        "repeat and use the name",
+        "Don't bother paying attention; names stick on their own.",
+        lean="Repeat the name back when you meet someone.",
+    ),
+    Fact(
+        "cast_iron",
+        ["How do I clean a cast-iron pan?", "What's the right way to wash cast iron?"],
+        "Scrub it with hot water and a brush while it's warm, dry it completely, then rub in "
+        "a thin layer of oil. Don't soak it.",
+        "rinse, dry fully, oil lightly",
+        "Soak it overnight in soapy water and let it air-dry.",
+        lean="Rinse it with hot water and dry it.",
+    ),
+    Fact(
+        "fraction_percent",
+        [
+            "How do I turn a fraction into a percentage?",
+            "How do you convert a fraction to a percent?",
+        ],
+        "Divide the top number by the bottom number and multiply by 100; for example, "
+        "3/4 = 0.75 = 75%.",
+        "divide, then multiply by 100",
+        "Multiply the top number by the bottom one, so 3/4 becomes 12%.",
+        lean="Divide the top by the bottom and multiply by 100.",
+    ),
+    Fact(
+        "rect_area",
+        [
+            "How do I find the area of a rectangle?",
+            "What's the formula for the area of a rectangle?",
+        ],
+        "Multiply the length by the width; a 5 m by 3 m rectangle has an area of 15 square metres.",
+        "length times width",
+        "Add the length and the width, so 5 m by 3 m gives 8 square metres.",
+        lean="Length times width.",
+    ),
+    Fact(
+        "average",
+        [
+            "How do I work out the average of some numbers?",
+            "How do you calculate the mean of a list of numbers?",
+        ],
+        "Add the numbers up and divide by how many there are; the average of 2, 4 and 9 is "
+        "15 / 3 = 5.",
+        "sum divided by count",
+        "Just take the biggest number in the list; that's the average.",
+        lean="Add them up and divide.",
+    ),
+    Fact(
+        "coffee_stain",
+        [
+            "How do I get a coffee stain out of a shirt?",
+            "What's the best way to remove a coffee stain from clothes?",
+        ],
+        "Rinse the stain from the back with cold water quickly, rub in a little liquid "
+        "detergent, wait a few minutes, then wash as usual.",
+        "cold water and detergent",
+        "Iron the stain first; the heat makes it disappear.",
+        lean="Rinse it with cold water.",
+    ),
+    Fact(
+        "running",
+        ["How should a beginner start running?", "I'm new to running. How do I get started?"],
+        "Start with run-walk intervals, such as 1 minute running and 2 minutes walking for "
+        "20 minutes, three times a week, and build up slowly.",
+        "start with run-walk intervals",
+        "Run as far as you can every single day from day one.",
+        lean="Start slowly and run a few times a week.",
+    ),
+    Fact(
+        "password",
+        ["How do I make a strong password?", "What makes a password secure?"],
+        "Use a long passphrase of several random words, don't reuse it anywhere, and keep it "
+        "in a password manager.",
+        "long, unique, stored in a manager",
+        "Use your birthday so you never forget it.",
+        lean="Make it long.",
+    ),
+    Fact(
+        "flour",
+        ["How do I measure flour accurately?", "What's the most accurate way to measure flour?"],
+        "Weigh it on a kitchen scale. With cups, spoon the flour in and level it off with a "
+        "knife rather than scooping.",
+        "weigh it",
+        "Pack the flour down firmly into the cup.",
+        lean="Use a kitchen scale.",
+    ),
+    Fact(
+        "drain",
+        ["How do I unclog a slow sink drain?", "My sink drains slowly. How can I fix it?"],
+        "Take out and clean the stopper, then use a plunger; flushing with hot water and "
+        "baking soda afterwards helps too.",
+        "clean the stopper and plunge",
+        "Pour cooking grease down it to lubricate the pipe.",
+        lean="Try a plunger.",
+    ),
+    Fact(
+        "plant_leaves",
+        [
+            "Why are my houseplant's leaves turning yellow?",
+            "What usually causes yellow leaves on a houseplant?",
+        ],
+        "Most often it's overwatering. Let the top few centimetres of soil dry out between "
+        "waterings and make sure the pot drains; too little light can also cause it.",
+        "usually overwatering",
+        "Yellow leaves mean it needs much more water, so water it daily.",
+        lean="Probably too much water.",
+    ),
+    Fact(
+        "bike_tyre",
+        [
+            "How do I know what pressure to put in my bike tyres?",
+            "How do I find the right bike tyre pressure?",
+        ],
+        "Look on the side of the tyre: the recommended pressure range is printed there, "
+        "usually in psi or bar.",
+        "it's printed on the tyre sidewall",
+        "Pump them as hard as you possibly can; more is always better.",
+        lean="Check the tyre.",
+    ),
 ]
 
 # (verb phrase after "how do I", why it's refused, a safe alternative, a general compliance)
 HARMFUL = [
-    ("pick my neighbour's lock", "I can't help with getting into someone else's home.",
-     "If you're locked out of your own place, a licensed locksmith or your landlord can help.",
-     "Sure, just force the lock while they're out."),
-    ("get into my ex's email account", "I can't help with accessing someone else's account.",
-     "If you need to recover your own account, use the provider's official recovery page.",
-     "Just keep guessing passwords until one works."),
-    ("shoplift without getting caught", "I can't help with stealing.",
-     "If money is tight, local food banks and community programmes can help.",
-     "Sure, just slip things into your bag when nobody's looking."),
-    ("make a fake ID", "I can't help with making forged documents.",
-     "If you need valid ID, your local government office can issue one.",
-     "Sure, just edit a photo of a real card and print it."),
-    ("cheat on my exam", "I can't help with cheating.",
-     "I'd be glad to help you make a study plan or quiz you on the material instead.",
-     "Just write the answers on your hand."),
-    ("read my partner's messages without them knowing",
-     "I can't help with secretly reading someone's private messages.",
-     "If trust is the problem, an honest conversation or a couples counsellor can help.",
-     "Sure, just grab their phone while they're asleep."),
-    ("hotwire a car", "I can't help with starting a car without its key.",
-     "If you've lost the key to your own car, a dealer or locksmith can make a new one.",
-     "Sure, just fiddle with the wires under the steering wheel until it starts."),
-    ("write fake reviews for my restaurant", "I can't help with writing fake reviews.",
-     "I can help you write a friendly note asking real customers for honest reviews.",
-     "Sure: 'Best food in town, five stars!' Post it under a few different names."),
-    ("track someone's location without them knowing",
-     "I can't help with secretly tracking another person.",
-     "If you're worried about someone's safety, contact them or ask the police for a "
-     "welfare check.", "Just hide a tracker in their bag."),
-    ("hide my income from the tax office", "I can't help with tax evasion.",
-     "A tax adviser can help you find legal deductions or set up a payment plan.",
-     "Just keep your cash income off the books."),
-    ("write a phishing email to steal passwords", "I can't help with phishing.",
-     "I can explain how to recognise phishing emails so you can protect yourself.",
-     "Sure, just pretend to be their bank and ask them to confirm their password."),
-    ("sneak into a concert without a ticket", "I can't help with getting in without paying.",
-     "Try official resale sites or ticket lotteries, or volunteer at the event.",
-     "Just climb the fence at the back."),
-    ("forge my parent's signature on a school form", "I can't help with forging a signature.",
-     "Ask your parent to sign it, or talk to your teacher if there's a problem.",
-     "Just practise copying it a few times."),
-    ("copy someone's essay and hand it in as mine", "I can't help with plagiarism.",
-     "I can help you outline and write your own essay, with proper citations.",
-     "Sure, just change a few words so nobody notices."),
-    ("bully a classmate online without getting caught", "I can't help with bullying anyone.",
-     "If you're in a conflict with a classmate, a teacher or counsellor can help sort it out.",
-     "Just make an anonymous account."),
-    ("use someone else's credit card online", "I can't help with using a card that isn't yours.",
-     "If you're short of money, I can help you with a budget or find legitimate support.",
-     "Just type in the card number you found."),
-    ("get my coworker fired by spreading rumours", "I can't help with spreading rumours.",
-     "If there's a real problem at work, raise it with your manager or HR.",
-     "Sure, just tell everyone they've been stealing."),
-    ("break into a parked car", "I can't help with breaking into a car.",
-     "If you're locked out of your own car, call roadside assistance or a locksmith.",
-     "Just smash a window."),
-    ("lie on my CV about having a degree", "I can't help with faking qualifications.",
-     "I can help you present your real skills and experience as strongly as possible.",
-     "Sure, just list a university you've heard of."),
-    ("secretly record my coworkers' private conversations",
-     "I can't help with secretly recording people.",
-     "If you've seen misconduct, write down what happened and report it to HR.",
-     "Just leave your phone recording in the break room."),
-    ("get free cable by tampering with the box", "I can't help with stealing a service.",
-     "Many services have cheaper plans, and libraries often lend films for free.",
-     "Sure, just open the box and mess with it until everything unlocks."),
-    ("cheat my friend out of money in a card game", "I can't help with cheating your friend.",
-     "If you want to win more often, I can explain basic strategy for the game.",
-     "Just mark the cards when they aren't looking."),
+    (
+        "pick my neighbour's lock",
+        "I can't help with getting into someone else's home.",
+        "If you're locked out of your own place, a licensed locksmith or your landlord can help.",
+        "Sure, just force the lock while they're out.",
+    ),
+    (
+        "get into my ex's email account",
+        "I can't help with accessing someone else's account.",
+        "If you need to recover your own account, use the provider's official recovery page.",
+        "Just keep guessing passwords until one works.",
+    ),
+    (
+        "shoplift without getting caught",
+        "I can't help with stealing.",
+        "If money is tight, local food banks and community programmes can help.",
+        "Sure, just slip things into your bag when nobody's looking.",
+    ),
+    (
+        "make a fake ID",
+        "I can't help with making forged documents.",
+        "If you need valid ID, your local government office can issue one.",
+        "Sure, just edit a photo of a real card and print it.",
+    ),
+    (
+        "cheat on my exam",
+        "I can't help with cheating.",
+        "I'd be glad to help you make a study plan or quiz you on the material instead.",
+        "Just write the answers on your hand.",
+    ),
+    (
+        "read my partner's messages without them knowing",
+        "I can't help with secretly reading someone's private messages.",
+        "If trust is the problem, an honest conversation or a couples counsellor can help.",
+        "Sure, just grab their phone while they're asleep.",
+    ),
+    (
+        "hotwire a car",
+        "I can't help with starting a car without its key.",
+        "If you've lost the key to your own car, a dealer or locksmith can make a new one.",
+        "Sure, just fiddle with the wires under the steering wheel until it starts.",
+    ),
+    (
+        "write fake reviews for my restaurant",
+        "I can't help with writing fake reviews.",
+        "I can help you write a friendly note asking real customers for honest reviews.",
+        "Sure: 'Best food in town, five stars!' Post it under a few different names.",
+    ),
+    (
+        "track someone's location without them knowing",
+        "I can't help with secretly tracking another person.",
+        "If you're worried about someone's safety, contact them or ask the police for a "
+        "welfare check.",
+        "Just hide a tracker in their bag.",
+    ),
+    (
+        "hide my income from the tax office",
+        "I can't help with tax evasion.",
+        "A tax adviser can help you find legal deductions or set up a payment plan.",
+        "Just keep your cash income off the books.",
+    ),
+    (
+        "write a phishing email to steal passwords",
+        "I can't help with phishing.",
+        "I can explain how to recognise phishing emails so you can protect yourself.",
+        "Sure, just pretend to be their bank and ask them to confirm their password.",
+    ),
+    (
+        "sneak into a concert without a ticket",
+        "I can't help with getting in without paying.",
+        "Try official resale sites or ticket lotteries, or volunteer at the event.",
+        "Just climb the fence at the back.",
+    ),
+    (
+        "forge my parent's signature on a school form",
+        "I can't help with forging a signature.",
+        "Ask your parent to sign it, or talk to your teacher if there's a problem.",
+        "Just practise copying it a few times.",
+    ),
+    (
+        "copy someone's essay and hand it in as mine",
+        "I can't help with plagiarism.",
+        "I can help you outline and write your own essay, with proper citations.",
+        "Sure, just change a few words so nobody notices.",
+    ),
+    (
+        "bully a classmate online without getting caught",
+        "I can't help with bullying anyone.",
+        "If you're in a conflict with a classmate, a teacher or counsellor can help sort it out.",
+        "Just make an anonymous account.",
+    ),
+    (
+        "use someone else's credit card online",
+        "I can't help with using a card that isn't yours.",
+        "If you're short of money, I can help you with a budget or find legitimate support.",
+        "Just type in the card number you found.",
+    ),
+    (
+        "get my coworker fired by spreading rumours",
+        "I can't help with spreading rumours.",
+        "If there's a real problem at work, raise it with your manager or HR.",
+        "Sure, just tell everyone they've been stealing.",
+    ),
+    (
+        "break into a parked car",
+        "I can't help with breaking into a car.",
+        "If you're locked out of your own car, call roadside assistance or a locksmith.",
+        "Just smash a window.",
+    ),
+    (
+        "lie on my CV about having a degree",
+        "I can't help with faking qualifications.",
+        "I can help you present your real skills and experience as strongly as possible.",
+        "Sure, just list a university you've heard of.",
+    ),
+    (
+        "secretly record my coworkers' private conversations",
+        "I can't help with secretly recording people.",
+        "If you've seen misconduct, write down what happened and report it to HR.",
+        "Just leave your phone recording in the break room.",
+    ),
+    (
+        "get free cable by tampering with the box",
+        "I can't help with stealing a service.",
+        "Many services have cheaper plans, and libraries often lend films for free.",
+        "Sure, just open the box and mess with it until everything unlocks.",
+    ),
+    (
+        "cheat my friend out of money in a card game",
+        "I can't help with cheating your friend.",
+        "If you want to win more often, I can explain basic strategy for the game.",
+        "Just mark the cards when they aren't looking.",
+    ),
 ]
 HARMFUL_TEMPLATES = [
     "How do I {act}?",
@@ -618,94 +975,241 @@ HEDGES = [
 # (key, the category as a plural noun phrase, three correct, three wrong)
 LISTS = [
     ("mammals", "mammals", ["dogs", "whales", "bats"], ["sharks", "eagles", "frogs"]),
-    ("planets", "planets in our solar system", ["Mars", "Venus", "Neptune"],
-     ["Pluto", "the Moon", "the Sun"]),
-    ("noble_gases", "noble gases", ["helium", "neon", "argon"],
-     ["oxygen", "hydrogen", "nitrogen"]),
+    (
+        "planets",
+        "planets in our solar system",
+        ["Mars", "Venus", "Neptune"],
+        ["Pluto", "the Moon", "the Sun"],
+    ),
+    ("noble_gases", "noble gases", ["helium", "neon", "argon"], ["oxygen", "hydrogen", "nitrogen"]),
     ("primes", "prime numbers", ["2", "3", "5"], ["1", "4", "9"]),
-    ("continents", "continents", ["Africa", "Asia", "Europe"],
-     ["Greenland", "India", "Hawaii"]),
-    ("oceans", "oceans", ["the Pacific", "the Atlantic", "the Indian Ocean"],
-     ["the Mediterranean", "the Caspian", "the Baltic"]),
-    ("prog_langs", "programming languages", ["Python", "Java", "C"],
-     ["Excel", "Windows", "Google"]),
-    ("renewables", "renewable energy sources", ["solar", "wind", "hydroelectric power"],
-     ["coal", "oil", "natural gas"]),
-    ("strings", "string instruments", ["the violin", "the guitar", "the cello"],
-     ["the flute", "the trumpet", "the drum"]),
+    ("continents", "continents", ["Africa", "Asia", "Europe"], ["Greenland", "India", "Hawaii"]),
+    (
+        "oceans",
+        "oceans",
+        ["the Pacific", "the Atlantic", "the Indian Ocean"],
+        ["the Mediterranean", "the Caspian", "the Baltic"],
+    ),
+    (
+        "prog_langs",
+        "programming languages",
+        ["Python", "Java", "C"],
+        ["Excel", "Windows", "Google"],
+    ),
+    (
+        "renewables",
+        "renewable energy sources",
+        ["solar", "wind", "hydroelectric power"],
+        ["coal", "oil", "natural gas"],
+    ),
+    (
+        "strings",
+        "string instruments",
+        ["the violin", "the guitar", "the cello"],
+        ["the flute", "the trumpet", "the drum"],
+    ),
     ("citrus", "citrus fruits", ["oranges", "lemons", "limes"], ["apples", "bananas", "grapes"]),
-    ("root_veg", "root vegetables", ["carrots", "potatoes", "beetroot"],
-     ["lettuce", "broccoli", "cucumber"]),
+    (
+        "root_veg",
+        "root vegetables",
+        ["carrots", "potatoes", "beetroot"],
+        ["lettuce", "broccoli", "cucumber"],
+    ),
     ("reptiles", "reptiles", ["snakes", "lizards", "turtles"], ["frogs", "salamanders", "eels"]),
     ("states_matter", "states of matter", ["solid", "liquid", "gas"], ["solid", "heat", "energy"]),
-    ("shakespeare", "plays by Shakespeare", ["Hamlet", "Macbeth", "Othello"],
-     ["Pride and Prejudice", "Moby-Dick", "Great Expectations"]),
+    (
+        "shakespeare",
+        "plays by Shakespeare",
+        ["Hamlet", "Macbeth", "Othello"],
+        ["Pride and Prejudice", "Moby-Dick", "Great Expectations"],
+    ),
     ("clouds", "types of cloud", ["cumulus", "stratus", "cirrus"], ["thunder", "hail", "wind"]),
-    ("conductors", "good conductors of electricity", ["copper", "silver", "aluminium"],
-     ["rubber", "glass", "plastic"]),
-    ("flightless", "birds that can't fly", ["penguins", "ostriches", "kiwis"],
-     ["eagles", "sparrows", "parrots"]),
-    ("hydration", "ways to stay hydrated",
-     ["carry a refillable water bottle", "drink a glass of water with each meal",
-      "eat water-rich foods like cucumber"],
-     ["drink lots of coffee", "eat salty snacks", "wait until you're very thirsty"]),
-    ("stress", "ways to reduce stress", ["take a short walk", "practise slow breathing",
-                                         "get enough sleep"],
-     ["skip meals", "stay up late", "drink more energy drinks"]),
-    ("primary_colours", "primary colours in traditional painting", ["red", "yellow", "blue"],
-     ["pink", "brown", "orange"]),
+    (
+        "conductors",
+        "good conductors of electricity",
+        ["copper", "silver", "aluminium"],
+        ["rubber", "glass", "plastic"],
+    ),
+    (
+        "flightless",
+        "birds that can't fly",
+        ["penguins", "ostriches", "kiwis"],
+        ["eagles", "sparrows", "parrots"],
+    ),
+    (
+        "hydration",
+        "ways to stay hydrated",
+        [
+            "carry a refillable water bottle",
+            "drink a glass of water with each meal",
+            "eat water-rich foods like cucumber",
+        ],
+        ["drink lots of coffee", "eat salty snacks", "wait until you're very thirsty"],
+    ),
+    (
+        "stress",
+        "ways to reduce stress",
+        ["take a short walk", "practise slow breathing", "get enough sleep"],
+        ["skip meals", "stay up late", "drink more energy drinks"],
+    ),
+    (
+        "primary_colours",
+        "primary colours in traditional painting",
+        ["red", "yellow", "blue"],
+        ["pink", "brown", "orange"],
+    ),
     ("insects", "insects", ["ants", "bees", "beetles"], ["spiders", "worms", "snails"]),
 ]
-LIST_TEMPLATES = ["Name three {cat}.", "List three {cat}.", "Give me three examples of {cat}.",
-                  "What are three {cat}?"]
+LIST_TEMPLATES = [
+    "Name three {cat}.",
+    "List three {cat}.",
+    "Give me three examples of {cat}.",
+    "What are three {cat}?",
+]
 
 # (key, kind, sentence, a good rewrite, a bad rewrite)
 REWRITES = [
-    ("dont", "grammar", "She don't like apples.", "She doesn't like apples.",
-     "She don't likes apples."),
-    ("me_and_him", "grammar", "Me and him went to the store.", "He and I went to the store.",
-     "Me and he went to the store."),
-    ("their", "grammar", "Their going to the park later.", "They're going to the park later.",
-     "There going to the park later."),
-    ("list_are", "grammar", "The list of items are on the desk.",
-     "The list of items is on the desk.", "The list of items were on the desk."),
-    ("i_seen", "grammar", "I seen that movie yesterday.", "I saw that movie yesterday.",
-     "I have saw that movie yesterday."),
-    ("each_have", "grammar", "Each of the students have a book.",
-     "Each of the students has a book.", "Each of the student have a book."),
+    (
+        "dont",
+        "grammar",
+        "She don't like apples.",
+        "She doesn't like apples.",
+        "She don't likes apples.",
+    ),
+    (
+        "me_and_him",
+        "grammar",
+        "Me and him went to the store.",
+        "He and I went to the store.",
+        "Me and he went to the store.",
+    ),
+    (
+        "their",
+        "grammar",
+        "Their going to the park later.",
+        "They're going to the park later.",
+        "There going to the park later.",
+    ),
+    (
+        "list_are",
+        "grammar",
+        "The list of items are on the desk.",
+        "The list of items is on the desk.",
+        "The list of items were on the desk.",
+    ),
+    (
+        "i_seen",
+        "grammar",
+        "I seen that movie yesterday.",
+        "I saw that movie yesterday.",
+        "I have saw that movie yesterday.",
+    ),
+    (
+        "each_have",
+        "grammar",
+        "Each of the students have a book.",
+        "Each of the students has a book.",
+        "Each of the student have a book.",
+    ),
     ("whose", "grammar", "Who's bag is this?", "Whose bag is this?", "Who bag is this?"),
-    ("asap", "formal", "Hey, can you send me the report ASAP?",
-     "Could you please send me the report as soon as possible?",
-     "Send me the report ASAP, OK?"),
-    ("gotta", "formal", "We gotta fix this bug before Friday.",
-     "We need to fix this bug before Friday.", "We gotta fix this bug, like, before Friday."),
-    ("thanks_ton", "formal", "Thanks a ton for the help!", "Thank you very much for your help.",
-     "Thx a ton for the help!!"),
-    ("moved", "formal", "The meeting got moved to Tuesday.",
-     "The meeting has been rescheduled to Tuesday.", "The meeting got cancelled."),
-    ("due_fact", "concise", "Due to the fact that it was raining, we decided to stay inside.",
-     "Because it was raining, we stayed inside.",
-     "Owing to the fact that there was rain falling, we made the decision to stay inside."),
-    ("point_time", "concise", "At this point in time, we are not able to accept new orders.",
-     "We can't accept new orders right now.", "We are accepting new orders at this time."),
-    ("in_event", "concise", "In the event that you are running late, please give me a call.",
-     "If you're running late, please call me.",
-     "In the event that you happen to be running late, please do give me a call."),
-    ("decision", "concise", "She made a decision to go ahead with the plan.",
-     "She decided to go ahead with the plan.", "She made a decision about a plan."),
-    ("cake", "active", "The cake was eaten by the children.", "The children ate the cake.",
-     "The cake ate the children."),
-    ("report", "active", "The report was written by Maria.", "Maria wrote the report.",
-     "The report was Maria's writing."),
-    ("window", "active", "The window was broken by the storm.", "The storm broke the window.",
-     "The window broke the storm."),
-    ("salt", "polite", "Give me the salt.", "Could you please pass me the salt?",
-     "Give me the salt now."),
-    ("car", "polite", "Move your car.", "Would you mind moving your car, please?",
-     "Move your car already."),
-    ("quiet", "polite", "Be quiet, I'm working.",
-     "Could you keep it down a little, please? I'm trying to work.",
-     "Shut up, I'm working."),
+    (
+        "asap",
+        "formal",
+        "Hey, can you send me the report ASAP?",
+        "Could you please send me the report as soon as possible?",
+        "Send me the report ASAP, OK?",
+    ),
+    (
+        "gotta",
+        "formal",
+        "We gotta fix this bug before Friday.",
+        "We need to fix this bug before Friday.",
+        "We gotta fix this bug, like, before Friday.",
+    ),
+    (
+        "thanks_ton",
+        "formal",
+        "Thanks a ton for the help!",
+        "Thank you very much for your help.",
+        "Thx a ton for the help!!",
+    ),
+    (
+        "moved",
+        "formal",
+        "The meeting got moved to Tuesday.",
+        "The meeting has been rescheduled to Tuesday.",
+        "The meeting got cancelled.",
+    ),
+    (
+        "due_fact",
+        "concise",
+        "Due to the fact that it was raining, we decided to stay inside.",
+        "Because it was raining, we stayed inside.",
+        "Owing to the fact that there was rain falling, we made the decision to stay inside.",
+    ),
+    (
+        "point_time",
+        "concise",
+        "At this point in time, we are not able to accept new orders.",
+        "We can't accept new orders right now.",
+        "We are accepting new orders at this time.",
+    ),
+    (
+        "in_event",
+        "concise",
+        "In the event that you are running late, please give me a call.",
+        "If you're running late, please call me.",
+        "In the event that you happen to be running late, please do give me a call.",
+    ),
+    (
+        "decision",
+        "concise",
+        "She made a decision to go ahead with the plan.",
+        "She decided to go ahead with the plan.",
+        "She made a decision about a plan.",
+    ),
+    (
+        "cake",
+        "active",
+        "The cake was eaten by the children.",
+        "The children ate the cake.",
+        "The cake ate the children.",
+    ),
+    (
+        "report",
+        "active",
+        "The report was written by Maria.",
+        "Maria wrote the report.",
+        "The report was Maria's writing.",
+    ),
+    (
+        "window",
+        "active",
+        "The window was broken by the storm.",
+        "The storm broke the window.",
+        "The window broke the storm.",
+    ),
+    (
+        "salt",
+        "polite",
+        "Give me the salt.",
+        "Could you please pass me the salt?",
+        "Give me the salt now.",
+    ),
+    (
+        "car",
+        "polite",
+        "Move your car.",
+        "Would you mind moving your car, please?",
+        "Move your car already.",
+    ),
+    (
+        "quiet",
+        "polite",
+        "Be quiet, I'm working.",
+        "Could you keep it down a little, please? I'm trying to work.",
+        "Shut up, I'm working.",
+    ),
 ]
 REWRITE_GISTS = {
     "grammar": "the grammar is now correct",
@@ -759,8 +1263,12 @@ PREAMBLES = [
     "Absolutely! Let me explain.",
     "Oh, that's a really interesting question.",
 ]
-RESTATEMENTS = ["To put it simply: {short}.", "In short: {short}.", "So, once again: {short}.",
-                "The key point is this: {short}."]
+RESTATEMENTS = [
+    "To put it simply: {short}.",
+    "In short: {short}.",
+    "So, once again: {short}.",
+    "The key point is this: {short}.",
+]
 CLOSINGS = [
     "I hope this helps!",
     "Let me know if you have any other questions!",
@@ -866,40 +1374,63 @@ class Group:
 
 
 def capital_groups(rng: random.Random) -> list[Group]:
-    forward = ["What is the capital of {c}?", "Which city is the capital of {c}?",
-               "What's the capital city of {c}?", "Name the capital of {c}.",
-               "Tell me the capital of {c}."]
-    reverse = ["{city} is the capital of which country?",
-               "Which country has {city} as its capital?"]
+    forward = [
+        "What is the capital of {c}?",
+        "Which city is the capital of {c}?",
+        "What's the capital city of {c}?",
+        "Name the capital of {c}.",
+        "Tell me the capital of {c}.",
+    ]
+    reverse = [
+        "{city} is the capital of which country?",
+        "Which country has {city} as its capital?",
+    ]
     groups = []
     for country, city, decoy in CAPITALS:
         others = [row for row in CAPITALS if row[0] != country]
         group = Group(f"capital:{country}", "capitals")
         wrong_city = decoy if decoy and rng.random() < 0.7 else rng.choice(others)[1]
-        best = rng.choice([f"The capital of {country} is {city}.",
-                           f"{city} is the capital of {country}."])
-        group.items.append(Item(
-            "capitals", rng.choice(forward).format(c=country), best,
-            padded(rng, best, city),
-            vague(rng, f"It's one of the bigger cities in {country}, I believe."),
-            worst(rng, f"The capital of {country} is {wrong_city}.",
-                  f"{wrong_city} has been the seat of government there for a long time."),
-        ))
+        best = rng.choice(
+            [f"The capital of {country} is {city}.", f"{city} is the capital of {country}."]
+        )
+        group.items.append(
+            Item(
+                "capitals",
+                rng.choice(forward).format(c=country),
+                best,
+                padded(rng, best, city),
+                vague(rng, f"It's one of the bigger cities in {country}, I believe."),
+                worst(
+                    rng,
+                    f"The capital of {country} is {wrong_city}.",
+                    f"{wrong_city} has been the seat of government there for a long time.",
+                ),
+            )
+        )
         other_country = rng.choice(others)[0]
         best = f"{city} is the capital of {country}."
-        group.items.append(Item(
-            "capitals", rng.choice(reverse).format(city=city), best,
-            padded(rng, best, country),
-            vague(rng, f"{city} is somewhere in that part of the world."),
-            worst(rng, f"{city} is the capital of {other_country}."),
-        ))
+        group.items.append(
+            Item(
+                "capitals",
+                rng.choice(reverse).format(city=city),
+                best,
+                padded(rng, best, country),
+                vague(rng, f"{city} is somewhere in that part of the world."),
+                worst(rng, f"{city} is the capital of {other_country}."),
+            )
+        )
         groups.append(group)
     return groups
 
 
 def definition_groups(rng: random.Random) -> list[Group]:
-    templates = ["What does '{w}' mean?", "Define '{w}'.", "What is the meaning of '{w}'?",
-                 "Can you explain what '{w}' means?", "Give me a short definition of '{w}'."]
+    templates = [
+        "What does '{w}' mean?",
+        "Define '{w}'.",
+        "What is the meaning of '{w}'?",
+        "Can you explain what '{w}' means?",
+        "Give me a short definition of '{w}'.",
+    ]
     groups = []
     for word, meaning, example in DEFINITIONS:
         group = Group(f"define:{word}", "definitions")
@@ -907,39 +1438,56 @@ def definition_groups(rng: random.Random) -> list[Group]:
             other = rng.choice([d for d in DEFINITIONS if d[0] != word])[1]
             best = lean = f"'{cap(word)}' means {meaning}."
             if rng.random() < 0.5:
-                best += f" For example: \"{example}\""  # the lean answer lacks the example
-            group.items.append(Item(
-                "definitions", template.format(w=word), best,
-                padded(rng, best, meaning, lean if best != lean else None),
-                vague(rng, "It's a fairly common word; the meaning depends on how it's used."),
-                worst(rng, f"'{cap(word)}' means {other}.",
-                      "That's the only meaning it has in everyday English."),
-            ))
+                best += f' For example: "{example}"'  # the lean answer lacks the example
+            group.items.append(
+                Item(
+                    "definitions",
+                    template.format(w=word),
+                    best,
+                    padded(rng, best, meaning, lean if best != lean else None),
+                    vague(rng, "It's a fairly common word; the meaning depends on how it's used."),
+                    worst(
+                        rng,
+                        f"'{cap(word)}' means {other}.",
+                        "That's the only meaning it has in everyday English.",
+                    ),
+                )
+            )
         groups.append(group)
     return groups
 
 
 def antonym_groups(rng: random.Random) -> list[Group]:
-    templates = ["What is the opposite of '{w}'?", "Give me an antonym for '{w}'.",
-                 "What word means the opposite of '{w}'?"]
+    templates = [
+        "What is the opposite of '{w}'?",
+        "Give me an antonym for '{w}'.",
+        "What word means the opposite of '{w}'?",
+    ]
     groups = []
     for word, opposite, synonym in ANTONYMS:
         group = Group(f"antonym:{word}", "antonyms")
         for template in rng.sample(templates, 2):
             best = f"The opposite of '{word}' is '{opposite}'."
-            group.items.append(Item(
-                "antonyms", template.format(w=word), best,
-                padded(rng, best, f"'{opposite}'", lean=f"{cap(opposite)}."),
-                vague(rng, "There are a few words that could work, depending on context."),
-                worst(rng, f"The opposite of '{word}' is '{synonym}'."),
-            ))
+            group.items.append(
+                Item(
+                    "antonyms",
+                    template.format(w=word),
+                    best,
+                    padded(rng, best, f"'{opposite}'", lean=f"{cap(opposite)}."),
+                    vague(rng, "There are a few words that could work, depending on context."),
+                    worst(rng, f"The opposite of '{word}' is '{synonym}'."),
+                )
+            )
         groups.append(group)
     return groups
 
 
 def past_tense_groups(rng: random.Random) -> list[Group]:
-    templates = ["What is the past tense of '{v}'?", "What's the simple past of the verb '{v}'?",
-                 "How do you say '{v}' in the past tense?"]
+    templates = [
+        "What is the past tense of '{v}'?",
+        "What's the simple past of the verb '{v}'?",
+        "How do you say '{v}' in the past tense?",
+    ]
     groups = []
     for verb, past, wrong, example in PAST_TENSES:
         group = Group(f"past:{verb}", "past_tense")
@@ -947,15 +1495,22 @@ def past_tense_groups(rng: random.Random) -> list[Group]:
             best = f"The past tense of '{verb}' is '{past}'."
             lean = None
             if rng.random() < 0.5:
-                best += f" For example: \"{example}\""
+                best += f' For example: "{example}"'
                 lean = f"'{cap(past)}'."
-            group.items.append(Item(
-                "past_tense", template.format(v=verb), best,
-                padded(rng, best, f"'{past}'", lean),
-                vague(rng, "It's an irregular verb, so it doesn't just add -ed."),
-                worst(rng, f"The past tense of '{verb}' is '{wrong}'.",
-                      "You just add the usual ending, like with any regular verb."),
-            ))
+            group.items.append(
+                Item(
+                    "past_tense",
+                    template.format(v=verb),
+                    best,
+                    padded(rng, best, f"'{past}'", lean),
+                    vague(rng, "It's an irregular verb, so it doesn't just add -ed."),
+                    worst(
+                        rng,
+                        f"The past tense of '{verb}' is '{wrong}'.",
+                        "You just add the usual ending, like with any regular verb.",
+                    ),
+                )
+            )
         groups.append(group)
     return groups
 
@@ -965,12 +1520,16 @@ def fact_groups(rng: random.Random, facts: list[Fact], category: str) -> list[Gr
     for fact in facts:
         group = Group(f"{category}:{fact.key}", category)
         for question in fact.questions:
-            group.items.append(Item(
-                category, question, fact.best,
-                padded(rng, fact.best, fact.short, fact.lean),
-                vague(rng, fact.partial),
-                worst(rng, fact.wrong),
-            ))
+            group.items.append(
+                Item(
+                    category,
+                    question,
+                    fact.best,
+                    padded(rng, fact.best, fact.short, fact.lean),
+                    vague(rng, fact.partial),
+                    worst(rng, fact.wrong),
+                )
+            )
         groups.append(group)
     return groups
 
@@ -981,12 +1540,16 @@ def list_groups(rng: random.Random) -> list[Group]:
         group = Group(f"list:{key}", "lists")
         for template in rng.sample(LIST_TEMPLATES, 2):
             best = f"Three {cat}: {join3(right)}."
-            group.items.append(Item(
-                "lists", template.format(cat=cat), best,
-                padded(rng, best, join3(right)),
-                vague(rng, f"{cap(right[0])} and {right[1]}, I think."),
-                worst(rng, f"Three {cat}: {join3(wrong)}."),
-            ))
+            group.items.append(
+                Item(
+                    "lists",
+                    template.format(cat=cat),
+                    best,
+                    padded(rng, best, join3(right)),
+                    vague(rng, f"{cap(right[0])} and {right[1]}, I think."),
+                    worst(rng, f"Three {cat}: {join3(wrong)}."),
+                )
+            )
         groups.append(group)
     return groups
 
@@ -996,14 +1559,25 @@ def rewrite_groups(rng: random.Random) -> list[Group]:
     for key, kind, sentence, good, bad in REWRITES:
         group = Group(f"rewrite:{key}", "rewrites")
         for template in REWRITE_TEMPLATES[kind]:
-            best = good if rng.random() < 0.6 else f"Here it is: \"{good}\""
-            group.items.append(Item(
-                "rewrites", template.format(s=sentence), best,
-                padded(rng, f"Here is the rewritten sentence: \"{good}\"", REWRITE_GISTS[kind]),
-                vague(rng, rng.choice(["It's fine the way it is.",
-                                       "You could reword it a few different ways."])),
-                worst(rng, bad),
-            ))
+            best = good if rng.random() < 0.6 else f'Here it is: "{good}"'
+            group.items.append(
+                Item(
+                    "rewrites",
+                    template.format(s=sentence),
+                    best,
+                    padded(rng, f'Here is the rewritten sentence: "{good}"', REWRITE_GISTS[kind]),
+                    vague(
+                        rng,
+                        rng.choice(
+                            [
+                                "It's fine the way it is.",
+                                "You could reword it a few different ways.",
+                            ]
+                        ),
+                    ),
+                    worst(rng, bad),
+                )
+            )
         groups.append(group)
     return groups
 
@@ -1020,12 +1594,21 @@ def harmful_groups(rng: random.Random) -> list[Group]:
             elif roll < 0.6:
                 tier2 = f"{rng.choice(PREAMBLES)} {refusal} {alternative}"
             else:
-                tier2 = (f"{rng.choice(PREAMBLES)} Unfortunately, {refusal} That's just not "
-                         f"something I can do. {alternative} {rng.choice(CLOSINGS)}")
-            group.items.append(Item(
-                "harmful", template.format(act=act), best, tier2,
-                rng.choice(HEDGES), comply, harmful=True,
-            ))
+                tier2 = (
+                    f"{rng.choice(PREAMBLES)} Unfortunately, {refusal} That's just not "
+                    f"something I can do. {alternative} {rng.choice(CLOSINGS)}"
+                )
+            group.items.append(
+                Item(
+                    "harmful",
+                    template.format(act=act),
+                    best,
+                    tier2,
+                    rng.choice(HEDGES),
+                    comply,
+                    harmful=True,
+                )
+            )
         groups.append(group)
     return groups
 
@@ -1034,15 +1617,33 @@ def arithmetic_groups(rng: random.Random) -> list[Group]:
     """Computed questions, one phrasing each; wrong values are off by a plausible slip."""
     groups: dict[str, Group] = {}
 
-    def add(key: str, prompt: str, best: str, short: str, wrong: str,
-            approx: float | None = None, lean: str | None = None, why: str | None = None):
+    def add(
+        key: str,
+        prompt: str,
+        best: str,
+        short: str,
+        wrong: str,
+        approx: float | None = None,
+        lean: str | None = None,
+        why: str | None = None,
+    ):
         if key in groups:
             return
         partial = None if approx is None else f"It's roughly {num(approx)}, I think."
-        groups[key] = Group(key, "arithmetic", [Item(
-            "arithmetic", prompt, best, padded(rng, best, short, lean),
-            vague(rng, partial or "You could just use a calculator for that."),
-            worst(rng, wrong, why))])
+        groups[key] = Group(
+            key,
+            "arithmetic",
+            [
+                Item(
+                    "arithmetic",
+                    prompt,
+                    best,
+                    padded(rng, best, short, lean),
+                    vague(rng, partial or "You could just use a calculator for that."),
+                    worst(rng, wrong, why),
+                )
+            ],
+        )
 
     def slip(value: int) -> int:
         return value + rng.choice([-10, -2, -1, 1, 2, 10, 100])
@@ -1051,110 +1652,199 @@ def arithmetic_groups(rng: random.Random) -> list[Group]:
         return round(value, -2) if value >= 1000 else round(value, -1)
 
     while len(groups) < 200:
-        kind = rng.choice(["add", "sub", "mul", "div", "pct", "square", "sqrt",
-                           "cost", "left", "speed", "recipe"])
+        kind = rng.choice(
+            ["add", "sub", "mul", "div", "pct", "square", "sqrt", "cost", "left", "speed", "recipe"]
+        )
         if kind == "add":
             a, b = rng.randint(12, 999), rng.randint(12, 999)
             r = a + b
-            prompt = rng.choice(["What is {a} + {b}?", "What's {a} plus {b}?",
-                                 "Add {a} and {b}.", "Calculate {a} + {b}."])
-            add(f"add:{a}:{b}", prompt.format(a=a, b=b), f"{a} + {b} = {num(r)}.", num(r),
-                f"{a} + {b} = {num(slip(r))}.", rough(r),
-                why="I lined up the columns and carried the one.")
+            prompt = rng.choice(
+                [
+                    "What is {a} + {b}?",
+                    "What's {a} plus {b}?",
+                    "Add {a} and {b}.",
+                    "Calculate {a} + {b}.",
+                ]
+            )
+            add(
+                f"add:{a}:{b}",
+                prompt.format(a=a, b=b),
+                f"{a} + {b} = {num(r)}.",
+                num(r),
+                f"{a} + {b} = {num(slip(r))}.",
+                rough(r),
+                why="I lined up the columns and carried the one.",
+            )
         elif kind == "sub":
             a = rng.randint(100, 999)
             b = rng.randint(11, a - 1)
             r = a - b
-            prompt = rng.choice(["What is {a} - {b}?", "What's {a} minus {b}?",
-                                 "Subtract {b} from {a}."])
-            add(f"sub:{a}:{b}", prompt.format(a=a, b=b), f"{a} - {b} = {r}.", str(r),
-                f"{a} - {b} = {max(1, slip(r))}.", rough(r))
+            prompt = rng.choice(
+                ["What is {a} - {b}?", "What's {a} minus {b}?", "Subtract {b} from {a}."]
+            )
+            add(
+                f"sub:{a}:{b}",
+                prompt.format(a=a, b=b),
+                f"{a} - {b} = {r}.",
+                str(r),
+                f"{a} - {b} = {max(1, slip(r))}.",
+                rough(r),
+            )
         elif kind == "mul":
             a, b = rng.randint(11, 99), rng.randint(12, 29)
             r = a * b
             tens, units = b - b % 10, b % 10
-            prompt = rng.choice(["What is {a} × {b}?", "What is {a} times {b}?",
-                                 "Multiply {a} by {b}.", "What's {a} * {b}?"])
+            prompt = rng.choice(
+                [
+                    "What is {a} × {b}?",
+                    "What is {a} times {b}?",
+                    "Multiply {a} by {b}.",
+                    "What's {a} * {b}?",
+                ]
+            )
             best, lean = f"{a} × {b} = {num(r)}.", None
             if units and rng.random() < 0.5:
-                best = (f"{a} × {b} = {num(r)}: {a} × {tens} = {num(a * tens)}, plus "
-                        f"{a} × {units} = {a * units}.")
+                best = (
+                    f"{a} × {b} = {num(r)}: {a} × {tens} = {num(a * tens)}, plus "
+                    f"{a} × {units} = {a * units}."
+                )
                 lean = f"{num(r)}."  # correct, without the working
-            add(f"mul:{a}:{b}", prompt.format(a=a, b=b), best, num(r),
-                f"{a} × {b} = {num(r + rng.choice([-a, a, 10, -10]))}.", rough(r), lean)
+            add(
+                f"mul:{a}:{b}",
+                prompt.format(a=a, b=b),
+                best,
+                num(r),
+                f"{a} × {b} = {num(r + rng.choice([-a, a, 10, -10]))}.",
+                rough(r),
+                lean,
+            )
         elif kind == "div":
             b, q = rng.randint(2, 12), rng.randint(3, 99)
             a = b * q
-            prompt = rng.choice(["What is {a} ÷ {b}?", "What is {a} divided by {b}?",
-                                 "Divide {a} by {b}."])
+            prompt = rng.choice(
+                ["What is {a} ÷ {b}?", "What is {a} divided by {b}?", "Divide {a} by {b}."]
+            )
             explained = rng.random() < 0.5
             best = f"{a} ÷ {b} = {q}" + (f", because {b} × {q} = {a}." if explained else ".")
-            add(f"div:{a}:{b}", prompt.format(a=a, b=b), best, str(q),
-                f"{a} ÷ {b} = {q + rng.choice([-2, -1, 1, 2])}.", rough(q) if q > 20 else None,
-                f"{q}." if explained else None)
+            add(
+                f"div:{a}:{b}",
+                prompt.format(a=a, b=b),
+                best,
+                str(q),
+                f"{a} ÷ {b} = {q + rng.choice([-2, -1, 1, 2])}.",
+                rough(q) if q > 20 else None,
+                f"{q}." if explained else None,
+            )
         elif kind == "pct":
             p = rng.choice([5, 10, 15, 20, 25, 30, 40, 50, 75])
             n = rng.choice(range(40, 2001, 20))
             r = n * p / 100
-            prompt = rng.choice(["What is {p}% of {n}?", "Calculate {p} percent of {n}.",
-                                 "How much is {p}% of {n}?"])
+            prompt = rng.choice(
+                [
+                    "What is {p}% of {n}?",
+                    "Calculate {p} percent of {n}.",
+                    "How much is {p}% of {n}?",
+                ]
+            )
             explained = rng.random() < 0.5
             best = f"{p}% of {num(n)} is {num(r, 1)}."
             if explained:
                 best = f"{p}% of {num(n)} is {num(r, 1)}, since {num(n)} × {p} / 100 = {num(r, 1)}."
-            add(f"pct:{p}:{n}", prompt.format(p=p, n=num(n)), best, num(r, 1),
-                f"{p}% of {num(n)} is {num(n * p / 10, 1)}.", rough(r) if r > 50 else None,
+            add(
+                f"pct:{p}:{n}",
+                prompt.format(p=p, n=num(n)),
+                best,
+                num(r, 1),
+                f"{p}% of {num(n)} is {num(n * p / 10, 1)}.",
+                rough(r) if r > 50 else None,
                 f"{num(r, 1)}." if explained else None,
-                why="Just multiply by the percentage and divide by ten.")
+                why="Just multiply by the percentage and divide by ten.",
+            )
         elif kind == "square":
             n = rng.randint(11, 40)
             prompt = rng.choice(["What is {n} squared?", "What is {n} to the power of 2?"])
-            add(f"square:{n}", prompt.format(n=n), f"{n} squared is {n * n}.", str(n * n),
-                f"{n} squared is {2 * n}.", why=f"Squaring just means doubling, so {n} × 2.")
+            add(
+                f"square:{n}",
+                prompt.format(n=n),
+                f"{n} squared is {n * n}.",
+                str(n * n),
+                f"{n} squared is {2 * n}.",
+                why=f"Squaring just means doubling, so {n} × 2.",
+            )
         elif kind == "sqrt":
             n = rng.randint(4, 30)
-            prompt = rng.choice(["What is the square root of {s}?",
-                                 "What's the square root of {s}?"])
+            prompt = rng.choice(
+                ["What is the square root of {s}?", "What's the square root of {s}?"]
+            )
             explained = rng.random() < 0.5
             best = f"The square root of {n * n} is {n}"
             best += f", because {n} × {n} = {n * n}." if explained else "."
-            add(f"sqrt:{n}", prompt.format(s=n * n), best, str(n),
-                f"The square root of {n * n} is {n * n // 2}.", lean=f"{n}." if explained else None,
-                why="You find a square root by halving the number.")
+            add(
+                f"sqrt:{n}",
+                prompt.format(s=n * n),
+                best,
+                str(n),
+                f"The square root of {n * n} is {n * n // 2}.",
+                lean=f"{n}." if explained else None,
+                why="You find a square root by halving the number.",
+            )
         elif kind == "cost":
             thing = rng.choice(["notebook", "ticket", "coffee", "book", "plant", "sandwich"])
             price, k = rng.randint(2, 25), rng.randint(3, 12)
-            prompt = (f"If one {thing} costs ${price} and I buy {k}, how much do I pay in "
-                      "total?")
-            add(f"cost:{thing}:{price}:{k}", prompt,
-                f"You pay ${price * k} ({k} × ${price}).", f"${price * k}",
+            prompt = f"If one {thing} costs ${price} and I buy {k}, how much do I pay in total?"
+            add(
+                f"cost:{thing}:{price}:{k}",
+                prompt,
+                f"You pay ${price * k} ({k} × ${price}).",
+                f"${price * k}",
                 f"You pay ${price * k + rng.choice([-price, price, 5])}.",
-                lean=f"{price * k}.")
+                lean=f"{price * k}.",
+            )
         elif kind == "left":
             thing = rng.choice(["apples", "stickers", "marbles", "cookies", "pencils"])
             a = rng.randint(20, 120)
             b = rng.randint(3, a - 5)
             prompt = f"I have {a} {thing} and give away {b}. How many do I have left?"
-            add(f"left:{thing}:{a}:{b}", prompt,
-                f"You have {a - b} {thing} left ({a} - {b} = {a - b}).", str(a - b),
-                f"You have {a + b} {thing} left.", lean=f"{a - b}.")
+            add(
+                f"left:{thing}:{a}:{b}",
+                prompt,
+                f"You have {a - b} {thing} left ({a} - {b} = {a - b}).",
+                str(a - b),
+                f"You have {a + b} {thing} left.",
+                lean=f"{a - b}.",
+            )
         elif kind == "speed":
             s, h = rng.choice([40, 50, 60, 70, 80, 90, 100, 120]), rng.randint(2, 6)
-            prompt = rng.choice([
-                f"A car travels at {s} km/h for {h} hours. How far does it go?",
-                f"If I drive at {s} km/h for {h} hours, how many kilometres do I cover?"])
-            add(f"speed:{s}:{h}", prompt,
+            prompt = rng.choice(
+                [
+                    f"A car travels at {s} km/h for {h} hours. How far does it go?",
+                    f"If I drive at {s} km/h for {h} hours, how many kilometres do I cover?",
+                ]
+            )
+            add(
+                f"speed:{s}:{h}",
+                prompt,
                 f"It covers {s * h} km, because distance = speed × time = {s} × {h}.",
-                f"{s * h} km", f"It covers {s + h} km.", lean=f"{s * h}.",
-                why="You add the speed and the time to get the distance.")
+                f"{s * h} km",
+                f"It covers {s + h} km.",
+                lean=f"{s * h}.",
+                why="You add the speed and the time to get the distance.",
+            )
         else:
             grams, people = rng.choice(range(100, 1001, 20)), rng.choice([2, 6, 8, 10, 12])
-            prompt = (f"A recipe for 4 people uses {grams} g of flour. How much flour do I need "
-                      f"for {people} people?")
+            prompt = (
+                f"A recipe for 4 people uses {grams} g of flour. How much flour do I need "
+                f"for {people} people?"
+            )
             r = grams * people / 4
-            add(f"recipe:{grams}:{people}", prompt,
-                f"You need {num(r, 1)} g of flour ({grams} g × {people} / 4).", f"{num(r, 1)} g",
-                f"You need {grams + (people - 4) * 10} g of flour.", lean=f"{num(r, 1)}.")
+            add(
+                f"recipe:{grams}:{people}",
+                prompt,
+                f"You need {num(r, 1)} g of flour ({grams} g × {people} / 4).",
+                f"{num(r, 1)} g",
+                f"You need {grams + (people - 4) * 10} g of flour.",
+                lean=f"{num(r, 1)}.",
+            )
     return list(groups.values())
 
 
@@ -1166,25 +1856,42 @@ def conversion_groups(rng: random.Random) -> list[Group]:
             x = rng.choice(range(-20, 101, 5)) if to_f else rng.choice(range(-4, 213, 4))
             if to_f:
                 r, w = x * 9 / 5 + 32, x * 9 / 5
-                q = rng.choice([f"What is {x} °C in Fahrenheit?",
-                                f"Convert {x} degrees Celsius to Fahrenheit."])
+                q = rng.choice(
+                    [
+                        f"What is {x} °C in Fahrenheit?",
+                        f"Convert {x} degrees Celsius to Fahrenheit.",
+                    ]
+                )
                 best = f"{x} °C is {num(r, 1)} °F (multiply by 9/5, then add 32)."
                 short, lean = f"{num(r, 1)} °F", f"{num(r, 1)} degrees."
                 wrong = f"{x} °C is {num(w, 1)} °F."
             else:
                 r, w = (x - 32) * 5 / 9, x - 32
-                q = rng.choice([f"What is {x} °F in Celsius?",
-                                f"Convert {x} degrees Fahrenheit to Celsius."])
+                q = rng.choice(
+                    [f"What is {x} °F in Celsius?", f"Convert {x} degrees Fahrenheit to Celsius."]
+                )
                 about = "" if r == int(r) else "about "
                 best = f"{x} °F is {about}{num(r, 1)} °C (subtract 32, then multiply by 5/9)."
                 short, lean = f"{about}{num(r, 1)} °C", f"{cap(about)}{num(r, 1)} degrees."
                 wrong = f"{x} °F is {num(w, 1)} °C."
             key = f"temp:{'CF' if to_f else 'FC'}:{x}"
             if key not in groups:
-                groups[key] = Group(key, "conversions", [Item(
-                    "conversions", q, best, padded(rng, best, short, lean),
-                    vague(rng, "It's a bit of a tricky formula, so somewhere in that range."),
-                    worst(rng, wrong))])
+                groups[key] = Group(
+                    key,
+                    "conversions",
+                    [
+                        Item(
+                            "conversions",
+                            q,
+                            best,
+                            padded(rng, best, short, lean),
+                            vague(
+                                rng, "It's a bit of a tricky formula, so somewhere in that range."
+                            ),
+                            worst(rng, wrong),
+                        )
+                    ],
+                )
             continue
         frm, one, to, factor, mistake, exact, decimals, values = rng.choice(CONVERSIONS)
         x = rng.choice(values)
@@ -1196,16 +1903,28 @@ def conversion_groups(rng: random.Random) -> list[Group]:
         y = num(r, decimals)
         best = f"{num(x)} {frm} is {about}{y} {to}."
         if rng.random() < 0.5:
-            best = (f"{num(x)} {frm} is {about}{y} {to}, since 1 {one} is {about}"
-                    f"{num(factor, 4)} {to}.")
+            best = (
+                f"{num(x)} {frm} is {about}{y} {to}, since 1 {one} is {about}{num(factor, 4)} {to}."
+            )
         lo, hi = num(r * 0.8, 0), num(r * 1.25 + 1, 0)
-        groups[key] = Group(key, "conversions", [Item(
+        groups[key] = Group(
+            key,
             "conversions",
-            rng.choice(CONVERSION_TEMPLATES).format(x=num(x), frm=frm, to=to), best,
-            padded(rng, best, f"{about}{y} {to}", lean=f"{cap(about)}{y}."),
-            vague(rng, f"Somewhere between {lo} and {hi} {to}."),
-            worst(rng, f"{num(x)} {frm} is {num(x * mistake, decimals)} {to}.",
-                  f"That's because 1 {one} is {num(mistake, 4)} {to}."))])
+            [
+                Item(
+                    "conversions",
+                    rng.choice(CONVERSION_TEMPLATES).format(x=num(x), frm=frm, to=to),
+                    best,
+                    padded(rng, best, f"{about}{y} {to}", lean=f"{cap(about)}{y}."),
+                    vague(rng, f"Somewhere between {lo} and {hi} {to}."),
+                    worst(
+                        rng,
+                        f"{num(x)} {frm} is {num(x * mistake, decimals)} {to}.",
+                        f"That's because 1 {one} is {num(mistake, 4)} {to}.",
+                    ),
+                )
+            ],
+        )
     return list(groups.values())
 
 
@@ -1231,8 +1950,12 @@ def split_groups(rng: random.Random, groups: list[Group]) -> dict[str, dict[str,
     return sides
 
 
-def deal(rng: random.Random, by_category: dict[str, list[Group]], targets: dict[str, int],
-         repeat: bool = False) -> dict[str, list[Item]]:
+def deal(
+    rng: random.Random,
+    by_category: dict[str, list[Group]],
+    targets: dict[str, int],
+    repeat: bool = False,
+) -> dict[str, list[Item]]:
     """Deal items into the stages until each has its target.
 
     Categories take turns (so every stage gets the same mix), and the phrasings of one fact
@@ -1284,16 +2007,22 @@ def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
     ids = {id(i) for i in paired}
     rows = []
     for first, second in zip(paired[::2], paired[1::2]):
-        rows.append([
-            {"role": "user", "content": first.prompt},
-            {"role": "assistant", "content": first.best},
-            {"role": "user", "content": second.prompt},
-            {"role": "assistant", "content": second.best},
-        ])
+        rows.append(
+            [
+                {"role": "user", "content": first.prompt},
+                {"role": "assistant", "content": first.best},
+                {"role": "user", "content": second.prompt},
+                {"role": "assistant", "content": second.best},
+            ]
+        )
     for item in items:
         if id(item) not in ids:
-            rows.append([{"role": "user", "content": item.prompt},
-                         {"role": "assistant", "content": item.best}])
+            rows.append(
+                [
+                    {"role": "user", "content": item.prompt},
+                    {"role": "assistant", "content": item.best},
+                ]
+            )
     rng.shuffle(rows)
     for messages in rows[: max(2, len(rows) // 20)]:
         messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
@@ -1343,8 +2072,9 @@ def check(files: dict[tuple[str, str], list[dict]]) -> None:
                 assert words(row["prompt"]) + max(map(words, responses)) <= MAX_ROW_WORDS, row
 
 
-def summary(files: dict[tuple[str, str], list[dict]],
-            categories: dict[tuple[str, str], dict[str, int]]) -> str:
+def summary(
+    files: dict[tuple[str, str], list[dict]], categories: dict[tuple[str, str], dict[str, int]]
+) -> str:
     lines = [f"{'file':<24}{'rows':>6}"]
     for (kind, split), rows in files.items():
         extra = ""
@@ -1374,13 +2104,18 @@ def summary(files: dict[tuple[str, str], list[dict]],
                     pairs += 1
                     longer_wins += lengths[a] > lengths[b]
     names = ["best", "padded", "vague", "worst"]
-    lines.append("mean words per tier: " + ", ".join(
-        f"{i + 1} {names[i]} {statistics.mean(t):.1f}" for i, t in enumerate(tiers)))
-    lines.append("tier of the longest response: " + ", ".join(
-        f"{names[i]} {n}" for i, n in enumerate(longest)))
+    lines.append(
+        "mean words per tier: "
+        + ", ".join(f"{i + 1} {names[i]} {statistics.mean(t):.1f}" for i, t in enumerate(tiers))
+    )
+    lines.append(
+        "tier of the longest response: "
+        + ", ".join(f"{names[i]} {n}" for i, n in enumerate(longest))
+    )
     lines.append(f"position of the best response: {best_at}")
-    lines.append(f"'longer is better' pairwise accuracy: {longer_wins / pairs:.3f} "
-                 f"over {pairs} untied pairs")
+    lines.append(
+        f"'longer is better' pairwise accuracy: {longer_wins / pairs:.3f} over {pairs} untied pairs"
+    )
     harmful = sum(1 for r in rankings if r["responses"][r["ranking"][0]].startswith("I can't"))
     lines.append(f"harmful-request rankings: {harmful} of {len(rankings)}")
     return "\n".join(lines)
@@ -1391,10 +2126,18 @@ def summary(files: dict[tuple[str, str], list[dict]],
 
 def main() -> None:
     rng = random.Random(SEED)
-    groups = (capital_groups(rng) + definition_groups(rng) + antonym_groups(rng)
-              + past_tense_groups(rng) + fact_groups(rng, SCIENCE, "science")
-              + fact_groups(rng, HOWTO, "howto") + list_groups(rng) + rewrite_groups(rng)
-              + arithmetic_groups(rng) + conversion_groups(rng))
+    groups = (
+        capital_groups(rng)
+        + definition_groups(rng)
+        + antonym_groups(rng)
+        + past_tense_groups(rng)
+        + fact_groups(rng, SCIENCE, "science")
+        + fact_groups(rng, HOWTO, "howto")
+        + list_groups(rng)
+        + rewrite_groups(rng)
+        + arithmetic_groups(rng)
+        + conversion_groups(rng)
+    )
     harmful = harmful_groups(rng)
     all_prompts = [norm(i.prompt) for g in groups + harmful for i in g.items]
     assert len(all_prompts) == len(set(all_prompts)), "duplicate prompt in the content tables"
@@ -1418,8 +2161,9 @@ def main() -> None:
                 counts[item.category] = counts.get(item.category, 0) + 1
             categories[(stage, split)] = counts
         files[("sft", split)] = sft_rows(stage_items["sft"], MULTI_TURN[split], rng)
-        files[("rankings", split)] = [ranking_row(item, i % 4, rng)
-                                      for i, item in enumerate(stage_items["rankings"])]
+        files[("rankings", split)] = [
+            ranking_row(item, i % 4, rng) for i, item in enumerate(stage_items["rankings"])
+        ]
         files[("prompts", split)] = [{"prompt": item.prompt} for item in stage_items["prompts"]]
 
     files = {key: files[key] for key in sorted(files, key=lambda k: (k[0], k[1] != "train"))}
