@@ -10,7 +10,6 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.rollout import Rollout
@@ -18,6 +17,7 @@ from rlhf.ppo.update import ppo_update
 from rlhf.recipe import PPOConfig, Recipe
 from rlhf.runtime import make_accelerator
 from rlhf.training import make_optimizer
+from tests.ppo.test_ppo_loop import _small_vocab_policy
 
 BATCH, P, R, VOCAB = 8, 5, 6, 64
 
@@ -37,6 +37,11 @@ def fixed_rollout() -> tuple[Rollout, torch.Tensor, torch.Tensor]:
     return rollout, advantages, returns
 
 
+def build_model() -> ActorCritic:
+    """The same seeded tiny policy + zero-initialised value head on every rank."""
+    return ActorCritic(_small_vocab_policy(seed=0, vocab=VOCAB))
+
+
 def main(out: str) -> None:
     accelerator = make_accelerator(Recipe(precision="fp32", seed=0))
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -49,20 +54,7 @@ def main(out: str) -> None:
         entropy_coef=0.01,
         optim={"lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant", "weight_decay": 0.0},
     )
-    torch.manual_seed(0)
-    policy = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-            eos_token_id=2,
-        )
-    )
-    model = ActorCritic(policy)
+    model = build_model()
     torch.nn.init.normal_(model.value_head.weight, std=0.1)  # a non-trivial value gradient
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -106,25 +106,9 @@ def test_ppo_update_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path):
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.dist_ppo_update import build_model
 
-    from rlhf.ppo.actor_critic import ActorCritic
-    from tests.dist_ppo_update import VOCAB
-
-    torch.manual_seed(0)
-    policy = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-            eos_token_id=2,
-        )
-    )
-    return ActorCritic(policy).state_dict()
+    return build_model().state_dict()
 
 
 def test_every_stage_runs_on_two_ranks(data):
