@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import shutil
@@ -11,26 +9,15 @@ import shutil
 import pytest
 import torch
 
-from rlhf import cli, compare, models
+from rlhf import compare, models
 from rlhf.generate import Decoding
+from tests.test_evaluate import run_cli, write_jsonl
 
 PROMPTS = [
     [{"role": "user", "content": "Say hello."}],
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Count to three, slowly please."}],
 ]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 # ------------------------------------------------------------------------------ statistics
