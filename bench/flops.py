@@ -6,7 +6,8 @@ Per token, with N the parameters that take part in matmuls (not the embedding lo
   LoRA               4 N  (the frozen base needs input gradients only) + 6 N_lora, + 3 x attention
 ctx is the number of keys a query attends to, averaged (causal: half the sequence; padded
 positions are counted, since the kernels compute them). A causal LM's N includes the LM head
-(d x V); a scalar model's head is d x 1. Generation: the prompt prefill computes the LM head
+(d x V), counted only on the positions it runs on (ours keeps the response positions); a scalar
+model's head is d x 1. Generation: the prompt prefill computes the LM head
 for the last position only (transformers' logits_to_keep), then one token at a time.
 """
 
@@ -50,8 +51,8 @@ class Arch:
     def body(self) -> int:
         return self.layers * sum(i * o for i, o in self._linears())
 
-    def params(self, head: str) -> int:
-        return self.body + (self.hidden * self.vocab if head == "lm" else self.hidden)
+    def head_params(self, head: str) -> int:
+        return self.hidden * self.vocab if head == "lm" else self.hidden
 
     def lora_params(self, r: int = 16) -> int:
         return self.layers * sum(r * (i + o) for i, o in self._linears())
@@ -59,12 +60,29 @@ class Arch:
     def attention(self, ctx: float) -> float:
         return 4 * self.layers * self.heads * self.head_dim * ctx
 
-    def forward(self, head: str, tokens: float, ctx: float) -> float:
-        return tokens * (2 * self.params(head) + self.attention(ctx))
+    def forward(
+        self, head: str, tokens: float, ctx: float, head_tokens: float | None = None
+    ) -> float:
+        """`head_tokens`: positions the head runs on (fewer than `tokens` with logits_to_keep)."""
+        head_tokens = tokens if head_tokens is None else head_tokens
+        body = tokens * (2 * self.body + self.attention(ctx))
+        return body + head_tokens * 2 * self.head_params(head)
 
-    def train(self, head: str, tokens: float, ctx: float, lora: bool = False) -> float:
-        matmul = 4 * self.params(head) + 6 * self.lora_params() if lora else 6 * self.params(head)
-        return tokens * (matmul + 3 * self.attention(ctx))
+    def train(
+        self,
+        head: str,
+        tokens: float,
+        ctx: float,
+        lora: bool = False,
+        head_tokens: float | None = None,
+    ) -> float:
+        """With LoRA the frozen weights (the tied LM head too) need input gradients only."""
+        head_tokens = tokens if head_tokens is None else head_tokens
+        per_weight = 4 if lora else 6
+        body = per_weight * self.body + (6 * self.lora_params() if lora else 0)
+        return tokens * (
+            body + 3 * self.attention(ctx)
+        ) + head_tokens * per_weight * self.head_params(head)
 
     def weight_bytes(self, bytes_per_param: int = 4) -> int:
         """Bytes read per generated token: every layer and the LM head (tied or not) once."""
@@ -74,19 +92,22 @@ class Arch:
         return batch * ctx * self.layers * 2 * self.kv_heads * self.head_dim * bytes_per_value
 
 
-# Which model forwards each implementation runs per phase (see bench/ours_ppo.py, trl_ppo.py).
+# Which model forwards each implementation runs per phase (see bench/ours_ppo.py, trl_ppo.py),
+# as (head, LM head on the response positions only).
 SCORE_FORWARDS = {
-    # policy (logprobs), critic (values), reference, reward model
-    "parity": ["lm", "scalar", "lm", "scalar"],
-    # policy + shared value head in one forward, reference = adapter disabled, reward model
-    "defaults": ["lm", "lm", "scalar"],
+    # ours: the policy's log-probs (and the shared head's values) come from generation;
+    # critic, reference (logits_to_keep), reward model
+    "parity": [("scalar", False), ("lm", True), ("scalar", False)],
+    # reference = adapter disabled (logits_to_keep), reward model
+    "defaults": [("lm", True), ("scalar", False)],
     # TRL takes the policy's logprobs from generate's scores: reference, value, reward model
-    "trl": ["lm", "scalar", "scalar"],
+    "trl": [("lm", False), ("scalar", False), ("scalar", False)],
 }
+# (head, LoRA, LM head on the response positions only) of each trained model
 TRAINED = {
-    "parity": [("lm", False), ("scalar", False)],
-    "defaults": [("lm", True)],
-    "trl": [("lm", False), ("scalar", False)],
+    "parity": [("lm", False, True), ("scalar", False, False)],
+    "defaults": [("lm", True, True)],
+    "trl": [("lm", False, False), ("scalar", False, False)],
 }
 
 
@@ -94,12 +115,18 @@ def ppo_flops(
     arch: Arch, variant: str, batch: int, prompt: float, response: float, epochs: int
 ) -> dict[str, float]:
     """FLOPs of one PPO iteration's phases for rollouts of `prompt` + `response` tokens."""
-    seq = prompt + response
+    seq, tokens, kept = prompt + response, batch * (prompt + response), batch * (response + 1)
     prefill = batch * prompt * (2 * arch.body + arch.attention(prompt / 2))
-    prefill += batch * 2 * arch.hidden * arch.vocab
+    prefill += batch * 2 * arch.head_params("lm")
     decode = arch.forward("lm", batch * response, prompt + response / 2)
-    score = sum(arch.forward(h, batch * seq, seq / 2) for h in SCORE_FORWARDS[variant])
-    update = epochs * sum(arch.train(h, batch * seq, seq / 2, lora) for h, lora in TRAINED[variant])
+    score = sum(
+        arch.forward(h, tokens, seq / 2, kept if keep else None)
+        for h, keep in SCORE_FORWARDS[variant]
+    )
+    update = epochs * sum(
+        arch.train(h, tokens, seq / 2, lora, kept if keep else None)
+        for h, lora, keep in TRAINED[variant]
+    )
     return {"generate": prefill + decode, "score": score, "update": update}
 
 

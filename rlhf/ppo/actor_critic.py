@@ -10,6 +10,7 @@ The reference is NOT in here: with LoRA it is the same weights with the adapter 
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -58,42 +59,82 @@ class ActorCritic(nn.Module):
         return hasattr(self.policy, "peft_config")
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> logits (B, T, V) and values (B, T) at every position."""
-        position_ids = positions_from_mask(attention_mask)
-        out = self.policy(
+        """(B, T) -> logits (B, K, V) and values (B, K) at the last K = `keep` positions (all
+        T when 0). PPO needs only the response positions, and on a small model the LM head
+        (vocab x hidden) is the largest single matmul: skipping it on the prompt saves work."""
+        shared = self.value_head is not None
+        with lm_head_inputs(self.policy) if shared else nullcontext([]) as seen:
+            logits = causal_lm_logits(self.policy, input_ids, attention_mask, keep)
+        if shared:  # the LM head's input IS the last hidden state (after the final norm)
+            values = self.values_from_hidden(seen[-1][:, -logits.shape[1] :])
+        else:
+            values = self.critic_values(input_ids, attention_mask, logits.shape[1])
+        return logits, values
+
+    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Shared head: values from the policy's last hidden states, (B, K, H) -> (B, K)."""
+        return self.value_head(hidden).squeeze(-1).float()
+
+    def critic_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+    ) -> torch.Tensor:
+        """Separate critic: its score head at the last `keep` positions (all when 0)."""
+        backbone = getattr(self.critic, self.critic.base_model_prefix)
+        hidden = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=self.value_head is not None,
-            use_cache=False,
-        )
-        if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
-        else:
-            backbone = getattr(self.critic, self.critic.base_model_prefix)
-            hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).last_hidden_state
-            values = self.critic.score(hidden).squeeze(-1)
-        return out.logits, values.float()
+            position_ids=positions_from_mask(attention_mask),
+        ).last_hidden_state
+        return self.critic.score(hidden[:, -keep:] if keep else hidden).squeeze(-1).float()
 
     @torch.no_grad()
     def reference_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
     ) -> torch.Tensor:
         """Logits of the frozen reference: the policy with its LoRA adapter switched off."""
         with self.adapter_disabled():
-            return self.policy(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-            ).logits
+            return causal_lm_logits(self.policy, input_ids, attention_mask, keep)
 
     def adapter_disabled(self):
         return self.policy.disable_adapter() if self.uses_lora else nullcontext()
+
+
+def causal_lm_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
+) -> torch.Tensor:
+    """Logits at the last `keep` positions (all when 0), positions counted from the mask.
+    Uses transformers' `logits_to_keep` where the model's forward has it, else slices."""
+    kwargs = {"logits_to_keep": keep} if keep and accepts_logits_to_keep(model) else {}
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    ).logits
+    return logits[:, -keep:] if keep else logits
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+@contextmanager
+def lm_head_inputs(model: nn.Module):
+    """Collects what goes into the LM head on each forward call while open: the last hidden
+    state, after the final norm (what `output_hidden_states[-1]` returns, without keeping
+    every layer's states)."""
+    seen: list[torch.Tensor] = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0])
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

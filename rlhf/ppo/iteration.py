@@ -3,7 +3,8 @@
 The stage passes a reward-model scorer; tests pass a programmatic reward. Steps follow
 Ziegler et al. 2019 and "The N Implementation Details of RLHF with PPO" (Huang et al.):
   1. rollout   sample responses (KV cache), mask everything after the first EOS
-  2. score     policy / reference log-probs and values (one batched forward each), the score
+  2. score     policy log-probs from the sampling logits; values, reference log-probs (one
+               batched forward each over the response positions); the score
   3. shape     r_t = -beta * KL_t, + normalised score at the last response token
   4. GAE       advantages, returns = advantages + values; advantages whitened
   5. update    ppo_epochs over shuffled minibatches (rlhf.ppo.update)
@@ -61,7 +62,7 @@ def ppo_iteration(
 
     # 1. rollout (ZeRO-3 / FSDP: parameters gathered, every rank in step; rlhf/distributed.py)
     with eval_mode(model), gathered_for_generation(accelerator, model), accelerator.autocast():
-        roll = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg, tokenizer)
+        roll = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg, tokenizer, keep=True)
     t_rollout = time.time()
 
     # 2. score

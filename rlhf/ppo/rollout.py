@@ -14,7 +14,7 @@ import torch
 
 from rlhf import distributed, models
 from rlhf.chat import encode_prompt_response, pad_batch
-from rlhf.ppo.actor_critic import ActorCritic, positions_from_mask
+from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Rollout:
     ended_with_eos: torch.Tensor = field(default=None)  # (B,) bool
     seq_kl: torch.Tensor = field(default=None)  # (B,) summed per-token KL to the reference
     texts: list[str] = field(default_factory=list)
+    # What generation computed anyway, kept for scoring and then dropped (generate(keep=True)):
+    sampling_logits: torch.Tensor | None = None  # (B, R, V) raw logits that sampled token t
+    sampling_hidden: torch.Tensor | None = None  # (B, R, H) LM-head input at those positions
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -75,6 +78,12 @@ def response_slice(prompt_len: int, response_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len + response_len - 1)
 
 
+def response_keep(response_len: int) -> int:
+    """How many trailing positions a forward over prompt+response must keep so that
+    `[:, :response_len]` of them are the positions that predict the response (P-1 .. P+R-2)."""
+    return response_len + 1
+
+
 @torch.no_grad()
 def generate(
     policy: torch.nn.Module,
@@ -82,8 +91,14 @@ def generate(
     prompt_mask: torch.Tensor,
     cfg: Any,
     tokenizer: Any,
+    keep: bool = False,
 ) -> Rollout:
-    """Sample responses from a causal LM with a KV cache; cut everything after the first EOS."""
+    """Sample responses from a causal LM with a KV cache; cut everything after the first EOS.
+
+    keep=True also returns the raw logits each token was sampled from and the last hidden
+    states that produced them, so scoring needs no second policy forward (TRL's PPOTrainer
+    likewise takes the rollout log-probs from generation).
+    """
     gen_kwargs: dict[str, Any] = {
         "do_sample": True,
         "temperature": cfg.temperature,
@@ -98,8 +113,16 @@ def generate(
         gen_kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
     if distributed.synced_gpus():  # ZeRO-3 / FSDP: every rank steps until all ranks finish
         gen_kwargs["synced_gpus"] = True
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
-    response_ids = out[:, prompt_ids.shape[1] :]
+    if keep:
+        gen_kwargs.update(return_dict_in_generate=True, output_logits=True)
+        with lm_head_inputs(policy) as hidden:
+            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+        sequences = out.sequences
+    else:
+        out = sequences = policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs
+        )
+    response_ids = sequences[:, prompt_ids.shape[1] :]
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
         response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
@@ -110,7 +133,13 @@ def generate(
         tokenizer.decode(row[m.bool()], skip_special_tokens=True)
         for row, m in zip(response_ids, mask)
     ]
-    return Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
+    roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
+    if keep and out.logits:
+        # One entry per generated token (synced ranks may run extra steps: take the first R).
+        steps = len(out.logits)
+        roll.sampling_logits = torch.stack(out.logits, dim=1)
+        roll.sampling_hidden = torch.stack([h[:, -1] for h in hidden[:steps]], dim=1)
+    return roll
 
 
 def _apply_stop_strings(response_ids, mask, ended, tokenizer, stop_strings):
@@ -137,28 +166,35 @@ def score_with_models(
     temperature: float,
     autocast: Any,
 ) -> None:
-    """Fill logprobs, values, entropy (policy) and ref_logprobs: one batched forward each."""
+    """Fill logprobs, values, entropy (policy) and ref_logprobs, each forward batched and
+    cut to the response positions. With the sampling logits kept from generation, the
+    policy needs no forward at all (and a shared value head reads the kept hidden states)."""
     ids, attn = rollout.input_ids, rollout.attention_mask
-    P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    window = response_slice(P, R)
+    R = rollout.response_ids.shape[1]
+    keep = response_keep(R)
+    logits = rollout.sampling_logits
     with autocast():
-        logits, values = model(ids, attn)
-    logits = logits[:, window]
+        if logits is None:
+            logits, values = model(ids, attn, keep=keep)
+            logits, values = logits[:, :R], values[:, :R]
+        elif model.value_head is not None:
+            values = model.values_from_hidden(rollout.sampling_hidden)
+        else:
+            values = model.critic_values(ids, attn, keep=keep)[:, :R]
+    rollout.sampling_logits = rollout.sampling_hidden = None  # (B, R, V): free it now
     rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
-    rollout.values = values[:, window].float()
+    rollout.values = values.float()
     from rlhf.ppo.core import entropy_from_logits
 
     rollout.entropy = entropy_from_logits(logits.float() / temperature)
     del logits
     with autocast():
         if reference is None:
-            ref_logits = model.reference_logits(ids, attn)
+            ref_logits = model.reference_logits(ids, attn, keep=keep)
         else:
-            ref_logits = reference(
-                input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn)
-            ).logits
+            ref_logits = causal_lm_logits(reference, ids, attn, keep=keep)
     rollout.ref_logprobs = logprobs_from_logits(
-        ref_logits[:, window], rollout.response_ids, temperature
+        ref_logits[:, :R], rollout.response_ids, temperature
     )
 
 

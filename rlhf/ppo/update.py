@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from rlhf.ppo.core import entropy_from_logits, masked_mean, policy_loss, value_loss
-from rlhf.ppo.rollout import Rollout, logprobs_from_logits, response_slice
+from rlhf.ppo.rollout import Rollout, logprobs_from_logits, response_keep
 from rlhf.training import NonFiniteGuard, step_if_finite
 
 
@@ -34,8 +34,7 @@ def ppo_update(
     stats: dict[str, list[float]] = defaultdict(list)
     batch = rollout.mask.shape[0]
     micro = cfg.mini_batch_size // cfg.grad_accum
-    P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    window = response_slice(P, R)
+    R = rollout.response_ids.shape[1]
     model.train()
     epochs_run = 0
     for _ in range(cfg.ppo_epochs):
@@ -48,14 +47,14 @@ def ppo_update(
                 idx = mini[m_start : m_start + micro].to(rollout.mask.device)
                 mb = rollout.select(idx)
                 with accelerator.accumulate(model), accelerator.autocast():
-                    logits, values = model(mb.input_ids, mb.attention_mask)
-                    logits = logits[:, window]
+                    logits, values = model(mb.input_ids, mb.attention_mask, keep=response_keep(R))
+                    logits, values = logits[:, :R], values[:, :R]
                     logp = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
                     pg_loss, pg_stats = policy_loss(
                         logp, mb.logprobs, advantages[idx], mb.mask, cfg.cliprange
                     )
                     vf_loss, vf_stats = value_loss(
-                        values[:, window], mb.values, returns[idx], mb.mask, cfg.cliprange_value
+                        values, mb.values, returns[idx], mb.mask, cfg.cliprange_value
                     )
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     if cfg.entropy_coef > 0:

@@ -322,7 +322,7 @@ def evaluate_policy(
             torch.manual_seed(recipe.seed + 12345 + start + rank)
             with eval_mode(model), accelerator.autocast():
                 if which == "ppo":
-                    roll = generate(model.policy, ids, mask, cfg, tokenizer)
+                    roll = generate(model.policy, ids, mask, cfg, tokenizer, keep=True)
                     score_with_models(roll, model, reference, cfg.temperature, accelerator.autocast)
                     rows["kl"].append(((roll.logprobs - roll.ref_logprobs) * roll.mask).sum(1))
                     rows["len"].append(roll.mask.sum(1))

@@ -232,7 +232,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 logger.log(step, metrics)
                 t_last = now
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-            if eval_rows and (step % cfg.eval_every == 0 or step == total_steps):
+            if eval_rows and step % cfg.eval_every == 0 and step < total_steps:
                 logger.log(step, evaluate(model, eval_loader, accelerator))
             signum = stop.requested(accelerator)
             if (cfg.save_every and step % cfg.save_every == 0 or signum) and step < total_steps:
@@ -253,6 +253,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     stop.restore()
 
     final_eval = evaluate(model, eval_loader, accelerator) if eval_rows else {}
+    if final_eval:
+        logger.log(step, final_eval)
     results = {
         "base_perplexity": base_eval.get("eval/perplexity"),
         "perplexity": final_eval.get("eval/perplexity"),

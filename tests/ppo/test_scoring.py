@@ -1,0 +1,96 @@
+"""Scoring does less work than a plain full forward and must give the same numbers: logits only
+at the response positions, and the policy's log-probs and values taken from generation."""
+
+import contextlib
+
+import torch
+
+from rlhf import models
+from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
+from rlhf.ppo.rollout import generate, response_slice, score_with_models
+from rlhf.recipe import LoraConfig, PPOConfig
+
+
+def _left_padded(vocab: int, rows: int = 3, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(3, vocab, (rows, width))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding of different lengths
+    mask[1, :1] = 0
+    return ids, mask
+
+
+def test_keep_gives_the_last_positions_of_the_full_forward(tiny_model_dir):
+    policy = models.load_causal_lm(tiny_model_dir)
+    critic = models.load_reward_model(tiny_model_dir)
+    ids, mask = _left_padded(policy.config.vocab_size)
+    for ac in (ActorCritic(policy).eval(), ActorCritic(policy, critic).eval()):
+        if ac.value_head is not None:
+            torch.nn.init.normal_(ac.value_head.weight)  # zero-initialised otherwise
+        with torch.no_grad():
+            full_logits, full_values = ac(ids, mask)
+            logits, values = ac(ids, mask, keep=4)
+        assert logits.shape[1] == values.shape[1] == 4
+        torch.testing.assert_close(logits, full_logits[:, -4:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values, full_values[:, -4:], rtol=1e-5, atol=1e-5)
+        assert values.abs().sum() > 0
+
+
+def test_causal_lm_logits_slices_models_without_logits_to_keep(tiny_model_dir):
+    model = models.load_causal_lm(tiny_model_dir).eval()
+    ids, mask = _left_padded(model.config.vocab_size)
+
+    class NoKeep(torch.nn.Module):  # a forward without the logits_to_keep argument
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            return self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+            )
+
+    with torch.no_grad():
+        expected = causal_lm_logits(model, ids, mask)[:, -3:]
+        torch.testing.assert_close(causal_lm_logits(NoKeep(), ids, mask, keep=3), expected)
+        torch.testing.assert_close(causal_lm_logits(model, ids, mask, keep=3), expected)
+
+
+def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir):
+    """Log-probs, entropy and values read off generation equal (to float tolerance) those of
+    a full forward over the sampled sequences; the reference is scored the same either way."""
+    tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
+    policy = models.apply_lora(models.load_causal_lm(tiny_model_dir), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # the policy differs from its reference
+    ac = ActorCritic(policy).eval()
+    torch.nn.init.normal_(ac.value_head.weight)
+    cfg = PPOConfig(max_new_tokens=6, temperature=0.7)
+    ids, mask = _left_padded(1000)
+    torch.manual_seed(0)
+    kept = generate(ac.policy, ids, mask, cfg, tok, keep=True)
+    assert kept.sampling_logits.shape[:2] == kept.response_ids.shape
+    torch.manual_seed(0)
+    fresh = generate(ac.policy, ids, mask, cfg, tok)
+    assert torch.equal(kept.response_ids, fresh.response_ids) and fresh.sampling_logits is None
+    score_with_models(kept, ac, None, cfg.temperature, contextlib.nullcontext)
+    score_with_models(fresh, ac, None, cfg.temperature, contextlib.nullcontext)
+    assert kept.sampling_logits is None  # dropped once used
+    m = kept.mask.bool()
+    for field in ("logprobs", "entropy", "values", "ref_logprobs"):
+        torch.testing.assert_close(
+            getattr(kept, field)[m], getattr(fresh, field)[m], rtol=1e-4, atol=1e-4
+        )
+    # ...and both equal the plain full-sequence forward at the response window.
+    with torch.no_grad():
+        logits, _ = ac(kept.input_ids, kept.attention_mask)
+    window = logits[:, response_slice(ids.shape[1], kept.response_ids.shape[1])]
+    logp = torch.log_softmax(window / cfg.temperature, -1)
+    logp = logp.gather(-1, kept.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(kept.logprobs[m], logp[m], rtol=1e-4, atol=1e-4)
+    assert (kept.logprobs - kept.ref_logprobs)[m].abs().max() > 1e-3
