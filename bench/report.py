@@ -200,11 +200,42 @@ def markdown(report: dict) -> str:
                 f"{eff['generation_vs_bound']:.1f}x the {eff['generation_bandwidth_bound_s']:.2f}"
                 " s bound |"
             )
-    lines += ["", f"SFT / reward-model throughput vs TRL 1.16: {report['sft_reward']}.", ""]
+    lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
     lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n\n"
+
+
+def trainer_markdown(section: dict | None) -> list[str]:
+    if not section or not section["rows"]:
+        return ["SFT / reward-model throughput vs TRL's trainers: not measured in this run."]
+    st = section["settings"]
+    trl_version = next(
+        (r["result"].get("trl") for r in section["runs"] if r["impl"] == "trl" and r["result"]),
+        "?",
+    )
+    lines = [
+        f"SFT and reward model vs TRL {trl_version} SFTTrainer / RewardTrainer, identical work: "
+        f"one epoch over {st['rows']['sft']} single-turn conversations (loss on the answer) / "
+        f"{st['rows']['reward']} best-vs-worst pairs from reward_data/, batch {st['batch_size']} "
+        f"(pairs: {2 * st['batch_size']} sequences), max length {st['max_length']}, fp32, no "
+        "gradient checkpointing, constant lr, clip 1.0. s/step: median over the steps after "
+        "the first; tokens/s: the epoch's real (unpadded) tokens over the summed step times.",
+        "",
+        "| stage | impl | s / step | tokens / s | epoch s | peak RSS GB | ratio vs TRL: time "
+        "| ratio vs TRL: RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in section["rows"]:
+        ratio = section["ratios"].get(row["stage"], {}) if row["impl"] == "ours" else {}
+        lines.append(
+            f"| {row['stage']} | {row['impl']} | {_fmt(row['s_per_step'])} "
+            f"| {_fmt(row['tokens_per_s'], 0)} | {_fmt(row['epoch_s'], 1)} "
+            f"| {_fmt(row['peak_rss_gb'])} | {_fmt(ratio.get('s_per_step')) if ratio else '-'} "
+            f"| {_fmt(ratio.get('peak_rss')) if ratio else '-'} |"
+        )
+    return lines
 
 
 def write(report: dict, out_dir: Path, results_md: Path) -> Path:

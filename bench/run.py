@@ -4,11 +4,14 @@
   python -m bench.run                    SmolLM2-135M, 3 interleaved rounds of every row
   python -m bench.run --only trl,parity --pairs 5
   python -m bench.run --model tiny-llama   the same rows on the tiny random model
+  python -m bench.run --only sft,reward  SFT / reward-model steps, ours vs TRL's trainers
   python -m bench.run --e2e-log FILE     quote a `make sft reward ppo` timing file verbatim
 
 Each measurement is a separate process (peak RSS per process from os.wait4), run one after the
-other in rounds: ours-parity, trl, ours-defaults, ours-parity, trl, ... so slow drift of the
-machine hits every row alike. The TRL worker runs in bench/.venv-trl, created on first use.
+other in rounds: ours-parity, trl, ours-defaults, ours-sft, trl-sft, ours-reward, trl-reward,
+ours-parity, ... so slow drift of the machine hits every row alike. The TRL PPO worker runs in
+bench/.venv-trl (trl 1.12, the last with PPO), created on first use; the SFT / reward trainer
+comparison uses the project's own TRL (bench/trainers.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import report, trainers
 from bench.common import log, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--only",
-        default="matmul,parity,trl,defaults",
-        help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl",
+        default="matmul,parity,trl,defaults,sft,reward",
+        help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl, sft, reward",
+    )
+    p.add_argument(
+        "--trainer-rows", type=int, default=None, help="rows per SFT / reward epoch (default 48)"
     )
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     p.add_argument("--results-md", type=Path, default=None, help="markdown file to append to")
@@ -72,12 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.only.split(","):
         item = item.strip()
         only |= {"parity", "defaults"} if item == "ours" else {item}
-    unknown = only - {"matmul", *ROWS}
+    unknown = only - {"matmul", *ROWS, *trainers.STAGES}
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}")
     args.only = only
     args.model = args.model or ("tiny-llama" if args.quick else "smollm2-135m-instruct")
     args.pairs = args.pairs or (1 if args.quick else 3)
+    args.trainer_rows = args.trainer_rows or (16 if args.quick else 48)
     args.iterations = args.iterations or (2 if args.quick else 3)
     # Smoke tests must not land in the committed results.
     args.out = args.out or (BENCH / "results" / ("tmp/quick" if args.quick else ""))
@@ -209,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"matmul failed (rc {rc}), see {scratch / 'matmul.log'}")
 
-    runs = []
+    stages = [st for st in trainers.STAGES if st in args.only]
+    prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
+    runs, trainer_runs = [], []
     for pair in range(args.pairs):
         for row in (r for r in ROWS if r in args.only):
             label = "trl" if row == "trl" else f"ours-{row}"
@@ -239,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                     "result": result,
                 }
             )
+        for stage in stages:
+            for impl in ("ours", "trl"):
+                trainer_runs.append(
+                    run_trainer(impl, stage, pair, prepared, model_dir, scratch, args)
+                )
 
     rows = report.summarize_rows(runs)
     e2e = {"summary": "not measured"}
@@ -256,7 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratios": report.pair_ratios(runs),
         "efficiency": report.efficiency(rows, str(model_dir), settings, machine_limits),
-        "sft_reward": "not measured (not yet in this harness)",
+        "sft_reward": {
+            "settings": {
+                k: prepared[k] for k in ("rows", "tokens", "batch_size", "max_length", "lr")
+            },
+            "rows": trainers.summarize_rows(trainer_runs),
+            "ratios": trainers.pair_ratios(trainer_runs),
+            "runs": trainer_runs,
+        }
+        if prepared
+        else None,
         "e2e": e2e,
         "notes": notes(trl_runs[0] if trl_runs else None),
         "runs": runs,
@@ -264,17 +287,45 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = report.write(out, args.out, args.results_md)
     log(f"wrote {path} and appended to {args.results_md}")
-    return 0 if all(r["rc"] == 0 for r in runs) else 1
+    return 0 if all(r["rc"] == 0 for r in [*runs, *trainer_runs]) else 1
+
+
+def run_trainer(impl, stage, pair, prepared, model_dir, scratch, args) -> dict:
+    """One SFT or reward-model epoch in its own process (ours: the CLI; TRL: its trainer)."""
+    label = f"{impl}-{stage}"
+    spec_path = scratch / f"{label}.{pair}.spec.json"
+    out_path = scratch / f"{label}.{pair}.json"
+    write_json(spec_path, trainers.trl_spec(stage, prepared, model_dir))
+    cmd = trainers.command(impl, stage, prepared, pair, spec_path, out_path)
+    log(f"round {pair + 1}/{args.pairs}: {label}")
+    rc, rss, wall = run_process(cmd, scratch / f"{label}.{pair}.log", args.timeout)
+    result = trainers.load_result(impl, stage, prepared, pair, out_path) if rc == 0 else None
+    if result is None:
+        log(f"{label} failed (rc {rc}), see {scratch / f'{label}.{pair}.log'}")
+    else:
+        s = trainers.run_summary(result)
+        log(f"{label}: {s['s_per_step']:.2f} s/step, peak RSS {rss / 1024:.2f} GB")
+    return {
+        "impl": impl,
+        "stage": stage,
+        "pair": pair,
+        "rc": rc,
+        "peak_rss_mb": rss,
+        "wall_s": wall,
+        "result": result,
+    }
 
 
 def notes(trl_result: dict | None) -> list[str]:
     out = [
         "TRL as shipped calls gc.collect() twice per iteration (column `gc` in the JSON), and "
         "empty_cache() several times (a no-op on CPU).",
-        "TRL takes the policy's rollout log-probs from generate()'s scores, so its score phase "
-        "runs 3 forwards (reference, value, reward); ours runs 4 in parity (policy+critic, "
-        "reference, reward) and re-renders the text through the chat template for the reward "
-        "model, as the PPO stage does.",
+        "Both take the policy's rollout log-probs from generate()'s logits. TRL's score phase "
+        "runs 3 forwards (reference, value, reward) over the whole sequence; ours runs the "
+        "critic, the reference with the LM head on the response positions only "
+        "(logits_to_keep), and the reward model, which reads the text re-rendered through the "
+        "chat template as the PPO stage does; ours-defaults takes the values from the hidden "
+        "states generation computed (shared head), so it runs reference and reward only.",
         "TRL's PPO does not clip gradients; ours-parity runs with max_grad_norm off to match, "
         "ours-defaults with the recipe default (1.0).",
         "TRL runs with pad token <|endoftext|>: with SmolLM2's pad == eos it would treat every "
@@ -285,8 +336,8 @@ def notes(trl_result: dict | None) -> list[str]:
         opt = trl_result.get("optimizer_defaults", {})
         flags = ", ".join(f"{k}={opt[k]}" for k in ("fused", "foreach") if k in opt)
         out.append(
-            f"TRL's optimizer: {trl_result.get('optimizer')} ({flags}); ours: torch AdamW with "
-            "default settings."
+            f"TRL's optimizer: {trl_result.get('optimizer')} ({flags}); ours: torch AdamW "
+            "(fused=True)."
         )
     return out
 

@@ -79,3 +79,8 @@ def pad_batch(
     if labels is not None:
         batch["labels"] = lab
     return batch
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on the first real token, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

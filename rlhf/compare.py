@@ -173,8 +173,7 @@ def sequence_logprobs(
     """Summed log pi(token) over each response's own tokens (EOS included), computed as the
     PPO stage does: left-padded prompt + right-padded response, positions from the mask,
     log-softmax at the sampling temperature (rlhf.ppo.rollout.logprobs_from_logits)."""
-    from rlhf.chat import pad_batch
-    from rlhf.ppo.actor_critic import positions_from_mask
+    from rlhf.chat import pad_batch, positions_from_mask
     from rlhf.ppo.rollout import logprobs_from_logits, response_slice
 
     device = next(model.parameters()).device

@@ -69,7 +69,8 @@ def reward_accuracy(
     rows = [rm.encode_ranking(tokenizer, r, max_length) for r in rankings]
     rows = [r for r in rows if r["pairs"]]
     scorer = rm.RewardScorer(model)
-    scores = rm.score_rankings(scorer, rows, batch_size, tokenizer.pad_token_id, device)
+    pad_id = tokenizer.pad_token_id
+    scores = rm.score_rankings(scorer, rows, batch_size, pad_id, device, share_prefix=True)
     return rm.ranking_metrics(scores, [r["pairs"] for r in rows], [r["ranking"] for r in rows])
 
 

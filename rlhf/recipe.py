@@ -124,6 +124,11 @@ class RewardConfig(TrainLoopConfig):
         0.0, ge=0, description="weight of the mean(r)^2 centring term (Eisenstein et al. 2023)"
     )
     calibration_size: int = Field(256, ge=1, description="responses used for mean/std")
+    share_prefix: bool = Field(
+        True,
+        description="run each prompt's shared tokens once for its K responses (KV cache); "
+        "off with gradient_checkpointing",
+    )
 
 
 class AdaptiveKLConfig(Section):

@@ -22,6 +22,7 @@ Metrics take plain lists, so the stage (gathered across ranks) and `rlhf eval re
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from rlhf import models
-from rlhf.chat import encode_prompt_response, pad_batch
+from rlhf.chat import encode_prompt_response, pad_batch, positions_from_mask
 
 # ------------------------------------------------------------------------------------ encoding
 
@@ -52,13 +53,19 @@ def encode_ranking(tokenizer: Any, ranking: Any, max_length: int) -> dict[str, A
 
 
 def collate_rankings(
-    rows: Sequence[dict[str, Any]], pad_id: int, side: str = "right"
+    rows: Sequence[dict[str, Any]], pad_id: int, side: str = "right", share_prefix: bool = False
 ) -> dict[str, torch.Tensor]:
     """Prompts -> one padded batch of ALL their responses, plus the pairs as row indices.
 
     input_ids / attention_mask: (R, T), R = sum of K over the prompts (one row per response).
     better / worse / pair_prompt: (N,) row of the better and worse response, prompt of the pair.
     row_prompt: (R,) prompt of each row. n_prompts: () the number of prompts.
+
+    share_prefix: the K responses of a prompt start with the same tokens (system prompt, user
+    turn, assistant header: about two thirds of a sequence in reward_data/). Then the batch
+    holds each prompt's shared prefix ONCE, prefix_ids / prefix_mask (P, Lp) left padded, and
+    input_ids / attention_mask hold only the rest of each response (right padded); the scorer
+    runs the prefixes once and the responses on their cached keys and values.
     """
     seqs, better, worse, pair_prompt, row_prompt = [], [], [], [], []
     for p, row in enumerate(rows):
@@ -69,13 +76,41 @@ def collate_rankings(
             better.append(offset + b)
             worse.append(offset + w)
             pair_prompt.append(p)
-    batch = pad_batch(seqs, pad_id, side)
+    prefix_lens = [shared_prefix_length(row["seqs"]) for row in rows] if share_prefix else []
+    if share_prefix and side == "right" and min(prefix_lens) > 0:
+        batch = pad_batch(
+            [seq[prefix_lens[p] :] for seq, p in zip(seqs, row_prompt)], pad_id, "right"
+        )
+        prefix = pad_batch(
+            [row["seqs"][0][:n] for row, n in zip(rows, prefix_lens)], pad_id, "left"
+        )
+        batch["prefix_ids"], batch["prefix_mask"] = prefix["input_ids"], prefix["attention_mask"]
+    else:
+        batch = pad_batch(seqs, pad_id, side)
     batch["better"] = torch.tensor(better, dtype=torch.long)
     batch["worse"] = torch.tensor(worse, dtype=torch.long)
     batch["pair_prompt"] = torch.tensor(pair_prompt, dtype=torch.long)
     batch["row_prompt"] = torch.tensor(row_prompt, dtype=torch.long)
     batch["n_prompts"] = torch.tensor(len(rows), dtype=torch.long)
     return batch
+
+
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each after it (the
+    reward is read at the last token, which must be computed with the response)."""
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def scorer_inputs(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor]:
+    """The tensors RewardScorer.forward takes, from a collate_rankings batch."""
+    keys = ["input_ids", "attention_mask"]
+    if "prefix_ids" in batch:
+        keys += ["prefix_ids", "prefix_mask", "row_prompt"]
+    return {k: batch[k].to(device) if device is not None else batch[k] for k in keys}
 
 
 # ---------------------------------------------------------------------------------------- loss
@@ -143,19 +178,75 @@ class RewardScorer(torch.nn.Module):
         # ties in accuracy). The residual stream is fp32 already; run the 1-row head in fp32.
         models.score_head(models.unwrap_peft(model)).register_forward_hook(_fp32_head)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return models.sequence_scores(models.unwrap_peft(self.model), input_ids, attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        row_prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores of whole sequences, or (prefix_*, row_prompt given) of responses that
+        continue their prompt's shared prefix (collate_rankings(share_prefix=True))."""
+        model = models.unwrap_peft(self.model)
+        if prefix_ids is None:
+            return models.sequence_scores(model, input_ids, attention_mask)
+        return prefix_shared_scores(
+            model, prefix_ids, prefix_mask, row_prompt, input_ids, attention_mask
+        )
+
+
+def prefix_shared_scores(
+    model: torch.nn.Module,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    row_prompt: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Scores of (prefix[row_prompt[i]] + response i), computing each prefix once.
+
+    Causal attention makes a prefix's keys and values independent of what follows, so one
+    forward over the P prefixes, its KV cache indexed out to the R responses, and one forward
+    over the responses equal the flat forward over R full sequences (to float rounding), and
+    gradients flow through the cache into the prefix forward. The flat path would compute each
+    prefix K times.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    # transformers 5.2x renamed `past_key_values` to `cache` (argument and output field).
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
+    out = backbone(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=positions_from_mask(prefix_mask),
+        use_cache=True,
+    )
+    cache = out.cache if name else out.past_key_values
+    cache.batch_select_indices(row_prompt)
+    full_mask = torch.cat([prefix_mask[row_prompt], attention_mask], dim=1)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=full_mask,
+        position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
+        use_cache=True,
+        **{name or "past_key_values": cache},
+    ).last_hidden_state
+    idx = models.last_token_index(attention_mask)
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    return models.score_head(model)(last_hidden).squeeze(-1).float()
 
 
 @torch.no_grad()
 def score_rankings(
-    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    score_fn: Callable[..., torch.Tensor],
     rows: Sequence[dict[str, Any]],
     batch_size: int,
     pad_id: int,
     device: Any = "cpu",
+    share_prefix: bool = False,
 ) -> list[list[float]]:
     """Scores of every response of every prompt, `batch_size` prompts per forward.
+    share_prefix: see collate_rankings (score_fn must then be a RewardScorer).
 
     Prompts are batched in order of length (less padding; the pooling makes a row's score
     independent of its batch-mates) and the scores come back in the input order.
@@ -164,8 +255,8 @@ def score_rankings(
     out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate_rankings([rows[i] for i in idx], pad_id)
-        scores = score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        batch = collate_rankings([rows[i] for i in idx], pad_id, share_prefix=share_prefix)
+        scores = score_fn(**scorer_inputs(batch, device))
         flat = scores.float().cpu().tolist()
         for i in idx:
             k = len(rows[i]["seqs"])
@@ -175,7 +266,7 @@ def score_rankings(
 
 @torch.no_grad()
 def score_sequences(
-    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    score_fn: Callable[..., torch.Tensor],
     seqs: Sequence[list[int]],
     batch_size: int,
     pad_id: int,
@@ -187,7 +278,7 @@ def score_sequences(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = pad_batch([seqs[i] for i in idx], pad_id, "right")
-        scores = score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        scores = score_fn(**scorer_inputs(batch, device))
         for i, value in zip(idx, scores.float().cpu().tolist()):
             out[i] = value
     return out

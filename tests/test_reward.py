@@ -96,6 +96,73 @@ def test_each_response_is_scored_once_per_batch(tiny_model_dir):
     assert batch["better"].numel() == 6 + 3 + 1
 
 
+def test_shared_prefix_length_leaves_each_response_a_token():
+    assert rm.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert rm.shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical: last token stays
+    assert rm.shared_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+def _prefix_rankings(tok, sizes=((1, 4), (3, 3), (6, 2)), max_length=128):
+    """Prompts of different lengths with responses of different lengths."""
+    return [
+        rm.encode_ranking(
+            tok,
+            Ranking(
+                [{"role": "user", "content": " ".join(f"w{j}" for j in range(4 * n))}],
+                [f"answer {'x ' * (i * n)}{i}" for i in range(k)],
+                list(range(k)),
+            ),
+            max_length,
+        )
+        for n, k in sizes
+    ]
+
+
+def test_a_batch_without_a_shared_prefix_stays_flat(tiny_model_dir):
+    """Responses truncated from the left (long prompt) may share no first token: flat batch."""
+    tok = models.load_tokenizer(tiny_model_dir)
+    rows = _prefix_rankings(tok, ((1, 4), (12, 3)), max_length=48)
+    assert any(len(s) == 48 for r in rows for s in r["seqs"])
+    assert rm.shared_prefix_length(rows[1]["seqs"]) == 0
+    batch = rm.collate_rankings(rows, tok.pad_token_id, share_prefix=True)
+    assert "prefix_ids" not in batch
+    assert torch.equal(batch["input_ids"], rm.collate_rankings(rows, tok.pad_token_id)["input_ids"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_prefix_shared_scores_and_gradients_equal_the_flat_forward(tiny_model_dir, lora):
+    from rlhf.recipe import LoraConfig
+
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_reward_model(tiny_model_dir)
+    if lora:
+        model = models.apply_lora(model, LoraConfig(enabled=True, r=4), "SEQ_CLS")
+    rows = _prefix_rankings(tok)
+    flat = rm.collate_rankings(rows, tok.pad_token_id)
+    shared = rm.collate_rankings(rows, tok.pad_token_id, share_prefix=True)
+    assert "prefix_ids" in shared and "prefix_ids" not in flat
+    assert shared["input_ids"].numel() + shared["prefix_ids"].numel() < flat["input_ids"].numel()
+    scorer = rm.RewardScorer(model)
+    grads = []
+    for batch in (flat, shared):
+        scorer.zero_grad()
+        scores = scorer(**rm.scorer_inputs(batch))
+        rm.batch_loss(scores, batch).backward()
+        grads.append(
+            {n: p.grad.clone() for n, p in scorer.named_parameters() if p.grad is not None}
+        )
+        if batch is flat:
+            flat_scores = scores.detach()
+    torch.testing.assert_close(scores.detach(), flat_scores, rtol=1e-4, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5)
+    # evaluation batches the same way, in its own order
+    got = rm.score_rankings(scorer, rows, 3, tok.pad_token_id, share_prefix=True)
+    want = rm.score_rankings(scorer, rows, 3, tok.pad_token_id)
+    assert sum(got, []) == pytest.approx(sum(want, []), abs=1e-4)
+
+
 def test_k9_prompt_weighs_the_same_as_a_k2_prompt():
     """InstructGPT's 1/C(K,2): a prompt's loss is the mean over its pairs."""
     # K=9 prompt: every pair has margin 2 -> each pair loss log(1 + e^-2).
@@ -560,8 +627,8 @@ def test_score_rankings_returns_scores_in_input_order():
         for lengths in ([9, 2], [1, 1], [5, 7])
     ]
 
-    def fn(ids, mask):  # score = length of the row
-        return mask.sum(dim=1).float()
+    def fn(input_ids, attention_mask):  # score = length of the row
+        return attention_mask.sum(dim=1).float()
 
     assert rm.score_rankings(fn, rows, 2, 0) == [[9.0, 2.0], [1.0, 1.0], [5.0, 7.0]]
     assert rm.score_sequences(fn, [[1] * 4, [1], [1] * 3], 2, 0) == [4.0, 1.0, 3.0]

@@ -16,6 +16,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from rlhf.chat import positions_from_mask
+
 
 def disable_dropout(model: nn.Module) -> None:
     """PPO's ratio must compare the same function twice: no dropout in any role (N impl. details)."""
@@ -135,11 +137,6 @@ def lm_head_inputs(model: nn.Module):
         yield seen
     finally:
         hook.remove()
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on the first real token, so left padding changes nothing."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @contextmanager

@@ -88,6 +88,7 @@ def evaluate(
     pad_id: int,
     accelerator: Any,
     margin: float = 0.0,
+    share_prefix: bool = False,
 ) -> dict[str, Any]:
     """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
     # Score with the unwrapped module: ranks hold different numbers of rows, and a DDP forward
@@ -99,7 +100,7 @@ def evaluate(
     mine = distributed.rank_indices(len(rows), accelerator)  # sharded: equal shares
     with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
         scores = rm.score_rankings(
-            scorer, [rows[i] for i in mine], batch_size, pad_id, accelerator.device
+            scorer, [rows[i] for i in mine], batch_size, pad_id, accelerator.device, share_prefix
         )
     gathered = (
         dict(gather_object(list(zip(mine, scores)))) if world > 1 else dict(zip(mine, scores))
@@ -114,10 +115,17 @@ def evaluate_all(
     scorer: torch.nn.Module, sets: dict[str, list[dict]], cfg: Any, pad_id: int, accelerator: Any
 ) -> dict[str, dict[str, Any]]:
     return {
-        name: evaluate(scorer, rows, cfg.batch_size, pad_id, accelerator, cfg.margin)
+        name: evaluate(
+            scorer, rows, cfg.batch_size, pad_id, accelerator, cfg.margin, shares_prefix(cfg)
+        )
         for name, rows in sets.items()
         if rows
     }
+
+
+def shares_prefix(cfg: Any) -> bool:
+    """Prefix sharing needs the KV cache, which transformers turns off under checkpointing."""
+    return cfg.share_prefix and not cfg.gradient_checkpointing
 
 
 def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -183,7 +191,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     n_truncated = sum(len(s) >= cfg.max_length for r in train_rows for s in r["seqs"])
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        return rm.collate_rankings(rows, pad_id, "right")
+        return rm.collate_rankings(rows, pad_id, "right", shares_prefix(cfg))
 
     generator = torch.Generator().manual_seed(recipe.seed)
     train_loader = DataLoader(
@@ -275,7 +283,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             stats = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
             for batch in group:
                 with accelerator.accumulate(scorer), accelerator.autocast():
-                    scores = scorer(batch["input_ids"], batch["attention_mask"])
+                    scores = scorer(**rm.scorer_inputs(batch))
                     per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both.
                     loss = per_prompt.sum() * world * cfg.grad_accum / step_prompts.clamp(min=1)

@@ -1,0 +1,77 @@
+"""The benchmark harness's arithmetic: FLOP accounting and the ours-vs-TRL summaries. (The
+measurements themselves run under `make bench`, never in the test suite.)"""
+
+from bench import report, trainers
+from bench.flops import Arch, ppo_flops
+
+ARCH = Arch(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, ffn=16, vocab=100)
+
+
+def test_lm_head_is_counted_only_where_it_runs():
+    full = ARCH.forward("lm", tokens=10, ctx=5)
+    kept = ARCH.forward("lm", tokens=10, ctx=5, head_tokens=3)
+    assert full - kept == 7 * 2 * ARCH.hidden * ARCH.vocab
+    assert ARCH.forward("scalar", 10, 5) < kept  # a d x 1 head is almost free
+    # LoRA: frozen weights need input gradients only (4 instead of 6 FLOPs per weight)
+    full_ft = ARCH.train("lm", 10, 5)
+    lora = ARCH.train("lm", 10, 5, lora=True)
+    assert full_ft - lora == 10 * (2 * ARCH.body + 2 * ARCH.hidden * ARCH.vocab) - 10 * (
+        6 * ARCH.lora_params()
+    )
+
+
+def test_ours_counts_fewer_flops_than_trl_for_the_same_rollouts():
+    trl = ppo_flops(ARCH, "trl", batch=8, prompt=64, response=32, epochs=4)
+    parity = ppo_flops(ARCH, "parity", batch=8, prompt=64, response=32, epochs=4)
+    defaults = ppo_flops(ARCH, "defaults", batch=8, prompt=64, response=32, epochs=4)
+    assert trl["generate"] == parity["generate"] == defaults["generate"]
+    assert defaults["score"] < parity["score"] < trl["score"]
+    assert defaults["update"] < parity["update"] < trl["update"]
+
+
+def _run(impl, stage, pair, step_times, rss_mb, tokens=1000):
+    result = {"step_times": step_times, "tokens": tokens, "impl": impl, "stage": stage}
+    return {
+        "impl": impl,
+        "stage": stage,
+        "pair": pair,
+        "rc": 0,
+        "peak_rss_mb": rss_mb,
+        "result": result,
+    }
+
+
+def test_trainer_summaries_and_per_round_ratios():
+    runs = [
+        _run("ours", "sft", 0, [9.0, 2.0, 2.0, 4.0], 1000),
+        _run("trl", "sft", 0, [9.0, 4.0, 4.0, 4.0], 2000),
+        _run("ours", "sft", 1, [9.0, 3.0, 3.0, 3.0], 1000),
+        _run("trl", "sft", 1, [9.0, 3.0, 3.0, 3.0], 1000),
+    ]
+    one = trainers.run_summary(runs[0]["result"])
+    assert one["s_per_step"] == 2.0  # the first (warm-up) step is left out of the median
+    assert one["tokens_per_s"] == 1000 / 17.0  # ... but counted in the epoch's throughput
+    ratios = trainers.pair_ratios(runs)["sft"]
+    assert ratios["s_per_step"] == {"median": 0.75, "min": 0.5, "max": 1.0}
+    assert ratios["peak_rss"]["min"] == 0.5
+    rows = trainers.summarize_rows(runs)
+    assert [(r["stage"], r["impl"], r["runs"]) for r in rows] == [
+        ("sft", "ours", 2),
+        ("sft", "trl", 2),
+    ]
+    section = {
+        "settings": {
+            "rows": {"sft": 4, "reward": 4},
+            "tokens": {},
+            "batch_size": 8,
+            "max_length": 256,
+            "lr": {},
+        },
+        "rows": rows,
+        "ratios": trainers.pair_ratios(runs),
+        "runs": runs,
+    }
+    table = "\n".join(report.trainer_markdown(section))
+    assert "| sft | ours | 2.50 (2.00-3.00) |" in table
+    assert "0.75 (0.50-1.00)" in table
+    assert "not measured" in report.trainer_markdown(None)[0]
