@@ -300,6 +300,7 @@ def run_trainer(impl, stage, pair, prepared, model_dir, scratch, args) -> dict:
     log(f"round {pair + 1}/{args.pairs}: {label}")
     rc, rss, wall = run_process(cmd, scratch / f"{label}.{pair}.log", args.timeout)
     result = trainers.load_result(impl, stage, prepared, pair, out_path) if rc == 0 else None
+    trainers.clean_up(impl, stage, prepared, pair)  # saved models: ~0.5 GB each, not needed
     if result is None:
         log(f"{label} failed (rc {rc}), see {scratch / f'{label}.{pair}.log'}")
     else:

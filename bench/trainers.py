@@ -209,3 +209,11 @@ def load_result(impl: str, stage: str, prepared: dict, pair: int, out_path: Path
     if impl == "ours":
         return ours_result(prepared, stage, pair)
     return read_json(out_path) if out_path.exists() else None
+
+
+def clean_up(impl: str, stage: str, prepared: dict, pair: int) -> None:
+    import shutil
+
+    folder = run_dir(prepared, pair) / stage / "model" if impl == "ours" else None
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

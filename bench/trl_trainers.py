@@ -83,8 +83,8 @@ def main() -> None:
         lengths = [
             len(x) + len(y)
             for x, y in zip(
-                trainer.train_dataset["chosen_input_ids"],
-                trainer.train_dataset["rejected_input_ids"],
+                trainer.train_dataset["chosen_ids"],
+                trainer.train_dataset["rejected_ids"],
             )
         ]
 

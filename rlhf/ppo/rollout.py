@@ -134,9 +134,10 @@ def generate(
         for row, m in zip(response_ids, mask)
     ]
     roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
-    if keep and out.logits:
-        # One entry per generated token (synced ranks may run extra steps: take the first R).
-        steps = len(out.logits)
+    steps = response_ids.shape[1]
+    if keep and len(out.logits) == steps:  # else (nothing generated) scoring runs a forward
+        # One logits entry per generated token; the hook also saw the dummy forwards that
+        # finished ranks run under synced_gpus, after the real ones: take the first R.
         roll.sampling_logits = torch.stack(out.logits, dim=1)
         roll.sampling_hidden = torch.stack([h[:, -1] for h in hidden[:steps]], dim=1)
     return roll
