@@ -154,7 +154,7 @@ def markdown(report: dict) -> str:
         + (
             f"Matmul peak {m['matmul_n']}x{m['matmul_n']}: fp32 {m['fp32_gflops']:.0f}, "
             f"bf16 {m['bf16_gflops']:.0f} GFLOP/s; read bandwidth {m['read_bandwidth_gbs']:.1f} "
-            "GB/s."
+            f"GB/s (best of {len(m.get('samples', [m]))} measurements: before and after the rows)."
             if m
             else "Matmul peak not measured in this run."
         ),

@@ -7,6 +7,7 @@ after the first EOS is masked everywhere (N implementation details of RLHF with 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,13 +116,11 @@ def generate(
         gen_kwargs["synced_gpus"] = True
     if keep:
         gen_kwargs.update(return_dict_in_generate=True, output_logits=True)
-        with lm_head_inputs(policy) as hidden:
-            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
-        sequences = out.sequences
-    else:
-        out = sequences = policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs
-        )
+    capture = lm_head_inputs(policy) if keep else nullcontext([])
+    lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
+    with lean, capture as hidden:
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
+    sequences = out.sequences if keep else out
     response_ids = sequences[:, prompt_ids.shape[1] :]
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
         response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)

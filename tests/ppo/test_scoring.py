@@ -94,3 +94,30 @@ def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir):
     logp = logp.gather(-1, kept.response_ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(kept.logprobs[m], logp[m], rtol=1e-4, atol=1e-4)
     assert (kept.logprobs - kept.ref_logprobs)[m].abs().max() > 1e-3
+
+
+def test_lean_lora_forward_generates_exactly_what_peft_does(tiny_model_dir):
+    policy = models.apply_lora(models.load_causal_lm(tiny_model_dir), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    policy.eval()
+    ids, mask = _left_padded(1000)
+    kwargs = dict(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=6)
+    kwargs.update(return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    runs = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        with models.lean_lora_forward(policy) if lean else contextlib.nullcontext():
+            patched = sum("forward" in vars(m) for m in policy.modules())
+            runs.append((policy.generate(input_ids=ids, attention_mask=mask, **kwargs), patched))
+    (peft_out, none_patched), (lean_out, n_patched) = runs
+    assert none_patched == 0 and n_patched > 0
+    assert torch.equal(peft_out.sequences, lean_out.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(peft_out.logits, lean_out.logits))
+    assert sum("forward" in vars(m) for m in policy.modules()) == 0  # peft's forward is back
+    with models.lean_lora_forward(policy), policy.disable_adapter(), torch.no_grad():
+        off = policy(input_ids=ids, attention_mask=mask).logits  # falls back to peft: base only
+    with policy.disable_adapter(), torch.no_grad():
+        assert torch.equal(off, policy(input_ids=ids, attention_mask=mask).logits)
