@@ -362,6 +362,13 @@ def sequence_scores(
     """
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return score_at_last_token(model, hidden, attention_mask)
+
+
+def score_at_last_token(
+    model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The model's score head on each row's last real token: (B, T, H), (B, T) -> (B,)."""
     idx = last_token_index(attention_mask)
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     return score_head(model)(last_hidden).squeeze(-1).float()

@@ -231,9 +231,7 @@ def prefix_shared_scores(
         use_cache=True,
         **{name or "past_key_values": cache},
     ).last_hidden_state
-    idx = models.last_token_index(attention_mask)
-    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    return models.score_head(model)(last_hidden).squeeze(-1).float()
+    return models.score_at_last_token(model, hidden, attention_mask)
 
 
 @torch.no_grad()
