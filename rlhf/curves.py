@@ -43,7 +43,7 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
     "reward": [
         ("loss", ["train/loss", "eval/loss", "*/loss"]),
         ("accuracy", ["train/accuracy", "eval/accuracy", "*/accuracy"]),
-        ("margin", ["train/margin", "eval/margin", "*/margin"]),
+        ("margin", ["train/mean_margin", "eval/mean_margin", "*/mean_margin"]),
         ("Kendall tau", ["*/kendall_tau"]),
         ("learning rate", ["lr"]),
         ("grad norm", ["train/grad_norm"]),

@@ -76,13 +76,13 @@ def reward_rows() -> list[dict]:
         acc = 0.5 + 0.02 * step
         rows.append(
             {"step": step, "train/loss": 0.7 - 0.01 * step, "train/accuracy": acc,
-             "train/margin": 0.05 * step, "lr": 3e-5}
+             "train/mean_margin": 0.05 * step, "lr": 3e-5}
         )  # fmt: skip
         if step % 5 == 0:
             rows.append(
                 {"step": step, "eval/loss": 0.7 - 0.008 * step, "eval/accuracy": acc - 0.05,
-                 "eval/margin": 0.04 * step, "eval/kendall_tau": 0.02 * step,
-                 "oasst/accuracy": acc - 0.1}
+                 "eval/mean_margin": 0.04 * step, "eval/kendall_tau": 0.02 * step,
+                 "eval_oasst/accuracy": acc - 0.1}
             )  # fmt: skip
     return rows
 
@@ -188,7 +188,7 @@ def test_pipeline_renders_a_dashboard_per_stage_and_an_overview(pipeline: Path):
 def test_report_is_self_contained_and_has_series_recipe_and_samples(pipeline: Path):
     runs = [pipeline / s for s in ("sft", "reward", "ppo")]
     html = curves.render(runs, pipeline / "curves")["report"].read_text()
-    for series in ("eval/perplexity", "train/accuracy", "oasst/accuracy", "objective/kl"):
+    for series in ("eval/perplexity", "train/accuracy", "eval_oasst/accuracy", "objective/kl"):
         assert series in html
     assert "name: synthetic-recipe" in html and "adaptive_kl" in html  # the recipe text
     assert "answer 1 at 20" in html  # a sampled generation
@@ -354,7 +354,42 @@ def test_check_run_reads_thresholds_from_the_recipe(tmp_path: Path):
 def test_panels_match_extra_accuracy_series_and_skip_std():
     runs = [curves.Run(Path("r"), "r", "reward", curves.series_from_rows(reward_rows()))]
     panels = dict(curves.panels_for("reward", runs))
-    assert panels["accuracy"] == ["train/accuracy", "eval/accuracy", "oasst/accuracy"]
+    assert panels["accuracy"] == ["train/accuracy", "eval/accuracy", "eval_oasst/accuracy"]
+    assert panels["margin"] == ["train/mean_margin", "eval/mean_margin"]
     ppo = [curves.Run(Path("p"), "p", "ppo", curves.series_from_rows(ppo_rows()))]
     names = [n for _, group in curves.panels_for("ppo", ppo) for n in group]
     assert "objective/score" in names and "objective/score_std" not in names
+
+
+# ------------------------------------------------------------------- the real stage's metric names
+
+
+def test_every_reward_panel_gets_data_from_a_real_reward_run(tmp_path: Path):
+    """The panels read the names the reward stage really logs (not names a fixture made up)."""
+    from rlhf.stages import reward as stage
+    from tests.test_reward import ranking_rows, tiny_recipe, write_jsonl
+
+    paths = {
+        "train": write_jsonl(tmp_path / "train.jsonl", ranking_rows(12)),
+        "test": write_jsonl(tmp_path / "test.jsonl", ranking_rows(5, offset=100)),
+        "pairs": write_jsonl(
+            tmp_path / "extra_pairs.jsonl",
+            [{"prompt": f"Hi {i}", "chosen": "Hello!", "rejected": "Go away."} for i in range(3)],
+        ),
+    }
+    run_dir = stage.run(tiny_recipe(tmp_path, paths))
+    run = load_run(run_dir)
+    assert run.stage == "reward"
+    panels = dict(curves.panels_for("reward", [run]))
+    assert set(panels) == {title for title, _ in curves.PANELS["reward"]}, panels
+    assert panels["margin"] == [
+        "train/mean_margin",
+        "eval/mean_margin",
+        "eval_extra_pairs/mean_margin",
+    ]
+    margin = run.series["train/mean_margin"]
+    assert margin.steps == [1.0, 2.0, 3.0, 4.0] and all(map(math.isfinite, margin.values))
+    assert run.series["eval/mean_margin"].steps == [0.0, 2.0, 4.0]
+    overview = [title for st, title, patterns in curves.OVERVIEW if st == "reward"
+                if curves.match_series(list(run.series), patterns)]  # fmt: skip
+    assert overview == ["reward: accuracy"]

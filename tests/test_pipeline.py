@@ -138,3 +138,26 @@ def test_ppo_refuses_an_unfinished_sft_dir(pipeline, capsys):
         assert err.count("\n") == 1 and "no COMPLETED marker" in err
     finally:
         (root / "run" / "sft" / "COMPLETED.bak").rename(root / "run" / "sft" / "COMPLETED")
+
+
+def test_curves_panels_get_data_from_real_sft_and_ppo_runs(pipeline, tmp_path):
+    """Every dashboard panel reads names the stages really log (the judge panel aside: no
+    stage logs a judge series; it is there for runs that add one)."""
+    from rlhf import curves
+
+    root, args = pipeline
+    sft_args = [a for a in args if a != "sft.eval=null" and not a.startswith("output_dir=")]
+    sft_data = next(a.split("=", 1)[1] for a in args if a.startswith("sft.train.path="))
+    sft_args += [f"output_dir={tmp_path / 'run'}", f"sft.eval.path={sft_data}"]
+    assert main(["sft", "recipes/tiny.yaml", *sft_args]) == 0
+    assert main(["ppo", "recipes/tiny.yaml", *args]) == 0
+    for stage, run_dir, unfed in (
+        ("sft", tmp_path / "run" / "sft", set()),
+        ("ppo", root / "run" / "ppo", {"held-out judge"}),
+    ):
+        run = curves.load_run(run_dir)
+        panels = dict(curves.panels_for(stage, [run]))
+        assert set(panels) == {title for title, _ in curves.PANELS[stage]} - unfed, stage
+        for owner, title, patterns in curves.OVERVIEW:
+            if owner == stage:
+                assert curves.match_series(list(run.series), patterns), title
