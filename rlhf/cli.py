@@ -28,13 +28,7 @@ def _stage(args: argparse.Namespace) -> int:
     from rlhf.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        module = importlib.import_module(f"rlhf.stages.{args.command}")
-    except ModuleNotFoundError as e:
-        if e.name == f"rlhf.stages.{args.command}":
-            print(f"rlhf {args.command}: this stage is not built yet", file=sys.stderr)
-            return 1
-        raise
+    module = importlib.import_module(f"rlhf.stages.{args.command}")
     try:
         run_dir = module.run(recipe, resume=args.resume)
     except BaseException as e:
@@ -117,18 +111,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional(module: str, func: str) -> Callable[[argparse.Namespace], int]:
-    """Commands whose module may not exist yet say so instead of pretending to work."""
+def _lazy(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """Import a command's module only when it runs: `rlhf --help` stays fast (no matplotlib)."""
 
     def call(args: argparse.Namespace) -> int:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                print(f"rlhf {args.command}: not built yet", file=sys.stderr)
-                return 1
-            raise
-        return getattr(mod, func)(args)
+        return getattr(importlib.import_module(module), func)(args)
 
     return call
 
@@ -236,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="makes sampling reproducible")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--output", help="JSONL output file (default: stdout)")
-    g.set_defaults(func=_optional("rlhf.generate", "main"))
+    g.set_defaults(func=_lazy("rlhf.generate", "main"))
 
     c = sub.add_parser(
         "curves",
@@ -249,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default: <first run's parent>/curves)")
     c.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
     c.add_argument("--no-report", action="store_true", help="PNGs only, no report.html")
-    c.set_defaults(func=_optional("rlhf.curves", "main"))
+    c.set_defaults(func=_lazy("rlhf.curves", "main"))
 
     v = sub.add_parser(
         "viz",
@@ -267,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=48, help="kl: response length")
     v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     v.add_argument("--out", default=None, help="attention: PNG; kl: .html (+ .png beside it)")
-    v.set_defaults(func=_optional("rlhf.viz", "main"))
+    v.set_defaults(func=_lazy("rlhf.viz", "main"))
     return p
 
 

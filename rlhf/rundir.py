@@ -174,14 +174,6 @@ class RunDir:
         )
         (self.path / "COMPLETED").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
-    def fail(self, reason: str) -> None:
-        if not self.is_main or not self.path.is_dir():
-            return
-        write_json_atomic(
-            self.path / "run.json",
-            self._run_json("failed", reason=reason, end_time=time.strftime("%Y-%m-%dT%H:%M:%S")),
-        )
-
     @contextmanager
     def staging(self, final: Path):
         """Yield a temporary folder that becomes `final` by one rename when the block succeeds."""

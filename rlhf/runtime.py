@@ -55,12 +55,12 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
         kwargs_handlers=handlers,
         log_with=list(recipe.tracking.trackers) or None,
     )
-    set_seed(recipe.seed, accelerator.process_index)
+    set_seed(recipe.seed)
     setup_logging(accelerator.is_main_process)
     return accelerator
 
 
-def set_seed(seed: int, rank: int = 0) -> None:
+def set_seed(seed: int) -> None:
     """Same seed for model init on every rank; sampling RNGs are offset by rank where needed."""
     random.seed(seed)
     np.random.seed(seed)

@@ -91,10 +91,6 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def all_finite(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
-
-
 def save_model(
     model: torch.nn.Module,
     tokenizer: Any,
