@@ -1,4 +1,4 @@
-"""Benchmark harness (issue 9): this project's PPO vs TRL 1.12's PPOTrainer, and vs this machine.
+"""Benchmark harness: this project's PPO vs TRL 1.12's PPOTrainer, and vs this machine.
 
 `python -m bench.run` (or `make bench`) is the entry point. Every measurement runs in its own
 subprocess so that peak RSS per process is measurable and A/B runs do not share warm state.

@@ -1,4 +1,4 @@
-"""Benchmark harness entry point (issue 9): `make bench ARGS='...'` or `python -m bench.run`.
+"""Benchmark harness entry point: `make bench ARGS='...'` or `python -m bench.run`.
 
   python -m bench.run --quick            tiny random model, 1 round, 2 iterations: smoke test
   python -m bench.run                    SmolLM2-135M, 3 interleaved rounds of every row

@@ -294,8 +294,8 @@ def lean_lora_forward(model: torch.nn.Module):
 
     For generation: peft's forward does per-call bookkeeping (argument checks, adapter lookups,
     dtype casts) that costs more than the rank-16 matmuls themselves at batch 8, one token at a
-    time; on a 2-core CPU it made LoRA generation about 40% slower than the bare model (bench,
-    2026-11-25). The operations and their order are peft's, so the numbers are identical.
+    time; on a 2-core CPU it made LoRA generation about 40% slower than the bare model (bench).
+    The operations and their order are peft's, so the numbers are identical.
     Anything else (several or special adapters, dropout, merged or disabled adapters, autocast,
     extra arguments) goes through peft's own forward.
     """
