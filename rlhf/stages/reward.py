@@ -52,8 +52,9 @@ def init_model_name(recipe: Any) -> str:
 
 
 def source_name(source: Any) -> str:
-    """A metric-key-safe name from a data source: `../x/oasst_en_trees.jsonl` -> oasst_en_trees."""
-    name = Path(source.path).name
+    """A metric-key-safe name from a data source: `../x/oasst_en_trees.jsonl` -> oasst_en_trees.
+    A hub source with a local copy is named after the copy, whether or not the copy is used."""
+    name = Path(source.local or source.path).name
     for ext in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
         name = name.removesuffix(ext)
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "extra"
