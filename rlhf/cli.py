@@ -242,11 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
         "curves",
         help="PNG dashboards, health alarms and an HTML report from run directories",
         description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
-        "[key=value ...]. Runs of the same stage are overlaid.",
+        "[key=value ...]. A pipeline folder (a recipe's output_dir) stands for its stage "
+        "folders; runs of the same stage are overlaid (e.g. two pipelines).",
     )
     c.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="or key=value with --recipe")
     c.add_argument("--recipe", help="use the recipe's output_dir (sft, reward, ppo)")
-    c.add_argument("--out", help="output folder (default: <first run's parent>/curves)")
+    c.add_argument(
+        "--out",
+        help="output folder (default: <pipeline>/curves for one pipeline folder, else "
+        "<first folder's parent>/curves)",
+    )
     c.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
     c.add_argument("--no-report", action="store_true", help="PNGs only, no report.html")
     c.set_defaults(func=_optional("rlhf.curves", "main"))
