@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a reward model or a policy, or compare two policies",
         description="rlhf eval reward RM_DIR COMPARISONS | rlhf eval perplexity MODEL_DIR SFT_DATA"
         " | rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR "
-        "[--reward-model RM2] [--reference REF_DIR]. compare samples (T=1) unless --greedy.",
+        "[--reward-model RM2] [--reference REF_DIR]. compare samples (at the PPO policy's "
+        "training temperature, else T=1) unless --greedy.",
     )
     e.add_argument("what", choices=["reward", "perplexity", "compare"])
     e.add_argument("model_dir", metavar="MODEL_DIR", help="the model; compare: policy A")
@@ -202,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmp.add_argument("--max-new-tokens", type=int, default=48),
         cmp.add_argument("--max-prompt-length", type=int, default=1024, help="keeps the end"),
         cmp.add_argument("--greedy", action="store_true", help="greedy instead of sampling"),
-        cmp.add_argument("--temperature", type=float, default=None, help="sampling (default 1)"),
+        cmp.add_argument(
+            "--temperature",
+            type=float,
+            default=None,
+            help="sampling (default: a PPO policy's training temperature, else 1)",
+        ),
         cmp.add_argument("--top-k", type=int, default=None, help="sampling (default off)"),
         cmp.add_argument("--top-p", type=float, default=None, help="sampling (default off)"),
         cmp.add_argument("--seed", type=int, default=0, help="same seed for both policies"),
