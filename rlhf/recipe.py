@@ -95,7 +95,7 @@ class DataSource(Section):
                 raise ValueError(f"data file not found: {self.path}")
         elif not _HUB_ID.match(self.path):
             raise ValueError(
-                f"'{self.path}' is neither a local data file nor a hub dataset id (owner/name)"
+                f"no such local data file as '{self.path}', and not a hub dataset id (owner/name)"
             )
         return self
 

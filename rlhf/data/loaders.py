@@ -38,7 +38,7 @@ def as_source(source: DataSource | str | Path, fmt: str = "auto") -> DataSource:
     try:
         return DataSource(path=path, format=fmt)
     except ValidationError as e:
-        raise UserError(f"{path}: {e.errors()[0]['msg']}") from None
+        raise UserError(f"{path}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_sft(source: DataSource | str, on_invalid: str = "error") -> LoadResult[SFTExample]:

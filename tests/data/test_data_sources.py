@@ -21,8 +21,11 @@ HH_RECIPE = "recipes/smollm2-135m-hh.yaml"
 def test_hub_sources_validate_by_form_without_network():
     source = DataSource(path="Anthropic/hh-rlhf", data_dir="harmless-base", local=HH_FILE)
     assert source.data_dir == "harmless-base"
-    with pytest.raises(ValidationError, match="neither a local data file nor a hub dataset id"):
+    with pytest.raises(ValidationError, match="and not a hub dataset id"):
         DataSource(path="two words/x y")
+    # Plain paths (rlhf data check, rlhf eval) get the same check, as one line.
+    with pytest.raises(UserError, match=r"^some/where/file: no such local data file as 'some/"):
+        load_comparisons("some/where/file")
 
 
 def test_hh_recipe_reads_local_copies_from_the_data_root(tmp_path, monkeypatch):
@@ -106,7 +109,8 @@ def test_unreachable_hub_is_asked_in_offline_mode(monkeypatch):
 def test_hh_recipe_without_copy_or_network_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RLHF_DATA_ROOT", raising=False)
     monkeypatch.setattr(readers, "hub_reachable", lambda: False)
-    rc = main(["reward", HH_RECIPE, f"output_dir={tmp_path}"])
+    # fp32 like every in-process stage in the suite: accelerate's state outlives the call.
+    rc = main(["reward", HH_RECIPE, f"output_dir={tmp_path}", "precision=fp32"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: reward.train: Anthropic/hh-rlhf (test split, data_dir harmless")
