@@ -43,7 +43,12 @@ TRL_PINS = [
     "peft==0.21.2",
 ]
 TORCH_PIN = "torch==2.13.0"
-PROMPTS_FILE = ROOT.parent / "shared" / "data" / "oasst_prompts_en.jsonl"
+# The OpenAssistant prompt lottery (one JSON string per line), third-party data kept out of the
+# repository: in $RLHF_DATA_ROOT, else ../shared/data beside the repository (as in CI).
+PROMPTS_FILE = (
+    Path(os.environ.get("RLHF_DATA_ROOT") or ROOT.parent / "shared" / "data")
+    / "oasst_prompts_en.jsonl"
+)
 ROWS = ("parity", "trl", "defaults")  # the order inside each round
 
 
@@ -82,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}")
     args.only = only
+    if only & set(ROWS) and not args.prompts.is_file():
+        p.error(
+            f"--prompts {args.prompts}: not found; the PPO rows need prompts, one JSON string "
+            "per line (OpenAssistant's English prompt lottery): pass --prompts FILE or set "
+            "RLHF_DATA_ROOT to the folder holding oasst_prompts_en.jsonl"
+        )
     args.model = args.model or ("tiny-llama" if args.quick else "smollm2-135m-instruct")
     args.pairs = args.pairs or (1 if args.quick else 3)
     args.trainer_rows = args.trainer_rows or (16 if args.quick else 48)

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a reward model or a policy, or compare two policies",
         description="rlhf eval reward RM_DIR COMPARISONS | rlhf eval perplexity MODEL_DIR SFT_DATA"
         " | rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR "
-        "[--reward-model RM2] [--reference REF_DIR]. compare samples (T=1) unless --greedy.",
+        "[--reward-model RM2] [--reference REF_DIR]. compare samples (at the PPO policy's "
+        "training temperature, else T=1) unless --greedy.",
     )
     e.add_argument("what", choices=["reward", "perplexity", "compare"])
     e.add_argument("model_dir", metavar="MODEL_DIR", help="the model; compare: policy A")
@@ -189,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmp.add_argument("--max-new-tokens", type=int, default=48),
         cmp.add_argument("--max-prompt-length", type=int, default=1024, help="keeps the end"),
         cmp.add_argument("--greedy", action="store_true", help="greedy instead of sampling"),
-        cmp.add_argument("--temperature", type=float, default=None, help="sampling (default 1)"),
+        cmp.add_argument(
+            "--temperature",
+            type=float,
+            default=None,
+            help="sampling (default: a PPO policy's training temperature, else 1)",
+        ),
         cmp.add_argument("--top-k", type=int, default=None, help="sampling (default off)"),
         cmp.add_argument("--top-p", type=float, default=None, help="sampling (default off)"),
         cmp.add_argument("--seed", type=int, default=0, help="same seed for both policies"),
@@ -229,11 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
         "curves",
         help="PNG dashboards, health alarms and an HTML report from run directories",
         description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
-        "[key=value ...]. Runs of the same stage are overlaid.",
+        "[key=value ...]. A pipeline folder (a recipe's output_dir) stands for its stage "
+        "folders; runs of the same stage are overlaid (e.g. two pipelines).",
     )
     c.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="or key=value with --recipe")
     c.add_argument("--recipe", help="use the recipe's output_dir (sft, reward, ppo)")
-    c.add_argument("--out", help="output folder (default: <first run's parent>/curves)")
+    c.add_argument(
+        "--out",
+        help="output folder (default: <pipeline>/curves for one pipeline folder, else "
+        "<first folder's parent>/curves)",
+    )
     c.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
     c.add_argument("--no-report", action="store_true", help="PNGs only, no report.html")
     c.set_defaults(func=_lazy("rlhf.curves", "main"))

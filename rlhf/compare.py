@@ -390,9 +390,39 @@ def compare(
 # -------------------------------------------------------------------------------------- CLI
 
 
-def decoding_from_args(args: Any) -> Decoding:
-    """Sampling at temperature 1 by default (how the PPO stage evaluates); --greedy turns it
-    off, and then the sampling flags would be ignored, so they are refused."""
+def default_temperature(policies: dict[str, str]) -> tuple[float, str]:
+    """(temperature, where it came from) for sampling when --temperature is not given.
+
+    A PPO policy (<run>/model with the run's recipe.yaml and run.json beside it) is compared at
+    the temperature it was trained with: its rollouts, rewards and KL were all at that
+    temperature, and T=1 would ask a second question. Two PPO policies trained at different
+    temperatures need the user to choose. Anything else: T=1."""
+    import yaml
+
+    trained: dict[str, tuple[float, Path]] = {}
+    for flag, model_dir in policies.items():
+        run = Path(model_dir).parent
+        try:
+            info = json.loads((run / "run.json").read_text())
+            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+            if info.get("stage") == "ppo":
+                trained[flag] = (float(recipe["ppo"]["temperature"]), run / "recipe.yaml")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
+            continue  # not a PPO run folder (or not one we can read): no trained temperature
+    if len({t for t, _ in trained.values()}) > 1:
+        given = ", ".join(f"{flag} T={t} ({path})" for flag, (t, path) in trained.items())
+        raise UserError(f"the policies were trained at different temperatures ({given}): "
+                        "choose one with --temperature")  # fmt: skip
+    if trained:
+        temperature, path = next(iter(trained.values()))
+        return temperature, f"ppo.temperature of {path}"
+    return 1.0, "default: neither policy is a PPO run's model"
+
+
+def decoding_from_args(args: Any, temperature: float = 1.0) -> Decoding:
+    """Sampling at `temperature` unless --temperature is given (default_temperature picks
+    it); --greedy turns sampling off, and then the sampling flags would be ignored, so they
+    are refused."""
     sampling = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
     if args.greedy and any(v is not None for v in sampling.values()):
         given = ", ".join(flag for flag, v in sampling.items() if v is not None)
@@ -400,7 +430,7 @@ def decoding_from_args(args: Any) -> Decoding:
     decoding = Decoding(
         max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
-        temperature=1.0 if args.temperature is None else args.temperature,
+        temperature=temperature if args.temperature is None else args.temperature,
         top_k=0 if args.top_k is None else args.top_k,
         top_p=1.0 if args.top_p is None else args.top_p,
     )
@@ -413,7 +443,11 @@ def compare_cli(args: Any) -> dict[str, Any]:
     from rlhf import data as datalib
     from rlhf.evaluate import _source
 
-    decoding = decoding_from_args(args)
+    temperature, temperature_from = 1.0, "--temperature"
+    if args.temperature is None and not args.greedy:
+        policies = {"POLICY_A": args.model_dir, "POLICY_B": args.data}
+        temperature, temperature_from = default_temperature(policies)
+    decoding = decoding_from_args(args, temperature)
     if not args.prompts:
         raise UserError("rlhf eval compare needs --prompts FILE (held-out prompts)")
     if not args.reward_models:
@@ -453,6 +487,8 @@ def compare_cli(args: Any) -> dict[str, Any]:
         device=pick_device(args.device),
     )
     summary = {"prompts": str(args.prompts), **summary}
+    if decoding.do_sample:
+        summary["decoding"]["temperature_from"] = temperature_from
     if references is not None:
         hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
         summary["text_metrics"], notes = text_metrics(hypotheses, references)
@@ -474,7 +510,9 @@ def format_report(summary: dict[str, Any]) -> str:
     a, b = summary["policies"]["a"], summary["policies"]["b"]
     d = summary["decoding"]
     how = (
-        f"sampling T={d['temperature']} top_k={d['top_k']} top_p={d['top_p']}"
+        f"sampling T={d['temperature']}"
+        + (f" ({d['temperature_from']})" if d.get("temperature_from") else "")
+        + f" top_k={d['top_k']} top_p={d['top_p']}"
         if d["do_sample"]
         else "greedy"
     )

@@ -1,6 +1,7 @@
 """Training curves: PNG dashboards, health alarms and an HTML report from run directories.
 
   rlhf curves RUN_DIR [RUN_DIR ...] [--out DIR]      any stage folders; same stages overlay
+  rlhf curves runs/a [runs/b ...]                    pipeline folders: their stage folders
   rlhf curves --recipe RECIPE [key=value ...]        <output_dir>/{sft,reward,ppo}
 
 Reads only the run-directory contract (metrics.jsonl, samples.jsonl, eval.json, recipe.yaml,
@@ -20,7 +21,7 @@ import math
 import statistics
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,13 +157,45 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def pipeline_order(stages: Iterable[str]) -> list[str]:
+    """sft, reward, ppo first (those present), then any other stage names alphabetically."""
+    stages = set(stages)
+    return [s for s in STAGES if s in stages] + sorted(stages - set(STAGES))
+
+
+RUN_FILES = ("metrics.jsonl", "run.json", "recipe.yaml", "eval.json")
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in RUN_FILES)
+
+
+def pipeline_stage_dirs(path: Path) -> list[Path]:
+    """The run folders inside a pipeline folder (a recipe's output_dir), pipeline order first."""
+    if not path.is_dir() or is_run_dir(path):
+        return []
+    found = {p.name: p for p in path.iterdir() if is_run_dir(p)}
+    return [found[name] for name in pipeline_order(found)]
+
+
+def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders as given; a pipeline folder (runs/smollm2-135m) becomes its stage folders,
+    so that several pipelines overlay stage by stage."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        out.extend(pipeline_stage_dirs(path) or [path])
+    return out
+
+
 def load_run(path: str | Path, label: str | None = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory")
-    known = ("metrics.jsonl", "run.json", "recipe.yaml", "eval.json")
-    if not any((path / name).is_file() for name in known):
-        raise UserError(f"{path}: not a run directory (no metrics.jsonl, run.json or recipe.yaml)")
+    if not is_run_dir(path):
+        raise UserError(
+            f"{path}: not a run directory (no metrics.jsonl, run.json or recipe.yaml) nor a "
+            "pipeline folder with sft, reward or ppo run folders inside"
+        )
     rows = read_jsonl(path / "metrics.jsonl")
     info = _read_json(path / "run.json")
     recipe_text = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
@@ -650,8 +683,7 @@ def group_by_stage(runs: Sequence[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.stage, []).append(run)
-    order = [s for s in STAGES if s in groups] + sorted(s for s in groups if s not in STAGES)
-    return {s: groups[s] for s in order}
+    return {s: groups[s] for s in pipeline_order(groups)}
 
 
 def render(
@@ -721,8 +753,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         if not paths:
             raise UserError("give one or more run folders, or --recipe RECIPE")
-        run_dirs = [Path(p) for p in paths]
-        default_out = run_dirs[0].parent / "curves"
+        run_dirs = expand_run_dirs(paths)
+        # One pipeline: its own curves/ (as --recipe); else beside the first folder given.
+        one_pipeline = len(paths) == 1 and bool(pipeline_stage_dirs(Path(paths[0])))
+        default_out = (
+            Path(paths[0]) / "curves" if one_pipeline else Path(paths[0]).parent / "curves"
+        )
     out_dir = Path(args.out) if args.out else default_out
     result = render(run_dirs, out_dir, args.smoothing, report=not args.no_report)
     for alarm in result["alarms"]:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,12 @@ def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") 
         target_modules=lora.target_modules,
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` property; not our call.
+        warnings.filterwarnings(
+            "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+        )
+        return get_peft_model(model, config)
 
 
 @contextmanager

@@ -6,11 +6,17 @@ before any model loads. Every mistake becomes one `UserError` line naming the fi
 
 Relative paths in a recipe are relative to the current working directory (run from the repo
 root, as the Makefile does); `inherits:` is relative to the recipe file that names it.
+
+A data source names a local file or a hub dataset. A hub source may also name the file of an
+offline copy (`local:`); a relative `local:` is looked up in the data root (`data.root`, else
+the RLHF_DATA_ROOT environment variable). Hub sources are validated by form, never fetched.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +37,9 @@ DATA_FORMATS = (
     "hh",
     "oasst",
 )
+DATA_ROOT_ENV = "RLHF_DATA_ROOT"
+# `name` or `owner/name`, as the hub spells dataset ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class Section(BaseModel):
@@ -66,14 +75,33 @@ class DataSource(Section):
     path: str = Field(..., description="local .jsonl/.json/.parquet(.gz) file or a hub dataset id")
     format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
     split: str = Field("train", description="split name, for hub datasets")
+    data_dir: str | None = Field(None, description="hub datasets: subfolder (HH: harmless-base)")
+    local: str | None = Field(
+        None,
+        description="hub datasets: a local copy, read instead of the hub when it exists; "
+        f"a relative name is looked up in data.root (default ${DATA_ROOT_ENV})",
+    )
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
     drop_synthetic: bool = Field(True, description="OASST: drop machine-written replies")
+    lang: str | None = Field(None, description="OASST: keep trees whose prompt is in this language")
+
+    # The recipe key that holds this source (e.g. "reward.train"), for error messages.
+    _key: str = ""
 
     @model_validator(mode="after")
     def _local_file_exists(self) -> DataSource:
-        if looks_like_local_path(self.path) and not Path(self.path).exists():
-            raise ValueError(f"data file not found: {self.path}")
+        if looks_like_local_path(self.path):
+            if not Path(self.path).exists():
+                raise ValueError(f"data file not found: {self.path}")
+        elif not _HUB_ID.match(self.path):
+            raise ValueError(
+                f"no such local data file as '{self.path}', and not a hub dataset id (owner/name)"
+            )
         return self
+
+    @property
+    def key(self) -> str:
+        return self._key
 
 
 class OptimConfig(Section):
@@ -193,6 +221,10 @@ class PPOConfig(Section):
 
 
 class DataPolicy(Section):
+    root: str | None = Field(
+        None,
+        description=f"folder of local copies of hub datasets (default ${DATA_ROOT_ENV})",
+    )
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="invalid rows: stop with file:line, or skip and count them"
     )
@@ -329,6 +361,34 @@ def _format_error(source: str, err: dict[str, Any], overrides: list[str]) -> str
     return f"{origin}: {loc or '<root>'}: {what}"
 
 
+def data_sources(recipe: Recipe) -> dict[str, DataSource]:
+    """Every data source of the recipe by its key ("reward.extra_eval.0", ...)."""
+    found: dict[str, DataSource] = {}
+    for stage in ("sft", "reward", "ppo"):
+        section = getattr(recipe, stage)
+        for name, value in section:
+            if isinstance(value, DataSource):
+                found[f"{stage}.{name}"] = value
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    if isinstance(item, DataSource):
+                        found[f"{stage}.{name}.{i}"] = item
+    return found
+
+
+def data_root(recipe: Recipe) -> str | None:
+    return recipe.data.root or os.environ.get(DATA_ROOT_ENV) or None
+
+
+def resolve_local_copies(recipe: Recipe) -> None:
+    """Name each source's key, and put a relative `local:` copy under the data root."""
+    root = data_root(recipe)
+    for key, source in data_sources(recipe).items():
+        source._key = key
+        if source.local and root and not Path(source.local).expanduser().is_absolute():
+            source.local = str(Path(root).expanduser() / source.local)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe. Raises UserError on any mistake."""
     overrides = list(overrides or [])
@@ -350,6 +410,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         errors.sort(key=lambda err: not about_override(err))
         raise UserError(_format_error(str(path), errors[0], overrides)) from None
     recipe._source = str(path)
+    resolve_local_copies(recipe)
     if recipe.model.trust_remote_code:
         print(
             f"WARNING: {path}: model.trust_remote_code is true: Python code shipped with "

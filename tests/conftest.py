@@ -20,11 +20,22 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real human data not found at {SHARED_DATA} (../shared/data beside the repo)")
-    return SHARED_DATA
+def human_data_dir() -> Path:
+    """Where the real human data files are: $RLHF_DATA_ROOT when set, else ../shared/data
+    beside the repo (CI puts them there; a user's clone has neither)."""
+    root = os.environ.get("RLHF_DATA_ROOT")
+    return Path(root) if root else SHARED_DATA
+
+
+def real_data_file(name: str) -> Path:
+    """A real human data file, or a skip that names the missing file."""
+    path = human_data_dir() / name
+    if not path.is_file():
+        pytest.skip(
+            f"real data file {name} not found in {human_data_dir()} "
+            "(../shared/data beside the repo, or RLHF_DATA_ROOT)"
+        )
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Fault injection (`make chaos`): SIGKILL a tiny PPO run at 10 random moments, resume each
 (as often as it takes), and compare with the uninterrupted run: final weights bitwise, the
-held-out evaluation, and every logged metric except wall-clock timings.
+held-out evaluation, and every logged metric except wall-clock timings. The report counts
+the kills that hit before COMPLETED and the resumes that continued from a checkpoint.
 
 Why bitwise: on CPU with a fixed seed every source of randomness is re-derived from
 (seed, iteration, rank) at the start of each iteration, and a checkpoint after every
@@ -33,10 +34,11 @@ def _cli(stage: str, args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _finish(stage: str, args: list[str]) -> None:
+def _finish(stage: str, args: list[str]) -> str:
     proc = _cli(stage, args)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
+    return err
 
 
 def _comparable_metrics(run: Path) -> list[dict]:
@@ -77,7 +79,7 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(upst
     ref_metrics = _comparable_metrics(ref)
 
     rng = random.Random(1234)
-    identical, report = 0, []
+    identical, report, real_kills, real_resumes = 0, [], 0, 0
     for trial in range(TRIALS):
         out_dir = root / f"trial{trial}"
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -85,16 +87,23 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(upst
         kill_at = rng.uniform(0.05, 0.95) * duration
         proc = _cli("ppo", trial_args)
         time.sleep(kill_at)
-        killed = proc.poll() is None
-        if killed:
+        run = out_dir / "ppo"
+        alive = proc.poll() is None
+        if alive:
             proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        run = out_dir / "ppo"
-        resumes = 0
+        # A kill counts only if it hit before COMPLETED: one that lands while a finished run
+        # shuts down interrupts nothing (SIGKILL is immediate, so COMPLETED now tells).
+        killed = alive and not (run / "COMPLETED").is_file()
+        resumes, from_checkpoint = 0, 0
         while not (run / "COMPLETED").is_file():
             resumes += 1
             assert resumes <= 3, "resume did not finish"
-            _finish("ppo", [*trial_args, "--resume"])
+            err = _finish("ppo", [*trial_args, "--resume"])
+            from_checkpoint += "resumed from" in err  # else no checkpoint yet: a fresh start
+        assert resumes == 0 or killed, "a run not killed before COMPLETED needed a resume"
+        real_kills += killed
+        real_resumes += from_checkpoint
         same_weights = ref_weights.keys() == _weights(run).keys() and all(
             torch.equal(ref_weights[k], v) for k, v in _weights(run).items()
         )
@@ -104,10 +113,15 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(upst
         identical += ok
         ckpt_dirs = sorted(p.name for p in (run / "checkpoints").glob("*"))
         report.append(
-            f"trial {trial}: kill at {kill_at:.1f}s (killed={killed}), resumes={resumes}, "
+            f"trial {trial}: kill at {kill_at:.1f}s (before COMPLETED={killed}), "
+            f"resumes={resumes} (from a checkpoint: {from_checkpoint}), "
             f"weights={same_weights} eval={same_eval} metrics={same_metrics} ckpts={ckpt_dirs}"
         )
-    summary = f"{identical} of {TRIALS} identical to the uninterrupted run ({duration:.1f} s)"
+    summary = (
+        f"{identical} of {TRIALS} identical to the uninterrupted run ({duration:.1f} s); "
+        f"{real_kills} of {TRIALS} kills hit before COMPLETED; {real_resumes} resumes from a "
+        "checkpoint"
+    )
     print("\n" + "\n".join(report) + "\n" + summary)
     (root / "chaos_report.txt").write_text("\n".join(report) + "\n" + summary + "\n")
     if os.environ.get("CHAOS_REPORT"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf import compare, models
+from rlhf.errors import UserError
 from rlhf.generate import Decoding
 from tests.test_evaluate import run_cli, write_jsonl
 
@@ -220,7 +221,6 @@ def test_cli_mistakes_are_one_line_exit_2(tmp_path, tiny_model_dir, tiny_rm_dir)
 
 def test_references_from_a_field_or_an_sft_file(tmp_path):
     from rlhf.data import load_prompts
-    from rlhf.errors import UserError
 
     rows = [{"prompt": "a", "answer": "x"}, {"prompt": "b"}, {"prompt": "c", "answer": "z"}]
     loaded = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
@@ -235,3 +235,51 @@ def test_references_from_a_field_or_an_sft_file(tmp_path):
     sft = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}]
     loaded = load_prompts(write_jsonl(tmp_path / "s.jsonl", sft))
     assert compare.load_references(loaded, None) == ["r"]
+
+
+# ------------------------------------------------------------------ sampling temperature
+
+
+def _run_folder(path, stage: str, temperature: float):
+    """A stage folder with the files default_temperature reads (run.json, recipe.yaml)."""
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"stage": stage, "status": "completed"}))
+    (path / "recipe.yaml").write_text(f"name: x\nppo:\n  temperature: {temperature}\n")
+    return path
+
+
+def test_default_temperature_is_the_ppo_runs(tmp_path):
+    sft = _run_folder(tmp_path / "a" / "sft", "sft", 0.7)  # its recipe has ppo: too
+    ppo = _run_folder(tmp_path / "a" / "ppo", "ppo", 0.7)
+    other = _run_folder(tmp_path / "b" / "ppo", "ppo", 0.9)
+    got = compare.default_temperature(
+        {"POLICY_A": str(sft / "model"), "POLICY_B": str(ppo / "model")}
+    )
+    assert got == (0.7, f"ppo.temperature of {ppo / 'recipe.yaml'}")
+    plain = compare.default_temperature({"POLICY_A": str(sft / "model"), "POLICY_B": "tiny-llama"})
+    assert plain == (1.0, "default: neither policy is a PPO run's model")
+    with pytest.raises(
+        UserError, match=r"different temperatures \(POLICY_A T=0.7 .*POLICY_B T=0.9"
+    ):
+        compare.default_temperature(
+            {"POLICY_A": str(ppo / "model"), "POLICY_B": str(other / "model")}
+        )
+
+
+def test_cli_samples_at_the_ppo_policys_temperature(
+    tmp_path, tiny_model_dir, other_policy_dir, tiny_rm_dir
+):
+    run = _run_folder(tmp_path / "run" / "ppo", "ppo", 0.6)
+    shutil.copytree(other_policy_dir, run / "model")
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    argv = ["eval", "compare", tiny_model_dir, str(run / "model"), "--prompts", data]
+    rc, out, err = run_cli(
+        [*argv, "--reward-model", tiny_rm_dir, "--max-new-tokens", "2", "--json"]
+    )
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["decoding"]["temperature"] == 0.6
+    assert got["decoding"]["temperature_from"] == f"ppo.temperature of {run / 'recipe.yaml'}"
+    assert f"sampling T=0.6 (ppo.temperature of {run / 'recipe.yaml'})" in compare.format_report(
+        got
+    )

@@ -255,6 +255,41 @@ def test_curves_recipe_uses_output_dir_and_its_stage_folders(pipeline: Path, tmp
     assert rc == 2 and "no sft, reward or ppo run folders" in err
 
 
+def test_curves_on_a_pipeline_folder_plots_its_stage_folders(pipeline: Path):
+    rc, out, err = run_cli(["curves", str(pipeline)])
+    assert rc == 0, err
+    for name in ("overview", "sft", "reward", "ppo"):
+        assert f"{name}: {pipeline / 'curves' / name}.png" in out  # default: <pipeline>/curves
+        assert_png(pipeline / "curves" / f"{name}.png")
+    html = (pipeline / "curves" / "report.html").read_text()
+    assert f"runs: {pipeline / 'sft'}, {pipeline / 'reward'}, {pipeline / 'ppo'}" in html
+
+
+def test_two_pipeline_folders_overlay_stage_by_stage(pipeline: Path):
+    other = pipeline.parent / "other-model"
+    write_run(other / "sft", "sft", sft_rows(offset=0.5), "name: other\n")
+    write_run(other / "ppo", "ppo", ppo_rows(kl_growth=0.5), "name: other\n")
+    (other / "curves").mkdir()  # an earlier dashboard folder is not a run
+    assert curves.expand_run_dirs([pipeline, other]) == [
+        pipeline / "sft",
+        pipeline / "reward",
+        pipeline / "ppo",
+        other / "sft",
+        other / "ppo",
+    ]
+    rc, out, err = run_cli(["curves", str(pipeline), str(other)])
+    assert rc == 0, err
+    out_dir = pipeline.parent / "curves"  # beside the pipelines
+    for name in ("overview", "sft", "reward", "ppo"):
+        assert_png(out_dir / f"{name}.png")
+    result = curves.render(curves.expand_run_dirs([pipeline, other]), out_dir)
+    by_stage = curves.group_by_stage(result["runs"])
+    assert [r.label for r in by_stage["sft"]] == [str(pipeline / "sft"), str(other / "sft")]
+    assert [r.label for r in by_stage["ppo"]] == [str(pipeline / "ppo"), str(other / "ppo")]
+    html = (out_dir / "report.html").read_text()
+    assert str(other / "ppo") in html and str(pipeline / "ppo") in html
+
+
 def test_user_mistakes_are_one_line_errors(tmp_path: Path):
     rc, _, err = run_cli(["curves", str(tmp_path / "missing")])
     assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
@@ -262,7 +297,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path):
     assert rc == 2
     (tmp_path / "empty").mkdir()
     rc, _, err = run_cli(["curves", str(tmp_path / "empty")])
-    assert rc == 2 and "not a run directory" in err
+    assert rc == 2 and "not a run directory" in err and "nor a pipeline folder" in err
 
 
 def test_torn_last_line_and_resumed_steps(tmp_path: Path):

@@ -12,6 +12,7 @@ import torch
 
 from rlhf import cli, evaluate, models, training
 from rlhf.chat import encode_sft, pad_batch
+from tests.conftest import real_data_file
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -139,10 +140,14 @@ def test_eval_reward_user_mistakes_are_one_line_exit_2(tmp_path, tiny_rm_dir):
     assert rc == 2 and "--limit" in err
 
 
-def test_eval_reward_on_real_hh_and_oasst(shared_data, tiny_rm_dir):
+def test_eval_reward_on_real_hh_and_oasst(tiny_rm_dir):
+    hh_file, oasst_file = (
+        real_data_file("hh_harmless_pairs.jsonl.gz"),
+        real_data_file("oasst_en_trees.jsonl"),
+    )
     hh = evaluate.reward_accuracy_cli(
         tiny_rm_dir,
-        str(shared_data / "hh_harmless_pairs.jsonl.gz"),
+        str(hh_file),
         fmt="hh",
         limit=4,
         max_length=128,
@@ -150,7 +155,7 @@ def test_eval_reward_on_real_hh_and_oasst(shared_data, tiny_rm_dir):
     assert hh["n_pairs"] == 4 and "kendall_tau" not in hh
     oasst = evaluate.reward_accuracy_cli(
         tiny_rm_dir,
-        str(shared_data / "oasst_en_trees.jsonl"),
+        str(oasst_file),
         fmt="oasst",
         limit=2,
         max_length=128,

@@ -14,12 +14,11 @@ from typing import Any
 
 from rlhf.data import formats
 from rlhf.data.lengths import prompt_tokens
-from rlhf.data.loaders import as_source, load
-from rlhf.data.readers import BadLine, read_hub, read_rows
+from rlhf.data.loaders import as_source, load, source_rows
+from rlhf.data.readers import BadLine
 from rlhf.data.types import Ranking
 from rlhf.data.validate import RowPolicy
 from rlhf.errors import UserError
-from rlhf.recipe import looks_like_local_path
 
 EXAMPLES_SHOWN = 5
 
@@ -85,8 +84,7 @@ def _kind(source: Any) -> str:
     """The kind of data in the file: from the format, or detected from the first good row."""
     if source.format != "auto":
         return formats.kind_of(source.format)
-    local = looks_like_local_path(source.path)
-    rows = read_rows(source.path) if local else read_hub(source.path, source.split)
+    _, rows = source_rows(source)
     for _, row in rows:
         if not isinstance(row, BadLine):
             fmt = formats.detect_format(row)

@@ -9,7 +9,7 @@ a stage that trained on zero examples would only fail later and less clearly.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from rlhf.data import formats, hh, oasst
-from rlhf.data.readers import BadLine, read_hub, read_rows
+from rlhf.data.readers import BadLine, HubUnavailable, read_hub, read_rows
 from rlhf.data.types import LoadResult, Prompt, Ranking, SFTExample
 from rlhf.data.validate import InvalidRow, RowPolicy
 from rlhf.errors import UserError
-from rlhf.recipe import DATA_FORMATS, DataSource, looks_like_local_path
+from rlhf.recipe import DATA_FORMATS, DATA_ROOT_ENV, DataSource, looks_like_local_path
 
 Parser = Callable[[Any, str], list]
 
@@ -38,7 +38,7 @@ def as_source(source: DataSource | str | Path, fmt: str = "auto") -> DataSource:
     try:
         return DataSource(path=path, format=fmt)
     except ValidationError as e:
-        raise UserError(f"{path}: {e.errors()[0]['msg']}") from None
+        raise UserError(f"{path}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_sft(source: DataSource | str, on_invalid: str = "error") -> LoadResult[SFTExample]:
@@ -61,8 +61,7 @@ def load(
     the skipped rows' messages (rlhf data check)."""
     source = as_source(source)
     policy = policy or RowPolicy(on_invalid)
-    path = source.path
-    rows = read_rows(path) if looks_like_local_path(path) else read_hub(path, source.split)
+    path, rows = source_rows(source)
 
     # The format comes from the first row that parses (lines before it may be broken JSON).
     head: list[tuple[str, Any]] = []
@@ -103,6 +102,40 @@ def load(
     return result
 
 
+def source_rows(source: DataSource) -> tuple[str, Iterator[tuple[str, Any]]]:
+    """(what is read, its rows): a local file; a hub dataset's local copy when it exists;
+    else the hub itself. Without network or copy: one line on where to get the data."""
+    if looks_like_local_path(source.path):
+        return source.path, read_rows(source.path)
+    if source.local and Path(source.local).expanduser().is_file():
+        return source.local, read_rows(source.local)
+    try:
+        return source.path, read_hub(source.path, source.split, source.data_dir)
+    except HubUnavailable as e:
+        raise UserError(no_data_message(source, e.reason)) from None
+
+
+def no_data_message(source: DataSource, reason: str) -> str:
+    """Where to get a hub dataset that could not be loaded, and how to point at a copy."""
+    key = f"{source.key}: " if source.key else ""
+    sub = f", data_dir {source.data_dir}" if source.data_dir else ""
+    path_key = f"{source.key}.path" if source.key else "the source's path"
+    copy = "no local copy"
+    if source.local and Path(source.local).expanduser().is_absolute():
+        copy = f"no local copy at {source.local}"
+    elif source.local:
+        copy = f"no local copy ({DATA_ROOT_ENV} and data.root unset)"
+    point = f"{path_key}=<file>"
+    if source.local:
+        name = Path(source.local).name
+        point = f"{DATA_ROOT_ENV}=<folder with {name}> (or data.root=<folder>), or {point}"
+    return (
+        f"{key}{source.path} ({source.split} split{sub}): {reason}, {copy}; get it from "
+        f"https://huggingface.co/datasets/{source.path} (loads by itself with network "
+        f"access) or point the recipe at a local copy: {point}"
+    )
+
+
 def _detect(row: Any, where: str, kind: str) -> str:
     fmt = formats.detect_format(row)
     if fmt is None:
@@ -126,7 +159,7 @@ def _parser(fmt: str, kind: str, source: DataSource) -> Parser:
         "pairs": formats.parse_pairs,
         "rankings": formats.parse_rankings,
         "hh": hh.parse_hh,
-        "oasst": partial(oasst.parse_tree, drop_synthetic=source.drop_synthetic),
+        "oasst": partial(oasst.parse_tree, drop_synthetic=source.drop_synthetic, lang=source.lang),
         "prompts": formats.parse_prompts,
     }
     have = formats.kind_of(fmt)

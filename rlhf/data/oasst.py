@@ -6,7 +6,8 @@ and "replies" (messages, recursively). Human raters ranked sibling assistant rep
 
 Deleted messages are skipped with their whole subtree (their replies answer a message that
 is gone). With drop_synthetic, machine-written replies are skipped the same way, so the
-rankings are human judgements among human-written replies.
+rankings are human judgements among human-written replies. With `lang`, only trees whose
+prompt is in that language are kept (the hub's oasst1 mixes 35 languages).
 
 The hub's oasst1 is flat (one message per row, with parent_id); `assemble_trees` rebuilds
 the trees first.
@@ -23,7 +24,9 @@ from rlhf.data.types import Message, Ranking
 _ROLE = {"prompter": "user", "assistant": "assistant"}
 
 
-def parse_tree(row: Any, where: str, drop_synthetic: bool = True) -> list[Ranking]:
+def parse_tree(
+    row: Any, where: str, drop_synthetic: bool = True, lang: str | None = None
+) -> list[Ranking]:
     if not isinstance(row, dict):
         raise v.InvalidRow("wrong type", f"row must be a JSON object, got {type(row).__name__}")
     root = v.require(row, "prompt")
@@ -31,7 +34,7 @@ def parse_tree(row: Any, where: str, drop_synthetic: bool = True) -> list[Rankin
         raise v.InvalidRow(
             "wrong type", f"prompt must be a message tree, got {type(root).__name__}"
         )
-    if root.get("deleted"):
+    if root.get("deleted") or (lang is not None and root.get("lang", lang) != lang):
         return []
     out: list[Ranking] = []
     _walk(root, [], where, drop_synthetic, out)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import socket
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,17 +122,61 @@ def _parquet(path: str, file: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {i}", row
 
 
-def read_hub(path: str, split: str) -> Iterator[tuple[str, Any]]:
-    """Rows of a Hugging Face hub dataset (needs network access or a warm datasets cache)."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connect: without this, an offline
+    datasets.load_dataset retries for about half a minute before it gives up."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _offline_mode(offline: bool) -> Iterator[None]:
+    """Datasets and huggingface_hub read HF_HUB_OFFLINE once, at import: set their copies, so
+    that an unreachable hub fails at once (a warm datasets cache still answers)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+class HubUnavailable(UserError):
+    """A hub dataset could not be loaded; `reason` is one short line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_hub(path: str, split: str, data_dir: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Rows of a Hugging Face hub dataset (needs network access or a warm datasets cache).
+
+    The dataset is loaded before this returns, so an unreachable hub raises HubUnavailable here
+    rather than at the first row."""
     import datasets
 
+    offline = not hub_reachable()
     try:
-        dataset = datasets.load_dataset(path, split=split)
+        with _offline_mode(offline):
+            dataset = datasets.load_dataset(path, data_dir=data_dir, split=split)
     except Exception as e:  # noqa: BLE001 (offline, unknown id, bad split: all one message)
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(
-            f"{path}: not a local file, and the Hugging Face hub dataset could not be loaded "
-            f"(hub unreachable or offline?): {first}"
-        ) from None
-    for i, row in enumerate(dataset, start=1):
-        yield f"{path}[{split}]:row {i}", row
+        reason = "hub unreachable (offline)" if offline else first
+        raise HubUnavailable(reason) from None
+    where = f"{path}[{split}]" if data_dir is None else f"{path}/{data_dir}[{split}]"
+    return ((f"{where}:row {i}", row) for i, row in enumerate(dataset, start=1))

@@ -13,12 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf import checkpoint, data, distributed, models, training
 from rlhf.chat import encode_prompt, pad_batch
@@ -27,6 +25,7 @@ from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
 from rlhf.ppo.core import AdaptiveKLController, FixedKLController
 from rlhf.ppo.iteration import ppo_iteration
 from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
+from rlhf.progress import Progress
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
@@ -167,11 +166,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         out.info["reference"],
     )
 
-    bar = tqdm(
-        total=cfg.iterations,
-        initial=start_iter,
-        desc="ppo",
-        disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+    progress = Progress(
+        "ppo", cfg.iterations, start_iter, enabled=accelerator.is_main_process, unit="iteration"
     )
     guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
     stop = StopSignal().install()
@@ -226,10 +222,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     for i in range(min(4, len(roll.texts)))
                 ],
             )
-        bar.update(1)
-        bar.set_postfix(
-            score=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.2f}"
-        )
+        progress.update(iteration + 1, score=metrics["objective/score"], kl=metrics["objective/kl"])
         signum = stop.requested(accelerator)
         done = iteration + 1
         if (cfg.save_every and done % cfg.save_every == 0 or signum) and done < cfg.iterations:
@@ -244,7 +237,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             if signum:
                 stop.restore()
                 raise Interrupted(signum, saved)
-    bar.close()
+    progress.close()
     stop.restore()
 
     with distributed.gathered_for_generation(accelerator, model):

@@ -22,7 +22,6 @@ import logging
 import math
 import random
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,11 +29,11 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rlhf import checkpoint, data, distributed, models, training
 from rlhf import reward as rm
 from rlhf.errors import UserError
+from rlhf.progress import Progress
 from rlhf.rundir import RunDir, require_completed, write_json_atomic
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
@@ -52,8 +51,9 @@ def init_model_name(recipe: Any) -> str:
 
 
 def source_name(source: Any) -> str:
-    """A metric-key-safe name from a data source: `../x/oasst_en_trees.jsonl` -> oasst_en_trees."""
-    name = Path(source.path).name
+    """A metric-key-safe name from a data source: `../x/oasst_en_trees.jsonl` -> oasst_en_trees.
+    A hub source with a local copy is named after the copy, whether or not the copy is used."""
+    name = Path(source.local or source.path).name
     for ext in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
         name = name.removesuffix(ext)
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "extra"
@@ -257,12 +257,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         logger.log(0, flat_metrics(base))
     guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
     stop = StopSignal().install()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="reward",
-        disable=not (accelerator.is_main_process and sys.stderr.isatty()),
-    )
+    progress = Progress("reward", total_steps, step, enabled=accelerator.is_main_process)
     scorer.train()
     t_last = time.time()
     while step < total_steps:
@@ -306,7 +301,6 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     )
             scheduler.step()
             step += 1
-            bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 totals = accelerator.reduce(stats, "sum")
                 now = time.time()
@@ -326,7 +320,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     metrics["train/grad_norm"] = float(grad_norm)
                 logger.log(step, metrics)
                 t_last = now
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                progress.note(loss=metrics["train/loss"])
+            progress.update(step)
             if step % cfg.eval_every == 0 and step < total_steps:
                 logger.log(
                     step, flat_metrics(evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator))
@@ -346,7 +341,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     raise Interrupted(signum, saved)
         if step < total_steps:
             epoch, batches_done = epoch + 1, 0
-    bar.close()
+    progress.close()
     stop.restore()
 
     final = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)

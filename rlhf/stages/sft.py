@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rlhf import checkpoint, data, distributed, models, training
 from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.packing import collate_packed, pack_rows
+from rlhf.progress import Progress
 from rlhf.rundir import RunDir
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
@@ -175,12 +174,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         logger.log(0, base_eval)
     guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
     stop = StopSignal().install()
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="sft",
-        disable=not (accelerator.is_main_process and sys.stderr.isatty()),
-    )
+    progress = Progress("sft", total_steps, step, enabled=accelerator.is_main_process)
     model.train()
     t_last = time.time()
     while step < total_steps:
@@ -215,7 +209,6 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 loss_sum += nll.detach()
             scheduler.step()
             step += 1
-            bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 global_loss = accelerator.reduce(loss_sum, "sum") / step_tokens.clamp(min=1)
                 now = time.time()
@@ -231,7 +224,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     metrics["train/grad_norm"] = float(grad_norm)
                 logger.log(step, metrics)
                 t_last = now
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+                progress.note(loss=metrics["train/loss"])
+            progress.update(step)
             if eval_rows and step % cfg.eval_every == 0 and step < total_steps:
                 logger.log(step, evaluate(model, eval_loader, accelerator))
             signum = stop.requested(accelerator)
@@ -249,7 +243,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     raise Interrupted(signum, saved)
         if step < total_steps:
             epoch, batches_done = epoch + 1, 0
-    bar.close()
+    progress.close()
     stop.restore()
 
     final_eval = evaluate(model, eval_loader, accelerator) if eval_rows else {}

@@ -1,25 +1,78 @@
-"""The HH-RLHF and OpenAssistant adapters on the real files in ../shared/data beside the repo."""
+"""The HH-RLHF and OpenAssistant adapters: on small made-up files in the same formats (always),
+and on the real files when they are present (../shared/data beside the repo in CI, or
+$RLHF_DATA_ROOT); without them those tests skip, naming the missing file."""
 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
-import pytest
+from helpers_data import write_hh_fixture, write_lottery_fixture, write_oasst_fixture
 
 from rlhf.data import load_comparisons, load_prompts
 from rlhf.data.check import check_file
 from rlhf.data.hh import parse_hh, parse_transcript
 from rlhf.recipe import DataSource
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.conftest import real_data_file
 
 
 def real(name: str) -> str:
-    path = DATA / name
-    if not path.is_file():
-        pytest.skip(f"real data file {name} not found in {DATA} (../shared/data beside the repo)")
-    return str(path)
+    return str(real_data_file(name))
+
+
+def test_hh_pairs_on_fixture(tmp_path):
+    result = load_comparisons(write_hh_fixture(tmp_path))
+    assert result.format == "hh"  # detected from the first row
+    assert result.rows == 4 and not result.skipped
+    assert [r.num_pairs for r in result.items] == [1, 1, 1, 1]
+    for r in result.items:
+        roles = [m["role"] for m in r.prompt]
+        assert roles[0] == "user" and roles[-1] == "user"
+        assert all(a != b for a, b in zip(roles, roles[1:]))  # strictly alternating
+    assert [len(r.prompt) for r in result.items] == [1, 3, 1, 1]
+    assert result.items[2].responses == [
+        "",
+        "Wait until dark and force the latch with a screwdriver.",
+    ]
+    assert result.items[3].prompt[0]["content"] == "What rhymes with orange?\n\nAsking for a poem."
+    assert result.items[1].source.endswith("hh_harmless_pairs.jsonl.gz:2")
+
+
+def test_oasst_trees_on_fixture(tmp_path):
+    path = write_oasst_fixture(tmp_path)
+    result = load_comparisons(path)
+    assert result.format == "oasst" and result.rows == 3
+    # tree 1: root (Smokey, Ash; the synthetic and the deleted reply dropped) and the nested
+    # follow-up; tree 2: synthetic replies only, nothing; tree 3: one ranking.
+    assert [r.ranked_responses() for r in result.items] == [
+        ["Smokey.", "Ash."],
+        ["It matches the colour of the fur.", "Because it sounds friendly."],
+        ["Das weiß ich leider nicht.", "Zeit für Kaffee."],
+    ]
+    assert result.items[1].prompt == [
+        {"role": "user", "content": "What is a good name for a grey cat?"},
+        {"role": "assistant", "content": "Smokey."},
+        {"role": "user", "content": "Why that one?"},
+    ]
+    assert sum(r.num_pairs for r in result.items) == 3
+    keep = load_comparisons(DataSource(path=path, drop_synthetic=False))
+    assert [len(r.responses) for r in keep.items] == [3, 2, 2, 2]
+    assert sum(r.num_pairs for r in keep.items) == 3 + 1 + 1 + 1
+    english = load_comparisons(DataSource(path=path, lang="en"))
+    assert len(english.items) == 2 and all(r.source.endswith(":1") for r in english.items)
+
+
+def test_prompt_lottery_on_fixture(tmp_path):
+    result = load_prompts(write_lottery_fixture(tmp_path))
+    assert [p.messages for p in result.items][1] == [
+        {"role": "user", "content": "What is 17 times 23?"}
+    ]
+    assert len(result.items) == 3
+
+
+def test_check_file_on_oasst_fixture(tmp_path):
+    stats = check_file(write_oasst_fixture(tmp_path))
+    assert stats["format"] == "oasst" and stats["pairs"] == 3 and stats["examples"] == 3
+    assert stats["responses_per_prompt"] == {2: 3}
 
 
 def test_hh_pairs():
