@@ -46,9 +46,14 @@ RENAMED = {
     "grad_norm": "train/grad_norm",
     "learning_rate": "lr",
     "epoch": "epoch",
-    "train_loss": "train/mean_loss",  # the run's average, in the summary row at the end
+    "num_input_tokens_seen": "train/tokens_seen",  # in trainer_state.json: survives a resume
 }
-DROPPED = {"total_flos"}
+# Counters that a resume restarts, so a resumed run would log other values than one that was
+# never stopped: TRL's `num_tokens` lives on the trainer object, not in its checkpoint
+# (transformers' tokens_seen above replaces it); `train_loss`, the summary row's mean loss,
+# averages over the steps of the last session only.
+DROPPED = {"total_flos", "num_tokens", "eval_num_tokens", "train_loss"}
+WALL_CLOCK = ("runtime", "samples_per_second", "steps_per_second", "tokens_per_second")
 
 
 def contract_key(name: str) -> str | None:
@@ -65,7 +70,7 @@ def contract_key(name: str) -> str | None:
     for prefix in ("eval_", "train_"):
         if name.startswith(prefix):
             rest = name[len(prefix) :]
-            if rest in ("runtime", "samples_per_second", "steps_per_second"):
+            if rest in WALL_CLOCK:
                 return f"timing/{name}"
             return f"{prefix[:-1]}/{rest}"
     return f"train/{name}"

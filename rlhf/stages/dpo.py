@@ -210,6 +210,7 @@ def dpo_config(recipe: Any, checkpoints: Path, has_eval: bool) -> Any:
         max_grad_norm=optim.max_grad_norm or 0.0,
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.log_every,
+        include_num_input_tokens_seen="non_padding",
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_every,
         save_strategy="steps" if cfg.save_every else "no",
