@@ -339,3 +339,14 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(sft):
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 1e-4  # the step did something
     assert gap < 1e-3 * moved  # and the same thing on 2 ranks
+
+
+def test_trainer_precision_follows_the_recipe():
+    from rlhf.runtime import cpu_supports_fast_bf16
+    from rlhf.stages.dpo import trainer_precision
+
+    assert trainer_precision("fp32") == {"bf16": False, "fp16": False}
+    assert trainer_precision("bf16") == {"bf16": True, "fp16": False}
+    if not torch.cuda.is_available():
+        assert trainer_precision("auto") == {"bf16": cpu_supports_fast_bf16(), "fp16": False}
+        assert trainer_precision("fp16") == {"bf16": True, "fp16": False}  # no fp16 on CPU
