@@ -350,3 +350,18 @@ def test_trainer_precision_follows_the_recipe():
     if not torch.cuda.is_available():
         assert trainer_precision("auto") == {"bf16": cpu_supports_fast_bf16(), "fp16": False}
         assert trainer_precision("fp16") == {"bf16": True, "fp16": False}  # no fp16 on CPU
+
+
+def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
+    from rlhf.curves import load_run, panels_for, render
+
+    ref, _ = uninterrupted
+    titles = [title for title, _ in panels_for("dpo", [load_run(ref)])]
+    for title in ("loss", "preference accuracy", "reward margin", "implicit rewards"):
+        assert title in titles
+    margin = dict(panels_for("dpo", [load_run(ref)]))["reward margin"]
+    assert margin == ["train/rewards/margins", "eval/rewards/margins"]
+    result = render([ref], tmp_path / "curves")
+    assert result["figures"]["dpo"].is_file() and "overview" not in result["figures"]
+    html = result["report"].read_text()
+    assert "<h2>dpo</h2>" in html and "best_vs_rest" in html and "preference" in html
