@@ -4,6 +4,7 @@
 #   make ppo NPROC=2                         two ranks (CPU: gloo, GPU: DDP)
 #   make ppo ACCELERATE_CONFIG=recipes/accelerate/zero3.yaml
 #   make ppo RESUME=1                        continue from the newest checkpoint
+#   make sft dpo                             DPO on the same rankings instead of reward + PPO
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -36,10 +37,10 @@ else
   LAUNCH := $(RLHF)
 endif
 
-.PHONY: help setup models sft reward ppo pipeline curves report test test-fast lint format bench chaos clean
+.PHONY: help setup models sft reward ppo dpo pipeline curves report test test-fast lint format bench chaos clean
 
 help:
-	@grep -E '^#' Makefile | head -8
+	@grep -E '^#' Makefile | head -9
 
 setup: $(STAMP)
 
@@ -54,7 +55,7 @@ $(STAMP): pyproject.toml
 models: setup
 	$(RLHF) models prepare smollm2-135m-instruct tiny-llama
 
-sft reward ppo: models
+sft reward ppo dpo: models
 	$(LAUNCH) $@ $(RECIPE) $(ARGS) $(RESUME_FLAG)
 
 pipeline: models

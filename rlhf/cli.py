@@ -1,6 +1,6 @@
 """`rlhf` command line: parses arguments, loads the recipe, dispatches. No training logic here.
 
-  rlhf sft|reward|ppo RECIPE [key.path=value ...] [--resume]
+  rlhf sft|reward|ppo|dpo RECIPE [key.path=value ...] [--resume]
   rlhf eval reward MODEL_DIR DATA [--format hh|oasst|pairs|rankings] [--json]
   rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR [--reference REF]
   rlhf generate MODEL_DIR --prompt TEXT | --prompts FILE
@@ -21,7 +21,7 @@ from rlhf import __version__
 from rlhf.errors import NumericalFault, UserError
 from rlhf.signals import Interrupted
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 def _stage(args: argparse.Namespace) -> int:
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             "stage 1: supervised fine-tuning on chat data",
             "stage 2: reward model on ranked comparisons",
             "stage 3: PPO against the reward model with a KL penalty",
+            "DPO on the rankings from the SFT model (instead of reward + PPO), on TRL",
         ),
     ):
         s = sub.add_parser(stage, help=text, description=text)

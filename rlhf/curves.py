@@ -2,7 +2,7 @@
 
   rlhf curves RUN_DIR [RUN_DIR ...] [--out DIR]      any stage folders; same stages overlay
   rlhf curves runs/a [runs/b ...]                    pipeline folders: their stage folders
-  rlhf curves --recipe RECIPE [key=value ...]        <output_dir>/{sft,reward,ppo}
+  rlhf curves --recipe RECIPE [key=value ...]        <output_dir>/{sft,reward,ppo,dpo}
 
 Reads only the run-directory contract (metrics.jsonl, samples.jsonl, eval.json, recipe.yaml,
 run.json), never the training code, so it works on old runs and on runs still in progress.
@@ -30,7 +30,8 @@ import yaml
 
 from rlhf.errors import UserError
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
+PIPELINE = ("sft", "reward", "ppo")  # the stages the overview page needs
 
 # One dashboard panel = (title, patterns). Patterns are exact names or fnmatch globs; a panel
 # appears only when some series matches, so the same table serves old and new runs.
@@ -66,6 +67,20 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
         ("held-out judge", ["eval/judge_*", "judge/*"]),
         ("timing (s)", ["timing/*"]),
         ("tokens / second", ["tokens_per_second"]),
+    ],
+    # DPO (TRL's metric names in our key style; rewards are the implicit beta * log-ratios)
+    "dpo": [
+        ("loss", ["train/loss", "eval/loss"]),
+        (
+            "preference accuracy",
+            ["train/rewards/accuracies", "eval/rewards/accuracies", "eval/preference/accuracy"],
+        ),
+        ("reward margin", ["train/rewards/margins", "eval/rewards/margins"]),
+        ("implicit rewards", ["*/rewards/chosen", "*/rewards/rejected"]),
+        ("log-probs", ["train/logps/*", "eval/logps/*"]),
+        ("entropy", ["train/entropy", "eval/entropy"]),
+        ("learning rate", ["lr"]),
+        ("grad norm", ["train/grad_norm"]),
     ],
 }
 
@@ -703,7 +718,7 @@ def render(
     alarms = [a for run in runs for a in check_run(run)]
     by_stage = group_by_stage(runs)
     figures: dict[str, Path] = {}
-    if all(s in by_stage for s in STAGES):
+    if all(s in by_stage for s in PIPELINE):
         path = plot_overview(by_stage, out_dir / "overview.png", smoothing, alarms)
         if path is not None:
             figures["overview"] = path
@@ -737,7 +752,9 @@ def recipe_run_dirs(recipe_path: str, overrides: Sequence[str]) -> tuple[Path, l
         output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))
     dirs = [output_dir / s for s in STAGES if (output_dir / s).is_dir()]
     if not dirs:
-        raise UserError(f"{output_dir}: no sft, reward or ppo run folders yet (run a stage first)")
+        raise UserError(
+            f"{output_dir}: no sft, reward, ppo or dpo run folders yet (run a stage first)"
+        )
     return output_dir, dirs
 
 

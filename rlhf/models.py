@@ -275,23 +275,29 @@ def load_reward_model(
         raise _hub_error(name, e) from None
 
 
-def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """Wrap `model` with a peft LoRA adapter described by a recipe LoraConfig."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """peft's LoraConfig for a recipe LoraConfig."""
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type=task_type,
     )
+
+
+def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap `model` with a peft LoRA adapter described by a recipe LoraConfig."""
+    from peft import get_peft_model
+
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` property; not our call.
         warnings.filterwarnings(
             "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
         )
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(lora, task_type))
 
 
 @contextmanager

@@ -159,6 +159,56 @@ class RewardConfig(TrainLoopConfig):
     )
 
 
+# The names trl 1.16's DPOTrainer accepts for `loss_type` (DPOConfig.loss_type's help and the
+# dispatch in DPOTrainer._compute_loss); tests/test_dpo.py checks the list against TRL's.
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+
+
+class DPOStageConfig(TrainLoopConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer."""
+
+    train: DataSource | None = None
+    eval: DataSource | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out when `eval` is unset")
+    sft_dir: str | None = Field(
+        None, description="default: <output_dir>/sft (policy and reference)"
+    )
+    pairs: Literal["all", "best_vs_rest"] = Field(
+        "all",
+        description="a K-way ranking becomes all K(K-1)/2 pairs, or the best against each other",
+    )
+    loss_type: Literal[DPO_LOSS_TYPES] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="TRL's name: sigmoid (DPO), ipo, hinge, robust, ..."
+    )
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust / exo_pair losses")
+    batch_size: int = Field(4, ge=1, description="pairs per device micro-step")
+    optim: OptimConfig = OptimConfig(lr=5e-7)
+
+    @model_validator(mode="after")
+    def _label_smoothing_fits_the_loss(self) -> DPOStageConfig:
+        # TRL refuses exo_pair without smoothing (its epsilon); other losses ignore it.
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (e.g. 1e-3)")
+        return self
+
+
 class AdaptiveKLConfig(Section):
     target: float = Field(6.0, gt=0)
     horizon: int = Field(10000, ge=1)
@@ -265,6 +315,7 @@ class Recipe(Section):
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOStageConfig = DPOStageConfig()
 
     # Where the recipe came from (not a YAML key): for error messages and run.json.
     _source: str = "<recipe>"

@@ -41,6 +41,12 @@ RUN_FIELDS = (
     "reference",
     "sft_dir",
     "reward_dir",
+    "init_from",
+    "pairs",
+    "loss_type",
+    "beta",
+    "train_pairs",
+    "eval_pairs",
 )
 
 MAX_SAMPLE_STEPS = 100  # the newest iterations' samples; long runs would make a huge page

@@ -252,7 +252,7 @@ def test_curves_recipe_uses_output_dir_and_its_stage_folders(pipeline: Path, tmp
     for name in ("overview.png", "sft.png", "reward.png", "ppo.png", "report.html"):
         assert (pipeline / "curves" / name).is_file()
     rc, _, err = run_cli(["curves", "--recipe", "recipes/tiny.yaml", f"output_dir={tmp_path}/x"])
-    assert rc == 2 and "no sft, reward or ppo run folders" in err
+    assert rc == 2 and "no sft, reward, ppo or dpo run folders" in err
 
 
 def test_curves_on_a_pipeline_folder_plots_its_stage_folders(pipeline: Path):

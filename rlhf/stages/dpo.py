@@ -1,0 +1,358 @@
+"""Direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer, from the same
+rankings as the reward stage, keeping this project's run-directory contract.
+
+  * policy and reference: the finished SFT run's model (`dpo.sft_dir`, default
+    <output_dir>/sft). With LoRA the reference is the same weights with the adapter disabled
+    (TRL does this when given a peft config); without, a second frozen copy.
+  * data: pairs, or K-way rankings expanded to all K(K-1)/2 pairs or the best against each
+    other (`dpo.pairs`, recorded in run.json). The held-out rankings always give all pairs.
+  * the loss is TRL's (`dpo.loss_type`, `dpo.beta`); the Trainer runs the loop, DDP included.
+  * contract: a TrainerCallback writes TRL's logs to metrics.jsonl / tb/ in our key style,
+    turns SIGINT/SIGTERM into a checkpoint and a clean stop, and marks each finished checkpoint
+    VALID (the Trainer writes checkpoint-N/ in place, so a folder without VALID may be torn).
+    `--resume` continues from the newest VALID one through `resume_from_checkpoint`, which
+    restores weights, AdamW moments, scheduler, RNG and the data position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from rlhf import data, distributed, models, training
+from rlhf import dpo as pref
+from rlhf.errors import UserError
+from rlhf.rundir import RunDir, require_completed
+from rlhf.runtime import resolve_precision, run_info, set_seed, setup_logging
+from rlhf.signals import Interrupted, StopSignal
+from rlhf.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"  # transformers' PREFIX_CHECKPOINT_DIR
+
+
+def sft_model_dir(recipe: Any) -> Path:
+    cfg = recipe.dpo
+    sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else recipe.stage_dir("sft")
+    return require_completed(sft_dir, "dpo.sft_dir: the SFT run") / "model"
+
+
+def load_rankings(recipe: Any) -> tuple[list, list]:
+    """(train rankings, eval rankings); eval never shares a prompt with train."""
+    cfg = recipe.dpo
+    if cfg.train is None:
+        raise UserError(f"{recipe._source}: dpo.train: missing required key")
+    train = data.load_comparisons(cfg.train, recipe.data.on_invalid).items
+    if cfg.eval is not None:
+        evals = data.load_comparisons(cfg.eval, recipe.data.on_invalid).items
+    elif cfg.eval_fraction > 0:
+        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
+    else:
+        evals = []
+    return train, evals
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def valid_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "VALID").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def drop_torn_checkpoints(root: Path) -> None:
+    """Folders a killed save left without VALID (the Trainer would count them as newest)."""
+    if root.is_dir():
+        for path in root.glob(f"{CHECKPOINT_PREFIX}*"):
+            if not (path / "VALID").is_file():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def mark_valid(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    (path / "VALID").write_text(path.name)
+
+
+class ContractCallback(TrainerCallback):
+    """TRL's logs -> our MetricsLogger; signals -> checkpoint and stop; saves -> VALID."""
+
+    def __init__(self, logger: MetricsLogger, stop: StopSignal, checkpoints: Path):
+        self.logger = logger
+        self.stop = stop
+        self.checkpoints = checkpoints
+        self.accelerator: Any = None  # the trainer's, set once it exists
+        self.signum: int | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
+        metrics = pref.contract_metrics(logs or {})
+        if metrics:
+            self.logger.log(state.global_step, metrics)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
+        # Between optimizer steps only, agreed across ranks (a collective), like our loops.
+        self.signum = self.stop.requested(self.accelerator)
+        if self.signum:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any):
+        # Called after the Trainer wrote the whole folder (trainer_state.json last).
+        if state.is_world_process_zero:
+            mark_valid(self.checkpoints / f"{CHECKPOINT_PREFIX}{state.global_step}")
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def implicit_reward_eval(trainer: Any, beta: float) -> dict[str, Any]:
+    """Preference accuracy and margins of the implicit reward on the held-out pairs.
+
+    The reference log-probs come from TRL (`compute_ref_log_probs`: adapter disabled under
+    LoRA, else the frozen copy); the policy's from its logits here. Each rank scores its
+    share; `gather_for_metrics` drops the rows a short last batch was padded with.
+    """
+    accelerator = trainer.accelerator
+    policy = accelerator.unwrap_model(trainer.model)
+    reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    was_training = policy.training
+    policy.eval()
+    chosen, rejected = [], []
+    for inputs in trainer.get_eval_dataloader():  # TRL's tokenized eval pairs
+        with accelerator.autocast():
+            logits = policy(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).logits
+        logps = pref.completion_logps(logits, inputs["input_ids"], inputs["completion_mask"])
+        policy_chosen, policy_rejected = logps.chunk(2)  # the collator stacks [chosen; rejected]
+        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(reference, inputs)
+        pair = torch.stack(
+            [
+                beta * (policy_chosen - ref_chosen.float()),
+                beta * (policy_rejected - ref_rejected.float()),
+            ]
+        )
+        pair = accelerator.gather_for_metrics(pair.T.contiguous())
+        chosen.append(pair[:, 0].cpu())
+        rejected.append(pair[:, 1].cpu())
+    policy.train(was_training)
+    if not chosen:
+        return {"pairs": 0}
+    return pref.implicit_reward_metrics(torch.cat(chosen), torch.cat(rejected))
+
+
+def evaluate_policy(trainer: Any, beta: float) -> dict[str, Any]:
+    """eval.json's numbers. The generation-based judges (reward models, answer accuracy, KL,
+    length, EOS rate; as the PPO stage reports them) belong here too."""
+    if trainer.eval_dataset is None:
+        return {}
+    return {"preference": implicit_reward_eval(trainer, beta)}
+
+
+# ------------------------------------------------------------------------------------ stage
+
+
+def trainer_precision(precision: str) -> dict[str, bool]:
+    """The recipe's precision as TrainingArguments flags (bf16 autocast on CPU, as
+    runtime.make_accelerator does; fp16 autocast does not exist there)."""
+    mixed = resolve_precision(precision)
+    if mixed == "fp16" and not torch.cuda.is_available():
+        mixed = "bf16"
+    return {"bf16": mixed == "bf16", "fp16": mixed == "fp16"}
+
+
+def dpo_config(recipe: Any, checkpoints: Path, has_eval: bool) -> Any:
+    from trl import DPOConfig
+
+    cfg, optim = recipe.dpo, recipe.dpo.optim
+    on_cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return DPOConfig(
+        output_dir=str(checkpoints),
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        use_cpu=on_cpu,
+        ddp_backend="gloo" if on_cpu and launched else None,
+        **trainer_precision(recipe.precision),
+        report_to=[],
+        disable_tqdm=not sys.stderr.isatty(),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=optim.lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        # a float below 1 is a fraction of the steps in transformers 5
+        warmup_steps=min(optim.warmup_ratio, 0.999),
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(
+            optim.scheduler, optim.scheduler
+        ),
+        max_grad_norm=optim.max_grad_norm or 0.0,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.log_every,
+        include_num_input_tokens_seen="non_padding",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_every,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 1,
+        save_total_limit=cfg.keep_last,
+        max_length=cfg.max_length,
+        loss_type=[cfg.loss_type],
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        trust_remote_code=recipe.model.trust_remote_code,
+        dataloader_num_workers=0,
+    )
+
+
+def run(recipe: Any, resume: bool = False) -> Path:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    cfg = recipe.dpo
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    setup_logging(is_main)
+    init_from = sft_model_dir(recipe)
+    out = RunDir(recipe.stage_dir("dpo"), "dpo", recipe, is_main, {})
+
+    # --- data and tokenizer (all validation happens before the model loads)
+    tokenizer = models.load_tokenizer(
+        str(init_from), recipe.model.chat_template, recipe.model.trust_remote_code
+    )
+    train_items, eval_items = load_rankings(recipe)
+    fit = lambda items: data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)  # noqa: E731
+    train_items, eval_items = fit(train_items), fit(eval_items)
+    train_rows = pref.preference_rows(train_items, cfg.pairs)
+    eval_rows = pref.preference_rows(eval_items, "all")
+    if not train_rows:
+        raise UserError(f"{cfg.train.path}: no ranking with at least two responses")
+    train_set = Dataset.from_list(train_rows)
+    eval_set = Dataset.from_list(eval_rows) if eval_rows else None
+
+    # --- models: the SFT weights twice (policy, frozen reference) or once under LoRA
+    set_seed(recipe.seed)
+    load = lambda: models.load_causal_lm(  # noqa: E731
+        str(init_from), trust_remote_code=recipe.model.trust_remote_code
+    )
+    policy = load()
+    policy.config.pad_token_id = tokenizer.pad_token_id
+    reference = None if cfg.lora.enabled else load().eval()
+    peft_config = models.lora_config(cfg.lora) if cfg.lora.enabled else None
+
+    ckpts = valid_checkpoints(out.checkpoints) if resume else []
+    ckpt = ckpts[-1] if ckpts else None
+    out.start(resume=ckpt is not None, resume_step=checkpoint_step(ckpt) if ckpt else None)
+    if ckpt is not None and is_main:
+        drop_torn_checkpoints(out.checkpoints)
+
+    stop = StopSignal()
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=dpo_config(recipe, out.checkpoints, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    accelerator = trainer.accelerator
+    logger = MetricsLogger(out.path, "dpo", recipe, accelerator)
+    contract = ContractCallback(logger, stop, out.checkpoints)
+    contract.accelerator = accelerator
+    trainer.add_callback(contract)
+    trainer.remove_callback(PrinterCallback)  # prints every log dict; ours go to metrics.jsonl
+    trainable, total = training.trainable_parameters(trainer.model)
+    world = accelerator.num_processes
+    out.info.update(
+        run_info(accelerator),
+        init_from=str(init_from),
+        pairs=cfg.pairs,
+        loss_type=cfg.loss_type,
+        beta=cfg.beta,
+        reference="adapter disabled (LoRA)" if cfg.lora.enabled else "frozen copy of init_from",
+        effective_batch_pairs=cfg.batch_size * cfg.grad_accum * world,
+        train_rankings=len(train_items),
+        train_pairs=len(train_rows),
+        eval_rankings=len(eval_items),
+        eval_pairs=len(eval_rows),
+        trainable_parameters=trainable,
+        parameters=total,
+    )
+    log.info(
+        "dpo (%s, beta %g): %d train rankings -> %d pairs (%s), %d eval pairs, effective batch "
+        "%d pairs (%d x %d x %d ranks)%s",
+        cfg.loss_type,
+        cfg.beta,
+        len(train_items),
+        len(train_rows),
+        cfg.pairs,
+        len(eval_rows),
+        cfg.batch_size * cfg.grad_accum * world,
+        cfg.batch_size,
+        cfg.grad_accum,
+        world,
+        f", resuming from {ckpt}" if ckpt else "",
+    )
+
+    stop.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    finally:
+        stop.restore()
+    if contract.signum:
+        saved = valid_checkpoints(out.checkpoints)
+        logger.close()
+        raise Interrupted(contract.signum, saved[-1] if saved else None)
+
+    step = trainer.state.global_step
+    results = {
+        **evaluate_policy(trainer, cfg.beta),
+        "steps": step,
+        "pairs": cfg.pairs,
+        "loss_type": cfg.loss_type,
+        "beta": cfg.beta,
+        "train_pairs": len(train_rows),
+    }
+    if "preference" in results:
+        logger.log(step, {f"eval/preference/{k}": v for k, v in results["preference"].items()})
+    out.info["total_steps"] = step
+    accelerator.wait_for_everyone()
+    full = distributed.full_state_dict(accelerator, trainer.model_wrapped)  # every rank
+    if is_main:
+        card = training.model_card(
+            "DPO policy",
+            recipe,
+            f"Direct preference optimisation (TRL DPOTrainer, loss `{cfg.loss_type}`, "
+            f"beta {cfg.beta}), {step} steps from `{init_from}` on {len(train_rows)} pairs "
+            f"({cfg.pairs}). Held-out preference accuracy of the implicit reward: "
+            f"{results.get('preference', {}).get('accuracy')}.",
+        )
+        with out.staging(out.model_dir) as tmp:
+            training.save_model(
+                accelerator.unwrap_model(trainer.model), tokenizer, tmp, cfg.merge_lora, card, full
+            )
+    logger.close()
+    out.finish(results)
+    accelerator.wait_for_everyone()
+    log.info("dpo: held-out preference accuracy %s", results.get("preference"))
+    return out.path

@@ -1,0 +1,367 @@
+"""The dpo stage (TRL's DPOTrainer under our run-directory contract) on the tiny model.
+
+One SFT run feeds every DPO run here. The 4-way rankings of tests/test_pipeline.py's data give
+6 pairs each under `all` and 3 under `best_vs_rest`.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import dpo as pref
+from rlhf.cli import main
+from rlhf.data.types import Ranking
+from rlhf.recipe import DPO_LOSS_TYPES
+from tests.test_distributed import ACCELERATE, CPU_2PROC, _free_port
+from tests.test_pipeline import _overrides, _write_data
+
+CONTRACT = ("recipe.yaml", "run.json", "metrics.jsonl", "tb", "model", "eval.json", "COMPLETED")
+# Full fine-tuning with a frozen reference copy: the most state to resume (weights + AdamW).
+FULL = ["dpo.lora.enabled=false", "dpo.optim.lr=1e-4"]
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rlhf.cli", "dpo", "recipes/tiny.yaml", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, **kw
+    )
+
+
+def _finish(args: list[str]) -> None:
+    proc = _cli(args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _comparable(run: Path) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k != "time" and not k.startswith("timing/")}
+        for r in _rows(run)
+    ]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A finished SFT run and the DPO overrides that read it and the test rankings."""
+    root = tmp_path_factory.mktemp("dpo")
+    paths = _write_data(root)
+    assert main(["sft", "recipes/tiny.yaml", *_overrides(root, paths)]) == 0
+    args = [
+        f"dpo.sft_dir={root / 'run' / 'sft'}",
+        f"dpo.train.path={paths['rank']}",
+        "dpo.eval=null",  # eval_fraction 0.1 holds out rankings by prompt
+    ]
+    return root, args
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def test_pair_expansion_all_and_best_vs_rest_by_hand():
+    ranking = Ranking(
+        prompt=[{"role": "user", "content": "q"}],
+        responses=["a", "b", "c", "d"],
+        ranking=[2, 0, 3, 1],  # c > a > d > b
+    )
+    assert pref.ranked_pairs(ranking, "all") == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
+    assert pref.ranked_pairs(ranking, "best_vs_rest") == [(2, 0), (2, 3), (2, 1)]
+    rows = pref.preference_rows([ranking], "best_vs_rest")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("c", "a"),
+        ("c", "d"),
+        ("c", "b"),
+    ]
+    assert rows[0]["prompt"] == [{"role": "user", "content": "q"}]
+    assert rows[0]["chosen"][0]["role"] == "assistant"
+    pair = Ranking(prompt=[], responses=["x", "y"], ranking=[1, 0])
+    assert pref.ranked_pairs(pair, "all") == pref.ranked_pairs(pair, "best_vs_rest") == [(1, 0)]
+
+
+def test_trainer_log_names_become_our_keys():
+    logs = {
+        "loss": 0.5,
+        "rewards/margins": 0.25,
+        "learning_rate": 1e-5,
+        "grad_norm": 2.0,
+        "epoch": 0.5,
+        "eval_loss": 0.6,
+        "eval_rewards/accuracies": 0.75,
+        "eval_runtime": 1.5,
+        "train_runtime": 9.0,
+        "num_tokens": 100.0,
+        "eval_num_tokens": 50.0,
+        "train_loss": 0.7,
+        "total_flos": 1e9,
+        "num_input_tokens_seen": 300,
+    }
+    assert pref.contract_metrics(logs) == {
+        "train/loss": 0.5,
+        "train/rewards/margins": 0.25,
+        "lr": 1e-5,
+        "train/grad_norm": 2.0,
+        "epoch": 0.5,
+        "eval/loss": 0.6,
+        "eval/rewards/accuracies": 0.75,
+        "timing/eval_runtime": 1.5,
+        "timing/train_runtime": 9.0,
+        "train/tokens_seen": 300.0,
+    }
+
+
+def test_implicit_reward_metrics_by_hand():
+    chosen = torch.tensor([0.3, -0.1, 0.2, 0.0])
+    rejected = torch.tensor([0.1, 0.1, 0.2, -0.4])
+    # margins 0.2, -0.2, 0 (a tie counts half), 0.4 -> accuracy (1 + 0 + 0.5 + 1) / 4
+    got = pref.implicit_reward_metrics(chosen, rejected)
+    assert got["pairs"] == 4
+    assert got["accuracy"] == pytest.approx(0.625)
+    assert got["margin"] == pytest.approx(0.1)
+    assert got["chosen_reward"] == pytest.approx(0.1)
+    assert got["rejected_reward"] == pytest.approx(0.0)
+
+
+def test_completion_logps_sum_only_completion_tokens():
+    # vocabulary 2, uniform logits except one position: log(1/2) per token unless stated
+    logits = torch.zeros(1, 4, 2)
+    logits[0, 2] = torch.tensor([0.0, float(torch.log(torch.tensor(3.0)))])  # p(1) = 3/4
+    input_ids = torch.tensor([[0, 1, 0, 1]])
+    completion_mask = torch.tensor([[0, 0, 1, 1]])  # tokens 2 and 3 are the completion
+    # token 2 (=0) from position 1: log 1/2; token 3 (=1) from position 2: log 3/4
+    expected = torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.75))
+    got = pref.completion_logps(logits, input_ids, completion_mask)
+    assert torch.allclose(got, expected.reshape(1))
+
+
+def test_loss_types_are_the_ones_trl_accepts():
+    from trl import DPOConfig
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    assert set(DPO_LOSS_TYPES) == set(re.findall(r"`'(\w+)'`", help_text))
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("dpo.loss_type=bogus", "dpo.loss_type"),
+        ("dpo.pairs=some", "dpo.pairs"),
+        ("dpo.beta=0", "dpo.beta"),
+        ("dpo.loss_type=exo_pair", "label_smoothing"),
+    ],
+)
+def test_bad_dpo_settings_give_one_line_exit_2(override, says, capsys):
+    assert main(["dpo", "recipes/tiny.yaml", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "Traceback" not in err
+
+
+def test_dpo_without_a_finished_sft_run_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["dpo", "recipes/tiny.yaml", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dpo.sft_dir" in err
+    assert not (tmp_path / "dpo" / "COMPLETED").exists()
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def test_stage_completes_with_the_contract(sft):
+    root, args = sft
+    out = root / "contract"
+    assert main(["dpo", "recipes/tiny.yaml", *args, f"output_dir={out}"]) == 0  # LoRA default
+    run = out / "dpo"
+    for name in CONTRACT:
+        assert (run / name).exists(), name
+    written = [p for p in run.rglob("*") if p.is_file() and p.name != "COMPLETED"]
+    assert (run / "COMPLETED").stat().st_mtime >= max(p.stat().st_mtime for p in written)
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and info["world_size"] == 1
+    assert info["pairs"] == "best_vs_rest" and info["loss_type"] == "sigmoid"
+    assert info["reference"].startswith("adapter disabled")
+    assert info["train_pairs"] == 3 * info["train_rankings"]  # 4-way rankings, best vs rest
+    assert info["eval_pairs"] == 6 * info["eval_rankings"] > 0  # held out: always all pairs
+
+    rows = _rows(run)
+    keys = {k for r in rows for k in r}
+    for key in (
+        "train/loss",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/rewards/chosen",
+        "lr",
+        "eval/loss",
+        "eval/rewards/margins",
+    ):
+        assert key in keys, key
+    assert all(r["stage"] == "dpo" for r in rows)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    assert list((run / "tb").glob("events.*"))
+
+    # Our implicit-reward evaluation agrees with TRL's own evaluation at the last step (same
+    # pairs, equal batches, so the mean of TRL's batch means is the mean over pairs).
+    results = json.loads((run / "eval.json").read_text())
+    last_eval = [r for r in rows if "eval/rewards/margins" in r][-1]
+    assert last_eval["step"] == results["steps"] == 4
+    assert results["preference"]["pairs"] == info["eval_pairs"]
+    assert results["preference"]["margin"] == pytest.approx(
+        last_eval["eval/rewards/margins"], abs=1e-5
+    )
+    assert results["preference"]["margin"] != 0  # the policy moved away from the reference
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "model")  # merged LoRA, safetensors
+    assert not any("lora" in name for name in _weights(run))
+    sft_weights = _weights(root / "run" / "sft")
+    assert any(not torch.equal(sft_weights[k], v) for k, v in _weights(run).items())
+    assert model.config.num_hidden_layers >= 1
+
+
+def test_all_pairs_expansion_counts_in_run_json(sft):
+    root, args = sft
+    out = root / "allpairs"
+    assert main(["dpo", "recipes/tiny.yaml", *args, f"output_dir={out}", "dpo.pairs=all",
+                 "dpo.max_steps=1"]) == 0  # fmt: skip
+    info = json.loads((out / "dpo" / "run.json").read_text())
+    assert info["pairs"] == "all" and info["train_pairs"] == 6 * info["train_rankings"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sft):
+    root, args = sft
+    run_args = [*args, *FULL, "dpo.max_steps=6", "dpo.save_every=1", f"output_dir={root / 'ref'}"]
+    t0 = time.time()
+    _finish(run_args)
+    return root / "ref" / "dpo", time.time() - t0
+
+
+def _assert_same_run(run: Path, ref: Path) -> None:
+    ref_weights, weights = _weights(ref), _weights(run)
+    assert ref_weights.keys() == weights.keys()
+    assert all(torch.equal(ref_weights[k], v) for k, v in weights.items())
+    assert json.loads((run / "eval.json").read_text()) == json.loads(
+        (ref / "eval.json").read_text()
+    )
+    assert _comparable(run) == _comparable(ref)
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run(sft, uninterrupted):
+    root, args = sft
+    ref, _ = uninterrupted
+    out = root / "killed"
+    run_args = [*args, *FULL, "dpo.max_steps=6", "dpo.save_every=1", f"output_dir={out}"]
+    proc = _cli(run_args)
+    target = out / "dpo" / "checkpoints" / "checkpoint-3" / "VALID"
+    while not target.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (out / "dpo" / "COMPLETED").exists()
+    _finish([*run_args, "--resume"])
+    info = json.loads((out / "dpo" / "run.json").read_text())
+    assert info["status"] == "completed"
+    _assert_same_run(out / "dpo", ref)
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(sft, uninterrupted):
+    root, args = sft
+    ref, _ = uninterrupted
+    out = root / "terminated"
+    # no periodic checkpoints: the one on disk after SIGTERM is the stop checkpoint
+    run_args = [*args, *FULL, "dpo.max_steps=6", f"output_dir={out}"]
+    proc = _cli(run_args)
+    metrics = out / "dpo" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and '"train/loss"' in metrics.read_text()):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before the signal"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "--resume" in err
+    saved = list((out / "dpo" / "checkpoints").glob("checkpoint-*/VALID"))
+    assert len(saved) == 1
+    assert not (out / "dpo" / "COMPLETED").exists()
+    _finish([*run_args, "--resume"])
+    # the stop step differs from the uninterrupted run's saves, the result must not
+    ref_weights, weights = _weights(ref), _weights(out / "dpo")
+    assert all(torch.equal(ref_weights[k], v) for k, v in weights.items())
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_equal_one_rank_with_twice_the_batch(sft):
+    root, args = sft
+    runs = {n: root / f"dist{n}" for n in (1, 2)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    for nproc, out in runs.items():
+        module_args = [
+            "rlhf.cli", "dpo", "recipes/tiny.yaml", *args, *FULL, f"output_dir={out}",
+            "dpo.max_steps=1", f"dpo.batch_size={4 // nproc}", "dpo.optim.warmup_ratio=0",
+            "dpo.optim.lr=1e-3",
+        ]  # fmt: skip
+        if nproc == 1:
+            cmd = [sys.executable, "-m", *module_args]
+        else:
+            cmd = [
+                ACCELERATE, "launch", "--config_file", CPU_2PROC, "--num_processes", "2",
+                "--main_process_port", str(_free_port()), "-m", *module_args,
+            ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        info = json.loads((out / "dpo" / "run.json").read_text())
+        assert info["world_size"] == nproc
+        assert info["effective_batch_pairs"] == 4
+    one, two = _weights(runs[1] / "dpo"), _weights(runs[2] / "dpo")
+    start = _weights(root / "run" / "sft")
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    gap = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-4  # the step did something
+    assert gap < 1e-3 * moved  # and the same thing on 2 ranks
+
+
+def test_trainer_precision_follows_the_recipe():
+    from rlhf.runtime import cpu_supports_fast_bf16
+    from rlhf.stages.dpo import trainer_precision
+
+    assert trainer_precision("fp32") == {"bf16": False, "fp16": False}
+    assert trainer_precision("bf16") == {"bf16": True, "fp16": False}
+    if not torch.cuda.is_available():
+        assert trainer_precision("auto") == {"bf16": cpu_supports_fast_bf16(), "fp16": False}
+        assert trainer_precision("fp16") == {"bf16": True, "fp16": False}  # no fp16 on CPU
+
+
+def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
+    from rlhf.curves import load_run, panels_for, render
+
+    ref, _ = uninterrupted
+    titles = [title for title, _ in panels_for("dpo", [load_run(ref)])]
+    for title in ("loss", "preference accuracy", "reward margin", "implicit rewards"):
+        assert title in titles
+    margin = dict(panels_for("dpo", [load_run(ref)]))["reward margin"]
+    assert margin == ["train/rewards/margins", "eval/rewards/margins"]
+    result = render([ref], tmp_path / "curves")
+    assert result["figures"]["dpo"].is_file() and "overview" not in result["figures"]
+    html = result["report"].read_text()
+    assert "<h2>dpo</h2>" in html and "best_vs_rest" in html and "preference" in html
