@@ -124,11 +124,26 @@ class RewardConfig(TrainLoopConfig):
         0.0, ge=0, description="weight of the mean(r)^2 centring term (Eisenstein et al. 2023)"
     )
     calibration_size: int = Field(256, ge=1, description="responses used for mean/std")
+    subset: Literal["all", "first_half", "second_half"] = Field(
+        "all",
+        description="train on all rankings, or one of two disjoint halves split by prompt "
+        "(the same split for every seed: the judge trains on the other half)",
+    )
     share_prefix: bool = Field(
         True,
         description="run each prompt's shared tokens once for its K responses (KV cache); "
         "off with gradient_checkpointing",
     )
+
+
+class JudgeConfig(Section):
+    """`rlhf judge`: a second reward model, the reward stage rerun with these changes into
+    <output_dir>/judge, to evaluate the PPO policy with a model it was not trained against."""
+
+    subset: Literal["all", "first_half", "second_half"] = Field(
+        "second_half", description="reward.subset for the judge"
+    )
+    seed_offset: int = Field(1, ge=1, description="the judge's seed is the recipe's seed + this")
 
 
 class AdaptiveKLConfig(Section):
@@ -302,6 +317,9 @@ class Recipe(Section):
     tracking: TrackingConfig = TrackingConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
+    judge: JudgeConfig | None = Field(
+        None, description="a second, independent reward model (`rlhf judge`, `make reward`)"
+    )
     ppo: PPOConfig = PPOConfig()
 
     # Where the recipe came from (not a YAML key): for error messages and run.json.
