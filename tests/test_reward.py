@@ -652,12 +652,12 @@ def test_judge_recipe_takes_the_other_half_and_another_seed():
     from rlhf.recipe import load_recipe
     from rlhf.stages.judge import judge_recipe
 
-    recipe = load_recipe("recipes/tiny.yaml", ["seed=7"])
+    recipe = load_recipe("recipes/smollm2-135m.yaml", ["seed=7"])
     assert recipe.reward.subset == "first_half" and recipe.judge is not None
     judge = judge_recipe(recipe)
     assert (judge.seed, judge.reward.subset) == (8, "second_half")
     assert (recipe.seed, recipe.reward.subset) == (7, "first_half")  # the original untouched
     custom = judge_recipe(
-        load_recipe("recipes/tiny.yaml", ["judge.seed_offset=5", "judge.subset=all"])
+        load_recipe("recipes/smollm2-135m.yaml", ["judge.seed_offset=5", "judge.subset=all"])
     )
     assert (custom.seed, custom.reward.subset) == (47, "all")
