@@ -13,9 +13,9 @@ import pytest
 
 from rlhf import cli, curves
 from rlhf.curves import (
+    check_critic,
     check_entropy,
     check_eos,
-    check_critic,
     check_judge,
     check_kl,
     check_length,
