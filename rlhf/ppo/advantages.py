@@ -85,15 +85,12 @@ def compute_advantages(
         else:  # returns-to-go: GAE with V = 0 and lambda = 1
             advantages, returns = gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)
             returns = None
-        return (
-            normalise_advantages(advantages, mask, cfg.advantage_norm, cfg.scale_by_std),
-            (returns),
-            kl,
-        )
+        advantages = normalise_advantages(advantages, mask, cfg.advantage_norm, cfg.scale_by_std)
+        return advantages, returns, kl
     kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = score - beta * kl.sum(1)
     seq = sequence_advantages(rewards, cfg.estimator, k)
-    if cfg.advantage_norm == "group" and cfg.scale_by_std:
+    if cfg.advantage_norm == "group" and cfg.scale_by_std:  # for grpo = group_advantages(scale)
         seq = seq / (group_std(rewards, k) + 1e-6)
     advantages = seq.unsqueeze(1).to(mask.dtype) * mask
     how = "none" if cfg.advantage_norm == "group" else cfg.advantage_norm

@@ -111,6 +111,13 @@ def test_rloo_folds_the_kl_into_the_sequence_reward():
     ]
 
 
+def test_rloo_with_group_normalisation_divides_by_the_group_std():
+    cfg = _cfg(estimator="rloo", kl_in="loss", advantage_norm="group")
+    adv = compute_advantages(cfg, SCORE, LOGP, REF, None, MASK, 0.5)[0]
+    # leave-one-out [+1, -1], group [1, 0] has population std 0.5 -> [+2, -2] (up to eps)
+    assert torch.allclose(adv, torch.tensor([[2.0, 2.0], [-2.0, -2.0]]), atol=1e-4)
+
+
 def test_grpo_group_normalised_and_dr_grpo_unscaled():
     cfg = _cfg(estimator="grpo")  # defaults: kl_in loss, advantage_norm group
     adv = compute_advantages(cfg, SCORE, LOGP, REF, None, MASK, 0.5)[0]
