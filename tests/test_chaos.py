@@ -62,17 +62,26 @@ def upstream(tmp_path_factory):
 
 
 # rloo (no value head, k samples per prompt) gets one trial: the resume path is the same code,
-# what differs is the model without a value head and the grouped batches.
+# what differs is the model without a value head and the grouped batches. That one trial kills
+# right after the first checkpoint appears, so it always resumes mid-run.
 ESTIMATORS = {
-    "gae": ([], TRIALS),
-    "rloo": (["ppo.estimator=rloo", "ppo.samples_per_prompt=2"], 1),
+    "gae": ([], TRIALS, "random"),
+    "rloo": (["ppo.estimator=rloo", "ppo.samples_per_prompt=2"], 1, "after_checkpoint"),
 }
+
+
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any((run / "checkpoints").glob("step-*")):
+            return
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(upstream, estimator):
     root, args = upstream
-    extra, trials = ESTIMATORS[estimator]
+    extra, trials, kill_mode = ESTIMATORS[estimator]
     root = root / estimator
     ref_args = [
         *extra,
@@ -95,8 +104,13 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(upst
         shutil.rmtree(out_dir, ignore_errors=True)
         trial_args = [*ref_args, *PPO_ARGS, f"output_dir={out_dir}"]
         kill_at = rng.uniform(0.05, 0.95) * duration
+        started = time.time()
         proc = _cli("ppo", trial_args)
-        time.sleep(kill_at)
+        if kill_mode == "after_checkpoint":
+            _wait_for_checkpoint(out_dir / "ppo", proc, timeout=10 * duration)
+            kill_at = time.time() - started
+        else:
+            time.sleep(kill_at)
         killed = proc.poll() is None
         if killed:
             proc.send_signal(signal.SIGKILL)
@@ -107,6 +121,8 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(upst
             resumes += 1
             assert resumes <= 3, "resume did not finish"
             _finish("ppo", [*trial_args, "--resume"])
+        if kill_mode == "after_checkpoint":
+            assert killed and resumes >= 1, "the run was not killed mid-run"
         same_weights = ref_weights.keys() == _weights(run).keys() and all(
             torch.equal(ref_weights[k], v) for k, v in _weights(run).items()
         )
