@@ -16,7 +16,7 @@ from rlhf.ppo.iteration import ppo_iteration
 from rlhf.recipe import PPOConfig, Recipe, load_recipe
 from rlhf.runtime import make_accelerator
 from rlhf.training import make_optimizer
-from tests.ppo.test_ppo_loop import _programmatic_score, _small_vocab_policy
+from tests.ppo.tiny_policy import programmatic_score, small_vocab_policy
 from tests.test_pipeline import _overrides, _write_data
 
 # ------------------------------------------------------------------------------------- math
@@ -163,8 +163,8 @@ def test_estimator_recipe_defaults_and_errors(tmp_path):
 def _setup(cfg, with_values):
     recipe = Recipe(precision="fp32", seed=0)
     accelerator = make_accelerator(recipe)
-    model = ActorCritic(_small_vocab_policy(), with_values=with_values)
-    reference = _small_vocab_policy().eval().requires_grad_(False)
+    model = ActorCritic(small_vocab_policy(), with_values=with_values)
+    reference = small_vocab_policy().eval().requires_grad_(False)
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     return accelerator, model, reference, optimizer
@@ -182,7 +182,7 @@ def _iterate(setup, cfg, tok, it, prompt_ids, **kw):
         tok,
         prompt_ids,
         torch.ones_like(prompt_ids),
-        _programmatic_score,
+        programmatic_score,
         kl_ctl,
         cfg,
         torch.Generator().manual_seed(it),
