@@ -1,5 +1,5 @@
 # rlhf: the three InstructGPT stages. `make help` lists the targets.
-#   make sft reward ppo                      the pipeline on the default recipe
+#   make sft reward ppo                      the pipeline on the default recipe (reward: + judge)
 #   make ppo RECIPE=recipes/gpt2.yaml ARGS='ppo.kl_coef=0.1'
 #   make ppo NPROC=2                         two ranks (CPU: gloo, GPU: DDP)
 #   make ppo ACCELERATE_CONFIG=recipes/accelerate/zero3.yaml
@@ -37,7 +37,7 @@ else
   LAUNCH := $(RLHF)
 endif
 
-.PHONY: help setup models sft reward ppo dpo pipeline curves report test test-fast lint format bench chaos clean
+.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-fast lint format bench chaos clean
 
 help:
 	@grep -E '^#' Makefile | head -9
@@ -55,8 +55,13 @@ $(STAMP): pyproject.toml
 models: setup
 	$(RLHF) models prepare smollm2-135m-instruct tiny-llama
 
-sft reward ppo dpo: models
+sft ppo judge dpo: models
 	$(LAUNCH) $@ $(RECIPE) $(ARGS) $(RESUME_FLAG)
+
+# The reward model, then the judge (a second reward model) when the recipe has a judge: section.
+reward: models
+	$(LAUNCH) reward $(RECIPE) $(ARGS) $(RESUME_FLAG)
+	$(LAUNCH) judge $(RECIPE) $(ARGS) $(RESUME_FLAG) --if-configured
 
 pipeline: models
 	$(MAKE) sft reward ppo curves
@@ -82,7 +87,7 @@ bench: models
 	$(BIN)/python -m bench.run $(ARGS)
 
 chaos: models
-	CHAOS_TRIALS=10 CHAOS_REPORT=chaos_report.txt $(BIN)/python -m pytest -q -s -m slow tests/test_chaos.py
+	rm -f chaos_report.txt; CHAOS_TRIALS=10 CHAOS_REPORT=chaos_report.txt $(BIN)/python -m pytest -q -s -m slow tests/test_chaos.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -201,6 +201,7 @@ def markdown(report: dict) -> str:
                 " s bound |"
             )
     lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
+    lines += [*rloo_markdown(report.get("rloo")), ""]
     lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
     for note in report.get("notes", []):
         lines.append(f"- {note}")
@@ -234,6 +235,31 @@ def trainer_markdown(section: dict | None) -> list[str]:
             f"| {_fmt(row['tokens_per_s'], 0)} | {_fmt(row['epoch_s'], 1)} "
             f"| {_fmt(row['peak_rss_gb'])} | {_fmt(ratio.get('s_per_step')) if ratio else '-'} "
             f"| {_fmt(ratio.get('peak_rss')) if ratio else '-'} |"
+        )
+    return lines
+
+
+def rloo_markdown(section: dict | None) -> list[str]:
+    """ppo.estimator=rloo vs TRL's RLOOTrainer: s/iteration and peak RSS, ours / TRL."""
+    if not section or not section["rows"]:
+        return ["RLOO vs TRL's RLOOTrainer: not measured in this run."]
+    st = section["settings"]
+    lines = [
+        f"RLOO (ppo.estimator=rloo) vs TRL RLOOTrainer, identical work: k={st['k']} answers to "
+        f"each of {st['batch'] // st['k']} prompts per iteration ({st['batch']} completions), "
+        f"{st['max_new_tokens']} new tokens, one pass, full fine-tuning, fp32, beta "
+        f"{st['beta']}. s / iteration: median over the iterations after the first (warm-up).",
+        "",
+        "| impl | s / iteration | peak RSS GB | ratio vs TRL: time | ratio vs TRL: RSS |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    ratio = section["ratios"].get("rloo", {})
+    for row in section["rows"]:
+        ours = row["impl"] == "ours"
+        lines.append(
+            f"| {row['impl']} | {_fmt(row['s_per_step'])} | {_fmt(row['peak_rss_gb'])} "
+            f"| {_fmt(ratio.get('s_per_step')) if ours else '-'} "
+            f"| {_fmt(ratio.get('peak_rss')) if ours else '-'} |"
         )
     return lines
 

@@ -5,6 +5,7 @@
   python -m bench.run --only trl,parity --pairs 5
   python -m bench.run --model tiny-llama   the same rows on the tiny random model
   python -m bench.run --only sft,reward  SFT / reward-model steps, ours vs TRL's trainers
+  python -m bench.run --only rloo        ppo.estimator=rloo vs TRL 1.16's RLOOTrainer
   python -m bench.run --e2e-log FILE     quote a `make sft reward ppo` timing file verbatim
 
 Each measurement is a separate process (peak RSS per process from os.wait4), run one after the
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="matmul,parity,trl,defaults,sft,reward",
-        help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl, sft, reward",
+        help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl, sft, "
+        "reward, rloo",
     )
     p.add_argument(
         "--trainer-rows", type=int, default=None, help="rows per SFT / reward epoch (default 48)"
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.only.split(","):
         item = item.strip()
         only |= {"parity", "defaults"} if item == "ours" else {item}
-    unknown = only - {"matmul", *ROWS, *trainers.STAGES}
+    unknown = only - {"matmul", *ROWS, *trainers.STAGES, "rloo"}
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}")
     args.only = only
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = [st for st in trainers.STAGES if st in args.only]
     prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
-    runs, trainer_runs = [], []
+    runs, trainer_runs, rloo_runs = [], [], []
+    rloo_settings = rloo_spec(args, model_dir)
     for pair in range(args.pairs):
         for row in (r for r in ROWS if r in args.only):
             label = "trl" if row == "trl" else f"ours-{row}"
@@ -253,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer_runs.append(
                     run_trainer(impl, stage, pair, prepared, model_dir, scratch, args)
                 )
+        if "rloo" in args.only:
+            for impl in ("ours", "trl"):
+                rloo_runs.append(run_rloo(impl, pair, rloo_settings, scratch, args))
 
     if limit_samples:
         limit_samples.append(measure_limits(args, scratch, "end"))
@@ -284,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         if prepared
         else None,
+        "rloo": {
+            "settings": {k: v for k, v in rloo_settings.items() if k != "prompts"},
+            "rows": trainers.summarize_rows(rloo_runs, ("rloo",)),
+            "ratios": trainers.pair_ratios(rloo_runs, ("rloo",)),
+            "runs": rloo_runs,
+        }
+        if rloo_runs
+        else None,
         "e2e": e2e,
         "notes": notes(trl_runs[0] if trl_runs else None),
         "runs": runs,
@@ -291,7 +305,51 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = report.write(out, args.out, args.results_md)
     log(f"wrote {path} and appended to {args.results_md}")
-    return 0 if all(r["rc"] == 0 for r in [*runs, *trainer_runs]) else 1
+    return 0 if all(r["rc"] == 0 for r in [*runs, *trainer_runs, *rloo_runs]) else 1
+
+
+def rloo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The RLOO row's work: k = 4 answers to each of 2 prompts per step (8 completions)."""
+    texts = []
+    if args.prompts.is_file():
+        lines = args.prompts.read_text().splitlines()
+        texts = [json.loads(x) for x in lines if x.strip()][: args.n_prompts]
+    return {
+        "model": str(model_dir),
+        "prompts": texts or [f"Tell me one fact about the number {i}." for i in range(16)],
+        "k": 4,
+        "batch": 8,
+        "steps": 1 + args.iterations,  # the summary leaves the first (warm-up) one out
+        "max_prompt_length": 64,
+        "max_new_tokens": 8 if args.quick else 32,
+        "temperature": 0.7,
+        "beta": 0.05,
+        "lr": 3e-6,
+        "seed": 42,
+    }
+
+
+def run_rloo(impl: str, pair: int, settings: dict, scratch: Path, args) -> dict:
+    """One RLOO worker process (bench/rloo_workers.py); its peak RSS from wait4."""
+    spec_path = scratch / f"rloo-{impl}.{pair}.spec.json"
+    out_path = scratch / f"rloo-{impl}.{pair}.json"
+    write_json(spec_path, {**settings, "impl": impl})
+    cmd = [sys.executable, "-m", "bench.rloo_workers", "--spec", str(spec_path)]
+    cmd += ["--out", str(out_path)]
+    log(f"round {pair + 1}/{args.pairs}: rloo {impl}")
+    rc, rss, wall = run_process(cmd, scratch / f"rloo-{impl}.{pair}.log", args.timeout)
+    result = read_json(out_path) if rc == 0 and out_path.exists() else None
+    if result is None:
+        log(f"rloo {impl} failed (rc {rc}), see {scratch / f'rloo-{impl}.{pair}.log'}")
+    return {
+        "impl": impl,
+        "stage": "rloo",
+        "pair": pair,
+        "rc": rc,
+        "peak_rss_mb": rss,
+        "wall_s": wall,
+        "result": result,
+    }
 
 
 def measure_limits(args: argparse.Namespace, scratch: Path, tag: str) -> dict | None:

@@ -162,9 +162,9 @@ def run_summary(result: dict) -> dict:
     }
 
 
-def summarize_rows(runs: list[dict]) -> list[dict]:
+def summarize_rows(runs: list[dict], stages: tuple[str, ...] = STAGES) -> list[dict]:
     out = []
-    for stage in STAGES:
+    for stage in stages:
         for impl in ("ours", "trl"):
             mine = [r for r in runs if r["stage"] == stage and r["impl"] == impl and r["result"]]
             if not mine:
@@ -186,10 +186,10 @@ def summarize_rows(runs: list[dict]) -> list[dict]:
     return out
 
 
-def pair_ratios(runs: list[dict]) -> dict:
+def pair_ratios(runs: list[dict], stages: tuple[str, ...] = STAGES) -> dict:
     """ours / TRL per round, for s/step and peak RSS."""
     out = {}
-    for stage in STAGES:
+    for stage in stages:
         ratios = {"s_per_step": [], "peak_rss": []}
         for pair in sorted({r["pair"] for r in runs}):
             got = {

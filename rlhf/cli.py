@@ -1,6 +1,6 @@
 """`rlhf` command line: parses arguments, loads the recipe, dispatches. No training logic here.
 
-  rlhf sft|reward|ppo|dpo RECIPE [key.path=value ...] [--resume]
+  rlhf sft|reward|judge|ppo|dpo RECIPE [key.path=value ...] [--resume]
   rlhf eval reward MODEL_DIR DATA [--format hh|oasst|pairs|rankings] [--json]
   rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR [--reference REF]
   rlhf generate MODEL_DIR --prompt TEXT | --prompts FILE
@@ -21,13 +21,16 @@ from rlhf import __version__
 from rlhf.errors import NumericalFault, UserError
 from rlhf.signals import Interrupted
 
-STAGES = ("sft", "reward", "ppo", "dpo")
+STAGES = ("sft", "reward", "judge", "ppo", "dpo")
 
 
 def _stage(args: argparse.Namespace) -> int:
     from rlhf.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "if_configured", False) and recipe.judge is None:
+        print(f"{args.command}: the recipe has no judge: section, nothing to do")
+        return 0
     module = importlib.import_module(f"rlhf.stages.{args.command}")
     try:
         run_dir = module.run(recipe, resume=args.resume)
@@ -133,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "stage 1: supervised fine-tuning on chat data",
             "stage 2: reward model on ranked comparisons",
+            "a second reward model for evaluation (the recipe's judge: section, by default "
+            "the other half of the rankings and another seed) into <output_dir>/judge",
             "stage 3: PPO against the reward model with a KL penalty",
             "DPO on the rankings from the SFT model (instead of reward + PPO), on TRL",
         ),
@@ -141,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="recipe YAML, e.g. recipes/smollm2-135m.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides: ppo.kl_coef=0.1")
         s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        if stage == "judge":
+            s.add_argument(
+                "--if-configured",
+                action="store_true",
+                help="do nothing when the recipe has no judge: section (make reward)",
+            )
         s.set_defaults(func=_stage)
 
     m = sub.add_parser("models", help="prepare or list registered base models")

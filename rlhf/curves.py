@@ -249,6 +249,7 @@ def _get(mapping: dict[str, Any], dotted: str) -> Any:
 @dataclass
 class Alarm:
     name: str  # kl_high | entropy_collapse | length_explosion | eos_falling | judge_disagrees
+    # | critic_not_learning | win_rate_inconclusive
     metric: str  # the series whose panel shows it
     message: str
     spans: list[tuple[float, float]]  # (first step, last step) of each flagged stretch
@@ -429,6 +430,61 @@ def check_judge(
     )
 
 
+def check_critic(steps: Sequence[float], explained_variance: Sequence[float]) -> Alarm | None:
+    """A critic that never learns: explained variance at or below 0 on average over the last
+    half of the run (a value function no better than a constant; its GAE baseline is noise)."""
+    if len(explained_variance) < 2:
+        return None
+    half = len(explained_variance) // 2
+    tail, tail_steps = explained_variance[half:], steps[half:]
+    mean = sum(tail) / len(tail)
+    if mean > 0:
+        return None
+    return Alarm(
+        "critic_not_learning",
+        "value/explained_variance",
+        f"critic not learning: value/explained_variance averages {mean:.3g} (<= 0) over the "
+        f"last half of the run (steps {tail_steps[0]:g}-{tail_steps[-1]:g}); the GAE baseline "
+        "is noise (try ppo.critic_warmup_iterations, or a critic-free ppo.estimator)",
+        [(tail_steps[0], tail_steps[-1])],
+    )
+
+
+def check_win_rate(results: dict[str, Any] | None) -> list[Alarm]:
+    """End-of-run win rate over the SFT policy whose 95% interval includes 0.5: the judge
+    cannot tell the two policies apart. eval.json's `win_rate_ci95` (the trained reward
+    model) and each `judges[name]["win_rate_ci95"]`."""
+    if not results:
+        return []
+    intervals = [
+        ("the trained reward model", results.get("win_rate"), results.get("win_rate_ci95"))
+    ]
+    judges = results.get("judges")
+    if isinstance(judges, dict):
+        for name, entry in sorted(judges.items()):
+            if isinstance(entry, dict):
+                intervals.append(
+                    (f"judge {name}", entry.get("win_rate"), entry.get("win_rate_ci95"))
+                )
+    out = []
+    for who, rate, ci in intervals:
+        if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
+            continue
+        lo, hi = float(ci[0]), float(ci[1])
+        if lo <= 0.5 <= hi:
+            shown = f"{float(rate):.2f} " if isinstance(rate, (int, float)) else ""
+            out.append(
+                Alarm(
+                    "win_rate_inconclusive",
+                    "eval/win_rate",
+                    f"win rate inconclusive under {who}: {shown}[{lo:.2f}, {hi:.2f}] includes "
+                    "0.5; this judge cannot tell the PPO policy from the SFT policy",
+                    [],
+                )
+            )
+    return out
+
+
 def check_run(run: Run) -> list[Alarm]:
     """Every alarm whose series the run logged; thresholds come from its recipe.yaml."""
     s = run.series
@@ -461,6 +517,10 @@ def check_run(run: Run) -> list[Alarm]:
                 alarms.append(
                     check_judge(score.steps, score.values, judge.steps, judge.values, name)
                 )
+    if "value/explained_variance" in s:  # only estimators with a critic log it
+        ev = s["value/explained_variance"]
+        alarms.append(check_critic(ev.steps, ev.values))
+    alarms.extend(check_win_rate(run.eval))
     out = [a for a in alarms if a is not None]
     for alarm in out:
         alarm.run = run.label

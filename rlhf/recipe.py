@@ -152,6 +152,11 @@ class RewardConfig(TrainLoopConfig):
         0.0, ge=0, description="weight of the mean(r)^2 centring term (Eisenstein et al. 2023)"
     )
     calibration_size: int = Field(256, ge=1, description="responses used for mean/std")
+    subset: Literal["all", "first_half", "second_half"] = Field(
+        "all",
+        description="train on all rankings, or one of two disjoint halves split by prompt "
+        "(the same split for every seed: the judge trains on the other half)",
+    )
     share_prefix: bool = Field(
         True,
         description="run each prompt's shared tokens once for its K responses (KV cache); "
@@ -209,9 +214,28 @@ class DPOStageConfig(TrainLoopConfig):
         return self
 
 
+class JudgeConfig(Section):
+    """`rlhf judge`: a second reward model, the reward stage rerun with these changes into
+    <output_dir>/judge, to evaluate the PPO policy with a model it was not trained against."""
+
+    subset: Literal["all", "first_half", "second_half"] = Field(
+        "second_half", description="reward.subset for the judge"
+    )
+    seed_offset: int = Field(1, ge=1, description="the judge's seed is the recipe's seed + this")
+
+
 class AdaptiveKLConfig(Section):
     target: float = Field(6.0, gt=0)
     horizon: int = Field(10000, ge=1)
+
+
+# What each estimator uses unless the recipe says otherwise (see rlhf/ppo/advantages.py).
+ESTIMATOR_DEFAULTS = {
+    "gae": {"advantage_norm": "batch", "kl_in": "reward"},
+    "rloo": {"advantage_norm": "none", "kl_in": "reward"},
+    "grpo": {"advantage_norm": "group", "kl_in": "loss"},
+    "reinforce_pp": {"advantage_norm": "batch", "kl_in": "reward"},
+}
 
 
 class PPOConfig(Section):
@@ -220,7 +244,36 @@ class PPOConfig(Section):
     sft_dir: str | None = Field(None, description="default: <output_dir>/sft")
     reward_dir: str | None = Field(None, description="default: <output_dir>/reward")
     iterations: int = Field(20, ge=1)
-    batch_size: int = Field(8, ge=1, description="rollout prompts per device per iteration")
+    estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
+        "gae", description="advantage estimator: a critic (gae) or k samples per prompt"
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, description="k answers per prompt in a rollout batch (>= 2 without a critic)"
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="KL penalty as k1 in the per-token reward, or as GRPO's k3 term in the loss "
+        "(default: loss for grpo, reward otherwise)",
+    )
+    advantage_norm: Literal["group", "batch", "none"] = Field(
+        "batch",
+        description="advantage normalisation (default: gae/reinforce_pp batch, rloo none, "
+        "grpo group)",
+    )
+    scale_by_std: bool = Field(
+        True, description="advantage_norm divides by the std (false: Dr. GRPO, only centring)"
+    )
+    loss_aggregation: Literal["token", "sequence"] = Field(
+        "token", description="policy loss: mean over all tokens, or per answer then over answers"
+    )
+    critic_warmup_iterations: int = Field(
+        0, ge=0, description="gae: value-only updates on the first N rollouts (policy frozen)"
+    )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="rollouts per device per iteration: batch_size / samples_per_prompt prompts",
+    )
     mini_batch_size: int = Field(8, ge=1, description="rollouts per optimizer step, per device")
     grad_accum: int = Field(1, ge=1, description="micro-batches per mini-batch")
     ppo_epochs: int = Field(4, ge=1)
@@ -255,8 +308,40 @@ class PPOConfig(Section):
     keep_last: int = Field(2, ge=1)
     eval_size: int = Field(32, ge=1, description="held-out prompts scored at the end")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _estimator_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("estimator") in ESTIMATOR_DEFAULTS:
+            data = {**ESTIMATOR_DEFAULTS[data["estimator"]], **data}
+        return data
+
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> PPOConfig:
+        k = self.samples_per_prompt
+        if self.estimator != "gae" and k < 2:
+            raise ValueError(
+                f"estimator {self.estimator} needs samples_per_prompt >= 2 (got {k}): the "
+                "other answers to the same prompt are its baseline"
+            )
+        if self.batch_size % k:
+            raise ValueError(
+                f"samples_per_prompt ({k}) must divide batch_size ({self.batch_size}): "
+                "batch_size counts rollouts, k per prompt"
+            )
+        if self.advantage_norm == "group" and self.estimator not in ("rloo", "grpo"):
+            raise ValueError(
+                f"advantage_norm group needs a sequence-level estimator (rloo, grpo), not "
+                f"{self.estimator}"
+            )
+        if self.critic_warmup_iterations and self.estimator != "gae":
+            raise ValueError(
+                "critic_warmup_iterations needs estimator gae (the others have no critic)"
+            )
+        if self.critic_warmup_iterations >= self.iterations:
+            raise ValueError(
+                f"critic_warmup_iterations ({self.critic_warmup_iterations}) must be below "
+                f"iterations ({self.iterations})"
+            )
         if self.batch_size % self.mini_batch_size:
             raise ValueError(
                 f"mini_batch_size ({self.mini_batch_size}) must divide batch_size "
@@ -314,6 +399,9 @@ class Recipe(Section):
     tracking: TrackingConfig = TrackingConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
+    judge: JudgeConfig | None = Field(
+        None, description="a second, independent reward model (`rlhf judge`, `make reward`)"
+    )
     ppo: PPOConfig = PPOConfig()
     dpo: DPOStageConfig = DPOStageConfig()
 

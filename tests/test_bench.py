@@ -77,3 +77,35 @@ def test_trainer_summaries_and_per_round_ratios():
     assert "| sft | ours | 2.50 (2.00-3.00) |" in table
     assert "0.75 (0.50-1.00)" in table
     assert "not measured" in report.trainer_markdown(None)[0]
+
+
+def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
+    """Smoke test of `make bench ARGS='--only rloo'`: both workers, the summary and the table."""
+    import argparse
+
+    from bench import run
+    from rlhf import models
+
+    if not models.is_prepared("tiny-llama"):
+        import pytest
+
+        pytest.skip("tiny-llama is not prepared (make models)")
+    args = argparse.Namespace(
+        prompts=tmp_path / "none.jsonl", n_prompts=4, iterations=1, quick=True, pairs=1, timeout=600
+    )
+    settings = run.rloo_spec(args, models.prepared_dir("tiny-llama"))
+    assert (settings["k"], settings["batch"], settings["steps"]) == (4, 8, 2)
+    runs = [run.run_rloo(impl, 0, settings, tmp_path, args) for impl in ("ours", "trl")]
+    for r in runs:
+        assert r["rc"] == 0, (tmp_path / f"rloo-{r['impl']}.0.log").read_text()[-2000:]
+        assert len(r["result"]["step_times"]) == 2 and r["peak_rss_mb"] > 0
+        assert r["result"]["tokens"] > 0
+    section = {
+        "settings": settings,
+        "rows": trainers.summarize_rows(runs, ("rloo",)),
+        "ratios": trainers.pair_ratios(runs, ("rloo",)),
+    }
+    assert [(r["impl"], r["steps"]) for r in section["rows"]] == [("ours", 2), ("trl", 2)]
+    table = "\n".join(report.rloo_markdown(section))
+    assert "| ours |" in table and "| trl |" in table and "k=4" in table
+    assert "not measured" in report.rloo_markdown(None)[0]

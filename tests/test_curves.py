@@ -13,11 +13,13 @@ import pytest
 
 from rlhf import cli, curves
 from rlhf.curves import (
+    check_critic,
     check_entropy,
     check_eos,
     check_judge,
     check_kl,
     check_length,
+    check_win_rate,
     ema,
     flagged_spans,
     load_run,
@@ -208,6 +210,7 @@ def test_alarms_are_listed_in_the_report_and_printed(pipeline: Path):
     rc, out, err = run_cli(["curves", str(pipeline / "ppo")])
     assert rc == 0
     names = {"kl_high", "entropy_collapse", "length_explosion", "eos_falling", "judge_disagrees"}
+    names.add("win_rate_inconclusive")  # eval.json: win rate 0.6 [0.4, 0.8]
     for name in names:
         assert name in (pipeline / "curves" / "report.html").read_text()
     assert err.count("ALARM") == len(names)
@@ -428,3 +431,46 @@ def test_every_reward_panel_gets_data_from_a_real_reward_run(tmp_path: Path):
     overview = [title for st, title, patterns in curves.OVERVIEW if st == "reward"
                 if curves.match_series(list(run.series), patterns)]  # fmt: skip
     assert overview == ["reward: accuracy"]
+
+
+def test_critic_alarm_on_the_last_half_of_explained_variance():
+    steps = list(range(1, 11))
+    # Learns early, then stays at or below 0: the last half (steps 6-10) averages -0.2.
+    never = [0.3, 0.2, 0.1, 0.0, -0.1, -0.1, -0.2, -0.3, -0.2, -0.2]
+    alarm = check_critic(steps, never)
+    assert alarm is not None and alarm.name == "critic_not_learning"
+    assert alarm.spans == [(6, 10)] and "-0.2" in alarm.message
+    # Negative at first (a fresh head), positive over the last half: a critic that learnt.
+    learns = [-1.2, -0.8, -0.5, -0.2, -0.1, 0.1, 0.2, 0.3, 0.3, 0.4]
+    assert check_critic(steps, learns) is None
+    assert check_critic([1], [-1.0]) is None  # one point: no "last half" to judge
+
+
+def test_critic_alarm_only_when_the_run_logged_a_critic(tmp_path: Path):
+    rows = [{"step": it, "objective/score": 0.1 * it, "value/explained_variance": -0.5}
+            for it in range(1, 7)]  # fmt: skip
+    run = write_run(tmp_path / "gae" / "ppo", "ppo", rows, "name: x\n")
+    assert [a.name for a in curves.check_run(load_run(run))] == ["critic_not_learning"]
+    rows = [{"step": it, "objective/score": 0.1 * it} for it in range(1, 7)]  # e.g. rloo
+    run = write_run(tmp_path / "rloo" / "ppo", "ppo", rows, "name: x\n")
+    assert curves.check_run(load_run(run)) == []
+
+
+def test_win_rate_alarm_for_each_interval_that_includes_one_half():
+    results = {
+        "win_rate": 0.61,
+        "win_rate_ci95": [0.44, 0.78],  # includes 0.5: fires
+        "judges": {
+            "judge": {"sft_mean": 0.1, "ppo_mean": 0.3, "win_rate": 0.7,
+                      "win_rate_ci95": [0.56, 0.82], "n": 128},  # above 0.5: quiet
+            "hh": {"win_rate": 0.46, "win_rate_ci95": [0.39, 0.54], "n": 128},  # fires
+        },
+    }  # fmt: skip
+    alarms = check_win_rate(results)
+    assert [a.name for a in alarms] == ["win_rate_inconclusive"] * 2
+    assert "trained reward model" in alarms[0].message and "[0.44, 0.78]" in alarms[0].message
+    assert "judge hh" in alarms[1].message
+    assert check_win_rate({"win_rate": 0.7, "win_rate_ci95": [0.56, 0.82]}) == []
+    assert check_win_rate({"win_rate": 0.3, "win_rate_ci95": [0.2, 0.45]}) == []  # clearly worse
+    assert check_win_rate({"win_rate_ci95": [0.5, 0.6]}) != []  # a bound at 0.5 includes it
+    assert check_win_rate(None) == [] and check_win_rate({"perplexity": 3.0}) == []

@@ -122,6 +122,16 @@ def test_every_stage_runs_on_two_ranks(data):
         assert (run / stage / "COMPLETED").is_file()
     info = _run_info(run, "ppo")
     assert info["rollouts_per_iteration"] == 2 * info["batch_size_per_rank"]
+    # Critic-free with k = 2 (each rank holds whole groups), and the critic warm-up (value-only
+    # steps with the policy's gradients dropped after DDP's all-reduce).
+    for variant in (
+        ["ppo.estimator=rloo", "ppo.samples_per_prompt=2"],
+        ["ppo.critic_warmup_iterations=1"],
+    ):
+        _stage("ppo", [*args, *variant], 2)
+        info = _run_info(run, "ppo")
+        assert info["world_size"] == 2 and info["status"] == "completed"
+    assert info["estimator"] == "gae"
 
 
 def test_two_machine_launch_on_localhost_completes_sft(data):

@@ -161,3 +161,17 @@ def test_curves_panels_get_data_from_real_sft_and_ppo_runs(pipeline, tmp_path):
         for owner, title, patterns in curves.OVERVIEW:
             if owner == stage:
                 assert curves.match_series(list(run.series), patterns), title
+
+
+def test_judge_is_a_second_reward_model_in_its_own_run_dir(pipeline, capsys):
+    root, args = pipeline
+    assert main(["judge", "recipes/tiny.yaml", *args, "--if-configured"]) == 0
+    judge, reward = root / "run" / "judge", root / "run" / "reward"
+    assert (judge / "COMPLETED").is_file() and (judge / "model" / "model.safetensors").is_file()
+    info = json.loads((judge / "run.json").read_text())
+    assert info["stage"] == "judge" and info["seed"] == 43  # tiny: seed 42 + offset 1
+    assert json.loads((reward / "run.json").read_text())["seed"] == 42
+    # Without a judge: section, --if-configured (what `make reward` passes) does nothing.
+    (judge / "COMPLETED").unlink()
+    assert main(["judge", "recipes/tiny.yaml", *args, "judge=null", "--if-configured"]) == 0
+    assert "nothing to do" in capsys.readouterr().out and not (judge / "COMPLETED").exists()

@@ -632,3 +632,32 @@ def test_score_rankings_returns_scores_in_input_order():
 
     assert rm.score_rankings(fn, rows, 2, 0) == [[9.0, 2.0], [1.0, 1.0], [5.0, 7.0]]
     assert rm.score_sequences(fn, [[1] * 4, [1], [1] * 3], 2, 0) == [4.0, 1.0, 3.0]
+
+
+def test_reward_halves_are_disjoint_by_prompt_and_cover_everything():
+    from types import SimpleNamespace
+
+    from rlhf.stages.reward import half_of
+
+    items = [SimpleNamespace(prompt=f"question {i % 10}", id=i) for i in range(40)]
+    first, second = half_of(items, "first_half"), half_of(items, "second_half")
+    prompts = lambda rows: {r.prompt for r in rows}  # noqa: E731
+    assert prompts(first) and prompts(second) and not prompts(first) & prompts(second)
+    assert sorted(r.id for r in first + second) == list(range(40))
+    assert half_of(items, "all") == items
+    assert half_of(items, "first_half") == first  # deterministic
+
+
+def test_judge_recipe_takes_the_other_half_and_another_seed():
+    from rlhf.recipe import load_recipe
+    from rlhf.stages.judge import judge_recipe
+
+    recipe = load_recipe("recipes/smollm2-135m.yaml", ["seed=7"])
+    assert recipe.reward.subset == "first_half" and recipe.judge is not None
+    judge = judge_recipe(recipe)
+    assert (judge.seed, judge.reward.subset) == (8, "second_half")
+    assert (recipe.seed, recipe.reward.subset) == (7, "first_half")  # the original untouched
+    custom = judge_recipe(
+        load_recipe("recipes/smollm2-135m.yaml", ["judge.seed_offset=5", "judge.subset=all"])
+    )
+    assert (custom.seed, custom.reward.subset) == (47, "all")

@@ -4,6 +4,8 @@ function, so DDP / DeepSpeed wrap ONE model and one backward serves both losses.
 value_model="shared":   a linear value head on the policy's last hidden state (one forward).
 value_model="separate": a critic initialised from the reward model (InstructGPT, sec. 3.5),
                         its score head applied at every position.
+value_model=None:       no value function at all (the critic-free estimators: rloo, grpo,
+                        reinforce_pp); forward then returns values None.
 The reference is NOT in here: with LoRA it is the same weights with the adapter disabled
 (`reference_logits`), otherwise a separate frozen copy the stage owns.
 """
@@ -33,11 +35,13 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+    def __init__(
+        self, policy: nn.Module, critic: nn.Module | None = None, with_values: bool = True
+    ):
         super().__init__()
         self.policy = policy
         self.critic = critic  # a sequence-classification model, or None for the shared head
-        if critic is None:
+        if critic is None and with_values:
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
             # Zero init: values start at 0, so early advantages are the (whitened) returns.
@@ -57,20 +61,33 @@ class ActorCritic(nn.Module):
         return sorted(names)
 
     @property
+    def has_values(self) -> bool:
+        return self.value_head is not None or self.critic is not None
+
+    @property
     def uses_lora(self) -> bool:
         return hasattr(self.policy, "peft_config")
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        keep: int = 0,
+        detach_values: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) -> logits (B, K, V) and values (B, K) at the last K = `keep` positions (all
         T when 0). PPO needs only the response positions, and on a small model the LM head
-        (vocab x hidden) is the largest single matmul: skipping it on the prompt saves work."""
+        (vocab x hidden) is the largest single matmul: skipping it on the prompt saves work.
+        detach_values: the shared head reads the hidden state without a gradient path into the
+        policy (critic warm-up trains the head alone)."""
         shared = self.value_head is not None
         with lm_head_inputs(self.policy) if shared else nullcontext([]) as seen:
             logits = causal_lm_logits(self.policy, input_ids, attention_mask, keep)
         if shared:  # the LM head's input IS the last hidden state (after the final norm)
-            values = self.values_from_hidden(seen[-1][:, -logits.shape[1] :])
+            hidden = seen[-1][:, -logits.shape[1] :]
+            values = self.values_from_hidden(hidden.detach() if detach_values else hidden)
+        elif self.critic is None:
+            values = None
         else:
             values = self.critic_values(input_ids, attention_mask, logits.shape[1])
         return logits, values
@@ -78,6 +95,17 @@ class ActorCritic(nn.Module):
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Shared head: values from the policy's last hidden states, (B, K, H) -> (B, K)."""
         return self.value_head(hidden).squeeze(-1).float()
+
+    @torch.no_grad()
+    def init_value_bias(self, mean_return: float) -> None:
+        """Shared head: weights stay 0 and the bias becomes the mean return of the first batch.
+        The clipped value loss moves V by at most cliprange_value per update, so a head that
+        starts at 0 with returns centred elsewhere spends its first iterations only chasing
+        the offset while its (noise) predictions are the GAE baseline; starting at the mean
+        makes V a constant baseline that is right on average from the first update. (The
+        separate critic starts from the reward model's head instead, InstructGPT sec. 3.5.)"""
+        if self.value_head is not None:
+            self.value_head.bias.fill_(mean_return)
 
     def critic_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0

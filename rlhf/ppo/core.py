@@ -113,14 +113,16 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    aggregation: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise:
-    mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+    mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps));
+    `aggregation` picks the mean (see aggregate_loss)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -193,3 +195,46 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# ------------------------------------------------------------------ critic-free baselines
+# Scores (B,) come as B = n * k samples, the k samples of each prompt in consecutive rows.
+
+
+def _groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    if k < 1 or scores.dim() != 1 or scores.shape[0] % k:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {k}")
+    return scores.view(-1, k)
+
+
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, eq. 5): each sample's
+    baseline is the mean of the OTHER k-1 samples of its prompt. (B,) -> (B,)."""
+    if k < 2:
+        raise ValueError("rloo_advantages needs k >= 2 samples per prompt")
+    groups = _groups(scores, k)
+    others_mean = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    return (groups - others_mean).reshape(-1)
+
+
+def group_advantages(
+    scores: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, sec. 4.1.2): (s - mean_group) / (std_group
+    + eps), the population std of the k samples. scale=False keeps only the centring (Dr. GRPO,
+    Liu et al. 2025: the std division favours prompts whose samples all score alike)."""
+    groups = _groups(scores, k)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """token: mean over every real token of the batch (long answers weigh more; Dr. GRPO);
+    sequence: mean over each answer's tokens, then over answers (GRPO, Shao et al. 2024 eq. 3)."""
+    if how == "token":
+        return masked_mean(per_token, mask)
+    if how == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    raise ValueError(f"unknown loss aggregation '{how}' (valid: token, sequence)")

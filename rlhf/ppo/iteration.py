@@ -7,7 +7,10 @@ Ziegler et al. 2019 and "The N Implementation Details of RLHF with PPO" (Huang e
                batched forward each over the response positions); the score
   3. shape     r_t = -beta * KL_t, + normalised score at the last response token
   4. GAE       advantages, returns = advantages + values; advantages whitened
+               (or a critic-free estimator over each prompt's k samples: rlhf.ppo.advantages)
   5. update    ppo_epochs over shuffled minibatches (rlhf.ppo.update)
+
+Rows come grouped: with cfg.samples_per_prompt = k, rows i*k .. i*k+k-1 answer the same prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 
 from rlhf.distributed import gathered_for_generation
 from rlhf.ppo.actor_critic import eval_mode
-from rlhf.ppo.core import explained_variance, gae, masked_mean, masked_whiten, shape_rewards
+from rlhf.ppo.advantages import compute_advantages
+from rlhf.ppo.core import explained_variance, masked_mean
 from rlhf.ppo.rollout import Rollout, generate, score_with_models
 from rlhf.ppo.update import ppo_update
 
@@ -55,8 +59,12 @@ def ppo_iteration(
     generator: torch.Generator,
     calibration: dict | None = None,
     guard: Any = None,
+    value_only: bool = False,
+    init_value_head: bool = False,
 ) -> tuple[Rollout, dict[str, float]]:
-    """Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced)."""
+    """Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
+    value_only: critic warm-up, only the value function is updated. init_value_head: set the
+    shared value head's bias to this batch's mean return first (ActorCritic.init_value_bias)."""
     unwrapped = accelerator.unwrap_model(model)
     t0 = time.time()
 
@@ -72,20 +80,38 @@ def ppo_iteration(
     score = normalise_score(roll.scores, roll.ended_with_eos, cfg, calibration)
     t_score = time.time()
 
-    # 3. shaping and 4. GAE
-    rewards, kl = shape_rewards(
-        score, roll.logprobs, roll.ref_logprobs, roll.mask, kl_ctl.value, cfg.kl_estimator
-    )
+    # 3. shaping and 4. advantages
+    def advantages_and_returns():
+        return compute_advantages(
+            cfg, score, roll.logprobs, roll.ref_logprobs, roll.values, roll.mask, kl_ctl.value
+        )
+
+    advantages, returns, kl = advantages_and_returns()
+    if init_value_head and returns is not None and unwrapped.value_head is not None:
+        # With V = 0, `returns` are the plain (lambda-)returns; their mean becomes the bias.
+        mean_return = accelerator.reduce(
+            masked_mean(returns, roll.mask), "mean"
+        )  # same on all ranks
+        unwrapped.init_value_bias(mean_return.item())
+        roll.values = torch.full_like(roll.values, unwrapped.value_head.bias.item()) * roll.mask
+        advantages, returns, kl = advantages_and_returns()
     roll.seq_kl = (kl * roll.mask).sum(1)
     non_score = -kl_ctl.value * roll.seq_kl  # the KL part of each sequence's return
-    if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, roll.mask, shift_mean=False)
-    advantages, returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, roll.mask)
 
     # 5. update
     stats = ppo_update(
-        model, optimizer, accelerator, roll, advantages, returns, cfg, generator, scheduler, guard
+        model,
+        optimizer,
+        accelerator,
+        roll,
+        advantages,
+        returns,
+        cfg,
+        generator,
+        scheduler,
+        guard,
+        kl_coef=kl_ctl.value,
+        value_only=value_only,
     )
     t_update = time.time()
 
@@ -100,7 +126,6 @@ def ppo_iteration(
         "objective/rlhf_reward": (score + non_score).mean().item(),
         "objective/entropy": (roll.entropy * roll.mask).sum(1).mean().item(),
         "objective/entropy_per_token": masked_mean(roll.entropy, roll.mask).item(),
-        "value/explained_variance": explained_variance(roll.values, returns, roll.mask).item(),
         "response/length_mean": lengths.mean().item(),
         "response/eos_rate": roll.ended_with_eos.float().mean().item(),
         "kl_coef": float(kl_ctl.value),
@@ -112,4 +137,8 @@ def ppo_iteration(
         "tokens_per_second": lengths.sum().item() / max(t_update - t0, 1e-9),
         **stats,
     }
+    if returns is not None:  # only an estimator with a critic has a value function to judge
+        metrics["value/explained_variance"] = explained_variance(
+            roll.values, returns, roll.mask
+        ).item()
     return roll, metrics

@@ -176,14 +176,17 @@ def score_with_models(
     with autocast():
         if logits is None:
             logits, values = model(ids, attn, keep=keep)
-            logits, values = logits[:, :R], values[:, :R]
+            logits = logits[:, :R]
+            values = values[:, :R] if values is not None else None
         elif model.value_head is not None:
             values = model.values_from_hidden(rollout.sampling_hidden)
+        elif model.critic is None:
+            values = None
         else:
             values = model.critic_values(ids, attn, keep=keep)[:, :R]
     rollout.sampling_logits = rollout.sampling_hidden = None  # (B, R, V): free it now
     rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
-    rollout.values = values.float()
+    rollout.values = values.float() if values is not None else None
     from rlhf.ppo.core import entropy_from_logits
 
     rollout.entropy = entropy_from_logits(logits.float() / temperature)

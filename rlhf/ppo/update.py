@@ -1,7 +1,9 @@
 """The PPO update: epochs over shuffled minibatches of one rollout batch (Schulman et al. 2017).
 
-loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy, per micro-batch, with
-gradient accumulation over `grad_accum` micro-batches per optimizer step.
+loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy [+ kl_coef * k3 KL when
+kl_in is loss], per micro-batch, with gradient accumulation over `grad_accum` micro-batches per
+optimizer step. Without a critic (rloo, grpo, reinforce_pp) there is no value loss; in critic
+warm-up (value_only) the value loss alone trains the critic and the policy is not stepped.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from typing import Any
 
 import torch
 
-from rlhf.ppo.core import entropy_from_logits, masked_mean, policy_loss, value_loss
+from rlhf.ppo.core import (
+    aggregate_loss,
+    entropy_from_logits,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
 from rlhf.ppo.rollout import Rollout, logprobs_from_logits, response_keep
 from rlhf.training import NonFiniteGuard, step_if_finite
 
@@ -22,13 +31,16 @@ def ppo_update(
     accelerator: Any,
     rollout: Rollout,
     advantages: torch.Tensor,
-    returns: torch.Tensor,
+    returns: torch.Tensor | None,
     cfg: Any,
     generator: torch.Generator,
     scheduler: Any = None,
     guard: NonFiniteGuard | None = None,
+    kl_coef: float = 0.0,
+    value_only: bool = False,
 ) -> dict[str, float]:
-    """Runs cfg.ppo_epochs passes; returns the mean of each statistic over all micro-batches."""
+    """Runs cfg.ppo_epochs passes; returns the mean of each statistic over all micro-batches.
+    `returns` None: no critic, no value loss. `kl_coef` weighs the k3 loss term (kl_in: loss)."""
     guard = guard or NonFiniteGuard()
     skipped_before = guard.skipped
     stats: dict[str, list[float]] = defaultdict(list)
@@ -47,17 +59,41 @@ def ppo_update(
                 idx = mini[m_start : m_start + micro].to(rollout.mask.device)
                 mb = rollout.select(idx)
                 with accelerator.accumulate(model), accelerator.autocast():
-                    logits, values = model(mb.input_ids, mb.attention_mask, keep=response_keep(R))
-                    logits, values = logits[:, :R], values[:, :R]
+                    logits, values = model(
+                        mb.input_ids,
+                        mb.attention_mask,
+                        keep=response_keep(R),
+                        detach_values=value_only,
+                    )
+                    logits = logits[:, :R]
                     logp = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
                     pg_loss, pg_stats = policy_loss(
-                        logp, mb.logprobs, advantages[idx], mb.mask, cfg.cliprange
+                        logp,
+                        mb.logprobs,
+                        advantages[idx],
+                        mb.mask,
+                        cfg.cliprange,
+                        cfg.loss_aggregation,
                     )
-                    vf_loss, vf_stats = value_loss(
-                        values, mb.values, returns[idx], mb.mask, cfg.cliprange_value
-                    )
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    if cfg.entropy_coef > 0:
+                    loss = pg_loss
+                    if cfg.kl_in == "loss":
+                        # GRPO (Shao et al. 2024, eq. 4): k3 = r - log r - 1, r = pi_ref / pi.
+                        kl = kl_penalty(logp, mb.ref_logprobs, "k3")
+                        kl_loss = aggregate_loss(kl, mb.mask, cfg.loss_aggregation)
+                        loss = loss + kl_coef * kl_loss
+                        stats["policy/kl_loss"].append(kl_loss.item())
+                    if returns is not None:
+                        vf_loss, vf_stats = value_loss(
+                            values[:, :R], mb.values, returns[idx], mb.mask, cfg.cliprange_value
+                        )
+                        loss = loss + cfg.vf_coef * vf_loss
+                        stats["value/loss"].append(vf_loss.item())
+                        stats["value/clipfrac"].append(vf_stats["clipfrac"].item())
+                    if value_only:
+                        # 0 * the policy terms keeps every parameter in the graph (DDP); the
+                        # policy's (zero) gradients are dropped below, so it is not stepped.
+                        loss = vf_loss + 0.0 * loss
+                    if cfg.entropy_coef > 0 and not value_only:
                         entropy = masked_mean(
                             entropy_from_logits(logits.float() / cfg.temperature), mb.mask
                         )
@@ -65,6 +101,9 @@ def ppo_update(
                     # A non-finite loss (or reward) still goes through backward on every rank;
                     # the synced gradient norm then decides, identically everywhere, to skip.
                     accelerator.backward(loss)
+                    if value_only:
+                        for p in accelerator.unwrap_model(model).policy.parameters():
+                            p.grad = None
                     norm = step_if_finite(
                         accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
                     )
@@ -73,11 +112,9 @@ def ppo_update(
                 if scheduler is not None and accelerator.sync_gradients:
                     scheduler.step()
                 stats["policy/loss"].append(pg_loss.item())
-                stats["value/loss"].append(vf_loss.item())
                 stats["loss/total"].append(loss.item())
                 stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
                 stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                stats["value/clipfrac"].append(vf_stats["clipfrac"].item())
                 epoch_kl.append(pg_stats["approxkl"].item())
         # Early stop when the policy moved too far from the one that sampled the batch.
         if cfg.target_kl_early_stop and epoch_kl:

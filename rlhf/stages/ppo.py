@@ -4,7 +4,8 @@ One iteration (Ziegler et al. 2019; "The N Implementation Details of RLHF with P
   1. rollout   prompts -> sampled responses (KV cache), masked after the first EOS
   2. score     policy / reference log-probs, values, reward-model score of (prompt, response)
   3. shape     r_t = -beta * KL_t, plus the (normalised) score at the last response token
-  4. GAE       advantages and returns; advantages whitened over the batch
+  4. GAE       advantages and returns; advantages whitened over the batch (or, with
+               ppo.estimator rloo / grpo / reinforce_pp, k samples per prompt and no critic)
   5. update    PPO epochs over minibatches: clipped policy + clipped value loss
 """
 
@@ -101,7 +102,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     # --- roles
     policy = models.load_causal_lm(str(sft_dir / "model"))
     critic = None
-    if cfg.value_model == "separate":
+    with_values = cfg.estimator == "gae"  # the critic-free estimators build no value function
+    if with_values and cfg.value_model == "separate":
         critic = models.load_reward_model(str(reward_dir / "model"))
     reference = None
     if cfg.lora.enabled:
@@ -113,7 +115,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             reference = models.load_causal_lm(str(sft_dir / "model")).to(device).eval()
         reference.requires_grad_(False)
         disable_dropout(reference)
-    model = ActorCritic(policy, critic)
+    model = ActorCritic(policy, critic, with_values=with_values)
     with distributed.unsharded_init(accelerator):
         reward_model = models.load_reward_model(str(reward_dir / "model")).to(device).eval()
     reward_model.requires_grad_(False)
@@ -131,7 +133,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
         if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
     )
-    sampler = PromptSampler(len(prompts), cfg.batch_size, rank, world, recipe.seed)
+    k = cfg.samples_per_prompt
+    # batch_size counts rollouts: batch_size / k prompts per rank, each repeated k times in
+    # consecutive rows (one batched generate); every rank holds whole groups.
+    sampler = PromptSampler(len(prompts), cfg.batch_size // k, rank, world, recipe.seed)
     trainable, total = training.trainable_parameters(model)
     out.info.update(
         run_info(accelerator),
@@ -139,6 +144,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         reward_dir=str(reward_dir),
         batch_size_per_rank=cfg.batch_size,
         rollouts_per_iteration=cfg.batch_size * world,
+        prompts_per_iteration=cfg.batch_size // k * world,
+        estimator=cfg.estimator,
         effective_minibatch=cfg.mini_batch_size * world,
         prompts=len(prompts),
         trainable_parameters=trainable,
@@ -173,7 +180,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     stop = StopSignal().install()
     for iteration in range(start_iter, cfg.iterations):
         torch.manual_seed(iteration_seed(recipe.seed, iteration, rank))
-        idx = sampler.indices(iteration)
+        idx = [i for i in sampler.indices(iteration) for _ in range(k)]
         batch = pad_batch([prompt_ids[i] for i in idx], tokenizer.pad_token_id, side="left")
         batch_prompts = [prompts[i] for i in idx]
 
@@ -204,6 +211,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
             gen,
             calibration,
             guard,
+            value_only=iteration < cfg.critic_warmup_iterations,
+            init_value_head=iteration == 0,
         )
         metrics = mean_across_ranks(accelerator, metrics)
         # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).

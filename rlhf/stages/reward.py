@@ -59,13 +59,25 @@ def source_name(source: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "extra"
 
 
+# The halves must not move with the seed: the judge (another seed) trains on the other one.
+HALF_SPLIT_SALT = 0
+
+
+def half_of(items: list, subset: str) -> list:
+    """`reward.subset`: all items, or one of two disjoint halves, split by prompt."""
+    if subset == "all":
+        return items
+    first, second = data.split_by_prompt(items, 0.5, HALF_SPLIT_SALT)
+    return first if subset == "first_half" else second
+
+
 def load_datasets(recipe: Any) -> tuple[list, list, dict[str, list]]:
     """(train rankings, eval rankings, {extra name: rankings}); eval never overlaps train."""
     cfg = recipe.reward
     if cfg.train is None:
         raise UserError(f"{recipe._source}: reward.train: missing required key")
     on_invalid = recipe.data.on_invalid
-    train = data.load_comparisons(cfg.train, on_invalid).items
+    train = half_of(data.load_comparisons(cfg.train, on_invalid).items, cfg.subset)
     if cfg.eval is not None:
         evals = data.load_comparisons(cfg.eval, on_invalid).items
     elif cfg.eval_fraction > 0:
@@ -165,11 +177,12 @@ def calibrate(
     return rm.calibration(scores)
 
 
-def run(recipe: Any, resume: bool = False) -> Path:
+def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
+    """`stage` names the run folder: "judge" trains the second reward model (rlhf.stages.judge)."""
     cfg = recipe.reward
     init_from = init_model_name(recipe)
     accelerator = make_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum)
-    out = RunDir(recipe.stage_dir("reward"), "reward", recipe, accelerator.is_main_process, {})
+    out = RunDir(recipe.stage_dir(stage), stage, recipe, accelerator.is_main_process, {})
 
     # --- data and tokenizer (all validation happens before the model loads)
     tokenizer = models.load_tokenizer(

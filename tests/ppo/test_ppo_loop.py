@@ -6,10 +6,11 @@ from rlhf import models
 from rlhf.ppo import AdaptiveKLController, FixedKLController
 from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.iteration import ppo_iteration
-from rlhf.ppo.rollout import Rollout, generate, response_mask
+from rlhf.ppo.rollout import generate, response_mask
 from rlhf.recipe import LoraConfig, PPOConfig, Recipe
 from rlhf.runtime import make_accelerator
 from rlhf.training import make_optimizer
+from tests.ppo.tiny_policy import programmatic_score, small_vocab_policy
 
 
 def test_everything_after_the_first_eos_is_masked():
@@ -62,33 +63,6 @@ def test_lora_reference_is_the_base_model_exactly(tiny_model_dir):
     assert values.shape == ids.shape
 
 
-def _small_vocab_policy(seed: int = 0, vocab: int = 64) -> torch.nn.Module:
-    """A random 2-layer Llama over the first 64 ids of SmolLM2's vocabulary (EOS is id 2):
-    small enough that sampling explores every token, so a reward on some tokens is learnable."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _programmatic_score(roll: Rollout) -> torch.Tensor:
-    """Fraction of response tokens with ids 10-19: a reward the loop must learn to raise."""
-    target = (roll.response_ids >= 10) & (roll.response_ids < 20)
-    return (target.float() * roll.mask).sum(1) / roll.mask.sum(1).clamp(min=1)
-
-
 def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     recipe = Recipe(precision="fp32", seed=0)
     cfg = PPOConfig(
@@ -104,8 +78,8 @@ def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     )
     accelerator = make_accelerator(recipe)
     tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
-    policy = _small_vocab_policy()
-    reference = _small_vocab_policy().eval().requires_grad_(False)  # same seed: same weights
+    policy = small_vocab_policy()
+    reference = small_vocab_policy().eval().requires_grad_(False)  # same seed: same weights
     model = ActorCritic(policy)
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -124,7 +98,7 @@ def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
             tok,
             prompt_ids,
             prompt_mask,
-            _programmatic_score,
+            programmatic_score,
             kl_ctl,
             cfg,
             torch.Generator().manual_seed(it),
