@@ -197,7 +197,7 @@ def _check_model(flag: str, model_dir: str) -> None:
 
 def _calibration(model_dir: str, model: torch.nn.Module) -> dict | None:
     """The reward stage's calibration: the file PPO reads, else the copy in config.json."""
-    from rlhf.stages.ppo import load_calibration
+    from rlhf.reward_sources import load_calibration
 
     found = load_calibration(Path(models.resolve(model_dir)))
     return found or getattr(model.config, "reward_calibration", None) or None

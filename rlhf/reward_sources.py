@@ -133,8 +133,14 @@ class RewardSources:
         return None
 
     def __call__(
-        self, prompts: list[list[dict]], responses: list[str], rows: list[dict]
+        self,
+        prompts: list[list[dict]],
+        responses: list[str],
+        rows: list[dict],
+        training: bool = True,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """training=False (evaluation): running statistics are read, not updated, and
+        non-finite scores are only warned about."""
         metrics: dict[str, float] = {}
         terms = []
         for src in self.sources:
@@ -144,18 +150,19 @@ class RewardSources:
                     src.name, src.function, prompts, responses, rows, src.args
                 )
                 raw = torch.tensor(values, dtype=torch.float32)
-                self._check_finite(src.name, raw)
+                self._check_finite(src.name, raw, training)
                 metrics[f"objective/score/{src.name}"] = _finite_mean(raw)
                 if src.moments is not None:
                     # Every rank updates with the same gathered batch: identical statistics.
-                    src.moments.update(self.gather(raw).tolist())
+                    if training:
+                        src.moments.update(self.gather(raw).tolist())
                     raw = src.moments.normalise(raw)
                 terms.append(raw)
             else:
                 normalised = []
                 for name, scorer, calibration in src.members:
                     raw = scorer(prompts, responses).float().cpu()
-                    self._check_finite(name, raw)
+                    self._check_finite(name, raw, training)
                     if len(src.members) > 1:
                         metrics[f"objective/score/{name}"] = _finite_mean(raw)
                     normalised.append(
@@ -168,7 +175,8 @@ class RewardSources:
                     metrics[f"timing/score/{src.name}"] = time.time() - t0
                     continue
                 if src.moments is not None:
-                    src.moments.update(self.gather(combined).tolist())
+                    if training:
+                        src.moments.update(self.gather(combined).tolist())
                     combined = src.moments.normalise(combined)
                 metrics[f"objective/score/{src.name}"] = _finite_mean(combined)
                 terms.append(combined)
@@ -176,11 +184,11 @@ class RewardSources:
         total = weighted_total(terms, [s.weight for s in self.sources])
         return total, metrics
 
-    def _check_finite(self, name: str, raw: torch.Tensor) -> None:
+    def _check_finite(self, name: str, raw: torch.Tensor, training: bool = True) -> None:
         bad = int((~torch.isfinite(raw)).sum())
         if not bad:
             return
-        if self.on_nonfinite == "stop":
+        if training and self.on_nonfinite == "stop":
             raise NumericalFault(
                 f"reward source '{name}' gave {bad} non-finite score(s): stopping "
                 "(numerics.on_nonfinite=stop)"
