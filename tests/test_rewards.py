@@ -24,7 +24,9 @@ from rlhf.stats import distinct_n, wilson_interval
 
 
 def _match(prompt: str, response: str, answer) -> float:
-    return answer_match([[{"role": "user", "content": prompt}]], [response], [{"answer": answer}])[0]
+    return answer_match([[{"role": "user", "content": prompt}]], [response], [{"answer": answer}])[
+        0
+    ]
 
 
 # ------------------------------------------------------------------------------ built-ins
@@ -64,7 +66,9 @@ def test_length_and_format_by_hand():
     assert length([], rs, [], min=2, max=4) == [0.0, -1.0, -2.0]
     assert length([], ["abcdef"], [], max=4, unit="chars", penalty=0.5) == [-1.0]
     assert format([], ["see http://x.y", "no link"], [], pattern=r"https?://") == [1.0, 0.0]
-    assert format([], ["see http://x.y", "no link"], [], pattern=r"https?://", must_match=False) == [0.0, 1.0]
+    assert format(
+        [], ["see http://x.y", "no link"], [], pattern=r"https?://", must_match=False
+    ) == [0.0, 1.0]
 
 
 def test_sentiment_and_afinn_lexicons():
@@ -200,14 +204,13 @@ def test_nonfinite_function_scores_follow_the_numerics_policy():
 
 def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
     """A recipe's `module:function` reward drives PPO: the digit fraction rises."""
-    from tests.ppo.test_ppo_loop import _small_vocab_policy
-
     from rlhf import models
     from rlhf.ppo.actor_critic import ActorCritic
     from rlhf.ppo.core import FixedKLController
     from rlhf.ppo.iteration import ppo_iteration
     from rlhf.runtime import make_accelerator
     from rlhf.training import make_optimizer
+    from tests.ppo.test_ppo_loop import small_vocab_policy
 
     recipe = load_recipe(
         "recipes/tiny.yaml",
@@ -224,8 +227,8 @@ def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
     assert sources.calibration is None and not sources.passthrough
     accelerator = make_accelerator(recipe)
     tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
-    reference = _small_vocab_policy().eval().requires_grad_(False)
-    model = ActorCritic(_small_vocab_policy())
+    reference = small_vocab_policy().eval().requires_grad_(False)
+    model = ActorCritic(small_vocab_policy())
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     prompt_ids = torch.randint(17, 64, (32, 6), generator=torch.Generator().manual_seed(0))

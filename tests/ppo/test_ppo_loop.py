@@ -62,7 +62,7 @@ def test_lora_reference_is_the_base_model_exactly(tiny_model_dir):
     assert values.shape == ids.shape
 
 
-def _small_vocab_policy(seed: int = 0, vocab: int = 64) -> torch.nn.Module:
+def small_vocab_policy(seed: int = 0, vocab: int = 64) -> torch.nn.Module:
     """A random 2-layer Llama over the first 64 ids of SmolLM2's vocabulary (EOS is id 2):
     small enough that sampling explores every token, so a reward on some tokens is learnable."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -104,8 +104,8 @@ def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     )
     accelerator = make_accelerator(recipe)
     tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
-    policy = _small_vocab_policy()
-    reference = _small_vocab_policy().eval().requires_grad_(False)  # same seed: same weights
+    policy = small_vocab_policy()
+    reference = small_vocab_policy().eval().requires_grad_(False)  # same seed: same weights
     model = ActorCritic(policy)
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
