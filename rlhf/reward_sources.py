@@ -295,6 +295,8 @@ def build(
             if run_dir is not None:
                 require_completed(run_dir, f"ppo.rewards ({name}): the reward run")
             label = name if len(paths) == 1 else f"{name}/{model_label(path) or i}"
+            if any(label == m[0] for m in members):
+                label = f"{label}_{i + 1}"
             calibration = load_calibration(model_dir)
             if normalize == "calibration" and calibration is None:
                 raise UserError(

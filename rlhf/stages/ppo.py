@@ -397,7 +397,8 @@ def evaluate_policy(
     def training_score(m: list, t: list[str], i: int) -> torch.Tensor:
         return sources(m, t, fields[i : i + cfg.batch_size], training=False)[0]
 
-    score = {w: gathered(in_chunks(training_score, w)) for w in ("ppo", "sft")}
+    local = {w: in_chunks(training_score, w) for w in ("ppo", "sft")}
+    score = {w: gathered(local[w]) for w in ("ppo", "sft")}
     cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in rows.items()}
     n = len(score["ppo"])
     versus = judge_summary(score["sft"], score["ppo"]) if n else {}
@@ -431,11 +432,11 @@ def evaluate_policy(
                 model_dir, run_dir = reward_sources.reward_model_dir(path)
                 if run_dir is not None:
                     require_completed(run_dir, f"eval.judges ({name}):")
+                scorer = load_scorer(model_dir)
             except UserError as e:
                 log.warning("judge %s skipped: %s", name, e)
                 judges[name] = {"skipped": str(e)}
                 continue
-            scorer = load_scorer(model_dir)
 
             def judge_score(m, t, i, scorer=scorer):  # noqa: B023 - bound per judge
                 return scorer(m, t)
@@ -472,8 +473,16 @@ def evaluate_policy(
         result["answer_accuracy"] = {**acc, "n": int(sum(mask))}
 
     result["samples"] = [
-        {"prompt": _last_user(m), "ppo": tp, "sft": ts}
-        for m, tp, ts in list(zip(messages, texts["ppo"], texts["sft"]))[:8]
+        {
+            "prompt": _last_user(m),
+            "ppo": tp,
+            "ppo_score": float(sp),
+            "sft": ts,
+            "sft_score": float(ss),
+        }
+        for m, tp, sp, ts, ss in list(
+            zip(messages, texts["ppo"], local["ppo"], texts["sft"], local["sft"])
+        )[:8]
     ]
     if sources.calibration:
         result["calibration"] = sources.calibration
