@@ -1343,6 +1343,12 @@ def num(x: float, decimals: int = 0) -> str:
     return f"{x:,.{decimals}f}".rstrip("0").rstrip(".")
 
 
+def plain_number(text: str) -> str:
+    """'$1,250' / '250 g' / '12,345' -> '1250' / '250' / '12345': the answer as a bare number."""
+    token = text.split()[0].lstrip("$")
+    return token.replace(",", "")
+
+
 def join3(items: list[str]) -> str:
     return f"{items[0]}, {items[1]} and {items[2]}"
 
@@ -1359,6 +1365,7 @@ class Item:
     vague: str
     worst: str
     harmful: bool = False
+    answer: str | None = None  # the verifiable reference answer (a number or a word)
 
     def tiers(self) -> list[str]:
         return [self.best, self.padded, self.vague, self.worst]
@@ -1405,6 +1412,7 @@ def capital_groups(rng: random.Random) -> list[Group]:
                     f"The capital of {country} is {wrong_city}.",
                     f"{wrong_city} has been the seat of government there for a long time.",
                 ),
+                answer=city,
             )
         )
         other_country = rng.choice(others)[0]
@@ -1417,6 +1425,7 @@ def capital_groups(rng: random.Random) -> list[Group]:
                 padded(rng, best, country),
                 vague(rng, f"{city} is somewhere in that part of the world."),
                 worst(rng, f"{city} is the capital of {other_country}."),
+                answer=country,
             )
         )
         groups.append(group)
@@ -1476,6 +1485,7 @@ def antonym_groups(rng: random.Random) -> list[Group]:
                     padded(rng, best, f"'{opposite}'", lean=f"{cap(opposite)}."),
                     vague(rng, "There are a few words that could work, depending on context."),
                     worst(rng, f"The opposite of '{word}' is '{synonym}'."),
+                    answer=opposite,
                 )
             )
         groups.append(group)
@@ -1509,6 +1519,7 @@ def past_tense_groups(rng: random.Random) -> list[Group]:
                         f"The past tense of '{verb}' is '{wrong}'.",
                         "You just add the usual ending, like with any regular verb.",
                     ),
+                    answer=past,
                 )
             )
         groups.append(group)
@@ -1626,6 +1637,7 @@ def arithmetic_groups(rng: random.Random) -> list[Group]:
         approx: float | None = None,
         lean: str | None = None,
         why: str | None = None,
+        answer: str | None = None,
     ):
         if key in groups:
             return
@@ -1641,6 +1653,7 @@ def arithmetic_groups(rng: random.Random) -> list[Group]:
                     padded(rng, best, short, lean),
                     vague(rng, partial or "You could just use a calculator for that."),
                     worst(rng, wrong, why),
+                    answer=answer if answer is not None else plain_number(short),
                 )
             ],
         )
@@ -1889,6 +1902,7 @@ def conversion_groups(rng: random.Random) -> list[Group]:
                                 rng, "It's a bit of a tricky formula, so somewhere in that range."
                             ),
                             worst(rng, wrong),
+                            answer=num(r, 1).replace(",", ""),
                         )
                     ],
                 )
@@ -1922,6 +1936,7 @@ def conversion_groups(rng: random.Random) -> list[Group]:
                         f"{num(x)} {frm} is {num(x * mistake, decimals)} {to}.",
                         f"That's because 1 {one} is {num(mistake, 4)} {to}.",
                     ),
+                    answer=y.replace(",", ""),
                 )
             ],
         )
@@ -2032,6 +2047,14 @@ def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
 
 def words(text: str) -> int:
     return len(text.split())
+
+
+def prompt_row(item: Item) -> dict:
+    """A PPO prompt row; verifiable questions carry their reference `answer` (answer_match)."""
+    row = {"prompt": item.prompt}
+    if item.answer is not None:
+        row["answer"] = item.answer
+    return row
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -2164,7 +2187,7 @@ def main() -> None:
         files[("rankings", split)] = [
             ranking_row(item, i % 4, rng) for i, item in enumerate(stage_items["rankings"])
         ]
-        files[("prompts", split)] = [{"prompt": item.prompt} for item in stage_items["prompts"]]
+        files[("prompts", split)] = [prompt_row(item) for item in stage_items["prompts"]]
 
     files = {key: files[key] for key in sorted(files, key=lambda k: (k[0], k[1] != "train"))}
     check(files)

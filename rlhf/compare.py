@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,29 +29,13 @@ import torch
 from rlhf import models
 from rlhf.errors import UserError
 from rlhf.generate import Decoding, generate, last_user_text, load, pick_device
+from rlhf.rewards import call_reward_function, load_reward_function
+from rlhf.stats import wilson_interval
 
 WIN_RATE_CI_METHOD = "wilson"  # the PPO stage's eval.json uses the normal approximation
 
 
 # ------------------------------------------------------------------------------- statistics
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion successes / n (z = 1.96: 95%).
-
-    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a point
-    when every comparison goes one way, which happens often on a few dozen prompts.
-    """
-    if n <= 0:
-        raise ValueError("wilson_interval needs n >= 1")
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], z: float = 1.96) -> dict:
@@ -215,7 +198,7 @@ def _check_model(flag: str, model_dir: str) -> None:
 
 def _calibration(model_dir: str, model: torch.nn.Module) -> dict | None:
     """The reward stage's calibration: the file PPO reads, else the copy in config.json."""
-    from rlhf.stages.ppo import load_calibration
+    from rlhf.reward_sources import load_calibration
 
     found = load_calibration(Path(models.resolve(model_dir)))
     return found or getattr(model.config, "reward_calibration", None) or None
@@ -236,6 +219,8 @@ def compare(
     max_prompt_length: int = 1024,
     max_length: int = 512,
     device: torch.device | None = None,
+    judges: list[str] | None = None,
+    rows: list[dict] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-prompt samples). Loads one model at a time."""
     from rlhf.chat import encode_prompt
@@ -307,8 +292,25 @@ def compare(
         _free_gpu_memory(device)
 
     texts = {name: [r["response"] for r in out["rows"]] for name, out in outputs.items()}
-    judged: list[dict[str, Any]] = []
     raw: dict[str, dict[str, list[float]]] = {}
+    function_judges = []
+    for spec in judges or []:
+        fn = load_reward_function(spec)
+        scored = {
+            name: call_reward_function(
+                spec, fn, prompts, texts[name], rows or [{}] * len(prompts), {}
+            )
+            for name in outputs
+        }
+        entry = {
+            "judge": spec,
+            "score_a_mean": _mean(scored["a"]),
+            "score_b_mean": _mean(scored["b"]),
+            **win_rate(scored["a"], scored["b"]),
+        }
+        function_judges.append(entry)
+        raw[spec] = scored
+    judged: list[dict[str, Any]] = []
     for rm_dir, rm_tokenizer in judge_tokenizers.items():
         rm = models.load_reward_model(rm_dir).to(device).eval()
         calibration = _calibration(rm_dir, rm)
@@ -369,6 +371,7 @@ def compare(
         "reference": reference,
         "kl_temperature": kl_temperature if reference else None,
         "reward_models": judged,
+        "judges": function_judges,
         "win_rate_ci_method": WIN_RATE_CI_METHOD,
     }
 
@@ -450,8 +453,12 @@ def compare_cli(args: Any) -> dict[str, Any]:
     decoding = decoding_from_args(args, temperature)
     if not args.prompts:
         raise UserError("rlhf eval compare needs --prompts FILE (held-out prompts)")
-    if not args.reward_models:
-        raise UserError("rlhf eval compare needs at least one --reward-model RM_DIR")
+    if not args.reward_models and not args.judges:
+        raise UserError("rlhf eval compare needs at least one --reward-model RM_DIR or --judge")
+    if args.samples_per_prompt < 1:
+        raise UserError("--samples-per-prompt must be >= 1")
+    for spec in args.judges:
+        load_reward_function(spec)  # an unknown name or a bad module fails before generation
     if args.batch_size < 1 or args.max_length < 8 or args.max_prompt_length < 1:
         raise UserError("--batch-size and --max-prompt-length must be >= 1, --max-length >= 8")
     if args.limit is not None and args.limit < 1:
@@ -470,14 +477,22 @@ def compare_cli(args: Any) -> dict[str, Any]:
 
         hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
     loaded = datalib.load_prompts(_source(args.prompts, args.format, args.limit))
-    prompts = [p.messages for p in loaded.items]
+    # N samples per prompt: each prompt repeated N times in a row, so one seed still gives
+    # both policies the same random stream (identical policies -> identical samples).
+    spp = args.samples_per_prompt
+    prompts = [p.messages for p in loaded.items for _ in range(spp)]
+    prompt_rows = [p.fields for p in loaded.items for _ in range(spp)]
     references = load_references(loaded, args.references_field)
+    if references is not None:
+        references = [r for r in references for _ in range(spp)]
 
     summary, samples = compare(
         args.model_dir,
         args.data,
         prompts,
         args.reward_models,
+        judges=args.judges,
+        rows=prompt_rows,
         reference=args.reference,
         decoding=decoding,
         seed=args.seed,
@@ -486,7 +501,7 @@ def compare_cli(args: Any) -> dict[str, Any]:
         max_length=args.max_length,
         device=pick_device(args.device),
     )
-    summary = {"prompts": str(args.prompts), **summary}
+    summary = {"prompts": str(args.prompts), "samples_per_prompt": spp, **summary}
     if decoding.do_sample:
         summary["decoding"]["temperature_from"] = temperature_from
     if references is not None:
@@ -538,6 +553,15 @@ def format_report(summary: dict[str, Any]) -> str:
                 b["kl_to_reference_mean"],
             )
         )
+    for judge in summary.get("judges", []):
+        lo, hi = judge["win_rate_ci95"]
+        lines += [
+            f"judge {judge['judge']}",
+            row("score (mean)", judge["score_a_mean"], judge["score_b_mean"]),
+            f"  win rate of B over A: {judge['win_rate_b_over_a']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}] (95% {summary['win_rate_ci_method']}); "
+            f"B wins {judge['wins_b']}, ties {judge['ties']}, A wins {judge['wins_a']}",
+        ]
     for rm in summary["reward_models"]:
         lo, hi = rm["win_rate_ci95"]
         lines += [

@@ -52,6 +52,7 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
     ],
     "ppo": [
         ("score (reward model)", ["objective/score"]),
+        ("score sources", ["objective/score/*"]),
         (
             "rewards",
             ["objective/score_normalized", "objective/rlhf_reward", "objective/non_score_reward"],

@@ -238,11 +238,97 @@ ESTIMATOR_DEFAULTS = {
 }
 
 
+def _check_function(spec: str, args: dict[str, Any]) -> None:
+    """Resolve a reward function now, before any model loads (unknown name, import error,
+    not callable, unknown argument), as a validation error on the entry's key."""
+    from rlhf.rewards import check_args, load_reward_function
+
+    try:
+        check_args(spec, load_reward_function(spec), args)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+
+
+class RewardSourceConfig(Section):
+    """One term of the PPO score: score = sum over entries of weight * normalised score."""
+
+    name: str | None = Field(None, description="label in the logs (objective/score/<name>)")
+    model: str | list[str] | None = Field(
+        None,
+        description="a reward run or model folder, or a list of them (an ensemble, `combine`); "
+        "'{output_dir}' is replaced by the recipe's output_dir",
+    )
+    function: str | None = Field(
+        None,
+        description="a built-in (sentiment, answer_match, length, format, afinn) or module:function",
+    )
+    weight: float = 1.0
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments (functions)")
+    normalize: Literal["calibration", "running", "none"] | None = Field(
+        None,
+        description="models: the stored calibration (default, unless ppo.normalize_score is "
+        "false); functions: none (default) or a running mean/std",
+    )
+    combine: Literal["mean", "min"] = Field(
+        "mean", description="an ensemble of reward models: the mean or the min of their scores"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardSourceConfig:
+        if (self.model is None) == (self.function is None):
+            raise ValueError("give exactly one of `model` or `function`")
+        if self.function is not None:
+            if self.normalize == "calibration":
+                raise ValueError("normalize: calibration is for reward models; use none or running")
+            _check_function(self.function, self.args)
+        else:
+            if self.args:
+                raise ValueError("`args` are for functions, not reward models")
+            if isinstance(self.model, list) and not self.model:
+                raise ValueError("model: an empty list")
+        return self
+
+
+class EvalJudgeConfig(Section):
+    """A judge for the end-of-run evaluation: another reward model, or a function."""
+
+    name: str | None = None
+    model: str | None = Field(None, description="reward run or model folder ('{output_dir}')")
+    function: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    positive_above: float | None = Field(
+        None, description="also report the rate of responses scoring above this (e.g. 0)"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EvalJudgeConfig:
+        if (self.model is None) == (self.function is None):
+            raise ValueError("give exactly one of `model` or `function`")
+        if self.function is not None:
+            _check_function(self.function, self.args)
+        elif self.args:
+            raise ValueError("`args` are for functions, not reward models")
+        return self
+
+
+class EvalConfig(Section):
+    """The PPO stage's end-of-run evaluation (held-out prompts, SFT vs PPO)."""
+
+    judges: list[EvalJudgeConfig] = Field(default_factory=list)
+    samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")
+
+
 class PPOConfig(Section):
     prompts: DataSource | None = None
     eval_prompts: DataSource | None = None
     sft_dir: str | None = Field(None, description="default: <output_dir>/sft")
     reward_dir: str | None = Field(None, description="default: <output_dir>/reward")
+    policy: Literal["sft", "base"] = Field(
+        "sft", description="start from (and stay close to) the SFT model, or the recipe's model"
+    )
+    rewards: list[RewardSourceConfig] | None = Field(
+        None, description="score sources; default: the reward stage's model (ppo.reward_dir)"
+    )
     iterations: int = Field(20, ge=1)
     estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
         "gae", description="advantage estimator: a critic (gae) or k samples per prompt"
@@ -352,6 +438,8 @@ class PPOConfig(Section):
                 f"grad_accum ({self.grad_accum}) must divide mini_batch_size "
                 f"({self.mini_batch_size})"
             )
+        if self.rewards is not None and not self.rewards:
+            raise ValueError("rewards: give at least one source (or drop the key)")
         return self
 
 
@@ -404,6 +492,7 @@ class Recipe(Section):
     )
     ppo: PPOConfig = PPOConfig()
     dpo: DPOStageConfig = DPOStageConfig()
+    eval: EvalConfig = EvalConfig()
 
     # Where the recipe came from (not a YAML key): for error messages and run.json.
     _source: str = "<recipe>"

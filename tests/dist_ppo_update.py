@@ -17,7 +17,7 @@ from rlhf.ppo.update import ppo_update
 from rlhf.recipe import PPOConfig, Recipe
 from rlhf.runtime import make_accelerator
 from rlhf.training import make_optimizer
-from tests.ppo.test_ppo_loop import _small_vocab_policy
+from tests.ppo.tiny_policy import small_vocab_policy
 
 BATCH, P, R, VOCAB = 8, 5, 6, 64
 
@@ -39,7 +39,7 @@ def fixed_rollout() -> tuple[Rollout, torch.Tensor, torch.Tensor]:
 
 def build_model() -> ActorCritic:
     """The same seeded tiny policy + zero-initialised value head on every rank."""
-    return ActorCritic(_small_vocab_policy(seed=0, vocab=VOCAB))
+    return ActorCritic(small_vocab_policy(seed=0, vocab=VOCAB))
 
 
 def main(out: str) -> None:

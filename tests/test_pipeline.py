@@ -175,3 +175,31 @@ def test_judge_is_a_second_reward_model_in_its_own_run_dir(pipeline, capsys):
     (judge / "COMPLETED").unlink()
     assert main(["judge", "recipes/tiny.yaml", *args, "judge=null", "--if-configured"]) == 0
     assert "nothing to do" in capsys.readouterr().out and not (judge / "COMPLETED").exists()
+
+
+def test_ppo_with_an_ensemble_a_function_and_judges(pipeline):
+    """Several sources (a min-ensemble of reward models plus a function), a reward-model
+    judge that exists and one that does not (skipped, with the reason in eval.json)."""
+    root, args = pipeline
+    extra = [
+        'ppo.rewards=[{model: ["{output_dir}/reward", "{output_dir}/reward/model"], '
+        "combine: min}, {function: length, args: {max: 3}, weight: 0.1}]",
+        'eval.judges=[{model: "{output_dir}/reward", name: rm}, {model: "{output_dir}/judge"}]',
+        "eval.samples_per_prompt=2",
+    ]
+    assert main(["ppo", "recipes/tiny.yaml", *args, *extra]) == 0
+    ppo = root / "run" / "ppo"
+    rows = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    for key in ("objective/score/models", "objective/score/length", "timing/score/models"):
+        assert key in rows[-1], key
+    # the ensemble of one model twice: min == mean == that model's calibrated score
+    assert rows[-1]["objective/score/models/reward"] == rows[-1]["objective/score/models/reward_2"]
+    results = json.loads((ppo / "eval.json").read_text())
+    assert results["n_samples"] == 2 * results["n_prompts"]
+    assert results["judges"]["rm"]["n"] == results["n_samples"]
+    assert (
+        "COMPLETED" in results["judges"]["judge"]["skipped"]
+        or "does not exist" in (results["judges"]["judge"]["skipped"])
+    )
+    info = json.loads((ppo / "run.json").read_text())
+    assert info["reward_sources"] == ["models", "length"]

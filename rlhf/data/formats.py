@@ -173,5 +173,10 @@ def parse_prompts(row: Any, where: str) -> list[Prompt]:
         conversation = v.messages(row["messages"], "messages")
         if conversation[-1]["role"] == "assistant":
             conversation = conversation[:-1]
-        return [Prompt(v.prompt(conversation, "messages"), where)]
-    return [Prompt(v.prompt(v.require(row, "prompt")), where)]
+        return [Prompt(v.prompt(conversation, "messages"), where, _extra_fields(row))]
+    return [Prompt(v.prompt(v.require(row, "prompt")), where, _extra_fields(row))]
+
+
+def _extra_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's keys besides the prompt itself, for reward functions (e.g. `answer`)."""
+    return {k: value for k, value in row.items() if k not in ("prompt", "messages")}

@@ -8,7 +8,7 @@ Each example keeps `source` ("file:line") so that later checks can still name th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 Message = dict[str, str]
 
@@ -59,10 +59,12 @@ class Ranking:
 
 @dataclass
 class Prompt:
-    """A conversation for the policy to continue (PPO rollouts)."""
+    """A conversation for the policy to continue (PPO rollouts). `fields` holds the row's
+    other keys (e.g. a reference `answer`), which reward functions receive."""
 
     messages: list[Message]
     source: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt(self) -> list[Message]:

@@ -11,43 +11,43 @@ One iteration (Ziegler et al. 2019; "The N Implementation Details of RLHF with P
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf import checkpoint, data, distributed, models, training
+from rlhf import checkpoint, data, distributed, models, reward_sources, training
 from rlhf.chat import encode_prompt, pad_batch
+from rlhf.compare import win_rate
 from rlhf.errors import UserError
 from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
 from rlhf.ppo.core import AdaptiveKLController, FixedKLController
 from rlhf.ppo.iteration import ppo_iteration
 from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
 from rlhf.progress import Progress
+from rlhf.rewards import answer_match, call_reward_function, has_answer, load_reward_function
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
+from rlhf.stats import distinct_n, wilson_interval
 from rlhf.tracking import MetricsLogger, mean_across_ranks
 
 log = logging.getLogger(__name__)
 
 
-def input_dirs(recipe: Any) -> tuple[Path, Path]:
-    """The SFT and reward run folders PPO reads; both must have finished (COMPLETED)."""
+def input_dirs(recipe: Any) -> tuple[Path | None, Path | None]:
+    """The SFT run folder (None with ppo.policy: base) and the reward run folder (None when no
+    source needs the reward stage); each must have finished (COMPLETED)."""
     cfg = recipe.ppo
-    sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else recipe.stage_dir("sft")
-    reward_dir = Path(cfg.reward_dir) if cfg.reward_dir else recipe.stage_dir("reward")
-    require_completed(sft_dir, "ppo.sft_dir: the SFT run")
-    require_completed(reward_dir, "ppo.reward_dir: the reward run")
+    sft_dir = None
+    if cfg.policy == "sft":
+        sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else recipe.stage_dir("sft")
+        require_completed(sft_dir, "ppo.sft_dir: the SFT run")
+    reward_dir = None
+    if cfg.rewards is None or cfg.value_model == "separate":
+        reward_dir = reward_sources.legacy_reward_dir(recipe)
     return sft_dir, reward_dir
-
-
-def load_calibration(reward_model_dir: Path) -> dict[str, float] | None:
-    path = reward_model_dir / "reward_calibration.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class PromptSampler:
@@ -85,22 +85,37 @@ def run(recipe: Any, resume: bool = False) -> Path:
     device = accelerator.device
 
     # --- tokenizers and prompts (validated before any model loads)
-    tokenizer = models.load_tokenizer(str(sft_dir / "model"), padding_side="left")
-    reward_tokenizer = models.load_tokenizer(str(reward_dir / "model"))
-    if reward_tokenizer.chat_template is None:
-        raise UserError(f"{reward_dir}/model: reward tokenizer has no chat template")
+    policy_name = str(sft_dir / "model") if sft_dir else recipe.model.name
+    tokenizer = models.load_tokenizer(
+        policy_name,
+        None if sft_dir else recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        padding_side="left",
+    )
+    reward_model_dirs = reward_sources.model_dirs(recipe)
+    for model_dir in reward_model_dirs:
+        models.load_tokenizer(str(model_dir))  # no chat template, no EOS: one line, now
 
-    def load(source: Any) -> list[list[dict]]:
+    def load(source: Any) -> list[Any]:
         items = data.load_prompts(source, recipe.data.on_invalid).items
-        items = data.fit_prompts(items, tokenizer, cfg.max_prompt_length, recipe.data)
-        return [p.messages for p in items]
+        return data.fit_prompts(items, tokenizer, cfg.max_prompt_length, recipe.data)
 
-    prompts = load(cfg.prompts)
-    eval_prompts = load(cfg.eval_prompts) if cfg.eval_prompts else []
+    train_items = load(cfg.prompts)
+    eval_items = load(cfg.eval_prompts) if cfg.eval_prompts else []
+    prompts = [p.messages for p in train_items]
+    prompt_rows = [p.fields for p in train_items]
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
 
     # --- roles
-    policy = models.load_causal_lm(str(sft_dir / "model"))
+    def load_policy() -> torch.nn.Module:
+        if sft_dir:
+            return models.load_causal_lm(policy_name)
+        m = recipe.model
+        return models.load_causal_lm(
+            m.name, m.num_hidden_layers, m.trust_remote_code, revision=m.revision
+        )
+
+    policy = load_policy()
     critic = None
     with_values = cfg.estimator == "gae"  # the critic-free estimators build no value function
     if with_values and cfg.value_model == "separate":
@@ -112,15 +127,35 @@ def run(recipe: Any, resume: bool = False) -> Path:
         # Frozen roles are never prepared: a plain full copy on each rank's device, even next
         # to a ZeRO-3 / FSDP policy (rlhf/distributed.py).
         with distributed.unsharded_init(accelerator):
-            reference = models.load_causal_lm(str(sft_dir / "model")).to(device).eval()
+            reference = load_policy().to(device).eval()
         reference.requires_grad_(False)
         disable_dropout(reference)
     model = ActorCritic(policy, critic, with_values=with_values)
-    with distributed.unsharded_init(accelerator):
-        reward_model = models.load_reward_model(str(reward_dir / "model")).to(device).eval()
-    reward_model.requires_grad_(False)
-    disable_dropout(reward_model)
-    calibration = load_calibration(reward_dir / "model") if cfg.normalize_score else None
+
+    def load_scorer(model_dir: Path) -> Any:
+        with distributed.unsharded_init(accelerator):
+            rm = models.load_reward_model(str(model_dir)).to(device).eval()
+        rm.requires_grad_(False)
+        disable_dropout(rm)
+        rm_tokenizer = models.load_tokenizer(str(model_dir))
+
+        def scorer(batch_prompts: list, texts: list[str]) -> torch.Tensor:
+            return reward_scores(
+                rm,
+                rm_tokenizer,
+                batch_prompts,
+                texts,
+                recipe.reward.max_length,
+                device,
+                accelerator.autocast,
+            )
+
+        return scorer
+
+    sources = reward_sources.build(
+        recipe, load_scorer, lambda t: accelerator.gather(t.to(device)).cpu()
+    )
+    calibration = sources.calibration
 
     optimizer = training.make_optimizer(model, cfg.optim)
     # one optimizer step per minibatch: ppo_epochs * (batch / mini_batch) per iteration
@@ -140,8 +175,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
     trainable, total = training.trainable_parameters(model)
     out.info.update(
         run_info(accelerator),
-        sft_dir=str(sft_dir),
-        reward_dir=str(reward_dir),
+        sft_dir=str(sft_dir) if sft_dir else None,
+        policy=policy_name,
+        reward_dir=str(reward_dir) if reward_dir else None,
+        reward_sources=[src.name for src in sources.sources],
         batch_size_per_rank=cfg.batch_size,
         rollouts_per_iteration=cfg.batch_size * world,
         prompts_per_iteration=cfg.batch_size // k * world,
@@ -161,6 +198,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
         start_iter = state["iteration"]
         kl_ctl.load_state_dict(state["kl_controller"])
+        sources.load_state_dict(state.get("reward_sources", {}))
         log.info("resumed from %s (iteration %d)", ckpt, start_iter)
     logger = MetricsLogger(out.path, "ppo", recipe, accelerator)
     log.info(
@@ -183,17 +221,18 @@ def run(recipe: Any, resume: bool = False) -> Path:
         idx = [i for i in sampler.indices(iteration) for _ in range(k)]
         batch = pad_batch([prompt_ids[i] for i in idx], tokenizer.pad_token_id, side="left")
         batch_prompts = [prompts[i] for i in idx]
+        batch_rows = [prompt_rows[i] for i in idx]
+        source_metrics: dict[str, float] = {}
 
-        def score_fn(roll: Rollout, batch_prompts: list = batch_prompts) -> torch.Tensor:
-            return reward_scores(
-                reward_model,
-                reward_tokenizer,
-                batch_prompts,
-                roll.texts,
-                recipe.reward.max_length,
-                device,
-                accelerator.autocast,
-            )
+        def score_fn(
+            roll: Rollout,
+            batch_prompts: list = batch_prompts,
+            batch_rows: list = batch_rows,
+            into: dict = source_metrics,
+        ) -> torch.Tensor:
+            total, per_source = sources(batch_prompts, roll.texts, batch_rows)
+            into.update(per_source)
+            return total.to(device)
 
         gen = torch.Generator().manual_seed(iteration_seed(recipe.seed, iteration, rank) + 7)
         roll, metrics = ppo_iteration(
@@ -214,7 +253,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             value_only=iteration < cfg.critic_warmup_iterations,
             init_value_head=iteration == 0,
         )
-        metrics = mean_across_ranks(accelerator, metrics)
+        metrics = mean_across_ranks(accelerator, {**metrics, **source_metrics})
         # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
         logger.log(iteration + 1, metrics)
@@ -239,7 +278,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 accelerator,
                 out.checkpoints,
                 done,
-                {"iteration": done, "kl_controller": kl_ctl.state_dict()},
+                {
+                    "iteration": done,
+                    "kl_controller": kl_ctl.state_dict(),
+                    "reward_sources": sources.state_dict(),
+                },
                 scheduler,
                 cfg.keep_last,
             )
@@ -253,22 +296,22 @@ def run(recipe: Any, resume: bool = False) -> Path:
         results = evaluate_policy(
             unwrapped,
             reference,
-            reward_model,
-            reward_tokenizer,
+            sources,
             tokenizer,
-            eval_prompts or prompts,
+            eval_items or train_items,
             recipe,
             accelerator,
-            calibration,
+            load_scorer,
         )
+    results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
     accelerator.wait_for_everyone()
     full = distributed.full_state_dict(accelerator, model, prefix="policy.")  # every rank
     if accelerator.is_main_process:
         card = training.model_card(
             "PPO policy",
             recipe,
-            f"PPO for {cfg.iterations} iterations against `{reward_dir}/model`, KL penalty to "
-            f"`{sft_dir}/model`. Held-out mean reward {results['ppo_score_mean']:.3f} "
+            f"PPO for {cfg.iterations} iterations against {', '.join(out.info['reward_sources'])}, "
+            f"KL penalty to `{policy_name}`. Held-out mean reward {results['ppo_score_mean']:.3f} "
             f"(SFT {results['sft_score_mean']:.3f}), win rate {results['win_rate']:.2f}.",
         )
         with out.staging(out.model_dir) as tmp:
@@ -295,25 +338,29 @@ def _last_user(messages: list[dict]) -> str:
 def evaluate_policy(
     model: ActorCritic,
     reference: torch.nn.Module | None,
-    reward_model: torch.nn.Module,
-    reward_tokenizer: Any,
+    sources: Any,
     tokenizer: Any,
-    prompts: list[list[dict]],
+    prompts: list[Any],
     recipe: Any,
     accelerator: Any,
-    calibration: dict | None,
+    load_scorer: Any,
 ) -> dict[str, Any]:
-    """Held-out prompts: PPO policy vs the SFT policy, same sampling settings and seed, both
-    scored by the reward model; win rate with a 95% normal-approximation interval."""
+    """Held-out prompts x eval.samples_per_prompt: PPO policy vs the SFT (starting) policy,
+    same sampling settings and seeds. Scored by the training score (top-level keys), by every
+    judge in `eval.judges`, and by answer_match where rows carry an `answer`; win rates with
+    a 95% Wilson interval (ties half); fluency guards: KL, length, EOS, distinct-2."""
     cfg = recipe.ppo
+    spp = recipe.eval.samples_per_prompt
     rank = accelerator.process_index
-    pool = prompts[: cfg.eval_size]  # sharded: every rank gets as many prompts (in step)
+    pool = [p for p in prompts[: cfg.eval_size] for _ in range(spp)]
     chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
     device = accelerator.device
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("ppo", "sft", "kl", "len", "eos")}
-    samples = []
+    texts: dict[str, list[str]] = {"ppo": [], "sft": []}
+    rows: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("kl", "ppo_len", "ppo_eos", "ppo_trunc", "sft_len", "sft_eos", "sft_trunc")
+    }
     for start in range(0, len(chosen), cfg.batch_size):
-        group = chosen[start : start + cfg.batch_size]
+        group = [p.messages for p in chosen[start : start + cfg.batch_size]]
         batch = pad_batch(
             [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in group],
             tokenizer.pad_token_id,
@@ -327,51 +374,155 @@ def evaluate_policy(
                     roll = generate(model.policy, ids, mask, cfg, tokenizer, keep=True)
                     score_with_models(roll, model, reference, cfg.temperature, accelerator.autocast)
                     rows["kl"].append(((roll.logprobs - roll.ref_logprobs) * roll.mask).sum(1))
-                    rows["len"].append(roll.mask.sum(1))
-                    rows["eos"].append(roll.ended_with_eos.float())
                 else:
                     roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
-            scores = reward_scores(
-                reward_model,
-                reward_tokenizer,
-                group,
-                roll.texts,
-                recipe.reward.max_length,
-                device,
-                accelerator.autocast,
-            )
-            rows[which].append(scores)
-            if which == "ppo":
-                samples.extend(
-                    {"prompt": _last_user(p), "ppo": t, "ppo_score": float(s)}
-                    for p, t, s in zip(group, roll.texts, scores)
-                )
-            else:
-                for s_row, t, s in zip(samples[-len(group) :], roll.texts, scores):
-                    s_row.update(sft=t, sft_score=float(s))
-    cat = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in rows.items()}
-    gathered = {k: accelerator.gather_for_metrics(v) for k, v in cat.items()}
-    n = len(gathered["ppo"])
-    wins = (gathered["ppo"] > gathered["sft"]).float() + 0.5 * (
-        gathered["ppo"] == gathered["sft"]
-    ).float()
-    win_rate = wins.mean().item() if n else float("nan")
-    half_width = 1.96 * math.sqrt(max(win_rate * (1 - win_rate), 1e-12) / max(n, 1))
-    result = {
-        "n_prompts": n,
-        "ppo_score_mean": gathered["ppo"].mean().item(),
-        "sft_score_mean": gathered["sft"].mean().item(),
-        "win_rate": win_rate,
-        "win_rate_ci95": [max(0.0, win_rate - half_width), min(1.0, win_rate + half_width)],
-        "kl_mean": gathered["kl"].mean().item(),
-        "response_length_mean": gathered["len"].mean().item(),
-        "eos_rate": gathered["eos"].mean().item(),
+            lengths = roll.mask.sum(1)
+            rows[f"{which}_len"].append(lengths)
+            rows[f"{which}_eos"].append(roll.ended_with_eos.float())
+            truncated = (~roll.ended_with_eos) & (lengths >= cfg.max_new_tokens)
+            rows[f"{which}_trunc"].append(truncated.float())
+            texts[which].extend(roll.texts)
+
+    messages = [p.messages for p in chosen]
+    fields = [p.fields for p in chosen]
+
+    def gathered(values: torch.Tensor) -> list[float]:
+        return accelerator.gather_for_metrics(values.to(device).float()).cpu().tolist()
+
+    def in_chunks(score: Any, which: str) -> torch.Tensor:
+        parts = [
+            score(messages[i : i + cfg.batch_size], texts[which][i : i + cfg.batch_size], i)
+            for i in range(0, len(messages), cfg.batch_size)
+        ]
+        return torch.cat([torch.as_tensor(x, dtype=torch.float32).cpu() for x in parts])
+
+    def training_score(m: list, t: list[str], i: int) -> torch.Tensor:
+        return sources(m, t, fields[i : i + cfg.batch_size], training=False)[0]
+
+    local = {w: in_chunks(training_score, w) for w in ("ppo", "sft")}
+    score = {w: gathered(local[w]) for w in ("ppo", "sft")}
+    cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in rows.items()}
+    n = len(score["ppo"])
+    versus = judge_summary(score["sft"], score["ppo"]) if n else {}
+    result: dict[str, Any] = {
+        "n_prompts": n // spp if n else 0,
+        "n_samples": n,
+        "samples_per_prompt": spp,
+        "ppo_score_mean": _mean(score["ppo"]),
+        "sft_score_mean": _mean(score["sft"]),
+        "win_rate": versus.get("win_rate", float("nan")),
+        "win_rate_ci95": versus.get("win_rate_ci95", [float("nan")] * 2),
+        "win_rate_ci_method": "wilson",
+        "kl_mean": _mean(cat["kl"]),
+        "response_length_mean": _mean(cat["ppo_len"]),
+        "eos_rate": _mean(cat["ppo_eos"]),
+        "truncation_rate": _mean(cat["ppo_trunc"]),
+        "sft_response_length_mean": _mean(cat["sft_len"]),
+        "sft_eos_rate": _mean(cat["sft_eos"]),
+        "sft_truncation_rate": _mean(cat["sft_trunc"]),
         "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
-        "samples": samples[:8],
     }
-    if calibration:
-        result["calibration"] = calibration
+    all_texts = {w: _gather_texts(accelerator, texts[w]) for w in ("ppo", "sft")}
+    result["distinct_2"] = {w: distinct_n(all_texts[w], 2) for w in ("sft", "ppo")}
+
+    # Judges: reward models the policy never trained on, or functions (e.g. another lexicon).
+    judges: dict[str, Any] = {}
+    for entry, name in zip(recipe.eval.judges, reward_sources.source_names(recipe.eval.judges)):
+        if entry.model is not None:
+            try:
+                path = reward_sources.expand_path(entry.model, recipe.output_dir)
+                model_dir, run_dir = reward_sources.reward_model_dir(path)
+                if run_dir is not None:
+                    require_completed(run_dir, f"eval.judges ({name}):")
+                scorer = load_scorer(model_dir)
+            except UserError as e:
+                log.warning("judge %s skipped: %s", name, e)
+                judges[name] = {"skipped": str(e)}
+                continue
+
+            def judge_score(m, t, i, scorer=scorer):  # noqa: B023 - bound per judge
+                return scorer(m, t)
+
+        else:
+            fn = load_reward_function(entry.function)
+
+            def judge_score(m, t, i, fn=fn, entry=entry, name=name):
+                got = call_reward_function(
+                    name, fn, m, t, fields[i : i + cfg.batch_size], entry.args
+                )
+                return torch.tensor(got)
+
+        judged = {w: gathered(in_chunks(judge_score, w)) for w in ("sft", "ppo")}
+        judges[name] = judge_summary(judged["sft"], judged["ppo"], entry.positive_above)
+    if judges:
+        result["judges"] = judges
+
+    # Verifiable answers: accuracy on the rows that carry one (answer_match).
+    has = torch.tensor([float(has_answer(f)) for f in fields])
+    if gathered(has) and sum(gathered(has)):
+        mask = gathered(has)
+        acc = {}
+        for w in ("sft", "ppo"):
+            ok = gathered(
+                in_chunks(
+                    lambda m, t, i: torch.tensor(
+                        answer_match(m, t, fields[i : i + cfg.batch_size])
+                    ),
+                    w,
+                )
+            )
+            acc[w] = sum(o for o, h in zip(ok, mask) if h) / sum(mask)
+        result["answer_accuracy"] = {**acc, "n": int(sum(mask))}
+
+    result["samples"] = [
+        {
+            "prompt": _last_user(m),
+            "ppo": tp,
+            "ppo_score": float(sp),
+            "sft": ts,
+            "sft_score": float(ss),
+        }
+        for m, tp, sp, ts, ss in list(
+            zip(messages, texts["ppo"], local["ppo"], texts["sft"], local["sft"])
+        )[:8]
+    ]
+    if sources.calibration:
+        result["calibration"] = sources.calibration
     return result
+
+
+def judge_summary(
+    sft: list[float], ppo: list[float], positive_above: float | None = None
+) -> dict[str, Any]:
+    """Means, the PPO-over-SFT win rate (ties half) with its Wilson interval, and optionally
+    the rate of responses scoring above a threshold (with Wilson intervals)."""
+    wins = win_rate(sft, ppo)
+    out: dict[str, Any] = {
+        "sft_mean": _mean(sft),
+        "ppo_mean": _mean(ppo),
+        "win_rate": wins["win_rate_b_over_a"],
+        "win_rate_ci95": wins["win_rate_ci95"],
+        "n": len(ppo),
+    }
+    if positive_above is not None:
+        for which, values in (("sft", sft), ("ppo", ppo)):
+            hits = sum(1 for v in values if v > positive_above)
+            out[f"{which}_positive_rate"] = hits / len(values)
+            out[f"{which}_positive_rate_ci95"] = list(wilson_interval(hits, len(values)))
+        out["positive_above"] = positive_above
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _gather_texts(accelerator: Any, texts: list[str]) -> list[str]:
+    if accelerator.num_processes == 1:
+        return list(texts)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(texts)))
 
 
 def _generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:

@@ -1,0 +1,306 @@
+"""Programmatic rewards: built-in reward functions and the resolver for `module:function`.
+
+A reward function scores a batch of responses:
+
+    fn(prompts: list[list[dict]], responses: list[str], rows: list[dict], **args) -> list[float]
+
+`prompts` are the chat messages each response answers, `rows` the prompt rows' extra fields
+(e.g. a reference `answer`), `args` the recipe entry's `args`. One float per response.
+
+Built-ins (names usable in a recipe or `--judge`):
+  sentiment     VADER compound score in [-1, 1] (Hutto & Gilbert 2014; `pip install -e '.[rewards]'`)
+  afinn         AFINN-165 word-list score (Nielsen 2011), a second, independent lexicon for judging
+  answer_match  1.0 when the response states the row's reference `answer`, else 0.0
+  length        0 inside a target length range, a linear penalty outside it
+  format        1.0 / 0.0: a regex must (or must not) match
+
+This module imports no torch: the recipe loader resolves functions before any model loads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any
+
+from rlhf.errors import UserError
+
+RewardFunction = Callable[..., Sequence[float]]
+
+REWARDS_EXTRA = "pip install -e '.[rewards]'"
+
+
+# ------------------------------------------------------------------------------- lexicons
+
+
+@cache
+def _vader() -> Any:
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise UserError(
+            f"the 'sentiment' reward needs the vaderSentiment package: {REWARDS_EXTRA}"
+        ) from None
+    return SentimentIntensityAnalyzer()
+
+
+@cache
+def _afinn() -> Any:
+    try:
+        from afinn import Afinn
+    except ImportError:
+        raise UserError(f"the 'afinn' reward needs the afinn package: {REWARDS_EXTRA}") from None
+    return Afinn()
+
+
+def sentiment(prompts: list, responses: list[str], rows: list[dict], **_: Any) -> list[float]:
+    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0)."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
+
+
+def afinn(
+    prompts: list, responses: list[str], rows: list[dict], per_word: bool = False, **_: Any
+) -> list[float]:
+    """Sum of AFINN word valences (-5..5 per word); per_word divides by the word count."""
+    lexicon = _afinn()
+    out = []
+    for r in responses:
+        score = float(lexicon.score(r))
+        if per_word:
+            score /= max(1, len(r.split()))
+        out.append(score)
+    return out
+
+
+# -------------------------------------------------------------------------- answer_match
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?|(?<![\w.])-?\.\d+")
+
+
+def normalise_answer(text: str) -> str:
+    """SQuAD-style answer normalisation (Rajpurkar et al. 2016): lower case, accents and
+    punctuation removed, articles dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = "".join(c for c in text if c.isalnum() or c.isspace())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def numbers_in(text: str) -> list[float]:
+    """Every number written in the text, in order: '12,345', '-3', '6.25', '.5'."""
+    out = []
+    for match in _NUMBER.findall(text):
+        try:
+            out.append(float(match.replace(",", "")))
+        except ValueError:  # '1,,2'-like noise
+            continue
+    return out
+
+
+def parse_number(text: str) -> float | None:
+    """The answer as a number when it is one ('1,801', '-4', '8.05'), else None."""
+    found = numbers_in(text)
+    stripped = re.sub(r"[\s$€£%,]", "", text)
+    if len(found) == 1 and re.fullmatch(r"-?\d*\.?\d+", stripped):
+        return found[0]
+    return None
+
+
+def _decimals(text: str) -> int:
+    whole, _, frac = text.strip().partition(".")
+    return len(re.sub(r"\D", "", frac))
+
+
+def numbers_match(stated: float, reference: str, rel_tol: float = 0.0) -> bool:
+    """The stated number rounds to the reference at the reference's precision ('8.05' accepts
+    8.0467 but not 8), or is within rel_tol of it."""
+    ref = parse_number(reference)
+    if ref is None:
+        return False
+    half_unit = 0.5 * 10 ** -_decimals(reference)
+    return abs(stated - ref) <= half_unit + 1e-9 or math.isclose(stated, ref, rel_tol=rel_tol)
+
+
+def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float = 0.0) -> bool:
+    """Does the response state the reference answer?
+
+    Numbers: the first number of the response that is not one of the prompt's numbers (so
+    '12 x 23 = 276' is judged on 276, and listing many numbers does not help) must match.
+    Text: the normalised answer must occur as whole words in the normalised response.
+    """
+    reference = str(answer)
+    if parse_number(reference) is not None:
+        given = set(numbers_in(prompt_text))
+        stated = numbers_in(response)
+        ref = parse_number(reference)
+        fresh = stated if ref in given else [x for x in stated if x not in given]
+        return bool(fresh) and numbers_match(fresh[0], reference, rel_tol)
+    wanted = normalise_answer(reference)
+    if not wanted:
+        return False
+    return f" {wanted} " in f" {normalise_answer(response)} "
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    return " ".join(m.get("content", "") for m in messages if m.get("role") == "user")
+
+
+def answer_match(
+    prompts: list[list[dict]],
+    responses: list[str],
+    rows: list[dict],
+    rel_tol: float = 0.0,
+    field: str = "answer",
+    **_: Any,
+) -> list[float]:
+    """1.0 when the response states the row's reference answer, else 0.0. Rows without the
+    field score 0.0; accuracy reports count only the rows that have one (has_answer)."""
+    out = []
+    for messages, response, row in zip(prompts, responses, rows):
+        answer = row.get(field) if row else None
+        ok = answer is not None and states_answer(_prompt_text(messages), response, answer, rel_tol)
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+def has_answer(row: dict | None, field: str = "answer") -> bool:
+    return bool(row) and row.get(field) is not None
+
+
+# ------------------------------------------------------------------------- length, format
+
+
+def length(
+    prompts: list,
+    responses: list[str],
+    rows: list[dict],
+    min: int = 0,
+    max: int | None = None,
+    unit: str = "words",
+    penalty: float = 1.0,
+    **_: Any,
+) -> list[float]:
+    """0 inside [min, max]; outside it, -penalty per word (or char) beyond the range."""
+    if unit not in ("words", "chars"):
+        raise UserError(f"length reward: unit must be 'words' or 'chars', got {unit!r}")
+    out = []
+    for r in responses:
+        n = len(r.split()) if unit == "words" else len(r)
+        over = n - max if max is not None and n > max else 0
+        under = min - n if n < min else 0
+        out.append(-penalty * float(over + under))
+    return out
+
+
+def format(  # noqa: A001 - the built-in's public name in recipes
+    prompts: list,
+    responses: list[str],
+    rows: list[dict],
+    pattern: str = "",
+    must_match: bool = True,
+    **_: Any,
+) -> list[float]:
+    """1.0 when `pattern` (re.search) matches and must_match, or does not and not must_match."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise UserError(f"format reward: bad regex {pattern!r}: {e}") from None
+    return [1.0 if bool(regex.search(r)) == must_match else 0.0 for r in responses]
+
+
+BUILTINS: dict[str, RewardFunction] = {
+    "sentiment": sentiment,
+    "afinn": afinn,
+    "answer_match": answer_match,
+    "length": length,
+    "format": format,
+}
+_NEEDS_PACKAGE = {"sentiment": _vader, "afinn": _afinn}
+
+
+# ------------------------------------------------------------------------------ resolving
+
+
+def load_reward_function(spec: str) -> RewardFunction:
+    """A built-in name, or "package.module:function". UserError (one line) when the name is
+    unknown, the module fails to import, or the attribute is not callable."""
+    spec = spec.strip()
+    if spec in BUILTINS:
+        if spec in _NEEDS_PACKAGE:
+            _NEEDS_PACKAGE[spec]()  # a missing optional package fails now, not mid-run
+        return BUILTINS[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        if spec.startswith("rlhf.rewards."):
+            return load_reward_function(spec.removeprefix("rlhf.rewards."))
+        raise UserError(
+            f"reward function '{spec}': not a built-in ({', '.join(BUILTINS)}) "
+            "and not module:function"
+        )
+    if not module_name or not attr:
+        raise UserError(f"reward function '{spec}': expected module:function")
+    if module_name == "rlhf.rewards" and attr in BUILTINS:
+        return load_reward_function(attr)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module's own code failing
+        raise UserError(
+            f"reward function '{spec}': cannot import {module_name} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise UserError(f"reward function '{spec}': {module_name} has no attribute '{attr}'")
+    if not callable(fn):
+        raise UserError(f"reward function '{spec}': {attr} is not callable")
+    return fn
+
+
+def check_args(spec: str, fn: RewardFunction, args: dict[str, Any]) -> None:
+    """Arguments the function cannot take are a recipe mistake. The built-ins swallow unknown
+    keywords (**_) only to share one calling convention, so they are checked by name."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    loose = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    named = {n for n, p in params.items() if p.kind not in loose}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_any and fn not in BUILTINS.values():
+        return
+    unknown = [k for k in args if k not in named or k in ("prompts", "responses", "rows")]
+    if unknown:
+        raise UserError(f"reward function '{spec}': unknown argument(s) {', '.join(unknown)}")
+
+
+def call_reward_function(
+    name: str,
+    fn: RewardFunction,
+    prompts: list[list[dict]],
+    responses: list[str],
+    rows: list[dict],
+    args: dict[str, Any],
+) -> list[float]:
+    """Call and check the shape: one real number per response (NaN/inf pass through, for
+    the numerics policy to handle)."""
+    out = fn(prompts, responses, rows, **args)
+    try:
+        values = [float(x) for x in out]
+    except TypeError:
+        raise UserError(
+            f"reward function '{name}' must return a list of floats, got {type(out).__name__}"
+        ) from None
+    except ValueError as e:
+        raise UserError(f"reward function '{name}' returned a non-number: {e}") from None
+    if len(values) != len(responses):
+        raise UserError(
+            f"reward function '{name}' returned {len(values)} scores for {len(responses)} responses"
+        )
+    return values
