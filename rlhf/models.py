@@ -360,8 +360,16 @@ def sequence_scores(
     We pool ourselves instead of trusting the model's own pooling, which looks for the last
     token that differs from pad_token_id and so breaks when pad == eos or with left padding.
     """
+    from rlhf.chat import positions_from_mask
+
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
+    # left padding as positions and score a padded sequence differently.
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+    ).last_hidden_state
     return score_at_last_token(model, hidden, attention_mask)
 
 

@@ -165,6 +165,18 @@ class NonFiniteGuard:
         return False
 
 
+def accumulation_window(accelerator: Any, group: list) -> Any:
+    """Yields the micro-batches of one optimizer step, for `accelerator.accumulate()` inside.
+
+    The gradients sync (and the optimizer steps) on the window's LAST micro-batch only, even
+    for a short last window of an epoch: accelerate syncs when its micro-step counter reaches
+    a multiple of grad_accum, so the counter starts `grad_accum - len(group)` short of it.
+    Needs the accelerator built with `sync_with_dataloader=False` (runtime.make_accelerator).
+    """
+    accelerator.step = accelerator.gradient_accumulation_steps - len(group)
+    yield from group
+
+
 def step_if_finite(
     accelerator: Any,
     model: torch.nn.Module,

@@ -281,7 +281,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             step_prompts = accelerator.reduce(sum(b["n_prompts"] for b in group), "sum")
             # [loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]
             stats = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
-            for batch in group:
+            for batch in training.accumulation_window(accelerator, group):
                 with accelerator.accumulate(scorer), accelerator.autocast():
                     scores = scorer(**rm.scorer_inputs(batch))
                     per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)

@@ -198,7 +198,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             # Normalise by the target tokens of the whole optimizer step across all ranks.
             step_tokens = accelerator.reduce(sum(n_targets(b["labels"]) for b in group), "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
-            for batch in group:
+            for batch in training.accumulation_window(accelerator, group):
                 with accelerator.accumulate(model), accelerator.autocast():
                     logits = model(
                         input_ids=batch["input_ids"],
