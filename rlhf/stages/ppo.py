@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
+from rlhf.stats import wilson_interval
 from rlhf.tracking import MetricsLogger, mean_across_ranks
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             recipe,
             accelerator,
             calibration,
+            "eval_prompts" if eval_prompts else "train_prompts",
         )
     accelerator.wait_for_everyone()
     full = distributed.full_state_dict(accelerator, model, prefix="policy.")  # every rank
@@ -266,7 +267,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
             "PPO policy",
             recipe,
             f"PPO for {cfg.iterations} iterations against `{reward_dir}/model`, KL penalty to "
-            f"`{sft_dir}/model`. Held-out mean reward {results['ppo_score_mean']:.3f} "
+            f"`{sft_dir}/model`. Mean reward on {results['prompts_source']} "
+            f"{results['ppo_score_mean']:.3f} "
             f"(SFT {results['sft_score_mean']:.3f}), win rate {results['win_rate']:.2f}.",
         )
         with out.staging(out.model_dir) as tmp:
@@ -275,7 +277,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     out.finish(results)
     accelerator.wait_for_everyone()
     log.info(
-        "ppo: held-out score %.3f (SFT %.3f), win rate %.2f, KL %.2f",
+        "ppo: score on %s %.3f (SFT %.3f), win rate %.2f, KL %.2f",
+        results["prompts_source"],
         results["ppo_score_mean"],
         results["sft_score_mean"],
         results["win_rate"],
@@ -300,9 +303,11 @@ def evaluate_policy(
     recipe: Any,
     accelerator: Any,
     calibration: dict | None,
+    prompts_source: str = "eval_prompts",
 ) -> dict[str, Any]:
-    """Held-out prompts: PPO policy vs the SFT policy, same sampling settings and seed, both
-    scored by the reward model; win rate with a 95% normal-approximation interval."""
+    """PPO policy vs the SFT policy on `prompts` (`prompts_source`: ppo.eval_prompts, or the
+    training prompts when none are set), same sampling settings and seed, both scored by the
+    reward model; win rate with a 95% Wilson interval."""
     cfg = recipe.ppo
     rank = accelerator.process_index
     pool = prompts[: cfg.eval_size]  # sharded: every rank gets as many prompts (in step)
@@ -348,19 +353,20 @@ def evaluate_policy(
                 for s_row, t, s in zip(samples[-len(group) :], roll.texts, scores):
                     s_row.update(sft=t, sft_score=float(s))
     cat = {k: torch.cat(v) if v else torch.zeros(0, device=device) for k, v in rows.items()}
-    gathered = {k: accelerator.gather_for_metrics(v) for k, v in cat.items()}
+    # Each prompt once: the padded shares of a sharded run repeat some (rlhf/distributed.py).
+    gathered = {k: distributed.gather_evaluated(accelerator, v, len(pool)) for k, v in cat.items()}
     n = len(gathered["ppo"])
     wins = (gathered["ppo"] > gathered["sft"]).float() + 0.5 * (
         gathered["ppo"] == gathered["sft"]
     ).float()
     win_rate = wins.mean().item() if n else float("nan")
-    half_width = 1.96 * math.sqrt(max(win_rate * (1 - win_rate), 1e-12) / max(n, 1))
     result = {
         "n_prompts": n,
+        "prompts_source": prompts_source,
         "ppo_score_mean": gathered["ppo"].mean().item(),
         "sft_score_mean": gathered["sft"].mean().item(),
         "win_rate": win_rate,
-        "win_rate_ci95": [max(0.0, win_rate - half_width), min(1.0, win_rate + half_width)],
+        "win_rate_ci95": list(wilson_interval(wins.sum().item(), n)) if n else None,
         "kl_mean": gathered["kl"].mean().item(),
         "response_length_mean": gathered["len"].mean().item(),
         "eos_rate": gathered["eos"].mean().item(),
