@@ -307,6 +307,7 @@ def compare(
                         max_length,
                         device,
                         contextlib.nullcontext,
+                        [r["finished"] for r in outputs[name]["rows"][i : i + batch_size]],
                     ).cpu()
                     for i in range(0, len(prompts), batch_size)
                 ]

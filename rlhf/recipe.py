@@ -149,8 +149,8 @@ class PPOConfig(Section):
     max_prompt_length: int = Field(128, ge=4)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.7, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="must stay 0: PPO samples with temperature only")
+    top_p: float = Field(1.0, gt=0, le=1, description="must stay 1.0 (as top_k)")
     stop_strings: list[str] = Field(default_factory=list)
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -179,6 +179,13 @@ class PPOConfig(Section):
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> PPOConfig:
+        if self.top_k != 0 or self.top_p != 1.0:
+            # The ratio, KL and reference use log_softmax(logits / T) over the whole vocabulary;
+            # sampling from a top-k / top-p truncation of it would train off-policy.
+            raise ValueError(
+                "top_k / top_p are not supported for PPO (its log-probs are of the full "
+                "distribution at the temperature): leave them at 0 / 1.0"
+            )
         if self.batch_size % self.mini_batch_size:
             raise ValueError(
                 f"mini_batch_size ({self.mini_batch_size}) must divide batch_size "

@@ -215,12 +215,15 @@ def reward_scores(
     max_length: int,
     device: torch.device,
     autocast: Any,
+    finished: torch.Tensor | list[bool] | None = None,
 ) -> torch.Tensor:
     """Score (prompt, response) exactly as the reward model was trained: the chat template
-    renders the conversation, and the score is read at the last real token."""
+    renders the conversation, and the score is read at the last real token. `finished` (B,)
+    bool: False renders that response without the end-of-turn (it was cut off)."""
+    done = [True] * len(responses) if finished is None else [bool(f) for f in finished]
     seqs = [
-        encode_prompt_response(reward_tokenizer, p, r, max_length)
-        for p, r in zip(prompts, responses)
+        encode_prompt_response(reward_tokenizer, p, r, max_length, f)
+        for p, r, f in zip(prompts, responses, done)
     ]
     batch = pad_batch(seqs, reward_tokenizer.pad_token_id, side="right")
     with autocast():

@@ -190,6 +190,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 recipe.reward.max_length,
                 device,
                 accelerator.autocast,
+                roll.ended_with_eos,
             )
 
         gen = torch.Generator().manual_seed(iteration_seed(recipe.seed, iteration, rank) + 7)
@@ -342,6 +343,7 @@ def evaluate_policy(
                 recipe.reward.max_length,
                 device,
                 accelerator.autocast,
+                roll.ended_with_eos,
             )
             rows[which].append(scores)
             if which == "ppo":

@@ -85,7 +85,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
     train_items, eval_items = load_datasets(recipe)
     train_items = data.fit_prompts(train_items, tokenizer, cfg.max_length, recipe.data)
     eval_items = data.fit_prompts(eval_items, tokenizer, cfg.max_length, recipe.data)
-    encode = lambda ex: encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss)  # noqa: E731
+    keep_end = recipe.data.truncate_long_prompts  # over-long: keep the answer, drop the start
+
+    def encode(ex: Any) -> dict[str, list[int]]:
+        return encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss, keep_end)
+
     train_rows = [
         r for r in map(encode, train_items) if any(t != IGNORE_INDEX for t in r["labels"])
     ]
