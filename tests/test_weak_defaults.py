@@ -111,3 +111,11 @@ def test_assistant_only_mask_refuses_a_template_whose_prefixes_differ(smol_tok):
     with pytest.raises(UserError, match="chat template of .*not a prefix"):
         encode_sft(tok, messages, 128)
     assert encode_sft(tok, messages, 128, assistant_only=False)["labels"]
+
+
+def test_attn_implementation_reaches_the_loaded_model(tiny_model_dir):
+    for impl in ("eager", "sdpa"):
+        model = models.load_causal_lm(tiny_model_dir, attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        rm = models.load_reward_model(tiny_model_dir, attn_implementation=impl)
+        assert rm.config._attn_implementation == impl

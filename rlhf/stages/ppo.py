@@ -100,10 +100,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
 
     # --- roles
-    policy = models.load_causal_lm(str(sft_dir / "model"))
+    attn = recipe.model.attn_implementation
+    policy = models.load_causal_lm(str(sft_dir / "model"), attn_implementation=attn)
     critic = None
     if cfg.value_model == "separate":
-        critic = models.load_reward_model(str(reward_dir / "model"))
+        critic = models.load_reward_model(str(reward_dir / "model"), attn_implementation=attn)
     reference = None
     if cfg.lora.enabled:
         policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy
@@ -111,12 +112,17 @@ def run(recipe: Any, resume: bool = False) -> Path:
         # Frozen roles are never prepared: a plain full copy on each rank's device, even next
         # to a ZeRO-3 / FSDP policy (rlhf/distributed.py).
         with distributed.unsharded_init(accelerator):
-            reference = models.load_causal_lm(str(sft_dir / "model")).to(device).eval()
+            reference = models.load_causal_lm(str(sft_dir / "model"), attn_implementation=attn)
+            reference = reference.to(device).eval()
         reference.requires_grad_(False)
         disable_dropout(reference)
     model = ActorCritic(policy, critic)
     with distributed.unsharded_init(accelerator):
-        reward_model = models.load_reward_model(str(reward_dir / "model")).to(device).eval()
+        reward_model = (
+            models.load_reward_model(str(reward_dir / "model"), attn_implementation=attn)
+            .to(device)
+            .eval()
+        )
     reward_model.requires_grad_(False)
     disable_dropout(reward_model)
     calibration = load_calibration(reward_dir / "model") if cfg.normalize_score else None

@@ -172,8 +172,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
     out = RunDir(recipe.stage_dir("reward"), "reward", recipe, accelerator.is_main_process, {})
 
     # --- data and tokenizer (all validation happens before the model loads)
+    # The revision pins the recipe's model (a hub id), not a local SFT folder.
+    revision = recipe.model.revision if init_from == recipe.model.name else None
     tokenizer = models.load_tokenizer(
-        init_from, recipe.model.chat_template, recipe.model.trust_remote_code
+        init_from, recipe.model.chat_template, recipe.model.trust_remote_code, revision=revision
     )
     pad_id = tokenizer.pad_token_id
     train_items, eval_items, extra_items = load_datasets(recipe)
@@ -203,6 +205,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         init_from,
         num_hidden_layers=recipe.model.num_hidden_layers,
         trust_remote_code=recipe.model.trust_remote_code,
+        revision=revision,
+        attn_implementation=recipe.model.attn_implementation,
     )
     # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
     model.config.pad_token_id = tokenizer.pad_token_id

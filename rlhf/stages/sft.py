@@ -81,6 +81,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         cfg.init_from or recipe.model.name,
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
+        revision=None if cfg.init_from else recipe.model.revision,
     )
     train_items, eval_items = load_datasets(recipe)
     train_items = data.fit_prompts(train_items, tokenizer, cfg.max_length, recipe.data)
@@ -125,6 +126,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         cfg.init_from or recipe.model.name,
         num_hidden_layers=recipe.model.num_hidden_layers,
         trust_remote_code=recipe.model.trust_remote_code,
+        revision=None if cfg.init_from else recipe.model.revision,
+        attn_implementation=recipe.model.attn_implementation,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
