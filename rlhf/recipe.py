@@ -162,7 +162,16 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.1, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     whiten_rewards: bool = False
-    normalize_score: bool = Field(True, description="use the reward model's stored mean/std")
+    normalize_score: bool = Field(
+        True, description="centre and scale the reward-model score (calibration_prompts)"
+    )
+    calibration_prompts: int = Field(
+        32,
+        ge=0,
+        description="training prompts the SFT policy answers before iteration 1; the mean/std "
+        "of their scores normalise the score (0: the reward model's stored mean/std, measured "
+        "on human-written responses)",
+    )
     score_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)
     target_kl_early_stop: float | None = Field(None, gt=0)

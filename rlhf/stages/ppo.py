@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         )
     reward_model.requires_grad_(False)
     disable_dropout(reward_model)
-    calibration = load_calibration(reward_dir / "model") if cfg.normalize_score else None
+    stored_calibration = load_calibration(reward_dir / "model") if cfg.normalize_score else None
+    calibration = stored_calibration
 
     optimizer = training.make_optimizer(model, cfg.optim)
     # one optimizer step per minibatch: ppo_epochs * (batch / mini_batch) per iteration
@@ -151,7 +153,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         trainable_parameters=trainable,
         parameters=total,
         reference="lora-disabled" if cfg.lora.enabled else "frozen copy",
-        calibration=calibration,
+        reward_model_calibration=stored_calibration,
     )
 
     start_iter = 0
@@ -161,7 +163,30 @@ def run(recipe: Any, resume: bool = False) -> Path:
         state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
         start_iter = state["iteration"]
         kl_ctl.load_state_dict(state["kl_controller"])
+        calibration = state.get("calibration", calibration)  # never re-measured on resume
         log.info("resumed from %s (iteration %d)", ckpt, start_iter)
+    elif cfg.normalize_score and cfg.calibration_prompts:
+        with distributed.gathered_for_generation(accelerator, model):
+            calibration = sft_calibration(
+                unwrapped,
+                reference,
+                reward_model,
+                reward_tokenizer,
+                tokenizer,
+                prompts,
+                prompt_ids,
+                recipe,
+                accelerator,
+            )
+    out.info["calibration"] = calibration
+    if calibration:
+        log.info(
+            "ppo: score normalised by mean %.4f, std %.4f (%s; reward model's own: %s)",
+            calibration["mean"],
+            calibration["std"],
+            calibration.get("source", "reward model"),
+            stored_calibration,
+        )
     logger = MetricsLogger(out.path, "ppo", recipe, accelerator)
     log.info(
         "ppo: %d prompts, %d iterations x %d rollouts (%d per rank x %d ranks), reference: %s",
@@ -244,7 +269,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 accelerator,
                 out.checkpoints,
                 done,
-                {"iteration": done, "kl_controller": kl_ctl.state_dict()},
+                {
+                    "iteration": done,
+                    "kl_controller": kl_ctl.state_dict(),
+                    "calibration": calibration,
+                },
                 scheduler,
                 cfg.keep_last,
             )
@@ -384,6 +413,62 @@ def evaluate_policy(
     if calibration:
         result["calibration"] = calibration
     return result
+
+
+@torch.no_grad()
+def sft_calibration(
+    model: ActorCritic,
+    reference: torch.nn.Module | None,
+    reward_model: torch.nn.Module,
+    reward_tokenizer: Any,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    prompt_ids: list[list[int]],
+    recipe: Any,
+    accelerator: Any,
+) -> dict[str, Any]:
+    """Mean / std of the reward model's score on what the SFT policy writes, before iteration 1.
+
+    The reward stage measures its mean / std on human-written responses; normalising by those
+    leaves the SFT policy's own score off centre. Here the reference (SFT) policy answers the
+    first `calibration_prompts` of a seeded shuffle of the training prompts, sampled as the
+    rollouts are (Ziegler et al. 2019 normalise the reward on samples of the initial policy).
+    Every rank gets the same result; a resumed run reads it back from its checkpoint.
+    """
+    cfg = recipe.ppo
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(recipe.seed))
+    pool = order[: cfg.calibration_prompts].tolist()
+    mine = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
+    device = accelerator.device
+    torch.manual_seed(recipe.seed + 4242 + accelerator.process_index)
+    scores = []
+    for start in range(0, len(mine), cfg.batch_size):
+        group = mine[start : start + cfg.batch_size]
+        batch = pad_batch([prompt_ids[i] for i in group], tokenizer.pad_token_id, side="left")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with eval_mode(model), accelerator.autocast():
+            roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
+        scores.append(
+            reward_scores(
+                reward_model,
+                reward_tokenizer,
+                [prompts[i] for i in group],
+                roll.texts,
+                recipe.reward.max_length,
+                device,
+                accelerator.autocast,
+                roll.ended_with_eos,
+            )
+        )
+    local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+    every = distributed.gather_evaluated(accelerator, local, len(pool)).double().cpu()
+    std = every.std().item() if len(every) > 1 else 1.0
+    return {
+        "mean": every.mean().item(),
+        "std": std if math.isfinite(std) and std > 0 else 1.0,
+        "n": len(every),
+        "source": "sft_samples",
+    }
 
 
 def _generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:
