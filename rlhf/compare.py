@@ -227,6 +227,9 @@ def compare(
 
     decoding = decoding or Decoding(max_new_tokens=48, do_sample=True)
     decoding.validate()
+    if reference and decoding.do_sample and (decoding.top_k or decoding.top_p < 1.0):
+        # The KL is of the full distributions at the temperature, as PPO measures it.
+        raise UserError("--reference: the KL needs sampling without --top-k / --top-p")
     # Judges are checked before minutes of generation: a causal LM would get a random head.
     judge_tokenizers = {}
     for rm_dir in reward_models:

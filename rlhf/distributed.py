@@ -185,13 +185,9 @@ def gather_evaluated(accelerator: Any, values: Any, n: int) -> Any:
     world = accelerator.num_processes
     per_rank = -(-n // world) if n else 0
     values = values[:per_rank]
-    if len(values) < per_rank:  # a shorter, unpadded share: fill with copies (dropped below)
-        fill = values[:1].expand(per_rank - len(values), *values.shape[1:])
-        values = (
-            torch.cat([values, fill])
-            if len(values)
-            else values.new_zeros(per_rank, *values.shape[1:])
-        )
+    if len(values) < per_rank:  # a shorter, unpadded share: fill with zeros (dropped below)
+        fill = values.new_zeros(per_rank - len(values), *values.shape[1:])
+        values = torch.cat([values, fill])
     gathered = accelerator.gather(values.contiguous())
     order = [(i % world) * per_rank + i // world for i in range(n)]
     return gathered[torch.tensor(order, dtype=torch.long, device=gathered.device)]

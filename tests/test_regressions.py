@@ -167,29 +167,37 @@ def test_packing_trains_no_target_across_example_boundaries(tiny_model_dir):
 
 
 # 4 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sharded", [True, False])
 @pytest.mark.parametrize("n,world", [(5, 2), (7, 3), (4, 3), (6, 4), (1, 2), (8, 4)])
-def test_sharded_evaluation_counts_each_prompt_once(n, world, monkeypatch):
+def test_sharded_evaluation_counts_each_prompt_once(n, world, sharded, monkeypatch):
     """Under ZeRO-3 / FSDP the ranks' shares are padded with repeated prompts (every rank runs
     as many forwards); the gathered evaluation must hold each prompt exactly once, in order."""
     from rlhf import distributed
 
-    monkeypatch.setattr(distributed, "is_sharded", lambda accelerator=None: True)
+    monkeypatch.setattr(distributed, "is_sharded", lambda accelerator=None: sharded)
     shares = []
     for rank in range(world):
         acc = SimpleNamespace(process_index=rank, num_processes=world)
         shares.append(torch.tensor(distributed.rank_indices(n, acc), dtype=torch.float32))
+    sent: dict[int, torch.Tensor] = {}
 
-    class Ranks:  # every rank's gather returns the ranks' tensors concatenated in rank order
+    class Ranks:  # all_gather: what every rank sends, concatenated in rank order
         num_processes = world
 
         def __init__(self, rank):
             self.process_index = rank
 
-        def gather(self, _tensor):
-            return torch.cat(shares)
+        def gather(self, tensor):
+            sent[self.process_index] = tensor
+            if len(sent) < world:  # first pass: record what each rank sends
+                return torch.cat([tensor] * world)
+            assert len({len(t) for t in sent.values()}) == 1, "all_gather needs equal sizes"
+            return torch.cat([sent[r] for r in range(world)])
 
         gather_for_metrics = gather
 
+    for rank in range(world):  # first pass: each rank sends its share
+        distributed.gather_evaluated(Ranks(rank), shares[rank], n)
     for rank in range(world):
         got = distributed.gather_evaluated(Ranks(rank), shares[rank], n)
         assert got.tolist() == list(range(n)), f"rank {rank}: {got.tolist()}"
