@@ -78,7 +78,7 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
 
 
 # 2 ------------------------------------------------------------------------------------------
-def _sft_run(tmp_path: Path, name: str, n: int, batch: int, accum: int, monkeypatch) -> tuple:
+def _sft_run(tmp_path: Path, name: str, n: int, batch: int, accum: int) -> tuple:
     from rlhf.stages import sft
 
     _write_sft(tmp_path / "train.jsonl", n)
@@ -96,28 +96,63 @@ def _sft_run(tmp_path: Path, name: str, n: int, batch: int, accum: int, monkeypa
             "sft.eval_every=1000",
         ],
     )
-    steps = []
-    real_step = torch.optim.AdamW.step
-    monkeypatch.setattr(
-        torch.optim.AdamW,
-        "step",
-        lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1],
-    )
-    run_dir = sft.run(recipe)
-    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    with _count_steps() as steps:
+        run_dir = sft.run(recipe)
     from safetensors.torch import load_file
 
     return len(steps), load_file(run_dir / "model" / "model.safetensors")
 
 
-def test_grad_accum_steps_the_optimizer_once_per_window(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _count_steps():
+    """Counts real AdamW steps (accelerate's wrapper skips the inner step when not syncing)."""
+    steps: list = []
+    real_step = torch.optim.AdamW.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", counted)
+        yield steps
+
+
+def _reward_run(tmp_path: Path, n: int, accum: int) -> tuple:
+    from rlhf.stages import reward
+    from tests.test_reward import ranking_rows, tiny_recipe, write_jsonl
+
+    tmp_path.mkdir()
+    paths = {
+        "train": write_jsonl(tmp_path / "train.jsonl", ranking_rows(n)),
+        "test": write_jsonl(tmp_path / "test.jsonl", ranking_rows(2, offset=100)),
+        "pairs": None,
+    }
+    recipe = tiny_recipe(
+        tmp_path,
+        paths,
+        "reward.extra_eval=[]",
+        "reward.max_steps=null",
+        "reward.epochs=1",
+        "reward.batch_size=1",
+        f"reward.grad_accum={accum}",
+        "reward.eval_every=1000",
+    )
+    with _count_steps() as steps:
+        reward.run(recipe)
+    return len(steps), None
+
+
+def test_grad_accum_steps_the_optimizer_once_per_window(tmp_path):
     """With grad_accum k the optimizer steps once per k micro-batches, the epoch's last
     (possibly partial) window included; 1 rank x accum 2 x batch b == 1 rank x batch 2b."""
     for n, accum, expected in ((6, 2, 3), (7, 4, 2), (6, 4, 2)):
-        count, _ = _sft_run(tmp_path, f"n{n}k{accum}", n, 1, accum, monkeypatch)
+        count, _ = _sft_run(tmp_path, f"n{n}k{accum}", n, 1, accum)
         assert count == expected, f"{n} batches, grad_accum {accum}: {count} optimizer steps"
-    _, accumulated = _sft_run(tmp_path, "b2k2", 8, 2, 2, monkeypatch)
-    _, whole = _sft_run(tmp_path, "b4k1", 8, 4, 1, monkeypatch)
+    count, _ = _reward_run(tmp_path / "rm", 11, 4)  # 11 prompts: windows 4, 4, 3
+    assert count == 3, f"reward, 11 batches, grad_accum 4: {count} optimizer steps"
+    _, accumulated = _sft_run(tmp_path, "b2k2", 8, 2, 2)
+    _, whole = _sft_run(tmp_path, "b4k1", 8, 4, 1)
     for key, value in whole.items():
         torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
