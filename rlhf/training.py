@@ -123,9 +123,12 @@ def save_model(
     to_save.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if hasattr(to_save, "generation_config") and to_save.generation_config is not None:
+        from rlhf.generate import eos_ids
+
         gen = to_save.generation_config
         gen.pad_token_id = tokenizer.pad_token_id
-        gen.eos_token_id = tokenizer.eos_token_id
+        ends = eos_ids(to_save, tokenizer)  # keep every end token (Llama 3 has several)
+        gen.eos_token_id = ends if len(ends) > 1 else ends[0]
         gen.save_pretrained(out_dir)
     (Path(out_dir) / "README.md").write_text(card)
 

@@ -119,3 +119,43 @@ def test_attn_implementation_reaches_the_loaded_model(tiny_model_dir):
         assert model.config._attn_implementation == impl
         rm = models.load_reward_model(tiny_model_dir, attn_implementation=impl)
         assert rm.config._attn_implementation == impl
+
+
+def test_saved_models_keep_every_end_token(tiny_model_dir, tmp_path):
+    import json
+
+    from rlhf.generate import eos_ids
+    from rlhf.training import save_model
+
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_causal_lm(tiny_model_dir)
+    model.generation_config.eos_token_id = [tok.eos_token_id, 7]
+    save_model(model, tok, tmp_path, merge_lora=False, card="x")
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [tok.eos_token_id, 7]
+    assert eos_ids(models.load_causal_lm(str(tmp_path)), tok) == [tok.eos_token_id, 7]
+
+
+def test_rollout_stops_at_every_end_token_of_the_model(tiny_model_dir):
+    from transformers import GenerationConfig
+
+    from rlhf.ppo.rollout import generate
+    from rlhf.recipe import PPOConfig
+
+    tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
+    eos, other_end = tok.eos_token_id, 7
+    sampled = torch.tensor([[50, other_end, 60], [50, 51, eos]])
+    seen = {}
+
+    class Scripted(torch.nn.Module):  # a policy whose samples we choose
+        generation_config = GenerationConfig(eos_token_id=[eos, other_end])
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            seen["eos"] = kwargs["generation_config"].eos_token_id
+            return torch.cat([input_ids, sampled], dim=1)
+
+    prompt = torch.full((2, 4), 100)
+    roll = generate(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
+    assert seen["eos"] == [eos, other_end]
+    assert roll.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert roll.ended_with_eos.tolist() == [True, True]
