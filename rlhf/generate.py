@@ -112,6 +112,9 @@ def own_generation_config(model: torch.nn.Module, config: Any) -> Iterator[None]
     """While open, `config` is the model's default generation config: generate() fills unset
     settings from it instead of from the folder's generation_config.json."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "generation_config"):  # not a transformers model: nothing to fill from
+        yield
+        return
     saved = inner.generation_config
     inner.generation_config = config
     try:
