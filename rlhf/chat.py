@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rlhf.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -24,9 +26,17 @@ def render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool
 
 
 def encode_sft(
-    tokenizer: Any, messages: list[dict], max_length: int, assistant_only: bool = True
+    tokenizer: Any,
+    messages: list[dict],
+    max_length: int,
+    assistant_only: bool = True,
+    keep_end: bool = False,
 ) -> dict[str, list[int]]:
-    """One conversation -> {"input_ids", "labels"}; labels are IGNORE_INDEX outside answers."""
+    """One conversation -> {"input_ids", "labels"}; labels are IGNORE_INDEX outside answers.
+
+    Over max_length, the START is kept (the answer's tail is lost), or with `keep_end` the END
+    (the prompt's start is lost: `data.truncate_long_prompts`, e.g. long HH transcripts).
+    """
     ids = render_ids(tokenizer, messages, add_generation_prompt=False)
     if not assistant_only:
         labels = list(ids)
@@ -35,21 +45,40 @@ def encode_sft(
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(render_ids(tokenizer, messages[:i], add_generation_prompt=True))
-            end = len(render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False))
-            labels[start:end] = ids[start:end]
+            before = render_ids(tokenizer, messages[:i], add_generation_prompt=True)
+            through = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            if ids[: len(before)] != before or ids[: len(through)] != through:
+                raise UserError(
+                    f"chat template of '{tokenizer.name_or_path}': rendering a conversation's "
+                    "first turns is not a prefix of rendering it whole, so assistant-only "
+                    "labels cannot be found; set sft.assistant_only_loss: false or fix the template"
+                )
+            labels[len(before) : len(through)] = ids[len(before) : len(through)]
+    if keep_end:
+        return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 def encode_prompt_response(
-    tokenizer: Any, prompt: list[dict], response: str, max_length: int
+    tokenizer: Any, prompt: list[dict], response: str, max_length: int, finished: bool = True
 ) -> list[int]:
     """(prompt messages, assistant reply) -> ids of the whole rendered conversation.
 
-    Over-long sequences keep their END (where the reward is read) and lose the prompt's start.
+    `finished=False` (a reply cut off at max_new_tokens) renders it WITHOUT what the template
+    puts after the reply (the end-of-turn token): the reward model then sees an unfinished
+    answer, not one that looks complete. Over-long sequences keep their END (where the reward
+    is read) and lose the prompt's start.
     """
-    ids = render_ids(tokenizer, [*prompt, {"role": "assistant", "content": response}], False)
-    return ids[-max_length:]
+    messages = [*prompt, {"role": "assistant", "content": response}]
+    if finished:
+        return render_ids(tokenizer, messages, False)[-max_length:]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    end = text.rfind(response) if response else -1
+    if end < 0:  # the template changed the reply (trimmed it): header + the reply's tokens
+        head = render_ids(tokenizer, prompt, add_generation_prompt=True)
+        return (head + tokenizer.encode(response, add_special_tokens=False))[-max_length:]
+    cut = text[: end + len(response)]
+    return tokenizer(cut, add_special_tokens=False)["input_ids"][-max_length:]
 
 
 def encode_prompt(tokenizer: Any, prompt: list[dict], max_length: int) -> list[int]:

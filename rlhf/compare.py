@@ -32,7 +32,7 @@ from rlhf.generate import Decoding, generate, last_user_text, load, pick_device
 from rlhf.rewards import call_reward_function, load_reward_function
 from rlhf.stats import wilson_interval
 
-WIN_RATE_CI_METHOD = "wilson"  # the PPO stage's eval.json uses the normal approximation
+WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.stats.wilson_interval)
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -230,6 +230,9 @@ def compare(
 
     decoding = decoding or Decoding(max_new_tokens=48, do_sample=True)
     decoding.validate()
+    if reference and decoding.do_sample and (decoding.top_k or decoding.top_p < 1.0):
+        # The KL is of the full distributions at the temperature, as PPO measures it.
+        raise UserError("--reference: the KL needs sampling without --top-k / --top-p")
     # Judges are checked before minutes of generation: a causal LM would get a random head.
     judge_tokenizers = {}
     for rm_dir in reward_models:
@@ -327,6 +330,7 @@ def compare(
                         max_length,
                         device,
                         contextlib.nullcontext,
+                        [r["finished"] for r in outputs[name]["rows"][i : i + batch_size]],
                     ).cpu()
                     for i in range(0, len(prompts), batch_size)
                 ]

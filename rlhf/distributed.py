@@ -170,3 +170,24 @@ def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str,
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
+
+
+def gather_evaluated(accelerator: Any, values: Any, n: int) -> Any:
+    """Every rank's per-item results over `rank_indices(n)` -> the n items' results, in order.
+
+    `gather_for_metrics` drops the duplicates that padding adds only for a prepared dataloader;
+    the padded shares of `rank_indices` would otherwise count up to world - 1 items twice.
+    Shares are padded to one length here (unsharded shares differ by one), gathered, and each
+    item is read from the rank that owns it: item i is rank i % world's entry i // world.
+    """
+    import torch
+
+    world = accelerator.num_processes
+    per_rank = -(-n // world) if n else 0
+    values = values[:per_rank]
+    if len(values) < per_rank:  # a shorter, unpadded share: fill with zeros (dropped below)
+        fill = values.new_zeros(per_rank - len(values), *values.shape[1:])
+        values = torch.cat([values, fill])
+    gathered = accelerator.gather(values.contiguous())
+    order = [(i % world) * per_rank + i // world for i in range(n)]
+    return gathered[torch.tensor(order, dtype=torch.long, device=gathered.device)]

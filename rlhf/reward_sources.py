@@ -30,7 +30,7 @@ from rlhf.rewards import call_reward_function, load_reward_function
 
 log = logging.getLogger(__name__)
 
-Scorer = Callable[[list[list[dict]], list[str]], torch.Tensor]
+Scorer = Callable[[list[list[dict]], list[str], Any], torch.Tensor]  # (prompts, texts, finished)
 
 
 # ------------------------------------------------------------------------------ pure math
@@ -138,9 +138,11 @@ class RewardSources:
         responses: list[str],
         rows: list[dict],
         training: bool = True,
+        finished: Any = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """training=False (evaluation): running statistics are read, not updated, and
-        non-finite scores are only warned about."""
+        non-finite scores are only warned about. `finished` (B,) bool: False marks a response
+        cut off at max_new_tokens, which reward models score without an end-of-turn."""
         metrics: dict[str, float] = {}
         terms = []
         for src in self.sources:
@@ -161,7 +163,7 @@ class RewardSources:
             else:
                 normalised = []
                 for name, scorer, calibration in src.members:
-                    raw = scorer(prompts, responses).float().cpu()
+                    raw = scorer(prompts, responses, finished).float().cpu()
                     self._check_finite(name, raw, training)
                     if len(src.members) > 1:
                         metrics[f"objective/score/{name}"] = _finite_mean(raw)

@@ -35,7 +35,7 @@ def resolve_precision(precision: str) -> str:
 
 def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     on_cpu = not torch.cuda.is_available()
     mixed = resolve_precision(recipe.precision)
@@ -51,7 +51,12 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     accelerator = Accelerator(
         cpu=on_cpu and not deepspeed,
         mixed_precision=mixed,
-        gradient_accumulation_steps=gradient_accumulation_steps,
+        # The loops decide where an accumulation window ends (training.accumulation_window):
+        # with sync_with_dataloader, accelerate syncs every micro-batch once the dataloader
+        # has reported its end, which a loop that fetches a window ahead reaches early.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         kwargs_handlers=handlers,
         log_with=list(recipe.tracking.trackers) or None,
     )

@@ -119,9 +119,12 @@ def save_model(
     to_save.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if hasattr(to_save, "generation_config") and to_save.generation_config is not None:
+        from rlhf.generate import eos_ids
+
         gen = to_save.generation_config
         gen.pad_token_id = tokenizer.pad_token_id
-        gen.eos_token_id = tokenizer.eos_token_id
+        ends = eos_ids(to_save, tokenizer)  # keep every end token (Llama 3 has several)
+        gen.eos_token_id = ends if len(ends) > 1 else ends[0]
         gen.save_pretrained(out_dir)
     (Path(out_dir) / "README.md").write_text(card)
 
@@ -159,6 +162,18 @@ class NonFiniteGuard:
             )
         log.warning("non-finite %s: step skipped (%d so far)", what, self.skipped)
         return False
+
+
+def accumulation_window(accelerator: Any, group: list) -> Any:
+    """Yields the micro-batches of one optimizer step, for `accelerator.accumulate()` inside.
+
+    The gradients sync (and the optimizer steps) on the window's LAST micro-batch only, even
+    for a short last window of an epoch: accelerate syncs when its micro-step counter reaches
+    a multiple of grad_accum, so the counter starts `grad_accum - len(group)` short of it.
+    Needs the accelerator built with `sync_with_dataloader=False` (runtime.make_accelerator).
+    """
+    accelerator.step = accelerator.gradient_accumulation_steps - len(group)
+    yield from group
 
 
 def step_if_finite(

@@ -167,6 +167,34 @@ CASES = [
         ["safetensors"],
     ),
     (
+        "model-folder-empty-config-corrupt-weights",
+        lambda t, m: _stage(
+            "sft", t, f"model.name={_broken(t, m, 'empty')}", f"sft.train.path={_sft(t)}"
+        ),
+        ["broken-empty", "config.json"],
+    ),
+    (
+        "model-folder-without-tokenizer",
+        lambda t, m: _stage(
+            "sft", t, f"model.name={_broken(t, m, 'notok')}", f"sft.train.path={_sft(t)}"
+        ),
+        ["broken-notok", "no tokenizer"],
+    ),
+    (
+        "model-folder-truncated-safetensors",
+        lambda t, m: _stage(
+            "sft", t, f"model.name={_broken(t, m, 'cut')}", f"sft.train.path={_sft(t)}"
+        ),
+        ["broken-cut", "model.safetensors is truncated"],
+    ),
+    (
+        "unknown-attn-implementation",
+        lambda t, m: _stage(
+            "sft", t, f"sft.train.path={_sft(t)}", "sft.eval=null", "model.attn_implementation=nope"
+        ),
+        ["attn_implementation", "nope"],
+    ),
+    (
         "unknown-model-name",
         lambda t, m: _stage("sft", t, "model.name=no-such-model", f"sft.train.path={_sft(t)}"),
         ["no-such-model"],
@@ -198,6 +226,30 @@ def _write(path: Path, text: str) -> str:
 
 def _sft(tmp: Path) -> Path:
     return _jsonl(tmp / "sft.jsonl", [GOOD_SFT] * 4)
+
+
+def _broken(tmp: Path, model_dir: Path, how: str) -> str:
+    """A model folder that is not a valid model: `empty` config.json and garbage weights
+    (nothing else), a copy `notok` without its tokenizer, or a copy whose weights are `cut`."""
+    import shutil
+
+    d = tmp / f"broken-{how}"
+    if how == "empty":
+        d.mkdir()
+        (d / "config.json").write_text("")
+        (d / "model.safetensors").write_bytes(b"\x13not a safetensors file" * 10)
+        return str(d)
+    shutil.copytree(model_dir, d)
+    if how == "notok":
+        for f in d.iterdir():
+            if f.name.startswith(
+                ("tokenizer", "special_tokens", "chat_template", "vocab", "merges")
+            ):
+                f.unlink()
+    else:
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return str(d)
 
 
 def _pickle_only(tmp: Path, model_dir: Path) -> str:

@@ -110,6 +110,7 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
         "value/explained_variance",
         "response/length_mean",
         "response/eos_rate",
+        "response/truncation_rate",
         "lr",
         "timing/rollout",
         "timing/score",
@@ -121,6 +122,12 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
     results = json.loads((ppo / "eval.json").read_text())
     for key in ("ppo_score_mean", "sft_score_mean", "win_rate", "kl_mean", "eos_rate"):
         assert key in results
+    assert results["prompts_source"] == "eval_prompts"
+    low, high = results["win_rate_ci95"]  # Wilson: never a single point, inside [0, 1]
+    assert 0.0 <= low <= results["win_rate"] <= high <= 1.0 and low < high
+    # The score is normalised on SFT samples scored before iteration 1 (4 in the tiny recipe).
+    assert info["calibration"]["source"] == "sft_samples" and info["calibration"]["n"] == 4
+    assert results["calibration"] == info["calibration"]
     assert (ppo / "samples.jsonl").is_file()
     # The saved policy is a plain transformers model (LoRA merged).
     from transformers import AutoModelForCausalLM

@@ -159,8 +159,8 @@ def test_ensemble_combines_with_mean_and_min_by_hand():
 def _two_model_sources(combine: str) -> reward_sources.RewardSources:
     """Two 'reward models' (scorers) with calibrations, combined as one entry."""
     cal_a, cal_b = {"mean": 1.0, "std": 2.0}, {"mean": 0.0, "std": 1.0}
-    raw_a = lambda p, r: torch.tensor([3.0, -1.0])  # noqa: E731 -> calibrated [1, -1]
-    raw_b = lambda p, r: torch.tensor([0.5, 0.0])  # noqa: E731 -> calibrated [0.5, 0]
+    raw_a = lambda p, r, f: torch.tensor([3.0, -1.0])  # noqa: E731 -> calibrated [1, -1]
+    raw_b = lambda p, r, f: torch.tensor([0.5, 0.0])  # noqa: E731 -> calibrated [0.5, 0]
     src = reward_sources.Source(
         "ensemble", 2.0, "calibration", [("a", raw_a, cal_a), ("b", raw_b, cal_b)], combine
     )

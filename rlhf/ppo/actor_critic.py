@@ -123,7 +123,15 @@ class ActorCritic(nn.Module):
     def reference_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
     ) -> torch.Tensor:
-        """Logits of the frozen reference: the policy with its LoRA adapter switched off."""
+        """Logits of the frozen reference: the policy with its LoRA adapter switched off.
+
+        Without LoRA there is no reference in here (the stage owns a frozen copy): running the
+        policy instead would make every KL 0, so that is an error."""
+        if not self.uses_lora:
+            raise RuntimeError(
+                "ActorCritic.reference_logits needs a LoRA policy; without LoRA pass the frozen "
+                "reference model to score_with_models"
+            )
         with self.adapter_disabled():
             return causal_lm_logits(self.policy, input_ids, attention_mask, keep)
 

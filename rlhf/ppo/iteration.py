@@ -39,7 +39,7 @@ def normalise_score(
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
     if cfg.missing_eos_penalty is not None:
-        # Truncated answers look finished to the reward model once rendered: penalise them.
+        # Answers cut off at max_new_tokens (scored without an end-of-turn): penalise them.
         score = score - cfg.missing_eos_penalty * (~ended_with_eos).float()
     return score
 
@@ -128,6 +128,7 @@ def ppo_iteration(
         "objective/entropy_per_token": masked_mean(roll.entropy, roll.mask).item(),
         "response/length_mean": lengths.mean().item(),
         "response/eos_rate": roll.ended_with_eos.float().mean().item(),
+        "response/truncation_rate": (~roll.ended_with_eos).float().mean().item(),
         "kl_coef": float(kl_ctl.value),
         "lr": scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr,
         "timing/rollout": t_rollout - t0,

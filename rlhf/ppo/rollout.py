@@ -15,6 +15,7 @@ import torch
 
 from rlhf import distributed, models
 from rlhf.chat import encode_prompt_response, pad_batch
+from rlhf.generate import Decoding, eos_ids, own_generation_config
 from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
 
 
@@ -57,9 +58,15 @@ class Rollout:
         return Rollout(**out)
 
 
-def response_mask(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 up to and including the first EOS; (mask (B, R) float, ended_with_eos (B,) bool)."""
-    is_eos = response_ids == eos_id
+def response_mask(
+    response_ids: torch.Tensor, eos_id: int | list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 up to and including the first end token (any of `eos_id`, e.g. Llama 3's <|eot_id|>
+    and <|end_of_text|>); (mask (B, R) float, ended_with_eos (B,) bool)."""
+    ends = torch.tensor(
+        eos_id if isinstance(eos_id, list) else [eos_id], device=response_ids.device
+    )
+    is_eos = torch.isin(response_ids, ends)
     eos_seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
     ended = is_eos.any(dim=1)
     return (~eos_seen_before).float(), ended
@@ -100,31 +107,32 @@ def generate(
     states that produced them, so scoring needs no second policy forward (TRL's PPOTrainer
     likewise takes the rollout log-probs from generation).
     """
-    gen_kwargs: dict[str, Any] = {
-        "do_sample": True,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "use_cache": True,
-    }
+    # Only temperature is active (complete config, the folder's generation_config.json
+    # ignored): the log-probs below are log_softmax(logits / T), the distribution sampled.
+    stops = eos_ids(policy, tokenizer)
+    extra: dict[str, Any] = {"use_cache": True}
     if cfg.stop_strings:
-        gen_kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
+        extra["stop_strings"] = list(cfg.stop_strings)
+    if keep:
+        extra.update(return_dict_in_generate=True, output_logits=True)
+    decoding = Decoding(
+        max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature
+    )
+    config = decoding.generation_config(tokenizer.pad_token_id, stops, **extra)
+    gen_kwargs: dict[str, Any] = {"generation_config": config}
+    if cfg.stop_strings:
+        gen_kwargs["tokenizer"] = tokenizer
     if distributed.synced_gpus():  # ZeRO-3 / FSDP: every rank steps until all ranks finish
         gen_kwargs["synced_gpus"] = True
-    if keep:
-        gen_kwargs.update(return_dict_in_generate=True, output_logits=True)
     capture = lm_head_inputs(policy) if keep else nullcontext([])
     lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
-    with lean, capture as hidden:
+    with lean, capture as hidden, own_generation_config(policy, config):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
     sequences = out.sequences if keep else out
     response_ids = sequences[:, prompt_ids.shape[1] :]
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
         response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
-    mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
+    mask, ended = response_mask(response_ids, stops)
     if cfg.stop_strings:
         mask, ended = _apply_stop_strings(response_ids, mask, ended, tokenizer, cfg.stop_strings)
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
@@ -210,12 +218,15 @@ def reward_scores(
     max_length: int,
     device: torch.device,
     autocast: Any,
+    finished: torch.Tensor | list[bool] | None = None,
 ) -> torch.Tensor:
     """Score (prompt, response) exactly as the reward model was trained: the chat template
-    renders the conversation, and the score is read at the last real token."""
+    renders the conversation, and the score is read at the last real token. `finished` (B,)
+    bool: False renders that response without the end-of-turn (it was cut off)."""
+    done = [True] * len(responses) if finished is None else [bool(f) for f in finished]
     seqs = [
-        encode_prompt_response(reward_tokenizer, p, r, max_length)
-        for p, r in zip(prompts, responses)
+        encode_prompt_response(reward_tokenizer, p, r, max_length, f)
+        for p, r, f in zip(prompts, responses, done)
     ]
     batch = pad_batch(seqs, reward_tokenizer.pad_token_id, side="right")
     with autocast():

@@ -48,13 +48,15 @@ def ppo_update(
     micro = cfg.mini_batch_size // cfg.grad_accum
     R = rollout.response_ids.shape[1]
     model.train()
-    epochs_run = 0
+    epochs_run = minibatches_run = 0
     for _ in range(cfg.ppo_epochs):
         epochs_run += 1
         order = torch.randperm(batch, generator=generator)
-        epoch_kl = []
+        stop_early = False
         for start in range(0, batch, cfg.mini_batch_size):
             mini = order[start : start + cfg.mini_batch_size]
+            minibatch_kl = []
+            minibatches_run += 1
             for m_start in range(0, len(mini), micro):
                 idx = mini[m_start : m_start + micro].to(rollout.mask.device)
                 mb = rollout.select(idx)
@@ -115,13 +117,19 @@ def ppo_update(
                 stats["loss/total"].append(loss.item())
                 stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
                 stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                epoch_kl.append(pg_stats["approxkl"].item())
-        # Early stop when the policy moved too far from the one that sampled the batch.
-        if cfg.target_kl_early_stop and epoch_kl:
-            kl = torch.tensor(sum(epoch_kl) / len(epoch_kl), device=accelerator.device)
-            if accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop:
-                break
+                minibatch_kl.append(pg_stats["approxkl"].item())
+            # Early stop as soon as one minibatch's update moved the policy too far from the
+            # one that sampled the batch (N implementation details; TRL's PPO): checked per
+            # minibatch, mean over ranks so that every rank stops at the same point.
+            if cfg.target_kl_early_stop:
+                kl = torch.tensor(sum(minibatch_kl) / len(minibatch_kl), device=accelerator.device)
+                if accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop:
+                    stop_early = True
+                    break
+        if stop_early:
+            break
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["policy/epochs_run"] = float(epochs_run)
+    out["policy/minibatches_run"] = float(minibatches_run)
     out["skipped_steps"] = float(guard.skipped - skipped_before)
     return out

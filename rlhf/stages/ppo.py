@@ -12,6 +12,7 @@ One iteration (Ziegler et al. 2019; "The N Implementation Details of RLHF with P
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +108,25 @@ def run(recipe: Any, resume: bool = False) -> Path:
     prompt_ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
 
     # --- roles
+    attn = recipe.model.attn_implementation
+
     def load_policy() -> torch.nn.Module:
         if sft_dir:
-            return models.load_causal_lm(policy_name)
+            return models.load_causal_lm(policy_name, attn_implementation=attn)
         m = recipe.model
         return models.load_causal_lm(
-            m.name, m.num_hidden_layers, m.trust_remote_code, revision=m.revision
+            m.name,
+            m.num_hidden_layers,
+            m.trust_remote_code,
+            revision=m.revision,
+            attn_implementation=attn,
         )
 
     policy = load_policy()
     critic = None
     with_values = cfg.estimator == "gae"  # the critic-free estimators build no value function
     if with_values and cfg.value_model == "separate":
-        critic = models.load_reward_model(str(reward_dir / "model"))
+        critic = models.load_reward_model(str(reward_dir / "model"), attn_implementation=attn)
     reference = None
     if cfg.lora.enabled:
         policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy
@@ -134,12 +141,13 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     def load_scorer(model_dir: Path) -> Any:
         with distributed.unsharded_init(accelerator):
-            rm = models.load_reward_model(str(model_dir)).to(device).eval()
+            rm = models.load_reward_model(str(model_dir), attn_implementation=attn)
+            rm = rm.to(device).eval()
         rm.requires_grad_(False)
         disable_dropout(rm)
         rm_tokenizer = models.load_tokenizer(str(model_dir))
 
-        def scorer(batch_prompts: list, texts: list[str]) -> torch.Tensor:
+        def scorer(batch_prompts: list, texts: list[str], finished: Any = None) -> torch.Tensor:
             return reward_scores(
                 rm,
                 rm_tokenizer,
@@ -148,6 +156,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                 recipe.reward.max_length,
                 device,
                 accelerator.autocast,
+                finished,
             )
 
         return scorer
@@ -155,7 +164,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     sources = reward_sources.build(
         recipe, load_scorer, lambda t: accelerator.gather(t.to(device)).cpu()
     )
-    calibration = sources.calibration
+    stored_calibration = calibration = sources.calibration
 
     optimizer = training.make_optimizer(model, cfg.optim)
     # one optimizer step per minibatch: ppo_epochs * (batch / mini_batch) per iteration
@@ -199,7 +208,23 @@ def run(recipe: Any, resume: bool = False) -> Path:
         start_iter = state["iteration"]
         kl_ctl.load_state_dict(state["kl_controller"])
         sources.load_state_dict(state.get("reward_sources", {}))
+        calibration = state.get("calibration", calibration)  # never re-measured on resume
         log.info("resumed from %s (iteration %d)", ckpt, start_iter)
+    elif stored_calibration and cfg.calibration_prompts:
+        with distributed.gathered_for_generation(accelerator, model):
+            calibration = sft_calibration(
+                unwrapped, reference, sources, tokenizer, prompts, prompt_rows, prompt_ids,
+                recipe, accelerator,
+            )  # fmt: skip
+    out.info["calibration"] = calibration
+    if calibration:
+        log.info(
+            "ppo: score normalised by mean %.4f, std %.4f (%s; reward model's own: %s)",
+            calibration["mean"],
+            calibration["std"],
+            calibration.get("source", "reward model"),
+            stored_calibration,
+        )
     logger = MetricsLogger(out.path, "ppo", recipe, accelerator)
     log.info(
         "ppo: %d prompts, %d iterations x %d rollouts (%d per rank x %d ranks), reference: %s",
@@ -230,7 +255,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
             batch_rows: list = batch_rows,
             into: dict = source_metrics,
         ) -> torch.Tensor:
-            total, per_source = sources(batch_prompts, roll.texts, batch_rows)
+            total, per_source = sources(
+                batch_prompts, roll.texts, batch_rows, finished=roll.ended_with_eos
+            )
             into.update(per_source)
             return total.to(device)
 
@@ -282,6 +309,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                     "iteration": done,
                     "kl_controller": kl_ctl.state_dict(),
                     "reward_sources": sources.state_dict(),
+                    "calibration": calibration,
                 },
                 scheduler,
                 cfg.keep_last,
@@ -302,6 +330,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             recipe,
             accelerator,
             load_scorer,
+            calibration,
         )
     results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
     accelerator.wait_for_everyone()
@@ -344,6 +373,7 @@ def evaluate_policy(
     recipe: Any,
     accelerator: Any,
     load_scorer: Any,
+    calibration: dict | None = None,
 ) -> dict[str, Any]:
     """Held-out prompts x eval.samples_per_prompt: PPO policy vs the SFT (starting) policy,
     same sampling settings and seeds. Scored by the training score (top-level keys), by every
@@ -356,6 +386,7 @@ def evaluate_policy(
     chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
     device = accelerator.device
     texts: dict[str, list[str]] = {"ppo": [], "sft": []}
+    finished: dict[str, list[bool]] = {"ppo": [], "sft": []}  # cut-off answers score as such
     rows: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("kl", "ppo_len", "ppo_eos", "ppo_trunc", "sft_len", "sft_eos", "sft_trunc")
     }
@@ -382,22 +413,30 @@ def evaluate_policy(
             truncated = (~roll.ended_with_eos) & (lengths >= cfg.max_new_tokens)
             rows[f"{which}_trunc"].append(truncated.float())
             texts[which].extend(roll.texts)
+            finished[which].extend(roll.ended_with_eos.tolist())
 
     messages = [p.messages for p in chosen]
     fields = [p.fields for p in chosen]
 
     def gathered(values: torch.Tensor) -> list[float]:
-        return accelerator.gather_for_metrics(values.to(device).float()).cpu().tolist()
+        # Each sample once: the padded shares of a sharded run repeat some (rlhf/distributed.py).
+        values = values.to(device).float()
+        return distributed.gather_evaluated(accelerator, values, len(pool)).cpu().tolist()
 
     def in_chunks(score: Any, which: str) -> torch.Tensor:
         parts = [
-            score(messages[i : i + cfg.batch_size], texts[which][i : i + cfg.batch_size], i)
+            score(
+                messages[i : i + cfg.batch_size],
+                texts[which][i : i + cfg.batch_size],
+                i,
+                finished[which][i : i + cfg.batch_size],
+            )
             for i in range(0, len(messages), cfg.batch_size)
         ]
         return torch.cat([torch.as_tensor(x, dtype=torch.float32).cpu() for x in parts])
 
-    def training_score(m: list, t: list[str], i: int) -> torch.Tensor:
-        return sources(m, t, fields[i : i + cfg.batch_size], training=False)[0]
+    def training_score(m: list, t: list[str], i: int, f: list[bool]) -> torch.Tensor:
+        return sources(m, t, fields[i : i + cfg.batch_size], training=False, finished=f)[0]
 
     local = {w: in_chunks(training_score, w) for w in ("ppo", "sft")}
     score = {w: gathered(local[w]) for w in ("ppo", "sft")}
@@ -440,13 +479,13 @@ def evaluate_policy(
                 judges[name] = {"skipped": str(e)}
                 continue
 
-            def judge_score(m, t, i, scorer=scorer):  # noqa: B023 - bound per judge
-                return scorer(m, t)
+            def judge_score(m, t, i, f, scorer=scorer):  # noqa: B023 - bound per judge
+                return scorer(m, t, f)
 
         else:
             fn = load_reward_function(entry.function)
 
-            def judge_score(m, t, i, fn=fn, entry=entry, name=name):
+            def judge_score(m, t, i, f, fn=fn, entry=entry, name=name):
                 got = call_reward_function(
                     name, fn, m, t, fields[i : i + cfg.batch_size], entry.args
                 )
@@ -465,7 +504,7 @@ def evaluate_policy(
         for w in ("sft", "ppo"):
             ok = gathered(
                 in_chunks(
-                    lambda m, t, i: torch.tensor(
+                    lambda m, t, i, f: torch.tensor(
                         answer_match(m, t, fields[i : i + cfg.batch_size])
                     ),
                     w,
@@ -486,8 +525,8 @@ def evaluate_policy(
             zip(messages, texts["ppo"], local["ppo"], texts["sft"], local["sft"])
         )[:8]
     ]
-    if sources.calibration:
-        result["calibration"] = sources.calibration
+    if calibration:
+        result["calibration"] = calibration
     return result
 
 
@@ -531,3 +570,55 @@ def _generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:
         with model.adapter_disabled():
             return generate(model.policy, ids, mask, cfg, tokenizer)
     return generate(reference, ids, mask, cfg, tokenizer)
+
+
+@torch.no_grad()
+def sft_calibration(
+    model: ActorCritic,
+    reference: torch.nn.Module | None,
+    sources: Any,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    prompt_rows: list[dict],
+    prompt_ids: list[list[int]],
+    recipe: Any,
+    accelerator: Any,
+) -> dict[str, Any]:
+    """Mean / std of the reward model's score on what the SFT policy writes, before iteration 1.
+
+    The reward stage measures its mean / std on human-written responses; normalising by those
+    leaves the SFT policy's own score off centre. Here the reference (SFT) policy answers the
+    first `calibration_prompts` of a seeded shuffle of the training prompts, sampled as the
+    rollouts are (Ziegler et al. 2019 normalise the reward on samples of the initial policy).
+    Every rank gets the same result; a resumed run reads it back from its checkpoint.
+    """
+    cfg = recipe.ppo
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(recipe.seed))
+    pool = order[: cfg.calibration_prompts].tolist()
+    mine = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
+    device = accelerator.device
+    torch.manual_seed(recipe.seed + 4242 + accelerator.process_index)
+    scores = []
+    for start in range(0, len(mine), cfg.batch_size):
+        group = mine[start : start + cfg.batch_size]
+        batch = pad_batch([prompt_ids[i] for i in group], tokenizer.pad_token_id, side="left")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with eval_mode(model), accelerator.autocast():
+            roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
+        raw, _ = sources(
+            [prompts[i] for i in group],
+            roll.texts,
+            [prompt_rows[i] for i in group],
+            training=False,
+            finished=roll.ended_with_eos,
+        )
+        scores.append(raw.to(device))
+    local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+    every = distributed.gather_evaluated(accelerator, local, len(pool)).double().cpu()
+    std = every.std().item() if len(every) > 1 else 1.0
+    return {
+        "mean": every.mean().item(),
+        "std": std if math.isfinite(std) and std > 0 else 1.0,
+        "n": len(every),
+        "source": "sft_samples",
+    }

@@ -185,8 +185,10 @@ def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
     out = RunDir(recipe.stage_dir(stage), stage, recipe, accelerator.is_main_process, {})
 
     # --- data and tokenizer (all validation happens before the model loads)
+    # The revision pins the recipe's model (a hub id), not a local SFT folder.
+    revision = recipe.model.revision if init_from == recipe.model.name else None
     tokenizer = models.load_tokenizer(
-        init_from, recipe.model.chat_template, recipe.model.trust_remote_code
+        init_from, recipe.model.chat_template, recipe.model.trust_remote_code, revision=revision
     )
     pad_id = tokenizer.pad_token_id
     train_items, eval_items, extra_items = load_datasets(recipe)
@@ -216,6 +218,8 @@ def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
         init_from,
         num_hidden_layers=recipe.model.num_hidden_layers,
         trust_remote_code=recipe.model.trust_remote_code,
+        revision=revision,
+        attn_implementation=recipe.model.attn_implementation,
     )
     # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -289,7 +293,7 @@ def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
             step_prompts = accelerator.reduce(sum(b["n_prompts"] for b in group), "sum")
             # [loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]
             stats = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
-            for batch in group:
+            for batch in training.accumulation_window(accelerator, group):
                 with accelerator.accumulate(scorer), accelerator.autocast():
                     scores = scorer(**rm.scorer_inputs(batch))
                     per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)

@@ -80,11 +80,16 @@ def run(recipe: Any, resume: bool = False) -> Path:
         cfg.init_from or recipe.model.name,
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
+        revision=None if cfg.init_from else recipe.model.revision,
     )
     train_items, eval_items = load_datasets(recipe)
     train_items = data.fit_prompts(train_items, tokenizer, cfg.max_length, recipe.data)
     eval_items = data.fit_prompts(eval_items, tokenizer, cfg.max_length, recipe.data)
-    encode = lambda ex: encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss)  # noqa: E731
+    keep_end = recipe.data.truncate_long_prompts  # over-long: keep the answer, drop the start
+
+    def encode(ex: Any) -> dict[str, list[int]]:
+        return encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss, keep_end)
+
     train_rows = [
         r for r in map(encode, train_items) if any(t != IGNORE_INDEX for t in r["labels"])
     ]
@@ -120,6 +125,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         cfg.init_from or recipe.model.name,
         num_hidden_layers=recipe.model.num_hidden_layers,
         trust_remote_code=recipe.model.trust_remote_code,
+        revision=None if cfg.init_from else recipe.model.revision,
+        attn_implementation=recipe.model.attn_implementation,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
@@ -192,7 +199,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
             # Normalise by the target tokens of the whole optimizer step across all ranks.
             step_tokens = accelerator.reduce(sum(n_targets(b["labels"]) for b in group), "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
-            for batch in group:
+            for batch in training.accumulation_window(accelerator, group):
                 with accelerator.accumulate(model), accelerator.autocast():
                     logits = model(
                         input_ids=batch["input_ids"],

@@ -27,8 +27,12 @@ def test_generate_masks_and_pads_after_eos(tiny_model_dir):
     sampled = torch.tensor([[50, eos, 60, 70], [50, 51, 52, 53], [eos, 60, eos, 61]])
 
     class Scripted(torch.nn.Module):  # a policy whose samples we choose
+        generation_config = None
+
         def generate(self, input_ids, attention_mask, **kwargs):
-            assert kwargs["eos_token_id"] == eos and kwargs["pad_token_id"] == pad
+            config = kwargs["generation_config"]
+            assert config.eos_token_id == [eos] and config.pad_token_id == pad
+            assert self.generation_config is config  # the folder's defaults are not consulted
             return torch.cat([input_ids, sampled], dim=1)
 
     prompt = torch.full((3, 5), 100)
