@@ -22,11 +22,11 @@ def test_approx_kl_early_stop_is_checked_after_each_minibatch():
     from rlhf.runtime import make_accelerator
     from rlhf.training import make_optimizer
     from tests.dist_ppo_update import VOCAB, fixed_rollout
-    from tests.ppo.test_ppo_loop import _small_vocab_policy
+    from tests.ppo.tiny_policy import small_vocab_policy
 
     accelerator = make_accelerator(Recipe(precision="fp32", seed=0))
     cfg = PPOConfig(batch_size=8, mini_batch_size=2, ppo_epochs=2, target_kl_early_stop=1e-6)
-    model = ActorCritic(_small_vocab_policy(seed=0, vocab=VOCAB))
+    model = ActorCritic(small_vocab_policy(seed=0, vocab=VOCAB))
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     rollout, advantages, returns = fixed_rollout()
