@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from rlhf import data, distributed, models, training
+from rlhf import checkpoint, data, distributed, models, training
 from rlhf import dpo as pref
 from rlhf.errors import UserError
 from rlhf.rundir import RunDir, require_completed
@@ -61,17 +61,6 @@ def load_rankings(recipe: Any) -> tuple[list, list]:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-
-
-def valid_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "VALID").is_file()]
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.removeprefix(CHECKPOINT_PREFIX))
 
 
 def drop_torn_checkpoints(root: Path) -> None:
@@ -259,9 +248,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
     reference = None if cfg.lora.enabled else load().eval()
     peft_config = models.lora_config(cfg.lora) if cfg.lora.enabled else None
 
-    ckpts = valid_checkpoints(out.checkpoints) if resume else []
+    ckpts = checkpoint.valid_checkpoints(out.checkpoints, CHECKPOINT_PREFIX) if resume else []
     ckpt = ckpts[-1] if ckpts else None
-    out.start(resume=ckpt is not None, resume_step=checkpoint_step(ckpt) if ckpt else None)
+    out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
     if ckpt is not None and is_main:
         drop_torn_checkpoints(out.checkpoints)
 
@@ -320,7 +309,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     finally:
         stop.restore()
     if contract.signum:
-        saved = valid_checkpoints(out.checkpoints)
+        saved = checkpoint.valid_checkpoints(out.checkpoints, CHECKPOINT_PREFIX)
         logger.close()
         raise Interrupted(contract.signum, saved[-1] if saved else None)
 
