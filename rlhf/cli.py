@@ -56,7 +56,10 @@ def _models(args: argparse.Namespace) -> int:
     if args.action == "list":
         for name, entry in models.REGISTRY.items():
             state = "prepared" if models.is_prepared(name) else "not prepared"
-            print(f"{name:24s} {entry['kind']:7s} {state:13s} {models.prepared_dir(name)}")
+            license_ = f"  [{entry['license']}]" if entry.get("license") else ""
+            print(
+                f"{name:24s} {entry['kind']:11s} {state:13s} {models.prepared_dir(name)}{license_}"
+            )
         return 0
     for name in args.names:
         already = models.is_prepared(name) and not args.force

