@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -497,6 +498,52 @@ def _lean_forward(module: torch.nn.Module, name: str):
         return base(x) + lora_b(lora_a(x)) * scale
 
     return forward
+
+
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the weight and bias of every frozen nn.Linear in `dtype`; returns how many layers.
+
+    Under autocast every matmul casts its fp32 weight to the autocast dtype on each call, and
+    autocast caches that cast only for weights that require grad: a frozen LoRA base, reward
+    model or reference copy re-reads its fp32 weights and writes a low-precision copy in every
+    forward (in generation: every token). Stored in the autocast dtype, the cast is a no-op
+    and the result is bit-identical (autocast rounds to the same values). Only Linear layers:
+    embeddings and norms are not autocast ops, so they keep fp32 and the residual stream its
+    precision. A Linear sharing its weight with another module (an LM head tied to the input
+    embeddings) gets its own copy; the embedding keeps its fp32 table.
+    `torch.float32` undoes it exactly (every bf16 / fp16 value is an fp32 value) and re-ties a
+    tied LM head, e.g. before merging LoRA into the base for saving.
+    """
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad:
+            continue
+        for name in ("weight", "bias"):
+            param = getattr(module, name)
+            if param is None or param.dtype == dtype:
+                continue
+            if uses[id(param)] > 1:  # shared: an own copy, leave the other user's dtype alone
+                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), False))
+            else:
+                param.data = param.data.to(dtype)
+        cast += 1
+    if dtype == torch.float32:
+        _retie_output_embeddings(unwrap_peft(model))
+    return cast
+
+
+def _retie_output_embeddings(model: torch.nn.Module) -> None:
+    """A tied LM head shares the input embeddings' weight again (store_frozen_linears gave it
+    its own low-precision copy)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings"):
+        return
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embeddings is not None and head.weight is not embeddings.weight:
+        head.weight = embeddings.weight
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

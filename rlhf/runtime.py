@@ -33,6 +33,13 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def frozen_weight_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The dtype frozen matmul weights are stored in for accelerate's `mixed_precision`: the
+    autocast dtype (bf16, or fp16 on a GPU without bf16), or None in an fp32 run, where
+    nothing changes. See models.store_frozen_linears."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision))
+
+
 def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs

@@ -112,6 +112,9 @@ def save_model(
     to_save = model
     if hasattr(model, "peft_config") and merge_lora:
         if state_dict is None:
+            # A base kept in bf16 (models.store_frozen_linears) goes back to fp32 first: the
+            # adapter is merged and saved in fp32, not rounded into bf16 weights.
+            models.store_frozen_linears(model, torch.float32)
             to_save = model.merge_and_unload()
         else:  # sharded weights cannot be merged in place; peft keeps the adapter keys only
             log.warning("merge_lora under ZeRO-3/FSDP: saving the LoRA adapter; merge it offline")

@@ -2,9 +2,11 @@
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.cli import main
 
@@ -74,18 +76,36 @@ def pipeline(tmp_path_factory):
     return root, args
 
 
+@contextmanager
+def accelerator_state_for(variant: list[str]):
+    """accelerate's state is one per process and fixes its mixed precision; a variant with its
+    own precision gets a fresh one, and the tests after it a fresh one again."""
+    if not any(v.startswith("precision=") for v in variant):
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize(
     "variant",
     [
         [],  # default: LoRA policy, reference = adapter disabled, shared value head
         ["ppo.value_model=separate"],  # critic initialised from the reward model
         ["ppo.lora.enabled=false", "ppo.kl_estimator=k3"],  # full FT + frozen reference copy
+        ["precision=bf16"],  # LoRA base and reward model in bf16, adapter and head fp32
     ],
-    ids=["lora-shared", "lora-separate-critic", "full-ft-frozen-ref"],
+    ids=["lora-shared", "lora-separate-critic", "full-ft-frozen-ref", "lora-bf16-frozen"],
 )
 def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
     root, args = pipeline
-    assert main(["ppo", "recipes/tiny.yaml", *args, *variant]) == 0
+    with accelerator_state_for(variant):
+        assert main(["ppo", "recipes/tiny.yaml", *args, *variant]) == 0
     ppo = root / "run" / "ppo"
     assert (ppo / "COMPLETED").is_file() and (ppo / "model" / "model.safetensors").is_file()
     info = json.loads((ppo / "run.json").read_text())
@@ -134,6 +154,11 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
 
     model = AutoModelForCausalLM.from_pretrained(ppo / "model")
     assert not hasattr(model, "peft_config")
+    # Saved in fp32 whatever the run's precision (a bf16 base is merged in fp32).
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    bf16 = "precision=bf16" in variant
+    assert info["mixed_precision"] == ("bf16" if bf16 else "no")
+    assert info["frozen_weights"] == ("bfloat16" if bf16 else "float32")
 
 
 def test_ppo_refuses_an_unfinished_sft_dir(pipeline, capsys):

@@ -29,7 +29,7 @@ from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
 from rlhf.progress import Progress
 from rlhf.rewards import answer_match, call_reward_function, has_answer, load_reward_function
 from rlhf.rundir import RunDir, require_completed
-from rlhf.runtime import make_accelerator, run_info
+from rlhf.runtime import frozen_weight_dtype, make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
 from rlhf.stats import distinct_n, wilson_interval
 from rlhf.tracking import MetricsLogger, mean_across_ranks
@@ -127,9 +127,15 @@ def run(recipe: Any, resume: bool = False) -> Path:
     with_values = cfg.estimator == "gae"  # the critic-free estimators build no value function
     if with_values and cfg.value_model == "separate":
         critic = models.load_reward_model(str(reward_dir / "model"), attn_implementation=attn)
+    # bf16 / fp16 runs keep frozen matmul weights in the autocast dtype (same numbers, no
+    # per-forward cast, half the memory); trained weights and optimizer state stay fp32.
+    frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision)
     reference = None
     if cfg.lora.enabled:
         policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy
+        # Not under FSDP / ZeRO-3: they flatten a layer's weights into one dtype per shard.
+        if frozen_dtype and not distributed.is_sharded(accelerator):
+            models.store_frozen_linears(policy, frozen_dtype)
     else:
         # Frozen roles are never prepared: a plain full copy on each rank's device, even next
         # to a ZeRO-3 / FSDP policy (rlhf/distributed.py).
@@ -137,6 +143,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
             reference = load_policy().to(device).eval()
         reference.requires_grad_(False)
         disable_dropout(reference)
+        if frozen_dtype:
+            models.store_frozen_linears(reference, frozen_dtype)
     model = ActorCritic(policy, critic, with_values=with_values)
 
     def load_scorer(model_dir: Path) -> Any:
@@ -145,6 +153,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
             rm = rm.to(device).eval()
         rm.requires_grad_(False)
         disable_dropout(rm)
+        if frozen_dtype:
+            models.store_frozen_linears(rm, frozen_dtype)
         rm_tokenizer = models.load_tokenizer(str(model_dir))
 
         def scorer(batch_prompts: list, texts: list[str], finished: Any = None) -> torch.Tensor:
@@ -197,6 +207,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         trainable_parameters=trainable,
         parameters=total,
         reference="lora-disabled" if cfg.lora.enabled else "frozen copy",
+        frozen_weights=str(frozen_dtype or torch.float32).removeprefix("torch."),
         calibration=calibration,
     )
 

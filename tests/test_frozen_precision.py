@@ -1,0 +1,138 @@
+"""Frozen weights stored in the compute precision (models.store_frozen_linears): in a bf16 run
+the LoRA base (= the reference), the reward model and a frozen reference copy keep their
+matmul weights in bf16; what trains stays fp32."""
+
+import copy
+
+import pytest
+import torch
+
+from rlhf import models, runtime, training
+from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
+from rlhf.recipe import LoraConfig, OptimConfig
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    return models.load_causal_lm(tiny_model_dir).eval()
+
+
+def _ids() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # one left-padded row
+    return ids, mask
+
+
+def _logits(model, bf16: bool = True) -> torch.Tensor:
+    ids, mask = _ids()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        return causal_lm_logits(model, ids, mask).float()
+
+
+def _bf16_base(tiny: torch.nn.Module) -> torch.nn.Module:
+    base = copy.deepcopy(tiny).requires_grad_(False)
+    models.store_frozen_linears(base, torch.bfloat16)
+    return base
+
+
+def test_frozen_linears_in_bf16_compute_what_autocast_computed(tiny):
+    base = _bf16_base(tiny)
+    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    # Embeddings and norms are not autocast ops: fp32, so the residual stream stays fp32.
+    assert base.model.embed_tokens.weight.dtype == torch.float32
+    assert base.model.norm.weight.dtype == torch.float32
+    # The tied LM head got its own bf16 copy of the embedding table.
+    assert base.lm_head.weight is not base.model.embed_tokens.weight
+    assert torch.equal(base.lm_head.weight, tiny.lm_head.weight.to(torch.bfloat16))
+    # Autocast rounded the fp32 weights to these same values in every forward: bit-identical.
+    assert torch.equal(_logits(base), _logits(tiny))
+    # Outside autocast an fp32 input meets bf16 weights: an error, never a silent fp32 run.
+    with pytest.raises(RuntimeError):
+        _logits(base, bf16=False)
+
+
+def test_trainable_linears_are_left_in_fp32(tiny):
+    model = copy.deepcopy(tiny)  # requires_grad everywhere: full fine-tuning
+    assert models.store_frozen_linears(model, torch.bfloat16) == 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_lora_with_a_bf16_base_reference_is_the_bf16_base_and_trains_in_fp32(tiny):
+    policy = models.apply_lora(copy.deepcopy(tiny), LoraConfig(enabled=True, r=4, alpha=8))
+    assert models.store_frozen_linears(policy, torch.bfloat16) > 0
+    for name, p in policy.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.dtype == torch.float32, name
+    with torch.no_grad():  # a non-zero adapter, so "disabled" is observable
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    model = ActorCritic(policy)  # shared value head
+    ids, mask = _ids()
+    with torch.autocast("cpu", torch.bfloat16):
+        reference = model.reference_logits(ids, mask).float()
+    assert torch.equal(reference, _logits(_bf16_base(tiny)))
+    assert not torch.equal(_logits(policy), reference)  # the adapter is on otherwise
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert model.value_head.weight.dtype == torch.float32
+    optimizer = training.make_optimizer(model, OptimConfig(lr=1e-3))
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, values = model(ids, mask, keep=4)
+        loss = logits.float().logsumexp(-1).mean() + values.float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    states = [t for s in optimizer.state.values() for t in s.values() if t.is_floating_point()]
+    assert states and all(t.dtype == torch.float32 for t in states if t.ndim > 0)
+
+
+def test_restoring_fp32_merges_the_adapter_in_fp32_and_saves_a_loadable_model(tiny, tmp_path):
+    policy = models.apply_lora(copy.deepcopy(tiny), LoraConfig(enabled=True, r=4, alpha=8))
+    models.store_frozen_linears(policy, torch.bfloat16)
+    q = models.unwrap_peft(policy).model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.fill_(1e-4)  # a delta near bf16's resolution next to O(0.02) weights
+        # peft's merge: W + B A * alpha / r, here by hand, in fp32 on the bf16-valued base
+        merged_q = q.base_layer.weight.float() + q.lora_B["default"].weight @ (
+            q.lora_A["default"].weight
+        ) * (8 / 4)
+    assert not torch.equal(merged_q.to(torch.bfloat16).float(), merged_q)  # bf16 would lose it
+    tokenizer = models.load_tokenizer(models.resolve("tiny-llama"))
+    training.save_model(policy, tokenizer, tmp_path, merge_lora=True, card="test")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert saved.lm_head.weight is saved.model.embed_tokens.weight  # still a tied model
+    torch.testing.assert_close(
+        saved.model.layers[0].self_attn.q_proj.weight, merged_q, rtol=0, atol=1e-7
+    )
+    assert torch.equal(saved.model.embed_tokens.weight, tiny.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cuda_bf16", "cpu_bf16", "mixed", "frozen"),
+    [
+        (True, True, False, "bf16", torch.bfloat16),  # a GPU with bf16 (A100, H100)
+        (True, False, False, "fp16", torch.float16),  # an older GPU: fp16 autocast
+        (False, False, True, "bf16", torch.bfloat16),  # AVX-512 bf16 / AMX CPU
+        (False, False, False, "no", None),  # AVX2-only CPU: fp32, nothing cast
+    ],
+    ids=["cuda-bf16", "cuda-fp16", "cpu-bf16", "cpu-avx2"],
+)
+def test_auto_precision_picks_the_frozen_weight_dtype(
+    monkeypatch, cuda, cuda_bf16, cpu_bf16, mixed, frozen
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(runtime, "cpu_supports_fast_bf16", lambda: cpu_bf16)
+    assert runtime.resolve_precision("auto") == mixed
+    assert runtime.frozen_weight_dtype(mixed) == frozen
+    assert runtime.frozen_weight_dtype(runtime.resolve_precision("fp32")) is None
