@@ -16,8 +16,8 @@ no-op. ZeRO-3 and FSDP shard the parameters themselves, which changes three thin
    `zero3_init_flag`, `from_pretrained` would partition them at load time (transformers sees
    the DeepSpeed config), so they are loaded inside `unsharded_init`.
 
-ZeRO-3 and FSDP need CUDA (NCCL); on this project's CPU tests they are exercised through
-their configs and the no-op paths only (see recipes/accelerate/README.md).
+All of this also runs on CPU ranks over gloo (tests, `recipes/accelerate/*-cpu.yaml`):
+DeepSpeed picks its CPU accelerator by itself; FSDP needs `use_fsdp_on_cpu_ranks` first.
 """
 
 from __future__ import annotations
@@ -111,6 +111,57 @@ def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[None]:
         yield
 
 
+def fsdp_requested() -> bool:
+    """The launcher asked for FSDP (`distributed_type: FSDP` in the accelerate config)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def use_fsdp_on_cpu_ranks() -> None:
+    """Let `Accelerator(cpu=True)` honour an FSDP launch on CPU ranks (gloo). Call it first.
+
+    accelerate 1.15 enables FSDP only for accelerator-backed process groups (MULTI_GPU, ...):
+    with `cpu=True` the state is MULTI_CPU and the FSDP config is dropped without a word (each
+    rank then trains a full DDP copy). torch's FSDP2 itself runs on a CPU DeviceMesh. So the
+    gloo group is built here and labelled MULTI_GPU, which is exactly the state a GPU FSDP
+    launch has before the Accelerator turns it into FSDP; the device stays the CPU.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True, backend="gloo")
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU
+
+
+def writable(accelerator: Any, params: list[Any]) -> Any:
+    """Context in which in-place writes to `params` (of a prepared model) reach every shard.
+
+    ZeRO-3 leaves each parameter an empty placeholder outside a forward: a `fill_` on it is
+    silently lost. `GatheredParameters(modifier_rank=0)` gathers them, and on exit
+    re-partitions rank 0's values to all ranks. Every rank must enter. FSDP2's DTensors and
+    unsharded parameters take in-place pointwise writes directly.
+    """
+    if sharding(accelerator) == "zero3":
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return nullcontext()
+
+
+def set_deepspeed_micro_batch(accelerator: Any, micro_batch: int) -> None:
+    """Give DeepSpeed its per-rank micro-batch when no dataloader is prepared (PPO).
+
+    DeepSpeed's config needs `train_micro_batch_size_per_gpu`; accelerate fills "auto" from a
+    prepared dataloader's batch size and refuses `prepare(model, optimizer)` without one.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = micro_batch
+
+
 def rank_indices(n: int, accelerator: Any) -> list[int]:
     """This rank's share of n evaluation items: rank, rank + world, ...
 
@@ -129,19 +180,32 @@ def rank_indices(n: int, accelerator: Any) -> list[int]:
 def unsharded_init(accelerator: Any) -> Any:
     """Context to load a model that must stay a plain full copy on each rank (frozen roles).
 
-    Under ZeRO-3 with `zero3_init_flag`, accelerate registers the DeepSpeed config with
-    transformers and `from_pretrained` partitions the weights at load time (deepspeed.zero.Init);
-    `zero3_init_context_manager(enable=False)` switches that off for the load (accelerate docs,
-    "DeepSpeed: ZeRO-3 and multiple models").
+    Under ZeRO-3, accelerate registers the DeepSpeed config with transformers, and
+    `from_pretrained` then partitions the weights at load time (deepspeed.zero.Init).
+    accelerate's own `zero3_init_context_manager(enable=False)` does not prevent it in
+    accelerate 1.15 (it re-registers the same stage-3 config), so the registration is
+    removed for the load and restored after.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero3_init_flag", False):
-        return plugin.zero3_init_context_manager(enable=False)
+    if plugin is not None and plugin.zero_stage == 3:
+        return _without_transformers_zero3(plugin)
     if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true"):
         # FSDP cpu_ram_efficient_loading: transformers loads on ranks > 0 as empty (meta)
         # tensors, to be filled by FSDP's broadcast, which never happens for a frozen role.
         return _env_override("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     return nullcontext()
+
+
+@contextmanager
+def _without_transformers_zero3(plugin: Any) -> Iterator[None]:
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if getattr(plugin, "dschf", None) is not None:  # registered by accelerate: restore it
+            set_hf_deepspeed_config(plugin.dschf)
 
 
 @contextmanager
@@ -167,6 +231,8 @@ def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str,
     if not is_sharded(accelerator):
         return None
     state = accelerator.get_state_dict(model)  # ZeRO-3: needs zero3_save_16bit_model: true
+    if state is None:  # ZeRO-3 consolidates on rank 0 only
+        return None
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

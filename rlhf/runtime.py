@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf import distributed
+
 
 def cpu_supports_fast_bf16() -> bool:
     """bf16 autocast is a win on CPUs with native bf16 (AVX512-BF16 / AMX); measured 1.58x here."""
@@ -55,6 +57,8 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     # accelerate honours ACCELERATE_USE_DEEPSPEED only with cpu=False (cpu=True would silently
     # run plain DDP); DeepSpeed then picks its own CPU accelerator and the gloo group above.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if on_cpu and launched and distributed.fsdp_requested():
+        distributed.use_fsdp_on_cpu_ranks()
     accelerator = Accelerator(
         cpu=on_cpu and not deepspeed,
         mixed_precision=mixed,

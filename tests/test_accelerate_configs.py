@@ -10,7 +10,6 @@ parameter all-gathers); their end-to-end test below runs only with 2 or more GPU
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -41,8 +40,26 @@ EXPECTED = {
     "zero2-offload": ("DEEPSPEED", 2, "cpu", "none"),
     "zero3": ("DEEPSPEED", 3, "none", "none"),
     "zero3-offload": ("DEEPSPEED", 3, "cpu", "cpu"),
+    "zero3-cpu": ("DEEPSPEED", 3, None, None),  # settings in zero3-cpu.json
     "fsdp": ("FSDP", None, None, None),
+    "fsdp2": ("FSDP", None, None, None),
+    "fsdp2-cpu": ("FSDP", None, None, None),
 }
+
+
+def _deepspeed_settings(ds: dict) -> dict:
+    """The ZeRO settings of an accelerate deepspeed_config block, inline or in its JSON file."""
+    if "deepspeed_config_file" not in ds:
+        return ds
+    config = json.loads((REPO / ds["deepspeed_config_file"]).read_text())
+    zero = config["zero_optimization"]
+    return {
+        **ds,
+        "zero_stage": zero["stage"],
+        "zero3_save_16bit_model": zero.get("stage3_gather_16bit_weights_on_model_save", False),
+        "gradient_accumulation_steps": config["gradient_accumulation_steps"],
+        "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold"),
+    }
 
 
 def test_every_config_is_covered():
@@ -60,12 +77,14 @@ def test_config_loads_in_accelerate(path):
     assert cfg.distributed_type == DistributedType[kind] == raw["distributed_type"]
     assert cfg.num_processes >= 1 and cfg.num_machines >= 1
     if kind == "DEEPSPEED":
-        ds = cfg.deepspeed_config
+        ds = _deepspeed_settings(cfg.deepspeed_config)
         assert ds["zero_stage"] == stage
-        assert ds["offload_optimizer_device"] == opt_off
-        assert ds["offload_param_device"] == par_off
+        assert ds.get("offload_optimizer_device") == opt_off
+        assert ds.get("offload_param_device") == par_off
         # the recipe's grad_accum must win: set here, it would override Accelerator's argument
-        assert "gradient_accumulation_steps" not in ds
+        assert ds.get("gradient_accumulation_steps", "auto") == "auto"
+        if path.stem == "zero3-cpu":  # partitions every parameter, however small (tests)
+            assert ds["stage3_param_persistence_threshold"] == 0
         if stage == 3:
             assert ds["zero3_init_flag"] is True
             assert ds["zero3_save_16bit_model"] is True  # else get_state_dict refuses
@@ -75,14 +94,18 @@ def test_config_loads_in_accelerate(path):
         fsdp = cfg.fsdp_config
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
         assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-        assert fsdp["fsdp_sync_module_states"] is True
+        if path.stem.startswith("fsdp2"):
+            assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True
+        else:
+            assert fsdp["fsdp_sync_module_states"] is True
         # true would load PPO's frozen roles as empty tensors on ranks > 0
         assert fsdp["fsdp_cpu_ram_efficient_loading"] is False
     if path.stem == "multi-node":
         assert cfg.num_machines == 2 and cfg.main_process_ip and cfg.main_process_port
         assert cfg.num_processes % cfg.num_machines == 0
-    if path.stem == "cpu-2proc":
-        assert cfg.num_processes == 2 and cfg.use_cpu
+    if path.stem == "cpu-2proc" or path.stem.endswith("-cpu"):
+        assert cfg.num_processes == 2
+        assert cfg.use_cpu or kind == "DEEPSPEED"  # DeepSpeed picks its CPU accelerator itself
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -99,6 +122,10 @@ def test_launcher_accepts_config(path):
     if kind == "DEEPSPEED":
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
         _, env = prepare_deepspeed_cmd_env(args)
+        if "ACCELERATE_DEEPSPEED_CONFIG_FILE" in env:  # the JSON's settings: checked above
+            assert (REPO / env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).is_file()
+            assert env["ACCELERATE_DEEPSPEED_ZERO3_INIT"] == "true"
+            return
         assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
         assert env["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] == opt_off
         assert env["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] == par_off
@@ -221,27 +248,31 @@ def test_full_state_dict_none_without_sharding_and_prefix_selected_with_it():
     assert distributed.full_state_dict(acc, "engine") == full
     assert set(distributed.full_state_dict(acc, "engine", prefix="policy.")) == {"w", "b"}
     assert calls == ["engine", "engine"]  # the prepared model, on every call (a collective)
+    acc.get_state_dict = lambda model: None  # ZeRO-3 consolidates on rank 0 only
+    assert distributed.full_state_dict(acc, "engine", prefix="policy.") is None
 
 
-def test_unsharded_init_switches_zero3_init_off_and_fsdp_lazy_loading(monkeypatch):
-    entered = []
-
-    @contextlib.contextmanager
-    def zero3_init_context_manager(enable):
-        entered.append(enable)
-        yield
-
-    acc = _fake(
-        "DEEPSPEED",
-        zero_stage=3,
-        zero3_init_flag=True,
-        zero3_init_context_manager=zero3_init_context_manager,
+def test_unsharded_init_hides_zero3_from_transformers_and_fsdp_lazy_loading(monkeypatch):
+    from transformers.integrations import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
     )
-    with distributed.unsharded_init(acc):
-        pass
-    assert entered == [False]
-    with distributed.unsharded_init(_fake("DEEPSPEED", zero_stage=3, zero3_init_flag=False)):
-        pass
+
+    class Registered:  # accelerate's HfDeepSpeedConfig, as far as transformers asks it
+        def is_zero3(self) -> bool:
+            return True
+
+    registered = Registered()
+    set_hf_deepspeed_config(registered)
+    try:
+        acc = _fake("DEEPSPEED", zero_stage=3, zero3_init_flag=True, dschf=registered)
+        assert is_deepspeed_zero3_enabled()  # from_pretrained would partition at load
+        with distributed.unsharded_init(acc):
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()  # restored for the trainable model
+    finally:
+        unset_hf_deepspeed_config()
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     with distributed.unsharded_init(_fake("FSDP", fsdp_version=1)):
         assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"

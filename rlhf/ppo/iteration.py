@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rlhf.distributed import gathered_for_generation
+from rlhf.distributed import gathered_for_generation, writable
 from rlhf.ppo.actor_critic import eval_mode
 from rlhf.ppo.advantages import compute_advantages
 from rlhf.ppo.core import explained_variance, masked_mean
@@ -92,8 +92,10 @@ def ppo_iteration(
         mean_return = accelerator.reduce(
             masked_mean(returns, roll.mask), "mean"
         )  # same on all ranks
-        unwrapped.init_value_bias(mean_return.item())
-        roll.values = torch.full_like(roll.values, unwrapped.value_head.bias.item()) * roll.mask
+        with writable(accelerator, list(unwrapped.value_head.parameters())):
+            unwrapped.init_value_bias(mean_return.item())
+        # V = bias (the head's weights are still 0); not read back: sharded, it is a shard.
+        roll.values = torch.full_like(roll.values, mean_return.item()) * roll.mask
         advantages, returns, kl = advantages_and_returns()
     roll.seq_kl = (kl * roll.mask).sum(1)
     non_score = -kl_ctl.value * roll.seq_kl  # the KL part of each sequence's return

@@ -180,6 +180,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     # one optimizer step per minibatch: ppo_epochs * (batch / mini_batch) per iteration
     updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.iterations * updates_per_iter)
+    distributed.set_deepspeed_micro_batch(accelerator, cfg.mini_batch_size // cfg.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: ActorCritic = accelerator.unwrap_model(model)
     kl_ctl = (
