@@ -191,6 +191,17 @@ class DPOStageConfig(TrainLoopConfig):
     train: DataSource | None = None
     eval: DataSource | None = None
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out when `eval` is unset")
+    eval_pairs: int = Field(
+        32,
+        ge=0,
+        description="held-out pairs (a seeded sample) scored every eval_every steps and at the "
+        "end; 0 = all of them",
+    )
+    eval_prompts: DataSource | None = Field(
+        None,
+        description="prompts for the end-of-run generation eval (default: ppo.eval_prompts), "
+        "sampled and judged as the PPO stage does (ppo sampling settings, eval.*)",
+    )
     sft_dir: str | None = Field(
         None, description="default: <output_dir>/sft (policy and reference)"
     )
@@ -312,7 +323,8 @@ class EvalJudgeConfig(Section):
 
 
 class EvalConfig(Section):
-    """The PPO stage's end-of-run evaluation (held-out prompts, SFT vs PPO)."""
+    """The PPO and DPO stages' end-of-run evaluation (held-out prompts, SFT vs the tuned
+    policy; rlhf/policy_eval.py)."""
 
     judges: list[EvalJudgeConfig] = Field(default_factory=list)
     samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")

@@ -5,6 +5,7 @@ One SFT run feeds every DPO run here. The 4-way rankings of tests/test_pipeline.
 """
 
 import json
+import math
 import os
 import re
 import signal
@@ -245,6 +246,77 @@ def test_all_pairs_expansion_counts_in_run_json(sft):
                  "dpo.max_steps=1"]) == 0  # fmt: skip
     info = json.loads((out / "dpo" / "run.json").read_text())
     assert info["pairs"] == "all" and info["train_pairs"] == 6 * info["train_rankings"]
+
+
+def test_eval_pairs_are_a_fixed_seeded_sample():
+    from rlhf.stages.dpo import eval_subset
+
+    rows = [{"i": i} for i in range(10)]
+    picked = eval_subset(rows, 4, seed=3)
+    assert len(picked) == 4 and picked == eval_subset(rows, 4, seed=3)
+    assert [r["i"] for r in picked] == sorted(r["i"] for r in picked)  # held-out order kept
+    assert picked != eval_subset(rows, 4, seed=4)
+    assert eval_subset(rows, 0, seed=3) == rows == eval_subset(rows, 10, seed=3)
+
+
+def test_judges_are_the_trained_reward_model_then_eval_judges():
+    from rlhf.recipe import load_recipe
+    from rlhf.stages.dpo import judge_entries
+
+    recipe = load_recipe("recipes/tiny.yaml", ["output_dir=/x"])
+    assert [(j.name, j.model) for j in judge_entries(recipe)] == [
+        ("reward", "{output_dir}/reward"),
+        ("judge", "{output_dir}/judge"),
+    ]
+    # already judged by the recipe (same folder once expanded): not twice
+    again = load_recipe("recipes/tiny.yaml", ["output_dir=/x", "eval.judges=[{model: /x/reward}]"])
+    assert [j.model for j in judge_entries(again)] == ["/x/reward"]
+
+
+def test_eval_json_judges_the_policy_as_ppo_does(sft, tmp_path):
+    """End of run: DPO vs SFT on held-out prompts sampled as PPO samples them, judged by the
+    trained reward model (<output_dir>/reward, present) and eval.judges (absent: skipped), with
+    answer accuracy, KL to the reference, length and EOS rate."""
+    root, args = sft
+    reward = [
+        "reward.eval=null",
+        "reward.max_steps=2",
+        f"reward.train.path={root / 'rank.jsonl'}",
+        f"reward.init_from={root / 'run' / 'sft' / 'model'}",
+    ]
+    assert main(["reward", "recipes/tiny.yaml", f"output_dir={tmp_path}", *reward]) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": "What is 2 plus 3?", "answer": "5"},
+        {"prompt": "Say something kind."},
+        {"prompt": "What is the capital of France?", "answer": "Paris"},
+        {"prompt": "What is 4 times 4?", "answer": "16"},
+        {"prompt": "Beyond eval_size: never sampled.", "answer": "x"},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["dpo", "recipes/tiny.yaml", *args, f"output_dir={tmp_path}", "dpo.max_steps=2",
+                 f"dpo.eval_prompts.path={prompts}", "eval.samples_per_prompt=2"]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "dpo" / "eval.json").read_text())
+    assert results["prompts_source"] == "dpo.eval_prompts"
+    assert (results["n_prompts"], results["samples_per_prompt"], results["n_samples"]) == (4, 2, 8)
+    assert results["sampling"]["temperature"] == 0.7  # ppo.temperature
+    assert "win_rate" not in results  # no training score: every reward model is a judge
+
+    rm = results["judges"]["reward"]
+    assert rm["n"] == 8 and {"sft_mean", "dpo_mean"} <= set(rm)
+    low, high = rm["win_rate_ci95"]  # Wilson
+    assert 0.0 <= low <= rm["win_rate"] <= high <= 1.0 and low < high
+    assert "does not exist" in results["judges"]["judge"]["skipped"]
+
+    assert results["answer_accuracy"]["n"] == 3 * 2  # 3 of the 4 sampled prompts have answers
+    assert {"sft", "dpo"} <= set(results["answer_accuracy"])
+    # Sampled from the policy, scored against the adapter-disabled reference: a reference that
+    # were the policy itself would give exactly 0.
+    assert math.isfinite(results["kl_mean"]) and results["kl_mean"] != 0
+    for side in ("", "sft_"):
+        assert 1 <= results[f"{side}response_length_mean"] <= 8  # tiny: max_new_tokens 8
+        assert 0 <= results[f"{side}eos_rate"] <= 1
+    assert set(results["samples"][0]) == {"prompt", "dpo", "sft"}
 
 
 @pytest.fixture(scope="module")

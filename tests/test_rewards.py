@@ -255,7 +255,7 @@ def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
 
 
 def test_judge_of_a_policy_against_itself_gives_one_half():
-    from rlhf.stages.ppo import judge_summary
+    from rlhf.policy_eval import judge_summary
 
     scores = [0.3, -1.0, 2.0, 0.3]
     got = judge_summary(scores, list(scores), positive_above=0.0)

@@ -7,6 +7,10 @@ rankings as the reward stage, keeping this project's run-directory contract.
   * data: pairs, or K-way rankings expanded to all K(K-1)/2 pairs or the best against each
     other (`dpo.pairs`, recorded in run.json). The held-out rankings always give all pairs.
   * the loss is TRL's (`dpo.loss_type`, `dpo.beta`); the Trainer runs the loop, DDP included.
+  * evaluation: the implicit reward on a fixed sample of held-out pairs (`dpo.eval_pairs`,
+    every eval_every steps and at the end), then the PPO stage's end-of-run comparison with
+    SFT (rlhf/policy_eval.py) on held-out prompts: the trained reward model and eval.judges,
+    answer accuracy, KL to the reference, length, EOS rate.
   * contract: a TrainerCallback writes TRL's logs to metrics.jsonl / tb/ in our key style,
     turns SIGINT/SIGTERM into a checkpoint and a clean stop, and marks each finished checkpoint
     VALID (the Trainer writes checkpoint-N/ in place, so a folder without VALID may be torn).
@@ -26,9 +30,10 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from rlhf import checkpoint, data, distributed, models, training
+from rlhf import checkpoint, data, distributed, models, policy_eval, reward_sources, training
 from rlhf import dpo as pref
 from rlhf.errors import UserError
+from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import resolve_precision, run_info, set_seed, setup_logging
 from rlhf.signals import Interrupted, StopSignal
@@ -43,6 +48,16 @@ def sft_model_dir(recipe: Any) -> Path:
     cfg = recipe.dpo
     sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else recipe.stage_dir("sft")
     return require_completed(sft_dir, "dpo.sft_dir: the SFT run") / "model"
+
+
+def load_eval_prompts(recipe: Any, tokenizer: Any) -> list:
+    """Held-out prompts for the generation eval: dpo.eval_prompts, else ppo.eval_prompts
+    (none: no generation eval), fitted to ppo.max_prompt_length like PPO's."""
+    source = recipe.dpo.eval_prompts or recipe.ppo.eval_prompts
+    if source is None:
+        return []
+    items = data.load_prompts(source, recipe.data.on_invalid).items
+    return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
 
 
 def load_rankings(recipe: Any) -> tuple[list, list]:
@@ -147,12 +162,62 @@ def implicit_reward_eval(trainer: Any, beta: float) -> dict[str, Any]:
     return pref.implicit_reward_metrics(torch.cat(chosen), torch.cat(rejected))
 
 
-def evaluate_policy(trainer: Any, beta: float) -> dict[str, Any]:
-    """eval.json's numbers. The generation-based judges (reward models, answer accuracy, KL,
-    length, EOS rate; as the PPO stage reports them) belong here too."""
-    if trainer.eval_dataset is None:
-        return {}
-    return {"preference": implicit_reward_eval(trainer, beta)}
+def eval_subset(rows: list[dict], size: int, seed: int) -> list[dict]:
+    """A fixed seeded sample of `size` held-out pairs (all when 0 or fewer exist): the
+    Trainer scores them every eval_every steps, so their count sets what an eval costs."""
+    if size == 0 or size >= len(rows):
+        return rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return [rows[i] for i in sorted(order[:size].tolist())]
+
+
+def judge_entries(recipe: Any) -> list[Any]:
+    """eval.judges with the trained reward model first (ppo.reward_dir, default
+    <output_dir>/reward; skipped when absent): DPO never saw it, PPO trains against it."""
+    from rlhf.recipe import EvalJudgeConfig
+
+    reward = recipe.ppo.reward_dir or "{output_dir}/reward"
+    expand = lambda p: reward_sources.expand_path(p, recipe.output_dir)  # noqa: E731
+    judges = list(recipe.eval.judges)
+    if any(j.model is not None and expand(j.model) == expand(reward) for j in judges):
+        return judges
+    return [EvalJudgeConfig(model=reward, name="reward"), *judges]
+
+
+def generation_eval(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) -> dict[str, Any]:
+    """DPO policy vs the SFT policy on held-out prompts, exactly as the PPO stage evaluates:
+    same sampling, seeds, judges, answer accuracy, KL to the reference, length, EOS rate."""
+    accelerator = trainer.accelerator
+    policy = accelerator.unwrap_model(trainer.model)
+    reference = None  # LoRA: the policy with its adapter off, as TRL's reference is
+    if trainer.ref_model is not None:
+        reference = accelerator.unwrap_model(trainer.ref_model)
+    return policy_eval.evaluate_policy(
+        ActorCritic(policy, with_values=False),
+        reference,
+        None,  # no training score: every reward model is a judge here
+        tokenizer,
+        prompts,
+        recipe,
+        accelerator,
+        lambda model_dir: policy_eval.reward_model_scorer(model_dir, recipe, accelerator),
+        label="dpo",
+        judge_entries=judge_entries(recipe),
+    )
+
+
+def evaluate_policy(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) -> dict[str, Any]:
+    """eval.json's numbers: the implicit reward on the held-out pairs, and the
+    generation-based comparison with SFT (when there are held-out prompts)."""
+    results: dict[str, Any] = {}
+    if trainer.eval_dataset is not None:
+        results["preference"] = implicit_reward_eval(trainer, recipe.dpo.beta)
+    if prompts:
+        results.update(generation_eval(trainer, recipe, tokenizer, prompts))
+        results["prompts_source"] = (
+            "dpo.eval_prompts" if recipe.dpo.eval_prompts else ("ppo.eval_prompts")
+        )
+    return results
 
 
 # ------------------------------------------------------------------------------------ stage
@@ -232,7 +297,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
     fit = lambda items: data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)  # noqa: E731
     train_items, eval_items = fit(train_items), fit(eval_items)
     train_rows = pref.preference_rows(train_items, cfg.pairs)
-    eval_rows = pref.preference_rows(eval_items, "all")
+    held_out_pairs = pref.preference_rows(eval_items, "all")
+    eval_rows = eval_subset(held_out_pairs, cfg.eval_pairs, recipe.seed)
+    eval_prompts = load_eval_prompts(recipe, tokenizer)
     if not train_rows:
         raise UserError(f"{cfg.train.path}: no ranking with at least two responses")
     train_set = Dataset.from_list(train_rows)
@@ -284,6 +351,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         train_pairs=len(train_rows),
         eval_rankings=len(eval_items),
         eval_pairs=len(eval_rows),
+        held_out_pairs=len(held_out_pairs),
+        eval_prompts=min(len(eval_prompts), recipe.ppo.eval_size),
         trainable_parameters=trainable,
         parameters=total,
     )
@@ -315,7 +384,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     step = trainer.state.global_step
     results = {
-        **evaluate_policy(trainer, cfg.beta),
+        **evaluate_policy(trainer, recipe, tokenizer, eval_prompts),
         "steps": step,
         "pairs": cfg.pairs,
         "loss_type": cfg.loss_type,

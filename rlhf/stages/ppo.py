@@ -20,18 +20,16 @@ import torch
 
 from rlhf import checkpoint, data, distributed, models, reward_sources, training
 from rlhf.chat import encode_prompt, pad_batch
-from rlhf.compare import win_rate
 from rlhf.errors import UserError
+from rlhf.policy_eval import evaluate_policy, generate_reference, reward_model_scorer
 from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
 from rlhf.ppo.core import AdaptiveKLController, FixedKLController
 from rlhf.ppo.iteration import ppo_iteration
-from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
+from rlhf.ppo.rollout import Rollout
 from rlhf.progress import Progress
-from rlhf.rewards import answer_match, call_reward_function, has_answer, load_reward_function
 from rlhf.rundir import RunDir, require_completed
 from rlhf.runtime import frozen_weight_dtype, make_accelerator, run_info
 from rlhf.signals import Interrupted, StopSignal
-from rlhf.stats import distinct_n, wilson_interval
 from rlhf.tracking import MetricsLogger, mean_across_ranks
 
 log = logging.getLogger(__name__)
@@ -148,28 +146,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     model = ActorCritic(policy, critic, with_values=with_values)
 
     def load_scorer(model_dir: Path) -> Any:
-        with distributed.unsharded_init(accelerator):
-            rm = models.load_reward_model(str(model_dir), attn_implementation=attn)
-            rm = rm.to(device).eval()
-        rm.requires_grad_(False)
-        disable_dropout(rm)
-        if frozen_dtype:
-            models.store_frozen_linears(rm, frozen_dtype)
-        rm_tokenizer = models.load_tokenizer(str(model_dir))
-
-        def scorer(batch_prompts: list, texts: list[str], finished: Any = None) -> torch.Tensor:
-            return reward_scores(
-                rm,
-                rm_tokenizer,
-                batch_prompts,
-                texts,
-                recipe.reward.max_length,
-                device,
-                accelerator.autocast,
-                finished,
-            )
-
-        return scorer
+        return reward_model_scorer(model_dir, recipe, accelerator)
 
     sources = reward_sources.build(
         recipe, load_scorer, lambda t: accelerator.gather(t.to(device)).cpu()
@@ -376,215 +353,6 @@ def _last_user(messages: list[dict]) -> str:
 
 
 @torch.no_grad()
-def evaluate_policy(
-    model: ActorCritic,
-    reference: torch.nn.Module | None,
-    sources: Any,
-    tokenizer: Any,
-    prompts: list[Any],
-    recipe: Any,
-    accelerator: Any,
-    load_scorer: Any,
-    calibration: dict | None = None,
-) -> dict[str, Any]:
-    """Held-out prompts x eval.samples_per_prompt: PPO policy vs the SFT (starting) policy,
-    same sampling settings and seeds. Scored by the training score (top-level keys), by every
-    judge in `eval.judges`, and by answer_match where rows carry an `answer`; win rates with
-    a 95% Wilson interval (ties half); fluency guards: KL, length, EOS, distinct-2."""
-    cfg = recipe.ppo
-    spp = recipe.eval.samples_per_prompt
-    rank = accelerator.process_index
-    pool = [p for p in prompts[: cfg.eval_size] for _ in range(spp)]
-    chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
-    device = accelerator.device
-    texts: dict[str, list[str]] = {"ppo": [], "sft": []}
-    finished: dict[str, list[bool]] = {"ppo": [], "sft": []}  # cut-off answers score as such
-    rows: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("kl", "ppo_len", "ppo_eos", "ppo_trunc", "sft_len", "sft_eos", "sft_trunc")
-    }
-    for start in range(0, len(chosen), cfg.batch_size):
-        group = [p.messages for p in chosen[start : start + cfg.batch_size]]
-        batch = pad_batch(
-            [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in group],
-            tokenizer.pad_token_id,
-            side="left",
-        )
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        for which in ("ppo", "sft"):
-            torch.manual_seed(recipe.seed + 12345 + start + rank)
-            with eval_mode(model), accelerator.autocast():
-                if which == "ppo":
-                    roll = generate(model.policy, ids, mask, cfg, tokenizer, keep=True)
-                    score_with_models(roll, model, reference, cfg.temperature, accelerator.autocast)
-                    rows["kl"].append(((roll.logprobs - roll.ref_logprobs) * roll.mask).sum(1))
-                else:
-                    roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
-            lengths = roll.mask.sum(1)
-            rows[f"{which}_len"].append(lengths)
-            rows[f"{which}_eos"].append(roll.ended_with_eos.float())
-            truncated = (~roll.ended_with_eos) & (lengths >= cfg.max_new_tokens)
-            rows[f"{which}_trunc"].append(truncated.float())
-            texts[which].extend(roll.texts)
-            finished[which].extend(roll.ended_with_eos.tolist())
-
-    messages = [p.messages for p in chosen]
-    fields = [p.fields for p in chosen]
-
-    def gathered(values: torch.Tensor) -> list[float]:
-        # Each sample once: the padded shares of a sharded run repeat some (rlhf/distributed.py).
-        values = values.to(device).float()
-        return distributed.gather_evaluated(accelerator, values, len(pool)).cpu().tolist()
-
-    def in_chunks(score: Any, which: str) -> torch.Tensor:
-        parts = [
-            score(
-                messages[i : i + cfg.batch_size],
-                texts[which][i : i + cfg.batch_size],
-                i,
-                finished[which][i : i + cfg.batch_size],
-            )
-            for i in range(0, len(messages), cfg.batch_size)
-        ]
-        return torch.cat([torch.as_tensor(x, dtype=torch.float32).cpu() for x in parts])
-
-    def training_score(m: list, t: list[str], i: int, f: list[bool]) -> torch.Tensor:
-        return sources(m, t, fields[i : i + cfg.batch_size], training=False, finished=f)[0]
-
-    local = {w: in_chunks(training_score, w) for w in ("ppo", "sft")}
-    score = {w: gathered(local[w]) for w in ("ppo", "sft")}
-    cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in rows.items()}
-    n = len(score["ppo"])
-    versus = judge_summary(score["sft"], score["ppo"]) if n else {}
-    result: dict[str, Any] = {
-        "n_prompts": n // spp if n else 0,
-        "n_samples": n,
-        "samples_per_prompt": spp,
-        "ppo_score_mean": _mean(score["ppo"]),
-        "sft_score_mean": _mean(score["sft"]),
-        "win_rate": versus.get("win_rate", float("nan")),
-        "win_rate_ci95": versus.get("win_rate_ci95", [float("nan")] * 2),
-        "win_rate_ci_method": "wilson",
-        "kl_mean": _mean(cat["kl"]),
-        "response_length_mean": _mean(cat["ppo_len"]),
-        "eos_rate": _mean(cat["ppo_eos"]),
-        "truncation_rate": _mean(cat["ppo_trunc"]),
-        "sft_response_length_mean": _mean(cat["sft_len"]),
-        "sft_eos_rate": _mean(cat["sft_eos"]),
-        "sft_truncation_rate": _mean(cat["sft_trunc"]),
-        "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
-    }
-    all_texts = {w: _gather_texts(accelerator, texts[w]) for w in ("ppo", "sft")}
-    result["distinct_2"] = {w: distinct_n(all_texts[w], 2) for w in ("sft", "ppo")}
-
-    # Judges: reward models the policy never trained on, or functions (e.g. another lexicon).
-    judges: dict[str, Any] = {}
-    for entry, name in zip(recipe.eval.judges, reward_sources.source_names(recipe.eval.judges)):
-        if entry.model is not None:
-            try:
-                path = reward_sources.expand_path(entry.model, recipe.output_dir)
-                model_dir, run_dir = reward_sources.reward_model_dir(path)
-                if run_dir is not None:
-                    require_completed(run_dir, f"eval.judges ({name}):")
-                scorer = load_scorer(model_dir)
-            except UserError as e:
-                log.warning("judge %s skipped: %s", name, e)
-                judges[name] = {"skipped": str(e)}
-                continue
-
-            def judge_score(m, t, i, f, scorer=scorer):  # noqa: B023 - bound per judge
-                return scorer(m, t, f)
-
-        else:
-            fn = load_reward_function(entry.function)
-
-            def judge_score(m, t, i, f, fn=fn, entry=entry, name=name):
-                got = call_reward_function(
-                    name, fn, m, t, fields[i : i + cfg.batch_size], entry.args
-                )
-                return torch.tensor(got)
-
-        judged = {w: gathered(in_chunks(judge_score, w)) for w in ("sft", "ppo")}
-        judges[name] = judge_summary(judged["sft"], judged["ppo"], entry.positive_above)
-    if judges:
-        result["judges"] = judges
-
-    # Verifiable answers: accuracy on the rows that carry one (answer_match).
-    has = torch.tensor([float(has_answer(f)) for f in fields])
-    if gathered(has) and sum(gathered(has)):
-        mask = gathered(has)
-        acc = {}
-        for w in ("sft", "ppo"):
-            ok = gathered(
-                in_chunks(
-                    lambda m, t, i, f: torch.tensor(
-                        answer_match(m, t, fields[i : i + cfg.batch_size])
-                    ),
-                    w,
-                )
-            )
-            acc[w] = sum(o for o, h in zip(ok, mask) if h) / sum(mask)
-        result["answer_accuracy"] = {**acc, "n": int(sum(mask))}
-
-    result["samples"] = [
-        {
-            "prompt": _last_user(m),
-            "ppo": tp,
-            "ppo_score": float(sp),
-            "sft": ts,
-            "sft_score": float(ss),
-        }
-        for m, tp, sp, ts, ss in list(
-            zip(messages, texts["ppo"], local["ppo"], texts["sft"], local["sft"])
-        )[:8]
-    ]
-    if calibration:
-        result["calibration"] = calibration
-    return result
-
-
-def judge_summary(
-    sft: list[float], ppo: list[float], positive_above: float | None = None
-) -> dict[str, Any]:
-    """Means, the PPO-over-SFT win rate (ties half) with its Wilson interval, and optionally
-    the rate of responses scoring above a threshold (with Wilson intervals)."""
-    wins = win_rate(sft, ppo)
-    out: dict[str, Any] = {
-        "sft_mean": _mean(sft),
-        "ppo_mean": _mean(ppo),
-        "win_rate": wins["win_rate_b_over_a"],
-        "win_rate_ci95": wins["win_rate_ci95"],
-        "n": len(ppo),
-    }
-    if positive_above is not None:
-        for which, values in (("sft", sft), ("ppo", ppo)):
-            hits = sum(1 for v in values if v > positive_above)
-            out[f"{which}_positive_rate"] = hits / len(values)
-            out[f"{which}_positive_rate_ci95"] = list(wilson_interval(hits, len(values)))
-        out["positive_above"] = positive_above
-    return out
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _gather_texts(accelerator: Any, texts: list[str]) -> list[str]:
-    if accelerator.num_processes == 1:
-        return list(texts)
-    from accelerate.utils import gather_object
-
-    return list(gather_object(list(texts)))
-
-
-def _generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:
-    """Sample from the SFT policy: the adapter-disabled policy, or the frozen reference copy."""
-    if reference is None:
-        with model.adapter_disabled():
-            return generate(model.policy, ids, mask, cfg, tokenizer)
-    return generate(reference, ids, mask, cfg, tokenizer)
-
-
-@torch.no_grad()
 def sft_calibration(
     model: ActorCritic,
     reference: torch.nn.Module | None,
@@ -616,7 +384,7 @@ def sft_calibration(
         batch = pad_batch([prompt_ids[i] for i in group], tokenizer.pad_token_id, side="left")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with eval_mode(model), accelerator.autocast():
-            roll = _generate_reference(model, reference, ids, mask, cfg, tokenizer)
+            roll = generate_reference(model, reference, ids, mask, cfg, tokenizer)
         raw, _ = sources(
             [prompts[i] for i in group],
             roll.texts,
