@@ -127,12 +127,40 @@ def ppo_flops(
         arch.train(h, tokens, seq / 2, lora, kept if keep else None)
         for h, lora, keep in TRAINED[variant]
     )
-    return {"generate": prefill + decode, "score": score, "update": update}
+    # The training forward: 2 FLOPs per weight (and per LoRA weight) and token, 1 x attention;
+    # the backward is the rest of the update (the optimizer's elementwise work is not counted).
+    train_forward = epochs * sum(
+        arch.forward(h, tokens, seq / 2, kept if keep else None)
+        + (tokens * 2 * arch.lora_params() if lora else 0)
+        for h, lora, keep in TRAINED[variant]
+    )
+    return {
+        "generate": prefill + decode,
+        "score": score,
+        # the score phase's parts: the reference's forward (LM head) and the reward model's
+        "reference": sum(
+            arch.forward(h, tokens, seq / 2, kept if keep else None)
+            for h, keep in SCORE_FORWARDS[variant]
+            if h == "lm"
+        ),
+        "reward": arch.forward("scalar", tokens, seq / 2),
+        "update": update,
+        "train_forward_and_loss": train_forward,
+        "backward": update - train_forward,
+    }
 
 
 def generation_bound_s(
-    arch: Arch, batch: int, prompt: float, response: float, bandwidth_gbs: float
+    arch: Arch,
+    batch: int,
+    prompt: float,
+    response: float,
+    bandwidth_gbs: float,
+    bytes_per_value: int = 4,
 ) -> float:
-    """Seconds to read the weights (and the KV cache) once per generated token."""
-    per_step = arch.weight_bytes() + arch.kv_cache_bytes(batch, prompt + response / 2)
+    """Seconds to read the weights (and the KV cache) once per generated token; 2 bytes per
+    value where they are stored in bf16."""
+    per_step = arch.weight_bytes(bytes_per_value) + arch.kv_cache_bytes(
+        batch, prompt + response / 2, bytes_per_value
+    )
     return response * per_step / (bandwidth_gbs * 1e9)

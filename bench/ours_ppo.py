@@ -63,7 +63,7 @@ def main() -> None:
     from rlhf.ppo.core import FixedKLController
     from rlhf.ppo.iteration import ppo_iteration
     from rlhf.ppo.rollout import reward_scores
-    from rlhf.runtime import make_accelerator
+    from rlhf.runtime import frozen_weight_dtype, make_accelerator
 
     recipe = build_recipe(spec)
     cfg = recipe.ppo
@@ -86,6 +86,11 @@ def main() -> None:
     reward_model = models.load_reward_model(path).to(device).eval()
     reward_model.requires_grad_(False)
     disable_dropout(reward_model)
+    frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision)
+    if frozen_dtype:  # as the PPO stage does: frozen matmul weights in the autocast dtype
+        for frozen in (policy, reference, reward_model):
+            if frozen is not None:
+                models.store_frozen_linears(frozen, frozen_dtype)
     optimizer = training.make_optimizer(model, cfg.optim)
     n_iters = spec["warmup"] + spec["iterations"]
     scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
@@ -96,6 +101,12 @@ def main() -> None:
     # Finer split of the update phase; the coarse phases come from ppo_iteration's own timing.
     timer.patch(accelerator, "backward", "backward")
     timer.patch(optimizer, "step", "optimizer")
+    # and of the score phase: the reference's forward and the reward model's
+    if reference is None:
+        timer.patch(accelerator.unwrap_model(model), "reference_logits", "reference")
+    else:
+        timer.patch(reference, "forward", "reference")
+    timed_reward_scores = timer.wrap(reward_scores, "reward")
     prompts = spec["prompts"]
     load_s = time.perf_counter() - t_start
     log(f"{spec['label']}: loaded in {load_s:.1f}s, mixed precision {accelerator.mixed_precision}")
@@ -111,7 +122,7 @@ def main() -> None:
         messages = [r["messages"] for r in rows]
 
         def score_fn(roll, messages=messages):
-            return reward_scores(
+            return timed_reward_scores(
                 reward_model,
                 reward_tokenizer,
                 messages,
@@ -145,6 +156,8 @@ def main() -> None:
             "update": metrics["timing/update"],
             "backward": phase_sum(events, "backward"),
             "optimizer": phase_sum(events, "optimizer"),
+            "reference": phase_sum(events, "reference"),
+            "reward": phase_sum(events, "reward"),
             "prompt_len": int(roll.prompt_ids.shape[1]),
             "response_len": int(roll.response_ids.shape[1]),
             "response_tokens": count_response_tokens(roll.response_ids, tokenizer.eos_token_id),
@@ -164,6 +177,7 @@ def main() -> None:
             "iterations": iterations,
             "torch_threads": torch.get_num_threads(),
             "mixed_precision": accelerator.mixed_precision,
+            "frozen_weights": str(frozen_dtype or torch.float32).removeprefix("torch."),
             "trainable_parameters": training.trainable_parameters(model)[0],
             "self_peak_rss_mb": self_peak_rss_mb(),
         },

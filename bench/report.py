@@ -18,6 +18,8 @@ PHASES = (
     "total",
     "generate",
     "score",
+    "reference",
+    "reward",
     "update",
     "train_forward_and_loss",
     "backward",
@@ -117,6 +119,8 @@ def efficiency(rows: dict, model_dir: str, settings: dict, machine: dict | None)
         peak = machine["bf16_gflops" if bf16 else "fp32_gflops"]
         phases = {}
         for phase, f in flops.items():
+            if phase not in row:  # a split this implementation's worker does not time
+                continue
             seconds = row[phase]["median"]
             achieved = f / seconds / 1e9 if seconds else None
             phases[phase] = {
@@ -125,8 +129,9 @@ def efficiency(rows: dict, model_dir: str, settings: dict, machine: dict | None)
                 "gflops": achieved,
                 "fraction_of_peak": achieved / peak if achieved else None,
             }
+        # A bf16 row stores its frozen weights and KV cache in bf16 (models.store_frozen_linears)
         bound = generation_bound_s(
-            arch, settings["batch_size"], P, R, machine["read_bandwidth_gbs"]
+            arch, settings["batch_size"], P, R, machine["read_bandwidth_gbs"], 2 if bf16 else 4
         )
         out[name] = {
             "peak_used": "bf16" if bf16 else "fp32",

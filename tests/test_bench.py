@@ -31,6 +31,40 @@ def test_ours_counts_fewer_flops_than_trl_for_the_same_rollouts():
     assert defaults["update"] < parity["update"] < trl["update"]
 
 
+def test_phase_splits_add_up_to_their_phase():
+    batch, prompt, response, epochs = 8, 64, 32, 4
+    parity, defaults = (
+        ppo_flops(SMOLLM2_135M, v, batch, prompt, response, epochs) for v in ("parity", "defaults")
+    )
+    # defaults score = reference (LoRA disabled) + reward model, nothing else
+    assert defaults["reference"] + defaults["reward"] == defaults["score"]
+    assert parity["reference"] + parity["reward"] < parity["score"]  # + the critic's forward
+    # full fine-tuning: the forward is 2 of the 6 FLOPs per weight, 1 of 3 attention terms
+    assert abs(3 * parity["train_forward_and_loss"] - parity["update"]) < 1e-6 * parity["update"]
+    # LoRA: forward 2N + 2L + attn, backward 2N + 4L + 2 attn per token (N frozen, L LoRA)
+    tokens, ctx = batch * (prompt + response), (prompt + response) / 2
+    gap = epochs * tokens * (2 * SMOLLM2_135M.lora_params() + SMOLLM2_135M.attention(ctx))
+    assert defaults["backward"] - defaults["train_forward_and_loss"] == gap
+
+
+def test_efficiency_skips_unmeasured_splits_and_bounds_bf16_rows_at_2_bytes(tmp_path):
+    import json
+
+    config = {"num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2}
+    config.update(num_key_value_heads=1, intermediate_size=16, vocab_size=100)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    timed = {k: {"median": 1.0} for k in ("generate", "score", "update", "reference")}
+    row = {"total": 4.0, "prompt_len": {"median": 6}, "response_len": {"median": 4}, **timed}
+    settings = {"batch_size": 2, "ppo_epochs": 1}
+    machine = {"fp32_gflops": 100.0, "bf16_gflops": 400.0, "read_bandwidth_gbs": 1.0}
+    rows = {"ours-defaults": {**row, "mixed_precision": "bf16"}, "trl": dict(row)}
+    eff = report.efficiency(rows, str(tmp_path), settings, machine)
+    assert set(eff["ours-defaults"]["phases"]) == {"generate", "score", "update", "reference"}
+    assert eff["ours-defaults"]["peak_used"] == "bf16" and eff["trl"]["peak_used"] == "fp32"
+    bf16_bound = eff["ours-defaults"]["generation_bandwidth_bound_s"]
+    assert bf16_bound * 2 == eff["trl"]["generation_bandwidth_bound_s"]
+
+
 def _run(impl, stage, pair, step_times, rss_mb, tokens=1000):
     result = {"step_times": step_times, "tokens": tokens, "impl": impl, "stage": stage}
     return {
