@@ -10,7 +10,8 @@ no-op. ZeRO-3 and FSDP shard the parameters themselves, which changes three thin
    rank the same number of batches (`rank_indices`).
 2. Saving needs the full state dict, gathered by every rank (`full_state_dict`), written by
    rank 0. For ZeRO-3 the config must set `zero3_save_16bit_model: true`; for FSDP,
-   accelerate gathers a FULL_STATE_DICT to rank 0's CPU.
+   accelerate gathers a full state dict to rank 0's CPU. Checkpoints for `--resume` stay
+   sharded: one file per rank (ZeRO-3; FSDP2 with SHARDED_STATE_DICT).
 3. Frozen roles (PPO reference and reward model) are NOT prepared: each rank holds a plain,
    unsharded copy on its device and runs it independently. Under ZeRO-3 with
    `zero3_init_flag`, `from_pretrained` would partition them at load time (transformers sees
