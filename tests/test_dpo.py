@@ -332,6 +332,7 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     ref_weights, weights = _weights(ref), _weights(run)
     assert ref_weights.keys() == weights.keys()
     assert all(torch.equal(ref_weights[k], v) for k, v in weights.items())
+
     # Equal up to the run's own folder, which skipped judges name in their message.
     def evaluation(folder: Path) -> dict:
         return json.loads((folder / "eval.json").read_text().replace(str(folder.parent), "<out>"))
