@@ -219,9 +219,8 @@ def evaluate_policy(
         result["judges"] = judges
 
     # Verifiable answers: accuracy on the rows that carry one (answer_match).
-    has = torch.tensor([float(has_answer(f)) for f in fields])
-    if gathered(has) and sum(gathered(has)):
-        mask = gathered(has)
+    mask = gathered(torch.tensor([float(has_answer(f)) for f in fields]))  # one gather
+    if sum(mask):
         acc = {}
         for w in ("sft", tuned):
             ok = gathered(
