@@ -7,6 +7,7 @@ that silently fell back to full copies (DDP) fails here.
 """
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,59 @@ def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(engine, one_rank,
         torch.testing.assert_close(two[name], one_rank[name], rtol=1e-5, atol=1e-6, msg=name)
         initial = one_rank[name.replace("weights.", "initial.")]
         assert not torch.equal(two[name], initial), f"{name} did not move"
+
+
+def _stage(config: str, stage: str, args: list[str]) -> str:
+    cmd = [
+        ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(_free_port()),
+        "-m", "rlhf.cli", stage, "recipes/tiny.yaml", *args,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+@pytest.mark.slow  # ~100 s per engine on 2 cores: 4 launches of the CLI
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fsdp2",
+        pytest.param("zero3", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="no deepspeed")),
+    ],
+)
+def test_every_stage_and_resume_under_sharding(engine, tmp_path):
+    """`make sft reward ppo RECIPE=recipes/tiny.yaml ACCELERATE_CONFIG=<engine>-cpu.yaml`, plus
+    `--resume` from the sharded step-2 checkpoint ending with the same weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tests.test_pipeline import _overrides, _write_data
+
+    config, distributed_type = ENGINES[engine]
+    run = tmp_path / "run"
+    args = _overrides(tmp_path, _write_data(tmp_path))
+    args[0] = f"output_dir={run}"
+    _stage(config, "sft", [*args, "sft.save_every=2"])
+    checkpoint = run / "sft" / "checkpoints" / "step-000002"
+    rank_1_shard = {
+        "fsdp2": "pytorch_model_fsdp_0/__1_0.distcp",
+        "zero3": "pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt",
+    }
+    assert (checkpoint / rank_1_shard[engine]).is_file()  # rank 1 wrote its own shard
+    first = load_file(run / "sft" / "model" / "model.safetensors")
+    log = _stage(config, "sft", [*args, "sft.save_every=2", "--resume"])
+    assert f"resumed from {checkpoint} (step 2)" in log
+    resumed = load_file(run / "sft" / "model" / "model.safetensors")
+    for name in first:
+        torch.testing.assert_close(resumed[name], first[name], rtol=0, atol=0, msg=name)
+    # full fine-tuning: the frozen reference is a full copy next to the sharded policy
+    _stage(config, "reward", args)
+    _stage(config, "ppo", [*args, "ppo.lora.enabled=false"])
+    for stage in ("sft", "reward", "ppo"):
+        info = json.loads((run / stage / "run.json").read_text())
+        assert info["world_size"] == 2 and info["distributed_type"] == distributed_type
+        assert info["parameters"] > 3e6  # counted in full, not as ZeRO-3's empty placeholders
+        assert (run / stage / "COMPLETED").is_file()
+    policy = AutoModelForCausalLM.from_pretrained(run / "ppo" / "model")
+    scorer = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model")
+    for model in (policy, scorer):
+        assert all(torch.isfinite(p).all() and p.numel() for p in model.parameters())
