@@ -245,26 +245,28 @@ def trainer_markdown(section: dict | None) -> list[str]:
 
 
 def rloo_markdown(section: dict | None) -> list[str]:
-    """ppo.estimator=rloo vs TRL's RLOOTrainer: s/iteration and peak RSS, ours / TRL."""
+    """ppo.estimator=rloo vs TRL's RLOOTrainer: s/iteration and peak RSS, ours / TRL, for the
+    full fine-tuning fp32 set-up (`rloo`) and the LoRA bf16 one (`rloo-lora`)."""
     if not section or not section["rows"]:
         return ["RLOO vs TRL's RLOOTrainer: not measured in this run."]
     st = section["settings"]
     lines = [
         f"RLOO (ppo.estimator=rloo) vs TRL RLOOTrainer, identical work: k={st['k']} answers to "
         f"each of {st['batch'] // st['k']} prompts per iteration ({st['batch']} completions), "
-        f"{st['max_new_tokens']} new tokens, one pass, full fine-tuning, fp32, beta "
-        f"{st['beta']}. s / iteration: median over the iterations after the first (warm-up).",
+        f"{st['max_new_tokens']} new tokens, one pass, beta {st['beta']}. `rloo`: full "
+        "fine-tuning, fp32, a reference copy on both sides; `rloo-lora`: LoRA r=16 on all linear "
+        "layers, bf16 where `precision: auto` picks it, the reference = the adapter disabled. "
+        "s / iteration: median over the iterations after the first (warm-up).",
         "",
-        "| impl | s / iteration | peak RSS GB | ratio vs TRL: time | ratio vs TRL: RSS |",
-        "| --- | --- | --- | --- | --- |",
+        "| set-up | impl | s / iteration | peak RSS GB | ratio vs TRL: time | ratio vs TRL: RSS |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    ratio = section["ratios"].get("rloo", {})
     for row in section["rows"]:
-        ours = row["impl"] == "ours"
+        ratio = section["ratios"].get(row["stage"], {}) if row["impl"] == "ours" else {}
         lines.append(
-            f"| {row['impl']} | {_fmt(row['s_per_step'])} | {_fmt(row['peak_rss_gb'])} "
-            f"| {_fmt(ratio.get('s_per_step')) if ours else '-'} "
-            f"| {_fmt(ratio.get('peak_rss')) if ours else '-'} |"
+            f"| {row['stage']} | {row['impl']} | {_fmt(row['s_per_step'])} "
+            f"| {_fmt(row['peak_rss_gb'])} | {_fmt(ratio.get('s_per_step')) if ratio else '-'} "
+            f"| {_fmt(ratio.get('peak_rss')) if ratio else '-'} |"
         )
     return lines
 

@@ -1,13 +1,15 @@
 """Worker: one RLOO run, ours (ppo.estimator=rloo) or TRL's RLOOTrainer, on identical work.
 
-Both: the prepared model as policy (full fine-tuning, fp32, a frozen reference copy), the same
-model with a 1-output sequence-classification head as reward model, the same prompts (chat
-template), k samples per prompt, `batch` completions per optimizer step (batch / k prompts),
-one pass over each batch (TRL num_iterations=1, ours ppo_epochs=1, one minibatch), the same
-max new tokens, temperature, KL coefficient (both fold beta * KL into the sequence reward),
-learning rate (constant), clip 1.0. Times per iteration include generation and scoring (TRL
-generates inside its training step); the first `warmup` iterations are left out by the
-summary. Peak RSS is measured by bench/run.py around the process.
+Both: the prepared model as policy (full fine-tuning, fp32, a frozen reference copy; or, with
+`lora` in the spec, LoRA r=16 on all linear layers in bf16 where `precision: auto` picks it,
+the reference being the adapter disabled), the same model with a 1-output sequence-
+classification head as reward model, the same prompts (chat template), k samples per prompt,
+`batch` completions per optimizer step (batch / k prompts), one pass over each batch (TRL
+num_iterations=1, ours ppo_epochs=1, one minibatch), the same max new tokens, temperature, KL
+coefficient (both fold beta * KL into the sequence reward), learning rate (constant), clip 1.0.
+Times per iteration include generation and scoring (TRL generates inside its training step);
+the first `warmup` iterations are left out by the summary. Peak RSS is measured by bench/run.py
+around the process.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def run_ours(spec: dict) -> dict:
     from rlhf.ppo.iteration import ppo_iteration
     from rlhf.ppo.rollout import reward_scores
     from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
-    from rlhf.runtime import make_accelerator
+    from rlhf.runtime import frozen_weight_dtype, make_accelerator
 
     k, batch = spec["k"], spec["batch"]
     cfg = PPOConfig(
@@ -42,19 +44,28 @@ def run_ours(spec: dict) -> dict:
         temperature=spec["temperature"],
         kl_coef=spec["beta"],
         normalize_score=False,
-        lora=LoraConfig(enabled=False),
+        lora=LoraConfig(enabled=spec["lora"], r=16, alpha=32, target_modules="all-linear"),
         optim=OptimConfig(lr=spec["lr"], warmup_ratio=0.0, scheduler="constant"),
     )
-    recipe = Recipe(seed=spec["seed"], precision="fp32", ppo=cfg)
+    recipe = Recipe(seed=spec["seed"], precision="auto" if spec["lora"] else "fp32", ppo=cfg)
     accelerator = make_accelerator(recipe)
     path = spec["model"]
     tokenizer = models.load_tokenizer(path, padding_side="left")
     reward_tokenizer = models.load_tokenizer(path)
-    reference = models.load_causal_lm(path).eval().requires_grad_(False)
-    disable_dropout(reference)
-    model = ActorCritic(models.load_causal_lm(path), with_values=False)
     reward_model = models.load_reward_model(path).eval().requires_grad_(False)
     disable_dropout(reward_model)
+    if spec["lora"]:  # as the PPO stage sets up LoRA: no reference copy, frozen weights in bf16
+        reference = None
+        policy = models.apply_lora(models.load_causal_lm(path), cfg.lora)
+        frozen = frozen_weight_dtype(accelerator.mixed_precision)
+        if frozen:
+            models.store_frozen_linears(policy, frozen)
+            models.store_frozen_linears(reward_model, frozen)
+    else:
+        reference = models.load_causal_lm(path).eval().requires_grad_(False)
+        disable_dropout(reference)
+        policy = models.load_causal_lm(path)
+    model = ActorCritic(policy, with_values=False)
     optimizer = training.make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = FixedKLController(cfg.kl_coef)
@@ -96,13 +107,16 @@ def run_ours(spec: dict) -> dict:
         step_times.append(time.perf_counter() - t0)
         tokens += int(roll.mask.sum())
         log(f"ours-rloo: iteration {it} {step_times[-1]:.2f}s")
-    return {"impl": "ours", "stage": "rloo", "step_times": step_times, "tokens": tokens}
+    stage = "rloo-lora" if spec["lora"] else "rloo"
+    return {"impl": "ours", "stage": stage, "step_times": step_times, "tokens": tokens}
 
 
 def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    from rlhf.runtime import resolve_precision
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -134,7 +148,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         save_strategy="no",
         report_to=[],
         use_cpu=True,
-        bf16=False,
+        bf16=spec["lora"] and resolve_precision("auto") == "bf16",
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         seed=spec["seed"],
@@ -147,6 +161,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         train_dataset=data,
         processing_class=tokenizer,
         reward_processing_classes=[reward_tokenizer],
+        peft_config=lora_config(spec),
     )
     step_times: list[float] = []
 
@@ -167,10 +182,19 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     return {
         "impl": "trl",
         "trl": trl.__version__,
-        "stage": "rloo",
+        "stage": "rloo-lora" if spec["lora"] else "rloo",
         "step_times": step_times,
         "tokens": int(sum(lengths) * spec["batch"]),
     }
+
+
+def lora_config(spec: dict):
+    """TRL's LoRA set-up for the `lora` variant (the same r, alpha and layers as ours), else None."""
+    if not spec["lora"]:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def main() -> None:

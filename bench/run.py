@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                     run_trainer(impl, stage, pair, prepared, model_dir, scratch, args)
                 )
         if "rloo" in args.only:
-            for impl in ("ours", "trl"):
-                rloo_runs.append(run_rloo(impl, pair, rloo_settings, scratch, args))
+            for variant in RLOO_VARIANTS:
+                for impl in ("ours", "trl"):
+                    rloo_runs.append(run_rloo(impl, pair, rloo_settings, scratch, args, variant))
 
     if limit_samples:
         limit_samples.append(measure_limits(args, scratch, "end"))
@@ -292,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         "rloo": {
             "settings": {k: v for k, v in rloo_settings.items() if k != "prompts"},
-            "rows": trainers.summarize_rows(rloo_runs, ("rloo",)),
-            "ratios": trainers.pair_ratios(rloo_runs, ("rloo",)),
+            "rows": trainers.summarize_rows(rloo_runs, RLOO_VARIANTS),
+            "ratios": trainers.pair_ratios(rloo_runs, RLOO_VARIANTS),
             "runs": rloo_runs,
         }
         if rloo_runs
@@ -329,21 +330,31 @@ def rloo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
     }
 
 
-def run_rloo(impl: str, pair: int, settings: dict, scratch: Path, args) -> dict:
+# "rloo": full fine-tuning in fp32 on both sides (a frozen reference copy each);
+# "rloo-lora": LoRA r=16 on all linear layers on both sides, bf16 where `precision: auto` picks
+# it (ours: the default recipe's set-up, reference = adapter disabled, bf16 frozen weights;
+# TRL: its peft_config path and `bf16=True`).
+RLOO_VARIANTS = ("rloo", "rloo-lora")
+
+
+def run_rloo(
+    impl: str, pair: int, settings: dict, scratch: Path, args, variant: str = "rloo"
+) -> dict:
     """One RLOO worker process (bench/rloo_workers.py); its peak RSS from wait4."""
-    spec_path = scratch / f"rloo-{impl}.{pair}.spec.json"
-    out_path = scratch / f"rloo-{impl}.{pair}.json"
-    write_json(spec_path, {**settings, "impl": impl})
+    name = f"{variant}-{impl}.{pair}"
+    spec_path = scratch / f"{name}.spec.json"
+    out_path = scratch / f"{name}.json"
+    write_json(spec_path, {**settings, "impl": impl, "lora": variant == "rloo-lora"})
     cmd = [sys.executable, "-m", "bench.rloo_workers", "--spec", str(spec_path)]
     cmd += ["--out", str(out_path)]
-    log(f"round {pair + 1}/{args.pairs}: rloo {impl}")
-    rc, rss, wall = run_process(cmd, scratch / f"rloo-{impl}.{pair}.log", args.timeout)
+    log(f"round {pair + 1}/{args.pairs}: {variant} {impl}")
+    rc, rss, wall = run_process(cmd, scratch / f"{name}.log", args.timeout)
     result = read_json(out_path) if rc == 0 and out_path.exists() else None
     if result is None:
-        log(f"rloo {impl} failed (rc {rc}), see {scratch / f'rloo-{impl}.{pair}.log'}")
+        log(f"{variant} {impl} failed (rc {rc}), see {scratch / f'{name}.log'}")
     return {
         "impl": impl,
-        "stage": "rloo",
+        "stage": variant,
         "pair": pair,
         "rc": rc,
         "peak_rss_mb": rss,

@@ -129,17 +129,27 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     )
     settings = run.rloo_spec(args, models.prepared_dir("tiny-llama"))
     assert (settings["k"], settings["batch"], settings["steps"]) == (4, 8, 2)
-    runs = [run.run_rloo(impl, 0, settings, tmp_path, args) for impl in ("ours", "trl")]
+    runs = [
+        run.run_rloo(impl, 0, settings, tmp_path, args, variant)
+        for variant in run.RLOO_VARIANTS
+        for impl in ("ours", "trl")
+    ]
     for r in runs:
-        assert r["rc"] == 0, (tmp_path / f"rloo-{r['impl']}.0.log").read_text()[-2000:]
+        log = tmp_path / f"{r['stage']}-{r['impl']}.0.log"
+        assert r["rc"] == 0, log.read_text()[-2000:]
         assert len(r["result"]["step_times"]) == 2 and r["peak_rss_mb"] > 0
-        assert r["result"]["tokens"] > 0
+        assert r["result"]["tokens"] > 0 and r["result"]["stage"] == r["stage"]
     section = {
         "settings": settings,
-        "rows": trainers.summarize_rows(runs, ("rloo",)),
-        "ratios": trainers.pair_ratios(runs, ("rloo",)),
+        "rows": trainers.summarize_rows(runs, run.RLOO_VARIANTS),
+        "ratios": trainers.pair_ratios(runs, run.RLOO_VARIANTS),
     }
-    assert [(r["impl"], r["steps"]) for r in section["rows"]] == [("ours", 2), ("trl", 2)]
+    assert [(r["stage"], r["impl"], r["steps"]) for r in section["rows"]] == [
+        ("rloo", "ours", 2),
+        ("rloo", "trl", 2),
+        ("rloo-lora", "ours", 2),
+        ("rloo-lora", "trl", 2),
+    ]
     table = "\n".join(report.rloo_markdown(section))
-    assert "| ours |" in table and "| trl |" in table and "k=4" in table
+    assert "| rloo | ours |" in table and "| rloo-lora | trl |" in table and "k=4" in table
     assert "not measured" in report.rloo_markdown(None)[0]
