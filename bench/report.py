@@ -164,6 +164,24 @@ def markdown(report: dict) -> str:
             else "Matmul peak not measured in this run."
         ),
         "",
+    ]
+    if not report["rows"]:  # e.g. `--only rloo`: no PPO row ran, so no PPO table or notes
+        lines += ["PPO rows (parity, trl, defaults): not measured in this run."]
+        report = {**report, "notes": []}
+    else:
+        lines += ppo_rows_markdown(report)
+    lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
+    lines += [*rloo_markdown(report.get("rloo")), ""]
+    lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n\n"
+
+
+def ppo_rows_markdown(report: dict) -> list[str]:
+    """The PPO rows: seconds and peak RSS per iteration, and matmul efficiency per phase."""
+    s = report["settings"]
+    lines = [
         f"Work: {Path(s['model']).name} as policy, reference, reward and value model; "
         f"{s['n_prompts']} prompts from {Path(s['prompts_file']).name} (chat template, left "
         f"padding, <= {s['max_prompt_length']} tokens, fixed batch order); batch "
@@ -205,12 +223,7 @@ def markdown(report: dict) -> str:
                 f"{eff['generation_vs_bound']:.1f}x the {eff['generation_bandwidth_bound_s']:.2f}"
                 " s bound |"
             )
-    lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
-    lines += [*rloo_markdown(report.get("rloo")), ""]
-    lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
-    for note in report.get("notes", []):
-        lines.append(f"- {note}")
-    return "\n".join(lines) + "\n\n"
+    return lines
 
 
 def trainer_markdown(section: dict | None) -> list[str]:
