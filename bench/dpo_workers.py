@@ -12,7 +12,9 @@ a constant learning rate and no weight decay, clip 1.0.
         its K responses once per model, every pair indexing those sequence log-probs.
 
 Step times: TRL's from a step callback, ours around the same work (batch, forwards, backward,
-clip, optimizer); the summary leaves the first (warm-up) step out. Peak RSS is measured by
+clip, optimizer), each as wall seconds and as this process's CPU seconds (on a shared machine
+the wall time counts whatever else ran, the CPU time does not); the summary leaves the first
+(warm-up) step out. Peak RSS is measured by
 bench/run.py around the process.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, read_json, worker_args, write_json
+from bench.common import log, step_time_callback, worker_main
 
 
 def step_rankings(spec: dict) -> list[list[dict]]:
@@ -69,9 +71,9 @@ def run_ours(spec: dict) -> dict:
         [dpo.encode_ranking(tokenizer, r, spec["pairs"], spec["max_length"]) for r in rankings]
         for rankings in map(to_rankings, step_rankings(spec))
     ]
-    step_times, losses, tokens = [], [], 0
+    step_times, cpu_times, losses, tokens = [], [], [], 0
     for i, rows in enumerate(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = dpo.collate_rankings(rows, tokenizer.pad_token_id)
         policy_logps = dpo.response_logps(model, batch)
         with torch.no_grad(), model.disable_adapter():
@@ -82,6 +84,7 @@ def run_ours(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         losses.append(loss.item())
         tokens += sum(int(batch[k].sum()) for k in ("attention_mask", "prefix_mask") if k in batch)
         log(f"ours-dpo: step {i} {step_times[-1]:.2f}s loss {losses[-1]:.4f}")
@@ -89,6 +92,7 @@ def run_ours(spec: dict) -> dict:
         "impl": "ours",
         "stage": "dpo",
         "step_times": step_times,
+        "cpu_times": cpu_times,
         "losses": losses,
         "tokens": tokens,
     }
@@ -97,7 +101,6 @@ def run_ours(spec: dict) -> dict:
 def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
     from datasets import Dataset
-    from transformers import TrainerCallback
 
     from rlhf import dpo, models
 
@@ -141,16 +144,8 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         peft_config=models.lora_config(lora(spec)),
     )
     step_times: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, *_args, **_kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *_args, **_kwargs):
-            step_times.append(time.perf_counter() - self.t0)
-            log(f"trl-dpo: step {len(step_times) - 1} {step_times[-1]:.2f}s")
-
-    trainer.add_callback(StepTimes())
+    cpu_times: list[float] = []
+    trainer.add_callback(step_time_callback(step_times, cpu_times, "trl-dpo"))
     trainer.train()
     data = trainer.train_dataset
     tokens = sum(
@@ -162,21 +157,15 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         "trl": trl.__version__,
         "stage": "dpo",
         "step_times": step_times,
+        "cpu_times": cpu_times,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "tokens": tokens,
     }
 
 
 def main() -> None:
-    args = worker_args(__doc__.splitlines()[0])
-    spec = read_json(args.spec)
-    t0 = time.perf_counter()
-    if spec["impl"] == "ours":
-        result = run_ours(spec)
-    else:
-        result = run_trl(spec, Path(args.out).parent)
-    result.update(rows=spec["steps"] * spec["rankings_per_step"], wall_s=time.perf_counter() - t0)
-    write_json(args.out, result)
+    rows = lambda spec: spec["steps"] * spec["rankings_per_step"]  # noqa: E731
+    worker_main(__doc__.splitlines()[0], run_ours, run_trl, rows)
 
 
 if __name__ == "__main__":

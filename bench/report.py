@@ -295,12 +295,14 @@ def dpo_markdown(section: dict | None) -> list[str]:
         f"-> {st['pairs_per_step']} pairs ({st['pairs']}), LoRA r {st['lora_r']} alpha "
         f"{st['lora_alpha']} on all linear layers, reference = adapter disabled, fp32, beta "
         f"{st['beta']}, constant lr {st['lr']}, clip 1.0. s / step: median over the steps after "
-        "the first (warm-up). Tokens / step: what each model's forward reads (TRL: the two whole "
-        "sequences of every pair; ours: each prefix once, then each response's rest).",
+        "the first (warm-up), wall and the process's CPU seconds (all its threads; on a shared "
+        "machine the wall time also counts what others ran). Tokens / step: what each model's "
+        "forward reads (TRL: the two whole sequences of every pair; ours: each prefix once, "
+        "then each response's rest).",
         "",
-        "| impl | s / step | tokens / step | peak RSS GB | first-step loss | ratio vs TRL: time "
-        "| ratio vs TRL: RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| impl | s / step | CPU s / step | tokens / step | peak RSS GB | first-step loss "
+        "| ratio vs TRL: time | ratio vs TRL: CPU time | ratio vs TRL: RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ratio = section["ratios"].get("dpo", {})
     for row in section["rows"]:
@@ -310,9 +312,10 @@ def dpo_markdown(section: dict | None) -> list[str]:
         )
         loss = f"{first['losses'][0]:.4f}" if first.get("losses") else "-"
         lines.append(
-            f"| {row['impl']} | {_fmt(row['s_per_step'])} | {row['tokens'] / row['steps']:.0f} "
-            f"| {_fmt(row['peak_rss_gb'])} | {loss} "
+            f"| {row['impl']} | {_fmt(row['s_per_step'])} | {_fmt(row['cpu_s_per_step'])} "
+            f"| {row['tokens'] / row['steps']:.0f} | {_fmt(row['peak_rss_gb'])} | {loss} "
             f"| {_fmt(ratio.get('s_per_step')) if ours else '-'} "
+            f"| {_fmt(ratio.get('cpu_s_per_step')) if ours else '-'} "
             f"| {_fmt(ratio.get('peak_rss')) if ours else '-'} |"
         )
     return lines

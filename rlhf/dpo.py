@@ -171,10 +171,13 @@ def encode_ranking(
     }
 
 
-def collate_rankings(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """reward.collate_rankings with shared prefixes (capped at each prompt's length), plus
+def collate_rankings(
+    rows: list[dict[str, Any]], pad_id: int, share_prefix: bool = True
+) -> dict[str, torch.Tensor]:
+    """reward.collate_rankings, shared prefixes capped at each prompt's length (off: whole
+    sequences, e.g. under gradient checkpointing, which turns the KV cache off), plus
     `completion_mask`, (R, T): which of input_ids are response tokens."""
-    batch = reward.collate_rankings(rows, pad_id, share_prefix=True)
+    batch = reward.collate_rankings(rows, pad_id, share_prefix=share_prefix)
     prompt_len = torch.tensor([row["prompt_len"] for row in rows])[batch["row_prompt"]]
     start = torch.zeros_like(prompt_len)  # where input_ids begin in the whole sequence
     if "prefix_mask" in batch:

@@ -527,3 +527,34 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
     assert ours.shape == (12,)
     assert abs(trl_loss.item() - math.log(2.0)) > 1e-3  # the comparison is not trivial
     assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+
+
+def test_response_logps_shared_prefix_and_whole_sequences_equal_full_logits(tiny_model_dir):
+    """Both batchings give each response's summed completion log-probs as completion_logps
+    computes them from the full logits of the whole, unshared sequences."""
+    from rlhf import models
+    from rlhf.chat import pad_batch
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    model = models.load_causal_lm(tiny_model_dir).eval()
+    rankings = [
+        Ranking(prompt=[{"role": "user", "content": q}], responses=rs, ranking=[1, 0, 2][: len(rs)])
+        for q, rs in (
+            ("Name a colour.", ["Red.", "Blue, or green.", "No."]),
+            ("Hi?", ["Hello!", "Hm."]),
+        )
+    ]
+    rows = [pref.encode_ranking(tokenizer, r, "all") for r in rankings]
+    seqs = [s for row in rows for s in row["seqs"]]
+    whole = pad_batch(seqs, tokenizer.pad_token_id, "right")
+    starts = [row["prompt_len"] for row in rows for _ in row["seqs"]]
+    cols = torch.arange(whole["input_ids"].shape[1])
+    completion = whole["attention_mask"] * (cols[None] >= torch.tensor(starts)[:, None])
+    with torch.no_grad():
+        logits = model(**whole).logits
+        expected = pref.completion_logps(logits, whole["input_ids"], completion)
+        for share in (True, False):
+            batch = pref.collate_rankings(rows, tokenizer.pad_token_id, share_prefix=share)
+            assert ("prefix_ids" in batch) == share
+            got = pref.response_logps(model, batch)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (share, got, expected)
