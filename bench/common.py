@@ -81,6 +81,39 @@ class PhaseTimer:
         ]
 
 
+def step_time_callback(step_times: list[float], cpu_times: list[float] | None = None, label=""):
+    """A transformers TrainerCallback appending each optimizer step's wall seconds (and the
+    process's CPU seconds: on a shared machine they do not count the time others ran)."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, *_args, **_kwargs):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *_args, **_kwargs):
+            step_times.append(time.perf_counter() - self.t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - self.c0)
+            if label:
+                log(f"{label}: step {len(step_times) - 1} {step_times[-1]:.2f}s")
+
+    return StepTimes()
+
+
+def worker_main(description: str, run_ours: Callable, run_trl: Callable, rows: Callable) -> None:
+    """A worker module's main for ours-vs-TRL stages: spec["impl"] picks the side;
+    `rows(spec)` is the number of rows the run consumed."""
+    args = worker_args(description)
+    spec = read_json(args.spec)
+    t0 = time.perf_counter()
+    if spec["impl"] == "ours":
+        result = run_ours(spec)
+    else:
+        result = run_trl(spec, Path(args.out).parent)
+    result.update(rows=rows(spec), wall_s=time.perf_counter() - t0)
+    write_json(args.out, result)
+
+
 def phase_sum(events: list[tuple[str, float, float]], name: str) -> float:
     return sum(e - s for n, s, e in events if n == name)
 

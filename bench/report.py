@@ -163,17 +163,16 @@ def markdown(report: dict) -> str:
             if m
             else "Matmul peak not measured in this run."
         ),
-        "",
     ]
-    if not report["rows"]:  # e.g. `--only rloo`: no PPO row ran, so no PPO table or notes
-        lines += ["PPO rows (parity, trl, defaults): not measured in this run."]
-        report = {**report, "notes": []}
+    if report["rows"]:  # the PPO rows ran
+        lines += ["", *ppo_rows_markdown(report)]
     else:
-        lines += ppo_rows_markdown(report)
+        lines += ["", "PPO rows (parity, trl, defaults): not measured in this run."]
     lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
     lines += [*rloo_markdown(report.get("rloo")), ""]
+    lines += [*dpo_markdown(report.get("dpo")), ""]
     lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
-    for note in report.get("notes", []):
+    for note in report.get("notes", []) if report["rows"] else []:  # notes on the PPO rows
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n\n"
 
@@ -280,6 +279,48 @@ def rloo_markdown(section: dict | None) -> list[str]:
             f"| {row['stage']} | {row['impl']} | {_fmt(row['s_per_step'])} "
             f"| {_fmt(row['peak_rss_gb'])} | {_fmt(ratio.get('s_per_step')) if ratio else '-'} "
             f"| {_fmt(ratio.get('peak_rss')) if ratio else '-'} |"
+        )
+    return lines
+
+
+def dpo_markdown(section: dict | None) -> list[str]:
+    """One DPO optimizer step: TRL's DPOTrainer vs our pair loss on the reward batching."""
+    if not section or not section["rows"]:
+        return ["DPO step vs TRL's DPOTrainer: not measured in this run."]
+    st = section["settings"]
+    trl_version = next(
+        (r["result"].get("trl") for r in section["runs"] if r["impl"] == "trl" and r["result"]),
+        "?",
+    )
+    lines = [
+        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf.dpo: the same sigmoid loss on the "
+        "reward stage's batching, each ranking's shared prefix once and each response once per "
+        f"model), identical work: {st['rankings_per_step']} 4-way rankings per optimizer step "
+        f"-> {st['pairs_per_step']} pairs ({st['pairs']}), LoRA r {st['lora_r']} alpha "
+        f"{st['lora_alpha']} on all linear layers, reference = adapter disabled, fp32, beta "
+        f"{st['beta']}, constant lr {st['lr']}, clip 1.0. s / step: median over the steps after "
+        "the first (warm-up), wall and the process's CPU seconds (all its threads; on a shared "
+        "machine the wall time also counts what others ran). Tokens / step: what each model's "
+        "forward reads (TRL: the two whole sequences of every pair; ours: each prefix once, "
+        "then each response's rest).",
+        "",
+        "| impl | s / step | CPU s / step | tokens / step | peak RSS GB | first-step loss "
+        "| ratio vs TRL: time | ratio vs TRL: CPU time | ratio vs TRL: RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ratio = section["ratios"].get("dpo", {})
+    for row in section["rows"]:
+        ours = row["impl"] == "ours"
+        first = next(
+            r["result"] for r in section["runs"] if r["impl"] == row["impl"] and r["result"]
+        )
+        loss = f"{first['losses'][0]:.4f}" if first.get("losses") else "-"
+        lines.append(
+            f"| {row['impl']} | {_fmt(row['s_per_step'])} | {_fmt(row['cpu_s_per_step'])} "
+            f"| {row['tokens'] / row['steps']:.0f} | {_fmt(row['peak_rss_gb'])} | {loss} "
+            f"| {_fmt(ratio.get('s_per_step')) if ours else '-'} "
+            f"| {_fmt(ratio.get('cpu_s_per_step')) if ours else '-'} "
+            f"| {_fmt(ratio.get('peak_rss')) if ours else '-'} |"
         )
     return lines
 

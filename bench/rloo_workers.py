@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, read_json, worker_args, write_json
+from bench.common import log, step_time_callback, worker_main
 
 
 def run_ours(spec: dict) -> dict:
@@ -114,7 +114,7 @@ def run_ours(spec: dict) -> dict:
 def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.runtime import resolve_precision
 
@@ -164,15 +164,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         peft_config=lora_config(spec),
     )
     step_times: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, *_args, **_kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *_args, **_kwargs):
-            step_times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(StepTimes())
+    trainer.add_callback(step_time_callback(step_times))
     trainer.train()
     lengths = [
         e["completions/mean_length"]
@@ -198,15 +190,8 @@ def lora_config(spec: dict):
 
 
 def main() -> None:
-    args = worker_args(__doc__.splitlines()[0])
-    spec = read_json(args.spec)
-    t0 = time.perf_counter()
-    if spec["impl"] == "ours":
-        result = run_ours(spec)
-    else:
-        result = run_trl(spec, Path(args.out).parent)
-    result.update(rows=spec["steps"] * spec["batch"], wall_s=time.perf_counter() - t0)
-    write_json(args.out, result)
+    rows = lambda spec: spec["steps"] * spec["batch"]  # noqa: E731
+    worker_main(__doc__.splitlines()[0], run_ours, run_trl, rows)
 
 
 if __name__ == "__main__":

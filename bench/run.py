@@ -6,6 +6,8 @@
   python -m bench.run --model tiny-llama   the same rows on the tiny random model
   python -m bench.run --only sft,reward  SFT / reward-model steps, ours vs TRL's trainers
   python -m bench.run --only rloo        ppo.estimator=rloo vs TRL 1.16's RLOOTrainer
+  python -m bench.run --only dpo         a DPO step: TRL's DPOTrainer vs our pair loss on the
+                                         reward stage's batching (shared prefixes)
   python -m bench.run --e2e-log FILE     quote a `make sft reward ppo` timing file verbatim
 
 Each measurement is a separate process (peak RSS per process from os.wait4), run one after the
@@ -51,6 +53,13 @@ PROMPTS_FILE = (
     / "oasst_prompts_en.jsonl"
 )
 ROWS = ("parity", "trl", "defaults")  # the order inside each round
+WORKER_STAGES = ("rloo", "dpo")  # ours and TRL's in one module, bench/<stage>_workers.py
+# The set-ups each worker stage runs, every one as ours and as TRL's. RLOO: "rloo" is full
+# fine-tuning in fp32 on both sides (a frozen reference copy each); "rloo-lora" is LoRA r=16 on
+# all linear layers on both sides, bf16 where `precision: auto` picks it (ours: the default
+# recipe's set-up, reference = adapter disabled, bf16 frozen weights; TRL: its peft_config path
+# and `bf16=True`).
+WORKER_VARIANTS = {"rloo": ("rloo", "rloo-lora"), "dpo": ("dpo",)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         default="matmul,parity,trl,defaults,sft,reward",
         help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl, sft, "
-        "reward, rloo",
+        "reward, rloo, dpo",
+    )
+    p.add_argument(
+        "--dpo-pairs",
+        choices=("best_vs_rest", "all"),
+        default="best_vs_rest",
+        help="dpo row: how each 4-way ranking becomes pairs (default: the recipe's)",
+    )
+    p.add_argument(
+        "--dpo-rankings", type=int, default=3, help="dpo row: rankings per optimizer step"
     )
     p.add_argument(
         "--trainer-rows", type=int, default=None, help="rows per SFT / reward epoch (default 48)"
@@ -85,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.only.split(","):
         item = item.strip()
         only |= {"parity", "defaults"} if item == "ours" else {item}
-    unknown = only - {"matmul", *ROWS, *trainers.STAGES, "rloo"}
+    unknown = only - {"matmul", *ROWS, *trainers.STAGES, *WORKER_STAGES}
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}")
     args.only = only
@@ -213,15 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": args.iterations,
         "pairs": args.pairs,
     }
-    prompts = encode_prompts(model_dir, args.prompts, args.n_prompts, 64)
+    # Only the PPO rows read them (the RLOO row falls back to its own).
+    prompts = (
+        encode_prompts(model_dir, args.prompts, args.n_prompts, 64) if args.only & set(ROWS) else []
+    )
     trl_python = ensure_trl_venv() if "trl" in args.only else None
 
     limit_samples = [measure_limits(args, scratch, "start")] if "matmul" in args.only else []
 
     stages = [st for st in trainers.STAGES if st in args.only]
     prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
-    runs, trainer_runs, rloo_runs = [], [], []
-    rloo_settings = rloo_spec(args, model_dir)
+    runs, trainer_runs = [], []
+    worker_settings = {"rloo": rloo_spec(args, model_dir), "dpo": dpo_spec(args, model_dir)}
+    worker_runs: dict[str, list[dict]] = {stage: [] for stage in WORKER_STAGES}
     for pair in range(args.pairs):
         for row in (r for r in ROWS if r in args.only):
             label = "trl" if row == "trl" else f"ours-{row}"
@@ -256,10 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                 trainer_runs.append(
                     run_trainer(impl, stage, pair, prepared, model_dir, scratch, args)
                 )
-        if "rloo" in args.only:
-            for variant in RLOO_VARIANTS:
+        for stage in (st for st in WORKER_STAGES if st in args.only):
+            for variant in WORKER_VARIANTS[stage]:
                 for impl in ("ours", "trl"):
-                    rloo_runs.append(run_rloo(impl, pair, rloo_settings, scratch, args, variant))
+                    worker_runs[stage].append(
+                        run_worker(
+                            stage, impl, pair, worker_settings[stage], scratch, args, variant
+                        )
+                    )
 
     if limit_samples:
         limit_samples.append(measure_limits(args, scratch, "end"))
@@ -291,14 +317,21 @@ def main(argv: list[str] | None = None) -> int:
         }
         if prepared
         else None,
-        "rloo": {
-            "settings": {k: v for k, v in rloo_settings.items() if k != "prompts"},
-            "rows": trainers.summarize_rows(rloo_runs, RLOO_VARIANTS),
-            "ratios": trainers.pair_ratios(rloo_runs, RLOO_VARIANTS),
-            "runs": rloo_runs,
-        }
-        if rloo_runs
-        else None,
+        **{
+            stage: {
+                "settings": {
+                    k: v
+                    for k, v in worker_settings[stage].items()
+                    if k not in ("prompts", "rankings")
+                },
+                "rows": trainers.summarize_rows(worker_runs[stage], WORKER_VARIANTS[stage]),
+                "ratios": trainers.pair_ratios(worker_runs[stage], WORKER_VARIANTS[stage]),
+                "runs": worker_runs[stage],
+            }
+            if worker_runs[stage]
+            else None
+            for stage in WORKER_STAGES
+        },
         "e2e": e2e,
         "notes": notes(trl_runs[0] if trl_runs else None),
         "runs": runs,
@@ -306,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = report.write(out, args.out, args.results_md)
     log(f"wrote {path} and appended to {args.results_md}")
-    return 0 if all(r["rc"] == 0 for r in [*runs, *trainer_runs, *rloo_runs]) else 1
+    every = [*runs, *trainer_runs, *(r for rs in worker_runs.values() for r in rs)]
+    return 0 if all(r["rc"] == 0 for r in every) else 1
 
 
 def rloo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -330,28 +364,58 @@ def rloo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
     }
 
 
-# "rloo": full fine-tuning in fp32 on both sides (a frozen reference copy each);
-# "rloo-lora": LoRA r=16 on all linear layers on both sides, bf16 where `precision: auto` picks
-# it (ours: the default recipe's set-up, reference = adapter disabled, bf16 frozen weights;
-# TRL: its peft_config path and `bf16=True`).
-RLOO_VARIANTS = ("rloo", "rloo-lora")
+def dpo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The DPO row's work: the 4-way rankings of reward_data/, `--dpo-rankings` per step, as
+    the smollm2-135m recipe trains (LoRA r 16, alpha 32, all linear layers; beta 0.1; max
+    length 256)."""
+    lines = (ROOT / "reward_data/rankings/train.jsonl").read_text().splitlines()
+    steps = 1 + args.iterations  # the summary leaves the first (warm-up) one out
+    rankings = [json.loads(x) for x in lines[: steps * args.dpo_rankings]]
+    k = len(rankings[0]["responses"])
+    return {
+        "model": str(model_dir),
+        "rankings": rankings,
+        "rankings_per_step": args.dpo_rankings,
+        "pairs": args.dpo_pairs,
+        "pairs_per_step": args.dpo_rankings
+        * (k * (k - 1) // 2 if args.dpo_pairs == "all" else k - 1),
+        "steps": steps,
+        "max_length": 256,
+        "beta": 0.1,
+        "lr": 5e-5,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "seed": 42,
+    }
 
 
-def run_rloo(
-    impl: str, pair: int, settings: dict, scratch: Path, args, variant: str = "rloo"
+def run_worker(
+    stage: str,
+    impl: str,
+    pair: int,
+    settings: dict,
+    scratch: Path,
+    args,
+    variant: str | None = None,
 ) -> dict:
-    """One RLOO worker process (bench/rloo_workers.py); its peak RSS from wait4."""
+    """One process of bench/<stage>_workers.py (ours or TRL's) for one of the stage's set-ups
+    (WORKER_VARIANTS, default the stage itself); its peak RSS from wait4."""
+    variant = variant or stage
     name = f"{variant}-{impl}.{pair}"
     spec_path = scratch / f"{name}.spec.json"
     out_path = scratch / f"{name}.json"
-    write_json(spec_path, {**settings, "impl": impl, "lora": variant == "rloo-lora"})
-    cmd = [sys.executable, "-m", "bench.rloo_workers", "--spec", str(spec_path)]
+    extra = {"lora": variant == "rloo-lora"} if stage == "rloo" else {}
+    write_json(spec_path, {**settings, **extra, "impl": impl})
+    cmd = [sys.executable, "-m", f"bench.{stage}_workers", "--spec", str(spec_path)]
     cmd += ["--out", str(out_path)]
     log(f"round {pair + 1}/{args.pairs}: {variant} {impl}")
     rc, rss, wall = run_process(cmd, scratch / f"{name}.log", args.timeout)
     result = read_json(out_path) if rc == 0 and out_path.exists() else None
     if result is None:
         log(f"{variant} {impl} failed (rc {rc}), see {scratch / f'{name}.log'}")
+    else:
+        s = trainers.run_summary(result)
+        log(f"{variant} {impl}: {s['s_per_step']:.2f} s/step, peak RSS {rss / 1024:.2f} GB")
     return {
         "impl": impl,
         "stage": variant,

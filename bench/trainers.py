@@ -154,12 +154,16 @@ def ours_result(prepared: dict, stage: str, pair: int) -> dict:
 def run_summary(result: dict) -> dict:
     """s/step (median over steps after the first, the warm-up) and tokens/s over the epoch."""
     times = result["step_times"]
-    return {
+    out = {
         "s_per_step": summarize(times[1:] or times)["median"],
         "epoch_s": sum(times),
         "tokens_per_s": result["tokens"] / max(sum(times), 1e-9),
         "steps": len(times),
     }
+    if result.get("cpu_times"):  # the process's CPU seconds per step, where the worker has them
+        cpu = result["cpu_times"]
+        out["cpu_s_per_step"] = summarize(cpu[1:] or cpu)["median"]
+    return out
 
 
 def summarize_rows(runs: list[dict], stages: tuple[str, ...] = STAGES) -> list[dict]:
@@ -178,6 +182,9 @@ def summarize_rows(runs: list[dict], stages: tuple[str, ...] = STAGES) -> list[d
                     "s_per_step": summarize([p["s_per_step"] for p in per]),
                     "epoch_s": summarize([p["epoch_s"] for p in per]),
                     "tokens_per_s": summarize([p["tokens_per_s"] for p in per]),
+                    "cpu_s_per_step": summarize(
+                        [p["cpu_s_per_step"] for p in per if "cpu_s_per_step" in p]
+                    ),
                     "peak_rss_gb": summarize([r["peak_rss_mb"] / 1024 for r in mine]),
                     "tokens": mine[0]["result"]["tokens"],
                     "steps": per[0]["steps"],
@@ -190,7 +197,7 @@ def pair_ratios(runs: list[dict], stages: tuple[str, ...] = STAGES) -> dict:
     """ours / TRL per round, for s/step and peak RSS."""
     out = {}
     for stage in stages:
-        ratios = {"s_per_step": [], "peak_rss": []}
+        ratios = {"s_per_step": [], "cpu_s_per_step": [], "peak_rss": []}
         for pair in sorted({r["pair"] for r in runs}):
             got = {
                 r["impl"]: r
@@ -200,6 +207,8 @@ def pair_ratios(runs: list[dict], stages: tuple[str, ...] = STAGES) -> dict:
             if {"ours", "trl"} <= got.keys():
                 a, b = (run_summary(got[k]["result"]) for k in ("ours", "trl"))
                 ratios["s_per_step"].append(a["s_per_step"] / b["s_per_step"])
+                if "cpu_s_per_step" in a and "cpu_s_per_step" in b:
+                    ratios["cpu_s_per_step"].append(a["cpu_s_per_step"] / b["cpu_s_per_step"])
                 ratios["peak_rss"].append(got["ours"]["peak_rss_mb"] / got["trl"]["peak_rss_mb"])
         out[stage] = {k: summarize(v) for k, v in ratios.items()}
     return out

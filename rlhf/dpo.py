@@ -1,5 +1,11 @@
 """DPO's data and bookkeeping around TRL's DPOTrainer: pairs from rankings, metric names, and
-the held-out implicit-reward evaluation. The loss itself is TRL's (rlhf/stages/dpo.py).
+the held-out implicit-reward evaluation. The stage trains with TRL's loss (rlhf/stages/dpo.py).
+
+Also the same loss on the reward stage's batching, which the bench times against TRL's step:
+a prompt's K ranked responses in one batch, their shared prefix computed once, each response
+forwarded once per model (policy; reference), and every pair of the ranking indexing those
+sequence log-probs. TRL forwards the chosen and the rejected sequence of each pair, so a
+response in several pairs is computed several times, each with the whole prompt.
 
 The implicit reward of a response y to a prompt x is r(x, y) = beta * (log pi(y|x) -
 log pi_ref(y|x)) (Rafailov et al. 2023, "Direct Preference Optimization", eq. 5); a pair is
@@ -12,7 +18,11 @@ from typing import Any
 
 import torch
 
+from rlhf import reward
+from rlhf.chat import positions_from_mask, render_ids
 from rlhf.data.types import Ranking
+from rlhf.models import unwrap_peft
+from rlhf.ppo.rollout import logprobs_from_logits
 
 
 def ranked_pairs(ranking: Ranking, mode: str) -> list[tuple[int, int]]:
@@ -111,3 +121,111 @@ def implicit_reward_metrics(
         "chosen_reward": chosen_rewards.double().mean().item(),
         "rejected_reward": rejected_rewards.double().mean().item(),
     }
+
+
+# ------------------------------------------------- our own pair loss, on the reward batching
+
+
+def dpo_pair_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-pair DPO loss from summed sequence log-probs (Rafailov et al. 2023, "Direct
+    Preference Optimization", eq. 7): -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))).
+    TRL's `sigmoid` loss_type is this (no label smoothing)."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -torch.nn.functional.logsigmoid(beta * margin.float())
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_ranking(
+    tokenizer: Any, ranking: Ranking, mode: str, max_length: int | None = None
+) -> dict[str, Any]:
+    """A ranking -> the reward stage's row ({"seqs": K token lists, "pairs"}) plus
+    "prompt_len", where the responses' tokens start.
+
+    Tokens as TRL's DPOTrainer makes them, so both losses see the same sequences: the prompt
+    rendered with the generation header, prompt + reply rendered whole, and the completion
+    starting where the two diverge. Longer sequences keep their start (TRL's keep_start).
+    """
+    prompt = render_ids(tokenizer, ranking.prompt, add_generation_prompt=True)
+    seqs = [
+        render_ids(tokenizer, [*ranking.prompt, {"role": "assistant", "content": r}], False)
+        for r in ranking.responses
+    ]
+    if max_length is not None:
+        seqs = [s[:max_length] for s in seqs]
+    return {
+        "seqs": seqs,
+        "pairs": ranked_pairs(ranking, mode),
+        "prompt_len": min(common_prefix_length(prompt, s) for s in seqs),
+    }
+
+
+def collate_rankings(
+    rows: list[dict[str, Any]], pad_id: int, share_prefix: bool = True
+) -> dict[str, torch.Tensor]:
+    """reward.collate_rankings, shared prefixes capped at each prompt's length (off: whole
+    sequences, e.g. under gradient checkpointing, which turns the KV cache off), plus
+    `completion_mask`, (R, T): which of input_ids are response tokens."""
+    batch = reward.collate_rankings(rows, pad_id, share_prefix=share_prefix)
+    prompt_len = torch.tensor([row["prompt_len"] for row in rows])[batch["row_prompt"]]
+    start = torch.zeros_like(prompt_len)  # where input_ids begin in the whole sequence
+    if "prefix_mask" in batch:
+        start = batch["prefix_mask"].sum(1)[batch["row_prompt"]]
+    position = start[:, None] + torch.arange(batch["input_ids"].shape[1])
+    batch["completion_mask"] = batch["attention_mask"] * (position >= prompt_len[:, None])
+    return batch
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log pi(token) over each response's completion tokens, (R,), one forward per
+    batch: prefixes once, the responses on their cache (reward.prefix_shared_hidden). The LM
+    head runs on the completion positions only, not the (R, T, vocab) logits of every one."""
+    model = unwrap_peft(model)
+    ids, mask = batch["input_ids"], batch["completion_mask"]
+    if "prefix_ids" in batch:
+        prefix, hidden = reward.prefix_shared_hidden(
+            model,
+            batch["prefix_ids"],
+            batch["prefix_mask"],
+            batch["row_prompt"],
+            ids,
+            batch["attention_mask"],
+        )
+        # The last prefix position predicts the first token after it (left padding puts every
+        # prefix's last token in the last column).
+        hidden = torch.cat([prefix[batch["row_prompt"], -1:], hidden[:, :-1]], dim=1)
+    else:
+        backbone = getattr(model, model.base_model_prefix)
+        attention = batch["attention_mask"]
+        hidden = backbone(
+            input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention)
+        ).last_hidden_state[:, :-1]
+        ids, mask = ids[:, 1:], mask[:, 1:]
+    picked = mask.bool()
+    logits = model.get_output_embeddings()(hidden[picked])
+    token_logps = logprobs_from_logits(logits, ids[picked], temperature=1.0)
+    row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(picked)[picked]
+    return torch.zeros(ids.shape[0], device=ids.device).index_add(0, row, token_logps)
+
+
+def ranking_pair_losses(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    beta: float,
+) -> torch.Tensor:
+    """dpo_pair_loss of every pair in the batch, (N,), indexing the (R,) sequence log-probs:
+    TRL's loss is the mean of these over the batch's pairs."""
+    b, w = batch["better"], batch["worse"]
+    return dpo_pair_loss(policy_logps[b], policy_logps[w], ref_logps[b], ref_logps[w], beta)

@@ -65,7 +65,8 @@ def collate_rankings(
     turn, assistant header: about two thirds of a sequence in reward_data/). Then the batch
     holds each prompt's shared prefix ONCE, prefix_ids / prefix_mask (P, Lp) left padded, and
     input_ids / attention_mask hold only the rest of each response (right padded); the scorer
-    runs the prefixes once and the responses on their cached keys and values.
+    runs the prefixes once and the responses on their cached keys and values. A row's optional
+    `prompt_len` caps its shared prefix.
     """
     seqs, better, worse, pair_prompt, row_prompt = [], [], [], [], []
     for p, row in enumerate(rows):
@@ -76,7 +77,11 @@ def collate_rankings(
             better.append(offset + b)
             worse.append(offset + w)
             pair_prompt.append(p)
-    prefix_lens = [shared_prefix_length(row["seqs"]) for row in rows] if share_prefix else []
+    prefix_lens = (
+        [shared_prefix_length(row["seqs"], row.get("prompt_len")) for row in rows]
+        if share_prefix
+        else []
+    )
     if share_prefix and side == "right" and min(prefix_lens) > 0:
         batch = pad_batch(
             [seq[prefix_lens[p] :] for seq, p in zip(seqs, row_prompt)], pad_id, "right"
@@ -95,10 +100,13 @@ def collate_rankings(
     return batch
 
 
-def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+def shared_prefix_length(seqs: Sequence[Sequence[int]], cap: int | None = None) -> int:
     """Tokens every sequence starts with, leaving at least one token of each after it (the
-    reward is read at the last token, which must be computed with the response)."""
+    reward is read at the last token, which must be computed with the response), and at most
+    `cap` (DPO scores the response tokens, which must all come after the prefix)."""
     limit = min(len(s) for s in seqs) - 1
+    if cap is not None:
+        limit = min(limit, cap)
     n = 0
     while n < limit and all(s[n] == seqs[0][n] for s in seqs):
         n += 1
@@ -204,7 +212,24 @@ def prefix_shared_scores(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Scores of (prefix[row_prompt[i]] + response i), computing each prefix once.
+    """Scores of (prefix[row_prompt[i]] + response i), computing each prefix once
+    (prefix_shared_hidden)."""
+    _, hidden = prefix_shared_hidden(
+        model, prefix_ids, prefix_mask, row_prompt, input_ids, attention_mask
+    )
+    return models.score_at_last_token(model, hidden, attention_mask)
+
+
+def prefix_shared_hidden(
+    model: torch.nn.Module,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    row_prompt: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's last hidden states of the P prefixes, (P, Lp, H), and of the R responses
+    that continue them, (R, T, H): each prefix is computed once.
 
     Causal attention makes a prefix's keys and values independent of what follows, so one
     forward over the P prefixes, its KV cache indexed out to the R responses, and one forward
@@ -231,7 +256,7 @@ def prefix_shared_scores(
         use_cache=True,
         **{name or "past_key_values": cache},
     ).last_hidden_state
-    return models.score_at_last_token(model, hidden, attention_mask)
+    return out.last_hidden_state, hidden
 
 
 @torch.no_grad()

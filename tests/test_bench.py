@@ -130,8 +130,8 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     settings = run.rloo_spec(args, models.prepared_dir("tiny-llama"))
     assert (settings["k"], settings["batch"], settings["steps"]) == (4, 8, 2)
     runs = [
-        run.run_rloo(impl, 0, settings, tmp_path, args, variant)
-        for variant in run.RLOO_VARIANTS
+        run.run_worker("rloo", impl, 0, settings, tmp_path, args, variant)
+        for variant in run.WORKER_VARIANTS["rloo"]
         for impl in ("ours", "trl")
     ]
     for r in runs:
@@ -141,8 +141,8 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
         assert r["result"]["tokens"] > 0 and r["result"]["stage"] == r["stage"]
     section = {
         "settings": settings,
-        "rows": trainers.summarize_rows(runs, run.RLOO_VARIANTS),
-        "ratios": trainers.pair_ratios(runs, run.RLOO_VARIANTS),
+        "rows": trainers.summarize_rows(runs, run.WORKER_VARIANTS["rloo"]),
+        "ratios": trainers.pair_ratios(runs, run.WORKER_VARIANTS["rloo"]),
     }
     assert [(r["stage"], r["impl"], r["steps"]) for r in section["rows"]] == [
         ("rloo", "ours", 2),
@@ -153,3 +153,39 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     table = "\n".join(report.rloo_markdown(section))
     assert "| rloo | ours |" in table and "| rloo-lora | trl |" in table and "k=4" in table
     assert "not measured" in report.rloo_markdown(None)[0]
+
+
+def test_dpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
+    """Smoke test of `make bench ARGS='--only dpo'`: both workers on the same pairs (the same
+    first-step loss, log 2 with a fresh adapter), the summary and the table."""
+    import argparse
+    import math
+
+    from bench import run
+    from rlhf import models
+
+    if not models.is_prepared("tiny-llama"):
+        import pytest
+
+        pytest.skip("tiny-llama is not prepared (make models)")
+    args = argparse.Namespace(
+        iterations=1, dpo_rankings=1, dpo_pairs="best_vs_rest", pairs=1, timeout=600
+    )
+    settings = run.dpo_spec(args, models.prepared_dir("tiny-llama"))
+    assert (settings["steps"], settings["pairs_per_step"], len(settings["rankings"])) == (2, 3, 2)
+    runs = [run.run_worker("dpo", impl, 0, settings, tmp_path, args) for impl in ("ours", "trl")]
+    for r in runs:
+        assert r["rc"] == 0, (tmp_path / f"dpo-{r['impl']}.0.log").read_text()[-2000:]
+        assert len(r["result"]["step_times"]) == 2 and r["peak_rss_mb"] > 0
+        assert math.isclose(r["result"]["losses"][0], math.log(2.0), rel_tol=1e-4)
+    # the shared prefix is read once per ranking, the pairs' sequences twice per pair by TRL
+    assert runs[0]["result"]["tokens"] < runs[1]["result"]["tokens"]
+    section = {
+        "settings": {k: v for k, v in settings.items() if k != "rankings"},
+        "rows": trainers.summarize_rows(runs, ("dpo",)),
+        "ratios": trainers.pair_ratios(runs, ("dpo",)),
+        "runs": runs,
+    }
+    table = "\n".join(report.dpo_markdown(section))
+    assert "| ours |" in table and "| trl |" in table and "3 pairs (best_vs_rest)" in table
+    assert "not measured" in report.dpo_markdown(None)[0]

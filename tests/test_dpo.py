@@ -440,3 +440,121 @@ def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
     assert result["figures"]["dpo"].is_file() and "overview" not in result["figures"]
     html = result["report"].read_text()
     assert "<h2>dpo</h2>" in html and "best_vs_rest" in html and "preference" in html
+
+
+# --------------------------------------------- our own pair loss on the reward stage batching
+
+
+def test_dpo_pair_loss_by_hand():
+    # margin = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.5 -> -log sigmoid(0.75) = log(1 + e^-0.75)
+    got = pref.dpo_pair_loss(
+        torch.tensor([-1.0, -4.0]),
+        torch.tensor([-3.0, -4.0]),
+        torch.tensor([-2.0, -7.0]),
+        torch.tensor([-2.5, -7.0]),
+        beta=0.5,
+    )
+    # the second pair: policy and reference agree on both answers -> log 2
+    assert got.tolist() == pytest.approx([math.log1p(math.exp(-0.75)), math.log(2.0)], rel=1e-6)
+
+
+def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tmp_path):
+    """Our pair loss over the reward stage's batching (each of a ranking's K responses
+    forwarded once, the shared prefix once) equals TRL's DPOTrainer sigmoid loss over the
+    same pairs (two sequences per pair), with the LoRA adapter disabled as the reference."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf import models
+    from rlhf.recipe import LoraConfig
+
+    rankings = [
+        Ranking(
+            prompt=[{"role": "user", "content": f"What is {a} times {b}?"}],
+            responses=[f"It is {a * b}.", "No idea.", f"{a * b}, obviously, idiot.", "Hm."],
+            ranking=[0, 3, 1, 2],
+        )
+        for a, b in ((3, 7), (12, 4))
+    ]
+    pair_rows = pref.preference_rows(rankings, "all")
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    policy = models.load_causal_lm(tiny_model_dir)
+    policy.config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    config = DPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=len(pair_rows),
+        loss_type=["sigmoid"],
+        beta=0.1,
+        max_length=128,
+        bf16=False,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        args=config,
+        train_dataset=Dataset.from_list(pair_rows),
+        processing_class=tokenizer,
+        peft_config=models.lora_config(lora),
+    )
+    model = trainer.model
+    # A fresh adapter (B = 0) leaves policy == reference and every loss log 2: move it.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.eval()  # no dropout anywhere
+
+    rows = [pref.encode_ranking(tokenizer, r, "all", max_length=128) for r in rankings]
+    tokenized = trainer.train_dataset
+    pairs = [(row, b, w) for row in rows for b, w in row["pairs"]]
+    for i, (row, b, w) in enumerate(pairs):
+        assert tokenized[i]["prompt_ids"] + tokenized[i]["chosen_ids"] == row["seqs"][b]
+        assert tokenized[i]["prompt_ids"] + tokenized[i]["rejected_ids"] == row["seqs"][w]
+        assert len(tokenized[i]["prompt_ids"]) == row["prompt_len"]
+
+    with torch.no_grad():
+        inputs = trainer.data_collator([tokenized[i] for i in range(len(tokenized))])
+        trl_loss = trainer.compute_loss(model, inputs)
+        batch = pref.collate_rankings(rows, tokenizer.pad_token_id)
+        assert "prefix_ids" in batch  # the shared-prefix path is the one compared
+        policy_logps = pref.response_logps(model, batch)
+        with model.disable_adapter():
+            ref_logps = pref.response_logps(model, batch)
+        ours = pref.ranking_pair_losses(policy_logps, ref_logps, batch, beta=0.1)
+    assert ours.shape == (12,)
+    assert abs(trl_loss.item() - math.log(2.0)) > 1e-3  # the comparison is not trivial
+    assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+
+
+def test_response_logps_shared_prefix_and_whole_sequences_equal_full_logits(tiny_model_dir):
+    """Both batchings give each response's summed completion log-probs as completion_logps
+    computes them from the full logits of the whole, unshared sequences."""
+    from rlhf import models
+    from rlhf.chat import pad_batch
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    model = models.load_causal_lm(tiny_model_dir).eval()
+    rankings = [
+        Ranking(prompt=[{"role": "user", "content": q}], responses=rs, ranking=[1, 0, 2][: len(rs)])
+        for q, rs in (
+            ("Name a colour.", ["Red.", "Blue, or green.", "No."]),
+            ("Hi?", ["Hello!", "Hm."]),
+        )
+    ]
+    rows = [pref.encode_ranking(tokenizer, r, "all") for r in rankings]
+    seqs = [s for row in rows for s in row["seqs"]]
+    whole = pad_batch(seqs, tokenizer.pad_token_id, "right")
+    starts = [row["prompt_len"] for row in rows for _ in row["seqs"]]
+    cols = torch.arange(whole["input_ids"].shape[1])
+    completion = whole["attention_mask"] * (cols[None] >= torch.tensor(starts)[:, None])
+    with torch.no_grad():
+        logits = model(**whole).logits
+        expected = pref.completion_logps(logits, whole["input_ids"], completion)
+        for share in (True, False):
+            batch = pref.collate_rankings(rows, tokenizer.pad_token_id, share_prefix=share)
+            assert ("prefix_ids" in batch) == share
+            got = pref.response_logps(model, batch)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (share, got, expected)

@@ -1,0 +1,172 @@
+"""Worker: DPO optimizer steps, TRL's DPOTrainer or our pair loss on the reward batching.
+
+Both: the prepared model as policy, one LoRA adapter (the reference is the same weights with
+the adapter disabled), fp32, no gradient checkpointing, no dropout, the same rankings in the
+same order, `rankings_per_step` rankings per optimizer step expanded to the same pairs (all
+K(K-1)/2 or the best against each other), sigmoid loss with the same beta, AdamW (fused) with
+a constant learning rate and no weight decay, clip 1.0.
+
+  trl:  DPOTrainer, its batch the step's pairs: one policy forward + backward and one
+        reference forward over [chosen; rejected], two whole sequences per pair.
+  ours: rlhf.dpo on the reward stage's batching: each ranking's shared prefix once and each of
+        its K responses once per model, every pair indexing those sequence log-probs.
+
+Step times: TRL's from a step callback, ours around the same work (batch, forwards, backward,
+clip, optimizer), each as wall seconds and as this process's CPU seconds (on a shared machine
+the wall time counts whatever else ran, the CPU time does not); the summary leaves the first
+(warm-up) step out. Peak RSS is measured by
+bench/run.py around the process.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import log, step_time_callback, worker_main
+
+
+def step_rankings(spec: dict) -> list[list[dict]]:
+    """The rankings of each step, in order: `rankings_per_step` consecutive ones."""
+    n = spec["rankings_per_step"]
+    rows = spec["rankings"]
+    return [rows[(s * n) % len(rows) :][:n] for s in range(spec["steps"])]
+
+
+def to_rankings(rows: list[dict]) -> list:
+    from rlhf.data.types import Ranking
+
+    return [
+        Ranking(
+            prompt=[{"role": "user", "content": r["prompt"]}],
+            responses=r["responses"],
+            ranking=r["ranking"],
+        )
+        for r in rows
+    ]
+
+
+def lora(spec: dict):
+    from rlhf.recipe import LoraConfig
+
+    return LoraConfig(enabled=True, r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=0.0)
+
+
+def run_ours(spec: dict) -> dict:
+    from rlhf import dpo, models, training
+    from rlhf.ppo.actor_critic import disable_dropout
+    from rlhf.recipe import OptimConfig
+
+    torch.manual_seed(spec["seed"])
+    path = spec["model"]
+    tokenizer = models.load_tokenizer(path)
+    policy = models.load_causal_lm(path)
+    disable_dropout(policy)
+    model = models.apply_lora(policy, lora(spec))
+    optimizer = training.make_optimizer(model, OptimConfig(lr=spec["lr"], weight_decay=0.0))
+    model.train()
+    steps = [
+        [dpo.encode_ranking(tokenizer, r, spec["pairs"], spec["max_length"]) for r in rankings]
+        for rankings in map(to_rankings, step_rankings(spec))
+    ]
+    step_times, cpu_times, losses, tokens = [], [], [], 0
+    for i, rows in enumerate(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch = dpo.collate_rankings(rows, tokenizer.pad_token_id)
+        policy_logps = dpo.response_logps(model, batch)
+        with torch.no_grad(), model.disable_adapter():
+            ref_logps = dpo.response_logps(model, batch)
+        loss = dpo.ranking_pair_losses(policy_logps, ref_logps, batch, spec["beta"]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        losses.append(loss.item())
+        tokens += sum(int(batch[k].sum()) for k in ("attention_mask", "prefix_mask") if k in batch)
+        log(f"ours-dpo: step {i} {step_times[-1]:.2f}s loss {losses[-1]:.4f}")
+    return {
+        "impl": "ours",
+        "stage": "dpo",
+        "step_times": step_times,
+        "cpu_times": cpu_times,
+        "losses": losses,
+        "tokens": tokens,
+    }
+
+
+def run_trl(spec: dict, out_dir: Path) -> dict:
+    import trl
+    from datasets import Dataset
+
+    from rlhf import dpo, models
+
+    torch.manual_seed(spec["seed"])
+    path = spec["model"]
+    tokenizer = models.load_tokenizer(path)
+    policy = models.load_causal_lm(path)
+    policy.config.pad_token_id = tokenizer.pad_token_id
+    per_step = [dpo.preference_rows(to_rankings(r), spec["pairs"]) for r in step_rankings(spec)]
+    batch = len(per_step[0])
+    assert all(len(rows) == batch for rows in per_step), "every step needs as many pairs"
+    config = trl.DPOConfig(
+        output_dir=str(out_dir / "trl-dpo-out"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        train_sampling_strategy="sequential",  # the same pairs per step as ours
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=spec["steps"],
+        max_length=spec["max_length"],
+        loss_type=["sigmoid"],
+        beta=spec["beta"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=spec["seed"],
+        disable_tqdm=True,
+    )
+    trainer = trl.DPOTrainer(
+        model=policy,
+        args=config,
+        train_dataset=Dataset.from_list([row for rows in per_step for row in rows]),
+        processing_class=tokenizer,
+        peft_config=models.lora_config(lora(spec)),
+    )
+    step_times: list[float] = []
+    cpu_times: list[float] = []
+    trainer.add_callback(step_time_callback(step_times, cpu_times, "trl-dpo"))
+    trainer.train()
+    data = trainer.train_dataset
+    tokens = sum(
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+    )
+    return {
+        "impl": "trl",
+        "trl": trl.__version__,
+        "stage": "dpo",
+        "step_times": step_times,
+        "cpu_times": cpu_times,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "tokens": tokens,
+    }
+
+
+def main() -> None:
+    rows = lambda spec: spec["steps"] * spec["rankings_per_step"]  # noqa: E731
+    worker_main(__doc__.splitlines()[0], run_ours, run_trl, rows)
+
+
+if __name__ == "__main__":
+    main()
