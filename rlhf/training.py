@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,32 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def n_targets(labels: torch.Tensor) -> torch.Tensor:
     """Number of labelled next-token targets (the denominator of token_nll_sum)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def answer_nll(
+    model: torch.nn.Module, batches: Iterable[dict], context: Callable[[], Any] = nullcontext
+) -> torch.Tensor:
+    """(summed NLL, number of targets) over the labelled tokens of `batches`, in float64 on
+    the batches' device; each forward runs inside `context()` (autocast, gathered weights)."""
+    totals = None
+    for batch in batches:
+        with context():
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        labels = batch["labels"]
+        if totals is None:
+            totals = torch.zeros(2, device=labels.device, dtype=torch.float64)
+        totals[0] += token_nll_sum(logits, labels).double()
+        totals[1] += n_targets(labels).double()
+    return totals if totals is not None else torch.zeros(2, dtype=torch.float64)
+
+
+def perplexity(nll_sum: float, n_tokens: float) -> dict[str, float]:
+    """Mean token NLL and its exponential (capped so that an untrained model stays finite)."""
+    loss = nll_sum / max(n_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
