@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,15 +28,15 @@ from rlhf.ppo.advantages import compute_advantages
 from rlhf.ppo.core import explained_variance, masked_mean
 from rlhf.ppo.rollout import Rollout, generate, score_with_models
 from rlhf.ppo.update import ppo_update
+from rlhf.reward_sources import calibrate
+from rlhf.training import NonFiniteGuard
 
 
 def normalise_score(
     raw: torch.Tensor, ended_with_eos: torch.Tensor, cfg: Any, calibration: dict | None
 ) -> torch.Tensor:
     """Reward-model score -> the score PPO optimises: calibrated, clipped, EOS-penalised."""
-    score = raw
-    if calibration:
-        score = (score - calibration["mean"]) / max(calibration["std"], 1e-6)
+    score = calibrate(raw, calibration)
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
     if cfg.missing_eos_penalty is not None:
@@ -44,27 +45,41 @@ def normalise_score(
     return score
 
 
+@dataclass
+class PPOContext:
+    """What one iteration works with and what stays the same from one to the next: the
+    prepared actor-critic, the frozen reference (None: the policy with its LoRA adapter off),
+    optimizer and scheduler, the KL controller, the recipe's ppo section, the score
+    calibration and the non-finite guard."""
+
+    model: torch.nn.Module
+    reference: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    tokenizer: Any
+    kl_ctl: Any
+    cfg: Any
+    calibration: dict | None = None
+    guard: NonFiniteGuard | None = None
+
+
 def ppo_iteration(
-    model: torch.nn.Module,
-    reference: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    accelerator: Any,
-    tokenizer: Any,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
+    ctx: PPOContext,
+    prompts: dict[str, torch.Tensor],
     score_fn: Callable[[Rollout], torch.Tensor],
-    kl_ctl: Any,
-    cfg: Any,
     generator: torch.Generator,
-    calibration: dict | None = None,
-    guard: Any = None,
     value_only: bool = False,
     init_value_head: bool = False,
 ) -> tuple[Rollout, dict[str, float]]:
-    """Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
-    value_only: critic warm-up, only the value function is updated. init_value_head: set the
-    shared value head's bias to this batch's mean return first (ActorCritic.init_value_bias)."""
+    """One iteration on `prompts` (left-padded input_ids and attention_mask on the device).
+    Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
+    `generator` shuffles the minibatches. value_only: critic warm-up, only the value function
+    is updated. init_value_head: set the shared value head's bias to this batch's mean return
+    first (ActorCritic.init_value_bias)."""
+    model, reference, accelerator, cfg = ctx.model, ctx.reference, ctx.accelerator, ctx.cfg
+    kl_ctl, scheduler, tokenizer = ctx.kl_ctl, ctx.scheduler, ctx.tokenizer
+    prompt_ids, prompt_mask = prompts["input_ids"], prompts["attention_mask"]
     unwrapped = accelerator.unwrap_model(model)
     t0 = time.time()
 
@@ -77,7 +92,7 @@ def ppo_iteration(
     with eval_mode(model), gathered_for_generation(accelerator, model):
         score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
     roll.scores = score_fn(roll).float()
-    score = normalise_score(roll.scores, roll.ended_with_eos, cfg, calibration)
+    score = normalise_score(roll.scores, roll.ended_with_eos, cfg, ctx.calibration)
     t_score = time.time()
 
     # 3. shaping and 4. advantages
@@ -103,7 +118,7 @@ def ppo_iteration(
     # 5. update
     stats = ppo_update(
         model,
-        optimizer,
+        ctx.optimizer,
         accelerator,
         roll,
         advantages,
@@ -111,7 +126,7 @@ def ppo_iteration(
         cfg,
         generator,
         scheduler,
-        guard,
+        ctx.guard,
         kl_coef=kl_ctl.value,
         value_only=value_only,
     )

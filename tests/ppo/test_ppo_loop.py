@@ -5,7 +5,7 @@ import torch
 from rlhf import models
 from rlhf.ppo import AdaptiveKLController, FixedKLController
 from rlhf.ppo.actor_critic import ActorCritic
-from rlhf.ppo.iteration import ppo_iteration
+from rlhf.ppo.iteration import PPOContext, ppo_iteration
 from rlhf.ppo.rollout import generate, response_mask
 from rlhf.recipe import LoraConfig, PPOConfig, Recipe
 from rlhf.runtime import make_accelerator
@@ -89,23 +89,13 @@ def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = FixedKLController(cfg.kl_coef)
     prompt_ids = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(0))
-    prompt_mask = torch.ones_like(prompt_ids)
+    batch = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+    ctx = PPOContext(model, reference, optimizer, None, accelerator, tok, kl_ctl, cfg)
     scores, kls = [], []
     for it in range(20):
         torch.manual_seed(it)
         roll, metrics = ppo_iteration(
-            model,
-            reference,
-            optimizer,
-            None,
-            accelerator,
-            tok,
-            prompt_ids,
-            prompt_mask,
-            programmatic_score,
-            kl_ctl,
-            cfg,
-            torch.Generator().manual_seed(it),
+            ctx, batch, programmatic_score, torch.Generator().manual_seed(it)
         )
         scores.append(metrics["objective/score"])
         kls.append(metrics["objective/kl"])
