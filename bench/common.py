@@ -1,6 +1,7 @@
 """What the workers share: the work spec, phase timing by wrapping callables, result files.
 
-Standard library + torch only: this module is imported inside bench/.venv-trl too.
+Standard library + torch only (and rlhf.sequences, which is torch only): this module is
+imported inside bench/.venv-trl too.
 """
 
 from __future__ import annotations
@@ -86,12 +87,25 @@ def phase_sum(events: list[tuple[str, float, float]], name: str) -> float:
 
 
 def count_response_tokens(response_ids: Any, eos_id: int) -> int:
-    """Tokens up to and including the first EOS per row (what both PPOs train on)."""
-    import torch
+    """Tokens up to and including the first EOS per row (what both PPOs train on): the
+    project's own EOS cut, which needs only torch."""
+    from rlhf.sequences import response_mask
 
-    is_eos = response_ids == eos_id
-    before = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    return int(before.sum().item()) if isinstance(before, torch.Tensor) else 0
+    return int(response_mask(response_ids, eos_id)[0].sum().item())
+
+
+def step_timer(callback_class: type, step_times: list[float]) -> Any:
+    """A Trainer callback that appends each optimizer step's wall time to `step_times`.
+    `callback_class`: transformers' TrainerCallback (this module does not import it)."""
+
+    class StepTimes(callback_class):
+        def on_step_begin(self, *_args, **_kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_args, **_kwargs):
+            step_times.append(time.perf_counter() - self.t0)
+
+    return StepTimes()
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:

@@ -16,16 +16,8 @@ import time
 
 import torch
 
-from bench.common import (
-    PhaseTimer,
-    count_response_tokens,
-    log,
-    phase_sum,
-    read_json,
-    self_peak_rss_mb,
-    worker_args,
-    write_json,
-)
+from bench import common
+from bench.common import PhaseTimer, log
 
 
 def build_recipe(spec: dict):
@@ -54,8 +46,8 @@ def build_recipe(spec: dict):
 
 
 def main() -> None:
-    args = worker_args(__doc__.splitlines()[0])
-    spec = read_json(args.spec)
+    args = common.worker_args(__doc__.splitlines()[0])
+    spec = common.read_json(args.spec)
     t_start = time.perf_counter()
 
     from rlhf import models, training
@@ -124,20 +116,22 @@ def main() -> None:
             "generate": metrics["timing/rollout"],
             "score": metrics["timing/score"],
             "update": metrics["timing/update"],
-            "backward": phase_sum(events, "backward"),
-            "optimizer": phase_sum(events, "optimizer"),
-            "reference": phase_sum(events, "reference"),
-            "reward": phase_sum(events, "reward"),
+            "backward": common.phase_sum(events, "backward"),
+            "optimizer": common.phase_sum(events, "optimizer"),
+            "reference": common.phase_sum(events, "reference"),
+            "reward": common.phase_sum(events, "reward"),
             "prompt_len": int(roll.prompt_ids.shape[1]),
             "response_len": int(roll.response_ids.shape[1]),
-            "response_tokens": count_response_tokens(roll.response_ids, tokenizer.eos_token_id),
+            "response_tokens": common.count_response_tokens(
+                roll.response_ids, tokenizer.eos_token_id
+            ),
         }
         row["train_forward_and_loss"] = row["update"] - row["backward"] - row["optimizer"]
         row["other"] = total - row["generate"] - row["score"] - row["update"]
         iterations.append(row)
         log(f"{spec['label']}: iteration {it} {total:.2f}s")
 
-    write_json(
+    common.write_json(
         args.out,
         {
             "label": spec["label"],
@@ -151,7 +145,7 @@ def main() -> None:
                 frozen_weight_dtype(accelerator.mixed_precision) or torch.float32
             ).removeprefix("torch."),
             "trainable_parameters": training.trainable_parameters(model)[0],
-            "self_peak_rss_mb": self_peak_rss_mb(),
+            "self_peak_rss_mb": common.self_peak_rss_mb(),
         },
     )
 

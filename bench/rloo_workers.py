@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, read_json, worker_args, write_json
+from bench.common import log, read_json, step_timer, worker_args, write_json
 
 
 def run_ours(spec: dict) -> dict:
@@ -139,15 +139,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         reward_processing_classes=[reward_tokenizer],
     )
     step_times: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, *_args, **_kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *_args, **_kwargs):
-            step_times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(StepTimes())
+    trainer.add_callback(step_timer(TrainerCallback, step_times))
     trainer.train()
     lengths = [
         e["completions/mean_length"]

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import log, read_json, worker_args, write_json
+from bench.common import log, read_json, step_timer, worker_args, write_json
 
 
 def main() -> None:
@@ -89,15 +89,7 @@ def main() -> None:
         ]
 
     step_times: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_begin(self, *_args, **_kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *_args, **_kwargs):
-            step_times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(StepTimes())
+    trainer.add_callback(step_timer(TrainerCallback, step_times))
     load_s = time.perf_counter() - t_start
     log(f"trl-{spec['stage']}: loaded in {load_s:.1f}s, {len(lengths)} rows")
     trainer.train()

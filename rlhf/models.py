@@ -246,7 +246,9 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"{name}: not a model folder (no config.json)")
+            adapter = (path / "adapter_config.json").is_file()
+            hint = " (a LoRA adapter folder? save with merge_lora: true)" if adapter else ""
+            raise UserError(f"{name}: not a model folder (no config.json){hint}")
         check_model_folder(path)
         return str(path)
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
@@ -255,6 +257,22 @@ def resolve(name: str) -> str:
             f"({', '.join(REGISTRY)}) or a hub id (owner/name)"
         )
     return name  # a hub id; loading reports if we are offline
+
+
+def require_reward_head(name: str) -> None:
+    """A causal LM (e.g. an SFT model) would get a RANDOM score head: refuse, in one line."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(name))
+    except OSError:
+        return  # a hub id we cannot reach: load_reward_model reports it
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(
+            f"{name}: not a reward model ({', '.join(archs)}); its score head would be "
+            "random. Train one with `rlhf reward` or pass a *ForSequenceClassification model"
+        )
 
 
 def check_model_folder(path: Path) -> None:

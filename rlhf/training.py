@@ -15,7 +15,9 @@ import torch
 
 from rlhf import models
 from rlhf.chat import IGNORE_INDEX
+from rlhf.decoding import eos_ids
 from rlhf.errors import NumericalFault
+from rlhf.sequences import next_token_logits, next_token_targets
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,8 @@ def prepare_for_training(
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token negative log-likelihoods over labelled positions."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    logits = next_token_logits(logits).float()
+    targets = next_token_targets(labels)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -84,7 +86,7 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def n_targets(labels: torch.Tensor) -> torch.Tensor:
     """Number of labelled next-token targets (the denominator of token_nll_sum)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+    return (next_token_targets(labels) != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()
@@ -150,8 +152,6 @@ def save_model(
     to_save.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if hasattr(to_save, "generation_config") and to_save.generation_config is not None:
-        from rlhf.generate import eos_ids
-
         gen = to_save.generation_config
         gen.pad_token_id = tokenizer.pad_token_id
         ends = eos_ids(to_save, tokenizer)  # keep every end token (Llama 3 has several)

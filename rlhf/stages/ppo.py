@@ -15,6 +15,7 @@ prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/po
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import torch
 
 from rlhf import data, distributed, models, reward_sources, training
+from rlhf.chat import last_user_text
 from rlhf.errors import UserError
-from rlhf.generate import last_user_text
 from rlhf.policy_eval import evaluate_policy, reward_model_scorer
 from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.calibration import sft_calibration
@@ -61,7 +62,6 @@ def run(recipe: Any, resume: bool = False) -> Path:
     sft_dir, reward_dir = input_dirs(recipe)
     stage = StageRun(recipe, "ppo", grad_accum=cfg.grad_accum)
     accelerator, device = stage.accelerator, stage.device
-    rank, world = accelerator.process_index, accelerator.num_processes
     # --- tokenizers and prompts (validated before any model loads)
     policy_name = str(sft_dir / "model") if sft_dir else recipe.model.name
     tokenizer = models.load_tokenizer(
@@ -76,13 +76,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
     prompts = Prompts.encode(train_items, tokenizer, cfg.max_prompt_length)
     # --- roles, reward sources, optimizer
     critic_dir = str(reward_dir / "model") if reward_dir else None
-    attn = recipe.model.attn_implementation
     model, reference = build_roles(cfg, accelerator, partial(load_policy, recipe, sft_dir),
-                                   critic_dir, attn)  # fmt: skip
+                                   critic_dir, recipe.model.attn_implementation)  # fmt: skip
     load_scorer = partial(reward_model_scorer, recipe=recipe, accelerator=accelerator)
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
-    stored_calibration = sources.calibration
     optimizer = training.make_optimizer(model, cfg.optim)
     # one optimizer step per minibatch: ppo_epochs * (batch / mini_batch) per iteration
     updates_per_iter = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
@@ -90,60 +88,30 @@ def run(recipe: Any, resume: bool = False) -> Path:
     distributed.set_deepspeed_micro_batch(accelerator, cfg.mini_batch_size // cfg.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: ActorCritic = accelerator.unwrap_model(model)
-    kl_ctl = (
-        AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
-        if cfg.adaptive_kl
-        else FixedKLController(cfg.kl_coef)
-    )
-    k = cfg.samples_per_prompt
-    # batch_size counts rollouts: batch_size / k prompts per rank, each repeated k times in
-    # consecutive rows (one batched generate); every rank holds whole groups.
-    sampler = PromptSampler(len(prompts), cfg.batch_size // k, rank, world, recipe.seed)
+    kl_ctl = kl_controller(cfg)
     info = run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, reward_dir)
     state = stage.begin(resume, scheduler, **info, prompts=len(prompts),
-                        calibration=stored_calibration)  # fmt: skip
+                        calibration=sources.calibration)  # fmt: skip
     if state is not None:
         kl_ctl.load_state_dict(state["kl_controller"])
         sources.load_state_dict(state.get("reward_sources", {}))
-    calibration = score_calibration(state, stored_calibration, unwrapped, reference, sources,
+    calibration = score_calibration(state, sources.calibration, unwrapped, reference, sources,
                                     tokenizer, prompts, recipe, accelerator)  # fmt: skip
     stage.out.info["calibration"] = calibration
-    log.info("ppo: %d prompts, %d iterations x %d rollouts (%d per rank x %d ranks), reference: "
-             "%s", len(prompts), cfg.iterations, cfg.batch_size * world, cfg.batch_size, world,
+    log.info("ppo: %d prompts, %d iterations x %d rollouts per rank, %d ranks, reference: %s",
+             len(prompts), cfg.iterations, cfg.batch_size, accelerator.num_processes,
              info["reference"])  # fmt: skip
 
     # --- train: one step is one PPO iteration (rollout, score, advantages, update)
     ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer, kl_ctl,
                      cfg, calibration, stage.guard)  # fmt: skip
 
-    def iteration(n: int, log_due: bool) -> dict[str, float]:
-        i = n - 1
-        torch.manual_seed(iteration_seed(recipe.seed, i, rank))
-        batch = prompts.select([j for j in sampler.indices(i) for _ in range(k)])
-        per_source: dict[str, float] = {}
-
-        def score_fn(roll: Rollout) -> torch.Tensor:
-            total, parts = sources(batch.messages, roll.texts, batch.rows,
-                                   finished=roll.ended_with_eos)  # fmt: skip
-            per_source.update(parts)
-            return total.to(device)
-
-        gen = torch.Generator().manual_seed(iteration_seed(recipe.seed, i, rank) + 7)
-        roll, metrics = ppo_iteration(ctx, batch.padded(tokenizer.pad_token_id, device), score_fn,
-                                      gen, value_only=i < cfg.critic_warmup_iterations,
-                                      init_value_head=i == 0)  # fmt: skip
-        metrics = mean_across_ranks(accelerator, {**metrics, **per_source})
-        # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
-        kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
-        if n % cfg.sample_every == 0:
-            stage.logger.log_samples(n, sample_rows(batch, roll))
-        return metrics
-
     def state_of(n: int) -> dict[str, Any]:
         return {"iteration": n, "kl_controller": kl_ctl.state_dict(),
                 "reward_sources": sources.state_dict(), "calibration": calibration}  # fmt: skip
 
-    stage.loop((state or {}).get("iteration", 0), cfg.iterations, iteration, state_of, scheduler,
+    stage.loop((state or {}).get("iteration", 0), cfg.iterations,
+               iteration_step(stage, ctx, prompts, sources, recipe.seed), state_of, scheduler,
                Cadence(save_every=cfg.save_every, keep_last=cfg.keep_last),
                shown={"score": "objective/score", "kl": "objective/kl"}, unit="iteration")  # fmt: skip
 
@@ -163,6 +131,52 @@ def run(recipe: Any, resume: bool = False) -> Path:
              results["ppo_score_mean"], results["sft_score_mean"], results["win_rate"],
              results["kl_mean"])  # fmt: skip
     return path
+
+
+def iteration_step(
+    stage: StageRun, ctx: PPOContext, prompts: Prompts, sources: Any, seed: int
+) -> Callable[[int, bool], dict[str, float]]:
+    """The runner's step n: PPO iteration n-1 on this rank's prompts of that iteration, its
+    metrics averaged over ranks, then the KL controller's update (and sample logging)."""
+    cfg, accelerator, device = ctx.cfg, ctx.accelerator, ctx.accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    k = cfg.samples_per_prompt
+    # batch_size counts rollouts: batch_size / k prompts per rank, each repeated k times in
+    # consecutive rows (one batched generate); every rank holds whole groups.
+    sampler = PromptSampler(len(prompts), cfg.batch_size // k, rank, world, seed)
+
+    def step(n: int, log_due: bool) -> dict[str, float]:
+        i = n - 1
+        torch.manual_seed(iteration_seed(seed, i, rank))
+        batch = prompts.select([j for j in sampler.indices(i) for _ in range(k)])
+        per_source: dict[str, float] = {}
+
+        def score_fn(roll: Rollout) -> torch.Tensor:
+            total, parts = sources(batch.messages, roll.texts, batch.rows,
+                                   finished=roll.ended_with_eos)  # fmt: skip
+            per_source.update(parts)
+            return total.to(device)
+
+        generator = torch.Generator().manual_seed(iteration_seed(seed, i, rank) + 7)
+        padded = batch.padded(ctx.tokenizer.pad_token_id, device)
+        roll, metrics = ppo_iteration(ctx, padded, score_fn, generator,
+                                      value_only=i < cfg.critic_warmup_iterations,
+                                      init_value_head=i == 0)  # fmt: skip
+        metrics = mean_across_ranks(accelerator, {**metrics, **per_source})
+        # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
+        ctx.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
+        if n % cfg.sample_every == 0:
+            stage.logger.log_samples(n, sample_rows(batch, roll))
+        return metrics
+
+    return step
+
+
+def kl_controller(cfg: Any) -> AdaptiveKLController | FixedKLController:
+    """Ziegler et al. 2019's adaptive beta toward a target KL, or a fixed beta."""
+    if cfg.adaptive_kl:
+        return AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
+    return FixedKLController(cfg.kl_coef)
 
 
 def load_prompt_items(recipe: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:

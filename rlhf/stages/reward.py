@@ -189,7 +189,6 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     pad_id = tokenizer.pad_token_id
     train_rows, eval_sets = encode_datasets(recipe, tokenizer)
     n_train_pairs = sum(len(r["pairs"]) for r in train_rows)
-    n_truncated = sum(len(s) >= cfg.max_length for r in train_rows for s in r["seqs"])
     collate = partial(rm.collate_rankings, pad_id=pad_id, side="right",
                       share_prefix=shares_prefix(cfg))  # fmt: skip
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -207,13 +206,12 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     state = stage.begin(
         resume, scheduler, init_from=init_from, effective_batch_prompts=per_step,
         train_prompts=len(train_rows), train_pairs=n_train_pairs, eval_prompts=eval_sizes,
-        truncated_responses=n_truncated, total_steps=total_steps,
+        truncated_responses=truncated(train_rows, cfg.max_length), total_steps=total_steps,
         trainable_parameters=trainable, parameters=total,
     )  # fmt: skip
     state = state or {"step": 0, "epoch": 0, "batches_done": 0}
-    log.info("reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts, "
-             "%d responses truncated to %d tokens", len(train_rows), n_train_pairs, eval_sizes,
-             total_steps, per_step, n_truncated, cfg.max_length)  # fmt: skip
+    log.info("reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts",
+             len(train_rows), n_train_pairs, eval_sizes, total_steps, per_step)  # fmt: skip
 
     # --- train: one step is the Bradley-Terry loss of a window's prompts
     def evaluate_now() -> dict[str, dict[str, Any]]:
@@ -241,9 +239,9 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     stage.log(total_steps, flat_metrics(final))
     calib = calibrate(scorer, train_rows, cfg, pad_id, recipe.seed, accelerator)
     stage.log(total_steps, {"calibration/mean": calib["mean"], "calibration/std": calib["std"]})
-    results = eval_results(base, final, calib)
-    results.update(steps=total_steps, train_prompts=len(train_rows), train_pairs=n_train_pairs,
-                   skipped_batches=stage.guard.skipped)  # fmt: skip
+    results = {**eval_results(base, final, calib), "steps": total_steps,
+               "train_prompts": len(train_rows), "train_pairs": n_train_pairs,
+               "skipped_batches": stage.guard.skipped}  # fmt: skip
     models.unwrap_peft(accelerator.unwrap_model(scorer).model).config.reward_calibration = calib
     card = ("Reward model", f"Scalar reward model (Bradley-Terry on ranked pairs), {total_steps} "
             f"steps from `{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} "
@@ -273,6 +271,11 @@ def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, 
     eval_sets = {"eval": encode(eval_items)}
     eval_sets.update({f"eval_{name}": encode(items) for name, items in extra_items.items()})
     return train_rows, eval_sets
+
+
+def truncated(rows: list[dict], max_length: int) -> int:
+    """How many responses were cut to max_length tokens (recorded in run.json)."""
+    return sum(len(s) >= max_length for r in rows for s in r["seqs"])
 
 
 def load_model(recipe: Any, init_from: str, revision: str | None, tokenizer: Any) -> Any:

@@ -81,12 +81,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     stage = StageRun(recipe, "sft", grad_accum=cfg.grad_accum)
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
-    tokenizer = models.load_tokenizer(
-        cfg.init_from or recipe.model.name,
-        recipe.model.chat_template,
-        recipe.model.trust_remote_code,
-        revision=None if cfg.init_from else recipe.model.revision,
-    )
+    tokenizer = load_tokenizer(recipe)
     train_items, eval_items = load_datasets(recipe)
     train_rows = encode_rows(recipe, tokenizer, train_items)
     eval_rows = encode_rows(recipe, tokenizer, eval_items)
@@ -176,6 +171,17 @@ def train_loader(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(rows, cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     return loader, generator, len(rows) if cfg.packing else None
+
+
+def load_tokenizer(recipe: Any) -> Any:
+    """The tokenizer (with the recipe's chat template) of the model SFT starts from."""
+    cfg = recipe.sft
+    return models.load_tokenizer(
+        cfg.init_from or recipe.model.name,
+        recipe.model.chat_template,
+        recipe.model.trust_remote_code,
+        revision=None if cfg.init_from else recipe.model.revision,
+    )
 
 
 def load_model(recipe: Any, tokenizer: Any) -> torch.nn.Module:

@@ -6,9 +6,10 @@ from rlhf import models
 from rlhf.ppo import AdaptiveKLController, FixedKLController
 from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
-from rlhf.ppo.rollout import generate, response_mask
+from rlhf.ppo.rollout import sample_rollout
 from rlhf.recipe import LoraConfig, PPOConfig, Recipe
 from rlhf.runtime import make_accelerator
+from rlhf.sequences import response_mask
 from rlhf.training import make_optimizer
 from tests.ppo.tiny_policy import programmatic_score, small_vocab_policy
 
@@ -36,7 +37,7 @@ def test_generate_masks_and_pads_after_eos(tiny_model_dir):
             return torch.cat([input_ids, sampled], dim=1)
 
     prompt = torch.full((3, 5), 100)
-    roll = generate(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
+    roll = sample_rollout(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
     assert roll.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert roll.ended_with_eos.tolist() == [True, False, True]
     assert roll.response_ids.tolist() == [
