@@ -22,6 +22,9 @@ ACCELERATE_CONFIG ?=
 RESUME ?=
 PYTEST_ARGS ?=
 export RLHF_CACHE ?= $(HOME)/.cache/rlhf
+# DeepSpeed compiles its CPU extensions (shm_comm ~30 s, cpu_adam ~45 s) on first use: kept
+# here, so later runs and CI (cache this folder) reuse them.
+export TORCH_EXTENSIONS_DIR ?= $(RLHF_CACHE)/torch_extensions
 
 BIN := $(VENV)/bin
 LINT_PATHS := rlhf tests $(wildcard bench reward_data/*.py)

@@ -163,6 +163,34 @@ def set_deepspeed_micro_batch(accelerator: Any, micro_batch: int) -> None:
         config["train_micro_batch_size_per_gpu"] = micro_batch
 
 
+def full_numel(param: Any) -> int:
+    """Elements of the whole parameter. A ZeRO-3 parameter is an empty placeholder outside a
+    forward (`numel() == 0`); DeepSpeed keeps the full size in `ds_numel`. A DTensor (FSDP2)
+    reports its global size."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def full_ndim(param: Any) -> int:
+    """Dimensions of the whole parameter (a ZeRO-3 placeholder is 1-D; `ds_shape` is real)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
+def local_numel(param: Any) -> int:
+    """Elements of the parameter this rank holds: its ZeRO-3 partition (`ds_tensor`, padded to
+    a multiple of the world size), its FSDP2 local shard, or all of it when not sharded."""
+    if hasattr(param, "ds_tensor"):
+        return int(param.ds_tensor.numel())
+    if hasattr(param, "to_local"):
+        return int(param.to_local().numel())
+    return int(param.numel())
+
+
+def parameters_on_rank(model: Any) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model): how much sharding saved."""
+    params = list(model.parameters())
+    return sum(map(local_numel, params)), sum(map(full_numel, params))
+
+
 def rank_indices(n: int, accelerator: Any) -> list[int]:
     """This rank's share of n evaluation items: rank, rank + world, ...
 

@@ -257,8 +257,8 @@ def judge_all(
 
 def answer_accuracy(gathered: Gather, label: str) -> dict[str, Any] | None:
     """Verifiable answers: accuracy on the rows that carry one (answer_match); None if none."""
-    mask = gathered(torch.tensor([float(has_answer(f)) for f in gathered.sampled.fields]))
-    if not (mask and sum(mask)):
+    mask = gathered(torch.tensor([float(has_answer(f)) for f in gathered.sampled.fields]))  # once
+    if not sum(mask):
         return None
 
     def matches(m: list, t: list[str], i: int, f: list[bool]) -> torch.Tensor:

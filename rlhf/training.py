@@ -16,6 +16,7 @@ import torch
 from rlhf import models
 from rlhf.chat import IGNORE_INDEX
 from rlhf.decoding import eos_ids
+from rlhf.distributed import full_ndim, full_numel
 from rlhf.errors import NumericalFault
 from rlhf.sequences import next_token_logits, next_token_targets
 
@@ -28,7 +29,7 @@ def make_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        (no_decay if full_ndim(p) < 2 or "norm" in name.lower() else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -116,8 +117,8 @@ def perplexity(nll_sum: float, n_tokens: float) -> dict[str, float]:
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 

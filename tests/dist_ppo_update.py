@@ -7,6 +7,7 @@ mean over the whole batch: the two runs must end with the same parameters.
 """
 
 import sys
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -42,34 +43,47 @@ def build_model() -> ActorCritic:
     return ActorCritic(small_vocab_policy(seed=0, vocab=VOCAB))
 
 
-def main(out: str) -> None:
-    accelerator = make_accelerator(Recipe(precision="fp32", seed=0))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    per_rank = BATCH // world
-    cfg = PPOConfig(
+def ppo_config(per_rank: int, **optim: float) -> PPOConfig:
+    """One PPO epoch over one minibatch of this rank's rows, constant lr, no weight decay."""
+    return PPOConfig(
         batch_size=per_rank,
         mini_batch_size=per_rank,
         ppo_epochs=1,
         temperature=0.7,
         entropy_coef=0.01,
-        optim={"lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant", "weight_decay": 0.0},
+        optim={"lr": 1e-3, "warmup_ratio": 0.0, "scheduler": "constant", "weight_decay": 0.0}
+        | optim,
     )
+
+
+def update_on_rows(
+    model: torch.nn.Module, optimizer: Any, accelerator: Any, cfg: PPOConfig, rows: torch.Tensor
+) -> dict[str, float]:
+    """One ppo_update on `rows` of the fixed rollout batch (this rank's share)."""
+    rollout, advantages, returns = fixed_rollout()
+    return ppo_update(
+        model,
+        optimizer,
+        accelerator,
+        rollout.select(rows),
+        advantages[rows],
+        returns[rows],
+        cfg,
+        torch.Generator().manual_seed(0),
+    )
+
+
+def main(out: str) -> None:
+    accelerator = make_accelerator(Recipe(precision="fp32", seed=0))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_rank = BATCH // world
+    cfg = ppo_config(per_rank)
     model = build_model()
     torch.nn.init.normal_(model.value_head.weight, std=0.1)  # a non-trivial value gradient
     optimizer = make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    rollout, advantages, returns = fixed_rollout()
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-    stats = ppo_update(
-        model,
-        optimizer,
-        accelerator,
-        rollout.select(mine),
-        advantages[mine],
-        returns[mine],
-        cfg,
-        torch.Generator().manual_seed(0),
-    )
+    stats = update_on_rows(model, optimizer, accelerator, cfg, mine)
     assert stats["policy/epochs_run"] == 1.0
     if accelerator.is_main_process:
         state = accelerator.unwrap_model(model).state_dict()

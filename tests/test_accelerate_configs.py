@@ -4,8 +4,8 @@ What runs on this CPU machine: every YAML through accelerate's own config loader
 validation; the Makefile's LAUNCH for NPROC / ACCELERATE_CONFIG; every branch of the helpers
 that decides what to do (sharding detection, per-rank shares, state-dict selection, frozen-role
 loading, synced generation) and the no-op paths; a real DeepSpeed ZeRO-2 SFT run on 2 CPU ranks
-(gloo) when deepspeed is installed. ZeRO-3 and FSDP training need CUDA (NCCL collectives for
-parameter all-gathers); their end-to-end test below runs only with 2 or more GPUs.
+(gloo) when deepspeed is installed. FSDP2 and ZeRO-3 run for real on 2 CPU ranks in
+tests/test_sharded.py; the GPU configs' end-to-end test below runs only with 2 or more GPUs.
 """
 
 from __future__ import annotations

@@ -332,9 +332,12 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     ref_weights, weights = _weights(ref), _weights(run)
     assert ref_weights.keys() == weights.keys()
     assert all(torch.equal(ref_weights[k], v) for k, v in weights.items())
-    assert json.loads((run / "eval.json").read_text()) == json.loads(
-        (ref / "eval.json").read_text()
-    )
+
+    # Equal up to the run's own folder, which skipped judges name in their message.
+    def evaluation(folder: Path) -> dict:
+        return json.loads((folder / "eval.json").read_text().replace(str(folder.parent), "<out>"))
+
+    assert evaluation(run) == evaluation(ref)
     assert _comparable(run) == _comparable(ref)
 
 

@@ -1,0 +1,151 @@
+"""FSDP2 and DeepSpeed ZeRO-3 for real on 2 CPU ranks (gloo), against one rank.
+
+One launch per engine runs tests/dist_sharded.py (generation, an SFT step, a PPO update, the
+gathered state dict, a frozen role); one plain process runs it with twice the batch. Every
+launch asserts world_size 2 and that each rank held about half of the parameters: a launch
+that silently fell back to full copies (DDP) fails here.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.test_distributed import ACCELERATE, _env, _free_port
+
+pytestmark = pytest.mark.multiprocess
+REPO = Path(__file__).resolve().parents[1]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ENGINES = {
+    "fsdp2": ("recipes/accelerate/fsdp2-cpu.yaml", "DistributedType.FSDP"),
+    "zero3": ("recipes/accelerate/zero3-cpu.yaml", "DistributedType.DEEPSPEED"),
+}
+
+
+def _run_worker(out: Path, config: str | None) -> tuple[dict, dict]:
+    if config is None:
+        cmd = [sys.executable, "-m", "tests.dist_sharded", str(out)]
+    else:
+        cmd = [
+            ACCELERATE, "launch", "--config_file", config, "--main_process_port",
+            str(_free_port()), "-m", "tests.dist_sharded", str(out),
+        ]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=_env(), check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    return load_file(out), meta
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return _run_worker(tmp_path_factory.mktemp("one") / "one.safetensors", None)[0]
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fsdp2",
+        pytest.param(
+            "zero3",
+            marks=pytest.mark.skipif(
+                not HAS_DEEPSPEED, reason="deepspeed not installed: pip install -e '.[deepspeed]'"
+            ),
+        ),
+    ],
+)
+def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(engine, one_rank, tmp_path):
+    config, distributed_type = ENGINES[engine]
+    two, meta = _run_worker(tmp_path / f"{engine}.safetensors", config)
+    assert one_rank["world_size"].item() == 1
+    assert two["world_size"].item() == 2, "two ranks must really synchronise"
+    assert meta == {"distributed_type": distributed_type, "sharding": engine}
+
+    # Sharding happened: each rank held about half of the 22,721 elements (FSDP2 splits
+    # every parameter on dim 0, ZeRO-3 pads each partition to a multiple of the world size).
+    total = one_rank["total"].item()
+    assert one_rank["held"].item() == total  # one rank: everything
+    assert two["total"].tolist() == [total, total]
+    held = two["held"].tolist()
+    assert all(abs(h - total / 2) < 0.01 * total for h in held), held
+    assert total <= sum(held) <= total + 2 * 23  # at most one padding element per parameter
+    # The frozen role (loaded with unsharded_init) is a full copy on every rank.
+    frozen = two["frozen_total"][0].item()
+    assert frozen > 1e6 and two["frozen_held"].tolist() == [frozen, frozen]
+
+    # Generation with gathered parameters gives rank r exactly the one-rank tokens of its rows.
+    assert torch.equal(two["generated"], one_rank["generated"])
+
+    # One SFT step and one PPO update: same losses and same weights at fp32 tolerance.
+    assert two["sft_loss"].tolist() == pytest.approx([one_rank["sft_loss"].item()] * 2, rel=1e-6)
+    assert two["ppo_loss"].tolist() == pytest.approx([one_rank["ppo_loss"].item()] * 2, rel=1e-5)
+    weights = {k for k in one_rank if k.startswith("weights.")}
+    assert weights == {k for k in two if k.startswith("weights.")} and len(weights) == 23
+    for name in sorted(weights):
+        torch.testing.assert_close(two[name], one_rank[name], rtol=1e-5, atol=1e-6, msg=name)
+        initial = one_rank[name.replace("weights.", "initial.")]
+        assert not torch.equal(two[name], initial), f"{name} did not move"
+
+
+def _stage(config: str, stage: str, args: list[str]) -> str:
+    cmd = [
+        ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(_free_port()),
+        "-m", "rlhf.cli", stage, "recipes/tiny.yaml", *args,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+@pytest.mark.slow  # ~100 s per engine on 2 cores: 4 launches of the CLI
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fsdp2",
+        pytest.param("zero3", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="no deepspeed")),
+    ],
+)
+def test_every_stage_and_resume_under_sharding(engine, tmp_path):
+    """`make sft reward ppo RECIPE=recipes/tiny.yaml ACCELERATE_CONFIG=<engine>-cpu.yaml`, plus
+    `--resume` from the sharded step-2 checkpoint ending with the same weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tests.test_pipeline import _overrides, _write_data
+
+    config, distributed_type = ENGINES[engine]
+    run = tmp_path / "run"
+    args = _overrides(tmp_path, _write_data(tmp_path))
+    args[0] = f"output_dir={run}"
+    _stage(config, "sft", [*args, "sft.save_every=2"])
+    checkpoint = run / "sft" / "checkpoints" / "step-000002"
+    rank_1_shard = {
+        "fsdp2": "pytorch_model_fsdp_0/__1_0.distcp",
+        "zero3": "pytorch_model/zero_pp_rank_1_mp_rank_00_model_states.pt",
+    }
+    assert (checkpoint / rank_1_shard[engine]).is_file()  # rank 1 wrote its own shard
+    first = load_file(run / "sft" / "model" / "model.safetensors")
+    log = _stage(config, "sft", [*args, "sft.save_every=2", "--resume"])
+    assert f"resumed from {checkpoint} (step 2)" in log
+    resumed = load_file(run / "sft" / "model" / "model.safetensors")
+    for name in first:
+        torch.testing.assert_close(resumed[name], first[name], rtol=0, atol=0, msg=name)
+    # full fine-tuning: the frozen reference is a full copy next to the sharded policy
+    _stage(config, "reward", args)
+    _stage(config, "ppo", [*args, "ppo.lora.enabled=false"])
+    for stage in ("sft", "reward", "ppo"):
+        info = json.loads((run / stage / "run.json").read_text())
+        assert info["world_size"] == 2 and info["distributed_type"] == distributed_type
+        assert info["parameters"] > 3e6  # counted in full, not as ZeRO-3's empty placeholders
+        assert (run / stage / "COMPLETED").is_file()
+    policy = AutoModelForCausalLM.from_pretrained(run / "ppo" / "model")
+    scorer = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model")
+    for model in (policy, scorer):
+        assert all(torch.isfinite(p).all() and p.numel() for p in model.parameters())
