@@ -244,13 +244,36 @@ def _add_eval(sub: Any) -> None:
     )
 
 
-def _add_generate(sub: Any) -> None:
-    g = sub.add_parser(
-        "generate",
+# help and description of the tools' sub-commands
+TOOL_TEXTS = {
+    "generate": dict(
         help="generate from a model folder (chat template applied), JSONL out",
         description="Greedy by default; --num-beams N for beam search; --do-sample (or any of "
         "--temperature/--top-k/--top-p) for sampling. Combinations work (beam sampling).",
-    )
+    ),
+    "curves": dict(
+        help="PNG dashboards, health alarms and an HTML report from run directories",
+        description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
+        "[key=value ...]. A pipeline folder (a recipe's output_dir) stands for its stage "
+        "folders; runs of the same stage are overlaid (e.g. two pipelines).",
+    ),
+    "viz": dict(
+        help="look inside a model: attention maps, per-token KL",
+        description="rlhf viz attention MODEL_DIR --text TEXT [--layer L --head H] | "
+        "rlhf viz kl POLICY_DIR --reference REF_DIR --prompt TEXT",
+    ),
+}
+
+
+def _tool_parser(sub: Any, name: str) -> argparse.ArgumentParser:
+    """The sub-command `name` (TOOL_TEXTS), run by rlhf.<name>.main when called."""
+    parser = sub.add_parser(name, **TOOL_TEXTS[name])
+    parser.set_defaults(func=_lazy(f"rlhf.{name}", "main"))
+    return parser
+
+
+def _add_generate(sub: Any) -> None:
+    g = _tool_parser(sub, "generate")
     g.add_argument("model_dir", help="model folder or registered name (tiny-llama)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
@@ -266,17 +289,10 @@ def _add_generate(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0, help="makes sampling reproducible")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--output", help="JSONL output file (default: stdout)")
-    g.set_defaults(func=_lazy("rlhf.generate", "main"))
 
 
 def _add_curves(sub: Any) -> None:
-    c = sub.add_parser(
-        "curves",
-        help="PNG dashboards, health alarms and an HTML report from run directories",
-        description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
-        "[key=value ...]. A pipeline folder (a recipe's output_dir) stands for its stage "
-        "folders; runs of the same stage are overlaid (e.g. two pipelines).",
-    )
+    c = _tool_parser(sub, "curves")
     c.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="or key=value with --recipe")
     c.add_argument("--recipe", help="use the recipe's output_dir (sft, reward, ppo)")
     c.add_argument(
@@ -286,16 +302,10 @@ def _add_curves(sub: Any) -> None:
     )
     c.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
     c.add_argument("--no-report", action="store_true", help="PNGs only, no report.html")
-    c.set_defaults(func=_lazy("rlhf.curves", "main"))
 
 
 def _add_viz(sub: Any) -> None:
-    v = sub.add_parser(
-        "viz",
-        help="look inside a model: attention maps, per-token KL",
-        description="rlhf viz attention MODEL_DIR --text TEXT [--layer L --head H] | "
-        "rlhf viz kl POLICY_DIR --reference REF_DIR --prompt TEXT",
-    )
+    v = _tool_parser(sub, "viz")
     v.add_argument("what", choices=["attention", "kl"])
     v.add_argument("model_dir", help="attention: the model; kl: the policy")
     v.add_argument("--text", help="attention: the text to look at (no chat template)")
@@ -306,7 +316,6 @@ def _add_viz(sub: Any) -> None:
     v.add_argument("--max-new-tokens", type=int, default=48, help="kl: response length")
     v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     v.add_argument("--out", default=None, help="attention: PNG; kl: .html (+ .png beside it)")
-    v.set_defaults(func=_lazy("rlhf.viz", "main"))
 
 
 def main(argv: list[str] | None = None) -> int:
