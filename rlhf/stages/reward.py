@@ -210,8 +210,9 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
         trainable_parameters=trainable, parameters=total,
     )  # fmt: skip
     state = state or {"step": 0, "epoch": 0, "batches_done": 0}
-    log.info("reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts",
-             len(train_rows), n_train_pairs, eval_sizes, total_steps, per_step)  # fmt: skip
+    log.info("reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts, "
+             "%d responses truncated to %d tokens", len(train_rows), n_train_pairs, eval_sizes,
+             total_steps, per_step, stage.out.info["truncated_responses"], cfg.max_length)  # fmt: skip
 
     # --- train: one step is the Bradley-Terry loss of a window's prompts
     def evaluate_now() -> dict[str, dict[str, Any]]:
