@@ -1,6 +1,7 @@
 """What the workers share: the work spec, phase timing by wrapping callables, result files.
 
-Standard library + torch only: this module is imported inside bench/.venv-trl too.
+Standard library + torch only (and rlhf.sequences, which is torch only): this module is
+imported inside bench/.venv-trl too.
 """
 
 from __future__ import annotations
@@ -119,12 +120,11 @@ def phase_sum(events: list[tuple[str, float, float]], name: str) -> float:
 
 
 def count_response_tokens(response_ids: Any, eos_id: int) -> int:
-    """Tokens up to and including the first EOS per row (what both PPOs train on)."""
-    import torch
+    """Tokens up to and including the first EOS per row (what both PPOs train on): the
+    project's own EOS cut, which needs only torch."""
+    from rlhf.sequences import response_mask
 
-    is_eos = response_ids == eos_id
-    before = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-    return int(before.sum().item()) if isinstance(before, torch.Tensor) else 0
+    return int(response_mask(response_ids, eos_id)[0].sum().item())
 
 
 def summarize(values: list[float]) -> dict[str, float] | None:

@@ -1,7 +1,8 @@
 """Worker: this project's PPO iteration (rlhf.ppo.ppo_iteration) on the benchmark's work.
 
-Roles are built the way rlhf/stages/ppo.py builds them, but from the prepared base model (no
-SFT / reward run needed: the benchmark measures cost, not learning):
+Roles are built by the PPO stage's own code (rlhf.ppo.roles.build_roles,
+rlhf.policy_eval.reward_model_scorer), from the prepared base model (no SFT / reward run
+needed: the benchmark measures cost, not learning):
   parity    full fine-tuning, frozen reference copy, separate value model initialised from the
             reward model (as TRL does), fp32, no gradient clipping (TRL's PPO does not clip)
   defaults  the recipe defaults: LoRA policy (reference = adapter disabled), shared-backbone
@@ -15,16 +16,8 @@ import time
 
 import torch
 
-from bench.common import (
-    PhaseTimer,
-    count_response_tokens,
-    log,
-    phase_sum,
-    read_json,
-    self_peak_rss_mb,
-    worker_args,
-    write_json,
-)
+from bench import common
+from bench.common import PhaseTimer, log
 
 
 def build_recipe(spec: dict):
@@ -53,16 +46,16 @@ def build_recipe(spec: dict):
 
 
 def main() -> None:
-    args = worker_args(__doc__.splitlines()[0])
-    spec = read_json(args.spec)
+    args = common.worker_args(__doc__.splitlines()[0])
+    spec = common.read_json(args.spec)
     t_start = time.perf_counter()
 
     from rlhf import models, training
-    from rlhf.chat import pad_batch
-    from rlhf.ppo.actor_critic import ActorCritic, disable_dropout
+    from rlhf.policy_eval import reward_model_scorer
     from rlhf.ppo.core import FixedKLController
-    from rlhf.ppo.iteration import ppo_iteration
-    from rlhf.ppo.rollout import reward_scores
+    from rlhf.ppo.iteration import PPOContext, ppo_iteration
+    from rlhf.ppo.prompts import Prompts
+    from rlhf.ppo.roles import build_roles
     from rlhf.runtime import frozen_weight_dtype, make_accelerator
 
     recipe = build_recipe(spec)
@@ -72,30 +65,18 @@ def main() -> None:
     path = spec["model"]
 
     tokenizer = models.load_tokenizer(path, padding_side="left")
-    reward_tokenizer = models.load_tokenizer(path)
-    policy = models.load_causal_lm(path)
-    critic = models.load_reward_model(path) if cfg.value_model == "separate" else None
-    reference = None
-    if cfg.lora.enabled:
-        policy = models.apply_lora(policy, cfg.lora)
-    else:
-        reference = models.load_causal_lm(path).to(device).eval()
-        reference.requires_grad_(False)
-        disable_dropout(reference)
-    model = ActorCritic(policy, critic)
-    reward_model = models.load_reward_model(path).to(device).eval()
-    reward_model.requires_grad_(False)
-    disable_dropout(reward_model)
-    frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision)
-    if frozen_dtype:  # as the PPO stage does: frozen matmul weights in the autocast dtype
-        for frozen in (policy, reference, reward_model):
-            if frozen is not None:
-                models.store_frozen_linears(frozen, frozen_dtype)
+    # The PPO stage's own role builder and reward scorer (frozen weights in the autocast dtype
+    # included); the critic and the reward model start from the base model here.
+    model, reference = build_roles(
+        cfg, accelerator, lambda: models.load_causal_lm(path), critic_dir=path
+    )
+    reward_model = reward_model_scorer(path, recipe, accelerator)
     optimizer = training.make_optimizer(model, cfg.optim)
     n_iters = spec["warmup"] + spec["iterations"]
     scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    kl_ctl = FixedKLController(cfg.kl_coef)
+    ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer,
+                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
 
     timer = PhaseTimer()
     # Finer split of the update phase; the coarse phases come from ppo_iteration's own timing.
@@ -106,7 +87,7 @@ def main() -> None:
         timer.patch(accelerator.unwrap_model(model), "reference_logits", "reference")
     else:
         timer.patch(reference, "forward", "reference")
-    timed_reward_scores = timer.wrap(reward_scores, "reward")
+    timed_reward_model = timer.wrap(reward_model, "reward")
     prompts = spec["prompts"]
     load_s = time.perf_counter() - t_start
     log(f"{spec['label']}: loaded in {load_s:.1f}s, mixed precision {accelerator.mixed_precision}")
@@ -118,34 +99,15 @@ def main() -> None:
         timer.mark_iteration()
         t0 = time.perf_counter()
         torch.manual_seed(spec["seed"] + it)
-        batch = pad_batch([r["input_ids"] for r in rows], tokenizer.pad_token_id, side="left")
-        messages = [r["messages"] for r in rows]
+        batch = Prompts([r["messages"] for r in rows], [{}] * len(rows),
+                        [r["input_ids"] for r in rows])  # fmt: skip
 
-        def score_fn(roll, messages=messages):
-            return timed_reward_scores(
-                reward_model,
-                reward_tokenizer,
-                messages,
-                roll.texts,
-                recipe.reward.max_length,
-                device,
-                accelerator.autocast,
-            )
+        def score_fn(roll, messages=batch.messages):
+            return timed_reward_model(messages, roll.texts)
 
         gen = torch.Generator().manual_seed(spec["seed"] + 7 + it)
         roll, metrics = ppo_iteration(
-            model,
-            reference,
-            optimizer,
-            scheduler,
-            accelerator,
-            tokenizer,
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            score_fn,
-            kl_ctl,
-            cfg,
-            gen,
+            ctx, batch.padded(tokenizer.pad_token_id, device), score_fn, gen
         )
         total = time.perf_counter() - t0
         events = timer.iteration_events(time.perf_counter())[-1]
@@ -154,20 +116,22 @@ def main() -> None:
             "generate": metrics["timing/rollout"],
             "score": metrics["timing/score"],
             "update": metrics["timing/update"],
-            "backward": phase_sum(events, "backward"),
-            "optimizer": phase_sum(events, "optimizer"),
-            "reference": phase_sum(events, "reference"),
-            "reward": phase_sum(events, "reward"),
+            "backward": common.phase_sum(events, "backward"),
+            "optimizer": common.phase_sum(events, "optimizer"),
+            "reference": common.phase_sum(events, "reference"),
+            "reward": common.phase_sum(events, "reward"),
             "prompt_len": int(roll.prompt_ids.shape[1]),
             "response_len": int(roll.response_ids.shape[1]),
-            "response_tokens": count_response_tokens(roll.response_ids, tokenizer.eos_token_id),
+            "response_tokens": common.count_response_tokens(
+                roll.response_ids, tokenizer.eos_token_id
+            ),
         }
         row["train_forward_and_loss"] = row["update"] - row["backward"] - row["optimizer"]
         row["other"] = total - row["generate"] - row["score"] - row["update"]
         iterations.append(row)
         log(f"{spec['label']}: iteration {it} {total:.2f}s")
 
-    write_json(
+    common.write_json(
         args.out,
         {
             "label": spec["label"],
@@ -177,9 +141,11 @@ def main() -> None:
             "iterations": iterations,
             "torch_threads": torch.get_num_threads(),
             "mixed_precision": accelerator.mixed_precision,
-            "frozen_weights": str(frozen_dtype or torch.float32).removeprefix("torch."),
+            "frozen_weights": str(
+                frozen_weight_dtype(accelerator.mixed_precision) or torch.float32
+            ).removeprefix("torch."),
             "trainable_parameters": training.trainable_parameters(model)[0],
-            "self_peak_rss_mb": self_peak_rss_mb(),
+            "self_peak_rss_mb": common.self_peak_rss_mb(),
         },
     )
 

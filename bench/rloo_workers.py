@@ -27,7 +27,7 @@ def run_ours(spec: dict) -> dict:
     from rlhf.chat import encode_prompt, pad_batch
     from rlhf.ppo.actor_critic import ActorCritic, disable_dropout
     from rlhf.ppo.core import FixedKLController
-    from rlhf.ppo.iteration import ppo_iteration
+    from rlhf.ppo.iteration import PPOContext, ppo_iteration
     from rlhf.ppo.rollout import reward_scores
     from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
     from rlhf.runtime import frozen_weight_dtype, make_accelerator
@@ -68,7 +68,8 @@ def run_ours(spec: dict) -> dict:
     model = ActorCritic(policy, with_values=False)
     optimizer = training.make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    kl_ctl = FixedKLController(cfg.kl_coef)
+    ctx = PPOContext(model, reference, optimizer, None, accelerator, tokenizer,
+                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
     messages = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     ids = [encode_prompt(tokenizer, m, cfg.max_prompt_length) for m in messages]
     step_times, tokens, per_iter = [], 0, batch // k
@@ -91,18 +92,7 @@ def run_ours(spec: dict) -> dict:
             )
 
         roll, _ = ppo_iteration(
-            model,
-            reference,
-            optimizer,
-            None,
-            accelerator,
-            tokenizer,
-            padded["input_ids"],
-            padded["attention_mask"],
-            score_fn,
-            kl_ctl,
-            cfg,
-            torch.Generator().manual_seed(spec["seed"] + 7 + it),
+            ctx, padded, score_fn, torch.Generator().manual_seed(spec["seed"] + 7 + it)
         )
         step_times.append(time.perf_counter() - t0)
         tokens += int(roll.mask.sum())

@@ -113,3 +113,9 @@ def pad_batch(
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token, so left padding changes nothing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_user_text(messages: list[dict[str, str]]) -> str:
+    """The last user turn of a conversation (what a sample's "prompt" shows)."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else messages[-1]["content"]

@@ -16,6 +16,7 @@ import importlib
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from rlhf import __version__
 from rlhf.errors import NumericalFault, UserError
@@ -133,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"rlhf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_stages, _add_models_and_data, _add_eval, _add_generate, _add_curves, _add_viz):
+        add(sub)
+    return p
 
+
+def _add_stages(sub: Any) -> None:
     for stage, text in zip(
         STAGES,
         (
@@ -157,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         s.set_defaults(func=_stage)
 
+
+def _add_models_and_data(sub: Any) -> None:
     m = sub.add_parser("models", help="prepare or list registered base models")
     m.add_argument("action", choices=["prepare", "list"])
     m.add_argument("names", nargs="*", default=["smollm2-135m-instruct"])
@@ -172,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_data_check)
 
+
+def _add_eval(sub: Any) -> None:
     e = sub.add_parser(
         "eval",
         help="evaluate a reward model or a policy, or compare two policies",
@@ -193,22 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = e.add_argument_group("compare (policy A vs policy B)")
     compare_flags = [
         cmp.add_argument("--prompts", help="held-out prompts (any format `rlhf data check` reads)"),
-        cmp.add_argument(
-            "--reward-model",
-            dest="reward_models",
-            action="append",
-            default=[],
-            metavar="RM_DIR",
-            help="a judge; repeat for several",
-        ),
-        cmp.add_argument(
-            "--judge",
-            dest="judges",
-            action="append",
-            default=[],
-            metavar="NAME|module:function",
-            help="a reward function as judge (sentiment, afinn, answer_match, ...); repeatable",
-        ),
+        *(
+            cmp.add_argument(flag, dest=dest, action="append", default=[], metavar=meta, help=text)
+            for flag, dest, meta, text in (
+                ("--reward-model", "reward_models", "RM_DIR", "a judge; repeat for several"),
+                (
+                    "--judge",
+                    "judges",
+                    "NAME|module:function",
+                    "a reward function as judge (sentiment, afinn, answer_match, ...); repeatable",
+                ),
+            )
+        ),  # fmt: skip
         cmp.add_argument(
             "--samples-per-prompt",
             type=int,
@@ -237,12 +243,37 @@ def build_parser() -> argparse.ArgumentParser:
         compare_flags={a.dest: (a.option_strings[0], a.default) for a in compare_flags},
     )
 
-    g = sub.add_parser(
-        "generate",
+
+# help and description of the tools' sub-commands
+TOOL_TEXTS = {
+    "generate": dict(
         help="generate from a model folder (chat template applied), JSONL out",
         description="Greedy by default; --num-beams N for beam search; --do-sample (or any of "
         "--temperature/--top-k/--top-p) for sampling. Combinations work (beam sampling).",
-    )
+    ),
+    "curves": dict(
+        help="PNG dashboards, health alarms and an HTML report from run directories",
+        description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
+        "[key=value ...]. A pipeline folder (a recipe's output_dir) stands for its stage "
+        "folders; runs of the same stage are overlaid (e.g. two pipelines).",
+    ),
+    "viz": dict(
+        help="look inside a model: attention maps, per-token KL",
+        description="rlhf viz attention MODEL_DIR --text TEXT [--layer L --head H] | "
+        "rlhf viz kl POLICY_DIR --reference REF_DIR --prompt TEXT",
+    ),
+}
+
+
+def _tool_parser(sub: Any, name: str) -> argparse.ArgumentParser:
+    """The sub-command `name` (TOOL_TEXTS), run by rlhf.<name>.main when called."""
+    parser = sub.add_parser(name, **TOOL_TEXTS[name])
+    parser.set_defaults(func=_lazy(f"rlhf.{name}", "main"))
+    return parser
+
+
+def _add_generate(sub: Any) -> None:
+    g = _tool_parser(sub, "generate")
     g.add_argument("model_dir", help="model folder or registered name (tiny-llama)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
@@ -258,15 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="makes sampling reproducible")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--output", help="JSONL output file (default: stdout)")
-    g.set_defaults(func=_lazy("rlhf.generate", "main"))
 
-    c = sub.add_parser(
-        "curves",
-        help="PNG dashboards, health alarms and an HTML report from run directories",
-        description="rlhf curves RUN_DIR [RUN_DIR ...] | rlhf curves --recipe RECIPE "
-        "[key=value ...]. A pipeline folder (a recipe's output_dir) stands for its stage "
-        "folders; runs of the same stage are overlaid (e.g. two pipelines).",
-    )
+
+def _add_curves(sub: Any) -> None:
+    c = _tool_parser(sub, "curves")
     c.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="or key=value with --recipe")
     c.add_argument("--recipe", help="use the recipe's output_dir (sft, reward, ppo)")
     c.add_argument(
@@ -276,14 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--smoothing", type=float, default=0.6, help="EMA weight in [0, 1)")
     c.add_argument("--no-report", action="store_true", help="PNGs only, no report.html")
-    c.set_defaults(func=_lazy("rlhf.curves", "main"))
 
-    v = sub.add_parser(
-        "viz",
-        help="look inside a model: attention maps, per-token KL",
-        description="rlhf viz attention MODEL_DIR --text TEXT [--layer L --head H] | "
-        "rlhf viz kl POLICY_DIR --reference REF_DIR --prompt TEXT",
-    )
+
+def _add_viz(sub: Any) -> None:
+    v = _tool_parser(sub, "viz")
     v.add_argument("what", choices=["attention", "kl"])
     v.add_argument("model_dir", help="attention: the model; kl: the policy")
     v.add_argument("--text", help="attention: the text to look at (no chat template)")
@@ -294,8 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=48, help="kl: response length")
     v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     v.add_argument("--out", default=None, help="attention: PNG; kl: .html (+ .png beside it)")
-    v.set_defaults(func=_lazy("rlhf.viz", "main"))
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

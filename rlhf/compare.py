@@ -8,8 +8,8 @@ reward model: mean raw (and calibrated) score of A and B, and the win rate of B 
 count half) with a 95% Wilson score interval. Per policy: mean response length in tokens (the
 closing EOS included), EOS rate and, with --reference, the mean summed per-token KL to the
 reference. Scoring, calibration and KL reuse the PPO stage's own functions (rlhf.ppo.rollout,
-rlhf.ppo.iteration), so the numbers mean what `ppo_score_mean`, `win_rate` and `kl_mean` mean
-in a PPO run's eval.json. When the prompt rows carry references (an SFT file's final assistant
+rlhf.reward_sources, rlhf.sequences), so the numbers mean what `ppo_score_mean`, `win_rate`
+and `kl_mean` mean in a PPO run's eval.json. When the prompt rows carry references (an SFT file's final assistant
 turn, or --references-field), BLEU (sacrebleu) and ROUGE (rouge_score) are added if installed.
 """
 
@@ -21,45 +21,22 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from rlhf import models
+from rlhf.chat import encode_prompt, last_user_text, pad_batch, positions_from_mask
+from rlhf.decoding import Decoding, decoding_from_args
 from rlhf.errors import UserError
-from rlhf.generate import Decoding, generate, last_user_text, load, pick_device
+from rlhf.generate import generate_responses, load, pick_device
+from rlhf.ppo.rollout import reward_scores
+from rlhf.reward_sources import calibrate, load_calibration
 from rlhf.rewards import call_reward_function, load_reward_function
-from rlhf.stats import wilson_interval
+from rlhf.sequences import logprobs_from_logits, response_slice
+from rlhf.stats import win_rate
 
 WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.stats.wilson_interval)
-
-
-# ------------------------------------------------------------------------------- statistics
-
-
-def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], z: float = 1.96) -> dict:
-    """Win rate of B over A on paired scores, ties counting half, with a Wilson interval.
-
-    Counting a tie as half a win is what the PPO stage does; the interval then treats the
-    half-counted total as a binomial count (slightly conservative when there are ties).
-    """
-    if len(scores_a) != len(scores_b):
-        raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
-    n = len(scores_a)
-    if n == 0:
-        raise ValueError("win_rate needs at least one pair of scores")
-    wins = sum(1 for a, b in zip(scores_a, scores_b) if b > a)
-    ties = sum(1 for a, b in zip(scores_a, scores_b) if b == a)
-    rate = (wins + 0.5 * ties) / n
-    low, high = wilson_interval(wins + 0.5 * ties, n, z)
-    return {
-        "win_rate_b_over_a": rate,
-        "win_rate_ci95": [low, high],
-        "wins_b": wins,
-        "ties": ties,
-        "wins_a": n - wins - ties,
-    }
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -155,10 +132,7 @@ def sequence_logprobs(
 ) -> list[float]:
     """Summed log pi(token) over each response's own tokens (EOS included), computed as the
     PPO stage does: left-padded prompt + right-padded response, positions from the mask,
-    log-softmax at the sampling temperature (rlhf.ppo.rollout.logprobs_from_logits)."""
-    from rlhf.chat import pad_batch, positions_from_mask
-    from rlhf.ppo.rollout import logprobs_from_logits, response_slice
-
+    log-softmax at the sampling temperature (rlhf.sequences.logprobs_from_logits)."""
     device = next(model.parameters()).device
     sums: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -185,21 +159,16 @@ def _free_gpu_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _check_model(flag: str, model_dir: str) -> None:
+def check_model(flag: str, model_dir: str) -> None:
     """Fail before any generation: a missing folder, a LoRA adapter folder, a typo."""
-    from rlhf.evaluate import _check_model_dir
-
-    _check_model_dir(model_dir)
     try:
         models.resolve(model_dir)
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
 
 
-def _calibration(model_dir: str, model: torch.nn.Module) -> dict | None:
+def stored_calibration(model_dir: str, model: torch.nn.Module) -> dict | None:
     """The reward stage's calibration: the file PPO reads, else the copy in config.json."""
-    from rlhf.reward_sources import load_calibration
-
     found = load_calibration(Path(models.resolve(model_dir)))
     return found or getattr(model.config, "reward_calibration", None) or None
 
@@ -223,11 +192,6 @@ def compare(
     rows: list[dict] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-prompt samples). Loads one model at a time."""
-    from rlhf.chat import encode_prompt
-    from rlhf.evaluate import _require_reward_head
-    from rlhf.ppo.iteration import normalise_score
-    from rlhf.ppo.rollout import reward_scores
-
     decoding = decoding or Decoding(max_new_tokens=48, do_sample=True)
     decoding.validate()
     if reference and decoding.do_sample and (decoding.top_k or decoding.top_p < 1.0):
@@ -236,131 +200,39 @@ def compare(
     # Judges are checked before minutes of generation: a causal LM would get a random head.
     judge_tokenizers = {}
     for rm_dir in reward_models:
-        _require_reward_head(rm_dir)
+        models.require_reward_head(rm_dir)
         judge_tokenizers[rm_dir] = models.load_tokenizer(rm_dir)
         if judge_tokenizers[rm_dir].chat_template is None:
             raise UserError(f"--reward-model {rm_dir}: its tokenizer has no chat template")
     device = device or torch.device("cpu")
-    progress = sys.stderr.isatty()
     # KL as the PPO stage measures it: log-probs at the sampling temperature (1 for greedy).
     kl_temperature = decoding.temperature if decoding.do_sample else 1.0
-
-    outputs: dict[str, dict[str, Any]] = {}
-    for name, model_dir in (("a", policy_a), ("b", policy_b)):
-        model, tokenizer = load(model_dir, device)
-        rows = generate(
-            model,
-            tokenizer,
-            prompts,
-            decoding,
-            batch_size=batch_size,
-            max_prompt_length=max_prompt_length,
-            seed=seed,  # the same seed for A and B: with equal weights, equal samples
-            progress=progress,
-            with_ids=True,
-        )
-        out: dict[str, Any] = {"model": model_dir, "rows": rows, "vocab": tokenizer.get_vocab()}
-        if reference:
-            # Summed log pi now, summed log pi_ref later: their difference is the summed k1 KL
-            # (rollout.py: logprobs - ref_logprobs over the response mask), one model in memory.
-            out["prompt_ids"] = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
-            out["pad_id"] = tokenizer.pad_token_id
-            out["logprobs"] = sequence_logprobs(
-                model,
-                out["prompt_ids"],
-                [r["ids"] for r in rows],
-                tokenizer.pad_token_id,
-                kl_temperature,
-                batch_size,
-            )
-        outputs[name] = out
-        del model
-        _free_gpu_memory(device)
-
+    settings = {"decoding": decoding, "seed": seed, "batch_size": batch_size,
+                "max_prompt_length": max_prompt_length}  # fmt: skip
+    outputs = {
+        name: answer(model_dir, prompts, settings, device, kl_temperature if reference else None)
+        for name, model_dir in (("a", policy_a), ("b", policy_b))
+    }
     if reference:
-        ref_model, ref_tokenizer = load(reference, device)
-        if any(out["vocab"] != ref_tokenizer.get_vocab() for out in outputs.values()):
-            raise UserError(f"--reference {reference}: its tokenizer differs from a policy's")
-        for out in outputs.values():
-            ref = sequence_logprobs(
-                ref_model,
-                out["prompt_ids"],
-                [r["ids"] for r in out["rows"]],
-                out["pad_id"],
-                kl_temperature,
-                batch_size,
-            )
-            out["kl"] = [lp - rp for lp, rp in zip(out["logprobs"], ref)]
-        del ref_model
-        _free_gpu_memory(device)
-
+        add_reference_kl(outputs, reference, device, kl_temperature, batch_size)
     texts = {name: [r["response"] for r in out["rows"]] for name, out in outputs.items()}
     raw: dict[str, dict[str, list[float]]] = {}
     function_judges = []
     for spec in judges or []:
         fn = load_reward_function(spec)
-        scored = {
-            name: call_reward_function(
-                spec, fn, prompts, texts[name], rows or [{}] * len(prompts), {}
-            )
+        raw[spec] = {
+            name: call_reward_function(spec, fn, prompts, texts[name], rows or [{}] * len(prompts), {})
             for name in outputs
-        }
-        entry = {
-            "judge": spec,
-            "score_a_mean": _mean(scored["a"]),
-            "score_b_mean": _mean(scored["b"]),
-            **win_rate(scored["a"], scored["b"]),
-        }
-        function_judges.append(entry)
-        raw[spec] = scored
-    judged: list[dict[str, Any]] = []
+        }  # fmt: skip
+        function_judges.append({"judge": spec, "score_a_mean": _mean(raw[spec]["a"]),
+                                "score_b_mean": _mean(raw[spec]["b"]),
+                                **win_rate(raw[spec]["a"], raw[spec]["b"])})  # fmt: skip
+    judged = []
     for rm_dir, rm_tokenizer in judge_tokenizers.items():
-        rm = models.load_reward_model(rm_dir).to(device).eval()
-        calibration = _calibration(rm_dir, rm)
-        entry: dict[str, Any] = {"model": rm_dir}
-        raw[rm_dir] = {}
-        for name in outputs:
-            scores = torch.cat(
-                [
-                    reward_scores(
-                        rm,
-                        rm_tokenizer,
-                        prompts[i : i + batch_size],
-                        texts[name][i : i + batch_size],
-                        max_length,
-                        device,
-                        contextlib.nullcontext,
-                        [r["finished"] for r in outputs[name]["rows"][i : i + batch_size]],
-                    ).cpu()
-                    for i in range(0, len(prompts), batch_size)
-                ]
-            )
-            raw[rm_dir][name] = scores.tolist()
-            entry[f"score_{name}_mean"] = scores.mean().item()
-            if calibration:
-                # The PPO stage's own normalisation, without its clip and EOS penalty.
-                plain = SimpleNamespace(score_clip=None, missing_eos_penalty=None)
-                ended = torch.ones_like(scores, dtype=torch.bool)
-                calibrated = normalise_score(scores, ended, plain, calibration)
-                entry[f"calibrated_score_{name}_mean"] = calibrated.mean().item()
-            else:
-                entry[f"calibrated_score_{name}_mean"] = None
-        entry["calibration"] = calibration
-        # Calibration is affine with a positive scale: raw scores give the same wins.
-        entry.update(win_rate(raw[rm_dir]["a"], raw[rm_dir]["b"]))
+        entry, raw[rm_dir] = judge_with_reward_model(
+            rm_dir, rm_tokenizer, prompts, outputs, max_length, batch_size, device
+        )
         judged.append(entry)
-        del rm
-        _free_gpu_memory(device)
-
-    policies = {}
-    for name, out in outputs.items():
-        rows = out["rows"]
-        policies[name] = {
-            "model": out["model"],
-            "response_tokens_mean": _mean([r["tokens"] for r in rows]),
-            "eos_rate": _mean([float(r["finished"]) for r in rows]),
-            "kl_to_reference_mean": _mean(out["kl"]) if reference else None,
-        }
     summary = {
         "n_prompts": len(prompts),
         "seed": seed,
@@ -371,14 +243,133 @@ def compare(
             "top_p": decoding.top_p,
             "max_new_tokens": decoding.max_new_tokens,
         },
-        "policies": policies,
+        "policies": {name: policy_summary(out, reference) for name, out in outputs.items()},
         "reference": reference,
         "kl_temperature": kl_temperature if reference else None,
         "reward_models": judged,
         "judges": function_judges,
         "win_rate_ci_method": WIN_RATE_CI_METHOD,
     }
+    return summary, per_prompt_samples(prompts, outputs, raw, reference)
 
+
+def answer(
+    model_dir: str,
+    prompts: list[list[dict]],
+    settings: dict[str, Any],
+    device: torch.device,
+    kl_temperature: float | None,
+) -> dict[str, Any]:
+    """One policy's answers ({"model", "rows", "vocab"}), and with a KL temperature the summed
+    log pi of each answer (their difference to log pi_ref is the summed k1 KL, as rollout.py
+    measures it: logprobs - ref_logprobs over the response mask), one model in memory."""
+    model, tokenizer = load(model_dir, device)
+    rows = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        settings["decoding"],
+        batch_size=settings["batch_size"],
+        max_prompt_length=settings["max_prompt_length"],
+        seed=settings["seed"],  # the same seed for A and B: with equal weights, equal samples
+        progress=sys.stderr.isatty(),
+        with_ids=True,
+    )
+    out: dict[str, Any] = {"model": model_dir, "rows": rows, "vocab": tokenizer.get_vocab()}
+    if kl_temperature is not None:
+        out["prompt_ids"] = [
+            encode_prompt(tokenizer, p, settings["max_prompt_length"]) for p in prompts
+        ]
+        out["pad_id"] = tokenizer.pad_token_id
+        out["logprobs"] = sequence_logprobs(
+            model, out["prompt_ids"], [r["ids"] for r in rows], tokenizer.pad_token_id,
+            kl_temperature, settings["batch_size"],
+        )  # fmt: skip
+    del model
+    _free_gpu_memory(device)
+    return out
+
+
+def add_reference_kl(
+    outputs: dict[str, dict[str, Any]],
+    reference: str,
+    device: torch.device,
+    kl_temperature: float,
+    batch_size: int,
+) -> None:
+    """Each output's "kl": summed log pi - log pi_ref of each answer under the reference."""
+    ref_model, ref_tokenizer = load(reference, device)
+    if any(out["vocab"] != ref_tokenizer.get_vocab() for out in outputs.values()):
+        raise UserError(f"--reference {reference}: its tokenizer differs from a policy's")
+    for out in outputs.values():
+        ref = sequence_logprobs(
+            ref_model,
+            out["prompt_ids"],
+            [r["ids"] for r in out["rows"]],
+            out["pad_id"],
+            kl_temperature,
+            batch_size,
+        )
+        out["kl"] = [lp - rp for lp, rp in zip(out["logprobs"], ref)]
+    del ref_model
+    _free_gpu_memory(device)
+
+
+def judge_with_reward_model(
+    rm_dir: str,
+    rm_tokenizer: Any,
+    prompts: list[list[dict]],
+    outputs: dict[str, dict[str, Any]],
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """(summary entry, raw scores per policy) of one reward model: raw and calibrated means
+    and the win rate of B over A, scored as the PPO stage scores (rlhf.ppo.rollout)."""
+    rm = models.load_reward_model(rm_dir).to(device).eval()
+    calibration = stored_calibration(rm_dir, rm)
+    entry: dict[str, Any] = {"model": rm_dir}
+    raw: dict[str, list[float]] = {}
+    for name, out in outputs.items():
+        texts = [r["response"] for r in out["rows"]]
+        finished = [r["finished"] for r in out["rows"]]
+        scores = torch.cat(
+            [
+                reward_scores(rm, rm_tokenizer, prompts[i : i + batch_size],
+                              texts[i : i + batch_size], max_length, device,
+                              contextlib.nullcontext, finished[i : i + batch_size]).cpu()
+                for i in range(0, len(prompts), batch_size)
+            ]
+        )  # fmt: skip
+        raw[name] = scores.tolist()
+        entry[f"score_{name}_mean"] = scores.mean().item()
+        # The PPO stage's own normalisation, without its clip and EOS penalty.
+        calibrated = calibrate(scores, calibration).mean().item() if calibration else None
+        entry[f"calibrated_score_{name}_mean"] = calibrated
+    entry["calibration"] = calibration
+    # Calibration is affine with a positive scale: raw scores give the same wins.
+    entry.update(win_rate(raw["a"], raw["b"]))
+    del rm
+    _free_gpu_memory(device)
+    return entry, raw
+
+
+def policy_summary(out: dict[str, Any], reference: str | None) -> dict[str, Any]:
+    rows = out["rows"]
+    return {
+        "model": out["model"],
+        "response_tokens_mean": _mean([r["tokens"] for r in rows]),
+        "eos_rate": _mean([float(r["finished"]) for r in rows]),
+        "kl_to_reference_mean": _mean(out["kl"]) if reference else None,
+    }
+
+
+def per_prompt_samples(
+    prompts: list[list[dict]],
+    outputs: dict[str, dict[str, Any]],
+    raw: dict[str, dict[str, list[float]]],
+    reference: str | None,
+) -> list[dict[str, Any]]:
     samples = []
     for i, messages in enumerate(prompts):
         sample: dict[str, Any] = {"prompt": last_user_text(messages)}
@@ -391,7 +382,7 @@ def compare(
                 sample[f"{name}_kl"] = out["kl"][i]
         sample["scores"] = {rm: {n: s[n][i] for n in s} for rm, s in raw.items()}
         samples.append(sample)
-    return summary, samples
+    return samples
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -426,35 +417,15 @@ def default_temperature(policies: dict[str, str]) -> tuple[float, str]:
     return 1.0, "default: neither policy is a PPO run's model"
 
 
-def decoding_from_args(args: Any, temperature: float = 1.0) -> Decoding:
-    """Sampling at `temperature` unless --temperature is given (default_temperature picks
-    it); --greedy turns sampling off, and then the sampling flags would be ignored, so they
-    are refused."""
-    sampling = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
-    if args.greedy and any(v is not None for v in sampling.values()):
-        given = ", ".join(flag for flag, v in sampling.items() if v is not None)
-        raise UserError(f"--greedy does not sample: drop {given}")
-    decoding = Decoding(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=temperature if args.temperature is None else args.temperature,
-        top_k=0 if args.top_k is None else args.top_k,
-        top_p=1.0 if args.top_p is None else args.top_p,
-    )
-    decoding.validate()
-    return decoding
-
-
 def compare_cli(args: Any) -> dict[str, Any]:
     """`rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM ...`."""
     from rlhf import data as datalib
-    from rlhf.evaluate import _source
 
     temperature, temperature_from = 1.0, "--temperature"
     if args.temperature is None and not args.greedy:
         policies = {"POLICY_A": args.model_dir, "POLICY_B": args.data}
         temperature, temperature_from = default_temperature(policies)
-    decoding = decoding_from_args(args, temperature)
+    decoding = decoding_from_args(args, sample_by_default=True, temperature=temperature)
     if not args.prompts:
         raise UserError("rlhf eval compare needs --prompts FILE (held-out prompts)")
     if not args.reward_models and not args.judges:
@@ -469,18 +440,18 @@ def compare_cli(args: Any) -> dict[str, Any]:
         raise UserError("--limit must be >= 1")
     if args.output and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a folder; give a file name")
-    _check_model("POLICY_A", args.model_dir)
-    _check_model("POLICY_B", args.data)
+    check_model("POLICY_A", args.model_dir)
+    check_model("POLICY_B", args.data)
     if args.reference:
-        _check_model("--reference", args.reference)
+        check_model("--reference", args.reference)
     for rm in args.reward_models:
-        _check_model("--reward-model", rm)
+        check_model("--reward-model", rm)
 
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
-    loaded = datalib.load_prompts(_source(args.prompts, args.format, args.limit))
+    loaded = datalib.load_prompts(datalib.as_source(args.prompts, args.format, args.limit))
     # N samples per prompt: each prompt repeated N times in a row, so one seed still gives
     # both policies the same random stream (identical policies -> identical samples).
     spp = args.samples_per_prompt

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from rlhf.errors import UserError
+from rlhf.plotting import pyplot, save_figure
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 PIPELINE = ("sft", "reward", "ppo")  # the stages the overview page needs
@@ -626,6 +627,20 @@ def draw_panel(
     # Losses of a random model start orders of magnitude above where they end.
     if positive and hi / lo > 1e3:
         ax.set_yscale("log")
+    draw_guides(ax, names, guides)
+    flagged = mark_alarms(ax, names, alarms, several)
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False)  # "+8.6e1" offsets collide with titles
+    ax.set_title(title, color="red" if flagged else "black", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("step", fontsize=8)
+    if ax.get_legend_handles_labels()[0] and (several or len(names) > 1):
+        ax.legend(fontsize=7, loc="best")
+
+
+def draw_guides(ax: Any, names: Sequence[str], guides: Sequence[tuple[str, float, str]]) -> None:
+    """Horizontal threshold lines (metric, y, label) for the panel's metrics."""
     # Thresholds only where the data comes near them: a KL target of 6 would flatten a KL
     # curve that stays around 0.2 into a line at the bottom of the panel.
     y_lo, y_hi = ax.get_ylim()
@@ -636,6 +651,10 @@ def draw_panel(
                 text, (1, y), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                 fontsize=7, color="gray",
             )  # fmt: skip
+
+
+def mark_alarms(ax: Any, names: Sequence[str], alarms: Sequence[Alarm], several: bool) -> list:
+    """Shade where the panel's metrics raised an alarm and name the alarms; returns them."""
     flagged = [a for a in alarms if a.metric in names]
     for alarm in flagged:
         for start, end in alarm.spans:
@@ -650,14 +669,7 @@ def draw_panel(
             va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5,
             "edgecolor": "none"},
         )  # fmt: skip
-    if ax.get_yscale() == "linear":
-        ax.ticklabel_format(axis="y", useOffset=False)  # "+8.6e1" offsets collide with titles
-    ax.set_title(title, color="red" if flagged else "black", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.tick_params(labelsize=8)
-    ax.set_xlabel("step", fontsize=8)
-    if ax.get_legend_handles_labels()[0] and (several or len(names) > 1):
-        ax.legend(fontsize=7, loc="best")
+    return flagged
 
 
 def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
@@ -676,11 +688,7 @@ def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
 
 
 def _figure(n_panels: int, ncols: int) -> tuple[Any, list[Any]]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ncols = max(1, min(ncols, n_panels))
     nrows = math.ceil(n_panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.8), squeeze=False)
@@ -691,8 +699,6 @@ def _figure(n_panels: int, ncols: int) -> tuple[Any, list[Any]]:
 
 
 def _save(fig: Any, path: Path, title: str, alarms: Sequence[Alarm]) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.suptitle(title, fontsize=12, fontweight="bold")
     bottom = 0.0
     if alarms:
@@ -704,11 +710,7 @@ def _save(fig: Any, path: Path, title: str, alarms: Sequence[Alarm]) -> Path:
         text = "\n".join(textwrap.fill(line, width_chars) for line in text.splitlines())
         fig.text(0.5, 0.005, text, ha="center", va="bottom", color="red", fontsize=9)
         bottom = (text.count("\n") + 1) * 0.17 / fig.get_figheight()
-    fig.tight_layout(rect=(0, bottom + 0.01, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90, rect=(0, bottom + 0.01, 1, 0.97))
 
 
 def plot_stage(
@@ -805,9 +807,9 @@ def recipe_run_dirs(recipe_path: str, overrides: Sequence[str]) -> tuple[Path, l
     except UserError:
         # Plotting a finished run must not need its training data: when validation fails
         # only because a data file is gone, read output_dir from the merged YAML alone.
-        from rlhf.recipe import _read_yaml, apply_override
+        from rlhf.recipe import apply_override, read_recipe_yaml
 
-        data = _read_yaml(Path(recipe_path))  # re-raises for a missing or broken recipe
+        data = read_recipe_yaml(Path(recipe_path))  # re-raises for a missing or broken recipe
         for override in overrides:
             apply_override(data, override)
         output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))

@@ -22,7 +22,7 @@ from rlhf import reward
 from rlhf.chat import positions_from_mask, render_ids
 from rlhf.data.types import Ranking
 from rlhf.models import unwrap_peft
-from rlhf.ppo.rollout import logprobs_from_logits
+from rlhf.sequences import logprobs_from_logits, next_token_logits, next_token_targets
 
 
 def ranked_pairs(ranking: Ranking, mode: str) -> list[tuple[int, int]]:
@@ -99,9 +99,8 @@ def completion_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
     """Sum of log pi(token) over each row's completion tokens (logits at t predict t + 1)."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logps = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (token_logps * completion_mask[:, 1:]).sum(dim=1)
+    token_logps = logprobs_from_logits(next_token_logits(logits), next_token_targets(input_ids))
+    return (token_logps * next_token_targets(completion_mask)).sum(dim=1)
 
 
 def implicit_reward_metrics(

@@ -9,8 +9,6 @@ here means exactly what the same number in a run's eval.json means.
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,39 +18,6 @@ from rlhf import models, training
 from rlhf import reward as rm
 from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.errors import UserError
-
-
-def _source(path: str, fmt: str = "auto", limit: int | None = None) -> Any:
-    """A DataSource for a CLI path or hub id (one-line UserError when it is missing)."""
-    source = datalib.as_source(path, fmt)
-    return source.model_copy(update={"limit": limit}) if limit is not None else source
-
-
-def _check_model_dir(model_dir: str) -> None:
-    path = Path(model_dir)
-    if path.exists() and not (path / "config.json").is_file():
-        hint = (
-            " (a LoRA adapter folder? save with merge_lora: true)"
-            if (path / "adapter_config.json").is_file()
-            else ""
-        )
-        raise UserError(f"{model_dir}: not a model folder (no config.json){hint}")
-
-
-def _require_reward_head(model_dir: str) -> None:
-    """A causal LM (e.g. an SFT model) would get a RANDOM score head: refuse, in one line."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(models.resolve(model_dir))
-    except OSError:
-        return  # a hub id we cannot reach: load_reward_model reports it
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UserError(
-            f"{model_dir}: not a reward model ({', '.join(archs)}); its score head would be "
-            "random. Train one with `rlhf reward` or pass a *ForSequenceClassification model"
-        )
 
 
 @torch.no_grad()
@@ -87,13 +52,13 @@ def reward_accuracy_cli(
         raise UserError("--batch-size must be >= 1 and --max-length >= 8")
     if limit is not None and limit < 1:
         raise UserError("--limit must be >= 1")
-    _check_model_dir(model_dir)
-    source = _source(data, fmt, limit)
+    models.resolve(model_dir)  # a missing folder, an adapter folder: one line, now
+    source = datalib.as_source(data, fmt, limit)
     rankings = datalib.load_comparisons(source, "error").items
     if not rankings:
         raise UserError(f"{data}: no comparisons found")
     tokenizer = models.load_tokenizer(model_dir)
-    _require_reward_head(model_dir)
+    models.require_reward_head(model_dir)
     model = models.load_reward_model(model_dir)
     result = reward_accuracy(model, tokenizer, rankings, batch_size, max_length)
     calibration = getattr(model.config, "reward_calibration", None)
@@ -103,7 +68,6 @@ def reward_accuracy_cli(
     return {"model": str(model_dir), "data": str(data), **result}
 
 
-@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -116,28 +80,18 @@ def perplexity(
     device = next(model.parameters()).device
     rows = [encode_sft(tokenizer, m, max_length) for m in conversations]
     rows = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"][1:])]
-    nll, tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = pad_batch(
-            [r["input_ids"] for r in chunk],
-            tokenizer.pad_token_id,
-            "right",
+    batches = (
+        {k: v.to(device) for k, v in pad_batch(
+            [r["input_ids"] for r in chunk], tokenizer.pad_token_id, "right",
             [r["labels"] for r in chunk],
-        )
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits
-        labels = batch["labels"].to(device)
-        nll += training.token_nll_sum(logits, labels).item()
-        tokens += int(training.n_targets(labels))
-    loss = nll / max(tokens, 1)
+        ).items()}
+        for chunk in (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    )  # fmt: skip
+    nll, tokens = training.answer_nll(model, batches).tolist()
     return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        **training.perplexity(nll, tokens),
         "n_conversations": len(rows),
-        "n_tokens": tokens,
+        "n_tokens": int(tokens),
     }
 
 
@@ -145,8 +99,8 @@ def perplexity_cli(model_dir: str, data: str, max_length: int = 512) -> dict[str
     """`rlhf eval perplexity`: a causal LM folder on an SFT (chat) file."""
     if max_length < 8:
         raise UserError("--max-length must be >= 8")
-    _check_model_dir(model_dir)
-    examples = datalib.load_sft(_source(data), "error").items
+    models.resolve(model_dir)
+    examples = datalib.load_sft(datalib.as_source(data), "error").items
     if not examples:
         raise UserError(f"{data}: no conversations found")
     tokenizer = models.load_tokenizer(model_dir)

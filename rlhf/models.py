@@ -246,7 +246,9 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"{name}: not a model folder (no config.json)")
+            adapter = (path / "adapter_config.json").is_file()
+            hint = " (a LoRA adapter folder? save with merge_lora: true)" if adapter else ""
+            raise UserError(f"{name}: not a model folder (no config.json){hint}")
         check_model_folder(path)
         return str(path)
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
@@ -255,6 +257,22 @@ def resolve(name: str) -> str:
             f"({', '.join(REGISTRY)}) or a hub id (owner/name)"
         )
     return name  # a hub id; loading reports if we are offline
+
+
+def require_reward_head(name: str) -> None:
+    """A causal LM (e.g. an SFT model) would get a RANDOM score head: refuse, in one line."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(name))
+    except OSError:
+        return  # a hub id we cannot reach: load_reward_model reports it
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(
+            f"{name}: not a reward model ({', '.join(archs)}); its score head would be "
+            "random. Train one with `rlhf reward` or pass a *ForSequenceClassification model"
+        )
 
 
 def check_model_folder(path: Path) -> None:
@@ -360,7 +378,8 @@ def load_tokenizer(
     return tok
 
 
-def load_causal_lm(
+def load_pretrained(
+    head: str,
     name: str,
     num_hidden_layers: int | None = None,
     trust_remote_code: bool = False,
@@ -368,16 +387,32 @@ def load_causal_lm(
     revision: str | None = None,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    """A model folder or hub id with `head` "lm" (AutoModelForCausalLM) or "reward": a scalar
+    head (`num_labels=1`) on the causal LM's backbone (AutoModelForSequenceClassification)."""
+    import transformers
 
+    if head == "reward":
+        auto_class, extra = transformers.AutoModelForSequenceClassification, {"num_labels": 1}
+    else:
+        auto_class, extra = transformers.AutoModelForCausalLM, {}
     return _load(
-        AutoModelForCausalLM,
+        auto_class,
         name,
-        {"dtype": dtype, "trust_remote_code": trust_remote_code},
+        {**extra, "dtype": dtype, "trust_remote_code": trust_remote_code},
         num_hidden_layers=num_hidden_layers,
         revision=revision,
         attn_implementation=attn_implementation,
     )
+
+
+def load_causal_lm(name: str, *settings: Any, **named: Any) -> torch.nn.Module:
+    """A causal LM; `settings`: load_pretrained's (layers, remote code, dtype, revision, attn)."""
+    return load_pretrained("lm", name, *settings, **named)
+
+
+def load_reward_model(name: str, *settings: Any, **named: Any) -> torch.nn.Module:
+    """A scalar reward head on a causal LM's backbone; `settings`: load_pretrained's."""
+    return load_pretrained("reward", name, *settings, **named)
 
 
 def _first_line(err: Exception) -> str:
@@ -397,27 +432,6 @@ def _load(auto_class: Any, name: str, kwargs: dict[str, Any], **optional: Any) -
         raise _hub_error(name, e) from None
     except ValueError as e:  # an unknown attn_implementation, a config transformers rejects
         raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
-
-
-def load_reward_model(
-    name: str,
-    num_hidden_layers: int | None = None,
-    trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
-    revision: str | None = None,
-    attn_implementation: str | None = None,
-) -> torch.nn.Module:
-    """A scalar head (`num_labels=1`) on a causal LM's backbone, via AutoModelForSequenceClassification."""
-    from transformers import AutoModelForSequenceClassification
-
-    return _load(
-        AutoModelForSequenceClassification,
-        name,
-        {"num_labels": 1, "dtype": dtype, "trust_remote_code": trust_remote_code},
-        num_hidden_layers=num_hidden_layers,
-        revision=revision,
-        attn_implementation=attn_implementation,
-    )
 
 
 def lora_config(lora: Any, task_type: str = "CAUSAL_LM") -> Any:

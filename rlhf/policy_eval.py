@@ -6,7 +6,7 @@ section's settings (temperature, max_new_tokens, eval_size) and the same seeds; 
 training score where there is one (PPO's reward sources), by every judge (another reward
 model, or a function), by answer_match on rows that carry an `answer`; plus KL to the
 reference, length, EOS, truncation and distinct-2. Win rates count ties half and come with a
-95% Wilson interval (rlhf/compare.py). `label` names the tuned policy in the keys ("ppo",
+95% Wilson interval (rlhf/stats.py). `label` names the tuned policy in the keys ("ppo",
 "dpo"): `<label>_score_mean`, judges' `<label>_mean`, answer_accuracy's `<label>`.
 """
 
@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf import distributed, models, reward_sources
-from rlhf.chat import encode_prompt, pad_batch
-from rlhf.compare import win_rate
+from rlhf.chat import encode_prompt, last_user_text, pad_batch
 from rlhf.errors import UserError
-from rlhf.generate import last_user_text
 from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
-from rlhf.ppo.rollout import Rollout, generate, reward_scores, score_with_models
+from rlhf.ppo.rollout import Rollout, reward_scores, sample_rollout, score_with_models
 from rlhf.rewards import answer_match, call_reward_function, has_answer, load_reward_function
 from rlhf.rundir import require_completed
 from rlhf.runtime import frozen_weight_dtype
-from rlhf.stats import distinct_n, wilson_interval
+from rlhf.stats import distinct_n, wilson_interval, win_rate
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,45 @@ def reward_model_scorer(model_dir: Path, recipe: Any, accelerator: Any) -> Score
     return scorer
 
 
+@dataclass
+class Sampled:
+    """What the tuned policy and the SFT policy wrote for this rank's share of the prompts:
+    texts and whether each finished by itself, per policy; per-sample tensors (KL, length,
+    EOS, truncation) to gather."""
+
+    messages: list[list[dict]]
+    fields: list[dict]
+    texts: dict[str, list[str]]
+    finished: dict[str, list[bool]]
+    stats: dict[str, list[torch.Tensor]]
+
+
+class Gather:
+    """Scores this rank's samples in batches and gathers every rank's values, each sample once
+    (the padded shares of a sharded run repeat some: rlhf/distributed.py)."""
+
+    def __init__(self, sampled: Sampled, accelerator: Any, n_pool: int, batch_size: int):
+        self.sampled, self.accelerator = sampled, accelerator
+        self.n_pool, self.batch_size = n_pool, batch_size
+
+    def __call__(self, values: torch.Tensor) -> list[float]:
+        values = values.to(self.accelerator.device).float()
+        return distributed.gather_evaluated(self.accelerator, values, self.n_pool).cpu().tolist()
+
+    def scores(self, score: Callable[..., Any], which: str) -> torch.Tensor:
+        """This rank's `score(messages, texts, start, finished)` of policy `which`, in batches."""
+        s, size = self.sampled, self.batch_size
+        parts = [
+            score(s.messages[i : i + size], s.texts[which][i : i + size], i,
+                  s.finished[which][i : i + size])
+            for i in range(0, len(s.messages), size)
+        ]  # fmt: skip
+        return torch.cat([torch.as_tensor(x, dtype=torch.float32).cpu() for x in parts])
+
+    def rows(self, start: int) -> list[dict]:
+        return self.sampled.fields[start : start + self.batch_size]
+
+
 @torch.no_grad()
 def evaluate_policy(
     model: ActorCritic,
@@ -89,17 +127,56 @@ def evaluate_policy(
     unfinished is skipped with its reason."""
     cfg = recipe.ppo  # sampling settings: the same for every stage evaluated here
     spp = recipe.eval.samples_per_prompt
-    rank = accelerator.process_index
     pool = [p for p in prompts[: cfg.eval_size] for _ in range(spp)]
     chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
-    device = accelerator.device
-    tuned = label
-    texts: dict[str, list[str]] = {tuned: [], "sft": []}
-    finished: dict[str, list[bool]] = {tuned: [], "sft": []}  # cut-off answers score as such
-    rows: dict[str, list[torch.Tensor]] = {
-        f"{w}_{k}": [] for w in (tuned, "sft") for k in ("len", "eos", "trunc")
-    }
-    rows["kl"] = []
+    sampled = sample_both(model, reference, tokenizer, chosen, recipe, accelerator, label)
+    gathered = Gather(sampled, accelerator, len(pool), cfg.batch_size)
+    cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in sampled.stats.items()}
+    n = len(cat[f"{label}_len"])
+    result: dict[str, Any] = {"n_prompts": n // spp if n else 0, "n_samples": n,
+                              "samples_per_prompt": spp}  # fmt: skip
+    local: dict[str, torch.Tensor] = {}
+    if sources is not None:
+
+        def training_score(m: list, t: list[str], i: int, f: list[bool]) -> torch.Tensor:
+            return sources(m, t, gathered.rows(i), training=False, finished=f)[0]
+
+        local = {w: gathered.scores(training_score, w) for w in (label, "sft")}
+        score = {w: gathered(local[w]) for w in (label, "sft")}
+        versus = judge_summary(score["sft"], score[label], label=label) if n else {}
+        result.update(
+            {
+                f"{label}_score_mean": mean(score[label]),
+                "sft_score_mean": mean(score["sft"]),
+                "win_rate": versus.get("win_rate", float("nan")),
+                "win_rate_ci95": versus.get("win_rate_ci95", [float("nan")] * 2),
+                "win_rate_ci_method": "wilson",
+            }
+        )
+    result.update(fluency(cat, label, cfg))
+    texts = {w: gather_texts(accelerator, sampled.texts[w]) for w in (label, "sft")}
+    result["distinct_2"] = {w: distinct_n(texts[w], 2) for w in ("sft", label)}
+    entries = recipe.eval.judges if judge_entries is None else judge_entries
+    judges = judge_all(entries, gathered, recipe, load_scorer, label)
+    if judges:
+        result["judges"] = judges
+    accuracy = answer_accuracy(gathered, label)
+    if accuracy:
+        result["answer_accuracy"] = accuracy
+    result["samples"] = first_samples(sampled, local, label)
+    if calibration:
+        result["calibration"] = calibration
+    return result
+
+
+def sample_both(model, reference, tokenizer, chosen, recipe, accelerator, label) -> Sampled:
+    """Both policies answer `chosen` prompts with the same seeds, batch by batch; the tuned
+    policy's samples are also scored for their KL to the reference."""
+    cfg, rank, device = recipe.ppo, accelerator.process_index, accelerator.device
+    sampled = Sampled([p.messages for p in chosen], [p.fields for p in chosen],
+                      {label: [], "sft": []}, {label: [], "sft": []},
+                      {f"{w}_{k}": [] for w in (label, "sft") for k in ("len", "eos", "trunc")})  # fmt: skip
+    sampled.stats["kl"] = []
     for start in range(0, len(chosen), cfg.batch_size):
         group = [p.messages for p in chosen[start : start + cfg.batch_size]]
         batch = pad_batch(
@@ -108,85 +185,47 @@ def evaluate_policy(
             side="left",
         )
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        for which in (tuned, "sft"):
+        for which in (label, "sft"):
             torch.manual_seed(recipe.seed + 12345 + start + rank)
             with eval_mode(model), accelerator.autocast():
-                if which == tuned:
-                    roll = generate(model.policy, ids, mask, cfg, tokenizer, keep=True)
+                if which == label:
+                    roll = sample_rollout(
+                        model.policy, ids, mask, cfg, tokenizer, keep_sampling_outputs=True
+                    )
                     score_with_models(roll, model, reference, cfg.temperature, accelerator.autocast)
-                    rows["kl"].append(((roll.logprobs - roll.ref_logprobs) * roll.mask).sum(1))
+                    sampled.stats["kl"].append(
+                        ((roll.logprobs - roll.ref_logprobs) * roll.mask).sum(1)
+                    )
                 else:
                     roll = generate_reference(model, reference, ids, mask, cfg, tokenizer)
             lengths = roll.mask.sum(1)
-            rows[f"{which}_len"].append(lengths)
-            rows[f"{which}_eos"].append(roll.ended_with_eos.float())
+            sampled.stats[f"{which}_len"].append(lengths)
+            sampled.stats[f"{which}_eos"].append(roll.ended_with_eos.float())
             truncated = (~roll.ended_with_eos) & (lengths >= cfg.max_new_tokens)
-            rows[f"{which}_trunc"].append(truncated.float())
-            texts[which].extend(roll.texts)
-            finished[which].extend(roll.ended_with_eos.tolist())
+            sampled.stats[f"{which}_trunc"].append(truncated.float())
+            sampled.texts[which].extend(roll.texts)
+            sampled.finished[which].extend(roll.ended_with_eos.tolist())
+    return sampled
 
-    messages = [p.messages for p in chosen]
-    fields = [p.fields for p in chosen]
 
-    def gathered(values: torch.Tensor) -> list[float]:
-        # Each sample once: the padded shares of a sharded run repeat some (rlhf/distributed.py).
-        values = values.to(device).float()
-        return distributed.gather_evaluated(accelerator, values, len(pool)).cpu().tolist()
-
-    def in_chunks(score: Any, which: str) -> torch.Tensor:
-        parts = [
-            score(
-                messages[i : i + cfg.batch_size],
-                texts[which][i : i + cfg.batch_size],
-                i,
-                finished[which][i : i + cfg.batch_size],
-            )
-            for i in range(0, len(messages), cfg.batch_size)
-        ]
-        return torch.cat([torch.as_tensor(x, dtype=torch.float32).cpu() for x in parts])
-
-    cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in rows.items()}
-    n = len(cat[f"{tuned}_len"])
-    result: dict[str, Any] = {
-        "n_prompts": n // spp if n else 0,
-        "n_samples": n,
-        "samples_per_prompt": spp,
+def fluency(cat: dict[str, list[float]], label: str, cfg: Any) -> dict[str, Any]:
+    """The guards against a policy that games its judges: KL, length, EOS, truncation."""
+    return {
+        "kl_mean": mean(cat["kl"]),
+        "response_length_mean": mean(cat[f"{label}_len"]),
+        "eos_rate": mean(cat[f"{label}_eos"]),
+        "truncation_rate": mean(cat[f"{label}_trunc"]),
+        "sft_response_length_mean": mean(cat["sft_len"]),
+        "sft_eos_rate": mean(cat["sft_eos"]),
+        "sft_truncation_rate": mean(cat["sft_trunc"]),
+        "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
     }
-    local: dict[str, torch.Tensor] = {}
-    if sources is not None:
 
-        def training_score(m: list, t: list[str], i: int, f: list[bool]) -> torch.Tensor:
-            return sources(m, t, fields[i : i + cfg.batch_size], training=False, finished=f)[0]
 
-        local = {w: in_chunks(training_score, w) for w in (tuned, "sft")}
-        score = {w: gathered(local[w]) for w in (tuned, "sft")}
-        versus = judge_summary(score["sft"], score[tuned], label=tuned) if n else {}
-        result.update(
-            {
-                f"{tuned}_score_mean": mean(score[tuned]),
-                "sft_score_mean": mean(score["sft"]),
-                "win_rate": versus.get("win_rate", float("nan")),
-                "win_rate_ci95": versus.get("win_rate_ci95", [float("nan")] * 2),
-                "win_rate_ci_method": "wilson",
-            }
-        )
-    result.update(
-        {
-            "kl_mean": mean(cat["kl"]),
-            "response_length_mean": mean(cat[f"{tuned}_len"]),
-            "eos_rate": mean(cat[f"{tuned}_eos"]),
-            "truncation_rate": mean(cat[f"{tuned}_trunc"]),
-            "sft_response_length_mean": mean(cat["sft_len"]),
-            "sft_eos_rate": mean(cat["sft_eos"]),
-            "sft_truncation_rate": mean(cat["sft_trunc"]),
-            "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p},
-        }
-    )
-    all_texts = {w: gather_texts(accelerator, texts[w]) for w in (tuned, "sft")}
-    result["distinct_2"] = {w: distinct_n(all_texts[w], 2) for w in ("sft", tuned)}
-
-    # Judges: reward models the policy never trained on, or functions (e.g. another lexicon).
-    entries = recipe.eval.judges if judge_entries is None else judge_entries
+def judge_all(
+    entries: list[Any], gathered: Gather, recipe: Any, load_scorer: Callable, label: str
+) -> dict[str, Any]:
+    """Judges: reward models the policy never trained on, or functions (e.g. another lexicon)."""
     judges: dict[str, Any] = {}
     for entry, name in zip(entries, reward_sources.source_names(entries)):
         if entry.model is not None:
@@ -208,45 +247,42 @@ def evaluate_policy(
             fn = load_reward_function(entry.function)
 
             def judge_score(m, t, i, f, fn=fn, entry=entry, name=name):
-                got = call_reward_function(
-                    name, fn, m, t, fields[i : i + cfg.batch_size], entry.args
-                )
+                got = call_reward_function(name, fn, m, t, gathered.rows(i), entry.args)
                 return torch.tensor(got)
 
-        judged = {w: gathered(in_chunks(judge_score, w)) for w in ("sft", tuned)}
-        judges[name] = judge_summary(judged["sft"], judged[tuned], entry.positive_above, tuned)
-    if judges:
-        result["judges"] = judges
+        judged = {w: gathered(gathered.scores(judge_score, w)) for w in ("sft", label)}
+        judges[name] = judge_summary(judged["sft"], judged[label], entry.positive_above, label)
+    return judges
 
-    # Verifiable answers: accuracy on the rows that carry one (answer_match).
-    mask = gathered(torch.tensor([float(has_answer(f)) for f in fields]))  # one gather
-    if sum(mask):
-        acc = {}
-        for w in ("sft", tuned):
-            ok = gathered(
-                in_chunks(
-                    lambda m, t, i, f: torch.tensor(
-                        answer_match(m, t, fields[i : i + cfg.batch_size])
-                    ),
-                    w,
-                )
-            )
-            acc[w] = sum(o for o, h in zip(ok, mask) if h) / sum(mask)
-        result["answer_accuracy"] = {**acc, "n": int(sum(mask))}
 
+def answer_accuracy(gathered: Gather, label: str) -> dict[str, Any] | None:
+    """Verifiable answers: accuracy on the rows that carry one (answer_match); None if none."""
+    mask = gathered(torch.tensor([float(has_answer(f)) for f in gathered.sampled.fields]))  # once
+    if not sum(mask):
+        return None
+
+    def matches(m: list, t: list[str], i: int, f: list[bool]) -> torch.Tensor:
+        return torch.tensor(answer_match(m, t, gathered.rows(i)))
+
+    acc = {}
+    for w in ("sft", label):
+        ok = gathered(gathered.scores(matches, w))
+        acc[w] = sum(o for o, h in zip(ok, mask) if h) / sum(mask)
+    return {**acc, "n": int(sum(mask))}
+
+
+def first_samples(sampled: Sampled, local: dict[str, torch.Tensor], label: str) -> list[dict]:
+    """The first 8 samples of this rank, both policies side by side (with training scores)."""
     samples = []
-    for i, m in enumerate(messages[:8]):
-        sample = {"prompt": last_user_text(m), tuned: texts[tuned][i]}
+    for i, m in enumerate(sampled.messages[:8]):
+        sample = {"prompt": last_user_text(m), label: sampled.texts[label][i]}
         if local:
-            sample[f"{tuned}_score"] = float(local[tuned][i])
-        sample["sft"] = texts["sft"][i]
+            sample[f"{label}_score"] = float(local[label][i])
+        sample["sft"] = sampled.texts["sft"][i]
         if local:
             sample["sft_score"] = float(local["sft"][i])
         samples.append(sample)
-    result["samples"] = samples
-    if calibration:
-        result["calibration"] = calibration
-    return result
+    return samples
 
 
 def judge_summary(
@@ -287,5 +323,5 @@ def generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:
     """Sample from the SFT policy: the adapter-disabled policy, or the frozen reference copy."""
     if reference is None:
         with model.adapter_disabled():
-            return generate(model.policy, ids, mask, cfg, tokenizer)
-    return generate(reference, ids, mask, cfg, tokenizer)
+            return sample_rollout(model.policy, ids, mask, cfg, tokenizer)
+    return sample_rollout(reference, ids, mask, cfg, tokenizer)

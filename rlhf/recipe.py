@@ -545,7 +545,7 @@ def looks_like_local_path(path: str) -> bool:
     )
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_recipe_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     if path.resolve() in chain:
@@ -563,7 +563,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise UserError(f"{path}: inherits: must be a file name")
-    base = _read_yaml(path.parent / parent, chain + (path.resolve(),))
+    base = read_recipe_yaml(path.parent / parent, chain + (path.resolve(),))
     return deep_merge(base, data)
 
 
@@ -649,7 +649,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe. Raises UserError on any mistake."""
     overrides = list(overrides or [])
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_recipe_yaml(path)
     for override in overrides:
         apply_override(data, override)
     try:

@@ -155,13 +155,11 @@ def prompt_losses(
 
 
 def batch_loss(
-    scores: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-    margin: float = 0.0,
-    center_coef: float = 0.0,
+    scores: torch.Tensor, batch: dict[str, torch.Tensor], **loss_args: float
 ) -> torch.Tensor:
-    """Mean over prompts of the per-prompt loss (a single micro-batch on a single rank)."""
-    return prompt_losses(scores, batch, margin, center_coef).mean()
+    """Mean over prompts of `prompt_losses` (margin, center_coef), for a single micro-batch on
+    a single rank."""
+    return prompt_losses(scores, batch, **loss_args).mean()
 
 
 def _fp32_head(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

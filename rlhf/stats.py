@@ -1,4 +1,5 @@
-"""Small statistics shared by the evaluations: a binomial interval and a diversity measure."""
+"""Small statistics shared by the evaluations: a binomial interval, the win rate of paired
+scores and a diversity measure."""
 
 from __future__ import annotations
 
@@ -22,6 +23,30 @@ def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float], z: float = 1.96) -> dict:
+    """Win rate of B over A on paired scores, ties counting half, with a Wilson interval.
+
+    The interval treats the half-counted total as a binomial count (slightly conservative
+    when there are ties).
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"{len(scores_a)} scores for A but {len(scores_b)} for B")
+    n = len(scores_a)
+    if n == 0:
+        raise ValueError("win_rate needs at least one pair of scores")
+    wins = sum(1 for a, b in zip(scores_a, scores_b) if b > a)
+    ties = sum(1 for a, b in zip(scores_a, scores_b) if b == a)
+    rate = (wins + 0.5 * ties) / n
+    low, high = wilson_interval(wins + 0.5 * ties, n, z)
+    return {
+        "win_rate_b_over_a": rate,
+        "win_rate_ci95": [low, high],
+        "wins_b": wins,
+        "ties": ties,
+        "wins_a": n - wins - ties,
+    }
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:

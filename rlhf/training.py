@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,10 @@ import torch
 
 from rlhf import models
 from rlhf.chat import IGNORE_INDEX
+from rlhf.decoding import eos_ids
 from rlhf.distributed import full_ndim, full_numel
 from rlhf.errors import NumericalFault
+from rlhf.sequences import next_token_logits, next_token_targets
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,8 @@ def prepare_for_training(
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token negative log-likelihoods over labelled positions."""
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
+    logits = next_token_logits(logits).float()
+    targets = next_token_targets(labels)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
@@ -83,7 +87,33 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def n_targets(labels: torch.Tensor) -> torch.Tensor:
     """Number of labelled next-token targets (the denominator of token_nll_sum)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+    return (next_token_targets(labels) != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def answer_nll(
+    model: torch.nn.Module, batches: Iterable[dict], context: Callable[[], Any] = nullcontext
+) -> torch.Tensor:
+    """(summed NLL, number of targets) over the labelled tokens of `batches`, in float64 on
+    the batches' device; each forward runs inside `context()` (autocast, gathered weights)."""
+    totals = None
+    for batch in batches:
+        with context():
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        labels = batch["labels"]
+        if totals is None:
+            totals = torch.zeros(2, device=labels.device, dtype=torch.float64)
+        totals[0] += token_nll_sum(logits, labels).double()
+        totals[1] += n_targets(labels).double()
+    return totals if totals is not None else torch.zeros(2, dtype=torch.float64)
+
+
+def perplexity(nll_sum: float, n_tokens: float) -> dict[str, float]:
+    """Mean token NLL and its exponential (capped so that an untrained model stays finite)."""
+    loss = nll_sum / max(n_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -123,8 +153,6 @@ def save_model(
     to_save.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if hasattr(to_save, "generation_config") and to_save.generation_config is not None:
-        from rlhf.generate import eos_ids
-
         gen = to_save.generation_config
         gen.pad_token_id = tokenizer.pad_token_id
         ends = eos_ids(to_save, tokenizer)  # keep every end token (Llama 3 has several)

@@ -19,8 +19,11 @@ from typing import Any
 import torch
 
 from rlhf.chat import encode_prompt
+from rlhf.decoding import Decoding
 from rlhf.errors import UserError
-from rlhf.generate import Decoding, eos_ids, pick_device
+from rlhf.generate import generate_responses, load, pick_device
+from rlhf.plotting import pyplot, save_figure
+from rlhf.sequences import response_slice
 
 MAX_ATTENTION_TOKENS = 256  # beyond this the heatmap's labels are unreadable
 
@@ -37,15 +40,6 @@ def token_labels(tokenizer: Any, ids: list[int], width: int = 14) -> list[str]:
 
 def _tick(label: str) -> str:
     return label.replace("$", r"\$")  # a '$' pair would switch matplotlib into mathtext
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _index(value: int, size: int, what: str) -> int:
@@ -93,7 +87,7 @@ def attention_matrix(
 def plot_attention(
     weights: torch.Tensor, labels: list[str], layer: int, head: int, path: Path
 ) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     n = len(labels)
     size = min(max(6.0, 0.26 * n + 2.5), 60.0)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
@@ -106,34 +100,20 @@ def plot_attention(
     ax.set_ylabel("query (attending)")
     ax.set_title(f"self-attention, layer {layer}, head {head}")
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="attention weight")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- per-token KL
 
 
-@torch.no_grad()
 def greedy_response(
     model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int
 ) -> tuple[list[int], list[int]]:
     """(prompt ids with the chat template, greedy response ids up to and including EOS)."""
-    prompt_ids = encode_prompt(tokenizer, [{"role": "user", "content": prompt}], 2048)
-    device = next(model.parameters()).device
-    stops = eos_ids(model, tokenizer)
-    config = Decoding(max_new_tokens=max_new_tokens).generation_config(
-        tokenizer.pad_token_id, stops
-    )
-    ids = torch.tensor([prompt_ids], device=device)
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
-    )
-    response = out[0, len(prompt_ids) :].tolist()
-    end = next((i for i, t in enumerate(response) if t in stops), None)
-    return prompt_ids, response if end is None else response[: end + 1]
+    messages = [{"role": "user", "content": prompt}]
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    row = generate_responses(model, tokenizer, [messages], decoding, 1, 2048, with_ids=True)[0]
+    return encode_prompt(tokenizer, messages, 2048), row["ids"]
 
 
 @torch.no_grad()
@@ -150,10 +130,9 @@ def token_kl(
     token's log-ratio is the single-sample estimate PPO's penalty uses.
     """
     ids = torch.tensor([prompt_ids + response_ids])
-    # Logits at position t predict token t + 1: the response's predictions start one early.
-    start, end = len(prompt_ids) - 1, len(prompt_ids) + len(response_ids) - 1
-    logp = _logprobs(policy, ids)[start:end]
-    logq = _logprobs(reference, ids)[start:end]
+    window = response_slice(len(prompt_ids), len(response_ids))
+    logp = _logprobs(policy, ids)[window]
+    logq = _logprobs(reference, ids)[window]
     if logp.shape != logq.shape:
         raise UserError(
             f"policy and reference vocabularies differ ({logp.shape[-1]} vs {logq.shape[-1]})"
@@ -228,7 +207,7 @@ mean {mean:.4f} per token. Hover a token for its numbers.</p>
 
 def plot_kl(labels: list[str], kl: list[float], path: Path, title: str) -> Path:
     """Top: the response as coloured token boxes (wrapped); bottom: KL per position."""
-    plt = _pyplot()
+    plt = pyplot()
     vmax = kl_scale(kl)
     colors = _colors(kl, vmax)
     width_in, char_in = 14.0, 0.095  # monospace 9pt is about 0.095 inch per character
@@ -262,11 +241,7 @@ def plot_kl(labels: list[str], kl: list[float], path: Path, title: str) -> Path:
     ax_bar.set_ylim(0, vmax * 1.05)
     ax_bar.set_ylabel("KL (nats)")
     ax_bar.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def kl_report(
@@ -279,7 +254,6 @@ def kl_report(
 ) -> dict[str, Any]:
     """Generate, measure, write <out>.html and <out>.png. Returns the numbers too."""
     from rlhf import models
-    from rlhf.generate import load
 
     device = device or pick_device(None)
     policy, tokenizer = load(policy_dir, device)

@@ -23,3 +23,8 @@ broken = 42
 
 def char_count(prompts, responses, rows):
     return [float(len(r)) for r in responses]
+
+
+def tag_length(prompts, responses, rows):
+    """Length of each prompt row's `tag` field: shows which rows a judge was given."""
+    return [float(len(row.get("tag", ""))) for row in rows]

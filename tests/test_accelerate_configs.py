@@ -288,7 +288,7 @@ def test_helpers_are_noops_on_a_real_cpu_accelerator():
     acc = Accelerator(cpu=True)
     model = acc.prepare(torch.nn.Linear(2, 2))
     assert not distributed.is_sharded(acc) and not distributed.synced_gpus(acc)
-    assert not distributed.synced_gpus()  # the global state seen by rollout.generate
+    assert not distributed.synced_gpus()  # the global state seen by rollout.sample_rollout
     with distributed.gathered_for_generation(acc, model), distributed.unsharded_init(acc):
         out = acc.unwrap_model(model)(torch.ones(1, 2))
     assert out.shape == (1, 2)
@@ -309,10 +309,10 @@ def test_generate_passes_synced_gpus_only_when_sharded(monkeypatch):
     tok = SimpleNamespace(eos_token_id=2, pad_token_id=0, decode=lambda ids, **_: "x")
     cfg = SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4, stop_strings=None)
     ids = torch.ones(2, 3, dtype=torch.long)
-    rollout.generate(Policy(), ids, torch.ones_like(ids), cfg, tok)
+    rollout.sample_rollout(Policy(), ids, torch.ones_like(ids), cfg, tok)
     assert "synced_gpus" not in seen
     monkeypatch.setattr(distributed, "synced_gpus", lambda accelerator=None: True)
-    rollout.generate(Policy(), ids, torch.ones_like(ids), cfg, tok)
+    rollout.sample_rollout(Policy(), ids, torch.ones_like(ids), cfg, tok)
     assert seen["synced_gpus"] is True
 
 

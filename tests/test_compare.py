@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from rlhf import compare, models
+from rlhf import compare, models, stats
+from rlhf.decoding import Decoding
 from rlhf.errors import UserError
-from rlhf.generate import Decoding
 from tests.test_evaluate import run_cli, write_jsonl
 
 PROMPTS = [
@@ -35,28 +35,28 @@ PROMPTS = [
     ],
 )
 def test_wilson_interval_known_values(successes, n, low, high):
-    got = compare.wilson_interval(successes, n)
+    got = stats.wilson_interval(successes, n)
     assert got == pytest.approx((low, high), abs=1e-4)
 
 
 def test_wilson_interval_rejects_impossible_counts():
     with pytest.raises(ValueError):
-        compare.wilson_interval(1, 0)
+        stats.wilson_interval(1, 0)
     with pytest.raises(ValueError):
-        compare.wilson_interval(3, 2)
+        stats.wilson_interval(3, 2)
 
 
 def test_win_rate_counts_ties_half():
-    got = compare.win_rate([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 5.0])
+    got = stats.win_rate([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 5.0])
     assert (got["wins_b"], got["ties"], got["wins_a"]) == (2, 1, 1)
     assert got["win_rate_b_over_a"] == 2.5 / 4
-    assert got["win_rate_ci95"] == pytest.approx(list(compare.wilson_interval(2.5, 4)))
-    all_ties = compare.win_rate([0.3] * 6, [0.3] * 6)
+    assert got["win_rate_ci95"] == pytest.approx(list(stats.wilson_interval(2.5, 4)))
+    all_ties = stats.win_rate([0.3] * 6, [0.3] * 6)
     assert all_ties["win_rate_b_over_a"] == 0.5 and all_ties["ties"] == 6
     lo, hi = all_ties["win_rate_ci95"]
     assert lo < 0.5 < hi and 0.5 - lo == pytest.approx(hi - 0.5)
     with pytest.raises(ValueError):
-        compare.win_rate([1.0], [1.0, 2.0])
+        stats.win_rate([1.0], [1.0, 2.0])
 
 
 # -------------------------------------------------------------------------- tiny models
@@ -128,6 +128,21 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_model_dir, ti
     # The stored calibration is applied exactly as PPO does: (raw - mean) / std.
     assert rm["calibration"]["mean"] == 0.5
     assert rm["calibrated_score_a_mean"] == pytest.approx((rm["score_a_mean"] - 0.5) / 2.0)
+
+
+def test_a_function_judge_reads_the_prompt_rows_not_the_generated_ones(tiny_model_dir):
+    spec = "tests.reward_fns:tag_length"
+    summary, samples = compare.compare(
+        tiny_model_dir,
+        tiny_model_dir,
+        PROMPTS[:2],
+        [],
+        decoding=Decoding(max_new_tokens=2),
+        judges=[spec],
+        rows=[{"tag": "ab"}, {"tag": "abcd"}],
+    )
+    assert [s["scores"][spec]["a"] for s in samples] == [2.0, 4.0]
+    assert summary["judges"][0]["score_b_mean"] == 3.0
 
 
 def test_cli_two_policies_json_with_every_field(

@@ -175,8 +175,8 @@ def test_gemma3_sft_labels_are_the_answer_and_its_end_of_turn(gemma_tok):
 
 
 def test_gemma3_rollout_mask_ends_at_either_end_token(gemma_tok, tiny_gemma):
-    from rlhf.generate import eos_ids
-    from rlhf.ppo.rollout import response_mask
+    from rlhf.decoding import eos_ids
+    from rlhf.sequences import response_mask
 
     stops = eos_ids(tiny_gemma, gemma_tok)
     assert stops == [1, 106]
@@ -191,15 +191,20 @@ def test_gemma3_rollout_mask_ends_at_either_end_token(gemma_tok, tiny_gemma):
 
 
 def test_tiny_gemma3_left_padded_generation_matches_each_prompt_alone(gemma_tok, tiny_gemma):
-    from rlhf.generate import Decoding, generate
+    from rlhf.decoding import Decoding
+    from rlhf.generate import generate_responses
 
     prompts = [
         [{"role": "user", "content": "Name three rivers of South America, please."}],
         [{"role": "user", "content": "Hi"}],
     ]
     decoding = Decoding(max_new_tokens=6)
-    together = generate(tiny_gemma, gemma_tok, prompts, decoding, batch_size=2, with_ids=True)
-    alone = [generate(tiny_gemma, gemma_tok, [p], decoding, with_ids=True)[0] for p in prompts]
+    together = generate_responses(
+        tiny_gemma, gemma_tok, prompts, decoding, batch_size=2, with_ids=True
+    )
+    alone = [
+        generate_responses(tiny_gemma, gemma_tok, [p], decoding, with_ids=True)[0] for p in prompts
+    ]
     assert [r["ids"] for r in together] == [r["ids"] for r in alone]
 
 

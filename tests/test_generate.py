@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import cli, generate
+from rlhf import cli, decoding, generate
+from rlhf.decoding import Decoding
 from rlhf.errors import UserError
-from rlhf.generate import Decoding
 
 PROMPTS = [
     [{"role": "user", "content": "Hi!"}],
@@ -41,7 +41,7 @@ def tiny(tiny_model_dir):
 
 def run(tiny, decoding: Decoding, seed: int = 0, batch_size: int = 2) -> list[dict]:
     model, tokenizer = tiny
-    return generate.generate(model, tokenizer, PROMPTS, decoding, batch_size, seed=seed)
+    return generate.generate_responses(model, tokenizer, PROMPTS, decoding, batch_size, seed=seed)
 
 
 def texts(rows: list[dict]) -> list[str]:
@@ -94,14 +94,14 @@ def test_sampling_flags_imply_sampling_and_bad_values_are_user_errors():
         base = dict(max_new_tokens=8, do_sample=False, temperature=None, top_k=None, top_p=None)
         return argparse.Namespace(**{**base, "num_beams": 1, **kw})
 
-    assert not generate.decoding_from_args(args()).do_sample
-    assert generate.decoding_from_args(args(temperature=0.7)).do_sample
-    assert generate.decoding_from_args(args(top_p=0.9)).do_sample
-    config = generate.decoding_from_args(args(do_sample=True)).generation_config(0, [2])
+    assert not decoding.decoding_from_args(args()).do_sample
+    assert decoding.decoding_from_args(args(temperature=0.7)).do_sample
+    assert decoding.decoding_from_args(args(top_p=0.9)).do_sample
+    config = decoding.decoding_from_args(args(do_sample=True)).generation_config(0, [2])
     assert config.top_k == 0 and config.temperature == 1.0  # no hidden top_k=50
     for bad in (dict(temperature=0.0), dict(top_p=1.5), dict(num_beams=0), dict(top_k=-1)):
         with pytest.raises(UserError):
-            generate.decoding_from_args(args(**bad))
+            decoding.decoding_from_args(args(**bad))
 
 
 def test_cli_prompts_file_to_jsonl(tmp_path: Path, tiny_model_dir):
@@ -134,3 +134,20 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir):
     assert rc == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
     rc, _, err = run_cli(["generate", str(tmp_path / "nope"), "--prompt", "x"])
     assert rc == 2
+
+
+def test_one_decoding_rule_for_generate_and_compare():
+    """generate decodes greedily unless asked to sample; compare samples unless --greedy; both
+    read the sampling flags the same way, and --greedy with a sampling flag is refused."""
+
+    def args(**kw) -> argparse.Namespace:
+        base = dict(max_new_tokens=8, temperature=None, top_k=None, top_p=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    compare_default = decoding.decoding_from_args(args(greedy=False), True, temperature=0.7)
+    assert compare_default.do_sample and compare_default.temperature == 0.7
+    assert not decoding.decoding_from_args(args(greedy=True), True).do_sample
+    assert decoding.decoding_from_args(args(greedy=False, top_k=5), True).top_k == 5
+    assert decoding.decoding_from_args(args(do_sample=False, top_k=5)).do_sample
+    with pytest.raises(UserError, match="--greedy does not sample: drop --top-p"):
+        decoding.decoding_from_args(args(greedy=True, top_p=0.9), True)

@@ -35,7 +35,8 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
     from transformers.generation.logits_process import TemperatureLogitsWarper
 
     from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
-    from rlhf.ppo.rollout import generate, response_slice, score_with_models
+    from rlhf.ppo.rollout import sample_rollout, score_with_models
+    from rlhf.sequences import response_slice
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -61,7 +62,9 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
 
     batch = pad_batch([encode_prompt(tok, p, 64) for p in prompts], tok.pad_token_id, "left")
     torch.manual_seed(0)
-    roll = generate(policy, batch["input_ids"], batch["attention_mask"], cfg, tok, keep=True)
+    roll = sample_rollout(
+        policy, batch["input_ids"], batch["attention_mask"], cfg, tok, keep_sampling_outputs=True
+    )
     assert [type(p) for p in processors] == [TemperatureLogitsWarper], processors
     raw = roll.sampling_logits
     score_with_models(roll, ActorCritic(policy), reference, 0.7, contextlib.nullcontext)

@@ -207,7 +207,7 @@ def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
     from rlhf import models
     from rlhf.ppo.actor_critic import ActorCritic
     from rlhf.ppo.core import FixedKLController
-    from rlhf.ppo.iteration import ppo_iteration
+    from rlhf.ppo.iteration import PPOContext, ppo_iteration
     from rlhf.runtime import make_accelerator
     from rlhf.training import make_optimizer
     from tests.ppo.tiny_policy import small_vocab_policy
@@ -243,11 +243,10 @@ def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
             seen.update(metrics)
             return total
 
-        _, metrics = ppo_iteration(
-            model, reference, optimizer, None, accelerator, tok, prompt_ids,
-            torch.ones_like(prompt_ids), score_fn, FixedKLController(0.05), cfg,
-            torch.Generator().manual_seed(it), sources.calibration,
-        )  # fmt: skip
+        ctx = PPOContext(model, reference, optimizer, None, accelerator, tok,
+                         FixedKLController(0.05), cfg, sources.calibration)  # fmt: skip
+        batch = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+        _, metrics = ppo_iteration(ctx, batch, score_fn, torch.Generator().manual_seed(it))
         assert metrics["objective/score"] == pytest.approx(seen["objective/score/digit_fraction"])
         scores.append(metrics["objective/score"])
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5

@@ -55,7 +55,7 @@ def test_reference_logits_without_lora_is_an_error(tiny_model_dir):
 
 
 def test_every_end_token_ends_a_response():
-    from rlhf.ppo.rollout import response_mask
+    from rlhf.sequences import response_mask
 
     ids = torch.tensor([[5, 9, 7, 2], [5, 2, 9, 9], [5, 6, 7, 8]])
     mask, ended = response_mask(ids, [2, 9])  # e.g. <|eot_id|> and <|end_of_text|>
@@ -124,7 +124,7 @@ def test_attn_implementation_reaches_the_loaded_model(tiny_model_dir):
 def test_saved_models_keep_every_end_token(tiny_model_dir, tmp_path):
     import json
 
-    from rlhf.generate import eos_ids
+    from rlhf.decoding import eos_ids
     from rlhf.training import save_model
 
     tok = models.load_tokenizer(tiny_model_dir)
@@ -139,7 +139,7 @@ def test_saved_models_keep_every_end_token(tiny_model_dir, tmp_path):
 def test_rollout_stops_at_every_end_token_of_the_model(tiny_model_dir):
     from transformers import GenerationConfig
 
-    from rlhf.ppo.rollout import generate
+    from rlhf.ppo.rollout import sample_rollout
     from rlhf.recipe import PPOConfig
 
     tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
@@ -155,7 +155,7 @@ def test_rollout_stops_at_every_end_token_of_the_model(tiny_model_dir):
             return torch.cat([input_ids, sampled], dim=1)
 
     prompt = torch.full((2, 4), 100)
-    roll = generate(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
+    roll = sample_rollout(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
     assert seen["eos"] == [eos, other_end]
     assert roll.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     assert roll.ended_with_eos.tolist() == [True, True]

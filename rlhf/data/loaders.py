@@ -26,8 +26,11 @@ from rlhf.recipe import DATA_FORMATS, DATA_ROOT_ENV, DataSource, looks_like_loca
 Parser = Callable[[Any, str], list]
 
 
-def as_source(source: DataSource | str | Path, fmt: str = "auto") -> DataSource:
-    """Accept a plain path (or hub id) wherever a DataSource is expected."""
+def as_source(
+    source: DataSource | str | Path, fmt: str = "auto", limit: int | None = None
+) -> DataSource:
+    """Accept a plain path (or hub id) wherever a DataSource is expected; `limit`: its first
+    rows only (a command line's --limit)."""
     if isinstance(source, DataSource):
         return source
     path = str(source)
@@ -36,7 +39,7 @@ def as_source(source: DataSource | str | Path, fmt: str = "auto") -> DataSource:
     if looks_like_local_path(path) and not Path(path).expanduser().exists():
         raise UserError(f"{path}: data file not found")
     try:
-        return DataSource(path=path, format=fmt)
+        return DataSource(path=path, format=fmt, limit=limit)
     except ValidationError as e:
         raise UserError(f"{path}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 

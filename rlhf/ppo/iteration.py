@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,17 +26,17 @@ from rlhf.distributed import gathered_for_generation, writable
 from rlhf.ppo.actor_critic import eval_mode
 from rlhf.ppo.advantages import compute_advantages
 from rlhf.ppo.core import explained_variance, masked_mean
-from rlhf.ppo.rollout import Rollout, generate, score_with_models
+from rlhf.ppo.rollout import Rollout, sample_rollout, score_with_models
 from rlhf.ppo.update import ppo_update
+from rlhf.reward_sources import calibrate
+from rlhf.training import NonFiniteGuard
 
 
 def normalise_score(
     raw: torch.Tensor, ended_with_eos: torch.Tensor, cfg: Any, calibration: dict | None
 ) -> torch.Tensor:
     """Reward-model score -> the score PPO optimises: calibrated, clipped, EOS-penalised."""
-    score = raw
-    if calibration:
-        score = (score - calibration["mean"]) / max(calibration["std"], 1e-6)
+    score = calibrate(raw, calibration)
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
     if cfg.missing_eos_penalty is not None:
@@ -44,80 +45,124 @@ def normalise_score(
     return score
 
 
+@dataclass
+class PPOContext:
+    """What one iteration works with and what stays the same from one to the next: the
+    prepared actor-critic, the frozen reference (None: the policy with its LoRA adapter off),
+    optimizer and scheduler, the KL controller, the recipe's ppo section, the score
+    calibration and the non-finite guard."""
+
+    model: torch.nn.Module
+    reference: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    accelerator: Any
+    tokenizer: Any
+    kl_ctl: Any
+    cfg: Any
+    calibration: dict | None = None
+    guard: NonFiniteGuard | None = None
+
+
 def ppo_iteration(
-    model: torch.nn.Module,
-    reference: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    accelerator: Any,
-    tokenizer: Any,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
+    ctx: PPOContext,
+    prompts: dict[str, torch.Tensor],
     score_fn: Callable[[Rollout], torch.Tensor],
-    kl_ctl: Any,
-    cfg: Any,
     generator: torch.Generator,
-    calibration: dict | None = None,
-    guard: Any = None,
     value_only: bool = False,
     init_value_head: bool = False,
 ) -> tuple[Rollout, dict[str, float]]:
-    """Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
-    value_only: critic warm-up, only the value function is updated. init_value_head: set the
-    shared value head's bias to this batch's mean return first (ActorCritic.init_value_bias)."""
+    """One iteration on `prompts` (left-padded input_ids and attention_mask on the device).
+    Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
+    `generator` shuffles the minibatches. value_only: critic warm-up, only the value function
+    is updated. init_value_head: set the shared value head's bias to this batch's mean return
+    first (ActorCritic.init_value_bias)."""
+    model, accelerator, cfg = ctx.model, ctx.accelerator, ctx.cfg
     unwrapped = accelerator.unwrap_model(model)
-    t0 = time.time()
+    times = [time.time()]
 
     # 1. rollout (ZeRO-3 / FSDP: parameters gathered, every rank in step; rlhf/distributed.py)
     with eval_mode(model), gathered_for_generation(accelerator, model), accelerator.autocast():
-        roll = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg, tokenizer, keep=True)
-    t_rollout = time.time()
+        roll = sample_rollout(
+            unwrapped.policy,
+            prompts["input_ids"],
+            prompts["attention_mask"],
+            cfg,
+            ctx.tokenizer,
+            keep_sampling_outputs=True,
+        )
+    times.append(time.time())
 
     # 2. score
     with eval_mode(model), gathered_for_generation(accelerator, model):
-        score_with_models(roll, unwrapped, reference, cfg.temperature, accelerator.autocast)
+        score_with_models(roll, unwrapped, ctx.reference, cfg.temperature, accelerator.autocast)
     roll.scores = score_fn(roll).float()
-    score = normalise_score(roll.scores, roll.ended_with_eos, cfg, calibration)
-    t_score = time.time()
+    score = normalise_score(roll.scores, roll.ended_with_eos, cfg, ctx.calibration)
+    times.append(time.time())
 
     # 3. shaping and 4. advantages
-    def advantages_and_returns():
-        return compute_advantages(
-            cfg, score, roll.logprobs, roll.ref_logprobs, roll.values, roll.mask, kl_ctl.value
-        )
-
-    advantages, returns, kl = advantages_and_returns()
-    if init_value_head and returns is not None and unwrapped.value_head is not None:
-        # With V = 0, `returns` are the plain (lambda-)returns; their mean becomes the bias.
-        mean_return = accelerator.reduce(
-            masked_mean(returns, roll.mask), "mean"
-        )  # same on all ranks
-        with writable(accelerator, list(unwrapped.value_head.parameters())):
-            unwrapped.init_value_bias(mean_return.item())
-        # V = bias (the head's weights are still 0); not read back: sharded, it is a shard.
-        roll.values = torch.full_like(roll.values, mean_return.item()) * roll.mask
-        advantages, returns, kl = advantages_and_returns()
+    advantages, returns, kl = advantages_and_returns(ctx, roll, score, init_value_head)
     roll.seq_kl = (kl * roll.mask).sum(1)
-    non_score = -kl_ctl.value * roll.seq_kl  # the KL part of each sequence's return
 
     # 5. update
     stats = ppo_update(
         model,
-        optimizer,
+        ctx.optimizer,
         accelerator,
         roll,
         advantages,
         returns,
         cfg,
         generator,
-        scheduler,
-        guard,
-        kl_coef=kl_ctl.value,
+        ctx.scheduler,
+        ctx.guard,
+        kl_coef=ctx.kl_ctl.value,
         value_only=value_only,
     )
-    t_update = time.time()
+    times.append(time.time())
+    return roll, {**iteration_metrics(ctx, roll, score, returns, times), **stats}
 
+
+def advantages_and_returns(
+    ctx: PPOContext, roll: Rollout, score: torch.Tensor, init_value_head: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(advantages, returns or None without a critic, per-token KL) of the rollout. With
+    `init_value_head` the shared value head's bias first becomes the batch's mean return."""
+    accelerator, cfg = ctx.accelerator, ctx.cfg
+    unwrapped = accelerator.unwrap_model(ctx.model)
+
+    def estimate() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return compute_advantages(
+            cfg, score, roll.logprobs, roll.ref_logprobs, roll.values, roll.mask, ctx.kl_ctl.value
+        )
+
+    advantages, returns, kl = estimate()
+    if init_value_head and returns is not None and unwrapped.value_head is not None:
+        # With V = 0, `returns` are the plain (lambda-)returns; their mean becomes the bias,
+        # the same on all ranks.
+        mean_return = accelerator.reduce(masked_mean(returns, roll.mask), "mean")
+        with writable(accelerator, list(unwrapped.value_head.parameters())):
+            unwrapped.init_value_bias(mean_return.item())
+        # V = bias (the head's weights are still 0); not read back: sharded, it is a shard.
+        roll.values = torch.full_like(roll.values, mean_return.item()) * roll.mask
+        advantages, returns, kl = estimate()
+    return advantages, returns, kl
+
+
+def iteration_metrics(
+    ctx: PPOContext,
+    roll: Rollout,
+    score: torch.Tensor,
+    returns: torch.Tensor | None,
+    times: list[float],
+) -> dict[str, float]:
+    """This rank's objective / response / timing metrics of one iteration; `times`: its start
+    and the ends of rollout, scoring and update."""
+    t0, t_rollout, t_score, t_update = times
+    kl_coef = ctx.kl_ctl.value
+    non_score = -kl_coef * roll.seq_kl  # the KL part of each sequence's return
     lengths = roll.mask.sum(1)
+    scheduler = ctx.scheduler
     metrics = {
         "objective/score": roll.scores.mean().item(),
         "objective/nonfinite_scores": float((~torch.isfinite(roll.scores)).sum()),
@@ -131,17 +176,16 @@ def ppo_iteration(
         "response/length_mean": lengths.mean().item(),
         "response/eos_rate": roll.ended_with_eos.float().mean().item(),
         "response/truncation_rate": (~roll.ended_with_eos).float().mean().item(),
-        "kl_coef": float(kl_ctl.value),
-        "lr": scheduler.get_last_lr()[0] if scheduler is not None else cfg.optim.lr,
+        "kl_coef": float(kl_coef),
+        "lr": scheduler.get_last_lr()[0] if scheduler is not None else ctx.cfg.optim.lr,
         "timing/rollout": t_rollout - t0,
         "timing/score": t_score - t_rollout,
         "timing/update": t_update - t_score,
         "timing/iteration": t_update - t0,
         "tokens_per_second": lengths.sum().item() / max(t_update - t0, 1e-9),
-        **stats,
     }
     if returns is not None:  # only an estimator with a critic has a value function to judge
         metrics["value/explained_variance"] = explained_variance(
             roll.values, returns, roll.mask
         ).item()
-    return roll, metrics
+    return metrics

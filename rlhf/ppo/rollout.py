@@ -15,8 +15,9 @@ import torch
 
 from rlhf import distributed, models
 from rlhf.chat import encode_prompt_response, pad_batch
-from rlhf.generate import Decoding, eos_ids, own_generation_config
+from rlhf.decoding import Decoding, eos_ids, own_generation_config
 from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
+from rlhf.sequences import logprobs_from_logits, response_keep, response_mask
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Rollout:
     ended_with_eos: torch.Tensor = field(default=None)  # (B,) bool
     seq_kl: torch.Tensor = field(default=None)  # (B,) summed per-token KL to the reference
     texts: list[str] = field(default_factory=list)
-    # What generation computed anyway, kept for scoring and then dropped (generate(keep=True)):
+    # What generation computed anyway, kept for scoring and then dropped
+    # (sample_rollout(keep_sampling_outputs=True)):
     sampling_logits: torch.Tensor | None = None  # (B, R, V) raw logits that sampled token t
     sampling_hidden: torch.Tensor | None = None  # (B, R, H) LM-head input at those positions
 
@@ -58,53 +60,19 @@ class Rollout:
         return Rollout(**out)
 
 
-def response_mask(
-    response_ids: torch.Tensor, eos_id: int | list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 up to and including the first end token (any of `eos_id`, e.g. Llama 3's <|eot_id|>
-    and <|end_of_text|>); (mask (B, R) float, ended_with_eos (B,) bool)."""
-    ends = torch.tensor(
-        eos_id if isinstance(eos_id, list) else [eos_id], device=response_ids.device
-    )
-    is_eos = torch.isin(response_ids, ends)
-    eos_seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-    ended = is_eos.any(dim=1)
-    return (~eos_seen_before).float(), ended
-
-
-def logprobs_from_logits(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """log pi(token) at the sampling temperature: the ratio must compare the distribution
-    the tokens were sampled from (N implementation details, #10)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def response_slice(prompt_len: int, response_len: int) -> slice:
-    """Logits at position t predict token t+1: responses are predicted from P-1 .. P+R-2."""
-    return slice(prompt_len - 1, prompt_len + response_len - 1)
-
-
-def response_keep(response_len: int) -> int:
-    """How many trailing positions a forward over prompt+response must keep so that
-    `[:, :response_len]` of them are the positions that predict the response (P-1 .. P+R-2)."""
-    return response_len + 1
-
-
 @torch.no_grad()
-def generate(
+def sample_rollout(
     policy: torch.nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     cfg: Any,
     tokenizer: Any,
-    keep: bool = False,
+    keep_sampling_outputs: bool = False,
 ) -> Rollout:
     """Sample responses from a causal LM with a KV cache; cut everything after the first EOS.
 
-    keep=True also returns the raw logits each token was sampled from and the last hidden
-    states that produced them, so scoring needs no second policy forward (TRL's PPOTrainer
+    keep_sampling_outputs also returns the raw logits each token was sampled from and the last
+    hidden states that produced them, so scoring needs no second policy forward (TRL's PPOTrainer
     likewise takes the rollout log-probs from generation).
     """
     # Only temperature is active (complete config, the folder's generation_config.json
@@ -113,7 +81,7 @@ def generate(
     extra: dict[str, Any] = {"use_cache": True}
     if cfg.stop_strings:
         extra["stop_strings"] = list(cfg.stop_strings)
-    if keep:
+    if keep_sampling_outputs:
         extra.update(return_dict_in_generate=True, output_logits=True)
     decoding = Decoding(
         max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature
@@ -124,11 +92,11 @@ def generate(
         gen_kwargs["tokenizer"] = tokenizer
     if distributed.synced_gpus():  # ZeRO-3 / FSDP: every rank steps until all ranks finish
         gen_kwargs["synced_gpus"] = True
-    capture = lm_head_inputs(policy) if keep else nullcontext([])
+    capture = lm_head_inputs(policy) if keep_sampling_outputs else nullcontext([])
     lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
     with lean, capture as hidden, own_generation_config(policy, config):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
-    sequences = out.sequences if keep else out
+    sequences = out.sequences if keep_sampling_outputs else out
     response_ids = sequences[:, prompt_ids.shape[1] :]
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
         response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
@@ -142,7 +110,8 @@ def generate(
     ]
     roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
     steps = response_ids.shape[1]
-    if keep and len(out.logits) == steps:  # else (nothing generated) scoring runs a forward
+    # Without a generated token there is nothing to keep: scoring then runs a forward.
+    if keep_sampling_outputs and len(out.logits) == steps:
         # One logits entry per generated token; the hook also saw the dummy forwards that
         # finished ranks run under synced_gpus, after the real ones: take the first R.
         roll.sampling_logits = torch.stack(out.logits, dim=1)

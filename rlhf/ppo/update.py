@@ -21,7 +21,8 @@ from rlhf.ppo.core import (
     policy_loss,
     value_loss,
 )
-from rlhf.ppo.rollout import Rollout, logprobs_from_logits, response_keep
+from rlhf.ppo.rollout import Rollout
+from rlhf.sequences import logprobs_from_logits, response_keep
 from rlhf.training import NonFiniteGuard, step_if_finite
 
 
@@ -46,7 +47,6 @@ def ppo_update(
     stats: dict[str, list[float]] = defaultdict(list)
     batch = rollout.mask.shape[0]
     micro = cfg.mini_batch_size // cfg.grad_accum
-    R = rollout.response_ids.shape[1]
     model.train()
     epochs_run = minibatches_run = 0
     for _ in range(cfg.ppo_epochs):
@@ -59,47 +59,15 @@ def ppo_update(
             minibatches_run += 1
             for m_start in range(0, len(mini), micro):
                 idx = mini[m_start : m_start + micro].to(rollout.mask.device)
-                mb = rollout.select(idx)
+                targets = (
+                    rollout.select(idx),
+                    advantages[idx],
+                    None if returns is None else returns[idx],
+                )
                 with accelerator.accumulate(model), accelerator.autocast():
-                    logits, values = model(
-                        mb.input_ids,
-                        mb.attention_mask,
-                        keep=response_keep(R),
-                        detach_values=value_only,
+                    loss, pg_loss, pg_stats = micro_batch_loss(
+                        model, *targets, cfg, kl_coef, value_only, stats
                     )
-                    logits = logits[:, :R]
-                    logp = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
-                    pg_loss, pg_stats = policy_loss(
-                        logp,
-                        mb.logprobs,
-                        advantages[idx],
-                        mb.mask,
-                        cfg.cliprange,
-                        cfg.loss_aggregation,
-                    )
-                    loss = pg_loss
-                    if cfg.kl_in == "loss":
-                        # GRPO (Shao et al. 2024, eq. 4): k3 = r - log r - 1, r = pi_ref / pi.
-                        kl = kl_penalty(logp, mb.ref_logprobs, "k3")
-                        kl_loss = aggregate_loss(kl, mb.mask, cfg.loss_aggregation)
-                        loss = loss + kl_coef * kl_loss
-                        stats["policy/kl_loss"].append(kl_loss.item())
-                    if returns is not None:
-                        vf_loss, vf_stats = value_loss(
-                            values[:, :R], mb.values, returns[idx], mb.mask, cfg.cliprange_value
-                        )
-                        loss = loss + cfg.vf_coef * vf_loss
-                        stats["value/loss"].append(vf_loss.item())
-                        stats["value/clipfrac"].append(vf_stats["clipfrac"].item())
-                    if value_only:
-                        # 0 * the policy terms keeps every parameter in the graph (DDP); the
-                        # policy's (zero) gradients are dropped below, so it is not stepped.
-                        loss = vf_loss + 0.0 * loss
-                    if cfg.entropy_coef > 0 and not value_only:
-                        entropy = masked_mean(
-                            entropy_from_logits(logits.float() / cfg.temperature), mb.mask
-                        )
-                        loss = loss - cfg.entropy_coef * entropy
                     # A non-finite loss (or reward) still goes through backward on every rank;
                     # the synced gradient norm then decides, identically everywhere, to skip.
                     accelerator.backward(loss)
@@ -133,3 +101,48 @@ def ppo_update(
     out["policy/minibatches_run"] = float(minibatches_run)
     out["skipped_steps"] = float(guard.skipped - skipped_before)
     return out
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    mb: Rollout,
+    advantages: torch.Tensor,
+    returns: torch.Tensor | None,
+    cfg: Any,
+    kl_coef: float,
+    value_only: bool,
+    stats: dict[str, list[float]],
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(total loss, policy loss, policy statistics) of one micro-batch of the rollout; value
+    and KL-loss statistics are appended to `stats`."""
+    R = mb.response_ids.shape[1]
+    logits, values = model(
+        mb.input_ids, mb.attention_mask, keep=response_keep(R), detach_values=value_only
+    )
+    logits = logits[:, :R]
+    logp = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+    pg_loss, pg_stats = policy_loss(
+        logp, mb.logprobs, advantages, mb.mask, cfg.cliprange, cfg.loss_aggregation
+    )
+    loss = pg_loss
+    if cfg.kl_in == "loss":
+        # GRPO (Shao et al. 2024, eq. 4): k3 = r - log r - 1, r = pi_ref / pi.
+        kl = kl_penalty(logp, mb.ref_logprobs, "k3")
+        kl_loss = aggregate_loss(kl, mb.mask, cfg.loss_aggregation)
+        loss = loss + kl_coef * kl_loss
+        stats["policy/kl_loss"].append(kl_loss.item())
+    if returns is not None:
+        vf_loss, vf_stats = value_loss(
+            values[:, :R], mb.values, returns, mb.mask, cfg.cliprange_value
+        )
+        loss = loss + cfg.vf_coef * vf_loss
+        stats["value/loss"].append(vf_loss.item())
+        stats["value/clipfrac"].append(vf_stats["clipfrac"].item())
+    if value_only:
+        # 0 * the policy terms keeps every parameter in the graph (DDP); the policy's (zero)
+        # gradients are dropped after backward, so it is not stepped.
+        loss = vf_loss + 0.0 * loss
+    if cfg.entropy_coef > 0 and not value_only:
+        entropy = masked_mean(entropy_from_logits(logits.float() / cfg.temperature), mb.mask)
+        loss = loss - cfg.entropy_coef * entropy
+    return loss, pg_loss, pg_stats

@@ -23,4 +23,4 @@ def judge_recipe(recipe: Any) -> Any:
 
 
 def run(recipe: Any, resume: bool = False) -> Path:
-    return reward.run(judge_recipe(recipe), resume=resume, stage="judge")
+    return reward.run(judge_recipe(recipe), resume=resume, folder="judge")

@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import re
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,11 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from rlhf import checkpoint, data, distributed, models, training
+from rlhf import data, distributed, models, training
 from rlhf import reward as rm
 from rlhf.errors import UserError
-from rlhf.progress import Progress
-from rlhf.rundir import RunDir, require_completed, write_json_atomic
-from rlhf.runtime import make_accelerator, run_info
-from rlhf.signals import Interrupted, StopSignal
-from rlhf.tracking import MetricsLogger
+from rlhf.rundir import require_completed
+from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +174,12 @@ def calibrate(
     return rm.calibration(scores)
 
 
-def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
-    """`stage` names the run folder: "judge" trains the second reward model (rlhf.stages.judge)."""
+def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
+    """`folder` names the run folder: "judge" trains the second reward model (stages/judge.py)."""
     cfg = recipe.reward
     init_from = init_model_name(recipe)
-    accelerator = make_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum)
-    out = RunDir(recipe.stage_dir(stage), stage, recipe, accelerator.is_main_process, {})
-
+    stage = StageRun(recipe, "reward", grad_accum=cfg.grad_accum, folder=folder)
+    accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
     # The revision pins the recipe's model (a hub id), not a local SFT folder.
     revision = recipe.model.revision if init_from == recipe.model.name else None
@@ -191,29 +187,101 @@ def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
         init_from, recipe.model.chat_template, recipe.model.trust_remote_code, revision=revision
     )
     pad_id = tokenizer.pad_token_id
+    train_rows, eval_sets = encode_datasets(recipe, tokenizer)
+    n_train_pairs = sum(len(r["pairs"]) for r in train_rows)
+    collate = partial(rm.collate_rankings, pad_id=pad_id, side="right",
+                      share_prefix=shares_prefix(cfg))  # fmt: skip
+    generator = torch.Generator().manual_seed(recipe.seed)
+    loader = DataLoader(train_rows, cfg.batch_size, shuffle=True, collate_fn=collate,
+                        generator=generator)  # fmt: skip
+    # --- model: scalar head, pooled at the last real token
+    scorer = rm.RewardScorer(load_model(recipe, init_from, revision, tokenizer))
+    optimizer = training.make_optimizer(scorer, cfg.optim)
+    scorer, optimizer, loader = accelerator.prepare(scorer, optimizer, loader)
+    total_steps = cfg.max_steps or math.ceil(math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
+    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    trainable, total = training.trainable_parameters(scorer)
+    eval_sizes = {k: len(v) for k, v in eval_sets.items()}
+    state = stage.begin(
+        resume, scheduler, init_from=init_from, effective_batch_prompts=per_step,
+        train_prompts=len(train_rows), train_pairs=n_train_pairs, eval_prompts=eval_sizes,
+        truncated_responses=truncated(train_rows, cfg.max_length), total_steps=total_steps,
+        trainable_parameters=trainable, parameters=total,
+    )  # fmt: skip
+    state = state or {"step": 0, "epoch": 0, "batches_done": 0}
+    log.info("reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts, "
+             "%d responses truncated to %d tokens", len(train_rows), n_train_pairs, eval_sizes,
+             total_steps, per_step, stage.out.info["truncated_responses"], cfg.max_length)  # fmt: skip
+
+    # --- train: one step is the Bradley-Terry loss of a window's prompts
+    def evaluate_now() -> dict[str, dict[str, Any]]:
+        return evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)
+
+    def bradley_terry(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = scorer(**rm.scorer_inputs(batch))
+        per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
+        return per_prompt.sum(), step_stats(per_prompt, scores, batch)
+
+    base = evaluate_now() if state["step"] == 0 else {}
+    stage.log(0, flat_metrics(base))
+    windows = Windows(accelerator, loader, generator, recipe.seed, cfg.grad_accum,
+                      state["epoch"], state["batches_done"])  # fmt: skip
+    objective = Objective(lambda b: b["n_prompts"], bradley_terry, step_metrics)
+    step = SupervisedStep(stage, scorer, optimizer, scheduler, windows, objective,
+                          cfg.optim.max_grad_norm, state["step"])  # fmt: skip
+    scorer.train()
+    stage.loop(state["step"], total_steps, step, lambda n: {"step": n, **windows.position},
+               scheduler, Cadence(cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last),
+               lambda: flat_metrics(evaluate_now()), shown={"loss": "train/loss"})  # fmt: skip
+
+    # --- evaluate, calibrate and save
+    final = evaluate_now()
+    stage.log(total_steps, flat_metrics(final))
+    calib = calibrate(scorer, train_rows, cfg, pad_id, recipe.seed, accelerator)
+    stage.log(total_steps, {"calibration/mean": calib["mean"], "calibration/std": calib["std"]})
+    results = {**eval_results(base, final, calib), "steps": total_steps,
+               "train_prompts": len(train_rows), "train_pairs": n_train_pairs,
+               "skipped_batches": stage.guard.skipped}  # fmt: skip
+    models.unwrap_peft(accelerator.unwrap_model(scorer).model).config.reward_calibration = calib
+    card = ("Reward model", f"Scalar reward model (Bradley-Terry on ranked pairs), {total_steps} "
+            f"steps from `{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} "
+            f"(initial) -> {results.get('accuracy')} (this model). Rewards are read at the last "
+            f"token; calibration (mean/std over {calib['n']} training responses) is in "
+            "`reward_calibration.json` and `config.json`.")  # fmt: skip
+    path = stage.finish(results, scorer, tokenizer, card, cfg.merge_lora, lambda s: s.model,
+                        prefix="model.", extra_files={"reward_calibration.json": calib})  # fmt: skip
+    log.info("reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
+             results.get("accuracy"), results["base_accuracy"], calib["mean"], calib["std"])  # fmt: skip
+    return path
+
+
+def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(training rankings, {"eval": .., "eval_<extra>": ..}) tokenized, each with >= 1 pair."""
+    cfg = recipe.reward
     train_items, eval_items, extra_items = load_datasets(recipe)
-    fit = lambda items: data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)  # noqa: E731
-    train_items, eval_items = fit(train_items), fit(eval_items)
-    extra_items = {name: fit(items) for name, items in extra_items.items()}
-    encode = lambda r: rm.encode_ranking(tokenizer, r, cfg.max_length)  # noqa: E731
-    train_rows = [r for r in map(encode, train_items) if r["pairs"]]
-    eval_sets = {"eval": [r for r in map(encode, eval_items) if r["pairs"]]}
-    for name, items in extra_items.items():
-        eval_sets[f"eval_{name}"] = [r for r in map(encode, items) if r["pairs"]]
+
+    def encode(items: list) -> list[dict]:
+        items = data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)
+        rows = [rm.encode_ranking(tokenizer, r, cfg.max_length) for r in items]
+        return [r for r in rows if r["pairs"]]
+
+    train_rows = encode(train_items)
     if not train_rows:
         raise UserError(f"{cfg.train.path}: no ranking with at least one pair")
-    n_train_pairs = sum(len(r["pairs"]) for r in train_rows)
-    n_truncated = sum(len(s) >= cfg.max_length for r in train_rows for s in r["seqs"])
+    eval_sets = {"eval": encode(eval_items)}
+    eval_sets.update({f"eval_{name}": encode(items) for name, items in extra_items.items()})
+    return train_rows, eval_sets
 
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        return rm.collate_rankings(rows, pad_id, "right", shares_prefix(cfg))
 
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train_loader = DataLoader(
-        train_rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
-    )
+def truncated(rows: list[dict], max_length: int) -> int:
+    """How many responses were cut to max_length tokens (recorded in run.json)."""
+    return sum(len(s) >= max_length for r in rows for s in r["seqs"])
 
-    # --- model: scalar head, pooled at the last real token
+
+def load_model(recipe: Any, init_from: str, revision: str | None, tokenizer: Any) -> Any:
+    """A sequence-classification model with one label (the reward head), LoRA / checkpointing."""
+    cfg = recipe.reward
     model = models.load_reward_model(
         init_from,
         num_hidden_layers=recipe.model.num_hidden_layers,
@@ -224,151 +292,43 @@ def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
     # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
     model.config.pad_token_id = tokenizer.pad_token_id
     # SEQ_CLS: peft keeps the freshly initialised `score` head fully trainable (modules_to_save).
-    model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
-    scorer = rm.RewardScorer(model)
-    optimizer = training.make_optimizer(scorer, cfg.optim)
-    scorer, optimizer, train_loader = accelerator.prepare(scorer, optimizer, train_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
-    world = accelerator.num_processes
-    trainable, total = training.trainable_parameters(scorer)
-    out.info.update(
-        run_info(accelerator),
-        init_from=init_from,
-        effective_batch_prompts=cfg.batch_size * cfg.grad_accum * world,
-        train_prompts=len(train_rows),
-        train_pairs=n_train_pairs,
-        eval_prompts={k: len(v) for k, v in eval_sets.items()},
-        truncated_responses=n_truncated,
-        total_steps=total_steps,
-        trainable_parameters=trainable,
-        parameters=total,
+    return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
+
+
+@torch.no_grad()
+def step_stats(per_prompt: torch.Tensor, scores: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]."""
+    d = (scores[batch["better"]] - scores[batch["worse"]]).double()
+    count = lambda n: torch.tensor(float(n), device=d.device, dtype=torch.float64)  # noqa: E731
+    correct = ((d > 0).double() + 0.5 * (d == 0).double()).sum()
+    return torch.stack(
+        [
+            per_prompt.detach().sum().double(),
+            correct,
+            count(d.numel()),
+            d.sum(),
+            count(scores.numel()),
+        ]
     )
 
-    step, epoch, batches_done = 0, 0, 0
-    ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
-    out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
-    if ckpt is not None:
-        state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        log.info("resumed from %s (step %d)", ckpt, step)
-    logger = MetricsLogger(out.path, "reward", recipe, accelerator)
-    log.info(
-        "reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts "
-        "(%d x %d x %d ranks), %d responses truncated to %d tokens",
-        len(train_rows),
-        n_train_pairs,
-        {k: len(v) for k, v in eval_sets.items()},
-        total_steps,
-        cfg.batch_size * cfg.grad_accum * world,
-        cfg.batch_size,
-        cfg.grad_accum,
-        world,
-        n_truncated,
-        cfg.max_length,
-    )
 
-    base = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator) if step == 0 else {}
-    if base:
-        logger.log(0, flat_metrics(base))
-    guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
-    stop = StopSignal().install()
-    progress = Progress("reward", total_steps, step, enabled=accelerator.is_main_process)
-    scorer.train()
-    t_last = time.time()
-    while step < total_steps:
-        generator.manual_seed(recipe.seed + epoch)  # epoch e always sees the same order
-        batches = iter(
-            accelerator.skip_first_batches(train_loader, batches_done)
-            if batches_done
-            else train_loader
-        )
-        while step < total_steps:
-            group = [b for _, b in zip(range(cfg.grad_accum), batches)]
-            if not group:
-                break
-            batches_done += len(group)
-            # Normalise by the prompts of the whole optimizer step across all ranks.
-            step_prompts = accelerator.reduce(sum(b["n_prompts"] for b in group), "sum")
-            # [loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]
-            stats = torch.zeros(5, device=accelerator.device, dtype=torch.float64)
-            for batch in training.accumulation_window(accelerator, group):
-                with accelerator.accumulate(scorer), accelerator.autocast():
-                    scores = scorer(**rm.scorer_inputs(batch))
-                    per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
-                    # accelerate divides by grad_accum and DDP averages over ranks: undo both.
-                    loss = per_prompt.sum() * world * cfg.grad_accum / step_prompts.clamp(min=1)
-                    accelerator.backward(loss)
-                    grad_norm = training.step_if_finite(
-                        accelerator, scorer, optimizer, cfg.optim.max_grad_norm, guard
-                    )
-                with torch.no_grad():
-                    d = (scores[batch["better"]] - scores[batch["worse"]]).double()
-                    stats += torch.stack(
-                        [
-                            per_prompt.detach().sum().double(),
-                            ((d > 0).double() + 0.5 * (d == 0).double()).sum(),
-                            torch.tensor(float(d.numel()), device=d.device, dtype=torch.float64),
-                            d.sum(),
-                            torch.tensor(
-                                float(scores.numel()), device=d.device, dtype=torch.float64
-                            ),
-                        ]
-                    )
-            scheduler.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                totals = accelerator.reduce(stats, "sum")
-                now = time.time()
-                metrics = {
-                    "train/loss": (totals[0] / step_prompts.clamp(min=1)).item(),
-                    "train/accuracy": (totals[1] / totals[2].clamp(min=1)).item(),
-                    "train/mean_margin": (totals[3] / totals[2].clamp(min=1)).item(),
-                    "train/prompts": step_prompts.item(),
-                    "train/pairs": totals[2].item(),
-                    "train/responses": totals[4].item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "epoch": epoch + batches_done / max(1, len(train_loader)),
-                    "timing/step": (now - t_last) / cfg.log_every,
-                    "train/skipped_batches": guard.skipped,
-                }
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                logger.log(step, metrics)
-                t_last = now
-                progress.note(loss=metrics["train/loss"])
-            progress.update(step)
-            if step % cfg.eval_every == 0 and step < total_steps:
-                logger.log(
-                    step, flat_metrics(evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator))
-                )
-            signum = stop.requested(accelerator)
-            if (cfg.save_every and step % cfg.save_every == 0 or signum) and step < total_steps:
-                saved = checkpoint.save_checkpoint(
-                    accelerator,
-                    out.checkpoints,
-                    step,
-                    {"step": step, "epoch": epoch, "batches_done": batches_done},
-                    scheduler,
-                    cfg.keep_last,
-                )
-                if signum:
-                    stop.restore()
-                    raise Interrupted(signum, saved)
-        if step < total_steps:
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
-    stop.restore()
+def step_metrics(totals: torch.Tensor, prompts: torch.Tensor) -> dict[str, float]:
+    """step_stats summed over a step's micro-batches and ranks -> the logged train/ metrics."""
+    pairs = totals[2].clamp(min=1)
+    return {
+        "train/loss": (totals[0] / prompts.clamp(min=1)).item(),
+        "train/accuracy": (totals[1] / pairs).item(),
+        "train/mean_margin": (totals[3] / pairs).item(),
+        "train/prompts": prompts.item(),
+        "train/pairs": totals[2].item(),
+        "train/responses": totals[4].item(),
+    }
 
-    final = evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)
-    if final:
-        logger.log(step, flat_metrics(final))
-    calib = calibrate(scorer, train_rows, cfg, pad_id, recipe.seed, accelerator)
-    logger.log(step, {"calibration/mean": calib["mean"], "calibration/std": calib["std"]})
-    main = final.get("eval", {})
-    results: dict[str, Any] = {
-        **main,
+
+def eval_results(base: dict, final: dict, calib: dict) -> dict[str, Any]:
+    """eval.json: the main held-out set's metrics at the top, the extra sets below."""
+    return {
+        **final.get("eval", {}),
         "base_accuracy": base.get("eval", {}).get("accuracy"),
         "base": base.get("eval"),
         "extra_eval": {
@@ -380,36 +340,4 @@ def run(recipe: Any, resume: bool = False, stage: str = "reward") -> Path:
             if name != "eval"
         },
         "calibration": calib,
-        "steps": step,
-        "train_prompts": len(train_rows),
-        "train_pairs": n_train_pairs,
-        "skipped_batches": guard.skipped,
     }
-    accelerator.wait_for_everyone()
-    full = distributed.full_state_dict(accelerator, scorer, prefix="model.")  # every rank
-    if accelerator.is_main_process:
-        inner = accelerator.unwrap_model(scorer).model
-        models.unwrap_peft(inner).config.reward_calibration = calib
-        card = training.model_card(
-            "Reward model",
-            recipe,
-            f"Scalar reward model (Bradley-Terry on ranked pairs), {step} steps from "
-            f"`{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} (initial) -> "
-            f"{results.get('accuracy')} (this model). Rewards are read at the last token; "
-            f"calibration (mean/std over {calib['n']} training responses) is in "
-            "`reward_calibration.json` and `config.json`.",
-        )
-        with out.staging(out.model_dir) as tmp:
-            training.save_model(inner, tokenizer, tmp, cfg.merge_lora, card, full)
-            write_json_atomic(tmp / "reward_calibration.json", calib)
-    logger.close()
-    out.finish(results)
-    accelerator.wait_for_everyone()
-    log.info(
-        "reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
-        results.get("accuracy"),
-        results["base_accuracy"],
-        calib["mean"],
-        calib["std"],
-    )
-    return out.path

@@ -3,28 +3,28 @@
 Our own loop rather than TRL's SFTTrainer: the loss is normalised by the number of target
 tokens in the WHOLE optimizer step (all micro-batches, all ranks), so 2 ranks x batch b equals
 1 rank x 2b exactly and gradient accumulation does not overweight short batches; the same loop
-resumes from our checkpoints; and nothing hides in a trainer.
+resumes from our checkpoints; and nothing hides in a trainer. The loop, resume, checkpoints and
+the run folder are the stage runner's (rlhf/stages/runner.py); here: data, model, step, eval.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf import checkpoint, data, distributed, models, training
+from rlhf import data, distributed, models, training
 from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
+from rlhf.errors import UserError
 from rlhf.packing import collate_packed, pack_rows
-from rlhf.progress import Progress
-from rlhf.rundir import RunDir
-from rlhf.runtime import make_accelerator, run_info
-from rlhf.signals import Interrupted, StopSignal
-from rlhf.tracking import MetricsLogger
+from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows, rank_batches
 from rlhf.training import n_targets, token_nll_sum
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 def load_datasets(recipe: Any) -> tuple[list, list]:
     cfg = recipe.sft
     if cfg.train is None:
-        from rlhf.errors import UserError
-
         raise UserError(f"{recipe._source}: sft.train: missing required key")
     train = data.load_sft(cfg.train, recipe.data.on_invalid).items
     if cfg.eval is not None:
@@ -42,6 +40,19 @@ def load_datasets(recipe: Any) -> tuple[list, list]:
     else:
         train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
     return train, evals
+
+
+def encode_rows(recipe: Any, tokenizer: Any, items: list) -> list[dict]:
+    """Tokenized conversations with answer tokens inside max_length (labels on answers only;
+    an over-long prompt keeps its end when data.truncate_long_prompts)."""
+    cfg = recipe.sft
+    items = data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)
+    keep_end = recipe.data.truncate_long_prompts
+    rows = [
+        encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss, keep_end)
+        for ex in items
+    ]
+    return [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"])]
 
 
 @torch.no_grad()
@@ -52,75 +63,130 @@ def evaluate(model: torch.nn.Module, loader: list[dict], accelerator: Any) -> di
     wrapped, model = model, accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in loader:  # sharded: same number of batches on every rank (rank_indices)
+
+    @contextmanager
+    def forward() -> Iterator[None]:
         with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        totals[0] += token_nll_sum(logits, batch["labels"]).double()
-        totals[1] += n_targets(batch["labels"]).double()
+            yield
+
+    totals = training.answer_nll(model, loader, forward).to(accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-
-
-def _chunks(rows: list, size: int) -> list[list]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    got = training.perplexity(totals[0].item(), totals[1].item())
+    return {"eval/loss": got["loss"], "eval/perplexity": got["perplexity"]}
 
 
 def run(recipe: Any, resume: bool = False) -> Path:
     cfg = recipe.sft
-    accelerator = make_accelerator(recipe, gradient_accumulation_steps=cfg.grad_accum)
-    out = RunDir(recipe.stage_dir("sft"), "sft", recipe, accelerator.is_main_process, {})
-
+    stage = StageRun(recipe, "sft", grad_accum=cfg.grad_accum)
+    accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
-    tokenizer = models.load_tokenizer(
+    tokenizer = load_tokenizer(recipe)
+    train_items, eval_items = load_datasets(recipe)
+    train_rows = encode_rows(recipe, tokenizer, train_items)
+    eval_rows = encode_rows(recipe, tokenizer, eval_items)
+    if not train_rows:
+        raise UserError(f"{cfg.train.path}: no example has answer tokens within max_length")
+    collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
+    loader, generator, packed = train_loader(cfg, train_rows, collate, tokenizer, recipe.seed)
+    # --- model
+    model = load_model(recipe, tokenizer)
+    optimizer = training.make_optimizer(model, cfg.optim)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    eval_loader = rank_batches(eval_rows, cfg.batch_size, collate, accelerator)
+    total_steps = cfg.max_steps or math.ceil(math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
+    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    trainable, total = training.trainable_parameters(model)
+    state = stage.begin(
+        resume, scheduler, effective_batch=per_step, train_examples=len(train_rows),
+        packed_rows=packed, eval_examples=len(eval_rows), total_steps=total_steps,
+        trainable_parameters=trainable, parameters=total,
+    )  # fmt: skip
+    state = state or {"step": 0, "epoch": 0, "batches_done": 0}
+    log.info("sft: %d train / %d eval conversations, %d steps, effective batch %d",
+             len(train_rows), len(eval_rows), total_steps, per_step)  # fmt: skip
+
+    # --- train: one step is the summed token NLL of a window over its answer tokens
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(model, eval_loader, accelerator) if eval_rows else {}
+
+    def nll(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),  # packing restarts positions
+        ).logits
+        loss = token_nll_sum(logits, batch["labels"])
+        return loss, loss.detach()
+
+    def summarise(nll_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        return {"train/loss": (nll_sum / tokens.clamp(min=1)).item(), "train/tokens": tokens.item()}
+
+    base_eval = evaluate_now() if state["step"] == 0 else {}
+    stage.log(0, base_eval)
+    windows = Windows(accelerator, loader, generator, recipe.seed, cfg.grad_accum,
+                      state["epoch"], state["batches_done"])  # fmt: skip
+    objective = Objective(lambda b: n_targets(b["labels"]), nll, summarise)
+    step = SupervisedStep(stage, model, optimizer, scheduler, windows, objective,
+                          cfg.optim.max_grad_norm, state["step"])  # fmt: skip
+    model.train()
+    stage.loop(state["step"], total_steps, step, lambda n: {"step": n, **windows.position},
+               scheduler, Cadence(cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last),
+               evaluate_now, shown={"loss": "train/loss"})  # fmt: skip
+
+    # --- evaluate and save
+    final_eval = evaluate_now()
+    stage.log(total_steps, final_eval)
+    results = {
+        "base_perplexity": base_eval.get("eval/perplexity"),
+        "perplexity": final_eval.get("eval/perplexity"),
+        "eval_loss": final_eval.get("eval/loss"),
+        "steps": total_steps,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "skipped_batches": stage.guard.skipped,
+    }
+    card = ("SFT model", f"Supervised fine-tuning, {total_steps} steps. Held-out perplexity "
+            f"{results['base_perplexity']} (base) -> {results['perplexity']} (this model).")  # fmt: skip
+    path = stage.finish(results, model, tokenizer, card, cfg.merge_lora)
+    log.info("sft: perplexity %.3f (base %.3f)", results["perplexity"] or math.nan,
+             results["base_perplexity"] or math.nan)  # fmt: skip
+    return path
+
+
+def collate_rows(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    ids, labels = [r["input_ids"] for r in rows], [r["labels"] for r in rows]
+    return pad_batch(ids, pad_id, "right", labels)
+
+
+def train_loader(
+    cfg: Any, rows: list[dict], collate: Any, tokenizer: Any, seed: int
+) -> tuple[DataLoader, torch.Generator, int | None]:
+    """(shuffled loader, its generator, number of packed rows or None). With packing,
+    batch_size counts packed rows of up to max_length tokens."""
+    if cfg.packing:
+        rows = pack_rows(rows, cfg.max_length)
+        collate = partial(collate_packed, pad_id=tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(rows, cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    return loader, generator, len(rows) if cfg.packing else None
+
+
+def load_tokenizer(recipe: Any) -> Any:
+    """The tokenizer (with the recipe's chat template) of the model SFT starts from."""
+    cfg = recipe.sft
+    return models.load_tokenizer(
         cfg.init_from or recipe.model.name,
         recipe.model.chat_template,
         recipe.model.trust_remote_code,
         revision=None if cfg.init_from else recipe.model.revision,
     )
-    train_items, eval_items = load_datasets(recipe)
-    train_items = data.fit_prompts(train_items, tokenizer, cfg.max_length, recipe.data)
-    eval_items = data.fit_prompts(eval_items, tokenizer, cfg.max_length, recipe.data)
-    keep_end = recipe.data.truncate_long_prompts  # over-long: keep the answer, drop the start
 
-    def encode(ex: Any) -> dict[str, list[int]]:
-        return encode_sft(tokenizer, ex.messages, cfg.max_length, cfg.assistant_only_loss, keep_end)
 
-    train_rows = [
-        r for r in map(encode, train_items) if any(t != IGNORE_INDEX for t in r["labels"])
-    ]
-    eval_rows = [r for r in map(encode, eval_items) if any(t != IGNORE_INDEX for t in r["labels"])]
-    if not train_rows:
-        from rlhf.errors import UserError
-
-        raise UserError(f"{cfg.train.path}: no example has answer tokens within max_length")
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(
-            [r["input_ids"] for r in rows],
-            tokenizer.pad_token_id,
-            "right",
-            [r["labels"] for r in rows],
-        )
-
-    train_data, train_collate = train_rows, collate
-    if cfg.packing:  # batch_size then counts packed rows of up to max_length tokens
-        train_data = pack_rows(train_rows, cfg.max_length)
-        train_collate = lambda bins: collate_packed(bins, tokenizer.pad_token_id)  # noqa: E731
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train_loader = DataLoader(
-        train_data,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        collate_fn=train_collate,
-        generator=generator,
-    )
-
-    # --- model
+def load_model(recipe: Any, tokenizer: Any) -> torch.nn.Module:
+    """The model to fine-tune (sft.init_from or the recipe's), with LoRA / checkpointing."""
+    cfg = recipe.sft
     model = models.load_causal_lm(
         cfg.init_from or recipe.model.name,
         num_hidden_layers=recipe.model.num_hidden_layers,
@@ -129,161 +195,4 @@ def run(recipe: Any, resume: bool = False) -> Path:
         attn_implementation=recipe.model.attn_implementation,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
-    optimizer = training.make_optimizer(model, cfg.optim)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    # Eval rows are split by rank without padding (a prepared loader would repeat rows to even
-    # out the ranks and count them twice); the sums are reduced across ranks.
-    eval_loader = [
-        {k: v.to(accelerator.device) for k, v in collate(chunk).items()}
-        for chunk in _chunks(
-            [eval_rows[i] for i in distributed.rank_indices(len(eval_rows), accelerator)],
-            cfg.batch_size,
-        )
-    ]
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
-    world = accelerator.num_processes
-    trainable, total = training.trainable_parameters(model)
-    out.info.update(
-        run_info(accelerator),
-        effective_batch=cfg.batch_size * cfg.grad_accum * world,
-        train_examples=len(train_rows),
-        packed_rows=len(train_data) if cfg.packing else None,
-        eval_examples=len(eval_rows),
-        total_steps=total_steps,
-        trainable_parameters=trainable,
-        parameters=total,
-    )
-
-    step, epoch, batches_done = 0, 0, 0
-    ckpt = checkpoint.latest_checkpoint(out.checkpoints) if resume else None
-    out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
-    if ckpt is not None:
-        state = checkpoint.load_checkpoint(accelerator, ckpt, scheduler)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        log.info("resumed from %s (step %d)", ckpt, step)
-    logger = MetricsLogger(out.path, "sft", recipe, accelerator)
-    log.info(
-        "sft: %d train / %d eval conversations, %d steps, effective batch %d (%d x %d x %d ranks)",
-        len(train_rows),
-        len(eval_rows),
-        total_steps,
-        cfg.batch_size * cfg.grad_accum * world,
-        cfg.batch_size,
-        cfg.grad_accum,
-        world,
-    )
-
-    base_eval = evaluate(model, eval_loader, accelerator) if eval_rows and step == 0 else {}
-    if base_eval:
-        logger.log(0, base_eval)
-    guard = training.NonFiniteGuard(recipe.numerics.on_nonfinite, recipe.numerics.max_consecutive)
-    stop = StopSignal().install()
-    progress = Progress("sft", total_steps, step, enabled=accelerator.is_main_process)
-    model.train()
-    t_last = time.time()
-    while step < total_steps:
-        generator.manual_seed(recipe.seed + epoch)  # epoch e always sees the same order
-        batches = iter(
-            accelerator.skip_first_batches(train_loader, batches_done)
-            if batches_done
-            else train_loader
-        )
-        while step < total_steps:
-            group = [b for _, b in zip(range(cfg.grad_accum), batches)]
-            if not group:
-                break
-            batches_done += len(group)
-            # Normalise by the target tokens of the whole optimizer step across all ranks.
-            step_tokens = accelerator.reduce(sum(n_targets(b["labels"]) for b in group), "sum")
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for batch in training.accumulation_window(accelerator, group):
-                with accelerator.accumulate(model), accelerator.autocast():
-                    logits = model(
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"],
-                        position_ids=batch.get("position_ids"),  # packing restarts positions
-                    ).logits
-                    nll = token_nll_sum(logits, batch["labels"])
-                    # accelerate divides by grad_accum and DDP averages over ranks: undo both.
-                    loss = nll * world * cfg.grad_accum / step_tokens.clamp(min=1)
-                    accelerator.backward(loss)
-                    grad_norm = training.step_if_finite(
-                        accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
-                    )
-                loss_sum += nll.detach()
-            scheduler.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                global_loss = accelerator.reduce(loss_sum, "sum") / step_tokens.clamp(min=1)
-                now = time.time()
-                metrics = {
-                    "train/loss": global_loss.item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "train/tokens": step_tokens.item(),
-                    "epoch": epoch + batches_done / max(1, len(train_loader)),
-                    "timing/step": (now - t_last) / cfg.log_every,
-                    "train/skipped_batches": guard.skipped,
-                }
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                logger.log(step, metrics)
-                t_last = now
-                progress.note(loss=metrics["train/loss"])
-            progress.update(step)
-            if eval_rows and step % cfg.eval_every == 0 and step < total_steps:
-                logger.log(step, evaluate(model, eval_loader, accelerator))
-            signum = stop.requested(accelerator)
-            if (cfg.save_every and step % cfg.save_every == 0 or signum) and step < total_steps:
-                saved = checkpoint.save_checkpoint(
-                    accelerator,
-                    out.checkpoints,
-                    step,
-                    {"step": step, "epoch": epoch, "batches_done": batches_done},
-                    scheduler,
-                    cfg.keep_last,
-                )
-                if signum:
-                    stop.restore()
-                    raise Interrupted(signum, saved)
-        if step < total_steps:
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
-    stop.restore()
-
-    final_eval = evaluate(model, eval_loader, accelerator) if eval_rows else {}
-    if final_eval:
-        logger.log(step, final_eval)
-    results = {
-        "base_perplexity": base_eval.get("eval/perplexity"),
-        "perplexity": final_eval.get("eval/perplexity"),
-        "eval_loss": final_eval.get("eval/loss"),
-        "steps": step,
-        "train_examples": len(train_rows),
-        "eval_examples": len(eval_rows),
-        "skipped_batches": guard.skipped,
-    }
-    accelerator.wait_for_everyone()
-    full = distributed.full_state_dict(accelerator, model)  # every rank: a collective if sharded
-    if accelerator.is_main_process:
-        card = training.model_card(
-            "SFT model",
-            recipe,
-            f"Supervised fine-tuning, {step} steps. Held-out perplexity "
-            f"{results['base_perplexity']} (base) -> {results['perplexity']} (this model).",
-        )
-        with out.staging(out.model_dir) as tmp:
-            training.save_model(
-                accelerator.unwrap_model(model), tokenizer, tmp, cfg.merge_lora, card, full
-            )
-    logger.close()
-    out.finish(results)
-    accelerator.wait_for_everyone()
-    log.info(
-        "sft: perplexity %.3f (base %.3f)",
-        results["perplexity"] or float("nan"),
-        results["base_perplexity"] or float("nan"),
-    )
-    return out.path
+    return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")

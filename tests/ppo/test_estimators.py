@@ -12,7 +12,7 @@ from rlhf.errors import UserError
 from rlhf.ppo import FixedKLController, aggregate_loss, group_advantages, rloo_advantages
 from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.advantages import compute_advantages
-from rlhf.ppo.iteration import ppo_iteration
+from rlhf.ppo.iteration import PPOContext, ppo_iteration
 from rlhf.recipe import PPOConfig, Recipe, load_recipe
 from rlhf.runtime import make_accelerator
 from rlhf.training import make_optimizer
@@ -173,21 +173,9 @@ def _setup(cfg, with_values):
 def _iterate(setup, cfg, tok, it, prompt_ids, **kw):
     accelerator, model, reference, optimizer, kl_ctl = setup
     torch.manual_seed(it)
-    return ppo_iteration(
-        model,
-        reference,
-        optimizer,
-        None,
-        accelerator,
-        tok,
-        prompt_ids,
-        torch.ones_like(prompt_ids),
-        programmatic_score,
-        kl_ctl,
-        cfg,
-        torch.Generator().manual_seed(it),
-        **kw,
-    )[1]
+    ctx = PPOContext(model, reference, optimizer, None, accelerator, tok, kl_ctl, cfg)
+    batch = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+    return ppo_iteration(ctx, batch, programmatic_score, torch.Generator().manual_seed(it), **kw)[1]
 
 
 def _run(cfg, tok, iterations, with_values):

@@ -5,10 +5,11 @@ import torch
 from rlhf import models
 from rlhf.ppo import AdaptiveKLController, FixedKLController
 from rlhf.ppo.actor_critic import ActorCritic
-from rlhf.ppo.iteration import ppo_iteration
-from rlhf.ppo.rollout import generate, response_mask
+from rlhf.ppo.iteration import PPOContext, ppo_iteration
+from rlhf.ppo.rollout import sample_rollout
 from rlhf.recipe import LoraConfig, PPOConfig, Recipe
 from rlhf.runtime import make_accelerator
+from rlhf.sequences import response_mask
 from rlhf.training import make_optimizer
 from tests.ppo.tiny_policy import programmatic_score, small_vocab_policy
 
@@ -36,7 +37,7 @@ def test_generate_masks_and_pads_after_eos(tiny_model_dir):
             return torch.cat([input_ids, sampled], dim=1)
 
     prompt = torch.full((3, 5), 100)
-    roll = generate(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
+    roll = sample_rollout(Scripted(), prompt, torch.ones_like(prompt), PPOConfig(), tok)
     assert roll.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert roll.ended_with_eos.tolist() == [True, False, True]
     assert roll.response_ids.tolist() == [
@@ -89,23 +90,13 @@ def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = FixedKLController(cfg.kl_coef)
     prompt_ids = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(0))
-    prompt_mask = torch.ones_like(prompt_ids)
+    batch = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
+    ctx = PPOContext(model, reference, optimizer, None, accelerator, tok, kl_ctl, cfg)
     scores, kls = [], []
     for it in range(20):
         torch.manual_seed(it)
         roll, metrics = ppo_iteration(
-            model,
-            reference,
-            optimizer,
-            None,
-            accelerator,
-            tok,
-            prompt_ids,
-            prompt_mask,
-            programmatic_score,
-            kl_ctl,
-            cfg,
-            torch.Generator().manual_seed(it),
+            ctx, batch, programmatic_score, torch.Generator().manual_seed(it)
         )
         scores.append(metrics["objective/score"])
         kls.append(metrics["objective/kl"])

@@ -7,8 +7,9 @@ import torch
 
 from rlhf import models
 from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
-from rlhf.ppo.rollout import generate, response_slice, score_with_models
+from rlhf.ppo.rollout import sample_rollout, score_with_models
 from rlhf.recipe import LoraConfig, PPOConfig
+from rlhf.sequences import response_slice
 
 
 def _left_padded(vocab: int, rows: int = 3, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,10 +74,10 @@ def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir):
     cfg = PPOConfig(max_new_tokens=6, temperature=0.7)
     ids, mask = _left_padded(1000)
     torch.manual_seed(0)
-    kept = generate(ac.policy, ids, mask, cfg, tok, keep=True)
+    kept = sample_rollout(ac.policy, ids, mask, cfg, tok, keep_sampling_outputs=True)
     assert kept.sampling_logits.shape[:2] == kept.response_ids.shape
     torch.manual_seed(0)
-    fresh = generate(ac.policy, ids, mask, cfg, tok)
+    fresh = sample_rollout(ac.policy, ids, mask, cfg, tok)
     assert torch.equal(kept.response_ids, fresh.response_ids) and fresh.sampling_logits is None
     score_with_models(kept, ac, None, cfg.temperature, contextlib.nullcontext)
     score_with_models(fresh, ac, None, cfg.temperature, contextlib.nullcontext)

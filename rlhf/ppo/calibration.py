@@ -1,0 +1,60 @@
+"""The score's calibration on what the SFT policy writes, measured before iteration 1.
+
+The reward stage measures its mean / std on human-written responses; normalising by those
+leaves the SFT policy's own score off centre. Here the reference (SFT) policy answers the
+first `calibration_prompts` of a seeded shuffle of the training prompts, sampled as the
+rollouts are (Ziegler et al. 2019 normalise the reward on samples of the initial policy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rlhf import distributed
+from rlhf.policy_eval import generate_reference
+from rlhf.ppo.actor_critic import ActorCritic, eval_mode
+from rlhf.ppo.prompts import Prompts
+
+
+@torch.no_grad()
+def sft_calibration(
+    model: ActorCritic,
+    reference: torch.nn.Module | None,
+    sources: Any,
+    tokenizer: Any,
+    prompts: Prompts,
+    recipe: Any,
+    accelerator: Any,
+) -> dict[str, Any]:
+    """{"mean", "std", "n", "source"} of the training score (`sources`, uncalibrated) on SFT
+    samples. Every rank gets the same result; a resumed run reads it from its checkpoint."""
+    cfg = recipe.ppo
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(recipe.seed))
+    pool = order[: cfg.calibration_prompts].tolist()
+    mine = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
+    device = accelerator.device
+    torch.manual_seed(recipe.seed + 4242 + accelerator.process_index)
+    scores = []
+    for start in range(0, len(mine), cfg.batch_size):
+        group = prompts.select(mine[start : start + cfg.batch_size])
+        batch = group.padded(tokenizer.pad_token_id, device)
+        with eval_mode(model), accelerator.autocast():
+            roll = generate_reference(
+                model, reference, batch["input_ids"], batch["attention_mask"], cfg, tokenizer
+            )
+        raw, _ = sources(
+            group.messages, roll.texts, group.rows, training=False, finished=roll.ended_with_eos
+        )
+        scores.append(raw.to(device))
+    local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+    every = distributed.gather_evaluated(accelerator, local, len(pool)).double().cpu()
+    std = every.std().item() if len(every) > 1 else 1.0
+    return {
+        "mean": every.mean().item(),
+        "std": std if math.isfinite(std) and std > 0 else 1.0,
+        "n": len(every),
+        "source": "sft_samples",
+    }
