@@ -303,6 +303,13 @@ def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str,
     state = accelerator.get_state_dict(model)  # ZeRO-3: needs zero3_save_16bit_model: true
     if state is None:  # ZeRO-3 consolidates on rank 0 only
         return None
+    # FSDP2's full state dict has a tied parameter (LM head = embeddings) once per name, as
+    # separate tensors, which save_pretrained would write twice (ZeRO-3's has it once): keep
+    # the first name, as the unsharded model's own state dict does.
+    first: dict[int, str] = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            state.pop(name, None)
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

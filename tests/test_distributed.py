@@ -134,21 +134,17 @@ def test_every_stage_runs_on_two_ranks(data):
     assert info["estimator"] == "gae"
 
 
-def test_two_machine_launch_on_localhost_completes_sft(data):
-    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1."""
-    root, paths = data
-    run = root / "sft-2machines"
-    args = _overrides(root, paths)
-    args[0] = f"output_dir={run}"
-    args += ["sft.max_steps=2"]
+def launch_two_machines(launch_args: list[str], cli_args: list[str]) -> None:
+    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1:
+    what `multi-node.yaml` does across machines. `launch_args` choose the engine."""
     port = str(_free_port())
     procs = []
     for machine_rank in (0, 1):
         cmd = [
-            ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2",
+            ACCELERATE, "launch", *launch_args, "--num_machines", "2",
             "--machine_rank", str(machine_rank), "--num_processes", "2",
             "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-            "-m", "rlhf.cli", "sft", "recipes/tiny.yaml", *args,
+            "-m", "rlhf.cli", *cli_args,
         ]  # fmt: skip
         env = {**_env(), "ACCELERATE_USE_CPU": "true"}
         procs.append(
@@ -159,6 +155,15 @@ def test_two_machine_launch_on_localhost_completes_sft(data):
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+
+
+def test_two_machine_launch_on_localhost_completes_sft(data):
+    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1."""
+    root, paths = data
+    run = root / "sft-2machines"
+    args = _overrides(root, paths)
+    args[0] = f"output_dir={run}"
+    launch_two_machines(["--multi_gpu"], ["sft", "recipes/tiny.yaml", *args, "sft.max_steps=2"])
     info = _run_info(run, "sft")
     assert info["world_size"] == 2 and info["local_world_size"] == 1  # one rank per "machine"
     assert (run / "sft" / "COMPLETED").is_file()
