@@ -36,6 +36,29 @@ def _env() -> dict[str, str]:
     return env
 
 
+def stop_launcher(proc: subprocess.Popen) -> None:
+    """End a launcher that ran out of time, with its ranks. subprocess.run's SIGKILL would end
+    the launcher alone: torchrun starts each rank in a session of its own, and the orphans then
+    block in a collective for ever, holding CPU and ports. On SIGTERM torchrun stops them."""
+    proc.terminate()
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def run_launch(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) for a launcher (see stop_launcher)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_launcher(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _launch(module_args: list[str], nproc: int) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", *module_args]
@@ -44,7 +67,7 @@ def _launch(module_args: list[str], nproc: int) -> None:
             ACCELERATE, "launch", "--config_file", CPU_2PROC, "--num_processes", str(nproc),
             "--main_process_port", str(_free_port()), "-m", *module_args,
         ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
+    out = run_launch(cmd, timeout=400, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -152,7 +175,12 @@ def launch_two_machines(launch_args: list[str], cli_args: list[str]) -> None:
                 cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
-    outs = [p.communicate(timeout=400) for p in procs]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            stop_launcher(p)
+        raise
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
 

@@ -10,7 +10,6 @@ launchers (machine_rank 0 and 1).
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.test_distributed import ACCELERATE, _env, _free_port, launch_two_machines
+from tests.test_distributed import ACCELERATE, _env, _free_port, launch_two_machines, run_launch
 from tests.test_pipeline import _overrides, _write_data
 
 pytestmark = pytest.mark.multiprocess
@@ -39,9 +38,7 @@ def _run_worker(out: Path, config: str | None) -> tuple[dict, dict]:
             ACCELERATE, "launch", "--config_file", config, "--main_process_port",
             str(_free_port()), "-m", "tests.dist_sharded", str(out),
         ]  # fmt: skip
-    done = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=_env(), check=False
-    )
+    done = run_launch(cmd, timeout=400, cwd=REPO, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
@@ -103,14 +100,14 @@ def _stage(config: str, stage: str, args: list[str]) -> str:
         ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(_free_port()),
         "-m", "rlhf.cli", stage, "recipes/tiny.yaml", *args,
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    done = run_launch(cmd, timeout=600, cwd=REPO, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 
 
 def _dpo_one_rank(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "rlhf.cli", "dpo", "recipes/tiny.yaml", *args]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    done = run_launch(cmd, timeout=600, cwd=REPO, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
 
