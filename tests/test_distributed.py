@@ -157,7 +157,7 @@ def test_every_stage_runs_on_two_ranks(data):
     assert info["estimator"] == "gae"
 
 
-def launch_two_machines(launch_args: list[str], cli_args: list[str]) -> None:
+def launch_two_machines(launch_args: list[str], cli_args: list[str], timeout: int = 400) -> None:
     """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1:
     what `multi-node.yaml` does across machines. `launch_args` choose the engine."""
     port = str(_free_port())
@@ -176,7 +176,7 @@ def launch_two_machines(launch_args: list[str], cli_args: list[str]) -> None:
             )
         )
     try:
-        outs = [p.communicate(timeout=400) for p in procs]
+        outs = [p.communicate(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             stop_launcher(p)

@@ -191,13 +191,14 @@ def test_two_machine_launch_on_localhost_under_fsdp2(tmp_path):
     run = tmp_path / "run"
     args = _overrides(tmp_path, _write_data(tmp_path))
     args[0] = f"output_dir={run}"
-    sft = ["sft", "recipes/tiny.yaml", *args, "sft.max_steps=2", "sft.save_every=2"]
-    launch_two_machines(["--config_file", ENGINES["fsdp2"][0]], sft)
+    sft = ["sft", "recipes/tiny.yaml", *args, "sft.max_steps=2", "sft.save_every=1"]
+    launch_two_machines(["--config_file", ENGINES["fsdp2"][0]], sft, timeout=600)
     info = json.loads((run / "sft" / "run.json").read_text())
     assert info["world_size"] == 2 and info["local_world_size"] == 1  # one rank per "machine"
     assert info["distributed_type"] == "DistributedType.FSDP"
-    # The rank of machine 1 wrote its own shard of the sharded checkpoint.
-    shard = run / "sft" / "checkpoints" / "step-000002" / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    # The rank of machine 1 wrote its own shard of the sharded checkpoint (step 1: the last
+    # step saves the model, not a checkpoint).
+    shard = run / "sft" / "checkpoints" / "step-000001" / "pytorch_model_fsdp_0" / "__1_0.distcp"
     assert shard.is_file() and (run / "sft" / "COMPLETED").is_file()
     model = AutoModelForCausalLM.from_pretrained(run / "sft" / "model")  # gathered, full
     assert sum(p.numel() for p in model.parameters()) == info["parameters"]
