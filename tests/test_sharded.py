@@ -111,7 +111,7 @@ def _dpo_one_rank(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.slow  # ~150 s (FSDP2) / ~250 s (ZeRO-3) on 2 shared cores: 5 launches + 1 process
+@pytest.mark.slow  # 5 launches + 1 process: 586 s (FSDP2) on 2 cores shared with other jobs
 @pytest.mark.parametrize(
     "engine",
     [
