@@ -134,6 +134,38 @@ def use_fsdp_on_cpu_ranks() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
+def deepspeed_requested() -> bool:
+    """The launcher asked for DeepSpeed (`distributed_type: DEEPSPEED`)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def state_for_trainer_on_cpu_ranks() -> bool:
+    """Build, for a transformers Trainer (DPO), the process state `runtime.make_accelerator`
+    gets on CPU ranks launched with FSDP or DeepSpeed; True: the Trainer must adopt it
+    (`accelerator_config={"use_configured_state": True}`).
+
+    With `use_cpu=True` the Trainer builds `PartialState(cpu=True)`, which is MULTI_CPU: the
+    FSDP or DeepSpeed config is then dropped without a word and each rank trains a full DDP
+    copy (run.json: MULTI_CPU). Without `use_cpu` it would reject bf16 on a machine without
+    CUDA. So the gloo group is built here as for our own loops: labelled for FSDP
+    (`use_fsdp_on_cpu_ranks`), or with cpu=False for DeepSpeed, which then picks its CPU
+    accelerator. The Trainer's Accelerator reads the FSDP / DeepSpeed plugin from the launch.
+    """
+    import torch
+
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if fsdp_requested():
+        use_fsdp_on_cpu_ranks()
+        return True
+    if deepspeed_requested():
+        from accelerate import PartialState
+
+        PartialState(cpu=False, backend="gloo")
+        return True
+    return False
+
+
 def writable(accelerator: Any, params: list[Any]) -> Any:
     """Context in which in-place writes to `params` (of a prepared model) reach every shard.
 
@@ -189,6 +221,15 @@ def parameters_on_rank(model: Any) -> tuple[int, int]:
     """(elements this rank holds, elements of the whole model): how much sharding saved."""
     params = list(model.parameters())
     return sum(map(local_numel, params)), sum(map(full_numel, params))
+
+
+def parameters_per_rank(accelerator: Any, model: Any) -> list[int]:
+    """Elements of `model` each rank holds, gathered to every rank (a collective: every rank
+    calls it). Sharded: about total / world each; DDP or a plain copy: the total on each."""
+    import torch
+
+    held = torch.tensor([parameters_on_rank(model)[0]], device=accelerator.device)
+    return [int(x) for x in accelerator.gather(held).tolist()]
 
 
 def rank_indices(n: int, accelerator: Any) -> list[int]:
@@ -262,6 +303,13 @@ def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str,
     state = accelerator.get_state_dict(model)  # ZeRO-3: needs zero3_save_16bit_model: true
     if state is None:  # ZeRO-3 consolidates on rank 0 only
         return None
+    # FSDP2's full state dict has a tied parameter (LM head = embeddings) once per name, as
+    # separate tensors, which save_pretrained would write twice (ZeRO-3's has it once): keep
+    # the first name, as the unsharded model's own state dict does.
+    first: dict[int, str] = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            state.pop(name, None)
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

@@ -56,7 +56,7 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else []
     # accelerate honours ACCELERATE_USE_DEEPSPEED only with cpu=False (cpu=True would silently
     # run plain DDP); DeepSpeed then picks its own CPU accelerator and the gloo group above.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = distributed.deepspeed_requested()
     if on_cpu and launched and distributed.fsdp_requested():
         distributed.use_fsdp_on_cpu_ranks()
     accelerator = Accelerator(

@@ -36,6 +36,29 @@ def _env() -> dict[str, str]:
     return env
 
 
+def stop_launcher(proc: subprocess.Popen) -> None:
+    """End a launcher that ran out of time, with its ranks. subprocess.run's SIGKILL would end
+    the launcher alone: torchrun starts each rank in a session of its own, and the orphans then
+    block in a collective for ever, holding CPU and ports. On SIGTERM torchrun stops them."""
+    proc.terminate()
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def run_launch(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) for a launcher (see stop_launcher)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_launcher(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _launch(module_args: list[str], nproc: int) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", *module_args]
@@ -44,7 +67,7 @@ def _launch(module_args: list[str], nproc: int) -> None:
             ACCELERATE, "launch", "--config_file", CPU_2PROC, "--num_processes", str(nproc),
             "--main_process_port", str(_free_port()), "-m", *module_args,
         ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env())
+    out = run_launch(cmd, timeout=400, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -134,21 +157,17 @@ def test_every_stage_runs_on_two_ranks(data):
     assert info["estimator"] == "gae"
 
 
-def test_two_machine_launch_on_localhost_completes_sft(data):
-    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1."""
-    root, paths = data
-    run = root / "sft-2machines"
-    args = _overrides(root, paths)
-    args[0] = f"output_dir={run}"
-    args += ["sft.max_steps=2"]
+def launch_two_machines(launch_args: list[str], cli_args: list[str], timeout: int = 400) -> None:
+    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1:
+    what `multi-node.yaml` does across machines. `launch_args` choose the engine."""
     port = str(_free_port())
     procs = []
     for machine_rank in (0, 1):
         cmd = [
-            ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2",
+            ACCELERATE, "launch", *launch_args, "--num_machines", "2",
             "--machine_rank", str(machine_rank), "--num_processes", "2",
             "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-            "-m", "rlhf.cli", "sft", "recipes/tiny.yaml", *args,
+            "-m", "rlhf.cli", *cli_args,
         ]  # fmt: skip
         env = {**_env(), "ACCELERATE_USE_CPU": "true"}
         procs.append(
@@ -156,9 +175,23 @@ def test_two_machine_launch_on_localhost_completes_sft(data):
                 cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
-    outs = [p.communicate(timeout=400) for p in procs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            stop_launcher(p)
+        raise
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+
+
+def test_two_machine_launch_on_localhost_completes_sft(data):
+    """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1."""
+    root, paths = data
+    run = root / "sft-2machines"
+    args = _overrides(root, paths)
+    args[0] = f"output_dir={run}"
+    launch_two_machines(["--multi_gpu"], ["sft", "recipes/tiny.yaml", *args, "sft.max_steps=2"])
     info = _run_info(run, "sft")
     assert info["world_size"] == 2 and info["local_world_size"] == 1  # one rank per "machine"
     assert (run / "sft" / "COMPLETED").is_file()

@@ -103,6 +103,11 @@ class ContractCallback(TrainerCallback):
         self.checkpoints = checkpoints
         self.accelerator: Any = None  # the trainer's, set once it exists
         self.signum: int | None = None
+        self.policy_per_rank: list[int] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+        # The Trainer prepares (shards) the policy inside train(), just before this call.
+        self.policy_per_rank = distributed.parameters_per_rank(self.accelerator, model)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any):
         metrics = pref.contract_metrics(logs or {})
@@ -192,18 +197,22 @@ def generation_eval(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) ->
     reference = None  # LoRA: the policy with its adapter off, as TRL's reference is
     if trainer.ref_model is not None:
         reference = accelerator.unwrap_model(trainer.ref_model)
-    return policy_eval.evaluate_policy(
-        ActorCritic(policy, with_values=False),
-        reference,
-        None,  # no training score: every reward model is a judge here
-        tokenizer,
-        prompts,
-        recipe,
-        accelerator,
-        lambda model_dir: policy_eval.reward_model_scorer(model_dir, recipe, accelerator),
-        label="dpo",
-        judge_entries=judge_entries(recipe),
-    )
+    # FSDP2: the root's own parameters (embeddings, LM head) stay gathered for the whole
+    # generation, not once per token; ZeRO-3's hooks gather layer by layer by themselves. A
+    # reference TRL sharded gathers itself in each forward. Every rank generates in step.
+    with distributed.gathered_for_generation(accelerator, trainer.model_wrapped):
+        return policy_eval.evaluate_policy(
+            ActorCritic(policy, with_values=False),
+            reference,
+            None,  # no training score: every reward model is a judge here
+            tokenizer,
+            prompts,
+            recipe,
+            accelerator,
+            lambda model_dir: policy_eval.reward_model_scorer(model_dir, recipe, accelerator),
+            label="dpo",
+            judge_entries=judge_entries(recipe),
+        )
 
 
 def evaluate_policy(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) -> dict[str, Any]:
@@ -238,7 +247,11 @@ def dpo_config(recipe: Any, checkpoints: Path, has_eval: bool) -> Any:
     cfg, optim = recipe.dpo, recipe.dpo.optim
     on_cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # FSDP / ZeRO-3 on CPU ranks: the Trainer adopts the state built here (else it silently
+    # trains DDP copies; rlhf/distributed.py).
+    configured = distributed.state_for_trainer_on_cpu_ranks()
     return DPOConfig(
+        accelerator_config={"use_configured_state": True} if configured else None,
         output_dir=str(checkpoints),
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -346,6 +359,13 @@ def run(recipe: Any, resume: bool = False) -> Path:
         loss_type=cfg.loss_type,
         beta=cfg.beta,
         reference="adapter disabled (LoRA)" if cfg.lora.enabled else "frozen copy of init_from",
+        # Under FSDP / ZeRO-3 TRL shards the frozen reference like the policy (PPO keeps full
+        # copies instead): the elements each rank holds, gathered (a collective).
+        reference_parameters_per_rank=(
+            distributed.parameters_per_rank(accelerator, trainer.ref_model)
+            if trainer.ref_model is not None
+            else None
+        ),
         effective_batch_pairs=cfg.batch_size * cfg.grad_accum * world,
         train_rankings=len(train_items),
         train_pairs=len(train_rows),
@@ -394,6 +414,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     if "preference" in results:
         logger.log(step, {f"eval/preference/{k}": v for k, v in results["preference"].items()})
     out.info["total_steps"] = step
+    out.info["parameters_per_rank"] = contract.policy_per_rank  # sharded: about total / world
     accelerator.wait_for_everyone()
     full = distributed.full_state_dict(accelerator, trainer.model_wrapped)  # every rank
     if is_main:
