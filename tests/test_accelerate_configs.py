@@ -245,9 +245,15 @@ def test_rank_indices_disjoint_without_sharding_and_even_with_it():
 def test_full_state_dict_none_without_sharding_and_prefix_selected_with_it():
     assert distributed.full_state_dict(_fake("MULTI_GPU"), object()) is None
     acc = _fake("DEEPSPEED", zero_stage=3)
+    module = torch.nn.Module()  # what unwrap_model returns: a policy with a tied weight
+    module.policy = torch.nn.Module()
+    module.policy.w = torch.nn.Parameter(torch.ones(1))
+    module.policy.tied = module.policy.w  # as an LM head tied to the embeddings
+    acc.unwrap_model = lambda model: module
     full = {"policy.w": torch.ones(1), "policy.b": torch.zeros(1), "value_head.w": torch.ones(1)}
     calls = []
-    acc.get_state_dict = lambda model: calls.append(model) or dict(full)
+    # FSDP2's gathered state lists a tied weight under both names: saved once, first name kept
+    acc.get_state_dict = lambda model: calls.append(model) or {**full, "policy.tied": torch.ones(1)}
     assert distributed.full_state_dict(acc, "engine") == full
     assert set(distributed.full_state_dict(acc, "engine", prefix="policy.")) == {"w", "b"}
     assert calls == ["engine", "engine"]  # the prepared model, on every call (a collective)

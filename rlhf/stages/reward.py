@@ -261,11 +261,17 @@ def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, 
     cfg = recipe.reward
     train_items, eval_items, extra_items = load_datasets(recipe)
 
+    def fit(items: list) -> list:
+        return data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)
+
     def encode(items: list) -> list[dict]:
-        items = data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)
         rows = [rm.encode_ranking(tokenizer, r, cfg.max_length) for r in items]
         return [r for r in rows if r["pairs"]]
 
+    # Every set's length check first: an over-long prompt is named by its file and line even
+    # when it landed in the held-out split and left the training set empty.
+    train_items, eval_items = fit(train_items), fit(eval_items)
+    extra_items = {name: fit(items) for name, items in extra_items.items()}
     train_rows = encode(train_items)
     if not train_rows:
         raise UserError(f"{cfg.train.path}: no ranking with at least one pair")
