@@ -58,10 +58,17 @@ def _afinn() -> Any:
     return Afinn()
 
 
-def sentiment(prompts: list, responses: list[str], rows: list[dict], **_: Any) -> list[float]:
-    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0)."""
+def sentiment(
+    prompts: list, responses: list[str], rows: list[dict], cap: float | None = None, **_: Any
+) -> list[float]:
+    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0).
+
+    `cap` clips it from above: a review already that positive earns nothing more, so the
+    policy spends its KL budget turning negative reviews positive rather than making
+    positive ones gush (a saturating reward, cheaper in KL than a linear one)."""
     analyzer = _vader()
-    return [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
+    scores = [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
+    return scores if cap is None else [min(s, cap) for s in scores]
 
 
 def afinn(

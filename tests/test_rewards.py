@@ -79,6 +79,9 @@ def test_sentiment_and_afinn_lexicons():
     a = load_reward_function("afinn")([], [good, bad], [{}, {}])
     assert s[0] > 0.5 and s[1] < 0
     assert a[0] > 0 and a[1] < 0
+    # cap clips from above only: the positive review earns 0.3, the negative keeps its score
+    capped = load_reward_function("sentiment")([], [good, bad], [{}, {}], cap=0.3)
+    assert capped == [0.3, s[1]]
 
 
 def test_distinct_2_by_hand():
