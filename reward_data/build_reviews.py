@@ -5,7 +5,7 @@
 Writes reviews/train.jsonl (240 prompts) and reviews/test.jsonl (60, held out). Each row asks
 the assistant to continue the opening of a review of a film, book, restaurant or product:
 
-    {"prompt": "Continue this film review with one or two sentences.\\n\\nThe plot was thin and",
+    {"prompt": "Continue this film review in one sentence.\\n\\nThe plot was thin and",
      "kind": "film", "lean": "negative"}
 
 The subjects and openings below were written by the rlhf authors. About a third of the
@@ -149,7 +149,7 @@ OPENINGS = {
     ],
 }
 
-INSTRUCTION = "Continue this {kind} review with one or two sentences."
+INSTRUCTION = "Continue this {kind} review in one sentence."
 
 
 def cap(text: str) -> str:
