@@ -46,6 +46,22 @@ def _run_worker(out: Path, config: str | None) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
+def deepspeed_ops() -> None:
+    """DeepSpeed's CPU shared-memory op, built (or found built) once, before any timed launch.
+
+    DeepSpeed compiles it on first use, inside the first ZeRO-3 launch: ~30 s on an idle 2-core
+    machine, but more than that launch's whole timeout at low priority on a busy one (measured:
+    still compiling after 600 s). A launch stopped mid-build also leaves the build's lock file
+    behind, on which every later build waits. The cache (TORCH_EXTENSIONS_DIR) is rebuilt
+    whenever another virtual environment's path built it last."""
+    code = "from deepspeed.accelerator import get_accelerator as a; " + (
+        "a().create_op_builder('ShareMemCommBuilder').load()"
+    )
+    done = run_launch([sys.executable, "-c", code], timeout=1800, cwd=REPO, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     return _run_worker(tmp_path_factory.mktemp("one") / "one.safetensors", None)[0]
 
@@ -62,8 +78,10 @@ def one_rank(tmp_path_factory):
         ),
     ],
 )
-def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(engine, one_rank, tmp_path):
+def test_two_sharded_ranks_equal_one_rank_with_twice_the_batch(engine, one_rank, tmp_path, request):
     config, distributed_type = ENGINES[engine]
+    if engine == "zero3":
+        request.getfixturevalue("deepspeed_ops")
     two, meta = _run_worker(tmp_path / f"{engine}.safetensors", config)
     assert one_rank["world_size"].item() == 1
     assert two["world_size"].item() == 2, "two ranks must really synchronise"
@@ -119,13 +137,15 @@ def _dpo_one_rank(args: list[str]) -> None:
         pytest.param("zero3", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="no deepspeed")),
     ],
 )
-def test_every_stage_and_resume_under_sharding(engine, tmp_path):
+def test_every_stage_and_resume_under_sharding(engine, tmp_path, request):
     """`make sft reward ppo dpo RECIPE=recipes/tiny.yaml ACCELERATE_CONFIG=<engine>-cpu.yaml`,
     plus `--resume` from a sharded step-2 checkpoint ending with the same weights (SFT, and DPO
     through TRL's Trainer), and DPO ending with the weights of one rank with twice the batch."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config, distributed_type = ENGINES[engine]
+    if engine == "zero3":
+        request.getfixturevalue("deepspeed_ops")
     run = tmp_path / "run"
     paths = _write_data(tmp_path)
     args = _overrides(tmp_path, paths)
