@@ -129,7 +129,7 @@ def _dpo_one_rank(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.slow  # 6 launches + 1 process: 586 s (FSDP2, before DPO's resume) on 2 busy cores
+@pytest.mark.slow  # 6 launches + 1 process: 1497 s (ZeRO-3) on 2 cores busy with other jobs
 @pytest.mark.parametrize(
     "engine",
     [
@@ -213,7 +213,7 @@ def test_every_stage_and_resume_under_sharding(engine, tmp_path, request):
     assert moved > 1e-4 and gap < 0.01 * moved, (moved, gap)
 
 
-@pytest.mark.slow  # two launchers of a CLI stage: 589 s on 2 cores shared with other jobs
+@pytest.mark.slow  # two launchers of a CLI stage: 117-616 s on 2 cores busy with other jobs
 def test_two_machine_launch_on_localhost_under_fsdp2(tmp_path):
     """`fsdp2-cpu.yaml` started by two launchers, machine_rank 0 and 1, one rank each,
     rendezvous on 127.0.0.1 (multi-node FSDP2): one sharded group across the launchers."""
