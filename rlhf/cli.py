@@ -41,6 +41,11 @@ def _stage(args: argparse.Namespace) -> int:
 
             mark_failed(recipe.stage_dir(args.command), f"{type(e).__name__}: {e}"[:500])
         raise
+    finally:
+        # Every rank, after the stage's final barrier (or its error): one stage per launch.
+        from rlhf import distributed
+
+        distributed.leave_process_group()
     print(f"{args.command}: done -> {run_dir}")
     return 0
 

@@ -134,6 +134,20 @@ def use_fsdp_on_cpu_ranks() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
+def leave_process_group() -> None:
+    """End this rank's part of the process group; every rank calls it once, after its last
+    collective (the stage's final barrier), before the process exits. A no-op in one process.
+
+    Left to interpreter shutdown, the gloo group's threads can be torn down while joinable
+    ("terminate called without an active exception", SIGABRT) after the peer has closed its
+    sockets: that rank's launcher then fails, and a launcher on another machine waits for it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def deepspeed_requested() -> bool:
     """The launcher asked for DeepSpeed (`distributed_type: DEEPSPEED`)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -75,8 +75,10 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
-        if self.trackers:
-            self.accelerator.end_training()
+        # The trackers only: accelerate's end_training() would also destroy the process group,
+        # before the stage's final barrier (rlhf.distributed.leave_process_group ends it).
+        for tracker in self.accelerator.trackers if self.trackers else []:
+            tracker.finish()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from rlhf import distributed
 from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.update import ppo_update
@@ -91,6 +92,7 @@ def main(out: str) -> None:
         tensors["world_size"] = torch.tensor(world)
         save_file(tensors, out)
     accelerator.wait_for_everyone()
+    distributed.leave_process_group()  # every rank, before exit (see its docstring)
 
 
 if __name__ == "__main__":

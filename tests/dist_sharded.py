@@ -119,10 +119,7 @@ def main(out: str) -> None:
         }
         save_file(tensors, out, metadata=meta)
     accelerator.wait_for_everyone()
-    # Tear the gloo group down before exit: left to interpreter shutdown, its threads can be
-    # destroyed while joinable ("terminate called without an active exception", SIGABRT).
-    if torch.distributed.is_initialized():  # a 1-rank run has no group
-        torch.distributed.destroy_process_group()
+    distributed.leave_process_group()  # every rank, before exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,30 +160,38 @@ def test_every_stage_runs_on_two_ranks(data):
 
 def launch_two_machines(launch_args: list[str], cli_args: list[str], timeout: int = 400) -> None:
     """Two launcher processes, machine_rank 0 and 1, one rank each, rendezvous on 127.0.0.1:
-    what `multi-node.yaml` does across machines. `launch_args` choose the engine."""
+    what `multi-node.yaml` does across machines. `launch_args` choose the engine.
+
+    Each launcher writes to files, not pipes: waiting on launcher 0 while launcher 1's pipe
+    fills up (64 KiB) would block its rank in a write, and launcher 0's rank in a collective."""
     port = str(_free_port())
-    procs = []
-    for machine_rank in (0, 1):
-        cmd = [
-            ACCELERATE, "launch", *launch_args, "--num_machines", "2",
-            "--machine_rank", str(machine_rank), "--num_processes", "2",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-            "-m", "rlhf.cli", *cli_args,
-        ]  # fmt: skip
-        env = {**_env(), "ACCELERATE_USE_CPU": "true"}
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            stop_launcher(p)
-        raise
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    env = {**_env(), "ACCELERATE_USE_CPU": "true"}
+    with tempfile.TemporaryDirectory() as logs:
+        procs, errs = [], []
+        for machine_rank in (0, 1):
+            cmd = [
+                ACCELERATE, "launch", *launch_args, "--num_machines", "2",
+                "--machine_rank", str(machine_rank), "--num_processes", "2",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                "-m", "rlhf.cli", *cli_args,
+            ]  # fmt: skip
+            err = Path(logs) / f"machine-{machine_rank}.err"
+            with open(err, "w") as f:
+                procs.append(
+                    subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=f, text=True)
+                )
+            errs.append(err)
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                stop_launcher(p)
+            raise
+        # Both launchers' ends: a rank that left early shows in the other's error.
+        tails = [f"machine_rank {r}, exit {p.returncode}:\n{e.read_text()[-3000:]}"
+                 for r, (p, e) in enumerate(zip(procs, errs))]  # fmt: skip
+        assert all(p.returncode == 0 for p in procs), "\n".join(tails)
 
 
 def test_two_machine_launch_on_localhost_completes_sft(data):
