@@ -1,6 +1,6 @@
 """What the workers share: the work spec, phase timing by wrapping callables, result files.
 
-Standard library + torch only (and rlhf.sequences, which is torch only): this module is
+Standard library + torch only (and rlhf.tokens.sequences, which is torch only): this module is
 imported inside bench/.venv-trl too.
 """
 
@@ -122,7 +122,7 @@ def phase_sum(events: list[tuple[str, float, float]], name: str) -> float:
 def count_response_tokens(response_ids: Any, eos_id: int) -> int:
     """Tokens up to and including the first EOS per row (what both PPOs train on): the
     project's own EOS cut, which needs only torch."""
-    from rlhf.sequences import response_mask
+    from rlhf.tokens.sequences import response_mask
 
     return int(response_mask(response_ids, eos_id)[0].sum().item())
 

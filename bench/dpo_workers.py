@@ -8,7 +8,7 @@ a constant learning rate and no weight decay, clip 1.0.
 
   trl:  DPOTrainer, its batch the step's pairs: one policy forward + backward and one
         reference forward over [chosen; rejected], two whole sequences per pair.
-  ours: rlhf.dpo on the reward stage's batching: each ranking's shared prefix once and each of
+  ours: rlhf.roles.preference on the reward stage's batching: each ranking's shared prefix once and each of
         its K responses once per model, every pair indexing those sequence log-probs.
 
 Step times: TRL's from a step callback, ours around the same work (batch, forwards, backward,
@@ -55,9 +55,11 @@ def lora(spec: dict):
 
 
 def run_ours(spec: dict) -> dict:
-    from rlhf import dpo, models, training
-    from rlhf.ppo.actor_critic import disable_dropout
+    from rlhf.infra import training
     from rlhf.recipe import OptimConfig
+    from rlhf.roles import models
+    from rlhf.roles import preference as dpo
+    from rlhf.roles.actor_critic import disable_dropout
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -102,7 +104,8 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
     from datasets import Dataset
 
-    from rlhf import dpo, models
+    from rlhf.roles import models
+    from rlhf.roles import preference as dpo
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]

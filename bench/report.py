@@ -293,7 +293,7 @@ def dpo_markdown(section: dict | None) -> list[str]:
         "?",
     )
     lines = [
-        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf.dpo: the same sigmoid loss on the "
+        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf.roles.preference: the same sigmoid loss on the "
         "reward stage's batching, each ranking's shared prefix once and each response once per "
         f"model), identical work: {st['rankings_per_step']} 4-way rankings per optimizer step "
         f"-> {st['pairs_per_step']} pairs ({st['pairs']}), LoRA r {st['lora_r']} alpha "

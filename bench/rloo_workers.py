@@ -23,14 +23,15 @@ from bench.common import log, step_time_callback, worker_main
 
 
 def run_ours(spec: dict) -> dict:
-    from rlhf import models, training
-    from rlhf.chat import encode_prompt, pad_batch
-    from rlhf.ppo.actor_critic import ActorCritic, disable_dropout
-    from rlhf.ppo.core import FixedKLController
+    from rlhf.algo.ppo import FixedKLController
+    from rlhf.infra import training
+    from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
     from rlhf.ppo.iteration import PPOContext, ppo_iteration
     from rlhf.ppo.rollout import reward_scores
     from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
-    from rlhf.runtime import frozen_weight_dtype, make_accelerator
+    from rlhf.roles import models
+    from rlhf.roles.actor_critic import ActorCritic, disable_dropout
+    from rlhf.tokens.chat import encode_prompt, pad_batch
 
     k, batch = spec["k"], spec["batch"]
     cfg = PPOConfig(
@@ -106,7 +107,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.runtime import resolve_precision
+    from rlhf.infra.runtime import resolve_precision
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]

@@ -143,8 +143,8 @@ def ensure_trl_venv() -> Path:
 
 def encode_prompts(model_dir: Path, path: Path, n: int, max_len: int) -> list[dict]:
     """Tokenised once here, so both workers get identical ids (chat template, <= max_len)."""
-    from rlhf import models
-    from rlhf.chat import encode_prompt
+    from rlhf.roles import models
+    from rlhf.tokens.chat import encode_prompt
 
     tokenizer = models.load_tokenizer(str(model_dir), padding_side="left")
     texts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
@@ -202,7 +202,7 @@ def run_process(cmd: list[str], log_path: Path, timeout: int) -> tuple[int, floa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from rlhf import models
+    from rlhf.roles import models
 
     model_name = args.model
     model_dir = models.prepared_dir(model_name)

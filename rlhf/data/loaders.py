@@ -20,7 +20,7 @@ from rlhf.data import formats, hh, oasst
 from rlhf.data.readers import BadLine, HubUnavailable, read_hub, read_rows
 from rlhf.data.types import LoadResult, Prompt, Ranking, SFTExample
 from rlhf.data.validate import InvalidRow, RowPolicy
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 from rlhf.recipe import DATA_FORMATS, DATA_ROOT_ENV, DataSource, looks_like_local_path
 
 Parser = Callable[[Any, str], list]

@@ -9,7 +9,7 @@ rankings as the reward stage, keeping this project's run-directory contract.
   * the loss is TRL's (`dpo.loss_type`, `dpo.beta`); the Trainer runs the loop, DDP included.
   * evaluation: the implicit reward on a fixed sample of held-out pairs (`dpo.eval_pairs`,
     every eval_every steps and at the end), then the PPO stage's end-of-run comparison with
-    SFT (rlhf/policy_eval.py) on held-out prompts: the trained reward model and eval.judges,
+    SFT (rlhf/ppo/policy_eval.py) on held-out prompts: the trained reward model and eval.judges,
     answer accuracy, KL to the reference, length, EOS rate.
   * contract: a TrainerCallback writes TRL's logs to metrics.jsonl / tb/ in our key style,
     turns SIGINT/SIGTERM into a checkpoint and a clean stop, and marks each finished checkpoint
@@ -30,14 +30,17 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from rlhf import checkpoint, data, distributed, models, policy_eval, reward_sources, training
-from rlhf import dpo as pref
-from rlhf.errors import UserError
-from rlhf.ppo.actor_critic import ActorCritic
-from rlhf.rundir import RunDir, require_completed
-from rlhf.runtime import resolve_precision, run_info, set_seed, setup_logging
-from rlhf.signals import Interrupted, StopSignal
-from rlhf.tracking import MetricsLogger
+from rlhf import data
+from rlhf.infra import checkpoint, distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.rundir import RunDir, require_completed
+from rlhf.infra.runtime import resolve_precision, run_info, set_seed, setup_logging
+from rlhf.infra.signals import Interrupted, StopSignal
+from rlhf.infra.tracking import MetricsLogger
+from rlhf.ppo import policy_eval
+from rlhf.roles import models, reward_sources
+from rlhf.roles import preference as pref
+from rlhf.roles.actor_critic import ActorCritic
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +251,7 @@ def dpo_config(recipe: Any, checkpoints: Path, has_eval: bool) -> Any:
     on_cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # FSDP / ZeRO-3 on CPU ranks: the Trainer adopts the state built here (else it silently
-    # trains DDP copies; rlhf/distributed.py).
+    # trains DDP copies; rlhf/infra/distributed.py).
     configured = distributed.state_for_trainer_on_cpu_ranks()
     return DPOConfig(
         accelerator_config={"use_configured_state": True} if configured else None,

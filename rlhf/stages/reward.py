@@ -2,7 +2,7 @@
 
 An `AutoModelForSequenceClassification` head (`num_labels=1`) on the SFT model (or
 `reward.init_from`), read at the last real token (`models.sequence_scores`, right or left
-padding), trained with the Bradley-Terry loss of `rlhf.reward`:
+padding), trained with the Bradley-Terry loss of `rlhf.roles.reward_model`:
 
   * a batch is a set of PROMPTS; each brings its K ranked responses and all K(K-1)/2 pairs;
     every response is scored once per step (one forward over the flattened responses);
@@ -30,10 +30,12 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from rlhf import data, distributed, models, training
-from rlhf import reward as rm
-from rlhf.errors import UserError
-from rlhf.rundir import require_completed
+from rlhf import data
+from rlhf.infra import distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.rundir import require_completed
+from rlhf.roles import models
+from rlhf.roles import reward_model as rm
 from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf import data, distributed, models, training
-from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
-from rlhf.errors import UserError
-from rlhf.packing import collate_packed, pack_rows
+from rlhf import data
+from rlhf.infra import distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.training import n_targets, token_nll_sum
+from rlhf.roles import models
 from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows, rank_batches
-from rlhf.training import n_targets, token_nll_sum
+from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
+from rlhf.tokens.packing import collate_packed, pack_rows
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from rlhf import models
-from rlhf.chat import encode_prompt_response, pad_batch, positions_from_mask
+from rlhf.roles import models
+from rlhf.tokens.chat import encode_prompt_response, pad_batch, positions_from_mask
 
 # ------------------------------------------------------------------------------------ encoding
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from rlhf.errors import UserError
-from rlhf.plotting import pyplot, save_figure
+from rlhf.infra.errors import UserError
+from rlhf.tools.plotting import pyplot, save_figure
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 PIPELINE = ("sft", "reward", "ppo")  # the stages the overview page needs
@@ -792,7 +792,7 @@ def render(
             figures[stage] = path
     report_path = None
     if report:
-        from rlhf.report import write_report
+        from rlhf.tools.report import write_report
 
         report_path = write_report(out_dir / "report.html", by_stage, figures, alarms, smoothing)
     return {"runs": runs, "alarms": alarms, "figures": figures, "report": report_path}
