@@ -63,21 +63,6 @@ def load_eval_prompts(recipe: Any, tokenizer: Any) -> list:
     return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
 
 
-def load_rankings(recipe: Any) -> tuple[list, list]:
-    """(train rankings, eval rankings); eval never shares a prompt with train."""
-    cfg = recipe.dpo
-    if cfg.train is None:
-        raise UserError(f"{recipe._source}: dpo.train: missing required key")
-    train = data.load_comparisons(cfg.train, recipe.data.on_invalid).items
-    if cfg.eval is not None:
-        evals = data.load_comparisons(cfg.eval, recipe.data.on_invalid).items
-    elif cfg.eval_fraction > 0:
-        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
-    else:
-        evals = []
-    return train, evals
-
-
 # ------------------------------------------------------------------------------ checkpoints
 
 
@@ -309,7 +294,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     tokenizer = models.load_tokenizer(
         str(init_from), recipe.model.chat_template, recipe.model.trust_remote_code
     )
-    train_items, eval_items = load_rankings(recipe)
+    train_items, eval_items = data.load_train_eval(recipe, "dpo", "comparisons")
     fit = lambda items: data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)  # noqa: E731
     train_items, eval_items = fit(train_items), fit(eval_items)
     train_rows = pref.preference_rows(train_items, cfg.pairs)

@@ -73,22 +73,14 @@ def half_of(items: list, subset: str) -> list:
 def load_datasets(recipe: Any) -> tuple[list, list, dict[str, list]]:
     """(train rankings, eval rankings, {extra name: rankings}); eval never overlaps train."""
     cfg = recipe.reward
-    if cfg.train is None:
-        raise UserError(f"{recipe._source}: reward.train: missing required key")
-    on_invalid = recipe.data.on_invalid
-    train = half_of(data.load_comparisons(cfg.train, on_invalid).items, cfg.subset)
-    if cfg.eval is not None:
-        evals = data.load_comparisons(cfg.eval, on_invalid).items
-    elif cfg.eval_fraction > 0:
-        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
-    else:
-        evals = []
+    keep = lambda items: half_of(items, cfg.subset)  # noqa: E731
+    train, evals = data.load_train_eval(recipe, "reward", "comparisons", keep)
     extras: dict[str, list] = {}
     for source in cfg.extra_eval:
         name = source_name(source)
         while name in extras:
             name += "_"
-        extras[name] = data.load_comparisons(source, on_invalid).items
+        extras[name] = data.load_comparisons(source, recipe.data.on_invalid).items
     return train, evals, extras
 
 

@@ -32,18 +32,6 @@ from rlhf.tokens.packing import collate_packed, pack_rows
 log = logging.getLogger(__name__)
 
 
-def load_datasets(recipe: Any) -> tuple[list, list]:
-    cfg = recipe.sft
-    if cfg.train is None:
-        raise UserError(f"{recipe._source}: sft.train: missing required key")
-    train = data.load_sft(cfg.train, recipe.data.on_invalid).items
-    if cfg.eval is not None:
-        evals = data.load_sft(cfg.eval, recipe.data.on_invalid).items
-    else:
-        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
-    return train, evals
-
-
 def encode_rows(recipe: Any, tokenizer: Any, items: list) -> list[dict]:
     """Tokenized conversations with answer tokens inside max_length (labels on answers only;
     an over-long prompt keeps its end when data.truncate_long_prompts)."""
@@ -84,7 +72,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
     tokenizer = load_tokenizer(recipe)
-    train_items, eval_items = load_datasets(recipe)
+    train_items, eval_items = data.load_train_eval(recipe, "sft", "sft")
     train_rows = encode_rows(recipe, tokenizer, train_items)
     eval_rows = encode_rows(recipe, tokenizer, eval_items)
     if not train_rows:
