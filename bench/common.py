@@ -26,6 +26,27 @@ def worker_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def trl_cpu_args(seed: int, bf16: bool = False) -> dict[str, Any]:
+    """The TRL config arguments every comparison here shares: a CPU run (fp32 unless `bf16`),
+    no gradient checkpointing, the plain schedule (constant LR, no warm-up, no accumulation,
+    gradients clipped at 1.0), a log line every step and nothing saved, reported or drawn."""
+    return {
+        "use_cpu": True,
+        "bf16": bf16,
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "seed": seed,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, step_time_callback, worker_main
+from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def step_rankings(spec: dict) -> list[list[dict]]:
@@ -116,28 +116,16 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     batch = len(per_step[0])
     assert all(len(rows) == batch for rows in per_step), "every step needs as many pairs"
     config = trl.DPOConfig(
+        **trl_cpu_args(spec["seed"]),
         output_dir=str(out_dir / "trl-dpo-out"),
         per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
         train_sampling_strategy="sequential",  # the same pairs per step as ours
         learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
         weight_decay=0.0,
-        max_grad_norm=1.0,
         max_steps=spec["steps"],
         max_length=spec["max_length"],
         loss_type=["sigmoid"],
         beta=spec["beta"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=spec["seed"],
-        disable_tqdm=True,
     )
     trainer = trl.DPOTrainer(
         model=policy,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, step_time_callback, worker_main
+from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def run_ours(spec: dict) -> dict:
@@ -122,28 +122,17 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"]]
     )
     config = trl.RLOOConfig(
+        **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
         output_dir=str(out_dir / "trl-rloo-out"),
-        num_generations=spec["k"],
+        learning_rate=spec["lr"],
+        beta=spec["beta"],
+        max_steps=spec["steps"],
+        # each step: k answers to each of batch / k prompts, one pass over them
         per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1,
+        num_generations=spec["k"],
         num_iterations=1,
         max_completion_length=spec["max_new_tokens"],
         temperature=spec["temperature"],
-        beta=spec["beta"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        max_steps=spec["steps"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=spec["lora"] and resolve_precision("auto") == "bf16",
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=spec["seed"],
-        disable_tqdm=True,
     )
     trainer = trl.RLOOTrainer(
         model=path,
