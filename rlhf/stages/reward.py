@@ -238,16 +238,23 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
                "train_prompts": len(train_rows), "train_pairs": n_train_pairs,
                "skipped_batches": stage.guard.skipped}  # fmt: skip
     models.unwrap_peft(accelerator.unwrap_model(scorer).model).config.reward_calibration = calib
-    card = ("Reward model", f"Scalar reward model (Bradley-Terry on ranked pairs), {total_steps} "
-            f"steps from `{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} "
-            f"(initial) -> {results.get('accuracy')} (this model). Rewards are read at the last "
-            f"token; calibration (mean/std over {calib['n']} training responses) is in "
-            "`reward_calibration.json` and `config.json`.")  # fmt: skip
+    card = ("Reward model", card_text(init_from, results, calib))
     path = stage.finish(results, scorer, tokenizer, card, cfg.merge_lora, lambda s: s.model,
                         prefix="model.", extra_files={"reward_calibration.json": calib})  # fmt: skip
     log.info("reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
              results.get("accuracy"), results["base_accuracy"], calib["mean"], calib["std"])  # fmt: skip
     return path
+
+
+def card_text(init_from: str, results: dict[str, Any], calib: dict[str, Any]) -> str:
+    """The model card's account of the trained reward model."""
+    return (
+        f"Scalar reward model (Bradley-Terry on ranked pairs), {results['steps']} steps from "
+        f"`{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} (initial) -> "
+        f"{results.get('accuracy')} (this model). Rewards are read at the last token; "
+        f"calibration (mean/std over {calib['n']} training responses) is in "
+        "`reward_calibration.json` and `config.json`."
+    )
 
 
 def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, list[dict]]]:
