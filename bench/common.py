@@ -1,6 +1,6 @@
 """What the workers share: the work spec, phase timing by wrapping callables, result files.
 
-Standard library + torch only (and rlhf.sequences, which is torch only): this module is
+Standard library + torch only (and rlhf.tokens.sequences, which is torch only): this module is
 imported inside bench/.venv-trl too.
 """
 
@@ -24,6 +24,27 @@ def worker_args(description: str) -> argparse.Namespace:
     parser.add_argument("--spec", required=True, help="JSON file written by bench.run")
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     return parser.parse_args()
+
+
+def trl_cpu_args(seed: int, bf16: bool = False) -> dict[str, Any]:
+    """The TRL config arguments every comparison here shares: a CPU run (fp32 unless `bf16`),
+    no gradient checkpointing, the plain schedule (constant LR, no warm-up, no accumulation,
+    gradients clipped at 1.0), a log line every step and nothing saved, reported or drawn."""
+    return {
+        "use_cpu": True,
+        "bf16": bf16,
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
+        "seed": seed,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
 
 
 def read_json(path: str | Path) -> Any:
@@ -122,7 +143,7 @@ def phase_sum(events: list[tuple[str, float, float]], name: str) -> float:
 def count_response_tokens(response_ids: Any, eos_id: int) -> int:
     """Tokens up to and including the first EOS per row (what both PPOs train on): the
     project's own EOS cut, which needs only torch."""
-    from rlhf.sequences import response_mask
+    from rlhf.tokens.sequences import response_mask
 
     return int(response_mask(response_ids, eos_id)[0].sum().item())
 

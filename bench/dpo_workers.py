@@ -8,7 +8,7 @@ a constant learning rate and no weight decay, clip 1.0.
 
   trl:  DPOTrainer, its batch the step's pairs: one policy forward + backward and one
         reference forward over [chosen; rejected], two whole sequences per pair.
-  ours: rlhf.dpo on the reward stage's batching: each ranking's shared prefix once and each of
+  ours: rlhf.roles.preference on the reward stage's batching: each ranking's shared prefix once and each of
         its K responses once per model, every pair indexing those sequence log-probs.
 
 Step times: TRL's from a step callback, ours around the same work (batch, forwards, backward,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, step_time_callback, worker_main
+from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def step_rankings(spec: dict) -> list[list[dict]]:
@@ -55,9 +55,11 @@ def lora(spec: dict):
 
 
 def run_ours(spec: dict) -> dict:
-    from rlhf import dpo, models, training
-    from rlhf.ppo.actor_critic import disable_dropout
+    from rlhf.infra import training
     from rlhf.recipe import OptimConfig
+    from rlhf.roles import models
+    from rlhf.roles import preference as dpo
+    from rlhf.roles.actor_critic import disable_dropout
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -102,7 +104,8 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
     from datasets import Dataset
 
-    from rlhf import dpo, models
+    from rlhf.roles import models
+    from rlhf.roles import preference as dpo
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -113,28 +116,16 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     batch = len(per_step[0])
     assert all(len(rows) == batch for rows in per_step), "every step needs as many pairs"
     config = trl.DPOConfig(
+        **trl_cpu_args(spec["seed"]),
         output_dir=str(out_dir / "trl-dpo-out"),
         per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
         train_sampling_strategy="sequential",  # the same pairs per step as ours
         learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
         weight_decay=0.0,
-        max_grad_norm=1.0,
         max_steps=spec["steps"],
         max_length=spec["max_length"],
         loss_type=["sigmoid"],
         beta=spec["beta"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=spec["seed"],
-        disable_tqdm=True,
     )
     trainer = trl.DPOTrainer(
         model=policy,

@@ -1,7 +1,7 @@
 """Worker: this project's PPO iteration (rlhf.ppo.ppo_iteration) on the benchmark's work.
 
 Roles are built by the PPO stage's own code (rlhf.ppo.roles.build_roles,
-rlhf.policy_eval.reward_model_scorer), from the prepared base model (no SFT / reward run
+rlhf.ppo.policy_eval.reward_model_scorer), from the prepared base model (no SFT / reward run
 needed: the benchmark measures cost, not learning):
   parity    full fine-tuning, frozen reference copy, separate value model initialised from the
             reward model (as TRL does), fp32, no gradient clipping (TRL's PPO does not clip)
@@ -50,13 +50,14 @@ def main() -> None:
     spec = common.read_json(args.spec)
     t_start = time.perf_counter()
 
-    from rlhf import models, training
-    from rlhf.policy_eval import reward_model_scorer
-    from rlhf.ppo.core import FixedKLController
+    from rlhf.algo.ppo import FixedKLController
+    from rlhf.infra import training
+    from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
     from rlhf.ppo.iteration import PPOContext, ppo_iteration
+    from rlhf.ppo.policy_eval import reward_model_scorer
     from rlhf.ppo.prompts import Prompts
     from rlhf.ppo.roles import build_roles
-    from rlhf.runtime import frozen_weight_dtype, make_accelerator
+    from rlhf.roles import models
 
     recipe = build_recipe(spec)
     cfg = recipe.ppo

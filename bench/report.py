@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,26 @@ def _fmt(s: dict | None, digits: int = 2, scale: float = 1.0) -> str:
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: the header, its rule, then one line a row."""
+    return [table_row(header), table_row(["---"] * len(header)), *map(table_row, rows)]
+
+
+def table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def measured_trl_version(section: dict) -> str:
+    """The TRL version the section's TRL processes reported ("?" when none finished)."""
+    runs = section["runs"]
+    return next((r["result"].get("trl") for r in runs if r["impl"] == "trl" and r["result"]), "?")
+
+
+def ratio_cells(ratio: dict, keys: tuple[str, ...]) -> list[str]:
+    """Ours / TRL for each key ("-" on TRL's own rows, which pass {})."""
+    return [_fmt(ratio.get(key)) for key in keys]
+
+
 def markdown(report: dict) -> str:
     s, m = report["settings"], report.get("machine_limits")
     lines = [
@@ -189,27 +210,20 @@ def ppo_rows_markdown(report: dict) -> list[str]:
         f"{s['warmup']} warm-up + {s['iterations']} measured iterations; {s['pairs']} "
         "interleaved rounds. Cells: median (min-max) across processes of each process's median.",
         "",
-        "| row | s / iteration | generate | score | update | response tok/s | peak RSS GB "
-        "| ratio vs TRL: time | ratio vs TRL: RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    header = ["row", "s / iteration", "generate", "score", "update", "response tok/s"]
+    header += ["peak RSS GB", "ratio vs TRL: time", "ratio vs TRL: RSS"]
+    lines += table_lines(header, [])
     for name, row in report["rows"].items():
+        cells = [row["title"], *(_fmt(row.get(k)) for k in ("total", "generate", "score"))]
+        cells += [_fmt(row.get("update")), _fmt(row.get("response_tokens_per_s"), 1)]
+        cells.append(_fmt(row.get("peak_rss_mb"), 2, 1 / 1024))
         ratio = report["ratios"].get(name, {})
-        lines.append(
-            f"| {row['title']} | {_fmt(row.get('total'))} | {_fmt(row.get('generate'))} "
-            f"| {_fmt(row.get('score'))} | {_fmt(row.get('update'))} "
-            f"| {_fmt(row.get('response_tokens_per_s'), 1)} "
-            f"| {_fmt(row.get('peak_rss_mb'), 2, 1 / 1024)} "
-            f"| {_fmt(ratio.get('seconds_per_iteration'))} | {_fmt(ratio.get('peak_rss'))} |"
-        )
+        lines.append(table_row(cells + ratio_cells(ratio, ("seconds_per_iteration", "peak_rss"))))
         if row["runs_failed"]:
             lines.append(f"| ({name}: {row['runs_failed']} failed process(es)) | | | | | | | | |")
     if report.get("efficiency"):
-        lines += [
-            "",
-            "| row | phase | GFLOP | GFLOP/s | of matmul peak |",
-            "| --- | --- | --- | --- | --- |",
-        ]
+        lines += ["", *table_lines(["row", "phase", "GFLOP", "GFLOP/s", "of matmul peak"], [])]
         for name, eff in report["efficiency"].items():
             for phase, p in eff["phases"].items():
                 frac = p["fraction_of_peak"]
@@ -225,104 +239,110 @@ def ppo_rows_markdown(report: dict) -> list[str]:
     return lines
 
 
-def trainer_markdown(section: dict | None) -> list[str]:
+def comparison_markdown(
+    section: dict | None,
+    missing: str,
+    intro: Callable[[dict, str], str],
+    header: list[str],
+    cells: Callable[[dict, dict], list[str]],
+) -> list[str]:
+    """A section that compares ours with TRL: "`missing`: not measured" when it did not run,
+    else intro(settings, TRL's version), a blank line and the table, cells(section, row) a row."""
     if not section or not section["rows"]:
-        return ["SFT / reward-model throughput vs TRL's trainers: not measured in this run."]
-    st = section["settings"]
-    trl_version = next(
-        (r["result"].get("trl") for r in section["runs"] if r["impl"] == "trl" and r["result"]),
-        "?",
-    )
-    lines = [
+        return [f"{missing}: not measured in this run."]
+    rows = [cells(section, row) for row in section["rows"]]
+    text = intro(section["settings"], measured_trl_version(section))
+    return [text, "", *table_lines(header, rows)]
+
+
+def ours_ratio(section: dict, row: dict) -> dict:
+    """The ratios of our row of a set-up (stage) to TRL's; {} for TRL's row."""
+    return section["ratios"].get(row["stage"], {}) if row["impl"] == "ours" else {}
+
+
+RATIOS = ["ratio vs TRL: time", "ratio vs TRL: RSS"]  # the last columns: ours / TRL's
+
+
+def trainer_markdown(section: dict | None) -> list[str]:
+    """SFT and reward-model epochs vs TRL's SFTTrainer / RewardTrainer."""
+    header = ["stage", "impl", "s / step", "tokens / s", "epoch s", "peak RSS GB", *RATIOS]
+    missing = "SFT / reward-model throughput vs TRL's trainers"
+    return comparison_markdown(section, missing, trainer_intro, header, trainer_cells)
+
+
+def trainer_intro(st: dict, trl_version: str) -> str:
+    return (
         f"SFT and reward model vs TRL {trl_version} SFTTrainer / RewardTrainer, identical work: "
         f"one epoch over {st['rows']['sft']} single-turn conversations (loss on the answer) / "
         f"{st['rows']['reward']} best-vs-worst pairs from reward_data/, batch {st['batch_size']} "
         f"(pairs: {2 * st['batch_size']} sequences), max length {st['max_length']}, fp32, no "
         "gradient checkpointing, constant lr, clip 1.0. s/step: median over the steps after "
-        "the first; tokens/s: the epoch's real (unpadded) tokens over the summed step times.",
-        "",
-        "| stage | impl | s / step | tokens / s | epoch s | peak RSS GB | ratio vs TRL: time "
-        "| ratio vs TRL: RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in section["rows"]:
-        ratio = section["ratios"].get(row["stage"], {}) if row["impl"] == "ours" else {}
-        lines.append(
-            f"| {row['stage']} | {row['impl']} | {_fmt(row['s_per_step'])} "
-            f"| {_fmt(row['tokens_per_s'], 0)} | {_fmt(row['epoch_s'], 1)} "
-            f"| {_fmt(row['peak_rss_gb'])} | {_fmt(ratio.get('s_per_step')) if ratio else '-'} "
-            f"| {_fmt(ratio.get('peak_rss')) if ratio else '-'} |"
-        )
-    return lines
+        "the first; tokens/s: the epoch's real (unpadded) tokens over the summed step times."
+    )
+
+
+def trainer_cells(section: dict, row: dict) -> list[str]:
+    cells = [row["stage"], row["impl"], _fmt(row["s_per_step"])]
+    cells += [_fmt(row["tokens_per_s"], 0), _fmt(row["epoch_s"], 1), _fmt(row["peak_rss_gb"])]
+    return cells + ratio_cells(ours_ratio(section, row), ("s_per_step", "peak_rss"))
 
 
 def rloo_markdown(section: dict | None) -> list[str]:
     """ppo.estimator=rloo vs TRL's RLOOTrainer: s/iteration and peak RSS, ours / TRL, for the
     full fine-tuning fp32 set-up (`rloo`) and the LoRA bf16 one (`rloo-lora`)."""
-    if not section or not section["rows"]:
-        return ["RLOO vs TRL's RLOOTrainer: not measured in this run."]
-    st = section["settings"]
-    lines = [
+    header = ["set-up", "impl", "s / iteration", "peak RSS GB", *RATIOS]
+    missing = "RLOO vs TRL's RLOOTrainer"
+    return comparison_markdown(section, missing, rloo_intro, header, rloo_cells)
+
+
+def rloo_intro(st: dict, trl_version: str) -> str:
+    prompts = st["batch"] // st["k"]
+    return (
         f"RLOO (ppo.estimator=rloo) vs TRL RLOOTrainer, identical work: k={st['k']} answers to "
-        f"each of {st['batch'] // st['k']} prompts per iteration ({st['batch']} completions), "
+        f"each of {prompts} prompts per iteration ({st['batch']} completions), "
         f"{st['max_new_tokens']} new tokens, one pass, beta {st['beta']}. `rloo`: full "
         "fine-tuning, fp32, a reference copy on both sides; `rloo-lora`: LoRA r=16 on all linear "
         "layers, bf16 where `precision: auto` picks it, the reference = the adapter disabled. "
-        "s / iteration: median over the iterations after the first (warm-up).",
-        "",
-        "| set-up | impl | s / iteration | peak RSS GB | ratio vs TRL: time | ratio vs TRL: RSS |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in section["rows"]:
-        ratio = section["ratios"].get(row["stage"], {}) if row["impl"] == "ours" else {}
-        lines.append(
-            f"| {row['stage']} | {row['impl']} | {_fmt(row['s_per_step'])} "
-            f"| {_fmt(row['peak_rss_gb'])} | {_fmt(ratio.get('s_per_step')) if ratio else '-'} "
-            f"| {_fmt(ratio.get('peak_rss')) if ratio else '-'} |"
-        )
-    return lines
+        "s / iteration: median over the iterations after the first (warm-up)."
+    )
+
+
+def rloo_cells(section: dict, row: dict) -> list[str]:
+    cells = [row["stage"], row["impl"], _fmt(row["s_per_step"]), _fmt(row["peak_rss_gb"])]
+    return cells + ratio_cells(ours_ratio(section, row), ("s_per_step", "peak_rss"))
 
 
 def dpo_markdown(section: dict | None) -> list[str]:
     """One DPO optimizer step: TRL's DPOTrainer vs our pair loss on the reward batching."""
-    if not section or not section["rows"]:
-        return ["DPO step vs TRL's DPOTrainer: not measured in this run."]
-    st = section["settings"]
-    trl_version = next(
-        (r["result"].get("trl") for r in section["runs"] if r["impl"] == "trl" and r["result"]),
-        "?",
+    header = ["impl", "s / step", "CPU s / step", "tokens / step", "peak RSS GB"]
+    header += ["first-step loss", "ratio vs TRL: time", "ratio vs TRL: CPU time"]
+    header += ["ratio vs TRL: RSS"]
+    missing = "DPO step vs TRL's DPOTrainer"
+    return comparison_markdown(section, missing, dpo_intro, header, dpo_cells)
+
+
+def dpo_intro(st: dict, trl_version: str) -> str:
+    return (
+        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf.roles.preference: the same "
+        "sigmoid loss on the reward stage's batching, each ranking's shared prefix once and each "
+        f"response once per model), identical work: {st['rankings_per_step']} 4-way rankings "
+        f"per optimizer step -> {st['pairs_per_step']} pairs ({st['pairs']}), LoRA r "
+        f"{st['lora_r']} alpha {st['lora_alpha']} on all linear layers, reference = adapter "
+        f"disabled, fp32, beta {st['beta']}, constant lr {st['lr']}, clip 1.0. s / step: median "
+        "over the steps after the first (warm-up), wall and the process's CPU seconds (all its "
+        "threads; on a shared machine the wall time also counts what others ran). Tokens / "
+        "step: what each model's forward reads (TRL: the two whole sequences of every pair; "
+        "ours: each prefix once, then each response's rest)."
     )
-    lines = [
-        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf.dpo: the same sigmoid loss on the "
-        "reward stage's batching, each ranking's shared prefix once and each response once per "
-        f"model), identical work: {st['rankings_per_step']} 4-way rankings per optimizer step "
-        f"-> {st['pairs_per_step']} pairs ({st['pairs']}), LoRA r {st['lora_r']} alpha "
-        f"{st['lora_alpha']} on all linear layers, reference = adapter disabled, fp32, beta "
-        f"{st['beta']}, constant lr {st['lr']}, clip 1.0. s / step: median over the steps after "
-        "the first (warm-up), wall and the process's CPU seconds (all its threads; on a shared "
-        "machine the wall time also counts what others ran). Tokens / step: what each model's "
-        "forward reads (TRL: the two whole sequences of every pair; ours: each prefix once, "
-        "then each response's rest).",
-        "",
-        "| impl | s / step | CPU s / step | tokens / step | peak RSS GB | first-step loss "
-        "| ratio vs TRL: time | ratio vs TRL: CPU time | ratio vs TRL: RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    ratio = section["ratios"].get("dpo", {})
-    for row in section["rows"]:
-        ours = row["impl"] == "ours"
-        first = next(
-            r["result"] for r in section["runs"] if r["impl"] == row["impl"] and r["result"]
-        )
-        loss = f"{first['losses'][0]:.4f}" if first.get("losses") else "-"
-        lines.append(
-            f"| {row['impl']} | {_fmt(row['s_per_step'])} | {_fmt(row['cpu_s_per_step'])} "
-            f"| {row['tokens'] / row['steps']:.0f} | {_fmt(row['peak_rss_gb'])} | {loss} "
-            f"| {_fmt(ratio.get('s_per_step')) if ours else '-'} "
-            f"| {_fmt(ratio.get('cpu_s_per_step')) if ours else '-'} "
-            f"| {_fmt(ratio.get('peak_rss')) if ours else '-'} |"
-        )
-    return lines
+
+
+def dpo_cells(section: dict, row: dict) -> list[str]:
+    first = next(r["result"] for r in section["runs"] if r["impl"] == row["impl"] and r["result"])
+    loss = f"{first['losses'][0]:.4f}" if first.get("losses") else "-"
+    cells = [row["impl"], _fmt(row["s_per_step"]), _fmt(row["cpu_s_per_step"])]
+    cells += [f"{row['tokens'] / row['steps']:.0f}", _fmt(row["peak_rss_gb"]), loss]
+    ratio = section["ratios"].get("dpo", {}) if row["impl"] == "ours" else {}
+    return cells + ratio_cells(ratio, ("s_per_step", "cpu_s_per_step", "peak_rss"))
 
 
 def write(report: dict, out_dir: Path, results_md: Path) -> Path:

@@ -19,18 +19,19 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, step_time_callback, worker_main
+from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def run_ours(spec: dict) -> dict:
-    from rlhf import models, training
-    from rlhf.chat import encode_prompt, pad_batch
-    from rlhf.ppo.actor_critic import ActorCritic, disable_dropout
-    from rlhf.ppo.core import FixedKLController
+    from rlhf.algo.ppo import FixedKLController
+    from rlhf.infra import training
+    from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
     from rlhf.ppo.iteration import PPOContext, ppo_iteration
     from rlhf.ppo.rollout import reward_scores
     from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
-    from rlhf.runtime import frozen_weight_dtype, make_accelerator
+    from rlhf.roles import models
+    from rlhf.roles.actor_critic import ActorCritic, disable_dropout
+    from rlhf.tokens.chat import encode_prompt, pad_batch
 
     k, batch = spec["k"], spec["batch"]
     cfg = PPOConfig(
@@ -106,7 +107,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.runtime import resolve_precision
+    from rlhf.infra.runtime import resolve_precision
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -121,28 +122,17 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"]]
     )
     config = trl.RLOOConfig(
+        **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
         output_dir=str(out_dir / "trl-rloo-out"),
-        num_generations=spec["k"],
+        learning_rate=spec["lr"],
+        beta=spec["beta"],
+        max_steps=spec["steps"],
+        # each step: k answers to each of batch / k prompts, one pass over them
         per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1,
+        num_generations=spec["k"],
         num_iterations=1,
         max_completion_length=spec["max_new_tokens"],
         temperature=spec["temperature"],
-        beta=spec["beta"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        max_steps=spec["steps"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=spec["lora"] and resolve_precision("auto") == "bf16",
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=spec["seed"],
-        disable_tqdm=True,
     )
     trainer = trl.RLOOTrainer(
         model=path,

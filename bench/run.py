@@ -143,8 +143,8 @@ def ensure_trl_venv() -> Path:
 
 def encode_prompts(model_dir: Path, path: Path, n: int, max_len: int) -> list[dict]:
     """Tokenised once here, so both workers get identical ids (chat template, <= max_len)."""
-    from rlhf import models
-    from rlhf.chat import encode_prompt
+    from rlhf.roles import models
+    from rlhf.tokens.chat import encode_prompt
 
     tokenizer = models.load_tokenizer(str(model_dir), padding_side="left")
     texts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
@@ -202,7 +202,7 @@ def run_process(cmd: list[str], log_path: Path, timeout: int) -> tuple[int, floa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from rlhf import models
+    from rlhf.roles import models
 
     model_name = args.model
     model_dir = models.prepared_dir(model_name)
@@ -409,22 +409,31 @@ def run_worker(
     cmd = [sys.executable, "-m", f"bench.{stage}_workers", "--spec", str(spec_path)]
     cmd += ["--out", str(out_path)]
     log(f"round {pair + 1}/{args.pairs}: {variant} {impl}")
-    rc, rss, wall = run_process(cmd, scratch / f"{name}.log", args.timeout)
-    result = read_json(out_path) if rc == 0 and out_path.exists() else None
+    log_path = scratch / f"{name}.log"
+    process = run_process(cmd, log_path, args.timeout)
+    result = read_json(out_path) if process[0] == 0 and out_path.exists() else None
+    return measured_row(f"{variant} {impl}", log_path, process, result, impl, variant, pair)
+
+
+def measured_row(
+    label: str,
+    log_path: Path,
+    process: tuple[int, float, float],
+    result: dict | None,
+    impl: str,
+    stage: str,
+    pair: int,
+) -> dict:
+    """A measured process's row, `process` being run_process's (rc, peak RSS, wall time); one
+    log line says how it went."""
+    rc, rss, wall = process
     if result is None:
-        log(f"{variant} {impl} failed (rc {rc}), see {scratch / f'{name}.log'}")
+        log(f"{label} failed (rc {rc}), see {log_path}")
     else:
         s = trainers.run_summary(result)
-        log(f"{variant} {impl}: {s['s_per_step']:.2f} s/step, peak RSS {rss / 1024:.2f} GB")
-    return {
-        "impl": impl,
-        "stage": variant,
-        "pair": pair,
-        "rc": rc,
-        "peak_rss_mb": rss,
-        "wall_s": wall,
-        "result": result,
-    }
+        log(f"{label}: {s['s_per_step']:.2f} s/step, peak RSS {rss / 1024:.2f} GB")
+    row = {"impl": impl, "stage": stage, "pair": pair, "rc": rc, "peak_rss_mb": rss}
+    return {**row, "wall_s": wall, "result": result}
 
 
 def measure_limits(args: argparse.Namespace, scratch: Path, tag: str) -> dict | None:
@@ -464,23 +473,12 @@ def run_trainer(impl, stage, pair, prepared, model_dir, scratch, args) -> dict:
     write_json(spec_path, trainers.trl_spec(stage, prepared, model_dir))
     cmd = trainers.command(impl, stage, prepared, pair, spec_path, out_path)
     log(f"round {pair + 1}/{args.pairs}: {label}")
-    rc, rss, wall = run_process(cmd, scratch / f"{label}.{pair}.log", args.timeout)
-    result = trainers.load_result(impl, stage, prepared, pair, out_path) if rc == 0 else None
+    log_path = scratch / f"{label}.{pair}.log"
+    process = run_process(cmd, log_path, args.timeout)
+    ok = process[0] == 0
+    result = trainers.load_result(impl, stage, prepared, pair, out_path) if ok else None
     trainers.clean_up(impl, stage, prepared, pair)  # saved models: ~0.5 GB each, not needed
-    if result is None:
-        log(f"{label} failed (rc {rc}), see {scratch / f'{label}.{pair}.log'}")
-    else:
-        s = trainers.run_summary(result)
-        log(f"{label}: {s['s_per_step']:.2f} s/step, peak RSS {rss / 1024:.2f} GB")
-    return {
-        "impl": impl,
-        "stage": stage,
-        "pair": pair,
-        "rc": rc,
-        "peak_rss_mb": rss,
-        "wall_s": wall,
-        "result": result,
-    }
+    return measured_row(label, log_path, process, result, impl, stage, pair)
 
 
 def notes(trl_result: dict | None) -> list[str]:

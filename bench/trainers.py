@@ -24,8 +24,8 @@ LR = {"sft": 2e-5, "reward": 3e-5}  # the default recipe's
 
 def prepare(scratch: Path, model_dir: Path, n_rows: int, batch_size: int = 8) -> dict:
     """Writes the rows and our recipe; returns the settings (token totals counted our way)."""
-    from rlhf import models
-    from rlhf.chat import encode_prompt_response, encode_sft
+    from rlhf.roles import models
+    from rlhf.tokens.chat import encode_prompt_response, encode_sft
 
     folder = scratch / "trainers"
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,14 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import log, read_json, step_time_callback, worker_args, write_json
+from bench.common import (
+    log,
+    read_json,
+    step_time_callback,
+    trl_cpu_args,
+    worker_args,
+    write_json,
+)
 
 
 def main() -> None:
@@ -33,25 +40,13 @@ def main() -> None:
     tokenizer.pad_token = "<|endoftext|>"
     rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
     common = {
+        **trl_cpu_args(spec["seed"]),
         "output_dir": str(Path(args.out).parent / f"trl-{spec['stage']}-out"),
         "per_device_train_batch_size": spec["batch_size"],
-        "gradient_accumulation_steps": 1,
         "learning_rate": spec["lr"],
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "max_grad_norm": 1.0,
         "num_train_epochs": 1,
         "max_length": spec["max_length"],
-        "logging_steps": 1,
-        "save_strategy": "no",
         "eval_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "dataloader_num_workers": 0,
-        "seed": spec["seed"],
-        "disable_tqdm": True,
     }
     if spec["stage"] == "sft":
         # Conversational prompt/completion: the loss falls on the answer tokens, as in ours.

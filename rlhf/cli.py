@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf import __version__
-from rlhf.errors import NumericalFault, UserError
-from rlhf.signals import Interrupted
+from rlhf.infra.errors import NumericalFault, UserError
+from rlhf.infra.signals import Interrupted
 
 STAGES = ("sft", "reward", "judge", "ppo", "dpo")
 
@@ -37,13 +37,13 @@ def _stage(args: argparse.Namespace) -> int:
         run_dir = module.run(recipe, resume=args.resume)
     except BaseException as e:
         if _is_main_process():
-            from rlhf.rundir import mark_failed
+            from rlhf.infra.rundir import mark_failed
 
             mark_failed(recipe.stage_dir(args.command), f"{type(e).__name__}: {e}"[:500])
         raise
     finally:
         # Every rank, after the stage's final barrier (or its error): one stage per launch.
-        from rlhf import distributed
+        from rlhf.infra import distributed
 
         distributed.leave_process_group()
     print(f"{args.command}: done -> {run_dir}")
@@ -57,7 +57,7 @@ def _is_main_process() -> bool:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from rlhf import models
+    from rlhf.roles import models
 
     if args.action == "list":
         for name, entry in models.REGISTRY.items():
@@ -91,10 +91,10 @@ def _format_stats(stats: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rlhf import evaluate
+    from rlhf.tools import evaluate
 
     if args.what == "compare":
-        from rlhf import compare
+        from rlhf.tools import compare
 
         result = compare.compare_cli(args)
         print(json.dumps(result) if args.json else compare.format_report(result))
@@ -271,9 +271,9 @@ TOOL_TEXTS = {
 
 
 def _tool_parser(sub: Any, name: str) -> argparse.ArgumentParser:
-    """The sub-command `name` (TOOL_TEXTS), run by rlhf.<name>.main when called."""
+    """The sub-command `name` (TOOL_TEXTS), run by rlhf.tools.<name>.main when called."""
     parser = sub.add_parser(name, **TOOL_TEXTS[name])
-    parser.set_defaults(func=_lazy(f"rlhf.{name}", "main"))
+    parser.set_defaults(func=_lazy(f"rlhf.tools.{name}", "main"))
     return parser
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 DATA_FORMATS = (
     "auto",
@@ -240,7 +240,7 @@ class AdaptiveKLConfig(Section):
     horizon: int = Field(10000, ge=1)
 
 
-# What each estimator uses unless the recipe says otherwise (see rlhf/ppo/advantages.py).
+# What each estimator uses unless the recipe says otherwise (see rlhf/algo/advantages.py).
 ESTIMATOR_DEFAULTS = {
     "gae": {"advantage_norm": "batch", "kl_in": "reward"},
     "rloo": {"advantage_norm": "none", "kl_in": "reward"},
@@ -252,7 +252,7 @@ ESTIMATOR_DEFAULTS = {
 def _check_function(spec: str, args: dict[str, Any]) -> None:
     """Resolve a reward function now, before any model loads (unknown name, import error,
     not callable, unknown argument), as a validation error on the entry's key."""
-    from rlhf.rewards import check_args, load_reward_function
+    from rlhf.roles.rewards import check_args, load_reward_function
 
     try:
         check_args(spec, load_reward_function(spec), args)
@@ -324,7 +324,7 @@ class EvalJudgeConfig(Section):
 
 class EvalConfig(Section):
     """The PPO and DPO stages' end-of-run evaluation (held-out prompts, SFT vs the tuned
-    policy; rlhf/policy_eval.py)."""
+    policy; rlhf/ppo/policy_eval.py)."""
 
     judges: list[EvalJudgeConfig] = Field(default_factory=list)
     samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")

@@ -40,13 +40,13 @@ def real_data_file(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
-    from rlhf import models
+    from rlhf.roles import models
 
     return models.resolve("tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
-    from rlhf import models
+    from rlhf.roles import models
 
     return models.resolve("smollm2-135m-instruct")

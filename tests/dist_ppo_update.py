@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from rlhf import distributed
-from rlhf.ppo.actor_critic import ActorCritic
+from rlhf.infra import distributed
+from rlhf.infra.runtime import make_accelerator
+from rlhf.infra.training import make_optimizer
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.update import ppo_update
 from rlhf.recipe import PPOConfig, Recipe
-from rlhf.runtime import make_accelerator
-from rlhf.training import make_optimizer
+from rlhf.roles.actor_critic import ActorCritic
 from tests.ppo.tiny_policy import small_vocab_policy
 
 BATCH, P, R, VOCAB = 8, 5, 6, 64

@@ -9,7 +9,7 @@ b rows each). One launch checks, on one prepared ActorCritic (a tiny 64-token Ll
 2. generation with sharded parameters: greedy `generate` on rank r's prompts, ranks in step;
 3. one SFT step (token NLL normalised by the tokens of the whole step, as rlhf.stages.sft);
 4. one PPO update on a fixed rollout batch (as tests/dist_ppo_update.py);
-5. the full state dict gathered to rank 0 (rlhf.distributed.full_state_dict);
+5. the full state dict gathered to rank 0 (rlhf.infra.distributed.full_state_dict);
 6. a frozen role loaded with `unsharded_init` from the tiny-llama folder: full on every rank.
 
 Rank 0 writes everything to OUT (safetensors; the accelerate state in its metadata).
@@ -20,10 +20,11 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from rlhf import distributed, models
+from rlhf.infra import distributed
+from rlhf.infra.runtime import make_accelerator
+from rlhf.infra.training import make_optimizer, n_targets, token_nll_sum
 from rlhf.recipe import Recipe
-from rlhf.runtime import make_accelerator
-from rlhf.training import make_optimizer, n_targets, token_nll_sum
+from rlhf.roles import models
 from tests.dist_ppo_update import BATCH, VOCAB, build_model, ppo_config, update_on_rows
 
 SFT_LEN, PROMPT_LEN, NEW_TOKENS = 7, 4, 5

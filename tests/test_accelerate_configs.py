@@ -1,4 +1,4 @@
-"""Launch configs (recipes/accelerate), the Makefile's launch line, and rlhf.distributed.
+"""Launch configs (recipes/accelerate), the Makefile's launch line, and rlhf.infra.distributed.
 
 What runs on this CPU machine: every YAML through accelerate's own config loader and launch
 validation; the Makefile's LAUNCH for NPROC / ACCELERATE_CONFIG; every branch of the helpers
@@ -23,7 +23,7 @@ import torch
 import yaml
 from accelerate.utils import DistributedType
 
-from rlhf import distributed
+from rlhf.infra import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
@@ -195,11 +195,11 @@ def test_make_accelerate_config_uses_that_file():
     assert "--num_processes" not in line  # the config decides
 
 
-# ------------------------------------------------------------------- rlhf.distributed helpers
+# ------------------------------------------------------------------- rlhf.infra.distributed helpers
 
 
 def _fake(kind: str, rank: int = 0, world: int = 2, **plugin) -> SimpleNamespace:
-    """An accelerator as far as rlhf.distributed looks at it."""
+    """An accelerator as far as rlhf.infra.distributed looks at it."""
     state = SimpleNamespace(
         distributed_type=DistributedType[kind],
         num_processes=world,
@@ -327,7 +327,8 @@ def test_save_model_writes_the_gathered_state_dict(tmp_path, tiny_model_dir):
     state dict the weights (a ZeRO-3 module holds empty shards)."""
     from safetensors.torch import load_file
 
-    from rlhf import models, training
+    from rlhf.infra import training
+    from rlhf.roles import models
 
     model = models.load_causal_lm(tiny_model_dir)
     tokenizer = models.load_tokenizer(tiny_model_dir)

@@ -118,7 +118,7 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     import argparse
 
     from bench import run
-    from rlhf import models
+    from rlhf.roles import models
 
     if not models.is_prepared("tiny-llama"):
         import pytest
@@ -162,7 +162,7 @@ def test_dpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     import math
 
     from bench import run
-    from rlhf import models
+    from rlhf.roles import models
 
     if not models.is_prepared("tiny-llama"):
         import pytest

@@ -1,4 +1,4 @@
-"""`rlhf eval compare` (rlhf.compare): policy A vs policy B, on the tiny random model."""
+"""`rlhf eval compare` (rlhf.tools.compare): policy A vs policy B, on the tiny random model."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import shutil
 import pytest
 import torch
 
-from rlhf import compare, models, stats
-from rlhf.decoding import Decoding
-from rlhf.errors import UserError
+from rlhf.algo import stats
+from rlhf.infra.errors import UserError
+from rlhf.roles import models
+from rlhf.tokens.decoding import Decoding
+from rlhf.tools import compare
 from tests.test_evaluate import run_cli, write_jsonl
 
 PROMPTS = [

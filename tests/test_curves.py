@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import cli, curves
-from rlhf.curves import (
+from rlhf import cli
+from rlhf.tools import curves
+from rlhf.tools.curves import (
     check_critic,
     check_entropy,
     check_eos,

@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf import dpo as pref
 from rlhf.cli import main
 from rlhf.data.types import Ranking
 from rlhf.recipe import DPO_LOSS_TYPES
+from rlhf.roles import preference as pref
 from tests.test_distributed import ACCELERATE, CPU_2PROC, _free_port
 from tests.test_pipeline import _overrides, _write_data
 
@@ -417,7 +417,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(sft):
 
 
 def test_trainer_precision_follows_the_recipe():
-    from rlhf.runtime import cpu_supports_fast_bf16
+    from rlhf.infra.runtime import cpu_supports_fast_bf16
     from rlhf.stages.dpo import trainer_precision
 
     assert trainer_precision("fp32") == {"bf16": False, "fp16": False}
@@ -428,7 +428,7 @@ def test_trainer_precision_follows_the_recipe():
 
 
 def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
-    from rlhf.curves import load_run, panels_for, render
+    from rlhf.tools.curves import load_run, panels_for, render
 
     ref, _ = uninterrupted
     titles = [title for title, _ in panels_for("dpo", [load_run(ref)])]
@@ -465,8 +465,8 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf import models
     from rlhf.recipe import LoraConfig
+    from rlhf.roles import models
 
     rankings = [
         Ranking(
@@ -532,8 +532,8 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
 def test_response_logps_shared_prefix_and_whole_sequences_equal_full_logits(tiny_model_dir):
     """Both batchings give each response's summed completion log-probs as completion_logps
     computes them from the full logits of the whole, unshared sequences."""
-    from rlhf import models
-    from rlhf.chat import pad_batch
+    from rlhf.roles import models
+    from rlhf.tokens.chat import pad_batch
 
     tokenizer = models.load_tokenizer(tiny_model_dir)
     model = models.load_causal_lm(tiny_model_dir).eval()

@@ -1,4 +1,4 @@
-"""`rlhf eval reward` and `rlhf eval perplexity` (rlhf.evaluate), on the tiny random model."""
+"""`rlhf eval reward` and `rlhf eval perplexity` (rlhf.tools.evaluate), on the tiny random model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import math
 import pytest
 import torch
 
-from rlhf import cli, evaluate, models, training
-from rlhf.chat import encode_sft, pad_batch
+from rlhf import cli
+from rlhf.infra import training
+from rlhf.roles import models
+from rlhf.tokens.chat import encode_sft, pad_batch
+from rlhf.tools import evaluate
 from tests.conftest import real_data_file
 
 

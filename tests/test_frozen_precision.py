@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from rlhf import models, runtime, training
-from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
+from rlhf.infra import runtime, training
 from rlhf.recipe import LoraConfig, OptimConfig
+from rlhf.roles import models
+from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits
 
 
 @pytest.fixture()

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import models
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
+from rlhf.roles import models
 
 GEMMA = "gemma3-270m"
 RECIPE = "recipes/gemma3-270m.yaml"
@@ -146,7 +146,7 @@ def test_prepared_gemma3_is_bf16_safetensors_with_end_of_turn_as_eos(gemma_dir):
 
 
 def test_gemma3_template_adds_bos_once_and_marks_turns(gemma_tok):
-    from rlhf.chat import encode_prompt
+    from rlhf.tokens.chat import encode_prompt
 
     tok = gemma_tok
     assert tok.pad_token == "<pad>" and tok.pad_token_id not in (tok.eos_token_id, 106)
@@ -159,7 +159,7 @@ def test_gemma3_template_adds_bos_once_and_marks_turns(gemma_tok):
 
 
 def test_gemma3_sft_labels_are_the_answer_and_its_end_of_turn(gemma_tok):
-    from rlhf.chat import IGNORE_INDEX, encode_sft
+    from rlhf.tokens.chat import IGNORE_INDEX, encode_sft
 
     tok = gemma_tok
     messages = [
@@ -175,8 +175,8 @@ def test_gemma3_sft_labels_are_the_answer_and_its_end_of_turn(gemma_tok):
 
 
 def test_gemma3_rollout_mask_ends_at_either_end_token(gemma_tok, tiny_gemma):
-    from rlhf.decoding import eos_ids
-    from rlhf.sequences import response_mask
+    from rlhf.tokens.decoding import eos_ids
+    from rlhf.tokens.sequences import response_mask
 
     stops = eos_ids(tiny_gemma, gemma_tok)
     assert stops == [1, 106]
@@ -191,8 +191,8 @@ def test_gemma3_rollout_mask_ends_at_either_end_token(gemma_tok, tiny_gemma):
 
 
 def test_tiny_gemma3_left_padded_generation_matches_each_prompt_alone(gemma_tok, tiny_gemma):
-    from rlhf.decoding import Decoding
-    from rlhf.generate import generate_responses
+    from rlhf.tokens.decoding import Decoding
+    from rlhf.tools.generate import generate_responses
 
     prompts = [
         [{"role": "user", "content": "Name three rivers of South America, please."}],
@@ -211,7 +211,7 @@ def test_tiny_gemma3_left_padded_generation_matches_each_prompt_alone(gemma_tok,
 def test_tiny_gemma3_reward_score_is_the_same_left_or_right_padded(gemma_tok, tiny_gemma):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.chat import encode_prompt_response, pad_batch
+    from rlhf.tokens.chat import encode_prompt_response, pad_batch
 
     config = copy.deepcopy(tiny_gemma.config)
     config.num_labels = 1

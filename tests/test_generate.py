@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import cli, decoding, generate
-from rlhf.decoding import Decoding
-from rlhf.errors import UserError
+from rlhf import cli
+from rlhf.infra.errors import UserError
+from rlhf.tokens import decoding
+from rlhf.tokens.decoding import Decoding
+from rlhf.tools import generate
 
 PROMPTS = [
     [{"role": "user", "content": "Hi!"}],

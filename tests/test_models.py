@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import models
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
+from rlhf.roles import models
 
 
 def test_prepare_is_a_verified_noop_once_done(smollm2_dir):

@@ -2,10 +2,10 @@
 
 import torch
 
-from rlhf import models
-from rlhf.chat import IGNORE_INDEX, encode_sft
-from rlhf.packing import collate_packed, pack_rows
-from rlhf.training import n_targets, token_nll_sum
+from rlhf.infra.training import n_targets, token_nll_sum
+from rlhf.roles import models
+from rlhf.tokens.chat import IGNORE_INDEX, encode_sft
+from rlhf.tokens.packing import collate_packed, pack_rows
 
 
 def _rows(tok, n=5):

@@ -175,7 +175,7 @@ def test_ppo_refuses_an_unfinished_sft_dir(pipeline, capsys):
 def test_curves_panels_get_data_from_real_sft_and_ppo_runs(pipeline, tmp_path):
     """Every dashboard panel reads names the stages really log (the judge panel aside: no
     stage logs a judge series; it is there for runs that add one)."""
-    from rlhf import curves
+    from rlhf.tools import curves
 
     root, args = pipeline
     sft_args = [a for a in args if a != "sft.eval=null" and not a.startswith("output_dir=")]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlhf.progress import Progress, eta_seconds, format_duration
+from rlhf.infra.progress import Progress, eta_seconds, format_duration
 from tests.test_pipeline import _overrides, _write_data
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.cli import main
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 from rlhf.recipe import Recipe, apply_override, deep_merge, load_recipe
 
 RECIPES = sorted(p for p in Path("recipes").glob("*.yaml"))

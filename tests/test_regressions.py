@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf import models
-from rlhf.chat import encode_sft, pad_batch, positions_from_mask
 from rlhf.recipe import load_recipe
+from rlhf.roles import models
+from rlhf.tokens.chat import encode_sft, pad_batch, positions_from_mask
 
 
 def _write_sft(path: Path, n: int) -> None:
@@ -34,9 +34,9 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
     not change how PPO samples: the log-probs assume log_softmax(logits / T)."""
     from transformers.generation.logits_process import TemperatureLogitsWarper
 
-    from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
     from rlhf.ppo.rollout import sample_rollout, score_with_models
-    from rlhf.sequences import response_slice
+    from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits
+    from rlhf.tokens.sequences import response_slice
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -58,7 +58,7 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
     policy._get_logits_processor = capture
     cfg = SimpleNamespace(temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8, stop_strings=[])
     prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in "abcd"]
-    from rlhf.chat import encode_prompt
+    from rlhf.tokens.chat import encode_prompt
 
     batch = pad_batch([encode_prompt(tok, p, 64) for p in prompts], tok.pad_token_id, "left")
     torch.manual_seed(0)
@@ -163,8 +163,8 @@ def test_grad_accum_steps_the_optimizer_once_per_window(tmp_path):
 # 3 ------------------------------------------------------------------------------------------
 def test_packing_trains_no_target_across_example_boundaries(tiny_model_dir):
     """assistant_only_loss false: a packed row has the targets and loss of its examples."""
-    from rlhf.packing import collate_packed, pack_rows
-    from rlhf.training import n_targets, token_nll_sum
+    from rlhf.infra.training import n_targets, token_nll_sum
+    from rlhf.tokens.packing import collate_packed, pack_rows
 
     tok = models.load_tokenizer(tiny_model_dir)
     model = models.load_causal_lm(tiny_model_dir).eval()
@@ -210,7 +210,7 @@ def test_packing_trains_no_target_across_example_boundaries(tiny_model_dir):
 def test_sharded_evaluation_counts_each_prompt_once(n, world, sharded, monkeypatch):
     """Under ZeRO-3 / FSDP the ranks' shares are padded with repeated prompts (every rank runs
     as many forwards); the gathered evaluation must hold each prompt exactly once, in order."""
-    from rlhf import distributed
+    from rlhf.infra import distributed
 
     monkeypatch.setattr(distributed, "is_sharded", lambda accelerator=None: sharded)
     shares = []

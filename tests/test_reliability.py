@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import training
-from rlhf.errors import NumericalFault
+from rlhf.infra import training
+from rlhf.infra.errors import NumericalFault
+from rlhf.infra.runtime import make_accelerator
 from rlhf.recipe import Recipe
-from rlhf.runtime import make_accelerator
 from tests.test_pipeline import _overrides, _write_data
 
 
@@ -102,7 +102,7 @@ def test_non_finite_in_stop_mode_or_too_often_stops_the_run():
 
 
 def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir):
-    from rlhf import models
+    from rlhf.roles import models
 
     model = models.load_causal_lm(str(tiny_model_dir))
     tok = models.load_tokenizer(str(tiny_model_dir))

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import models
-from rlhf import reward as rm
 from rlhf.data.types import Ranking
+from rlhf.roles import models
+from rlhf.roles import reward_model as rm
 
 USER = [{"role": "user", "content": "Name a colour."}]
 
@@ -232,7 +232,7 @@ def test_scores_are_the_same_with_left_and_right_padding(tiny_model_dir):
 
 
 def test_lora_seq_cls_keeps_the_score_head_trainable(tiny_model_dir):
-    from rlhf import training
+    from rlhf.infra import training
     from rlhf.recipe import LoraConfig
 
     model = models.load_reward_model(tiny_model_dir)
@@ -430,7 +430,7 @@ def test_reward_stage_lora_saves_a_merged_model_with_the_trained_head(tmp_path, 
 
 
 def test_default_init_requires_a_completed_sft_run(tmp_path, tiny_reward_data):
-    from rlhf.errors import UserError
+    from rlhf.infra.errors import UserError
     from rlhf.recipe import load_recipe
     from rlhf.stages import reward as stage
 

@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-from rlhf import reward_sources
-from rlhf.errors import NumericalFault, UserError
+from rlhf.algo.stats import distinct_n, wilson_interval
+from rlhf.infra.errors import NumericalFault, UserError
 from rlhf.recipe import load_recipe
-from rlhf.rewards import (
+from rlhf.roles import reward_sources
+from rlhf.roles.rewards import (
     answer_match,
     call_reward_function,
     format,
@@ -20,7 +21,6 @@ from rlhf.rewards import (
     normalise_answer,
     numbers_in,
 )
-from rlhf.stats import distinct_n, wilson_interval
 
 
 def _match(prompt: str, response: str, answer) -> float:
@@ -101,7 +101,8 @@ def test_wilson_interval_by_hand():
 
 
 def test_load_reward_function_errors_are_one_line():
-    assert load_reward_function("rlhf.rewards:length") is length
+    assert load_reward_function("rlhf.roles.rewards:length") is length
+    assert load_reward_function("rlhf.rewards:length") is length  # the path before rlhf/roles/
     assert load_reward_function("tests.reward_fns:digit_fraction")([], ["a1"], [{}]) == [0.5]
     for spec, words in [
         ("nope", "not a built-in"),
@@ -207,12 +208,12 @@ def test_nonfinite_function_scores_follow_the_numerics_policy():
 
 def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
     """A recipe's `module:function` reward drives PPO: the digit fraction rises."""
-    from rlhf import models
-    from rlhf.ppo.actor_critic import ActorCritic
-    from rlhf.ppo.core import FixedKLController
+    from rlhf.algo.ppo import FixedKLController
+    from rlhf.infra.runtime import make_accelerator
+    from rlhf.infra.training import make_optimizer
     from rlhf.ppo.iteration import PPOContext, ppo_iteration
-    from rlhf.runtime import make_accelerator
-    from rlhf.training import make_optimizer
+    from rlhf.roles import models
+    from rlhf.roles.actor_critic import ActorCritic
     from tests.ppo.tiny_policy import small_vocab_policy
 
     recipe = load_recipe(
@@ -257,7 +258,7 @@ def test_function_reward_raises_the_score_in_ppo(tiny_model_dir):
 
 
 def test_judge_of_a_policy_against_itself_gives_one_half():
-    from rlhf.policy_eval import judge_summary
+    from rlhf.ppo.policy_eval import judge_summary
 
     scores = [0.3, -1.0, 2.0, 0.3]
     got = judge_summary(scores, list(scores), positive_above=0.0)

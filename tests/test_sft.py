@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import models
-from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.recipe import load_recipe
+from rlhf.roles import models
+from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
 
 
 @pytest.fixture(scope="module")

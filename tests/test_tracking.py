@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf.errors import UserError
-from rlhf.tracking import MetricsLogger, read_metrics
+from rlhf.infra.errors import UserError
+from rlhf.infra.tracking import MetricsLogger, read_metrics
 
 
 def make_recipe(output_dir: Path):

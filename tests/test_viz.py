@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import cli, viz
-from rlhf.errors import UserError
+from rlhf import cli
+from rlhf.infra.errors import UserError
+from rlhf.tools import viz
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

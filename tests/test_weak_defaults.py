@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf import models
-from rlhf.chat import encode_prompt_response, encode_sft
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
+from rlhf.roles import models
+from rlhf.tokens.chat import encode_prompt_response, encode_sft
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +16,11 @@ def smol_tok(smollm2_dir):
 
 
 def test_approx_kl_early_stop_is_checked_after_each_minibatch():
-    from rlhf.ppo.actor_critic import ActorCritic
+    from rlhf.infra.runtime import make_accelerator
+    from rlhf.infra.training import make_optimizer
     from rlhf.ppo.update import ppo_update
     from rlhf.recipe import PPOConfig, Recipe
-    from rlhf.runtime import make_accelerator
-    from rlhf.training import make_optimizer
+    from rlhf.roles.actor_critic import ActorCritic
     from tests.dist_ppo_update import VOCAB, fixed_rollout
     from tests.ppo.tiny_policy import small_vocab_policy
 
@@ -46,7 +46,7 @@ def test_approx_kl_early_stop_is_checked_after_each_minibatch():
 
 
 def test_reference_logits_without_lora_is_an_error(tiny_model_dir):
-    from rlhf.ppo.actor_critic import ActorCritic
+    from rlhf.roles.actor_critic import ActorCritic
 
     ac = ActorCritic(models.load_causal_lm(tiny_model_dir))
     ids = torch.tensor([[5, 6, 7]])
@@ -55,7 +55,7 @@ def test_reference_logits_without_lora_is_an_error(tiny_model_dir):
 
 
 def test_every_end_token_ends_a_response():
-    from rlhf.sequences import response_mask
+    from rlhf.tokens.sequences import response_mask
 
     ids = torch.tensor([[5, 9, 7, 2], [5, 2, 9, 9], [5, 6, 7, 8]])
     mask, ended = response_mask(ids, [2, 9])  # e.g. <|eot_id|> and <|end_of_text|>
@@ -124,8 +124,8 @@ def test_attn_implementation_reaches_the_loaded_model(tiny_model_dir):
 def test_saved_models_keep_every_end_token(tiny_model_dir, tmp_path):
     import json
 
-    from rlhf.decoding import eos_ids
-    from rlhf.training import save_model
+    from rlhf.infra.training import save_model
+    from rlhf.tokens.decoding import eos_ids
 
     tok = models.load_tokenizer(tiny_model_dir)
     model = models.load_causal_lm(tiny_model_dir)

@@ -4,6 +4,7 @@
     load_comparisons(source)  -> LoadResult[Ranking]      (pairs | rankings | hh | oasst)
     load_prompts(source)      -> LoadResult[Prompt]       (prompts, or the prompts of the above)
     split_by_prompt(items, eval_fraction, seed) -> (train, eval)
+    load_train_eval(recipe, stage, kind)  -> (train, eval)   (a stage's train / eval / eval_fraction)
     check_lengths(items, tokenizer, max_length, on_invalid) -> (kept, skipped)
     fit_prompts(items, tokenizer, max_length, recipe.data)  -> kept (the stages' check)
 
@@ -12,7 +13,13 @@ with "file:line: what is wrong", or with on_invalid="skip" are counted in `.skip
 """
 
 from rlhf.data.lengths import check_lengths, fit_prompts
-from rlhf.data.loaders import as_source, load_comparisons, load_prompts, load_sft
+from rlhf.data.loaders import (
+    as_source,
+    load_comparisons,
+    load_prompts,
+    load_sft,
+    load_train_eval,
+)
 from rlhf.data.split import split_by_prompt
 from rlhf.data.types import LoadResult, Message, Prompt, Ranking, SFTExample
 
@@ -28,5 +35,6 @@ __all__ = [
     "load_comparisons",
     "load_prompts",
     "load_sft",
+    "load_train_eval",
     "split_by_prompt",
 ]

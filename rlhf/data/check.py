@@ -18,7 +18,7 @@ from rlhf.data.loaders import as_source, load, source_rows
 from rlhf.data.readers import BadLine
 from rlhf.data.types import Ranking
 from rlhf.data.validate import RowPolicy
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 EXAMPLES_SHOWN = 5
 
@@ -59,7 +59,7 @@ def check_file(
         loaded_recipe = load_recipe(recipe)
     tok = None
     if tokenizer is not None or loaded_recipe is not None:
-        from rlhf.models import load_tokenizer
+        from rlhf.roles.models import load_tokenizer
 
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)

@@ -1,4 +1,5 @@
-"""load_sft / load_comparisons / load_prompts: a DataSource -> validated canonical examples.
+"""load_sft / load_comparisons / load_prompts: a DataSource -> validated canonical examples;
+load_train_eval: a stage's train and eval examples.
 
 Every loader reads rows (readers.py), picks the format (given, or detected from the first row
 that parses), turns each row into examples (formats.py, hh.py, oasst.py) and applies the
@@ -18,9 +19,10 @@ from pydantic import ValidationError
 
 from rlhf.data import formats, hh, oasst
 from rlhf.data.readers import BadLine, HubUnavailable, read_hub, read_rows
+from rlhf.data.split import split_by_prompt
 from rlhf.data.types import LoadResult, Prompt, Ranking, SFTExample
 from rlhf.data.validate import InvalidRow, RowPolicy
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 from rlhf.recipe import DATA_FORMATS, DATA_ROOT_ENV, DataSource, looks_like_local_path
 
 Parser = Callable[[Any, str], list]
@@ -55,6 +57,22 @@ def load_comparisons(source: DataSource | str, on_invalid: str = "error") -> Loa
 def load_prompts(source: DataSource | str, on_invalid: str = "error") -> LoadResult[Prompt]:
     """Prompts from a prompts file, or the prompts of any SFT or comparison data."""
     return load(source, "prompts", on_invalid)
+
+
+def load_train_eval(
+    recipe: Any, stage: str, kind: str, keep: Callable[[list], list] = list
+) -> tuple[list, list]:
+    """(train, eval) examples of a stage's `train`, `eval` and `eval_fraction`: eval from its
+    own source, else the prompts eval_fraction holds out of train (none at 0), so eval never
+    shares a prompt with train. `keep` picks from the train source first (reward.subset)."""
+    cfg = getattr(recipe, stage)
+    if cfg.train is None:
+        raise UserError(f"{recipe._source}: {stage}.train: missing required key")
+    on_invalid = recipe.data.on_invalid
+    train = keep(load(cfg.train, kind, on_invalid).items)
+    if cfg.eval is not None:
+        return train, load(cfg.eval, kind, on_invalid).items
+    return split_by_prompt(train, cfg.eval_fraction, recipe.seed)
 
 
 def load(

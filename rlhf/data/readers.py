@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from rlhf.data.types import Message
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 ON_INVALID = ("error", "skip")

@@ -1,6 +1,8 @@
-"""PPO for RLHF. The public math API lives in `core`: pure tensor functions."""
+"""PPO for RLHF: the loop's parts (`prompts`, `roles`, `rollout`, `update`, `iteration`,
+`calibration`, `policy_eval`), and the public math API, written in `rlhf.algo.ppo` as pure tensor
+functions and importable from here: `from rlhf.ppo import gae, policy_loss, ...`."""
 
-from rlhf.ppo.core import (
+from rlhf.algo.ppo import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,

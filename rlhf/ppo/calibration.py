@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from rlhf import distributed
-from rlhf.policy_eval import generate_reference
-from rlhf.ppo.actor_critic import ActorCritic, eval_mode
+from rlhf.infra import distributed
+from rlhf.ppo.policy_eval import generate_reference
 from rlhf.ppo.prompts import Prompts
+from rlhf.roles.actor_critic import ActorCritic, eval_mode
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ Ziegler et al. 2019 and "The N Implementation Details of RLHF with PPO" (Huang e
                batched forward each over the response positions); the score
   3. shape     r_t = -beta * KL_t, + normalised score at the last response token
   4. GAE       advantages, returns = advantages + values; advantages whitened
-               (or a critic-free estimator over each prompt's k samples: rlhf.ppo.advantages)
+               (or a critic-free estimator over each prompt's k samples: rlhf.algo.advantages)
   5. update    ppo_epochs over shuffled minibatches (rlhf.ppo.update)
 
 Rows come grouped: with cfg.samples_per_prompt = k, rows i*k .. i*k+k-1 answer the same prompt.
@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from rlhf.distributed import gathered_for_generation, writable
-from rlhf.ppo.actor_critic import eval_mode
-from rlhf.ppo.advantages import compute_advantages
-from rlhf.ppo.core import explained_variance, masked_mean
+from rlhf.algo.advantages import compute_advantages
+from rlhf.algo.ppo import explained_variance, masked_mean
+from rlhf.infra.distributed import gathered_for_generation, writable
+from rlhf.infra.training import NonFiniteGuard
 from rlhf.ppo.rollout import Rollout, sample_rollout, score_with_models
 from rlhf.ppo.update import ppo_update
-from rlhf.reward_sources import calibrate
-from rlhf.training import NonFiniteGuard
+from rlhf.roles.actor_critic import eval_mode
+from rlhf.roles.reward_sources import calibrate
 
 
 def normalise_score(
@@ -81,7 +81,7 @@ def ppo_iteration(
     unwrapped = accelerator.unwrap_model(model)
     times = [time.time()]
 
-    # 1. rollout (ZeRO-3 / FSDP: parameters gathered, every rank in step; rlhf/distributed.py)
+    # 1. rollout (ZeRO-3 / FSDP: parameters gathered, every rank in step; rlhf/infra/distributed.py)
     with eval_mode(model), gathered_for_generation(accelerator, model), accelerator.autocast():
         roll = sample_rollout(
             unwrapped.policy,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rlhf.chat import encode_prompt, pad_batch
+from rlhf.tokens.chat import encode_prompt, pad_batch
 
 
 @dataclass

@@ -4,7 +4,7 @@ value function, built the way the recipe's ppo section asks.
   policy     full fine-tuning, or LoRA (then the reference is the same weights with the
              adapter disabled: no copy)
   reference  None with LoRA, else a frozen full copy on each rank's device (never prepared,
-             even next to a ZeRO-3 / FSDP policy: rlhf/distributed.py)
+             even next to a ZeRO-3 / FSDP policy: rlhf/infra/distributed.py)
   values     a head on the policy's backbone (shared), a separate critic initialised from a
              reward model, or none (the critic-free estimators)
 
@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from rlhf import distributed, models
-from rlhf.ppo.actor_critic import ActorCritic, disable_dropout
-from rlhf.runtime import frozen_weight_dtype
+from rlhf.infra import distributed
+from rlhf.infra.runtime import frozen_weight_dtype
+from rlhf.roles import models
+from rlhf.roles.actor_critic import ActorCritic, disable_dropout
 
 
 def build_roles(

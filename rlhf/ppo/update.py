@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf.ppo.core import (
+from rlhf.algo.ppo import (
     aggregate_loss,
     entropy_from_logits,
     kl_penalty,
@@ -21,9 +21,9 @@ from rlhf.ppo.core import (
     policy_loss,
     value_loss,
 )
+from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
-from rlhf.sequences import logprobs_from_logits, response_keep
-from rlhf.training import NonFiniteGuard, step_if_finite
+from rlhf.tokens.sequences import logprobs_from_logits, response_keep
 
 
 def ppo_update(

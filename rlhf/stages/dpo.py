@@ -9,7 +9,7 @@ rankings as the reward stage, keeping this project's run-directory contract.
   * the loss is TRL's (`dpo.loss_type`, `dpo.beta`); the Trainer runs the loop, DDP included.
   * evaluation: the implicit reward on a fixed sample of held-out pairs (`dpo.eval_pairs`,
     every eval_every steps and at the end), then the PPO stage's end-of-run comparison with
-    SFT (rlhf/policy_eval.py) on held-out prompts: the trained reward model and eval.judges,
+    SFT (rlhf/ppo/policy_eval.py) on held-out prompts: the trained reward model and eval.judges,
     answer accuracy, KL to the reference, length, EOS rate.
   * contract: a TrainerCallback writes TRL's logs to metrics.jsonl / tb/ in our key style,
     turns SIGINT/SIGTERM into a checkpoint and a clean stop, and marks each finished checkpoint
@@ -24,20 +24,24 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from rlhf import checkpoint, data, distributed, models, policy_eval, reward_sources, training
-from rlhf import dpo as pref
-from rlhf.errors import UserError
-from rlhf.ppo.actor_critic import ActorCritic
-from rlhf.rundir import RunDir, require_completed
-from rlhf.runtime import resolve_precision, run_info, set_seed, setup_logging
-from rlhf.signals import Interrupted, StopSignal
-from rlhf.tracking import MetricsLogger
+from rlhf import data
+from rlhf.infra import checkpoint, distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.rundir import RunDir, require_completed
+from rlhf.infra.runtime import resolve_precision, run_info, set_seed, setup_logging
+from rlhf.infra.signals import Interrupted, StopSignal
+from rlhf.infra.tracking import MetricsLogger
+from rlhf.ppo import policy_eval
+from rlhf.roles import models, reward_sources
+from rlhf.roles import preference as pref
+from rlhf.roles.actor_critic import ActorCritic
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +62,6 @@ def load_eval_prompts(recipe: Any, tokenizer: Any) -> list:
         return []
     items = data.load_prompts(source, recipe.data.on_invalid).items
     return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
-
-
-def load_rankings(recipe: Any) -> tuple[list, list]:
-    """(train rankings, eval rankings); eval never shares a prompt with train."""
-    cfg = recipe.dpo
-    if cfg.train is None:
-        raise UserError(f"{recipe._source}: dpo.train: missing required key")
-    train = data.load_comparisons(cfg.train, recipe.data.on_invalid).items
-    if cfg.eval is not None:
-        evals = data.load_comparisons(cfg.eval, recipe.data.on_invalid).items
-    elif cfg.eval_fraction > 0:
-        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
-    else:
-        evals = []
-    return train, evals
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -248,7 +237,7 @@ def dpo_config(recipe: Any, checkpoints: Path, has_eval: bool) -> Any:
     on_cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # FSDP / ZeRO-3 on CPU ranks: the Trainer adopts the state built here (else it silently
-    # trains DDP copies; rlhf/distributed.py).
+    # trains DDP copies; rlhf/infra/distributed.py).
     configured = distributed.state_for_trainer_on_cpu_ranks()
     return DPOConfig(
         accelerator_config={"use_configured_state": True} if configured else None,
@@ -292,64 +281,93 @@ def dpo_config(recipe: Any, checkpoints: Path, has_eval: bool) -> Any:
     )
 
 
-def run(recipe: Any, resume: bool = False) -> Path:
-    from datasets import Dataset
-    from trl import DPOTrainer
+@dataclass
+class Pairs:
+    """What the stage trains and evaluates on, every check done before a model loads."""
 
+    train_items: list  # rankings
+    eval_items: list
+    train_rows: list[dict]  # TRL's preference rows
+    held_out: list[dict]  # every held-out pair
+    eval_rows: list[dict]  # the sample of them the Trainer scores
+    eval_prompts: list  # for the generation eval
+
+
+def load_pairs(recipe: Any, tokenizer: Any) -> Pairs:
     cfg = recipe.dpo
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    setup_logging(is_main)
-    init_from = sft_model_dir(recipe)
-    out = RunDir(recipe.stage_dir("dpo"), "dpo", recipe, is_main, {})
-
-    # --- data and tokenizer (all validation happens before the model loads)
-    tokenizer = models.load_tokenizer(
-        str(init_from), recipe.model.chat_template, recipe.model.trust_remote_code
-    )
-    train_items, eval_items = load_rankings(recipe)
+    train_items, eval_items = data.load_train_eval(recipe, "dpo", "comparisons")
     fit = lambda items: data.fit_prompts(items, tokenizer, cfg.max_length, recipe.data)  # noqa: E731
     train_items, eval_items = fit(train_items), fit(eval_items)
-    train_rows = pref.preference_rows(train_items, cfg.pairs)
-    held_out_pairs = pref.preference_rows(eval_items, "all")
-    eval_rows = eval_subset(held_out_pairs, cfg.eval_pairs, recipe.seed)
-    eval_prompts = load_eval_prompts(recipe, tokenizer)
-    if not train_rows:
+    held_out = pref.preference_rows(eval_items, "all")
+    pairs = Pairs(
+        train_items,
+        eval_items,
+        pref.preference_rows(train_items, cfg.pairs),
+        held_out,
+        eval_subset(held_out, cfg.eval_pairs, recipe.seed),
+        load_eval_prompts(recipe, tokenizer),
+    )
+    if not pairs.train_rows:
         raise UserError(f"{cfg.train.path}: no ranking with at least two responses")
-    train_set = Dataset.from_list(train_rows)
-    eval_set = Dataset.from_list(eval_rows) if eval_rows else None
+    return pairs
 
-    # --- models: the SFT weights twice (policy, frozen reference) or once under LoRA
+
+def load_models(recipe: Any, init_from: Path, tokenizer: Any) -> tuple[Any, Any]:
+    """(policy, reference): the SFT weights twice, or once under LoRA (reference None)."""
     set_seed(recipe.seed)
     load = lambda: models.load_causal_lm(  # noqa: E731
         str(init_from), trust_remote_code=recipe.model.trust_remote_code
     )
     policy = load()
     policy.config.pad_token_id = tokenizer.pad_token_id
-    reference = None if cfg.lora.enabled else load().eval()
-    peft_config = models.lora_config(cfg.lora) if cfg.lora.enabled else None
+    return policy, None if recipe.dpo.lora.enabled else load().eval()
 
+
+def resume_point(out: RunDir, resume: bool, is_main: bool) -> Path | None:
+    """Start the run folder, from the newest VALID checkpoint when resuming (None: fresh)."""
     ckpts = checkpoint.valid_checkpoints(out.checkpoints, CHECKPOINT_PREFIX) if resume else []
     ckpt = ckpts[-1] if ckpts else None
     out.start(resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None)
     if ckpt is not None and is_main:
         drop_torn_checkpoints(out.checkpoints)
+    return ckpt
 
-    stop = StopSignal()
-    trainer = DPOTrainer(
+
+def make_trainer(
+    recipe: Any, policy: Any, reference: Any, tokenizer: Any, pairs: Pairs, checkpoints: Path
+) -> Any:
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    lora = recipe.dpo.lora
+    eval_set = Dataset.from_list(pairs.eval_rows) if pairs.eval_rows else None
+    return DPOTrainer(
         model=policy,
         ref_model=reference,
-        args=dpo_config(recipe, out.checkpoints, eval_set is not None),
-        train_dataset=train_set,
+        args=dpo_config(recipe, checkpoints, eval_set is not None),
+        train_dataset=Dataset.from_list(pairs.train_rows),
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=models.lora_config(lora) if lora.enabled else None,
     )
-    accelerator = trainer.accelerator
-    logger = MetricsLogger(out.path, "dpo", recipe, accelerator)
+
+
+def attach_contract(trainer: Any, out: RunDir, recipe: Any, stop: StopSignal) -> ContractCallback:
+    """Our metrics log, signals and VALID markers on the trainer, in place of its printer."""
+    logger = MetricsLogger(out.path, "dpo", recipe, trainer.accelerator)
     contract = ContractCallback(logger, stop, out.checkpoints)
-    contract.accelerator = accelerator
+    contract.accelerator = trainer.accelerator
     trainer.add_callback(contract)
     trainer.remove_callback(PrinterCallback)  # prints every log dict; ours go to metrics.jsonl
+    return contract
+
+
+def describe_run(
+    out: RunDir, trainer: Any, recipe: Any, init_from: Path, pairs: Pairs, ckpt: Path | None
+) -> None:
+    """run.json's facts about this run, and one log line."""
+    cfg = recipe.dpo
+    accelerator = trainer.accelerator
     trainable, total = training.trainable_parameters(trainer.model)
     world = accelerator.num_processes
     out.info.update(
@@ -367,12 +385,12 @@ def run(recipe: Any, resume: bool = False) -> Path:
             else None
         ),
         effective_batch_pairs=cfg.batch_size * cfg.grad_accum * world,
-        train_rankings=len(train_items),
-        train_pairs=len(train_rows),
-        eval_rankings=len(eval_items),
-        eval_pairs=len(eval_rows),
-        held_out_pairs=len(held_out_pairs),
-        eval_prompts=min(len(eval_prompts), recipe.ppo.eval_size),
+        train_rankings=len(pairs.train_items),
+        train_pairs=len(pairs.train_rows),
+        eval_rankings=len(pairs.eval_items),
+        eval_pairs=len(pairs.eval_rows),
+        held_out_pairs=len(pairs.held_out),
+        eval_prompts=min(len(pairs.eval_prompts), recipe.ppo.eval_size),
         trainable_parameters=trainable,
         parameters=total,
     )
@@ -381,10 +399,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
         "%d pairs (%d x %d x %d ranks)%s",
         cfg.loss_type,
         cfg.beta,
-        len(train_items),
-        len(train_rows),
+        len(pairs.train_items),
+        len(pairs.train_rows),
         cfg.pairs,
-        len(eval_rows),
+        len(pairs.eval_rows),
         cfg.batch_size * cfg.grad_accum * world,
         cfg.batch_size,
         cfg.grad_accum,
@@ -392,6 +410,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
         f", resuming from {ckpt}" if ckpt else "",
     )
 
+
+def train(
+    trainer: Any, contract: ContractCallback, stop: StopSignal, ckpt: Path | None, out: RunDir
+) -> None:
+    """The Trainer's loop; a signal ends it with a checkpoint and Interrupted."""
     stop.install()
     try:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -399,39 +422,82 @@ def run(recipe: Any, resume: bool = False) -> Path:
         stop.restore()
     if contract.signum:
         saved = checkpoint.valid_checkpoints(out.checkpoints, CHECKPOINT_PREFIX)
-        logger.close()
+        contract.logger.close()
         raise Interrupted(contract.signum, saved[-1] if saved else None)
 
+
+def final_results(
+    trainer: Any, recipe: Any, tokenizer: Any, pairs: Pairs, logger: MetricsLogger
+) -> dict[str, Any]:
+    """eval.json: the held-out evaluations and what was trained (also logged as metrics)."""
+    cfg = recipe.dpo
     step = trainer.state.global_step
     results = {
-        **evaluate_policy(trainer, recipe, tokenizer, eval_prompts),
+        **evaluate_policy(trainer, recipe, tokenizer, pairs.eval_prompts),
         "steps": step,
         "pairs": cfg.pairs,
         "loss_type": cfg.loss_type,
         "beta": cfg.beta,
-        "train_pairs": len(train_rows),
+        "train_pairs": len(pairs.train_rows),
     }
     if "preference" in results:
         logger.log(step, {f"eval/preference/{k}": v for k, v in results["preference"].items()})
-    out.info["total_steps"] = step
-    out.info["parameters_per_rank"] = contract.policy_per_rank  # sharded: about total / world
+    return results
+
+
+def save_policy(
+    trainer: Any,
+    recipe: Any,
+    tokenizer: Any,
+    out: RunDir,
+    init_from: Path,
+    results: dict,
+    is_main: bool,
+) -> None:
+    """model/ with its card, written by the main process from the gathered full weights."""
+    cfg = recipe.dpo
+    accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     full = distributed.full_state_dict(accelerator, trainer.model_wrapped)  # every rank
-    if is_main:
-        card = training.model_card(
-            "DPO policy",
-            recipe,
-            f"Direct preference optimisation (TRL DPOTrainer, loss `{cfg.loss_type}`, "
-            f"beta {cfg.beta}), {step} steps from `{init_from}` on {len(train_rows)} pairs "
-            f"({cfg.pairs}). Held-out preference accuracy of the implicit reward: "
-            f"{results.get('preference', {}).get('accuracy')}.",
+    if not is_main:
+        return
+    card = training.model_card(
+        "DPO policy",
+        recipe,
+        f"Direct preference optimisation (TRL DPOTrainer, loss `{cfg.loss_type}`, "
+        f"beta {cfg.beta}), {results['steps']} steps from `{init_from}` on "
+        f"{results['train_pairs']} pairs ({cfg.pairs}). Held-out preference accuracy of the "
+        f"implicit reward: {results.get('preference', {}).get('accuracy')}.",
+    )
+    with out.staging(out.model_dir) as tmp:
+        training.save_model(
+            accelerator.unwrap_model(trainer.model), tokenizer, tmp, cfg.merge_lora, card, full
         )
-        with out.staging(out.model_dir) as tmp:
-            training.save_model(
-                accelerator.unwrap_model(trainer.model), tokenizer, tmp, cfg.merge_lora, card, full
-            )
-    logger.close()
+
+
+def run(recipe: Any, resume: bool = False) -> Path:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    setup_logging(is_main)
+    init_from = sft_model_dir(recipe)
+    out = RunDir(recipe.stage_dir("dpo"), "dpo", recipe, is_main, {})
+    # data and tokenizer first: all validation happens before the model loads
+    tokenizer = models.load_tokenizer(
+        str(init_from), recipe.model.chat_template, recipe.model.trust_remote_code
+    )
+    pairs = load_pairs(recipe, tokenizer)
+    policy, reference = load_models(recipe, init_from, tokenizer)
+    ckpt = resume_point(out, resume, is_main)
+    stop = StopSignal()
+    trainer = make_trainer(recipe, policy, reference, tokenizer, pairs, out.checkpoints)
+    contract = attach_contract(trainer, out, recipe, stop)
+    describe_run(out, trainer, recipe, init_from, pairs, ckpt)
+    train(trainer, contract, stop, ckpt, out)
+    results = final_results(trainer, recipe, tokenizer, pairs, contract.logger)
+    out.info["total_steps"] = results["steps"]
+    out.info["parameters_per_rank"] = contract.policy_per_rank  # sharded: about total / world
+    save_policy(trainer, recipe, tokenizer, out, init_from, results, is_main)
+    contract.logger.close()
     out.finish(results)
-    accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     log.info("dpo: held-out preference accuracy %s", results.get("preference"))
     return out.path

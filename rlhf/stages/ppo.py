@@ -9,7 +9,7 @@ rlhf/ppo/iteration.py:
                ppo.estimator rloo / grpo / reinforce_pp, k samples per prompt and no critic)
   5. update    PPO epochs over minibatches: clipped policy + clipped value loss
 The loop, resume, checkpoints and the run folder are the stage runner's; here: the roles and
-prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/policy_eval.py).
+prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/ppo/policy_eval.py).
 """
 
 from __future__ import annotations
@@ -22,21 +22,23 @@ from typing import Any
 
 import torch
 
-from rlhf import data, distributed, models, reward_sources, training
-from rlhf.chat import last_user_text
-from rlhf.errors import UserError
-from rlhf.policy_eval import evaluate_policy, reward_model_scorer
-from rlhf.ppo.actor_critic import ActorCritic
+from rlhf import data
+from rlhf.algo.ppo import AdaptiveKLController, FixedKLController
+from rlhf.infra import distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.rundir import require_completed
+from rlhf.infra.runtime import frozen_weight_dtype
+from rlhf.infra.tracking import mean_across_ranks
 from rlhf.ppo.calibration import sft_calibration
-from rlhf.ppo.core import AdaptiveKLController, FixedKLController
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
+from rlhf.ppo.policy_eval import evaluate_policy, reward_model_scorer
 from rlhf.ppo.prompts import Prompts, PromptSampler, iteration_seed
 from rlhf.ppo.roles import build_roles
 from rlhf.ppo.rollout import Rollout
-from rlhf.rundir import require_completed
-from rlhf.runtime import frozen_weight_dtype
+from rlhf.roles import models, reward_sources
+from rlhf.roles.actor_critic import ActorCritic
 from rlhf.stages.runner import Cadence, StageRun
-from rlhf.tracking import mean_across_ranks
+from rlhf.tokens.chat import last_user_text
 
 log = logging.getLogger(__name__)
 

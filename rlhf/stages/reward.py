@@ -2,7 +2,7 @@
 
 An `AutoModelForSequenceClassification` head (`num_labels=1`) on the SFT model (or
 `reward.init_from`), read at the last real token (`models.sequence_scores`, right or left
-padding), trained with the Bradley-Terry loss of `rlhf.reward`:
+padding), trained with the Bradley-Terry loss of `rlhf.roles.reward_model`:
 
   * a batch is a set of PROMPTS; each brings its K ranked responses and all K(K-1)/2 pairs;
     every response is scored once per step (one forward over the flattened responses);
@@ -30,10 +30,12 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from rlhf import data, distributed, models, training
-from rlhf import reward as rm
-from rlhf.errors import UserError
-from rlhf.rundir import require_completed
+from rlhf import data
+from rlhf.infra import distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.rundir import require_completed
+from rlhf.roles import models
+from rlhf.roles import reward_model as rm
 from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows
 
 log = logging.getLogger(__name__)
@@ -71,22 +73,14 @@ def half_of(items: list, subset: str) -> list:
 def load_datasets(recipe: Any) -> tuple[list, list, dict[str, list]]:
     """(train rankings, eval rankings, {extra name: rankings}); eval never overlaps train."""
     cfg = recipe.reward
-    if cfg.train is None:
-        raise UserError(f"{recipe._source}: reward.train: missing required key")
-    on_invalid = recipe.data.on_invalid
-    train = half_of(data.load_comparisons(cfg.train, on_invalid).items, cfg.subset)
-    if cfg.eval is not None:
-        evals = data.load_comparisons(cfg.eval, on_invalid).items
-    elif cfg.eval_fraction > 0:
-        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
-    else:
-        evals = []
+    keep = lambda items: half_of(items, cfg.subset)  # noqa: E731
+    train, evals = data.load_train_eval(recipe, "reward", "comparisons", keep)
     extras: dict[str, list] = {}
     for source in cfg.extra_eval:
         name = source_name(source)
         while name in extras:
             name += "_"
-        extras[name] = data.load_comparisons(source, on_invalid).items
+        extras[name] = data.load_comparisons(source, recipe.data.on_invalid).items
     return train, evals, extras
 
 
@@ -244,16 +238,23 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
                "train_prompts": len(train_rows), "train_pairs": n_train_pairs,
                "skipped_batches": stage.guard.skipped}  # fmt: skip
     models.unwrap_peft(accelerator.unwrap_model(scorer).model).config.reward_calibration = calib
-    card = ("Reward model", f"Scalar reward model (Bradley-Terry on ranked pairs), {total_steps} "
-            f"steps from `{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} "
-            f"(initial) -> {results.get('accuracy')} (this model). Rewards are read at the last "
-            f"token; calibration (mean/std over {calib['n']} training responses) is in "
-            "`reward_calibration.json` and `config.json`.")  # fmt: skip
+    card = ("Reward model", card_text(init_from, results, calib))
     path = stage.finish(results, scorer, tokenizer, card, cfg.merge_lora, lambda s: s.model,
                         prefix="model.", extra_files={"reward_calibration.json": calib})  # fmt: skip
     log.info("reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
              results.get("accuracy"), results["base_accuracy"], calib["mean"], calib["std"])  # fmt: skip
     return path
+
+
+def card_text(init_from: str, results: dict[str, Any], calib: dict[str, Any]) -> str:
+    """The model card's account of the trained reward model."""
+    return (
+        f"Scalar reward model (Bradley-Terry on ranked pairs), {results['steps']} steps from "
+        f"`{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} (initial) -> "
+        f"{results.get('accuracy')} (this model). Rewards are read at the last token; "
+        f"calibration (mean/std over {calib['n']} training responses) is in "
+        "`reward_calibration.json` and `config.json`."
+    )
 
 
 def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, list[dict]]]:

@@ -1,7 +1,7 @@
 """The skeleton every training stage shares, so that a stage is only its set-up, one step and
 its evaluation.
 
-`StageRun` owns the accelerator, the run directory contract (rlhf/rundir.py: recipe.yaml,
+`StageRun` owns the accelerator, the run directory contract (rlhf/infra/rundir.py: recipe.yaml,
 run.json, metrics.jsonl, checkpoints/, model/, eval.json, COMPLETED last), resume, metrics
 logging, the non-finite guard, clean stops on SIGINT / SIGTERM, checkpoint-or-interrupt and
 the final save:
@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from rlhf import checkpoint, distributed, training
-from rlhf.progress import Progress
-from rlhf.rundir import RunDir, write_json_atomic
-from rlhf.runtime import make_accelerator, run_info
-from rlhf.signals import Interrupted, StopSignal
-from rlhf.tracking import MetricsLogger
+from rlhf.infra import checkpoint, distributed, training
+from rlhf.infra.progress import Progress
+from rlhf.infra.rundir import RunDir, write_json_atomic
+from rlhf.infra.runtime import make_accelerator, run_info
+from rlhf.infra.signals import Interrupted, StopSignal
+from rlhf.infra.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 

@@ -20,26 +20,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf import data, distributed, models, training
-from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
-from rlhf.errors import UserError
-from rlhf.packing import collate_packed, pack_rows
+from rlhf import data
+from rlhf.infra import distributed, training
+from rlhf.infra.errors import UserError
+from rlhf.infra.training import n_targets, token_nll_sum
+from rlhf.roles import models
 from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows, rank_batches
-from rlhf.training import n_targets, token_nll_sum
+from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
+from rlhf.tokens.packing import collate_packed, pack_rows
 
 log = logging.getLogger(__name__)
-
-
-def load_datasets(recipe: Any) -> tuple[list, list]:
-    cfg = recipe.sft
-    if cfg.train is None:
-        raise UserError(f"{recipe._source}: sft.train: missing required key")
-    train = data.load_sft(cfg.train, recipe.data.on_invalid).items
-    if cfg.eval is not None:
-        evals = data.load_sft(cfg.eval, recipe.data.on_invalid).items
-    else:
-        train, evals = data.split_by_prompt(train, cfg.eval_fraction, recipe.seed)
-    return train, evals
 
 
 def encode_rows(recipe: Any, tokenizer: Any, items: list) -> list[dict]:
@@ -82,7 +72,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
     tokenizer = load_tokenizer(recipe)
-    train_items, eval_items = load_datasets(recipe)
+    train_items, eval_items = data.load_train_eval(recipe, "sft", "sft")
     train_rows = encode_rows(recipe, tokenizer, train_items)
     eval_rows = encode_rows(recipe, tokenizer, eval_items)
     if not train_rows:

@@ -6,7 +6,7 @@ import pytest
 from helpers_data import write_jsonl
 
 from rlhf.data.check import check_file, percentiles
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 
 def test_check_comparisons_reports_skips_and_histogram(tmp_path):

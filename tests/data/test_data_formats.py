@@ -9,7 +9,7 @@ import pytest
 from helpers_data import write_jsonl
 
 from rlhf.data import Prompt, Ranking, SFTExample, load_comparisons, load_prompts, load_sft
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 from rlhf.recipe import DataSource
 
 CHAT = [

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from rlhf.cli import main
 from rlhf.data import load_comparisons, readers
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 from rlhf.recipe import DataSource, load_recipe
 from rlhf.stages.reward import load_datasets
 from tests.conftest import human_data_dir, real_data_file

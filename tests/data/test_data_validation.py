@@ -9,7 +9,7 @@ import pytest
 from helpers_data import write_jsonl
 
 from rlhf.data import check_lengths, load_comparisons, load_prompts, load_sft
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 GOOD_PAIR = {"prompt": "Q", "chosen": "a", "rejected": "b"}
 GOOD_SFT = {"prompt": "Q", "completion": "A"}
@@ -218,7 +218,7 @@ def test_check_lengths_error_and_skip(tmp_path):
 
 
 def test_check_lengths_real_tokenizer(tmp_path, tiny_model_dir):
-    from rlhf.models import load_tokenizer
+    from rlhf.roles.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     path = write_jsonl(tmp_path / "x.jsonl", ["short", "word " * 300])

@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 
+from rlhf.algo.ppo import last_index
 from rlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -31,7 +32,6 @@ from rlhf.ppo import (
     shape_rewards,
     value_loss,
 )
-from rlhf.ppo.core import last_index
 
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3, 4]

@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from rlhf import models
+from rlhf.algo.advantages import compute_advantages
 from rlhf.cli import main
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
+from rlhf.infra.runtime import make_accelerator
+from rlhf.infra.training import make_optimizer
 from rlhf.ppo import FixedKLController, aggregate_loss, group_advantages, rloo_advantages
-from rlhf.ppo.actor_critic import ActorCritic
-from rlhf.ppo.advantages import compute_advantages
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
 from rlhf.recipe import PPOConfig, Recipe, load_recipe
-from rlhf.runtime import make_accelerator
-from rlhf.training import make_optimizer
+from rlhf.roles import models
+from rlhf.roles.actor_critic import ActorCritic
 from tests.ppo.tiny_policy import programmatic_score, small_vocab_policy
 from tests.test_pipeline import _overrides, _write_data
 

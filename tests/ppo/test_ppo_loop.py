@@ -2,15 +2,15 @@
 
 import torch
 
-from rlhf import models
+from rlhf.infra.runtime import make_accelerator
+from rlhf.infra.training import make_optimizer
 from rlhf.ppo import AdaptiveKLController, FixedKLController
-from rlhf.ppo.actor_critic import ActorCritic
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
 from rlhf.ppo.rollout import sample_rollout
 from rlhf.recipe import LoraConfig, PPOConfig, Recipe
-from rlhf.runtime import make_accelerator
-from rlhf.sequences import response_mask
-from rlhf.training import make_optimizer
+from rlhf.roles import models
+from rlhf.roles.actor_critic import ActorCritic
+from rlhf.tokens.sequences import response_mask
 from tests.ppo.tiny_policy import programmatic_score, small_vocab_policy
 
 

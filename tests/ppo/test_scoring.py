@@ -5,11 +5,11 @@ import contextlib
 
 import torch
 
-from rlhf import models
-from rlhf.ppo.actor_critic import ActorCritic, causal_lm_logits
 from rlhf.ppo.rollout import sample_rollout, score_with_models
 from rlhf.recipe import LoraConfig, PPOConfig
-from rlhf.sequences import response_slice
+from rlhf.roles import models
+from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits
+from rlhf.tokens.sequences import response_slice
 
 
 def _left_padded(vocab: int, rows: int = 3, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:

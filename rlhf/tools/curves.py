@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from rlhf.errors import UserError
-from rlhf.plotting import pyplot, save_figure
+from rlhf.infra.errors import UserError
+from rlhf.tools.plotting import pyplot, save_figure
 
 STAGES = ("sft", "reward", "ppo", "dpo")
 PIPELINE = ("sft", "reward", "ppo")  # the stages the overview page needs
@@ -277,15 +277,21 @@ def _first_flag(steps: Sequence[float], flags: Sequence[bool]) -> float:
     return next(s for s, f in zip(steps, flags) if f)
 
 
+# Where the KL and length alarms fire: KL above KL_FACTOR x the adaptive controller's target,
+# or without one above KL_MEDIAN_FACTOR x the run's median; a mean response length above
+# LENGTH_FACTOR x its first value, or at max_new_tokens for LENGTH_PATIENCE logged steps.
+KL_FACTOR = 2.0
+KL_MEDIAN_FACTOR = 3.0
+LENGTH_FACTOR = 3.0
+LENGTH_PATIENCE = 3
+
+
 def check_kl(
-    steps: Sequence[float],
-    kl: Sequence[float],
-    target: float | None = None,
-    factor: float = 2.0,
-    median_factor: float = 3.0,
+    steps: Sequence[float], kl: Sequence[float], target: float | None = None
 ) -> Alarm | None:
-    """KL far above the adaptive controller's target (> factor x target). Without a target,
-    far above the run's own typical KL (> median_factor x its median)."""
+    """KL far above the adaptive controller's target (> KL_FACTOR x target). Without a target,
+    far above the run's own typical KL (> KL_MEDIAN_FACTOR x its median)."""
+    factor, median_factor = KL_FACTOR, KL_MEDIAN_FACTOR
     if not kl:
         return None
     if target is not None and target > 0:
@@ -331,14 +337,11 @@ def check_entropy(
 
 
 def check_length(
-    steps: Sequence[float],
-    length: Sequence[float],
-    max_new_tokens: int | None = None,
-    factor: float = 3.0,
-    patience: int = 3,
+    steps: Sequence[float], length: Sequence[float], max_new_tokens: int | None = None
 ) -> Alarm | None:
-    """Response length exploding: > factor x its first value, or at max_new_tokens (mean
-    length >= 95% of it) for `patience` consecutive logged steps (all of them if fewer)."""
+    """Response length exploding: > LENGTH_FACTOR x its first value, or at max_new_tokens (mean
+    length >= 95% of it) for LENGTH_PATIENCE consecutive logged steps (all if fewer)."""
+    factor, patience = LENGTH_FACTOR, LENGTH_PATIENCE
     if not length:
         return None
     grown = [length[0] > 0 and v > factor * length[0] for v in length]
@@ -792,7 +795,7 @@ def render(
             figures[stage] = path
     report_path = None
     if report:
-        from rlhf.report import write_report
+        from rlhf.tools.report import write_report
 
         report_path = write_report(out_dir / "report.html", by_stage, figures, alarms, smoothing)
     return {"runs": runs, "alarms": alarms, "figures": figures, "report": report_path}

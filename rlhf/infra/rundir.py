@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 PACKAGES = ("rlhf", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
 

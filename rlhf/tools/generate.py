@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from rlhf.chat import encode_prompt, last_user_text, pad_batch
-from rlhf.decoding import Decoding, decoding_from_args, eos_ids, own_generation_config
-from rlhf.errors import UserError
-from rlhf.sequences import response_mask
+from rlhf.infra.errors import UserError
+from rlhf.tokens.chat import encode_prompt, last_user_text, pad_batch
+from rlhf.tokens.decoding import Decoding, decoding_from_args, eos_ids, own_generation_config
+from rlhf.tokens.sequences import response_mask
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -36,7 +36,7 @@ def pick_device(name: str | None) -> torch.device:
 def load(model_dir: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, left-padding tokenizer): generation appends on the right, so the
     prompts must end at the same column."""
-    from rlhf import models
+    from rlhf.roles import models
 
     tokenizer = models.load_tokenizer(model_dir, padding_side="left")
     model = models.load_causal_lm(model_dir).to(device).eval()

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import NumericalFault, UserError
-from rlhf.rewards import call_reward_function, load_reward_function
+from rlhf.infra.errors import NumericalFault, UserError
+from rlhf.roles.rewards import call_reward_function, load_reward_function
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def build(
 ) -> RewardSources:
     """The recipe's sources. `load_scorer(model_dir)` loads one reward model (the stage owns
     devices and autocast). Model folders must be finished runs (COMPLETED)."""
-    from rlhf.rundir import require_completed
+    from rlhf.infra.rundir import require_completed
 
     cfg = recipe.ppo
     if cfg.rewards is None:
@@ -314,7 +314,7 @@ def build(
 
 def legacy_reward_dir(recipe: Any) -> Path:
     """The reward stage's run folder the old single-model form reads (must be COMPLETED)."""
-    from rlhf.rundir import require_completed
+    from rlhf.infra.rundir import require_completed
 
     cfg = recipe.ppo
     path = Path(cfg.reward_dir) if cfg.reward_dir else recipe.stage_dir("reward")

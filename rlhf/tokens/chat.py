@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 IGNORE_INDEX = -100
 

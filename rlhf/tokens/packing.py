@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.chat import IGNORE_INDEX
+from rlhf.tokens.chat import IGNORE_INDEX
 
 
 def pack_rows(rows: list[dict], max_length: int) -> list[list[dict]]:

@@ -76,7 +76,7 @@ class MetricsLogger:
             self.tb.flush()
             self.tb.close()
         # The trackers only: accelerate's end_training() would also destroy the process group,
-        # before the stage's final barrier (rlhf.distributed.leave_process_group ends it).
+        # before the stage's final barrier (rlhf.infra.distributed.leave_process_group ends it).
         for tracker in self.accelerator.trackers if self.trackers else []:
             tracker.finish()
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from rlhf import models
-from rlhf.chat import IGNORE_INDEX
-from rlhf.decoding import eos_ids
-from rlhf.distributed import full_ndim, full_numel
-from rlhf.errors import NumericalFault
-from rlhf.sequences import next_token_logits, next_token_targets
+from rlhf.infra.distributed import full_ndim, full_numel
+from rlhf.infra.errors import NumericalFault
+from rlhf.roles import models
+from rlhf.tokens.chat import IGNORE_INDEX
+from rlhf.tokens.decoding import eos_ids
+from rlhf.tokens.sequences import next_token_logits, next_token_targets
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def save_model(
 
     Refuses to write non-finite weights. A LoRA model is merged into plain weights when
     `merge_lora`, else saved as an adapter folder (peft) next to the base model name.
-    `state_dict`: the full weights gathered from a sharded model (rlhf.distributed
+    `state_dict`: the full weights gathered from a sharded model (rlhf.infra.distributed
     .full_state_dict); `model` then only supplies the config and class.
     """
     values = state_dict.values() if state_dict is not None else model.parameters()

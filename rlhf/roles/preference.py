@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from rlhf import reward
-from rlhf.chat import positions_from_mask, render_ids
 from rlhf.data.types import Ranking
-from rlhf.models import unwrap_peft
-from rlhf.sequences import logprobs_from_logits, next_token_logits, next_token_targets
+from rlhf.roles import reward_model as reward
+from rlhf.roles.models import unwrap_peft
+from rlhf.tokens.chat import positions_from_mask, render_ids
+from rlhf.tokens.sequences import logprobs_from_logits, next_token_logits, next_token_targets
 
 
 def ranked_pairs(ranking: Ranking, mode: str) -> list[tuple[int, int]]:

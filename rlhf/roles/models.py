@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +577,7 @@ def sequence_scores(
     We pool ourselves instead of trusting the model's own pooling, which looks for the last
     token that differs from pad_token_id and so breaks when pad == eos or with left padding.
     """
-    from rlhf.chat import positions_from_mask
+    from rlhf.tokens.chat import positions_from_mask
 
     backbone = getattr(model, model.base_model_prefix)
     # Positions from the mask: absolute-position models (GPT-2) would otherwise count the

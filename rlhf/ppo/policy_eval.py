@@ -6,7 +6,7 @@ section's settings (temperature, max_new_tokens, eval_size) and the same seeds; 
 training score where there is one (PPO's reward sources), by every judge (another reward
 model, or a function), by answer_match on rows that carry an `answer`; plus KL to the
 reference, length, EOS, truncation and distinct-2. Win rates count ties half and come with a
-95% Wilson interval (rlhf/stats.py). `label` names the tuned policy in the keys ("ppo",
+95% Wilson interval (rlhf/algo/stats.py). `label` names the tuned policy in the keys ("ppo",
 "dpo"): `<label>_score_mean`, judges' `<label>_mean`, answer_accuracy's `<label>`.
 """
 
@@ -20,15 +20,16 @@ from typing import Any
 
 import torch
 
-from rlhf import distributed, models, reward_sources
-from rlhf.chat import encode_prompt, last_user_text, pad_batch
-from rlhf.errors import UserError
-from rlhf.ppo.actor_critic import ActorCritic, disable_dropout, eval_mode
+from rlhf.algo.stats import distinct_n, wilson_interval, win_rate
+from rlhf.infra import distributed
+from rlhf.infra.errors import UserError
+from rlhf.infra.rundir import require_completed
+from rlhf.infra.runtime import frozen_weight_dtype
 from rlhf.ppo.rollout import Rollout, reward_scores, sample_rollout, score_with_models
-from rlhf.rewards import answer_match, call_reward_function, has_answer, load_reward_function
-from rlhf.rundir import require_completed
-from rlhf.runtime import frozen_weight_dtype
-from rlhf.stats import distinct_n, wilson_interval, win_rate
+from rlhf.roles import models, reward_sources
+from rlhf.roles.actor_critic import ActorCritic, disable_dropout, eval_mode
+from rlhf.roles.rewards import answer_match, call_reward_function, has_answer, load_reward_function
+from rlhf.tokens.chat import encode_prompt, last_user_text, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def reward_model_scorer(model_dir: Path, recipe: Any, accelerator: Any) -> Score
     rm.requires_grad_(False)
     disable_dropout(rm)
     frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision)
-    if frozen_dtype:  # bf16 runs: stored as autocast would round them (rlhf/models.py)
+    if frozen_dtype:  # bf16 runs: stored as autocast would round them (rlhf/roles/models.py)
         models.store_frozen_linears(rm, frozen_dtype)
     rm_tokenizer = models.load_tokenizer(str(model_dir))
 
@@ -80,7 +81,7 @@ class Sampled:
 
 class Gather:
     """Scores this rank's samples in batches and gathers every rank's values, each sample once
-    (the padded shares of a sharded run repeat some: rlhf/distributed.py)."""
+    (the padded shares of a sharded run repeat some: rlhf/infra/distributed.py)."""
 
     def __init__(self, sampled: Sampled, accelerator: Any, n_pool: int, batch_size: int):
         self.sampled, self.accelerator = sampled, accelerator

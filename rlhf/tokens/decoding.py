@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 
 @dataclass

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from rlhf.chat import encode_prompt
-from rlhf.decoding import Decoding
-from rlhf.errors import UserError
-from rlhf.generate import generate_responses, load, pick_device
-from rlhf.plotting import pyplot, save_figure
-from rlhf.sequences import response_slice
+from rlhf.infra.errors import UserError
+from rlhf.tokens.chat import encode_prompt
+from rlhf.tokens.decoding import Decoding
+from rlhf.tokens.sequences import response_slice
+from rlhf.tools.generate import generate_responses, load, pick_device
+from rlhf.tools.plotting import pyplot, save_figure
 
 MAX_ATTENTION_TOKENS = 256  # beyond this the heatmap's labels are unreadable
 
@@ -53,7 +53,7 @@ def _index(value: int, size: int, what: str) -> int:
 
 
 def load_eager(model_dir: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    from rlhf import models
+    from rlhf.roles import models
 
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_causal_lm(model_dir)
@@ -253,7 +253,7 @@ def kl_report(
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Generate, measure, write <out>.html and <out>.png. Returns the numbers too."""
-    from rlhf import models
+    from rlhf.roles import models
 
     device = device or pick_device(None)
     policy, tokenizer = load(policy_dir, device)

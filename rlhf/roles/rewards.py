@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
-from rlhf.errors import UserError
+from rlhf.infra.errors import UserError
 
 RewardFunction = Callable[..., Sequence[float]]
 
@@ -235,6 +235,10 @@ _NEEDS_PACKAGE = {"sentiment": _vader, "afinn": _afinn}
 # ------------------------------------------------------------------------------ resolving
 
 
+# This module's path, and the one recipes written before rlhf/roles/ existed name it by.
+MODULE_NAMES = (__name__, "rlhf.rewards")
+
+
 def load_reward_function(spec: str) -> RewardFunction:
     """A built-in name, or "package.module:function". UserError (one line) when the name is
     unknown, the module fails to import, or the attribute is not callable."""
@@ -245,15 +249,16 @@ def load_reward_function(spec: str) -> RewardFunction:
         return BUILTINS[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        if spec.startswith("rlhf.rewards."):
-            return load_reward_function(spec.removeprefix("rlhf.rewards."))
+        for prefix in MODULE_NAMES:
+            if spec.startswith(prefix + "."):
+                return load_reward_function(spec.removeprefix(prefix + "."))
         raise UserError(
             f"reward function '{spec}': not a built-in ({', '.join(BUILTINS)}) "
             "and not module:function"
         )
     if not module_name or not attr:
         raise UserError(f"reward function '{spec}': expected module:function")
-    if module_name == "rlhf.rewards" and attr in BUILTINS:
+    if module_name in MODULE_NAMES and attr in BUILTINS:
         return load_reward_function(attr)
     try:
         module = importlib.import_module(module_name)

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from rlhf import data as datalib
-from rlhf import models, training
-from rlhf import reward as rm
-from rlhf.chat import IGNORE_INDEX, encode_sft, pad_batch
-from rlhf.errors import UserError
+from rlhf.infra import training
+from rlhf.infra.errors import UserError
+from rlhf.roles import models
+from rlhf.roles import reward_model as rm
+from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from rlhf.chat import positions_from_mask
+from rlhf.tokens.chat import positions_from_mask
 
 
 def disable_dropout(model: nn.Module) -> None:

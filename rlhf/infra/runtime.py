@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf import distributed
+from rlhf.infra import distributed
 
 
 def cpu_supports_fast_bf16() -> bool:

@@ -8,7 +8,7 @@ reward model: mean raw (and calibrated) score of A and B, and the win rate of B 
 count half) with a 95% Wilson score interval. Per policy: mean response length in tokens (the
 closing EOS included), EOS rate and, with --reference, the mean summed per-token KL to the
 reference. Scoring, calibration and KL reuse the PPO stage's own functions (rlhf.ppo.rollout,
-rlhf.reward_sources, rlhf.sequences), so the numbers mean what `ppo_score_mean`, `win_rate`
+rlhf.roles.reward_sources, rlhf.tokens.sequences), so the numbers mean what `ppo_score_mean`, `win_rate`
 and `kl_mean` mean in a PPO run's eval.json. When the prompt rows carry references (an SFT file's final assistant
 turn, or --references-field), BLEU (sacrebleu) and ROUGE (rouge_score) are added if installed.
 """
@@ -25,18 +25,18 @@ from typing import Any
 
 import torch
 
-from rlhf import models
-from rlhf.chat import encode_prompt, last_user_text, pad_batch, positions_from_mask
-from rlhf.decoding import Decoding, decoding_from_args
-from rlhf.errors import UserError
-from rlhf.generate import generate_responses, load, pick_device
+from rlhf.algo.stats import win_rate
+from rlhf.infra.errors import UserError
 from rlhf.ppo.rollout import reward_scores
-from rlhf.reward_sources import calibrate, load_calibration
-from rlhf.rewards import call_reward_function, load_reward_function
-from rlhf.sequences import logprobs_from_logits, response_slice
-from rlhf.stats import win_rate
+from rlhf.roles import models
+from rlhf.roles.reward_sources import calibrate, load_calibration
+from rlhf.roles.rewards import call_reward_function, load_reward_function
+from rlhf.tokens.chat import encode_prompt, last_user_text, pad_batch, positions_from_mask
+from rlhf.tokens.decoding import Decoding, decoding_from_args
+from rlhf.tokens.sequences import logprobs_from_logits, response_slice
+from rlhf.tools.generate import generate_responses, load, pick_device
 
-WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.stats.wilson_interval)
+WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.algo.stats.wilson_interval)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -132,7 +132,7 @@ def sequence_logprobs(
 ) -> list[float]:
     """Summed log pi(token) over each response's own tokens (EOS included), computed as the
     PPO stage does: left-padded prompt + right-padded response, positions from the mask,
-    log-softmax at the sampling temperature (rlhf.sequences.logprobs_from_logits)."""
+    log-softmax at the sampling temperature (rlhf.tokens.sequences.logprobs_from_logits)."""
     device = next(model.parameters()).device
     sums: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):

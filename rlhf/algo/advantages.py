@@ -13,7 +13,7 @@ With `kl_in: reward` the rloo and grpo sequence reward is score - beta * sum_t K
 folded into the sequence reward as TRL's RLOOTrainer does; with `kl_in: loss` the reward is
 the score alone and the update adds beta * k3 (GRPO, Shao et al. 2024 eq. 3) to the loss.
 
-Shapes as in rlhf.ppo.core: (B, T) per token, (B,) per sequence, B = n * k with each prompt's
+Shapes as in rlhf.algo.ppo: (B, T) per token, (B,) per sequence, B = n * k with each prompt's
 k samples in consecutive rows.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rlhf.ppo.core import (
+from rlhf.algo.ppo import (
     gae,
     group_advantages,
     kl_penalty,

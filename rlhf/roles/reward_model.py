@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from rlhf import models
-from rlhf.chat import encode_prompt_response, pad_batch, positions_from_mask
+from rlhf.roles import models
+from rlhf.tokens.chat import encode_prompt_response, pad_batch, positions_from_mask
 
 # ------------------------------------------------------------------------------------ encoding
 
@@ -197,25 +197,11 @@ class RewardScorer(torch.nn.Module):
         model = models.unwrap_peft(self.model)
         if prefix_ids is None:
             return models.sequence_scores(model, input_ids, attention_mask)
-        return prefix_shared_scores(
+        # each response i scored as prefix[row_prompt[i]] + response i, each prefix computed once
+        _, hidden = prefix_shared_hidden(
             model, prefix_ids, prefix_mask, row_prompt, input_ids, attention_mask
         )
-
-
-def prefix_shared_scores(
-    model: torch.nn.Module,
-    prefix_ids: torch.Tensor,
-    prefix_mask: torch.Tensor,
-    row_prompt: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Scores of (prefix[row_prompt[i]] + response i), computing each prefix once
-    (prefix_shared_hidden)."""
-    _, hidden = prefix_shared_hidden(
-        model, prefix_ids, prefix_mask, row_prompt, input_ids, attention_mask
-    )
-    return models.score_at_last_token(model, hidden, attention_mask)
+        return models.score_at_last_token(model, hidden, attention_mask)
 
 
 def prefix_shared_hidden(
