@@ -137,3 +137,6 @@ def test_auto_precision_picks_the_frozen_weight_dtype(
     assert runtime.resolve_precision("auto") == mixed
     assert runtime.frozen_weight_dtype(mixed) == frozen
     assert runtime.frozen_weight_dtype(runtime.resolve_precision("fp32")) is None
+    # FSDP2 keeps them in the autocast dtype; ZeRO-3's own linear does not autocast on CPU
+    assert runtime.frozen_weight_dtype(mixed, "fsdp2") == frozen
+    assert runtime.frozen_weight_dtype(mixed, "zero3") is None

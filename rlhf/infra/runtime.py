@@ -35,10 +35,16 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def frozen_weight_dtype(mixed_precision: str) -> torch.dtype | None:
+def frozen_weight_dtype(mixed_precision: str, sharding: str = "") -> torch.dtype | None:
     """The dtype frozen matmul weights are stored in for accelerate's `mixed_precision`: the
     autocast dtype (bf16, or fp16 on a GPU without bf16), or None in an fp32 run, where
-    nothing changes. See models.store_frozen_linears."""
+    nothing changes. See models.store_frozen_linears.
+
+    None under ZeRO-3 (`sharding`, as distributed.sharding names it): DeepSpeed swaps
+    F.linear for its own autograd function, which does not autocast on CPU ranks, so an fp32
+    activation would meet a bf16 weight (a SmolLM2 PPO run on 2 CPU ranks failed so)."""
+    if sharding == "zero3":
+        return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision))
 
 
