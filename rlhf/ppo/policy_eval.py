@@ -46,7 +46,9 @@ def reward_model_scorer(model_dir: Path, recipe: Any, accelerator: Any) -> Score
         rm = rm.to(device).eval()
     rm.requires_grad_(False)
     disable_dropout(rm)
-    frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision, distributed.sharding(accelerator))
+    frozen_dtype = frozen_weight_dtype(
+        accelerator.mixed_precision, distributed.sharding(accelerator)
+    )
     if frozen_dtype:  # bf16 runs: stored as autocast would round them (rlhf/roles/models.py)
         models.store_frozen_linears(rm, frozen_dtype)
     rm_tokenizer = models.load_tokenizer(str(model_dir))

@@ -40,7 +40,9 @@ def build_roles(
     with_values = cfg.estimator == "gae"  # the critic-free estimators build no value function
     if with_values and cfg.value_model == "separate":
         critic = models.load_reward_model(critic_dir, attn_implementation=attn_implementation)
-    frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision, distributed.sharding(accelerator))
+    frozen_dtype = frozen_weight_dtype(
+        accelerator.mixed_precision, distributed.sharding(accelerator)
+    )
     reference = None
     if cfg.lora.enabled:
         policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy

@@ -207,7 +207,9 @@ def run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, rewar
     """What run.json records about this PPO run beside the runner's own keys."""
     cfg, world = recipe.ppo, accelerator.num_processes
     trainable, total = training.trainable_parameters(model)
-    frozen_dtype = frozen_weight_dtype(accelerator.mixed_precision, distributed.sharding(accelerator))
+    frozen_dtype = frozen_weight_dtype(
+        accelerator.mixed_precision, distributed.sharding(accelerator)
+    )
     return {
         "sft_dir": str(sft_dir) if sft_dir else None,
         "policy": policy_name,
