@@ -269,3 +269,26 @@ def test_reward_scores_ignore_padding_on_absolute_position_models():
                 models.sequence_scores(model, ids, mask), plain, rtol=1e-5, atol=1e-5
             )
     assert positions_from_mask(left[1]).tolist() == [[0, 0, 0, 0, 1, 2, 3, 4]]
+
+
+def test_an_optimizer_over_matrices_only_has_no_empty_group():
+    """LoRA alone (GRPO, no value head) trains no bias or norm. An empty no-decay group was
+    dropped by ZeRO-3's optimizer, and the LR scheduler then stepped two groups against one
+    (SmolLM2 PPO on 2 ZeRO-3 CPU ranks: "zip() argument 2 is longer than argument 1")."""
+    from rlhf.infra.training import make_optimizer, make_scheduler
+    from rlhf.recipe import OptimConfig
+
+    matrices = torch.nn.Sequential(
+        torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2, bias=False)
+    )
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1)
+    optimizer = make_optimizer(matrices, cfg)
+    assert len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert len(optimizer.param_groups[0]["params"]) == 2
+    with_bias = make_optimizer(torch.nn.Linear(4, 3), cfg)
+    assert [g["weight_decay"] for g in with_bias.param_groups] == [0.1, 0.0]
+    scheduler = make_scheduler(optimizer, cfg, total_steps=4)
+    optimizer.step()
+    scheduler.step()
+    assert len(scheduler.get_last_lr()) == 1
