@@ -189,3 +189,23 @@ def test_dpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     table = "\n".join(report.dpo_markdown(section))
     assert "| ours |" in table and "| trl |" in table and "3 pairs (best_vs_rest)" in table
     assert "not measured" in report.dpo_markdown(None)[0]
+
+
+def test_memory_table_per_rank_bytes_by_hand():
+    from bench.memory_table import Shape, per_rank_gb
+
+    b = {"weight": 4.0, "grad": 4.0, "adam": 8.0, "act_full": 0.0, "act_lora": 0.0}
+    m = Shape("made-up", 1e9, 1024, 10, 256, 4096)
+    # full fine-tuning, no activations: 16 P trained + 2 x 2 P frozen (bf16) = 20 GB
+    assert per_rank_gb(m, b, False, "DDP", 4, False) == 20.0
+    # ZeRO-2 on 4 ranks: 4 P + 12 P / 4 + 4 P = 11 GB; ZeRO-3 with sharded frozen: 20 / 4
+    assert per_rank_gb(m, b, False, "ZeRO-2", 4, False) == 11.0
+    assert per_rank_gb(m, b, False, "ZeRO-3", 4, True) == 5.0
+    # LoRA r=16: per layer 16 x (2048 + 2 x 1280 + 2048 + 2 x 5120 + 5120) = 16 x 22,016 adapter
+    # parameters; DDP: base 2 P + reward model 2 P + 16 bytes each
+    lora = 10 * 16 * 22016
+    assert m.lora_params() == lora
+    assert per_rank_gb(m, b, True, "DDP", 2, False) == (4e9 + 16 * lora) / 1e9
+    # the activation term: act x hidden x layers x 4096 tokens
+    with_act = {**b, "act_full": 10.0}
+    assert per_rank_gb(m, with_act, False, "DDP", 1, False) == 20.0 + 10 * 1024 * 10 * 4096 / 1e9
