@@ -139,8 +139,9 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
         assert r["rc"] == 0, log.read_text()[-2000:]
         assert len(r["result"]["step_times"]) == 2 and r["peak_rss_mb"] > 0
         assert r["result"]["tokens"] > 0 and r["result"]["stage"] == r["stage"]
-    section = {
+    section = {  # as bench/run.py builds it
         "settings": settings,
+        "runs": runs,
         "rows": trainers.summarize_rows(runs, run.WORKER_VARIANTS["rloo"]),
         "ratios": trainers.pair_ratios(runs, run.WORKER_VARIANTS["rloo"]),
     }
