@@ -300,6 +300,7 @@ def test_sentiment_recipe_runs_without_sft_or_reward_runs(tmp_path):
     rc = main(
         ["ppo", "recipes/smollm2-135m-sentiment.yaml", f"output_dir={tmp_path}",
          "model.name=tiny-llama", "precision=fp32", "ppo.iterations=2", "ppo.batch_size=4",
+         "ppo.samples_per_prompt=2",
          "ppo.mini_batch_size=4", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6", "ppo.eval_size=3",
          "eval.samples_per_prompt=2", "ppo.save_every=1"]
     )  # fmt: skip
