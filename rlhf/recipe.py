@@ -138,6 +138,12 @@ class SFTConfig(TrainLoopConfig):
     init_from: str | None = Field(None, description="default: the recipe's model")
     assistant_only_loss: bool = True
     packing: bool = False
+    init_token_embeddings: dict[str, str] = Field(
+        default_factory=dict,
+        description="before training, each key token's embedding row (input and output) is "
+        "copied from the value token's: for chat-template tokens that the pretrained model "
+        "never trained, e.g. {'<end_of_turn>': '<eos>'} for Gemma-3 pretrained",
+    )
 
 
 class RewardConfig(TrainLoopConfig):

@@ -547,6 +547,22 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return cast
 
 
+@torch.no_grad()
+def copy_token_embeddings(model: torch.nn.Module, sources: dict[int, int]) -> None:
+    """Token `dst`'s rows of the input embedding and of the LM head become copies of token
+    `src`'s, for each dst -> src. A special token the pretraining never saw keeps its random
+    initial row, which sits among the other never-trained rows (unused tokens, rare scripts):
+    SFT raising its logit then raises theirs too, and samples end in stray tokens instead of
+    the turn marker. Starting it from a trained token with the same role avoids that (the
+    mean-embedding variant of this is Hewitt 2021, "Initializing new word embeddings")."""
+    inputs = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    for dst, src in sources.items():
+        inputs[dst] = inputs[src]
+        if head is not None and head.weight is not inputs:  # untied: the LM head's row too
+            head.weight[dst] = head.weight[src]
+
+
 def _retie_output_embeddings(model: torch.nn.Module) -> None:
     """A tied LM head shares the input embeddings' weight again (store_frozen_linears gave it
     its own low-precision copy)."""

@@ -77,6 +77,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     eval_rows = encode_rows(recipe, tokenizer, eval_items)
     if not train_rows:
         raise UserError(f"{cfg.train.path}: no example has answer tokens within max_length")
+    token_embedding_sources(cfg, tokenizer)  # a bad token name fails before the model loads
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
     loader, generator, packed = train_loader(cfg, train_rows, collate, tokenizer, recipe.seed)
     # --- model
@@ -185,4 +186,19 @@ def load_model(recipe: Any, tokenizer: Any) -> torch.nn.Module:
         attn_implementation=recipe.model.attn_implementation,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    models.copy_token_embeddings(model, token_embedding_sources(cfg, tokenizer))
     return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
+
+
+def token_embedding_sources(cfg: Any, tokenizer: Any) -> dict[int, int]:
+    """sft.init_token_embeddings as token ids, dst -> src; each must be one known token."""
+    vocab = tokenizer.get_vocab()
+    ids = {}
+    for dst, src in cfg.init_token_embeddings.items():
+        for token in (dst, src):
+            if token not in vocab:
+                raise UserError(
+                    f"sft.init_token_embeddings: '{token}' is not one token of the tokenizer"
+                )
+        ids[vocab[dst]] = vocab[src]
+    return ids
