@@ -250,3 +250,27 @@ def test_tiny_gemma3_lora_leaves_tied_embeddings_frozen_and_merges_tied(tiny_gem
     torch.testing.assert_close(merged.get_input_embeddings().weight, embed_before)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_end_of_turn_is_untrained_and_the_recipe_starts_it_from_eos(gemma_dir, gemma_tok):
+    """Why recipes/gemma3-270m.yaml sets sft.init_token_embeddings: in the pretrained model,
+    <end_of_turn>'s row points the same way as the never-used tokens' rows, <eos>'s does not."""
+    from safetensors import safe_open
+
+    from rlhf.recipe import load_recipe
+    from rlhf.stages.sft import token_embedding_sources
+
+    vocab = gemma_tok.get_vocab()
+    unused = [vocab[f"<unused{i}>"] for i in range(100, 150)]
+    with safe_open(str(Path(gemma_dir) / "model.safetensors"), "pt") as f:
+        embedding = f.get_slice("model.embed_tokens.weight")
+        rows = {i: embedding[i : i + 1].float()[0] for i in [*unused, vocab["<end_of_turn>"], vocab["<eos>"]]}  # fmt: skip
+    unused_direction = torch.stack([rows[i] for i in unused]).mean(0)
+
+    def cosine(token: str) -> float:
+        return torch.nn.functional.cosine_similarity(rows[vocab[token]], unused_direction, 0).item()
+
+    assert cosine("<end_of_turn>") > 0.9
+    assert cosine("<eos>") < 0.5
+    sft = load_recipe(RECIPE).sft
+    assert token_embedding_sources(sft, gemma_tok) == {vocab["<end_of_turn>"]: vocab["<eos>"]}

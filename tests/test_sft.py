@@ -129,3 +129,42 @@ def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path):
         timeout=120,
     )
     assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_copy_token_embeddings_copies_the_input_and_the_lm_head_row(tied):
+    """dst's row becomes src's in the input embedding and in the LM head (the same tensor when
+    tied, its own row when not); every other row is left as it was."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    inputs_before = model.get_input_embeddings().weight.detach().clone()
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    models.copy_token_embeddings(model, {7: 3, 9: 1})
+    inputs = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    assert torch.equal(inputs[7], inputs_before[3]) and torch.equal(inputs[9], inputs_before[1])
+    assert torch.equal(head[7], head_before[3]) and torch.equal(head[9], head_before[1])
+    others = [i for i in range(40) if i not in (7, 9)]
+    assert torch.equal(inputs[others], inputs_before[others])
+    assert torch.equal(head[others], head_before[others])
+    assert (head is inputs) == tied
+
+
+def test_sft_init_token_embeddings_with_an_unknown_token_is_one_line_exit_2(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", "sft", "recipes/tiny.yaml", f"output_dir={tmp_path}",
+         'sft.init_token_embeddings={"<no_such_token>": "</s>"}'],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "error: sft.init_token_embeddings: '<no_such_token>' is not one token of the tokenizer"
+    )
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "sft" / "model").exists()
