@@ -55,6 +55,11 @@ CASES = [
     ("zero-temperature", lambda t, m: _stage("ppo", t, "ppo.temperature=0"), ["temperature"]),
     ("minibatch", lambda t, m: _stage("ppo", t, "ppo.mini_batch_size=3"), ["mini_batch_size"]),
     ("bad-precision", lambda t, m: _stage("sft", t, "precision=fp8"), ["precision"]),
+    (
+        "unknown-init-token",
+        lambda t, m: _stage("sft", t, 'sft.init_token_embeddings={"<no_such_token>": "</s>"}'),
+        ["sft.init_token_embeddings", "'<no_such_token>' is not one token"],
+    ),
     ("override-no-equals", lambda t, m: _stage("sft", t, "sft.epochs"), ["key.path=value"]),
     ("missing-recipe", lambda t, m: ["sft", str(t / "nope.yaml")], ["nope.yaml", "not found"]),
     (
