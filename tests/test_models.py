@@ -49,3 +49,18 @@ def test_unknown_names_and_offline_hub_ids_are_one_line_errors(monkeypatch, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="offline"):
         models.load_tokenizer("nobody-xyz/not-a-model")
+
+
+def test_a_stage_run_folder_stands_for_the_model_it_saved(tmp_path, tiny_model_dir):
+    """runs/x/reward resolves to runs/x/reward/model (so `eval compare --reward-model
+    runs/x/reward` works); a folder with neither config.json nor model/ is still an error."""
+    import shutil
+
+    stage = tmp_path / "reward"
+    shutil.copytree(tiny_model_dir, stage / "model")
+    (stage / "COMPLETED").write_text("")
+    assert models.resolve(str(stage)) == str(stage / "model")
+    assert models.resolve(str(stage / "model")) == str(stage / "model")
+    (tmp_path / "other" / "model").mkdir(parents=True)
+    with pytest.raises(UserError, match="not a model folder"):
+        models.resolve(str(tmp_path / "other"))

@@ -240,11 +240,14 @@ def _prepare_random(entry: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def resolve(name: str) -> str:
-    """Short name -> prepared folder; local folder -> itself; else a hub id (checked offline)."""
+    """Short name -> prepared folder; local folder -> itself, or a stage's run folder
+    (runs/x/reward) -> the model it saved (runs/x/reward/model); else a hub id (offline check)."""
     if name in REGISTRY:
         return str(prepare(name))
     path = Path(name).expanduser()
     if path.exists():
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"
         if not (path / "config.json").is_file():
             adapter = (path / "adapter_config.json").is_file()
             hint = " (a LoRA adapter folder? save with merge_lora: true)" if adapter else ""
