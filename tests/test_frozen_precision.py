@@ -11,6 +11,7 @@ from rlhf.infra import runtime, training
 from rlhf.recipe import LoraConfig, OptimConfig
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits
+from rlhf.tokens.chat import positions_from_mask
 
 
 @pytest.fixture()
@@ -140,3 +141,23 @@ def test_auto_precision_picks_the_frozen_weight_dtype(
     # FSDP2 keeps them in the autocast dtype; ZeRO-3's own linear does not autocast on CPU
     assert runtime.frozen_weight_dtype(mixed, "fsdp2") == frozen
     assert runtime.frozen_weight_dtype(mixed, "zero3") is None
+
+
+def test_a_frozen_reward_model_scores_in_fp32_under_bf16_autocast(tiny_model_dir):
+    """The score head stays fp32 when the rest is stored bf16, and runs in fp32 under
+    autocast: the score is the fp32 head on the last hidden state, not a bf16-rounded one."""
+    rm = models.load_reward_model(tiny_model_dir).eval().requires_grad_(False)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)  # scores of order 1, where bf16 rounds
+    assert models.store_frozen_linears(rm, torch.bfloat16) > 0
+    assert rm.score.weight.dtype == torch.float32
+    ids, mask = _ids()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        scores = models.sequence_scores(rm, ids, mask)
+        hidden = rm.model(input_ids=ids, attention_mask=mask,
+                          position_ids=positions_from_mask(mask)).last_hidden_state  # fmt: skip
+    last = hidden[torch.arange(3), models.last_token_index(mask)].float()
+    expected = last @ rm.score.weight.float().T
+    assert scores.dtype == torch.float32
+    assert torch.allclose(scores, expected.squeeze(-1), rtol=1e-5, atol=1e-6)
+    rounded = expected.squeeze(-1).to(torch.bfloat16).float()
+    assert not torch.equal(scores, rounded)  # what a bf16 head would have returned

@@ -532,9 +532,14 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     tied LM head, e.g. before merging LoRA into the base for saving.
     """
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    # A scalar score head stays fp32 (score_at_last_token runs it in fp32): one row, no cost.
+    head = find_score_head(unwrap_peft(model))
+    keep_fp32 = {id(m) for m in head.modules()} if head is not None else set()
     cast = 0
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad:
+            continue
+        if id(module) in keep_fp32:
             continue
         for name in ("weight", "bias"):
             param = getattr(module, name)
@@ -612,18 +617,34 @@ def sequence_scores(
 def score_at_last_token(
     model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """The model's score head on each row's last real token: (B, T, H), (B, T) -> (B,)."""
+    """The model's score head on each row's last real token: (B, T, H), (B, T) -> (B,).
+
+    The head runs in fp32 even under bf16 autocast: a bf16 score keeps about 3 significant
+    digits, so close responses would tie (reward accuracy, GRPO's group baselines). The
+    residual stream is fp32 already and the head is one row: the precision costs nothing."""
     idx = last_token_index(attention_mask)
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    return score_head(model)(last_hidden).squeeze(-1).float()
+    head = score_head(model)
+    weight = next(head.parameters(), None)
+    if weight is None or weight.dtype != torch.float32:  # a low-precision model: as it is
+        return head(last_hidden).squeeze(-1).float()
+    with torch.autocast(device_type=last_hidden.device.type, enabled=False):
+        return head(last_hidden.float()).squeeze(-1)
 
 
-def score_head(model: torch.nn.Module) -> torch.nn.Module:
+def find_score_head(model: torch.nn.Module) -> torch.nn.Module | None:
     for attr in ("score", "classifier", "v_head"):
         head = getattr(model, attr, None)
         if isinstance(head, torch.nn.Module):
             return head
-    raise UserError(f"{type(model).__name__}: no scalar score head found")
+    return None
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    head = find_score_head(model)
+    if head is None:
+        raise UserError(f"{type(model).__name__}: no scalar score head found")
+    return head
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -162,14 +162,6 @@ def batch_loss(
     return prompt_losses(scores, batch, **loss_args).mean()
 
 
-def _fp32_head(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    weight = next(module.parameters(), None)
-    if output.dtype == torch.float32 or weight is None or weight.dtype != torch.float32:
-        return output  # already fp32, or a low-precision model: nothing to gain
-    with torch.autocast(device_type=args[0].device.type, enabled=False):
-        return module.forward(args[0].float())
-
-
 class RewardScorer(torch.nn.Module):
     """(input_ids, attention_mask) -> reward at the last real token, (B, T) -> (B,).
 
@@ -179,10 +171,7 @@ class RewardScorer(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model = model
-        # Under bf16 autocast the head's output would be rounded to bf16 (~3 digits: spurious
-        # ties in accuracy). The residual stream is fp32 already; run the 1-row head in fp32.
-        models.score_head(models.unwrap_peft(model)).register_forward_hook(_fp32_head)
+        self.model = model  # the score head runs in fp32 (models.score_at_last_token)
 
     def forward(
         self,
