@@ -153,3 +153,36 @@ def test_copy_token_embeddings_copies_the_input_and_the_lm_head_row(tied):
     assert torch.equal(inputs[others], inputs_before[others])
     assert torch.equal(head[others], head_before[others])
     assert (head is inputs) == tied
+
+
+def test_lm_head_on_answer_positions_gives_the_full_logits_loss_and_gradients(tiny_model_dir):
+    """labelled_nll_sum (the LM head only where a labelled token follows) equals token_nll_sum
+    over the full (B, T, V) logits, in value and in every parameter's gradient, with prompt
+    labels masked and right padding; a batch without targets gives 0."""
+    import torch
+
+    from rlhf.infra.training import labelled_nll_sum, token_nll_sum
+
+    torch.manual_seed(0)
+    model = models.load_causal_lm(tiny_model_dir)
+    ids = torch.randint(5, 500, (3, 9))
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX  # the prompt
+    labels[attention == 0] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+    full = token_nll_sum(model(input_ids=ids, attention_mask=attention).logits, labels)
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    picked = labelled_nll_sum(model, batch)
+    picked.backward()
+    assert torch.allclose(picked, full, rtol=1e-5)
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, expected[name], rtol=1e-4, atol=1e-7), name
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
+
+    batch["labels"] = torch.full_like(labels, IGNORE_INDEX)
+    assert labelled_nll_sum(model, batch).item() == 0.0

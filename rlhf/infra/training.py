@@ -88,6 +88,37 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def labelled_nll_sum(model: torch.nn.Module, batch: dict, **forward: Any) -> torch.Tensor:
+    """token_nll_sum of the batch, with the LM head run only on the positions that predict a
+    labelled token: prompt and padding positions never become (vocab)-wide logits. For a
+    262k-token vocabulary (Gemma-3) the head is most of the model's per-token work, and the
+    prompt is often half the tokens. A forward pre-hook hands the head those rows as one
+    (1, N, H) sequence; the model (DDP, FSDP or DeepSpeed wrapped) is called as usual."""
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = next_token_targets(labels) != IGNORE_INDEX
+
+    def keep_predicting_rows(_head: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0][predicts].unsqueeze(0), *args[1:])
+
+    hook = output_embeddings(model).register_forward_pre_hook(keep_predicting_rows)
+    try:
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
+        ).logits
+    finally:
+        hook.remove()
+    targets = next_token_targets(labels)[predicts[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets, reduction="sum")
+
+
+def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head inside a DDP / DeepSpeed wrapper and a peft model."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_output_embeddings()
+
+
 def n_targets(labels: torch.Tensor) -> torch.Tensor:
     """Number of labelled next-token targets (the denominator of token_nll_sum)."""
     return (next_token_targets(labels) != IGNORE_INDEX).sum()
@@ -102,13 +133,11 @@ def answer_nll(
     totals = None
     for batch in batches:
         with context():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            nll = labelled_nll_sum(model, batch)
         labels = batch["labels"]
         if totals is None:
             totals = torch.zeros(2, device=labels.device, dtype=torch.float64)
-        totals[0] += token_nll_sum(logits, labels).double()
+        totals[0] += nll.double()
         totals[1] += n_targets(labels).double()
     return totals if totals is not None else torch.zeros(2, dtype=torch.float64)
 

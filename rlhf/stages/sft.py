@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from rlhf import data
 from rlhf.infra import distributed, training
 from rlhf.infra.errors import UserError
-from rlhf.infra.training import n_targets, token_nll_sum
+from rlhf.infra.training import labelled_nll_sum, n_targets
+from rlhf.infra.training import token_nll_sum as token_nll_sum  # re-exported: its old home
 from rlhf.roles import models
 from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows, rank_batches
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
@@ -103,12 +104,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
         return evaluate(model, eval_loader, accelerator) if eval_rows else {}
 
     def nll(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),  # packing restarts positions
-        ).logits
-        loss = token_nll_sum(logits, batch["labels"])
+        # packing restarts positions; the LM head runs on the answer positions only
+        loss = labelled_nll_sum(model, batch, position_ids=batch.get("position_ids"))
         return loss, loss.detach()
 
     def summarise(nll_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
