@@ -78,11 +78,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
     eval_rows = encode_rows(recipe, tokenizer, eval_items)
     if not train_rows:
         raise UserError(f"{cfg.train.path}: no example has answer tokens within max_length")
-    token_embedding_sources(cfg, tokenizer)  # a bad token name fails before the model loads
+    embedding_sources = token_embedding_sources(cfg, tokenizer)  # checked before the model loads
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
     loader, generator, packed = train_loader(cfg, train_rows, collate, tokenizer, recipe.seed)
     # --- model
-    model = load_model(recipe, tokenizer)
+    model = load_model(recipe, tokenizer, embedding_sources)
     optimizer = training.make_optimizer(model, cfg.optim)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     eval_loader = rank_batches(eval_rows, cfg.batch_size, collate, accelerator)
@@ -172,8 +172,11 @@ def load_tokenizer(recipe: Any) -> Any:
     )
 
 
-def load_model(recipe: Any, tokenizer: Any) -> torch.nn.Module:
-    """The model to fine-tune (sft.init_from or the recipe's), with LoRA / checkpointing."""
+def load_model(
+    recipe: Any, tokenizer: Any, embedding_sources: dict[int, int] | None = None
+) -> torch.nn.Module:
+    """The model to fine-tune (sft.init_from or the recipe's), its embedding rows copied as
+    `embedding_sources` (token_embedding_sources) says, with LoRA / checkpointing."""
     cfg = recipe.sft
     model = models.load_causal_lm(
         cfg.init_from or recipe.model.name,
@@ -183,7 +186,7 @@ def load_model(recipe: Any, tokenizer: Any) -> torch.nn.Module:
         attn_implementation=recipe.model.attn_implementation,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    models.copy_token_embeddings(model, token_embedding_sources(cfg, tokenizer))
+    models.copy_token_embeddings(model, embedding_sources or {})
     return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
 
 
