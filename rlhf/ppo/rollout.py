@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf.infra import distributed
+from rlhf.infra import distributed, prepacked
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
 from rlhf.tokens.chat import encode_prompt_response, pad_batch
@@ -95,7 +95,13 @@ def sample_rollout(
         gen_kwargs["synced_gpus"] = True
     capture = lm_head_inputs(policy) if keep_sampling_outputs else nullcontext([])
     lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
-    with lean, capture as hidden, own_generation_config(policy, config):
+    # Sharded weights are gathered layer by layer: nothing to pack once for the whole call.
+    packed = (
+        nullcontext()
+        if distributed.synced_gpus()
+        else prepacked.prepacked_linears(policy, rows=prompt_ids.shape[0])
+    )
+    with lean, packed, capture as hidden, own_generation_config(policy, config):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
     sequences = out.sequences if keep_sampling_outputs else out
     response_ids = sequences[:, prompt_ids.shape[1] :]
