@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import decode
 from bench.common import summarize
 from bench.flops import Arch, generation_bound_s, ppo_flops
 
@@ -192,6 +193,7 @@ def markdown(report: dict) -> str:
     lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
     lines += [*rloo_markdown(report.get("rloo")), ""]
     lines += [*dpo_markdown(report.get("dpo")), ""]
+    lines += [*decode.markdown(report.get("decode")), ""]
     lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
     for note in report.get("notes", []) if report["rows"] else []:  # notes on the PPO rows
         lines.append(f"- {note}")

@@ -8,6 +8,8 @@
   python -m bench.run --only rloo        ppo.estimator=rloo vs TRL 1.16's RLOOTrainer
   python -m bench.run --only dpo         a DPO step: TRL's DPOTrainer vs our pair loss on the
                                          reward stage's batching (shared prefixes)
+  python -m bench.run --only decode      sampling tokens/s vs batch size (8, 16, 32, 64),
+                                         transformers' generate vs our rollout sampler
   python -m bench.run --e2e-log FILE     quote a `make sft reward ppo` timing file verbatim
 
 Each measurement is a separate process (peak RSS per process from os.wait4), run one after the
@@ -30,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report, trainers
+from bench import decode, report, trainers
 from bench.common import log, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         default="matmul,parity,trl,defaults,sft,reward",
         help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl, sft, "
-        "reward, rloo, dpo",
+        "reward, rloo, dpo, decode",
     )
     p.add_argument(
         "--dpo-pairs",
@@ -103,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.only.split(","):
         item = item.strip()
         only |= {"parity", "defaults"} if item == "ours" else {item}
-    unknown = only - {"matmul", *ROWS, *trainers.STAGES, *WORKER_STAGES}
+    unknown = only - {"matmul", "decode", *ROWS, *trainers.STAGES, *WORKER_STAGES}
     if unknown:
         p.error(f"--only: unknown {sorted(unknown)}")
     args.only = only
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
 
+    # Sampling throughput: one process, its repeats interleaved inside (bench/decode.py).
+    decode_section = run_decode(args, model_dir, scratch) if "decode" in args.only else None
+
     if limit_samples:
         limit_samples.append(measure_limits(args, scratch, "end"))
     machine_limits = best_limits(limit_samples)
@@ -332,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             else None
             for stage in WORKER_STAGES
         },
+        "decode": decode_section,
         "e2e": e2e,
         "notes": notes(trl_runs[0] if trl_runs else None),
         "runs": runs,
@@ -340,7 +346,24 @@ def main(argv: list[str] | None = None) -> int:
     path = report.write(out, args.out, args.results_md)
     log(f"wrote {path} and appended to {args.results_md}")
     every = [*runs, *trainer_runs, *(r for rs in worker_runs.values() for r in rs)]
+    if decode_section is not None:
+        every.append(decode_section)
     return 0 if all(r["rc"] == 0 for r in every) else 1
+
+
+def run_decode(args: argparse.Namespace, model_dir: Path, scratch: Path) -> dict:
+    """bench/decode.py in one process, `--pairs` interleaved repeats per batch size."""
+    spec = decode.spec_for(model_dir, args.quick, args.pairs)
+    spec_path, out_path = scratch / "decode.spec.json", scratch / "decode.json"
+    write_json(spec_path, spec)
+    cmd = [sys.executable, "-m", "bench.decode", "--spec", str(spec_path), "--out", str(out_path)]
+    log(f"decode: tokens/s at batch sizes {spec['batch_sizes']}")
+    rc, rss, wall = run_process(cmd, scratch / "decode.log", args.timeout)
+    result = read_json(out_path) if rc == 0 and out_path.exists() else None
+    if result is None:
+        log(f"decode failed (rc {rc}), see {scratch / 'decode.log'}")
+    settings = {k: v for k, v in spec.items() if k != "prompts"}
+    return {"rc": rc, "peak_rss_mb": rss, "wall_s": wall, "spec": settings, "result": result}
 
 
 def rloo_spec(args: argparse.Namespace, model_dir: Path) -> dict:

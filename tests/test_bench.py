@@ -210,3 +210,28 @@ def test_memory_table_per_rank_bytes_by_hand():
     # the activation term: act x hidden x layers x 4096 tokens
     with_act = {**b, "act_full": 10.0}
     assert per_rank_gb(m, with_act, False, "DDP", 1, False) == 20.0 + 10 * 1024 * 10 * 4096 / 1e9
+
+
+def test_decode_row_samples_the_same_tokens_as_generate_on_the_tiny_model(tmp_path):
+    """Smoke test of `make bench ARGS='--only decode'`: the worker, its same-token check
+    (our rollout sampler against transformers' generate, one seed) and the table."""
+    import argparse
+
+    from bench import decode, run
+    from rlhf.roles import models
+
+    if not models.is_prepared("tiny-llama"):
+        import pytest
+
+        pytest.skip("tiny-llama is not prepared (make models)")
+    args = argparse.Namespace(quick=True, pairs=1, timeout=600)
+    section = run.run_decode(args, models.prepared_dir("tiny-llama"), tmp_path)
+    assert section["rc"] == 0, (tmp_path / "decode.log").read_text()[-2000:]
+    points = section["result"]["points"]
+    assert [p["batch_size"] for p in points] == [2, 4]
+    for p in points:
+        assert p["same_tokens"] and p["sampled_tokens"] > 0
+        assert all(len(s) == 1 for s in p["seconds"].values())
+    table = "\n".join(decode.markdown(section))
+    assert "| 2 | " in table and "| 4 | " in table and "yes |" in table
+    assert "not measured" in decode.markdown(None)[0]
