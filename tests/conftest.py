@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -50,3 +51,25 @@ def smollm2_dir() -> str:
     from rlhf.roles import models
 
     return models.resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture()
+def random_lora(tiny_model_dir):
+    """A factory: the tiny model, in eval mode, with a LoRA adapter (r 4) whose B
+    matrices are random. A fresh adapter is the identity (B = 0), which would hide whether the
+    adapter is applied at all."""
+    from rlhf.recipe import LoraConfig
+    from rlhf.roles import models
+
+    def make(std: float = 0.2, seed: int | None = None):
+        policy = models.apply_lora(
+            models.load_causal_lm(tiny_model_dir), LoraConfig(enabled=True, r=4)
+        )
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, std, generator=generator)
+        return policy.eval()
+
+    return make

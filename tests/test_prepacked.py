@@ -10,7 +10,6 @@ import torch
 from rlhf.infra import prepacked
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 from rlhf.ppo.rollout import sample_rollout
-from rlhf.recipe import LoraConfig
 from rlhf.roles import models
 
 needs_bf16 = pytest.mark.skipif(
@@ -19,16 +18,10 @@ needs_bf16 = pytest.mark.skipif(
 
 
 @pytest.fixture()
-def lora_policy(tiny_model_dir):
-    policy = models.apply_lora(
-        models.load_causal_lm(tiny_model_dir), LoraConfig(enabled=True, r=4, alpha=8)
-    )
-    with torch.no_grad():  # a non-zero adapter, so its matmuls count
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+def lora_policy(random_lora):
+    policy = random_lora(std=0.5, seed=1)  # a non-zero adapter, so its matmuls count
     models.store_frozen_linears(policy, torch.bfloat16)  # as the PPO stage stores them
-    return policy.eval()
+    return policy
 
 
 def _prompts():

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rlhf.infra import distributed, prepacked
+from rlhf.ppo import decode
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
 from rlhf.tokens.chat import encode_prompt_response, pad_batch
@@ -76,9 +77,70 @@ def sample_rollout(
     hidden states that produced them, so scoring needs no second policy forward (TRL's PPOTrainer
     likewise takes the rollout log-probs from generation).
     """
-    # Only temperature is active (complete config, the folder's generation_config.json
-    # ignored): the log-probs below are log_softmax(logits / T), the distribution sampled.
     stops = eos_ids(policy, tokenizer)
+    lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
+    # Sharded weights are gathered layer by layer: nothing to pack once for the whole call.
+    packed = (
+        nullcontext()
+        if distributed.synced_gpus()
+        else prepacked.prepacked_linears(policy, rows=prompt_ids.shape[0])
+    )
+    with lean, packed:
+        if lean_decode_applies(policy, cfg):
+            out = decode.sample(
+                policy,
+                prompt_ids,
+                prompt_mask,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                stops,
+                tokenizer.pad_token_id,
+                keep=keep_sampling_outputs,
+            )
+            response_ids, sampling_logits, sampling_hidden = (
+                out.response_ids,
+                out.logits,
+                out.hidden,
+            )
+        else:
+            response_ids, sampling_logits, sampling_hidden = _generate(
+                policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
+            )
+    if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
+        response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
+    mask, ended = response_mask(response_ids, stops)
+    if cfg.stop_strings:
+        mask, ended = _apply_stop_strings(response_ids, mask, ended, tokenizer, cfg.stop_strings)
+    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
+    texts = [
+        tokenizer.decode(row[m.bool()], skip_special_tokens=True)
+        for row, m in zip(response_ids, mask)
+    ]
+    roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
+    # Without a generated token there is nothing to keep: scoring then runs a forward.
+    if sampling_logits is not None and sampling_logits.shape[1] == response_ids.shape[1]:
+        roll.sampling_logits, roll.sampling_hidden = sampling_logits, sampling_hidden
+    return roll
+
+
+def lean_decode_applies(policy: torch.nn.Module, cfg: Any) -> bool:
+    """`ppo.decode: lean` samples with rlhf.ppo.decode unless something needs generate: stop
+    strings, synced_gpus (ZeRO-3 / FSDP ranks step together), or a model that is not a
+    decoder-only transformers LM."""
+    config = getattr(policy, "config", None)
+    return (
+        getattr(cfg, "decode", "lean") == "lean"
+        and not cfg.stop_strings
+        and not distributed.synced_gpus()
+        and config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+    )
+
+
+def _generate(policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs):
+    """transformers' generate: (response ids, kept logits or None, kept LM-head inputs)."""
+    # Only temperature is active (complete config, the folder's generation_config.json
+    # ignored): the log-probs are log_softmax(logits / T), the distribution sampled.
     extra: dict[str, Any] = {"use_cache": True}
     if cfg.stop_strings:
         extra["stop_strings"] = list(cfg.stop_strings)
@@ -94,36 +156,17 @@ def sample_rollout(
     if distributed.synced_gpus():  # ZeRO-3 / FSDP: every rank steps until all ranks finish
         gen_kwargs["synced_gpus"] = True
     capture = lm_head_inputs(policy) if keep_sampling_outputs else nullcontext([])
-    lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
-    # Sharded weights are gathered layer by layer: nothing to pack once for the whole call.
-    packed = (
-        nullcontext()
-        if distributed.synced_gpus()
-        else prepacked.prepacked_linears(policy, rows=prompt_ids.shape[0])
-    )
-    with lean, packed, capture as hidden, own_generation_config(policy, config):
+    with capture as hidden, own_generation_config(policy, config):
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **gen_kwargs)
     sequences = out.sequences if keep_sampling_outputs else out
     response_ids = sequences[:, prompt_ids.shape[1] :]
-    if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
-        response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
-    mask, ended = response_mask(response_ids, stops)
-    if cfg.stop_strings:
-        mask, ended = _apply_stop_strings(response_ids, mask, ended, tokenizer, cfg.stop_strings)
-    response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
-    texts = [
-        tokenizer.decode(row[m.bool()], skip_special_tokens=True)
-        for row, m in zip(response_ids, mask)
-    ]
-    roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
     steps = response_ids.shape[1]
-    # Without a generated token there is nothing to keep: scoring then runs a forward.
-    if keep_sampling_outputs and len(out.logits) == steps:
-        # One logits entry per generated token; the hook also saw the dummy forwards that
-        # finished ranks run under synced_gpus, after the real ones: take the first R.
-        roll.sampling_logits = torch.stack(out.logits, dim=1)
-        roll.sampling_hidden = torch.stack([h[:, -1] for h in hidden[:steps]], dim=1)
-    return roll
+    if not keep_sampling_outputs or len(out.logits) != steps or steps == 0:
+        return response_ids, None, None
+    # One logits entry per generated token; the hook also saw the dummy forwards that
+    # finished ranks run under synced_gpus, after the real ones: take the first R.
+    logits = torch.stack(out.logits, dim=1)
+    return response_ids, logits, torch.stack([h[:, -1] for h in hidden[:steps]], dim=1)
 
 
 def _apply_stop_strings(response_ids, mask, ended, tokenizer, stop_strings):

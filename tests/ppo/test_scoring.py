@@ -97,13 +97,8 @@ def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir):
     assert (kept.logprobs - kept.ref_logprobs)[m].abs().max() > 1e-3
 
 
-def test_lean_lora_forward_generates_exactly_what_peft_does(tiny_model_dir):
-    policy = models.apply_lora(models.load_causal_lm(tiny_model_dir), LoraConfig(enabled=True, r=4))
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    policy.eval()
+def test_lean_lora_forward_generates_exactly_what_peft_does(random_lora):
+    policy = random_lora()
     ids, mask = _left_padded(1000)
     kwargs = dict(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=6)
     kwargs.update(return_dict_in_generate=True, output_logits=True, pad_token_id=0)

@@ -1,0 +1,129 @@
+"""A lean sampling loop for causal LMs: prefill, then one token per step on a KV cache, rows
+that have finished dropped from the batch.
+
+What `model.generate(do_sample=True, temperature=T)` does, minus its per-token machinery
+(logits processors, stopping-criteria objects, input preparation) and minus the rows that
+are done: generate keeps decoding every row until the last one stops, so in a batch where
+most answers end after 20 tokens and one runs to 48, most of the late steps decode padding.
+
+"Exact" means: tokens drawn the way transformers' `_sample` draws them, from the same random
+numbers. Its step is `probs = softmax(logits / T); torch.multinomial(probs, 1)` over the whole
+batch on the global RNG, and torch's one-sample multinomial is `argmax(probs / q)` with
+`q = empty_like(probs).exponential_(1)` (the exponential form of the Gumbel-max trick,
+aten/src/ATen/native/Distributions.cpp). So each step draws `q` for the FULL batch shape
+(B, V), as generate does, and the rows still decoding take their own rows of it: the stream,
+and each row's noise, are generate's whatever rows were dropped, and the generator ends where
+generate leaves it. The tokens are generate's wherever each row's logits do not depend on
+which other rows share its batch (tests/test_decode.py checks fp32 and bf16 autocast). The
+kept logits are the ones each token was sampled from, so PPO's log-probs describe the
+sampling exactly either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.roles.actor_critic import accepts_logits_to_keep, lm_head_inputs
+from rlhf.tokens.chat import positions_from_mask
+
+# Drop finished rows once this fraction of the rows still in the batch has finished: selecting
+# the cache's rows costs about a decode step, so compact a few times (geometrically), not
+# after every EOS.
+COMPACT_FRACTION = 0.25
+
+
+@dataclass
+class Decoded:
+    response_ids: torch.Tensor  # (B, R): pad_id after each row's EOS, as generate fills them
+    logits: torch.Tensor | None  # (B, R, V) float32 raw logits that sampled token t (keep)
+    hidden: torch.Tensor | None  # (B, R, H) the LM head's input at those positions (keep)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    keep: bool = False,
+    compact: bool = True,
+) -> Decoded:
+    """Sample up to `max_new_tokens` per row from softmax(logits / temperature).
+
+    prompt_ids / prompt_mask: (B, P), left padded. A row stops after its first token in
+    `eos_ids`; the call stops when every row has. Noise from torch's global RNG, as generate.
+    compact: drop finished rows from the batch and the cache as they pile up. keep: also
+    return the logits and LM-head inputs (zeros where a row had finished).
+    """
+    from transformers import DynamicCache
+
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    eos = torch.tensor(list(eos_ids), device=device)
+    kv = DynamicCache(config=model.config)  # sliding-window layers too (Gemma 3)
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    rows = torch.arange(B, device=device)  # which original rows are in the batch
+    attn = prompt_mask
+    step_ids, step_pos = prompt_ids, positions_from_mask(prompt_mask)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    # keep: written in place each step; torch.empty, so steps never reached cost no memory.
+    kept_logits = kept_hidden = None
+    sampled = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)  # per row of the batch
+    steps = 0
+    with lm_head_inputs(model) if keep else nullcontext() as seen:
+        for t in range(max_new_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attn,
+                position_ids=step_pos,
+                cache=kv,
+                use_cache=True,
+                **extra,
+            )
+            logits = out.logits[:, -1].float()  # generate's `.to(copy=True, dtype=float32)`
+            nxt = torch.where(unfinished, _draw(logits / temperature, rows, B), pad_id)
+            tokens[rows, t] = nxt
+            sampled[rows, t] = unfinished
+            if keep:
+                hidden = seen.pop()[:, -1]
+                if kept_logits is None:
+                    kept_logits = logits.new_empty(B, max_new_tokens, logits.shape[-1])
+                    kept_hidden = hidden.new_empty(B, max_new_tokens, hidden.shape[-1])
+                kept_logits[rows, t] = logits
+                kept_hidden[rows, t] = hidden
+            steps = t + 1
+            unfinished &= ~torch.isin(nxt, eos)
+            n_left = int(unfinished.sum())
+            if n_left == 0:
+                break
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+            if compact and rows.shape[0] - n_left >= max(1, COMPACT_FRACTION * rows.shape[0]):
+                here = unfinished.nonzero().squeeze(1)
+                kv.batch_select_indices(here)
+                rows, unfinished, attn = rows[here], unfinished[here], attn[here]
+                step_ids, step_pos = step_ids[here], step_pos[here]
+    tokens = tokens[:, :steps]
+    if not keep:
+        return Decoded(tokens, None, None)
+    not_sampled = ~sampled[:, :steps]  # rows that had finished (dropped or not): no sample
+    kept_logits, kept_hidden = kept_logits[:, :steps], kept_hidden[:, :steps]
+    kept_logits[not_sampled] = 0
+    kept_hidden[not_sampled] = 0
+    return Decoded(tokens, kept_logits, kept_hidden)
+
+
+def _draw(scaled_logits: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """torch.multinomial(softmax(logits / T) of the full batch, 1), for the rows still here:
+    the noise is drawn for all `batch` rows, as generate draws it."""
+    probs = torch.softmax(scaled_logits, dim=-1)
+    noise = torch.empty((batch, probs.shape[-1]), device=probs.device).exponential_(1)
+    return torch.argmax(probs / (noise if rows.shape[0] == batch else noise[rows]), dim=-1)
