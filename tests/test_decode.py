@@ -119,6 +119,30 @@ def test_dropping_finished_rows_keeps_every_rows_tokens(tiny):
     assert torch.equal(kept.response_ids, out.response_ids)
 
 
+def test_a_padded_row_stays_in_the_batch_so_attention_keeps_its_mask(tiny):
+    """transformers drops an all-ones attention mask (and attention then rounds differently):
+    once only unpadded rows decode, a finished padded row is kept in the batch; and the
+    batch never shrinks to one row (whose logits differed from generate's in the last bits)."""
+    ids, mask = _prompts()
+    exercised = 0
+    for seed in range(8):
+        masks = []
+        hook = tiny.register_forward_pre_hook(
+            lambda _m, _a, kw: masks.append(kw["attention_mask"]), with_kwargs=True
+        )
+        try:
+            out, _ = _lean(tiny, ids, mask, EARLY, seed=seed)
+        finally:
+            hook.remove()
+        assert not any(bool(m.all()) for m in masks)
+        assert min(m.shape[0] for m in masks) >= 2
+        hf_tokens, _, _ = _hf(tiny, ids, mask, EARLY, seed=seed)
+        assert torch.equal(out.response_ids, hf_tokens)
+        last = _live(out.response_ids, EARLY)[:, -1]  # rows that decoded the last step
+        exercised += int(bool(last.any()) and bool(mask[last].all()) and masks[-1].shape[0] > 1)
+    assert exercised  # some seed ended with only unpadded rows decoding
+
+
 def test_several_eos_ids_stop_a_row_and_pad_the_rest(tiny):
     ids, mask = _prompts()
     out, _ = _lean(tiny, ids, mask, EARLY)

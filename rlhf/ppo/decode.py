@@ -107,7 +107,7 @@ def sample(
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
             if compact and rows.shape[0] - n_left >= max(1, COMPACT_FRACTION * rows.shape[0]):
-                here = unfinished.nonzero().squeeze(1)
+                here = _rows_to_keep(unfinished, attn)
                 kv.batch_select_indices(here)
                 rows, unfinished, attn = rows[here], unfinished[here], attn[here]
                 step_ids, step_pos = step_ids[here], step_pos[here]
@@ -127,3 +127,23 @@ def _draw(scaled_logits: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.
     probs = torch.softmax(scaled_logits, dim=-1)
     noise = torch.empty((batch, probs.shape[-1]), device=probs.device).exponential_(1)
     return torch.argmax(probs / (noise if rows.shape[0] == batch else noise[rows]), dim=-1)
+
+
+def _rows_to_keep(unfinished: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The rows still decoding, plus one finished row where needed to keep the batch's kernels.
+
+    transformers drops an all-ones attention mask (no padding left in the batch) and runs
+    attention without one, which rounds differently from the masked kernel generate keeps
+    using for the same rows; and a batch of one row gave other logits in the last bits
+    (SmolLM2, bf16) than the same row among others. So a finished left-padded row stays when
+    no decoding row is padded, and a finished row stays when only one decodes."""
+    here = unfinished.nonzero().squeeze(1)
+    done = (~unfinished).nonzero().squeeze(1)
+    padded = ~attn.bool().all(1)
+    if bool(padded.any()) and not bool(padded[here].any()):
+        extra = done[padded[done]]
+    elif here.numel() < 2:
+        extra = done
+    else:
+        return here
+    return torch.cat([here, extra[:1]]).sort().values
