@@ -126,9 +126,9 @@ def test_a_padded_row_stays_in_the_batch_so_attention_keeps_its_mask(tiny):
     ids, mask = _prompts()
     exercised = 0
     for seed in range(8):
-        masks = []
+        masks: list[torch.Tensor] = []
         hook = tiny.register_forward_pre_hook(
-            lambda _m, _a, kw: masks.append(kw["attention_mask"]), with_kwargs=True
+            lambda _m, _a, kw, seen=masks: seen.append(kw["attention_mask"]), with_kwargs=True
         )
         try:
             out, _ = _lean(tiny, ids, mask, EARLY, seed=seed)
