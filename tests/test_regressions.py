@@ -27,11 +27,13 @@ def _write_sft(path: Path, n: int) -> None:
 
 
 # 1 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decode", ["hf", "lean"])
 def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, decode
 ):
     """A folder whose generation_config.json asks for repetition penalty, top-k and top-p must
-    not change how PPO samples: the log-probs assume log_softmax(logits / T)."""
+    not change how PPO samples: the log-probs assume log_softmax(logits / T). generate gets a
+    complete config (only temperature active); our loop never reads the folder's config."""
     from transformers.generation.logits_process import TemperatureLogitsWarper
 
     from rlhf.ppo.rollout import sample_rollout, score_with_models
@@ -56,7 +58,9 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
         return out
 
     policy._get_logits_processor = capture
-    cfg = SimpleNamespace(temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8, stop_strings=[])
+    cfg = SimpleNamespace(
+        temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8, stop_strings=[], decode=decode
+    )
     prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in "abcd"]
     from rlhf.tokens.chat import encode_prompt
 
@@ -65,7 +69,8 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
     roll = sample_rollout(
         policy, batch["input_ids"], batch["attention_mask"], cfg, tok, keep_sampling_outputs=True
     )
-    assert [type(p) for p in processors] == [TemperatureLogitsWarper], processors
+    used = [type(p) for p in processors]
+    assert used == ([TemperatureLogitsWarper] if decode == "hf" else []), processors
     raw = roll.sampling_logits
     score_with_models(roll, ActorCritic(policy), reference, 0.7, contextlib.nullcontext)
     with torch.no_grad():
