@@ -60,6 +60,14 @@ def run_launch(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def launch_error(stderr: str) -> str:
+    """A failed launch's stderr for the assertion message: the first traceback (the rank that
+    failed first; the tail alone shows only the other rank's broken barrier) and the tail."""
+    start = stderr.find("Traceback")
+    first = stderr[start : start + 2500] if start >= 0 else ""
+    return f"{first}\n...\n{stderr[-2000:]}"
+
+
 def _launch(module_args: list[str], nproc: int) -> None:
     if nproc == 1:
         cmd = [sys.executable, "-m", *module_args]
@@ -69,7 +77,7 @@ def _launch(module_args: list[str], nproc: int) -> None:
             "--main_process_port", str(_free_port()), "-m", *module_args,
         ]  # fmt: skip
     out = run_launch(cmd, timeout=400, env=_env())
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, launch_error(out.stderr)
 
 
 def _stage(stage: str, args: list[str], nproc: int) -> None:

@@ -18,7 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.test_distributed import ACCELERATE, _env, _free_port, launch_two_machines, run_launch
+from tests.test_distributed import (
+    ACCELERATE,
+    _env,
+    _free_port,
+    launch_error,
+    launch_two_machines,
+    run_launch,
+)
 from tests.test_pipeline import _overrides, _write_data
 
 pytestmark = pytest.mark.multiprocess
@@ -39,7 +46,7 @@ def _run_worker(out: Path, config: str | None) -> tuple[dict, dict]:
             str(_free_port()), "-m", "tests.dist_sharded", str(out),
         ]  # fmt: skip
     done = run_launch(cmd, timeout=400, cwd=REPO, env=_env())
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_error(done.stderr)
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     return load_file(out), meta
@@ -58,7 +65,7 @@ def deepspeed_ops() -> None:
         "a().create_op_builder('ShareMemCommBuilder').load()"
     )
     done = run_launch([sys.executable, "-c", code], timeout=1800, cwd=REPO, env=_env())
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_error(done.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +126,14 @@ def _stage(config: str, stage: str, args: list[str]) -> str:
         "-m", "rlhf.cli", stage, "recipes/tiny.yaml", *args,
     ]  # fmt: skip
     done = run_launch(cmd, timeout=600, cwd=REPO, env=_env())
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_error(done.stderr)
     return done.stderr
 
 
 def _dpo_one_rank(args: list[str]) -> None:
     cmd = [sys.executable, "-m", "rlhf.cli", "dpo", "recipes/tiny.yaml", *args]
     done = run_launch(cmd, timeout=600, cwd=REPO, env=_env())
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_error(done.stderr)
 
 
 @pytest.mark.slow  # 6 launches + 1 process: 1497 s (ZeRO-3) on 2 cores busy with other jobs
