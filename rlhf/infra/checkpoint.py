@@ -64,6 +64,10 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    # save_state ends with each rank writing its own RNG file, with no barrier after it: rank 0
+    # must not rename the folder while another rank is still writing into it (seen under
+    # FSDP2 on CPU ranks: "Parent directory .../step-000002.tmp does not exist" on rank 1).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler_state.pt")
