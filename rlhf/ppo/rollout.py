@@ -97,15 +97,11 @@ def sample_rollout(
                 tokenizer.pad_token_id,
                 keep=keep_sampling_outputs,
             )
-            response_ids, sampling_logits, sampling_hidden = (
-                out.response_ids,
-                out.logits,
-                out.hidden,
-            )
         else:
-            response_ids, sampling_logits, sampling_hidden = _generate(
+            out = _generate(
                 policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
             )
+    response_ids = out.response_ids
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
         response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)
     mask, ended = response_mask(response_ids, stops)
@@ -118,8 +114,8 @@ def sample_rollout(
     ]
     roll = Rollout(prompt_ids, prompt_mask, response_ids, mask, ended_with_eos=ended, texts=texts)
     # Without a generated token there is nothing to keep: scoring then runs a forward.
-    if sampling_logits is not None and sampling_logits.shape[1] == response_ids.shape[1]:
-        roll.sampling_logits, roll.sampling_hidden = sampling_logits, sampling_hidden
+    if out.logits is not None and out.logits.shape[1] == response_ids.shape[1]:
+        roll.sampling_logits, roll.sampling_hidden = out.logits, out.hidden
     return roll
 
 
@@ -137,8 +133,11 @@ def lean_decode_applies(policy: torch.nn.Module, cfg: Any) -> bool:
     )
 
 
-def _generate(policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs):
-    """transformers' generate: (response ids, kept logits or None, kept LM-head inputs)."""
+def _generate(
+    policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
+) -> decode.Decoded:
+    """transformers' generate, returning what the lean loop returns (logits and LM-head inputs
+    only when kept and one per generated token)."""
     # Only temperature is active (complete config, the folder's generation_config.json
     # ignored): the log-probs are log_softmax(logits / T), the distribution sampled.
     extra: dict[str, Any] = {"use_cache": True}
@@ -162,11 +161,12 @@ def _generate(policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampl
     response_ids = sequences[:, prompt_ids.shape[1] :]
     steps = response_ids.shape[1]
     if not keep_sampling_outputs or len(out.logits) != steps or steps == 0:
-        return response_ids, None, None
+        return decode.Decoded(response_ids, None, None)
     # One logits entry per generated token; the hook also saw the dummy forwards that
     # finished ranks run under synced_gpus, after the real ones: take the first R.
     logits = torch.stack(out.logits, dim=1)
-    return response_ids, logits, torch.stack([h[:, -1] for h in hidden[:steps]], dim=1)
+    hidden_states = torch.stack([h[:, -1] for h in hidden[:steps]], dim=1)
+    return decode.Decoded(response_ids, logits, hidden_states)
 
 
 def _apply_stop_strings(response_ids, mask, ended, tokenizer, stop_strings):
