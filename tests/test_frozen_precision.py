@@ -3,6 +3,8 @@ the LoRA base (= the reference), the reward model and a frozen reference copy ke
 matmul weights in bf16; what trains stays fp32."""
 
 import copy
+import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +163,26 @@ def test_a_frozen_reward_model_scores_in_fp32_under_bf16_autocast(tiny_model_dir
     assert torch.allclose(scores, expected.squeeze(-1), rtol=1e-5, atol=1e-6)
     rounded = expected.squeeze(-1).to(torch.bfloat16).float()
     assert not torch.equal(scores, rounded)  # what a bf16 head would have returned
+
+
+def _mappings_of(path: Path) -> int:
+    return Path("/proc/self/maps").read_text().count(str(path.resolve()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_casting_the_frozen_linears_lets_the_checkpoint_file_go(tiny_model_dir):
+    """from_pretrained memory-maps model.safetensors; while any tensor views the mapping, every
+    page read stays resident, so the fp32 originals of the cast linears would stay in memory
+    beside their bf16 copies. After the cast nothing views the file any more."""
+    weights = Path(tiny_model_dir) / "model.safetensors"
+    before = _mappings_of(weights)
+    model = models.load_causal_lm(tiny_model_dir).requires_grad_(False)
+    table = model.model.embed_tokens.weight.detach().clone()
+    assert _mappings_of(weights) > before  # the loader maps the file (else nothing to test)
+    models.store_frozen_linears(model, torch.bfloat16)
+    gc.collect()
+    assert _mappings_of(weights) == before
+    # The tensors kept their values, dtype and Parameter objects.
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(model.model.embed_tokens.weight, table)
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
