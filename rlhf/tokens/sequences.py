@@ -40,9 +40,55 @@ def logprobs_from_logits(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """log pi(token) at the sampling temperature: the PPO ratio must compare the distribution
-    the tokens were sampled from (N implementation details, #10). Computed in fp32."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    the tokens were sampled from (N implementation details, #10). Computed in fp32.
+    (..., V) logits and (...) tokens -> (...) log-probs; differentiable in the logits."""
+    return TokenLogprobs.apply(logits, tokens, temperature)
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log softmax(z)[token] with z = logits / T, computed a block of positions at a time.
+
+    The plain composition (fp32 copy, divide, log_softmax, gather) writes several (B, R, V)
+    fp32 tensors and keeps the log-softmax for backward. Here each block of rows is a small
+    fp32 temporary, only logsumexp(z) (one value per position) is saved, and the backward
+    writes d/dlogits = (onehot(token) - softmax(z)) * g / T straight in the logits' dtype.
+    Blocks are views of the logits, so a slice such as logits[:, :R] is never copied."""
+
+    ROWS = 8  # positions per block: 8 x 49152 fp32 is 1.5 MB
+
+    @staticmethod
+    def blocks(logits: torch.Tensor):
+        """(index, (n, V) view) over the positions of (..., V) logits."""
+        lead = logits.reshape(-1, *logits.shape[-2:]) if logits.dim() > 2 else logits[None]
+        for b in range(lead.shape[0]):
+            for r in range(0, lead.shape[1], TokenLogprobs.ROWS):
+                rows = slice(r, r + TokenLogprobs.ROWS)
+                yield (b, rows), lead[b, rows]
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        tok = tokens.reshape(-1, tokens.shape[-1]) if tokens.dim() > 1 else tokens[None]
+        lse = torch.empty(tok.shape, dtype=torch.float32, device=logits.device)
+        picked = torch.empty_like(lse)
+        for at, block in TokenLogprobs.blocks(logits):
+            z = torch.div(block.float(), temperature)  # a new tensor, also for fp32 logits
+            lse[at] = torch.logsumexp(z, dim=-1)
+            picked[at] = z.gather(-1, tok[at][:, None])[:, 0]
+        ctx.save_for_backward(logits, tok, lse)
+        ctx.temperature = temperature
+        return (picked - lse).reshape(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tok, lse = ctx.saved_tensors
+        T = ctx.temperature
+        g = grad_out.reshape(tok.shape).float() / T  # dz / dlogits = 1 / T
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for (at, block), (_, out) in zip(TokenLogprobs.blocks(logits), TokenLogprobs.blocks(grad)):
+            softmax = torch.div(block.float(), T).sub_(lse[at][:, None]).exp_()
+            gb = g[at][:, None]
+            out.copy_(softmax.mul_(-gb).scatter_add_(-1, tok[at][:, None], gb))
+        return grad, None, None
 
 
 def response_mask(
