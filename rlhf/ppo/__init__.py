@@ -1,12 +1,11 @@
 """PPO for RLHF: the loop's parts (`prompts`, `roles`, `rollout`, `update`, `iteration`,
 `calibration`, `policy_eval`), and the public math API, written in `rlhf.algo.ppo` as pure tensor
-functions and importable from here: `from rlhf.ppo import gae, policy_loss, ...`."""
+functions (the per-token entropy in `rlhf.tokens.sequences`) and importable from here: `from rlhf.ppo import gae, policy_loss, ...`."""
 
 from rlhf.algo.ppo import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
-    entropy_from_logits,
     explained_variance,
     gae,
     group_advantages,
@@ -19,6 +18,7 @@ from rlhf.algo.ppo import (
     shape_rewards,
     value_loss,
 )
+from rlhf.tokens.sequences import entropy_from_logits
 
 __all__ = [
     "AdaptiveKLController",

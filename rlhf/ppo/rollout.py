@@ -19,7 +19,12 @@ from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
 from rlhf.tokens.chat import encode_prompt_response, pad_batch
 from rlhf.tokens.decoding import Decoding, eos_ids, own_generation_config
-from rlhf.tokens.sequences import logprobs_from_logits, response_keep, response_mask
+from rlhf.tokens.sequences import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    response_keep,
+    response_mask,
+)
 
 
 @dataclass
@@ -214,9 +219,7 @@ def score_with_models(
     rollout.sampling_logits = rollout.sampling_hidden = None  # (B, R, V): free it now
     rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
     rollout.values = values.float() if values is not None else None
-    from rlhf.algo.ppo import entropy_from_logits
-
-    rollout.entropy = entropy_from_logits(logits.float() / temperature)
+    rollout.entropy = entropy_from_logits(logits, temperature)
     del logits
     with autocast():
         if reference is None:

@@ -15,7 +15,6 @@ import torch
 
 from rlhf.algo.ppo import (
     aggregate_loss,
-    entropy_from_logits,
     kl_penalty,
     masked_mean,
     policy_loss,
@@ -23,7 +22,7 @@ from rlhf.algo.ppo import (
 )
 from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
-from rlhf.tokens.sequences import logprobs_from_logits, response_keep
+from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
 
 def ppo_update(
@@ -143,6 +142,6 @@ def micro_batch_loss(
         # gradients are dropped after backward, so it is not stepped.
         loss = vf_loss + 0.0 * loss
     if cfg.entropy_coef > 0 and not value_only:
-        entropy = masked_mean(entropy_from_logits(logits.float() / cfg.temperature), mb.mask)
+        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb.mask)
         loss = loss - cfg.entropy_coef * entropy
     return loss, pg_loss, pg_stats

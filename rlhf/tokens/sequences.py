@@ -3,7 +3,8 @@
   * logits at position t predict token t + 1 (`next_token_logits`, `next_token_targets`,
     `response_slice`, `response_keep`);
   * log pi(token) is a log-softmax at the sampling temperature, read at the token
-    (`logprobs_from_logits`);
+    (`logprobs_from_logits`), and so is the entropy (`entropy_from_logits`), each computed
+    over a few positions at a time (`position_blocks`);
   * a response ends at its first end token, which it keeps; everything after is masked
     (`response_mask`; N implementation details of RLHF with PPO, #4).
 
@@ -45,6 +46,17 @@ def logprobs_from_logits(
     return TokenLogprobs.apply(logits, tokens, temperature)
 
 
+def position_blocks(logits: torch.Tensor, rows: int = 8):
+    """(index, (n <= rows, V) view) over the positions of (..., V) logits, so a per-position
+    computation over the vocabulary needs fp32 temporaries of a few rows only (8 x 49152
+    fp32 is 1.5 MB). Views: a slice such as logits[:, :R] is never copied."""
+    lead = logits.reshape(-1, *logits.shape[-2:]) if logits.dim() > 2 else logits[None]
+    for b in range(lead.shape[0]):
+        for r in range(0, lead.shape[1], rows):
+            at = (b, slice(r, r + rows))
+            yield at, lead[at]
+
+
 class TokenLogprobs(torch.autograd.Function):
     """log softmax(z)[token] with z = logits / T, computed a block of positions at a time.
 
@@ -52,25 +64,14 @@ class TokenLogprobs(torch.autograd.Function):
     fp32 tensors and keeps the log-softmax for backward. Here each block of rows is a small
     fp32 temporary, only logsumexp(z) (one value per position) is saved, and the backward
     writes d/dlogits = (onehot(token) - softmax(z)) * g / T straight in the logits' dtype.
-    Blocks are views of the logits, so a slice such as logits[:, :R] is never copied."""
-
-    ROWS = 8  # positions per block: 8 x 49152 fp32 is 1.5 MB
-
-    @staticmethod
-    def blocks(logits: torch.Tensor):
-        """(index, (n, V) view) over the positions of (..., V) logits."""
-        lead = logits.reshape(-1, *logits.shape[-2:]) if logits.dim() > 2 else logits[None]
-        for b in range(lead.shape[0]):
-            for r in range(0, lead.shape[1], TokenLogprobs.ROWS):
-                rows = slice(r, r + TokenLogprobs.ROWS)
-                yield (b, rows), lead[b, rows]
+    """
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature):
         tok = tokens.reshape(-1, tokens.shape[-1]) if tokens.dim() > 1 else tokens[None]
         lse = torch.empty(tok.shape, dtype=torch.float32, device=logits.device)
         picked = torch.empty_like(lse)
-        for at, block in TokenLogprobs.blocks(logits):
+        for at, block in position_blocks(logits):
             z = torch.div(block.float(), temperature)  # a new tensor, also for fp32 logits
             lse[at] = torch.logsumexp(z, dim=-1)
             picked[at] = z.gather(-1, tok[at][:, None])[:, 0]
@@ -84,11 +85,27 @@ class TokenLogprobs(torch.autograd.Function):
         T = ctx.temperature
         g = grad_out.reshape(tok.shape).float() / T  # dz / dlogits = 1 / T
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for (at, block), (_, out) in zip(TokenLogprobs.blocks(logits), TokenLogprobs.blocks(grad)):
+        for (at, block), (_, out) in zip(position_blocks(logits), position_blocks(grad)):
             softmax = torch.div(block.float(), T).sub_(lse[at][:, None]).exp_()
             gb = g[at][:, None]
             out.copy_(softmax.mul_(-gb).scatter_add_(-1, tok[at][:, None], gb))
         return grad, None, None
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position entropy of softmax(z), z = logits / T: logsumexp(z) - sum softmax(z) * z.
+    (..., V) -> (...). Without autograd, a few positions at a time (no (..., V) temporaries)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        z = logits.float() / temperature
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+    lead = logits.shape[:-1]
+    out = torch.empty(lead, dtype=torch.float32, device=logits.device)
+    view = out.reshape(-1, lead[-1]) if len(lead) > 1 else out[None]
+    for at, block in position_blocks(logits):
+        z = torch.div(block.float(), temperature)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        view[at] = lse[:, 0] - (torch.exp(z - lse) * z).sum(-1)
+    return out
 
 
 def response_mask(

@@ -534,3 +534,13 @@ def test_token_logprobs_match_the_composed_log_softmax(dtype):
     assert torch.allclose(ours, composed, atol=1e-5)
     tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: one rounding of each gradient
     assert torch.allclose(ours_grad.float(), logits.grad.float(), atol=tol)
+
+
+def test_entropy_without_autograd_is_the_differentiable_formula_block_by_block():
+    gen = torch.Generator().manual_seed(1)
+    full = (3 * torch.randn(3, 21, 500, generator=gen)).to(torch.bfloat16)
+    logits = full[:, :20]  # a slice, as the rollout's logits are: not contiguous
+    blockwise = entropy_from_logits(logits, temperature=0.7)
+    composed = entropy_from_logits(logits.clone().requires_grad_(), temperature=0.7)
+    assert blockwise.shape == (3, 20) and composed.requires_grad
+    assert torch.allclose(blockwise, composed.detach(), atol=1e-5)
