@@ -22,6 +22,7 @@ from rlhf.algo.ppo import (
 )
 from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
+from rlhf.roles import models
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
 
@@ -48,53 +49,57 @@ def ppo_update(
     micro = cfg.mini_batch_size // cfg.grad_accum
     model.train()
     epochs_run = minibatches_run = 0
-    for _ in range(cfg.ppo_epochs):
-        epochs_run += 1
-        order = torch.randperm(batch, generator=generator)
-        stop_early = False
-        for start in range(0, batch, cfg.mini_batch_size):
-            mini = order[start : start + cfg.mini_batch_size]
-            minibatch_kl = []
-            minibatches_run += 1
-            for m_start in range(0, len(mini), micro):
-                idx = mini[m_start : m_start + micro].to(rollout.mask.device)
-                targets = (
-                    rollout.select(idx),
-                    advantages[idx],
-                    None if returns is None else returns[idx],
-                )
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss, pg_loss, pg_stats = micro_batch_loss(
-                        model, *targets, cfg, kl_coef, value_only, stats
+    # peft's LoRA forward without its per-call bookkeeping, same numbers (models.lean_lora_forward)
+    with models.lean_lora_forward(model):
+        for _ in range(cfg.ppo_epochs):
+            epochs_run += 1
+            order = torch.randperm(batch, generator=generator)
+            stop_early = False
+            for start in range(0, batch, cfg.mini_batch_size):
+                mini = order[start : start + cfg.mini_batch_size]
+                minibatch_kl = []
+                minibatches_run += 1
+                for m_start in range(0, len(mini), micro):
+                    idx = mini[m_start : m_start + micro].to(rollout.mask.device)
+                    targets = (
+                        rollout.select(idx),
+                        advantages[idx],
+                        None if returns is None else returns[idx],
                     )
-                    # A non-finite loss (or reward) still goes through backward on every rank;
-                    # the synced gradient norm then decides, identically everywhere, to skip.
-                    accelerator.backward(loss)
-                    if value_only:
-                        for p in accelerator.unwrap_model(model).policy.parameters():
-                            p.grad = None
-                    norm = step_if_finite(
-                        accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
+                    with accelerator.accumulate(model), accelerator.autocast():
+                        loss, pg_loss, pg_stats = micro_batch_loss(
+                            model, *targets, cfg, kl_coef, value_only, stats
+                        )
+                        # A non-finite loss (or reward) still goes through backward on every rank;
+                        # the synced gradient norm then decides, identically everywhere, to skip.
+                        accelerator.backward(loss)
+                        if value_only:
+                            for p in accelerator.unwrap_model(model).policy.parameters():
+                                p.grad = None
+                        norm = step_if_finite(
+                            accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
+                        )
+                        if norm is not None:
+                            stats["policy/grad_norm"].append(norm)
+                    if scheduler is not None and accelerator.sync_gradients:
+                        scheduler.step()
+                    stats["policy/loss"].append(pg_loss.item())
+                    stats["loss/total"].append(loss.item())
+                    stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
+                    stats["policy/approxkl"].append(pg_stats["approxkl"].item())
+                    minibatch_kl.append(pg_stats["approxkl"].item())
+                # Early stop as soon as one minibatch's update moved the policy too far from the
+                # one that sampled the batch (N implementation details; TRL's PPO): checked per
+                # minibatch, mean over ranks so that every rank stops at the same point.
+                if cfg.target_kl_early_stop:
+                    kl = torch.tensor(
+                        sum(minibatch_kl) / len(minibatch_kl), device=accelerator.device
                     )
-                    if norm is not None:
-                        stats["policy/grad_norm"].append(norm)
-                if scheduler is not None and accelerator.sync_gradients:
-                    scheduler.step()
-                stats["policy/loss"].append(pg_loss.item())
-                stats["loss/total"].append(loss.item())
-                stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
-                stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                minibatch_kl.append(pg_stats["approxkl"].item())
-            # Early stop as soon as one minibatch's update moved the policy too far from the
-            # one that sampled the batch (N implementation details; TRL's PPO): checked per
-            # minibatch, mean over ranks so that every rank stops at the same point.
-            if cfg.target_kl_early_stop:
-                kl = torch.tensor(sum(minibatch_kl) / len(minibatch_kl), device=accelerator.device)
-                if accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop:
-                    stop_early = True
-                    break
-        if stop_early:
-            break
+                    if accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop:
+                        stop_early = True
+                        break
+            if stop_early:
+                break
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["policy/epochs_run"] = float(epochs_run)
     out["policy/minibatches_run"] = float(minibatches_run)

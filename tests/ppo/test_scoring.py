@@ -97,6 +97,53 @@ def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir):
     assert (kept.logprobs - kept.ref_logprobs)[m].abs().max() > 1e-3
 
 
+def _count_peft_forwards(monkeypatch) -> list[int]:
+    from peft.tuners.lora import Linear as LoraLinear
+
+    calls, peft_forward = [0], LoraLinear.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return peft_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "forward", counted)
+    return calls
+
+
+def test_lean_lora_forward_under_bf16_autocast_samples_and_trains_as_peft_does(
+    random_lora, monkeypatch
+):
+    """bf16 autocast over a bf16 frozen base, as the PPO stage runs on a bf16 CPU: the lean
+    forward takes every LoRA layer (q/k/v see fp32 inputs, down_proj a bf16 one) and gives
+    peft's tokens, logits and LoRA gradients bit for bit."""
+    policy = random_lora()
+    models.store_frozen_linears(policy, torch.bfloat16)
+    ids, mask = _left_padded(1000)
+    kwargs = dict(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=6, pad_token_id=0)
+    kwargs.update(return_dict_in_generate=True, output_logits=True)
+    vocab = policy.config.vocab_size
+    weights = torch.randn(*ids.shape, vocab, generator=torch.Generator().manual_seed(0))
+    peft_calls = _count_peft_forwards(monkeypatch)
+    runs = {}
+    for lean in (False, True):
+        peft_calls[0] = 0
+        torch.manual_seed(0)
+        ctx = models.lean_lora_forward(policy) if lean else contextlib.nullcontext()
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = policy.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            logits = policy(input_ids=ids, attention_mask=mask).logits
+            (logits.float() * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        policy.zero_grad(set_to_none=True)
+        runs[lean] = (out, grads, peft_calls[0])
+    (peft_out, peft_grads, peft_n), (lean_out, lean_grads, lean_n) = runs[False], runs[True]
+    assert peft_n > 0 and lean_n == 0  # every LoRA layer took the lean path
+    assert torch.equal(peft_out.sequences, lean_out.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(peft_out.logits, lean_out.logits))
+    assert peft_grads.keys() == lean_grads.keys() and any("lora_A" in n for n in peft_grads)
+    assert all(torch.equal(peft_grads[n], lean_grads[n]) for n in peft_grads)
+
+
 def test_lean_lora_forward_generates_exactly_what_peft_does(random_lora):
     policy = random_lora()
     ids, mask = _left_padded(1000)
