@@ -334,6 +334,12 @@ class EvalConfig(Section):
 
     judges: list[EvalJudgeConfig] = Field(default_factory=list)
     samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="responses sampled and scored per batch, per rank (default: ppo.batch_size); "
+        "larger batches sample more tokens per second on a CPU",
+    )
 
 
 class PPOConfig(Section):

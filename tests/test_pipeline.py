@@ -211,13 +211,15 @@ def test_judge_is_a_second_reward_model_in_its_own_run_dir(pipeline, capsys):
 
 def test_ppo_with_an_ensemble_a_function_and_judges(pipeline):
     """Several sources (a min-ensemble of reward models plus a function), a reward-model
-    judge that exists and one that does not (skipped, with the reason in eval.json)."""
+    judge that exists and one that does not (skipped, with the reason in eval.json), and an
+    evaluation batch of its own (eval.batch_size)."""
     root, args = pipeline
     extra = [
         'ppo.rewards=[{model: ["{output_dir}/reward", "{output_dir}/reward/model"], '
         "combine: min}, {function: length, args: {max: 3}, weight: 0.1}]",
         'eval.judges=[{model: "{output_dir}/reward", name: rm}, {model: "{output_dir}/judge"}]',
         "eval.samples_per_prompt=2",
+        "eval.batch_size=3",  # batches that do not divide the samples: each scored once
     ]
     assert main(["ppo", "recipes/tiny.yaml", *args, *extra]) == 0
     ppo = root / "run" / "ppo"

@@ -54,6 +54,7 @@ def test_override_parses_yaml_values():
         ("sft.train.path=missing.jsonl", "sft.train: data file not found: missing.jsonl"),
         ("ppo.mini_batch_size=3", "mini_batch_size (3) must divide batch_size"),
         ("precision=fp8", "precision: Input should be"),
+        ("eval.batch_size=0", "eval.batch_size: Input should be greater than or equal to 1"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_exit_2(override, expected, capsys):

@@ -133,7 +133,7 @@ def evaluate_policy(
     pool = [p for p in prompts[: cfg.eval_size] for _ in range(spp)]
     chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
     sampled = sample_both(model, reference, tokenizer, chosen, recipe, accelerator, label)
-    gathered = Gather(sampled, accelerator, len(pool), cfg.batch_size)
+    gathered = Gather(sampled, accelerator, len(pool), eval_batch_size(recipe))
     cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in sampled.stats.items()}
     n = len(cat[f"{label}_len"])
     result: dict[str, Any] = {"n_prompts": n // spp if n else 0, "n_samples": n,
@@ -172,6 +172,11 @@ def evaluate_policy(
     return result
 
 
+def eval_batch_size(recipe: Any) -> int:
+    """Responses per sampling / scoring batch: eval.batch_size, else ppo.batch_size."""
+    return recipe.eval.batch_size or recipe.ppo.batch_size
+
+
 def sample_both(model, reference, tokenizer, chosen, recipe, accelerator, label) -> Sampled:
     """Both policies answer `chosen` prompts with the same seeds, batch by batch; the tuned
     policy's samples are also scored for their KL to the reference."""
@@ -180,8 +185,9 @@ def sample_both(model, reference, tokenizer, chosen, recipe, accelerator, label)
                       {label: [], "sft": []}, {label: [], "sft": []},
                       {f"{w}_{k}": [] for w in (label, "sft") for k in ("len", "eos", "trunc")})  # fmt: skip
     sampled.stats["kl"] = []
-    for start in range(0, len(chosen), cfg.batch_size):
-        group = [p.messages for p in chosen[start : start + cfg.batch_size]]
+    size = eval_batch_size(recipe)
+    for start in range(0, len(chosen), size):
+        group = [p.messages for p in chosen[start : start + size]]
         batch = pad_batch(
             [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in group],
             tokenizer.pad_token_id,
