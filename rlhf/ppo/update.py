@@ -23,6 +23,7 @@ from rlhf.algo.ppo import (
 from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
 from rlhf.roles import models
+from rlhf.roles.attention import matmul_attention_backward
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
 
@@ -49,8 +50,9 @@ def ppo_update(
     micro = cfg.mini_batch_size // cfg.grad_accum
     model.train()
     epochs_run = minibatches_run = 0
-    # peft's LoRA forward without its per-call bookkeeping, same numbers (models.lean_lora_forward)
-    with models.lean_lora_forward(model):
+    # peft's LoRA forward without its per-call bookkeeping, same numbers (models.lean_lora_forward);
+    # on a CPU, attention's gradient through matmuls instead of the slower flash backward
+    with models.lean_lora_forward(model), matmul_attention_backward():
         for _ in range(cfg.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(batch, generator=generator)
