@@ -337,8 +337,8 @@ class EvalConfig(Section):
     batch_size: int | None = Field(
         None,
         ge=1,
-        description="responses sampled and scored per batch, per rank (default: ppo.batch_size); "
-        "larger batches sample more tokens per second on a CPU",
+        description="responses sampled per batch, per rank (default: ppo.batch_size); larger "
+        "batches sample more tokens per second on a CPU (scoring stays at ppo.batch_size)",
     )
 
 

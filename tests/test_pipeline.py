@@ -219,7 +219,7 @@ def test_ppo_with_an_ensemble_a_function_and_judges(pipeline):
         "combine: min}, {function: length, args: {max: 3}, weight: 0.1}]",
         'eval.judges=[{model: "{output_dir}/reward", name: rm}, {model: "{output_dir}/judge"}]',
         "eval.samples_per_prompt=2",
-        "eval.batch_size=3",  # batches that do not divide the samples: each scored once
+        "eval.batch_size=3",  # sampling batches that do not divide the samples
     ]
     assert main(["ppo", "recipes/tiny.yaml", *args, *extra]) == 0
     ppo = root / "run" / "ppo"

@@ -133,7 +133,9 @@ def evaluate_policy(
     pool = [p for p in prompts[: cfg.eval_size] for _ in range(spp)]
     chosen = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
     sampled = sample_both(model, reference, tokenizer, chosen, recipe, accelerator, label)
-    gathered = Gather(sampled, accelerator, len(pool), eval_batch_size(recipe))
+    # Scored in batches of ppo.batch_size: a reward model pads each batch to its longest text,
+    # and 60 at a time scored 240 samples in 20-21 s against 17-18 s for 16.
+    gathered = Gather(sampled, accelerator, len(pool), cfg.batch_size)
     cat = {k: gathered(torch.cat(v) if v else torch.zeros(0)) for k, v in sampled.stats.items()}
     n = len(cat[f"{label}_len"])
     result: dict[str, Any] = {"n_prompts": n // spp if n else 0, "n_samples": n,
@@ -173,7 +175,7 @@ def evaluate_policy(
 
 
 def eval_batch_size(recipe: Any) -> int:
-    """Responses per sampling / scoring batch: eval.batch_size, else ppo.batch_size."""
+    """Responses per sampling batch: eval.batch_size, else ppo.batch_size."""
     return recipe.eval.batch_size or recipe.ppo.batch_size
 
 
