@@ -16,6 +16,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Container
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -542,6 +543,7 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     head = find_score_head(unwrap_peft(model))
     keep_fp32 = {id(m) for m in head.modules()} if head is not None else set()
     cast = 0
+    fresh: set[int] = set()  # parameters whose data the cast just wrote
     for module in model.modules():
         if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad:
             continue
@@ -552,20 +554,23 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
             if param is None or param.dtype == dtype:
                 continue
             if uses[id(param)] > 1:  # shared: an own copy, leave the other user's dtype alone
-                setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), False))
+                param = torch.nn.Parameter(param.detach().to(dtype), False)
+                setattr(module, name, param)
             else:
                 param.data = param.data.to(dtype)
+            fresh.add(id(param))
         cast += 1
     if dtype == torch.float32:
         _retie_output_embeddings(unwrap_peft(model))
     elif cast:
-        copy_out_of_checkpoint_file(model)
+        copy_out_of_checkpoint_file(model, skip=fresh)
     return cast
 
 
 @torch.no_grad()
-def copy_out_of_checkpoint_file(model: torch.nn.Module) -> None:
-    """Give every parameter and buffer memory of its own (a copy), in place.
+def copy_out_of_checkpoint_file(model: torch.nn.Module, skip: Container[int] = ()) -> None:
+    """Give every parameter and buffer memory of its own (a copy), in place; parameters whose
+    id is in `skip` already have it (store_frozen_linears just wrote them).
 
     from_pretrained memory-maps the safetensors file: its tensors are views of that mapping,
     and while any one of them lives (the fp32 embedding table, a norm) the whole mapping
@@ -574,8 +579,8 @@ def copy_out_of_checkpoint_file(model: torch.nn.Module) -> None:
     to their bf16 copies: 0.5 GB per SmolLM2 model, counted in peak RSS. Copying the tensors
     that remain (the embedding table and the norms: a fifth of the file) lets the mapping go.
     The Parameter objects stay the same, so tied weights stay tied."""
-    for module in model.modules():
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+    for tensor in (*model.parameters(), *model.buffers()):  # each shared tensor once
+        if id(tensor) not in skip:
             tensor.data = tensor.data.clone()
 
 
