@@ -46,10 +46,19 @@ def logprobs_from_logits(
     return TokenLogprobs.apply(logits, tokens, temperature)
 
 
+def position_rows(per_position: torch.Tensor) -> torch.Tensor:
+    """A (..., R) tensor as (rows, R), a view where it can be: position_blocks' indices index
+    it for a per-position value (a token, a log-prob) of (..., R, V) logits."""
+    if per_position.dim() > 1:
+        return per_position.reshape(-1, per_position.shape[-1])
+    return per_position[None]
+
+
 def position_blocks(logits: torch.Tensor, rows: int = 8):
     """(index, (n <= rows, V) view) over the positions of (..., V) logits, so a per-position
     computation over the vocabulary needs fp32 temporaries of a few rows only (8 x 49152
-    fp32 is 1.5 MB). Views: a slice such as logits[:, :R] is never copied."""
+    fp32 is 1.5 MB). Views: a slice such as logits[:, :R] is never copied. The index
+    addresses position_rows of the (...) shape."""
     lead = logits.reshape(-1, *logits.shape[-2:]) if logits.dim() > 2 else logits[None]
     for b in range(lead.shape[0]):
         for r in range(0, lead.shape[1], rows):
@@ -68,7 +77,7 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature):
-        tok = tokens.reshape(-1, tokens.shape[-1]) if tokens.dim() > 1 else tokens[None]
+        tok = position_rows(tokens)
         lse = torch.empty(tok.shape, dtype=torch.float32, device=logits.device)
         picked = torch.empty_like(lse)
         for at, block in position_blocks(logits):
@@ -98,9 +107,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     if torch.is_grad_enabled() and logits.requires_grad:
         z = logits.float() / temperature
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
-    lead = logits.shape[:-1]
-    out = torch.empty(lead, dtype=torch.float32, device=logits.device)
-    view = out.reshape(-1, lead[-1]) if len(lead) > 1 else out[None]
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    view = position_rows(out)
     for at, block in position_blocks(logits):
         z = torch.div(block.float(), temperature)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
