@@ -351,3 +351,40 @@ def test_running_normalisation_resumes_exactly(tmp_path):
 
     assert scores(first) == scores(second)
     assert len(scores(first)) == 4
+
+
+def test_shared_scorers_load_a_reward_model_once_and_score_a_batch_once(tmp_path):
+    """The PPO stage's evaluation asks for the trained reward model again for its
+    `reward_model` judge: the same model (by resolved path) is loaded once, and a batch it
+    scored already is not run again. Another batch, or other finished flags, is scored."""
+    from rlhf.ppo.policy_eval import SharedScorers
+
+    loads, runs = [], []
+
+    def load(model_dir):
+        loads.append(model_dir)
+
+        def scorer(prompts, texts, finished=None):
+            runs.append(list(texts))
+            done = [True] * len(texts) if finished is None else list(finished)
+            return torch.tensor([len(t) + (0.5 if f else 0.0) for t, f in zip(texts, done)])
+
+        return scorer
+
+    (tmp_path / "rm").mkdir()
+    shared = SharedScorers(load, keep=2)
+    a, b = shared(tmp_path / "rm"), shared(tmp_path / "x" / ".." / "rm")
+    assert a is b and len(loads) == 1
+    prompts = [[{"role": "user", "content": "hi"}]] * 2
+    first = a(prompts, ["ab", "c"], [True, False])
+    assert first.tolist() == [2.5, 1.0]
+    first[0] = 99.0  # a caller's in-place edit does not reach the remembered scores
+    assert b(prompts, ["ab", "c"], [True, False]).tolist() == [2.5, 1.0]
+    assert len(runs) == 1
+    assert a(prompts, ["ab", "c"], [True, True]).tolist() == [2.5, 1.5]  # other flags: run
+    assert a(prompts, ["c", "ab"], [False, True]).tolist() == [1.0, 2.5]  # other order: run
+    assert len(runs) == 3
+    a(prompts, ["ab", "c"], [True, False])  # evicted (keep=2): run again
+    assert len(runs) == 4
+    shared(tmp_path / "other")
+    assert len(loads) == 2

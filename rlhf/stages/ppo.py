@@ -31,7 +31,7 @@ from rlhf.infra.runtime import frozen_weight_dtype
 from rlhf.infra.tracking import mean_across_ranks
 from rlhf.ppo.calibration import sft_calibration
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
-from rlhf.ppo.policy_eval import evaluate_policy, reward_model_scorer
+from rlhf.ppo.policy_eval import SharedScorers, evaluate_policy, reward_model_scorer
 from rlhf.ppo.prompts import Prompts, PromptSampler, iteration_seed
 from rlhf.ppo.roles import build_roles
 from rlhf.ppo.rollout import Rollout
@@ -80,7 +80,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
     critic_dir = str(reward_dir / "model") if reward_dir else None
     model, reference = build_roles(cfg, accelerator, partial(load_policy, recipe, sft_dir),
                                    critic_dir, recipe.model.attn_implementation)  # fmt: skip
-    load_scorer = partial(reward_model_scorer, recipe=recipe, accelerator=accelerator)
+    # One copy of each reward model for training and evaluation (its judges included).
+    load_scorer = SharedScorers(
+        partial(reward_model_scorer, recipe=recipe, accelerator=accelerator)
+    )
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
     optimizer = training.make_optimizer(model, cfg.optim)
