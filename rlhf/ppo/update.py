@@ -22,7 +22,7 @@ from rlhf.algo.ppo import (
 )
 from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
-from rlhf.roles import models
+from rlhf.roles import gated_mlp, models
 from rlhf.roles.attention import matmul_attention_backward
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
@@ -51,8 +51,10 @@ def ppo_update(
     model.train()
     epochs_run = minibatches_run = 0
     # peft's LoRA forward without its per-call bookkeeping, same numbers (models.lean_lora_forward);
-    # on a CPU, attention's gradient through matmuls instead of the slower flash backward
-    with models.lean_lora_forward(model), matmul_attention_backward():
+    # on a CPU, attention's gradient through matmuls instead of the slower flash backward;
+    # the MLP's act(gate) recomputed in backward instead of kept (same numbers, less memory)
+    lean = models.lean_lora_forward(model)
+    with lean, matmul_attention_backward(), gated_mlp.recomputed_activations(model):
         for _ in range(cfg.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(batch, generator=generator)

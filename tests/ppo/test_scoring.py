@@ -129,15 +129,31 @@ def test_lean_lora_forward_under_bf16_autocast_samples_and_trains_as_peft_does(
         peft_calls[0] = 0
         torch.manual_seed(0)
         ctx = models.lean_lora_forward(policy) if lean else contextlib.nullcontext()
+        kept = {}  # storages of the bf16 (tokens, hidden) tensors kept for backward
+        hidden = policy.config.hidden_size
+
+        def keep(t, kept=kept, hidden=hidden):
+            if t.dtype == torch.bfloat16 and t.numel() == ids.numel() * hidden:
+                kept[t.untyped_storage().data_ptr()] = t
+            return t
+
         with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
             out = policy.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            logits = policy(input_ids=ids, attention_mask=mask).logits
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                logits = policy(input_ids=ids, attention_mask=mask).logits
             (logits.float() * weights).sum().backward()
         grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         policy.zero_grad(set_to_none=True)
-        runs[lean] = (out, grads, peft_calls[0])
-    (peft_out, peft_grads, peft_n), (lean_out, lean_grads, lean_n) = runs[False], runs[True]
+        runs[lean] = (out, grads, peft_calls[0], len(kept))
+    (peft_out, peft_grads, peft_n, peft_kept), (lean_out, lean_grads, lean_n, lean_kept) = (
+        runs[False],
+        runs[True],
+    )
     assert peft_n > 0 and lean_n == 0  # every LoRA layer took the lean path
+    # Per layer, q, k, v's LoRA A keep one bf16 copy of their fp32 input instead of three, gate
+    # and up one instead of two (models._LastInputCast), and o_proj's bf16 input is not copied
+    # by peft's round trip through fp32: 4 fewer.
+    assert peft_kept - lean_kept == 4 * policy.config.num_hidden_layers
     assert torch.equal(peft_out.sequences, lean_out.sequences)
     assert all(torch.equal(a, b) for a, b in zip(peft_out.logits, lean_out.logits))
     assert peft_grads.keys() == lean_grads.keys() and any("lora_A" in n for n in peft_grads)
