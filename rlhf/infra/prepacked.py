@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rlhf.infra.forwards import instance_forwards
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 
 
@@ -52,16 +53,9 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     if not (_bf16_autocast_on_cpu() and cpu_supports_fast_bf16()):
         yield 0
         return
-    patched = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and _packable(module):
-            module.forward = _packed_forward(module, rows)
-            patched.append(module)
-    try:
-        yield len(patched)
-    finally:
-        for module in patched:
-            del module.forward  # the class's forward again
+    linears = (m for m in model.modules() if isinstance(m, torch.nn.Linear) and _packable(m))
+    with instance_forwards((m, _packed_forward(m, rows)) for m in linears) as n:
+        yield n
 
 
 def _packed_forward(module: torch.nn.Linear, rows: int):

@@ -9,6 +9,8 @@ warm-up (value_only) the value loss alone trains the critic and the policy is no
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,11 +52,7 @@ def ppo_update(
     micro = cfg.mini_batch_size // cfg.grad_accum
     model.train()
     epochs_run = minibatches_run = 0
-    # peft's LoRA forward without its per-call bookkeeping, same numbers (models.lean_lora_forward);
-    # on a CPU, attention's gradient through matmuls instead of the slower flash backward;
-    # the MLP's act(gate) recomputed in backward instead of kept (same numbers, less memory)
-    lean = models.lean_lora_forward(model)
-    with lean, matmul_attention_backward(), gated_mlp.recomputed_activations(model):
+    with lean_training_forwards(model):
         for _ in range(cfg.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(batch, generator=generator)
@@ -109,6 +107,17 @@ def ppo_update(
     out["policy/minibatches_run"] = float(minibatches_run)
     out["skipped_steps"] = float(guard.skipped - skipped_before)
     return out
+
+
+@contextmanager
+def lean_training_forwards(model: torch.nn.Module) -> Iterator[None]:
+    """The update's forwards: peft's LoRA forward without its per-call bookkeeping, the same
+    numbers (models.lean_lora_forward); on a CPU, attention's gradient through matmuls instead
+    of the slower flash backward; the MLP's act(gate) recomputed in backward instead of kept
+    (the same numbers, less memory)."""
+    lean = models.lean_lora_forward(model)
+    with lean, matmul_attention_backward(), gated_mlp.recomputed_activations(model):
+        yield
 
 
 def micro_batch_loss(

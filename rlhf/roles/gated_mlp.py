@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from rlhf.infra.forwards import instance_forwards
+
 # transformers' MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLPS = frozenset(
     {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "GemmaMLP", "Gemma2MLP",
@@ -68,20 +70,10 @@ def recomputed_activations(model: torch.nn.Module) -> Iterator[int]:
     """While open, the gated MLPs of `model` (GATED_MLPS with a known activation) keep gate and
     up for backward instead of also act(gate); yields how many. Without grad it is the plain
     forward."""
-    patched = []
-    for module in model.modules():
-        if type(module).__name__ not in GATED_MLPS:
-            continue
-        act = activation_name(getattr(module, "act_fn", None))
-        if act is None:
-            continue
-        module.forward = _forward(module, act)
-        patched.append(module)
-    try:
-        yield len(patched)
-    finally:
-        for module in patched:
-            del module.forward  # the class's forward again
+    mlps = [m for m in model.modules() if type(m).__name__ in GATED_MLPS]
+    acts = [(m, activation_name(getattr(m, "act_fn", None))) for m in mlps]
+    with instance_forwards((m, _forward(m, act)) for m, act in acts if act is not None) as n:
+        yield n
 
 
 def _forward(mlp: torch.nn.Module, act: str):

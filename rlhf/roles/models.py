@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rlhf.infra.errors import UserError
+from rlhf.infra.forwards import instance_forwards
 
 log = logging.getLogger(__name__)
 
@@ -481,7 +482,7 @@ def lean_lora_forward(model: torch.nn.Module):
     except ImportError:  # no peft: nothing can be a LoRA layer
         yield
         return
-    patched = []
+    lean = []
     casts = _LastInputCast()
     for module in model.modules():
         if not isinstance(module, LoraLinear) or not isinstance(module.base_layer, torch.nn.Linear):
@@ -492,13 +493,9 @@ def lean_lora_forward(model: torch.nn.Module):
         name = names[0]
         if not isinstance(module.lora_dropout[name], torch.nn.Identity):
             continue
-        module.forward = _lean_forward(module, name, casts)
-        patched.append(module)
-    try:
+        lean.append((module, _lean_forward(module, name, casts)))
+    with instance_forwards(lean):  # peft's forward again on exit
         yield
-    finally:
-        for module in patched:
-            del module.forward  # the class's (peft's) forward again
 
 
 def _lean_forward(module: torch.nn.Module, name: str, casts: _LastInputCast):
