@@ -76,6 +76,7 @@ def main() -> None:
     n_iters = spec["warmup"] + spec["iterations"]
     scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
+    training.without_fp32_outputs(accelerator, model)  # as the PPO stage does
     ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer,
                      FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
 

@@ -186,3 +186,41 @@ def test_casting_the_frozen_linears_lets_the_checkpoint_file_go(tiny_model_dir):
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(model.model.embed_tokens.weight, table)
     assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+
+
+def test_without_accelerates_fp32_copy_the_logits_stay_bf16_with_the_same_gradients(random_lora):
+    """accelerator.prepare under bf16 copies the model's outputs to fp32; the PPO stage drops
+    that wrapper (training.without_fp32_outputs) and runs its forwards under
+    accelerator.autocast() itself: the logits stay bf16 (half the bytes kept for backward)
+    and the log-probs and LoRA gradients are bit-identical to the wrapped model's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from rlhf.infra.training import without_fp32_outputs
+    from rlhf.tokens.sequences import logprobs_from_logits
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        ids, mask = _ids()
+        runs = []
+        for drop_wrapper in (False, True):
+            torch.manual_seed(0)  # LoRA A is drawn from the global generator
+            policy = random_lora(seed=0)
+            models.store_frozen_linears(policy, torch.bfloat16)
+            model = accelerator.prepare(policy)
+            if drop_wrapper:
+                assert without_fp32_outputs(accelerator, model) is policy
+            with accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -4:]
+                logp = logprobs_from_logits(logits, ids[:, -4:], 0.7)
+                logp.sum().backward()
+            grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+            runs.append((logits.dtype, logp.detach(), grads))
+        (wrapped_dtype, wrapped_logp, wrapped_grads), (dtype, logp, grads) = runs
+        assert (wrapped_dtype, dtype) == (torch.float32, torch.bfloat16)
+        assert torch.equal(wrapped_logp, logp)
+        assert grads.keys() == wrapped_grads.keys() and any("lora_B" in n for n in grads)
+        assert all(torch.equal(grads[n], wrapped_grads[n]) for n in grads)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

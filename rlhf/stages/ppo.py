@@ -92,7 +92,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
     scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.iterations * updates_per_iter)
     distributed.set_deepspeed_micro_batch(accelerator, cfg.mini_batch_size // cfg.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped: ActorCritic = accelerator.unwrap_model(model)
+    # every forward below runs inside accelerator.autocast(): no fp32 copies of the logits
+    unwrapped: ActorCritic = training.without_fp32_outputs(accelerator, model)
     kl_ctl = kl_controller(cfg)
     info = run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, reward_dir)
     state = stage.begin(resume, scheduler, **info, prompts=len(prompts),
