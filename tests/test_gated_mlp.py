@@ -32,10 +32,18 @@ def test_gated_product_is_autograds_bit_for_bit(act, dtype):
 
 
 def test_a_model_keeps_one_tensor_less_per_layer_with_the_same_logits_and_gradients(
-    tiny_model_dir,
+    tiny_model_dir, monkeypatch
 ):
     """The tiny Llama under bf16 autocast, as the PPO update runs it: each MLP keeps one
-    (tokens, intermediate) tensor less; logits and every gradient are bit-identical."""
+    (tokens, intermediate) tensor less, and down_proj (trained here) rebuilds its input in
+    backward instead of keeping it; logits and every gradient are bit-identical."""
+    from rlhf.roles import gated_mlp
+
+    rebuilt = []
+    product = gated_mlp.product_for_backward
+    monkeypatch.setattr(
+        gated_mlp, "product_for_backward", lambda *a: rebuilt.append(1) or product(*a)
+    )
     model = models.load_causal_lm(tiny_model_dir)
     ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -57,6 +65,7 @@ def test_a_model_keeps_one_tensor_less_per_layer_with_the_same_logits_and_gradie
     (plain, plain_grads, plain_wide, _), (ours, ours_grads, ours_wide, patched) = runs
     layers = model.config.num_hidden_layers
     assert patched == layers
+    assert len(rebuilt) == layers  # once per layer, for down_proj's weight gradient
     assert plain_wide - ours_wide == layers
     assert torch.equal(plain, ours)
     assert plain_grads.keys() == ours_grads.keys()
@@ -73,3 +82,28 @@ def test_only_known_activations_are_recomputed():
     assert activation_name(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
     assert activation_name(ACT2FN["gelu"]) is None
     assert activation_name(torch.nn.ReLU()) is None
+
+
+def test_with_gradient_checkpointing_the_product_is_kept_as_autograd_keeps_it(
+    tiny_model_dir, monkeypatch
+):
+    """Gradient checkpointing has saved-tensor hooks of its own, which the product's would
+    shadow: with it on, down_proj keeps its input as usual, and training still matches."""
+    from rlhf.roles import gated_mlp
+
+    rebuilt = []
+    product = gated_mlp.product_for_backward
+    monkeypatch.setattr(
+        gated_mlp, "product_for_backward", lambda *a: rebuilt.append(1) or product(*a)
+    )
+    model = models.load_causal_lm(tiny_model_dir).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ctx in (contextlib.nullcontext(), recomputed_activations(model)):
+        model.zero_grad(set_to_none=True)
+        with ctx:
+            model(input_ids=ids).logits.sin().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert not rebuilt
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
