@@ -109,7 +109,6 @@ class Gather:
         return self.sampled.fields[start : start + self.batch_size]
 
 
-@torch.no_grad()
 class SharedScorers:
     """`load_scorer` that loads each reward model once and remembers its recent scores.
 
@@ -149,6 +148,7 @@ class SharedScorers:
         return remembered
 
 
+@torch.no_grad()
 def evaluate_policy(
     model: ActorCritic,
     reference: torch.nn.Module | None,
