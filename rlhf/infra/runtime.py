@@ -1,4 +1,5 @@
-"""One place that builds the Accelerator, picks the precision and seeds every RNG.
+"""One place that builds the Accelerator, picks the precision, seeds every RNG and sets up
+the process (malloc keeps freed memory: allocator.py).
 
 CPU multi-process needs `Accelerator(cpu=True)` (or ACCELERATE_USE_CPU): with a plain
 `Accelerator()`, `accelerate launch --multi_gpu` on a CPU host starts N ranks that silently
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.infra import distributed
+from rlhf.infra import allocator, distributed
 
 
 def cpu_supports_fast_bf16() -> bool:
@@ -52,6 +53,9 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
+    # Every stage (and bench worker) starts here: from now on, memory a step frees is kept for
+    # the next step instead of being unmapped and faulted in again (allocator.py).
+    allocator.keep_freed_memory()
     on_cpu = not torch.cuda.is_available()
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":
