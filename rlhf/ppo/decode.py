@@ -11,7 +11,8 @@ numbers. Its step is `probs = softmax(logits / T); torch.multinomial(probs, 1)` 
 batch on the global RNG, and torch's one-sample multinomial is `argmax(probs / q)` with
 `q = empty_like(probs).exponential_(1)` (the exponential form of the Gumbel-max trick,
 aten/src/ATen/native/Distributions.cpp). So each step draws `q` for the FULL batch shape
-(B, V), as generate does, and the rows still decoding take their own rows of it: the stream,
+(B, V), as generate does (on a CPU through infra/exponential_noise.py, the same values drawn
+faster), and the rows still decoding take their own rows of it: the stream,
 and each row's noise, are generate's whatever rows were dropped, and the generator ends where
 generate leaves it. The tokens are generate's wherever each row's logits do not depend on
 which other rows share its batch (tests/test_decode.py checks fp32 and bf16 autocast). The
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.infra.exponential_noise import exponential_noise
 from rlhf.roles.actor_critic import accepts_logits_to_keep, lm_head_inputs
 from rlhf.tokens.chat import positions_from_mask
 
@@ -125,7 +127,11 @@ def _draw(scaled_logits: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.
     """torch.multinomial(softmax(logits / T) of the full batch, 1), for the rows still here:
     the noise is drawn for all `batch` rows, as generate draws it."""
     probs = torch.softmax(scaled_logits, dim=-1)
-    noise = torch.empty((batch, probs.shape[-1]), device=probs.device).exponential_(1)
+    shape = (batch, probs.shape[-1])
+    if probs.device.type == "cpu":
+        noise = exponential_noise(shape)  # torch's values, bit for bit, in half the time
+    else:
+        noise = torch.empty(shape, device=probs.device).exponential_(1)
     return torch.argmax(probs / (noise if rows.shape[0] == batch else noise[rows]), dim=-1)
 
 
