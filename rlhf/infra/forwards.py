@@ -16,13 +16,18 @@ def instance_forwards(
     replacements: Iterable[tuple[torch.nn.Module, Callable]],
 ) -> Iterator[int]:
     """While open, each (module, forward) pair's module calls `forward`; yields how many.
-    Hooks still run: only `forward` changes, not `__call__`."""
+    Hooks still run: only `forward` changes, not `__call__`. Contexts nest: a replacement may
+    call the forward it replaces (read as `module.forward` before), and on exit each module
+    gets back what it had: an enclosing context's forward, or the class's."""
     patched = []
     try:
         for module, forward in replacements:
+            patched.append((module, module.__dict__.get("forward")))
             module.forward = forward
-            patched.append(module)
         yield len(patched)
     finally:
-        for module in patched:
-            del module.forward  # the class's forward again
+        for module, before in reversed(patched):
+            if before is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = before

@@ -16,6 +16,7 @@ import torch
 from rlhf.infra.distributed import full_ndim, full_numel
 from rlhf.infra.errors import NumericalFault
 from rlhf.roles import models
+from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import IGNORE_INDEX
 from rlhf.tokens.decoding import eos_ids
 from rlhf.tokens.sequences import next_token_logits, next_token_targets
@@ -116,9 +117,10 @@ def labelled_nll_sum(model: torch.nn.Module, batch: dict, **forward: Any) -> tor
 
     hook = output_embeddings(model).register_forward_pre_hook(keep_predicting_rows)
     try:
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
-        ).logits
+        with mlps_on_real_tokens(model, batch["attention_mask"]):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
+            ).logits
     finally:
         hook.remove()
     targets = next_token_targets(labels)[predicts[:, :-1]]

@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
 
@@ -112,11 +113,12 @@ class ActorCritic(nn.Module):
     ) -> torch.Tensor:
         """Separate critic: its score head at the last `keep` positions (all when 0)."""
         backbone = getattr(self.critic, self.critic.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-        ).last_hidden_state
+        with mlps_on_real_tokens(backbone, attention_mask):
+            hidden = backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+            ).last_hidden_state
         return self.critic.score(hidden[:, -keep:] if keep else hidden).squeeze(-1).float()
 
     @torch.no_grad()
@@ -145,13 +147,14 @@ def causal_lm_logits(
     """Logits at the last `keep` positions (all when 0), positions counted from the mask.
     Uses transformers' `logits_to_keep` where the model's forward has it, else slices."""
     kwargs = {"logits_to_keep": keep} if keep and accepts_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-        use_cache=False,
-        **kwargs,
-    ).logits
+    with mlps_on_real_tokens(model, attention_mask):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+            **kwargs,
+        ).logits
     return logits[:, -keep:] if keep else logits
 
 

@@ -25,6 +25,7 @@ import torch
 
 from rlhf.infra.errors import UserError
 from rlhf.infra.forwards import instance_forwards
+from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 
 log = logging.getLogger(__name__)
 
@@ -676,11 +677,12 @@ def sequence_scores(
     backbone = getattr(model, model.base_model_prefix)
     # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
     # left padding as positions and score a padded sequence differently.
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-    ).last_hidden_state
+    with mlps_on_real_tokens(backbone, attention_mask):
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+        ).last_hidden_state
     return score_at_last_token(model, hidden, attention_mask)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rlhf.roles import models
+from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import encode_prompt_response, pad_batch, positions_from_mask
 
 # ------------------------------------------------------------------------------------ encoding
@@ -213,22 +214,25 @@ def prefix_shared_hidden(
     backbone = getattr(model, model.base_model_prefix)
     # transformers 5.2x renamed `past_key_values` to `cache` (argument and output field).
     name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
-    out = backbone(
-        input_ids=prefix_ids,
-        attention_mask=prefix_mask,
-        position_ids=positions_from_mask(prefix_mask),
-        use_cache=True,
-    )
+    with mlps_on_real_tokens(backbone, prefix_mask):
+        out = backbone(
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            position_ids=positions_from_mask(prefix_mask),
+            use_cache=True,
+        )
     cache = out.cache if name else out.past_key_values
     cache.batch_select_indices(row_prompt)
     full_mask = torch.cat([prefix_mask[row_prompt], attention_mask], dim=1)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=full_mask,
-        position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
-        use_cache=True,
-        **{name or "past_key_values": cache},
-    ).last_hidden_state
+    # the responses' MLPs see (R, T) rows: their own mask says which are real
+    with mlps_on_real_tokens(backbone, attention_mask):
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
+            use_cache=True,
+            **{name or "past_key_values": cache},
+        ).last_hidden_state
     return out.last_hidden_state, hidden
 
 
