@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from rlhf.roles.models import backbone_hidden_states
 from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
@@ -112,13 +113,7 @@ class ActorCritic(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
     ) -> torch.Tensor:
         """Separate critic: its score head at the last `keep` positions (all when 0)."""
-        backbone = getattr(self.critic, self.critic.base_model_prefix)
-        with mlps_on_real_tokens(backbone, attention_mask):
-            hidden = backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-            ).last_hidden_state
+        hidden = backbone_hidden_states(self.critic, input_ids, attention_mask)
         return self.critic.score(hidden[:, -keep:] if keep else hidden).squeeze(-1).float()
 
     @torch.no_grad()

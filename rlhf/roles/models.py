@@ -672,18 +672,26 @@ def sequence_scores(
     We pool ourselves instead of trusting the model's own pooling, which looks for the last
     token that differs from pad_token_id and so breaks when pad == eos or with left padding.
     """
+    hidden = backbone_hidden_states(model, input_ids, attention_mask)
+    return score_at_last_token(model, hidden, attention_mask)
+
+
+def backbone_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The last hidden states (B, T, H) of the transformer inside a task model (a reward
+    model's or critic's backbone, without its head), the MLPs on the real tokens only."""
     from rlhf.tokens.chat import positions_from_mask
 
     backbone = getattr(model, model.base_model_prefix)
     # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
     # left padding as positions and score a padded sequence differently.
     with mlps_on_real_tokens(backbone, attention_mask):
-        hidden = backbone(
+        return backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),
         ).last_hidden_state
-    return score_at_last_token(model, hidden, attention_mask)
 
 
 def score_at_last_token(

@@ -20,9 +20,8 @@ import torch
 
 from rlhf.data.types import Ranking
 from rlhf.roles import reward_model as reward
-from rlhf.roles.models import unwrap_peft
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
-from rlhf.tokens.chat import positions_from_mask, render_ids
+from rlhf.roles.models import backbone_hidden_states, unwrap_peft
+from rlhf.tokens.chat import render_ids
 from rlhf.tokens.sequences import logprobs_from_logits, next_token_logits, next_token_targets
 
 
@@ -206,14 +205,7 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
         # prefix's last token in the last column).
         hidden = torch.cat([prefix[batch["row_prompt"], -1:], hidden[:, :-1]], dim=1)
     else:
-        backbone = getattr(model, model.base_model_prefix)
-        attention = batch["attention_mask"]
-        with mlps_on_real_tokens(backbone, attention):
-            hidden = backbone(
-                input_ids=ids,
-                attention_mask=attention,
-                position_ids=positions_from_mask(attention),
-            ).last_hidden_state[:, :-1]
+        hidden = backbone_hidden_states(model, ids, batch["attention_mask"])[:, :-1]
         ids, mask = ids[:, 1:], mask[:, 1:]
     picked = mask.bool()
     logits = model.get_output_embeddings()(hidden[picked])
