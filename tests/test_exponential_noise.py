@@ -79,3 +79,11 @@ def test_a_state_of_another_layout_falls_back_to_torch(monkeypatch):
         assert torch.equal(drawn, torch.empty(2, 9).exponential_(1))
     finally:
         noise.fast_path_matches_torch.cache_clear()
+
+
+def test_another_device_draws_with_torch_and_leaves_the_cpu_generator_alone():
+    torch.manual_seed(4)
+    start = torch.get_rng_state()
+    drawn = noise.exponential_noise((2, 3), "meta")  # stands in for a GPU: no CPU stream used
+    assert drawn.device.type == "meta" and drawn.shape == (2, 3)
+    assert torch.equal(torch.get_rng_state(), start)

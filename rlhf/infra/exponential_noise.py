@@ -35,11 +35,12 @@ MT_N = 624
 CHUNK = 1 << 16  # values per pass: the 1 MiB of raw outputs stays in cache
 
 
-def exponential_noise(shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 Exp(1) noise of `shape` from torch's default CPU generator, the values and the
-    generator's next state exactly those of `torch.empty(shape).exponential_(1)`."""
-    if not fast_path_matches_torch():
-        return torch.empty(shape).exponential_(1)
+def exponential_noise(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 Exp(1) noise of `shape` on `device`, the values and the generator's next state
+    exactly those of `torch.empty(shape, device=device).exponential_(1)`: drawn here on a CPU,
+    by torch itself elsewhere (a GPU draws in parallel already)."""
+    if torch.device(device).type != "cpu" or not fast_path_matches_torch():
+        return torch.empty(shape, device=device).exponential_(1)
     return _draw(shape)
 
 

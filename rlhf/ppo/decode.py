@@ -127,11 +127,8 @@ def _draw(scaled_logits: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.
     """torch.multinomial(softmax(logits / T) of the full batch, 1), for the rows still here:
     the noise is drawn for all `batch` rows, as generate draws it."""
     probs = torch.softmax(scaled_logits, dim=-1)
-    shape = (batch, probs.shape[-1])
-    if probs.device.type == "cpu":
-        noise = exponential_noise(shape)  # torch's values, bit for bit, in half the time
-    else:
-        noise = torch.empty(shape, device=probs.device).exponential_(1)
+    # torch's values, bit for bit; on a CPU in half the time
+    noise = exponential_noise((batch, probs.shape[-1]), probs.device)
     return torch.argmax(probs / (noise if rows.shape[0] == batch else noise[rows]), dim=-1)
 
 
