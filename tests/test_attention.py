@@ -49,6 +49,31 @@ def test_the_matmul_gradient_is_sdpas_gradient_in_fp64(groups):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+def test_queries_that_continue_a_cached_prefix_get_sdpas_gradient_in_fp64():
+    """3 queries after a 4-token prefix (shared_prefix.py's second forward): the score matrix
+    is 3 x 7, each query sees the prefix and the queries up to itself; row 0's prefix is left
+    padded by 2 keys. The gradient is sdpa's."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 3, 4, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, 2, 7, 4, dtype=torch.float64, generator=gen) for _ in "kv")
+    mask = torch.ones(2, 1, 3, 7, dtype=torch.bool)
+    mask[:, :, :, 4:] = torch.ones(3, 3, dtype=torch.bool).tril()
+    mask[0, :, :, :2] = False
+    d_out = torch.randn(2, 6, 3, 4, dtype=torch.float64, generator=gen)
+    grads = []
+    for ours in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if ours:
+            out = SdpaMatmulBackward.apply(*leaves, mask, 0.5, 3)
+        else:
+            k3, v3 = (t.repeat_interleave(3, dim=1) for t in leaves[1:])
+            out = F.scaled_dot_product_attention(leaves[0], k3, v3, attn_mask=mask, scale=0.5)
+        out.backward(d_out)
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 def _graph_names(tensor: torch.Tensor) -> set[str]:
     seen, todo, names = set(), [tensor.grad_fn], set()
     while todo:

@@ -3,9 +3,12 @@ same tokens from the same seed, logits and hidden states that are the ones a for
 finished sequences gives, several EOS ids, dropped rows, LoRA, bf16 autocast with packed
 weights, and sample_rollout's switch."""
 
+import contextlib
+
 import pytest
 import torch
 
+from rlhf.infra import prepacked
 from rlhf.infra.errors import UserError
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 from rlhf.ppo import decode
@@ -241,6 +244,46 @@ def test_bf16_lora_rollout_with_dropped_rows_is_generates_bit_for_bit(
     m = lean.mask.bool()
     assert torch.equal(lean.sampling_logits[m], hf.sampling_logits[m])
     assert torch.equal(lean.sampling_hidden[m], hf.sampling_hidden[m])
+
+
+def _repeated_prompts(k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """3 of _prompts' rows (two of them left padded), each k times in a row, as a GRPO batch."""
+    ids, mask = _prompts()
+    return ids[:3].repeat_interleave(k, 0), mask[:3].repeat_interleave(k, 0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-lora"])
+def test_a_repeated_prompt_is_prefilled_once_and_every_row_still_gets_generates_tokens(
+    tiny, random_lora, precision
+):
+    """9 rows, 3 distinct prompts: one prefill over the 3, then all 9 decode; tokens (rows
+    finishing at different steps), logits and the global RNG are generate's. In bf16 (LoRA,
+    frozen weights in bf16, packed weights, as the PPO stage samples) bit for bit."""
+    if precision == "bf16-lora" and not cpu_supports_fast_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    model, autocast = tiny, contextlib.nullcontext()
+    if precision == "bf16-lora":
+        model = random_lora()
+        models.store_frozen_linears(model, torch.bfloat16)
+        autocast = torch.autocast("cpu", torch.bfloat16)
+    ids, mask = _repeated_prompts()
+    sizes, hook = _batch_sizes(model)
+    try:
+        with autocast, prepacked.prepacked_linears(model, rows=ids.shape[0]):
+            hf_tokens, hf_logits, hf_after = _hf(model, ids, mask, EARLY, seed=3)
+            sizes.clear()
+            out, after = _lean(model, ids, mask, EARLY, seed=3)
+    finally:
+        hook.remove()
+    assert sizes[:2] == [3, 9]  # the prompts once, then every row
+    live = _live(hf_tokens, EARLY)
+    assert len(set(live.sum(1).tolist())) >= 3  # the copies of a prompt sample differently
+    assert torch.equal(out.response_ids, hf_tokens)
+    assert torch.equal(after, hf_after)
+    if precision == "fp32":  # MKL's fp32 rounding depends on the batch shape (as dropped rows)
+        torch.testing.assert_close(out.logits[live], hf_logits[live], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out.logits[live], hf_logits[live])
 
 
 def test_lean_decode_falls_back_to_generate_where_it_does_not_apply(tiny, monkeypatch):

@@ -25,11 +25,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rlhf.infra.exponential_noise import exponential_noise
 from rlhf.roles.actor_critic import accepts_logits_to_keep, lm_head_inputs
+from rlhf.roles.shared_prefix import distinct_rows
 from rlhf.tokens.chat import positions_from_mask
 
 # Drop finished rows once this fraction of the rows still in the batch has finished: selecting
@@ -80,22 +82,20 @@ def sample(
     sampled = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)  # per row of the batch
     steps = 0
+    # A prompt sampled k times (GRPO, RLOO) is prefilled once: see _forward. Not a batch of
+    # one distinct row: one row alone can round differently (see _rows_to_keep).
+    shared = distinct_rows(prompt_ids, prompt_mask)
+    shared = shared if shared is not None and len(shared[0]) > 1 else None
     with lm_head_inputs(model) if keep else nullcontext() as seen:
         for t in range(max_new_tokens):
-            out = model(
-                input_ids=step_ids,
-                attention_mask=attn,
-                position_ids=step_pos,
-                cache=kv,
-                use_cache=True,
-                **extra,
-            )
-            logits = out.logits[:, -1].float()  # generate's `.to(copy=True, dtype=float32)`
+            spread = shared if t == 0 else None
+            last, rows_out = _forward(model, kv, step_ids, attn, step_pos, extra, spread)
+            logits = last.float()  # generate's `.to(copy=True, dtype=float32)`
             nxt = torch.where(unfinished, _draw(logits / temperature, rows, B), pad_id)
             tokens[rows, t] = nxt
             sampled[rows, t] = unfinished
             if keep:
-                hidden = seen.pop()[:, -1]
+                hidden = seen.pop()[rows_out, -1]
                 if kept_logits is None:
                     kept_logits = logits.new_empty(B, max_new_tokens, logits.shape[-1])
                     kept_hidden = hidden.new_empty(B, max_new_tokens, hidden.shape[-1])
@@ -121,6 +121,28 @@ def sample(
     kept_logits[not_sampled] = 0
     kept_hidden[not_sampled] = 0
     return Decoded(tokens, kept_logits, kept_hidden)
+
+
+def _forward(model, kv, ids, attn, pos, extra, spread=None) -> tuple[torch.Tensor, Any]:
+    """One forward on the cache: the last position's logits and which output rows they are.
+
+    spread (the prefill of a batch whose prompts repeat): (first, row) from distinct_rows. The
+    distinct prompts run once and the cache is indexed out to every row: each row's keys,
+    values and first logits are the ones a prefill of every row computes (rows do not mix),
+    at 1/k of the work for a prompt sampled k times."""
+    every = slice(None)
+    first, row = spread if spread is not None else (every, every)
+    out = model(
+        input_ids=ids[first],
+        attention_mask=attn[first],
+        position_ids=pos[first],
+        cache=kv,
+        use_cache=True,
+        **extra,
+    )
+    if spread is not None:
+        kv.batch_select_indices(row)
+    return out.logits[row, -1], row
 
 
 def _draw(scaled_logits: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:

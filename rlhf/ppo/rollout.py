@@ -7,6 +7,7 @@ after the first EOS is masked everywhere (N implementation details of RLHF with 
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from rlhf.infra import distributed, prepacked
 from rlhf.ppo import decode
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
+from rlhf.roles.reward_model import RewardScorer, collate_rankings, scorer_inputs
 from rlhf.tokens.chat import encode_prompt_response, pad_batch
 from rlhf.tokens.decoding import Decoding, eos_ids, own_generation_config
 from rlhf.tokens.sequences import (
@@ -244,15 +246,29 @@ def reward_scores(
 ) -> torch.Tensor:
     """Score (prompt, response) exactly as the reward model was trained: the chat template
     renders the conversation, and the score is read at the last real token. `finished` (B,)
-    bool: False renders that response without the end-of-turn (it was cut off)."""
+    bool: False renders that response without the end-of-turn (it was cut off).
+
+    A prompt that comes several times (k samples per prompt) is one group: the tokens its
+    responses start with run once (collate_rankings(share_prefix=True), as in reward-model
+    training), the rest of each response on their cached keys and values."""
     done = [True] * len(responses) if finished is None else [bool(f) for f in finished]
     seqs = [
         encode_prompt_response(reward_tokenizer, p, r, max_length, f)
         for p, r, f in zip(prompts, responses, done)
     ]
-    batch = pad_batch(seqs, reward_tokenizer.pad_token_id, side="right")
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(json.dumps(prompt, sort_keys=True, default=str), []).append(i)
+    if len(groups) == len(seqs):  # nothing repeats: one flat batch
+        batch = pad_batch(seqs, reward_tokenizer.pad_token_id, side="right")
+        with autocast():
+            scores = models.sequence_scores(
+                reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )
+        return scores.float()
+    rows = [{"seqs": [seqs[i] for i in idx], "pairs": []} for idx in groups.values()]
+    batch = collate_rankings(rows, reward_tokenizer.pad_token_id, share_prefix=True)
     with autocast():
-        scores = models.sequence_scores(
-            reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        )
-    return scores.float()
+        grouped = RewardScorer(reward_model)(**scorer_inputs(batch, device)).float()
+    order = torch.tensor([i for idx in groups.values() for i in idx], device=grouped.device)
+    return torch.empty_like(grouped).index_copy_(0, order, grouped)

@@ -18,8 +18,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from rlhf.roles.models import backbone_hidden_states
+from rlhf.infra import distributed
+from rlhf.roles.models import backbone_hidden_states, unwrap_peft
 from rlhf.roles.real_token_mlp import mlps_on_real_tokens
+from rlhf.roles.shared_prefix import distinct_rows, prefix_shared_hidden
 from rlhf.tokens.chat import positions_from_mask
 
 
@@ -140,7 +142,15 @@ def causal_lm_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
 ) -> torch.Tensor:
     """Logits at the last `keep` positions (all when 0), positions counted from the mask.
-    Uses transformers' `logits_to_keep` where the model's forward has it, else slices."""
+    Uses transformers' `logits_to_keep` where the model's forward has it, else slices.
+
+    Rows whose first T - keep + 1 tokens are the same (a prompt sampled k times: GRPO, RLOO)
+    run those tokens once (roles/shared_prefix.py), where that is the same function."""
+    context = input_ids.shape[1] - keep + 1  # the first kept position ends the context
+    if 1 <= context < input_ids.shape[1] and shares_context(model):
+        shared = distinct_rows(input_ids[:, :context], attention_mask[:, :context])
+        if shared is not None:
+            return _logits_after_shared_context(model, input_ids, attention_mask, context, *shared)
     kwargs = {"logits_to_keep": keep} if keep and accepts_logits_to_keep(model) else {}
     with mlps_on_real_tokens(model, attention_mask):
         logits = model(
@@ -151,6 +161,51 @@ def causal_lm_logits(
             **kwargs,
         ).logits
     return logits[:, -keep:] if keep else logits
+
+
+# Causal LMs whose forward ends in `lm_head(hidden)` (given no final_logit_softcapping), so
+# the head can be applied to hidden states computed some other way.
+PLAIN_LM_HEADS = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+     "SmolLM3ForCausalLM", "GemmaForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel"}
+)  # fmt: skip
+
+
+def shares_context(model: nn.Module) -> bool:
+    """Whether causal_lm_logits may run a shared context once: a causal LM with a plain head,
+    a KV cache in training (not with gradient checkpointing, which turns the cache off), and
+    every rank free to run its own forwards (sharded weights are gathered layer by layer in
+    step on every rank, which the rank-dependent number of forwards would break)."""
+    lm = unwrap_peft(model)
+    return (
+        type(lm).__name__ in PLAIN_LM_HEADS
+        and getattr(lm.config, "final_logit_softcapping", None) is None
+        and not getattr(lm, "is_gradient_checkpointing", False)
+        and not distributed.synced_gpus()
+    )
+
+
+def _logits_after_shared_context(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context: int,
+    first: torch.Tensor,
+    row_context: torch.Tensor,
+) -> torch.Tensor:
+    """causal_lm_logits' last T - context + 1 positions, each distinct context computed once:
+    the context's last position (left padding puts it in the last column) and the rest."""
+    lm = unwrap_peft(model)
+    context_hidden, hidden = prefix_shared_hidden(
+        lm,
+        input_ids[first, :context],
+        attention_mask[first, :context],
+        row_context,
+        input_ids[:, context:],
+        attention_mask[:, context:],
+    )
+    hidden = torch.cat([context_hidden[row_context, -1:], hidden], dim=1)
+    return lm.get_output_embeddings()(hidden)
 
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:

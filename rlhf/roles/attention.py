@@ -13,7 +13,7 @@ attention call, bit for bit, and the gradient from
 
 (the attention backward as FlashAttention writes it: Dao et al. 2022, appendix B). Anything
 else (no grad, not CPU, dropout, an additive or position-bias mask, decoding, a score matrix
-over SCORES_LIMIT bytes) runs transformers' sdpa unchanged. The score matrix (B, H, T, T) is
+over SCORES_LIMIT bytes) runs transformers' sdpa unchanged. The score matrix (B, H, T, S) is
 a temporary of the backward only. Kept for backward: q, k, v in the dtype sdpa computes in
 (bf16 under autocast, where the rotary embedding hands over fp32 q and k) and k, v once per
 key/value head, not repeated per query head: 159 -> 71 MB per micro-batch of the PPO bench
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SCORES_LIMIT = 64 * 2**20  # bytes of one fp32 (B, H, T, T) score matrix, recomputed in backward
+SCORES_LIMIT = 64 * 2**20  # bytes of one fp32 (B, H, T, S) score matrix, recomputed in backward
 
 
 class SdpaMatmulBackward(torch.autograd.Function):
@@ -90,18 +90,19 @@ def _sum_over_groups(grad: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _applies(query, key, attention_mask, dropout, kwargs) -> bool:
     b, h, t, _ = query.shape
+    keys = key.shape[2]  # t, or more when queries continue a cached prefix (shared_prefix.py)
     return (
         torch.is_grad_enabled()
         and query.device.type == "cpu"
         and dropout == 0.0
         and t > 1
-        and key.shape[2] == t
+        and keys >= t
         and attention_mask is not None
         and attention_mask.dtype == torch.bool
         and kwargs.get("position_bias") is None
         and kwargs.get("softcap") is None
         and not kwargs.get("output_attentions", False)
-        and b * h * t * t * 4 <= SCORES_LIMIT
+        and b * h * t * keys * 4 <= SCORES_LIMIT
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from rlhf.data.types import Ranking
 from rlhf.roles import reward_model as reward
 from rlhf.roles.models import backbone_hidden_states, unwrap_peft
+from rlhf.roles.shared_prefix import prefix_shared_hidden
 from rlhf.tokens.chat import render_ids
 from rlhf.tokens.sequences import logprobs_from_logits, next_token_logits, next_token_targets
 
@@ -188,12 +189,12 @@ def collate_rankings(
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log pi(token) over each response's completion tokens, (R,), one forward per
-    batch: prefixes once, the responses on their cache (reward.prefix_shared_hidden). The LM
+    batch: prefixes once, the responses on their cache (roles/shared_prefix.py). The LM
     head runs on the completion positions only, not the (R, T, vocab) logits of every one."""
     model = unwrap_peft(model)
     ids, mask = batch["input_ids"], batch["completion_mask"]
     if "prefix_ids" in batch:
-        prefix, hidden = reward.prefix_shared_hidden(
+        prefix, hidden = prefix_shared_hidden(
             model,
             batch["prefix_ids"],
             batch["prefix_mask"],

@@ -22,7 +22,6 @@ Metrics take plain lists, so the stage (gathered across ranks) and `rlhf eval re
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,8 +29,8 @@ from typing import Any
 import torch
 
 from rlhf.roles import models
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
-from rlhf.tokens.chat import encode_prompt_response, pad_batch, positions_from_mask
+from rlhf.roles.shared_prefix import prefix_shared_hidden
+from rlhf.tokens.chat import encode_prompt_response, pad_batch
 
 # ------------------------------------------------------------------------------------ encoding
 
@@ -192,48 +191,6 @@ class RewardScorer(torch.nn.Module):
             model, prefix_ids, prefix_mask, row_prompt, input_ids, attention_mask
         )
         return models.score_at_last_token(model, hidden, attention_mask)
-
-
-def prefix_shared_hidden(
-    model: torch.nn.Module,
-    prefix_ids: torch.Tensor,
-    prefix_mask: torch.Tensor,
-    row_prompt: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's last hidden states of the P prefixes, (P, Lp, H), and of the R responses
-    that continue them, (R, T, H): each prefix is computed once.
-
-    Causal attention makes a prefix's keys and values independent of what follows, so one
-    forward over the P prefixes, its KV cache indexed out to the R responses, and one forward
-    over the responses equal the flat forward over R full sequences (to float rounding), and
-    gradients flow through the cache into the prefix forward. The flat path would compute each
-    prefix K times.
-    """
-    backbone = getattr(model, model.base_model_prefix)
-    # transformers 5.2x renamed `past_key_values` to `cache` (argument and output field).
-    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
-    with mlps_on_real_tokens(backbone, prefix_mask):
-        out = backbone(
-            input_ids=prefix_ids,
-            attention_mask=prefix_mask,
-            position_ids=positions_from_mask(prefix_mask),
-            use_cache=True,
-        )
-    cache = out.cache if name else out.past_key_values
-    cache.batch_select_indices(row_prompt)
-    full_mask = torch.cat([prefix_mask[row_prompt], attention_mask], dim=1)
-    # the responses' MLPs see (R, T) rows: their own mask says which are real
-    with mlps_on_real_tokens(backbone, attention_mask):
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=full_mask,
-            position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
-            use_cache=True,
-            **{name or "past_key_values": cache},
-        ).last_hidden_state
-    return out.last_hidden_state, hidden
 
 
 @torch.no_grad()

@@ -1,0 +1,82 @@
+"""Rows that start with the same tokens run those tokens once.
+
+GRPO and RLOO sample k responses per prompt, so every forward over a rollout batch (the
+reference's log-probs, the reward model's scores, the policy's forward and backward in the
+update) holds each prompt k times; DPO and reward-model training hold each prompt once per
+ranked response. Causal attention makes a prefix's keys and values independent of what
+follows, so one forward over the distinct prefixes, its KV cache indexed out to the rows,
+and one forward over the rest of each row give the flat forward's hidden states (to float
+rounding: attention reads the prefix's keys from the cache), and gradients flow through the
+cache into the prefix forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from rlhf.roles.real_token_mlp import mlps_on_real_tokens
+from rlhf.tokens.chat import positions_from_mask
+
+
+def distinct_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, L) rows -> (first, row_prefix): the index of each distinct row's first occurrence,
+    (U,) in order of appearance, and which of them each row is, (B,), so that
+    `input_ids[first][row_prefix] == input_ids`. None when every row is distinct (nothing
+    to share). Rows are equal when their tokens and mask are."""
+    rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    n = int(inverse.max()) + 1 if inverse.numel() else 0
+    if n == rows.shape[0]:
+        return None
+    # torch.unique numbers rows in sorted order; renumber them by first appearance
+    position = torch.arange(rows.shape[0], device=rows.device)
+    first_seen = torch.full((n,), rows.shape[0], device=rows.device, dtype=torch.long)
+    first_seen = first_seen.scatter_reduce(0, inverse, position, reduce="amin")
+    order = torch.argsort(first_seen)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=rows.device)
+    return first_seen[order], rank[inverse]
+
+
+def prefix_shared_hidden(
+    model: torch.nn.Module,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    row_prefix: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's last hidden states of the P prefixes, (P, Lp, H), and of the R rows
+    that continue them, (R, T, H): row i is prefix[row_prefix[i]] followed by input_ids[i].
+
+    model: a transformers task model (causal LM, sequence classifier) whose backbone is
+    `getattr(model, model.base_model_prefix)`. Prefixes left padded (each one's last token in
+    the last column), the continuations right padded.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    # transformers 5.2x renamed `past_key_values` to `cache` (argument and output field).
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
+    with mlps_on_real_tokens(backbone, prefix_mask):
+        out = backbone(
+            input_ids=prefix_ids,
+            attention_mask=prefix_mask,
+            position_ids=positions_from_mask(prefix_mask),
+            use_cache=True,
+        )
+    cache = out.cache if name else out.past_key_values
+    cache.batch_select_indices(row_prefix)
+    full_mask = torch.cat([prefix_mask[row_prefix], attention_mask], dim=1)
+    # the continuations' MLPs see (R, T) rows: their own mask says which are real
+    with mlps_on_real_tokens(backbone, attention_mask):
+        hidden = backbone(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
+            use_cache=True,
+            **{name or "past_key_values": cache},
+        ).last_hidden_state
+    return out.last_hidden_state, hidden
