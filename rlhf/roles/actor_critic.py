@@ -180,7 +180,7 @@ def shares_context(model: nn.Module) -> bool:
     return (
         type(lm).__name__ in PLAIN_LM_HEADS
         and getattr(lm.config, "final_logit_softcapping", None) is None
-        and not getattr(lm, "is_gradient_checkpointing", False)
+        and not any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())
         and not distributed.synced_gpus()
     )
 
