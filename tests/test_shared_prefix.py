@@ -145,3 +145,38 @@ def test_reward_scores_run_a_repeated_prompt_once_with_each_rows_own_score(tiny_
     )  # fmt: skip
     torch.testing.assert_close(grouped, alone, rtol=1e-4, atol=1e-5)
     assert len(set(grouped.tolist())) == 5
+
+
+def _tiny_gemma3():
+    """A random Gemma-3 text model: sliding-window layers (window 4, shorter than the prompts,
+    so the prefix's cache is cut) between full-attention ones, tied embeddings."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config)
+
+
+def _tiny_gpt2():
+    """Learned absolute positions: the continuation's positions come from the full mask."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("make", [_tiny_gemma3, _tiny_gpt2], ids=["gemma3", "gpt2"])
+def test_other_architectures_get_the_flat_forwards_logits(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    assert shares_context(model)
+    ids, mask, keep = _grpo_like_batch()
+    real = mask[:, -keep:].bool()
+    with torch.no_grad():
+        shared = causal_lm_logits(model, ids, mask, keep)
+        flat = _flat_logits(model, ids, mask, keep)
+    torch.testing.assert_close(shared[real], flat[real], rtol=1e-4, atol=1e-5)
