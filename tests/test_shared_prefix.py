@@ -48,7 +48,7 @@ def _flat_logits(model, ids, mask, keep):
     return out.logits[:, -keep:]
 
 
-def test_logits_and_lora_gradients_are_the_flat_forwards(random_lora, monkeypatch):
+def test_logits_and_lora_gradients_are_the_flat_forwards(random_lora):
     """Each prompt once, its cache indexed out to its 3 responses: the flat forward's logits
     and LoRA gradients within fp32 rounding, inside the update's matmul attention backward
     (queries continuing a cached prefix) too; and the path is taken (one prefix forward over
