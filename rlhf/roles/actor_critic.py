@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 from rlhf.infra import distributed
-from rlhf.roles.models import backbone_hidden_states, unwrap_peft
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
+from rlhf.roles.models import backbone_hidden_states, padded_forward, unwrap_peft
 from rlhf.roles.shared_prefix import distinct_rows, prefix_shared_hidden
-from rlhf.tokens.chat import positions_from_mask
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -152,14 +150,7 @@ def causal_lm_logits(
         if shared is not None:
             return _logits_after_shared_context(model, input_ids, attention_mask, context, *shared)
     kwargs = {"logits_to_keep": keep} if keep and accepts_logits_to_keep(model) else {}
-    with mlps_on_real_tokens(model, attention_mask):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-            **kwargs,
-        ).logits
+    logits = padded_forward(model, input_ids, attention_mask, use_cache=False, **kwargs).logits
     return logits[:, -keep:] if keep else logits
 
 

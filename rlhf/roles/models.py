@@ -681,17 +681,26 @@ def backbone_hidden_states(
 ) -> torch.Tensor:
     """The last hidden states (B, T, H) of the transformer inside a task model (a reward
     model's or critic's backbone, without its head), the MLPs on the real tokens only."""
+    backbone = getattr(model, model.base_model_prefix)
+    return padded_forward(backbone, input_ids, attention_mask).last_hidden_state
+
+
+def padded_forward(
+    module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+) -> Any:
+    """`module` (a transformers model or its backbone) over a padded batch: positions counted
+    from the mask, the gated MLPs on the real tokens only (roles/real_token_mlp.py)."""
     from rlhf.tokens.chat import positions_from_mask
 
-    backbone = getattr(model, model.base_model_prefix)
     # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
     # left padding as positions and score a padded sequence differently.
-    with mlps_on_real_tokens(backbone, attention_mask):
-        return backbone(
+    with mlps_on_real_tokens(module, attention_mask):
+        return module(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),
-        ).last_hidden_state
+            **kwargs,
+        )
 
 
 def score_at_last_token(

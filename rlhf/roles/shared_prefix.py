@@ -16,6 +16,7 @@ import inspect
 
 import torch
 
+from rlhf.roles.models import padded_forward
 from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
@@ -60,13 +61,7 @@ def prefix_shared_hidden(
     backbone = getattr(model, model.base_model_prefix)
     # transformers 5.2x renamed `past_key_values` to `cache` (argument and output field).
     name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
-    with mlps_on_real_tokens(backbone, prefix_mask):
-        out = backbone(
-            input_ids=prefix_ids,
-            attention_mask=prefix_mask,
-            position_ids=positions_from_mask(prefix_mask),
-            use_cache=True,
-        )
+    out = padded_forward(backbone, prefix_ids, prefix_mask, use_cache=True)
     cache = out.cache if name else out.past_key_values
     cache.batch_select_indices(row_prefix)
     full_mask = torch.cat([prefix_mask[row_prefix], attention_mask], dim=1)
