@@ -157,8 +157,19 @@ def encode_prompts(model_dir: Path, path: Path, n: int, max_len: int) -> list[di
     return out
 
 
+# Environment variables that cap the instruction sets oneDNN, MKL and ATen's kernels use.
+ISA_CAPS = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ATEN_CPU_CAPABILITY",
+)
+
+
 def describe_machine() -> dict:
     import torch
+
+    from rlhf.infra.runtime import resolve_precision
 
     cpu = "unknown CPU"
     try:
@@ -170,6 +181,15 @@ def describe_machine() -> dict:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cores = os.cpu_count()
+    # What the CPU has, and what the run let the libraries use: an ISA capped by these
+    # variables stands in for an older CPU (fp32 only) on this one.
+    caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
+    precision = {"no": "fp32"}.get(resolve_precision("auto"), resolve_precision("auto"))
+    isa = torch.backends.cpu.get_cpu_capability()
+    described = f"{cores} cores of {cpu}, {mem_gb:.0f} GB RAM, torch {torch.__version__}"
+    described += f", precision auto = {precision}"
+    if caps:
+        described += ", ISA capped: " + " ".join(f"{k}={v}" for k, v in caps.items())
     return {
         "cpu": cpu,
         "cores": cores,
@@ -177,7 +197,12 @@ def describe_machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "description": f"{cores} cores of {cpu}, {mem_gb:.0f} GB RAM, torch {torch.__version__}",
+        "cpu_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "cpu_amx": bool(torch.cpu._is_amx_tile_supported()),
+        "aten_cpu_capability": isa,
+        "isa_caps": caps,
+        "precision_auto": precision,
+        "description": described,
     }
 
 

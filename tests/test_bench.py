@@ -1,7 +1,7 @@
 """The benchmark harness's arithmetic: FLOP accounting and the ours-vs-TRL summaries. (The
 measurements themselves run under `make bench`, never in the test suite.)"""
 
-from bench import report, trainers
+from bench import report, run, trainers
 from bench.flops import Arch, ppo_flops
 
 ARCH = Arch(layers=2, hidden=8, heads=2, kv_heads=1, head_dim=4, ffn=16, vocab=100)
@@ -235,3 +235,19 @@ def test_decode_row_samples_the_same_tokens_as_generate_on_the_tiny_model(tmp_pa
     table = "\n".join(decode.markdown(section))
     assert "| 2 | " in table and "| 4 | " in table and "yes |" in table
     assert "not measured" in decode.markdown(None)[0]
+
+
+def test_the_machine_block_says_which_instruction_sets_a_run_was_held_to(monkeypatch):
+    for name in run.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    free = run.describe_machine()
+    assert free["isa_caps"] == {} and "capped" not in free["description"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    capped = run.describe_machine()
+    assert capped["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert capped["precision_auto"] == "fp32"  # no bf16 instructions for oneDNN: auto is fp32
+    assert (
+        "ISA capped: ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2" in capped["description"]
+    )
+    assert "precision auto = fp32" in capped["description"]
