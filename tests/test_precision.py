@@ -41,11 +41,23 @@ def test_fast_bf16_needs_the_instructions_not_only_onednns_word(
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     assert runtime.cpu_supports_fast_bf16() is fast
     assert runtime.resolve_precision("auto") == ("bf16" if fast else "no")
 
 
+@pytest.mark.parametrize("arm_bf16", [True, False])
+def test_on_arm_torchs_check_is_the_instructions_and_stands(monkeypatch, arm_bf16):
+    # torch asks cpuinfo for the ARM bf16 instructions there: no emulation to rule out
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: arm_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert runtime.cpu_supports_fast_bf16() is arm_bf16
+
+
 def test_the_older_name_of_the_cap_counts_too(monkeypatch):
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import random
 from typing import Any
 
@@ -23,6 +24,7 @@ from rlhf.infra import allocator, distributed
 _ONEDNN_ISAS_WITHOUT_BF16_ARITHMETIC = {
     "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
 }  # fmt: skip
+_X86_MACHINES = {"x86_64", "amd64", "i386", "i686"}  # platform.machine(), lower case
 
 
 def cpu_supports_fast_bf16() -> bool:
@@ -33,9 +35,12 @@ def cpu_supports_fast_bf16() -> bool:
     Cascade Lake, Ice Lake), where oneDNN runs bf16 by converting to fp32 and back: slower
     than fp32. Measured on the bench machine with oneDNN capped at that ISA
     (ONEDNN_MAX_CPU_ISA=AVX512_CORE): a 2048^2 bf16 matmul 74 vs fp32 175 GFLOP/s, a SmolLM2
-    forward + backward of 8 x 96 tokens 9.7 s under bf16 autocast vs 4.2 s in fp32."""
+    forward + backward of 8 x 96 tokens 9.7 s under bf16 autocast vs 4.2 s in fp32.
+    On ARM torch's check already asks for the instructions (cpuinfo's arm_bf16) and stands."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if platform.machine().lower() not in _X86_MACHINES:
+            return onednn
         instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except (AttributeError, RuntimeError):
         return False
