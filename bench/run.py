@@ -184,8 +184,8 @@ def describe_machine() -> dict:
     # What the CPU has, and what the run let the libraries use: an ISA capped by these
     # variables stands in for an older CPU (fp32 only) on this one.
     caps = {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)}
-    precision = {"no": "fp32"}.get(resolve_precision("auto"), resolve_precision("auto"))
-    isa = torch.backends.cpu.get_cpu_capability()
+    mixed = resolve_precision("auto")  # accelerate's spelling: "no" is fp32
+    precision = "fp32" if mixed == "no" else mixed
     described = f"{cores} cores of {cpu}, {mem_gb:.0f} GB RAM, torch {torch.__version__}"
     described += f", precision auto = {precision}"
     if caps:
@@ -199,7 +199,7 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "cpu_avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
         "cpu_amx": bool(torch.cpu._is_amx_tile_supported()),
-        "aten_cpu_capability": isa,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "isa_caps": caps,
         "precision_auto": precision,
         "description": described,
