@@ -25,8 +25,25 @@ from rlhf.infra.forwards import instance_forwards
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 
 
-def _bf16_autocast_on_cpu() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+def packing_applies() -> bool:
+    """Packed bf16 weights compute what autocast's F.linear would: under bf16 autocast on a
+    CPU with native bf16 (runtime.cpu_supports_fast_bf16)."""
+    return (
+        torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and cpu_supports_fast_bf16()
+    )
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (out, in) weight cast to bf16 (as autocast casts it) and reordered for oneDNN."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear under bf16 autocast, on a weight from pack_weight and a bf16 bias (or None):
+    all three operands in bf16, as autocast casts them."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
 
 
 def _packable(module: torch.nn.Module) -> bool:
@@ -50,7 +67,7 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     runtime.cpu_supports_fast_bf16), it changes nothing. A layer called with grad enabled (the
     context leaked into training) runs its own forward.
     """
-    if not (_bf16_autocast_on_cpu() and cpu_supports_fast_bf16()):
+    if not packing_applies():
         yield 0
         return
     linears = (m for m in model.modules() if isinstance(m, torch.nn.Linear) and _packable(m))
@@ -66,13 +83,9 @@ def _packed_forward(module: torch.nn.Linear, rows: int):
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return own_forward(x)
         if not packed:
-            weight = module.weight.detach().to(torch.bfloat16)
-            packed["weight"] = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+            packed["weight"] = pack_weight(module.weight, rows)
             bias = module.bias
             packed["bias"] = None if bias is None else bias.detach().to(torch.bfloat16)
-        # What autocast does to F.linear's operands: all three cast to bf16.
-        return torch.ops.mkldnn._linear_pointwise(
-            x.to(torch.bfloat16), packed["weight"], packed["bias"], "none", [], ""
-        )
+        return packed_linear(x, packed["weight"], packed["bias"])
 
     return forward

@@ -18,6 +18,7 @@ from rlhf.infra import distributed, prepacked
 from rlhf.ppo import decode
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
+from rlhf.roles.fused_projections import fused_projections
 from rlhf.roles.reward_model import RewardScorer, collate_rankings, scorer_inputs
 from rlhf.tokens.chat import encode_prompt_response, pad_batch
 from rlhf.tokens.decoding import Decoding, eos_ids, own_generation_config
@@ -87,12 +88,12 @@ def sample_rollout(
     stops = eos_ids(policy, tokenizer)
     lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
     # Sharded weights are gathered layer by layer: nothing to pack once for the whole call.
-    packed = (
-        nullcontext()
-        if distributed.synced_gpus()
-        else prepacked.prepacked_linears(policy, rows=prompt_ids.shape[0])
-    )
-    with lean, packed:
+    rows = prompt_ids.shape[0]
+    sharded = distributed.synced_gpus()
+    packed = nullcontext() if sharded else prepacked.prepacked_linears(policy, rows=rows)
+    # Inside both: q, k, v (and gate, up) with their LoRA matrices as two packed matmuls.
+    fused = nullcontext() if sharded else fused_projections(policy, rows=rows)
+    with lean, packed, fused:
         if lean_decode_applies(policy, cfg):
             out = decode.sample(
                 policy,

@@ -478,25 +478,32 @@ def lean_lora_forward(model: torch.nn.Module):
     too (see _lean_forward). Anything else (several or special adapters, dropout, merged or
     disabled adapters, extra arguments) goes through peft's own forward.
     """
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # no peft: nothing can be a LoRA layer
-        yield
-        return
     lean = []
     casts = _LastInputCast()
     for module in model.modules():
-        if not isinstance(module, LoraLinear) or not isinstance(module.base_layer, torch.nn.Linear):
-            continue
-        names = [a for a in module.active_adapters if a in module.lora_A]
-        if len(names) != 1 or names[0] in getattr(module, "lora_variant", {}):
-            continue
-        name = names[0]
-        if not isinstance(module.lora_dropout[name], torch.nn.Identity):
-            continue
-        lean.append((module, _lean_forward(module, name, casts)))
+        name = plain_lora_adapter(module)
+        if name is not None:
+            lean.append((module, _lean_forward(module, name, casts)))
     with instance_forwards(lean):  # peft's forward again on exit
         yield
+
+
+def plain_lora_adapter(module: torch.nn.Module) -> str | None:
+    """The adapter name if `module` is a peft LoRA Linear over an nn.Linear computing
+    `base(x) + B(A(x)) * scale` with one active adapter (no dropout, no variant such as DoRA);
+    else None."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # no peft: nothing can be a LoRA layer
+        return None
+    if not isinstance(module, LoraLinear) or not isinstance(module.base_layer, torch.nn.Linear):
+        return None
+    names = [a for a in module.active_adapters if a in module.lora_A]
+    if len(names) != 1 or names[0] in getattr(module, "lora_variant", {}):
+        return None
+    if not isinstance(module.lora_dropout[names[0]], torch.nn.Identity):
+        return None
+    return names[0]
 
 
 def _lean_forward(module: torch.nn.Module, name: str, casts: _LastInputCast):

@@ -1,0 +1,180 @@
+"""While a model samples on a CPU in bf16: the projections that read the same input, fused.
+
+A decode step multiplies one token per row, so each matmul costs about as much in per-call
+overhead as in reading its weight. With LoRA on every linear, a SmolLM2 layer makes 21 calls
+(each of q, k, v, o, gate, up, down: the base, A and B), three quarters of them rank-16
+matmuls that read almost nothing. Here the siblings that read the same input are one group,
+and a group is two matmuls:
+
+    [base(x) | A(x)] = x @ [W_1; ...; W_n; A_1; ...; A_n]^T       (one packed weight)
+    out              = base(x) + blockdiag(B_1, ..., B_n)(A(x)) * scale
+
+with the groups (q, k, v), (gate, up), (o) and (down): 8 calls a layer instead of 21, and no
+per-module LoRA bookkeeping. On the bench VM (2-core EPYC, AVX-512 bf16) that is most of
+what LoRA added to a decode step (bench/RESULTS.md).
+
+Bit for bit the numbers of the modules it replaces (peft's LoRA forward as
+models.lean_lora_forward runs it, on prepacked weights): each output column of a oneDNN matmul
+is the same dot product whatever other columns share the call, a block-diagonal B adds exact
+zeros, and the scale and the sum are elementwise (tests/test_fused_projections.py compares
+the sampled tokens, logits and LM-head inputs with the unfused path's).
+
+The first member of a group to be called computes the whole group and keeps its siblings'
+outputs for their calls on the same input tensor (by identity); anything else (grad on,
+another input, an adapter disabled or merged) goes to the member's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf.infra.forwards import instance_forwards
+from rlhf.infra.prepacked import pack_weight, packed_linear, packing_applies
+from rlhf.roles.models import plain_lora_adapter
+
+# Sibling projections that read the same input in the transformers decoder layers we run
+# (Llama, Qwen2, Mistral, Gemma); a layer that reads them from different inputs falls back.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+
+
+@dataclass
+class _Parts:
+    """One projection: its base linear and, for a plain LoRA adapter, A, B and the scale."""
+
+    module: torch.nn.Module
+    base: torch.nn.Linear
+    lora_a: torch.nn.Linear | None = None
+    lora_b: torch.nn.Linear | None = None
+    scale: float | None = None
+    adapter: str | None = None
+
+    def adapter_on(self) -> bool:
+        if self.lora_a is None:
+            return True
+        m = self.module
+        return not m.disable_adapters and not m.merged and list(m.active_adapters) == [self.adapter]
+
+
+def _plain_linear(module: Any) -> bool:
+    return (
+        type(module) is torch.nn.Linear
+        and type(module.weight) in (torch.Tensor, torch.nn.Parameter)  # not sharded
+        and module.weight.device.type == "cpu"
+    )
+
+
+def _parts(module: Any) -> _Parts | None:
+    """What a projection computes, where this module can compute it; else None."""
+    if _plain_linear(module):
+        return _Parts(module, module)
+    name = plain_lora_adapter(module)
+    if name is None or not _plain_linear(module.base_layer):
+        return None
+    a, b = module.lora_A[name], module.lora_B[name]
+    if not (_plain_linear(a) and _plain_linear(b) and a.bias is None and b.bias is None):
+        return None
+    return _Parts(module, module.base_layer, a, b, float(module.scaling[name]), name)
+
+
+class _Group:
+    """Projections read from one input, computed by two packed matmuls."""
+
+    def __init__(self, parts: Sequence[_Parts], rows: int):
+        self.parts = list(parts)
+        self.sizes = [p.base.out_features for p in parts]
+        self.lora = parts[0].lora_a is not None
+        weights = [p.base.weight for p in parts]
+        if self.lora:
+            weights += [p.lora_a.weight for p in parts]
+        self.weight = pack_weight(torch.cat([w.detach().to(torch.bfloat16) for w in weights]), rows)
+        if any(p.base.bias is not None for p in parts):
+            biases = [
+                p.base.bias if p.base.bias is not None else p.base.weight.new_zeros(n)
+                for p, n in zip(parts, self.sizes)
+            ]
+            rank = sum(p.lora_a.out_features for p in parts) if self.lora else 0
+            biases.append(torch.zeros(rank))
+            self.bias = torch.cat([b.detach().to(torch.bfloat16) for b in biases])
+        else:
+            self.bias = None
+        if self.lora:
+            self.scale = parts[0].scale
+            blocks = torch.block_diag(*[p.lora_b.weight.detach().float() for p in parts])
+            self.lora_b = pack_weight(blocks, rows)
+        self.input: torch.Tensor | None = None
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = packed_linear(x, self.weight, self.bias)
+        width = sum(self.sizes)
+        if self.lora:
+            # peft: result + lora_B(lora_A(x)) * scale, on every member's columns at once.
+            z = packed_linear(y[..., width:], self.lora_b, None)
+            y = y[..., :width] + z * self.scale
+        return list(y.split(self.sizes, dim=-1))
+
+    def forward_for(self, index: int, own_forward):
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.input is x and index in self.pending:
+                out = self.pending.pop(index)
+                if not self.pending:
+                    self.input = None
+                return out
+            if (
+                args
+                or kwargs
+                or torch.is_grad_enabled()
+                or x.device.type != "cpu"
+                or not x.is_floating_point()
+                or not packing_applies()
+                or not all(p.adapter_on() for p in self.parts)
+            ):
+                return own_forward(x, *args, **kwargs)
+            outs = self.compute(x)
+            self.pending = {i: o for i, o in enumerate(outs) if i != index}
+            self.input = x if self.pending else None
+            return outs[index]
+
+        return forward
+
+
+def _groups(model: torch.nn.Module, rows: int) -> list[_Group]:
+    groups = []
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if any(m is None for m in members):
+                continue
+            parts = [_parts(m) for m in members]
+            if any(p is None for p in parts):
+                continue
+            lora = {p.lora_a is not None for p in parts}
+            scales = {p.scale for p in parts}
+            if len(lora) == 1 and len(scales) == 1 and (True in lora or len(parts) > 1):
+                groups.append(_Group(parts, rows))
+    return groups
+
+
+@contextmanager
+def fused_projections(model: torch.nn.Module, rows: int) -> Iterator[int]:
+    """While open, the sibling projections of `model` (GROUPS) run as fused packed matmuls;
+    yields how many groups. Open it inside the autocast, no_grad, lean-LoRA and prepacked
+    blocks that sample (rollout.sample_rollout); where packing does not apply (fp32, a CPU
+    without native bf16, CUDA) it changes nothing. A lone projection without LoRA is left to
+    prepacked_linears (nothing to fuse)."""
+    if not packing_applies():
+        yield 0
+        return
+    groups = _groups(model, rows)
+    replacements = [
+        (p.module, group.forward_for(i, p.module.forward))
+        for group in groups
+        for i, p in enumerate(group.parts)
+    ]
+    with instance_forwards(replacements):
+        yield len(groups)
