@@ -25,14 +25,16 @@ from rlhf.infra.forwards import instance_forwards
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 
 
+def bf16_autocast_on_cpu() -> bool:
+    """What F.linear on a CPU casts to is bf16 (cheap: for checks on every call)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def packing_applies() -> bool:
     """Packed bf16 weights compute what autocast's F.linear would: under bf16 autocast on a
-    CPU with native bf16 (runtime.cpu_supports_fast_bf16)."""
-    return (
-        torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and cpu_supports_fast_bf16()
-    )
+    CPU with native bf16 (runtime.cpu_supports_fast_bf16, which reads the environment: check
+    once per block, not per call)."""
+    return bf16_autocast_on_cpu() and cpu_supports_fast_bf16()
 
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:

@@ -34,7 +34,12 @@ from typing import Any
 import torch
 
 from rlhf.infra.forwards import instance_forwards
-from rlhf.infra.prepacked import pack_weight, packed_linear, packing_applies
+from rlhf.infra.prepacked import (
+    bf16_autocast_on_cpu,
+    pack_weight,
+    packed_linear,
+    packing_applies,
+)
 from rlhf.roles.models import plain_lora_adapter
 
 # Sibling projections that read the same input in the transformers decoder layers we run
@@ -131,7 +136,7 @@ class _Group:
                 or torch.is_grad_enabled()
                 or x.device.type != "cpu"
                 or not x.is_floating_point()
-                or not packing_applies()
+                or not bf16_autocast_on_cpu()  # the CPU's bf16 was checked on entry
                 or not all(p.adapter_on() for p in self.parts)
             ):
                 return own_forward(x, *args, **kwargs)
