@@ -162,3 +162,53 @@ def test_a_disabled_adapter_grad_and_another_input_take_the_modules_own_forward(
     # Outside bf16 autocast nothing is fused (fp32 keeps PyTorch's own kernels).
     with fp.fused_projections(model, 3) as n:
         assert n == 0
+
+
+def _gemma3_with_lora():
+    """A random Gemma-3 (q and k norms after the projections, sliding-window layers, GELU MLP)
+    with a LoRA adapter on every linear."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from rlhf.recipe import LoraConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="sdpa",
+    )  # fmt: skip
+    policy = models.apply_lora(Gemma3ForCausalLM(config), LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return policy.eval()
+
+
+@needs_bf16
+@pytest.mark.parametrize("make", [_gemma3_with_lora, _qwen2_with_biases], ids=["gemma3", "qwen2"])
+def test_other_architectures_sample_the_same_tokens_and_logits_fused(make, monkeypatch):
+    from rlhf.ppo import decode
+
+    model = make()
+    ids = torch.randint(5, 300, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def sample(fuse: bool):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", torch.bfloat16), models.lean_lora_forward(model):
+            with prepacked_linears(model, 3), fp.fused_projections(model, 3) if fuse else _none():
+                return decode.sample(model, ids, mask, 10, 0.7, [299], 0, keep=True)
+
+    plain = sample(False)
+    with torch.autocast("cpu", torch.bfloat16), fp.fused_projections(model, 3) as n:
+        assert n == 2 * 4
+    calls = []
+    real = fp._Group.compute
+    monkeypatch.setattr(fp._Group, "compute", lambda self, x: calls.append(1) or real(self, x))
+    fused = sample(True)
+    assert len(calls) == 8 * plain.response_ids.shape[1]  # every group at every step
+    assert torch.equal(fused.response_ids, plain.response_ids)
+    assert torch.equal(fused.logits, plain.logits)
+    assert torch.equal(fused.hidden, plain.hidden)
