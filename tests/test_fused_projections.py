@@ -54,7 +54,7 @@ def _qwen2_with_biases():
     return policy.eval()
 
 
-def _rollout(policy, tokenizer, fuse: bool, monkeypatch):
+def _rollout(policy, tokenizer, fuse: bool, monkeypatch, adapter: bool = True):
     if not fuse:
         monkeypatch.setattr(rollout, "fused_projections", lambda model, rows: _none())
     cfg = SimpleNamespace(max_new_tokens=12, temperature=0.7, stop_strings=[])
@@ -62,7 +62,8 @@ def _rollout(policy, tokenizer, fuse: bool, monkeypatch):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     torch.manual_seed(3)
-    with torch.autocast("cpu", torch.bfloat16):
+    # adapter off: the SFT policy, as the evaluation and the calibration sample it
+    with torch.autocast("cpu", torch.bfloat16), _none() if adapter else policy.disable_adapter():
         roll = sample_rollout(policy, ids, mask, cfg, tokenizer, keep_sampling_outputs=True)
     monkeypatch.undo()
     return roll, torch.random.get_rng_state()
@@ -77,17 +78,22 @@ class _none:
 
 
 @needs_bf16
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "adapter-disabled"])
 def test_fused_sampling_draws_the_same_tokens_from_bit_identical_logits(
-    lora_policy, tiny_model_dir, monkeypatch
+    adapter, lora_policy, tiny_model_dir, monkeypatch
 ):
     tokenizer = models.load_tokenizer(tiny_model_dir, padding_side="left")
-    plain, plain_rng = _rollout(lora_policy, tokenizer, False, monkeypatch)
+    plain, plain_rng = _rollout(lora_policy, tokenizer, False, monkeypatch, adapter)
     calls = []
     real = fp._Group.compute
-    monkeypatch.setattr(fp._Group, "compute", lambda self, x: calls.append(1) or real(self, x))
-    fused, fused_rng = _rollout(lora_policy, tokenizer, True, monkeypatch)
+    monkeypatch.setattr(
+        fp._Group,
+        "compute",
+        lambda self, x, adapter: calls.append(adapter) or real(self, x, adapter),
+    )
+    fused, fused_rng = _rollout(lora_policy, tokenizer, True, monkeypatch, adapter)
     # 2 layers x 4 groups, at the prefill and at each of the 11 later steps.
-    assert len(calls) == 8 * 12
+    assert calls == [adapter] * 8 * 12
     assert plain.response_ids.shape[1] == 12
     assert torch.equal(fused.response_ids, plain.response_ids)
     assert torch.equal(fused.sampling_logits, plain.sampling_logits)
@@ -206,7 +212,9 @@ def test_other_architectures_sample_the_same_tokens_and_logits_fused(make, monke
         assert n == 2 * 4
     calls = []
     real = fp._Group.compute
-    monkeypatch.setattr(fp._Group, "compute", lambda self, x: calls.append(1) or real(self, x))
+    monkeypatch.setattr(
+        fp._Group, "compute", lambda self, x, adapter: calls.append(1) or real(self, x, adapter)
+    )
     fused = sample(True)
     assert len(calls) == 8 * plain.response_ids.shape[1]  # every group at every step
     assert torch.equal(fused.response_ids, plain.response_ids)

@@ -20,8 +20,10 @@ zeros, and the scale and the sum are elementwise (tests/test_fused_projections.p
 the sampled tokens, logits and LM-head inputs with the unfused path's).
 
 The first member of a group to be called computes the whole group and keeps its siblings'
-outputs for their calls on the same input tensor (by identity); anything else (grad on,
-another input, an adapter disabled or merged) goes to the member's own forward.
+outputs for their calls on the same input tensor (by identity). With the adapters disabled
+(the reference, or the SFT policy the evaluation samples) a group is its base columns alone,
+as peft then computes base(x). Anything else (grad on, another input, a merged adapter) goes
+to the member's own forward.
 """
 
 from __future__ import annotations
@@ -58,11 +60,18 @@ class _Parts:
     scale: float | None = None
     adapter: str | None = None
 
-    def adapter_on(self) -> bool:
+    def adapter_state(self) -> str | None:
+        """ "on": the adapter applies; "off": disabled (peft runs the base alone: the reference,
+        the SFT policy); None: anything else (merged, another adapter): the module's own
+        forward. A projection without LoRA is always "on"."""
         if self.lora_a is None:
-            return True
+            return "on"
         m = self.module
-        return not m.disable_adapters and not m.merged and list(m.active_adapters) == [self.adapter]
+        if m.merged:
+            return None
+        if m.disable_adapters:
+            return "off"
+        return "on" if list(m.active_adapters) == [self.adapter] else None
 
 
 def _plain_linear(module: Any) -> bool:
@@ -114,13 +123,15 @@ class _Group:
         self.input: torch.Tensor | None = None
         self.pending: dict[int, torch.Tensor] = {}
 
-    def compute(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def compute(self, x: torch.Tensor, adapter: bool = True) -> list[torch.Tensor]:
         y = packed_linear(x, self.weight, self.bias)
         width = sum(self.sizes)
-        if self.lora:
+        if self.lora and adapter:
             # peft: result + lora_B(lora_A(x)) * scale, on every member's columns at once.
             z = packed_linear(y[..., width:], self.lora_b, None)
             y = y[..., :width] + z * self.scale
+        elif self.lora:  # adapter disabled: peft's result is base(x), the first columns
+            y = y[..., :width]
         return list(y.split(self.sizes, dim=-1))
 
     def forward_for(self, index: int, own_forward):
@@ -137,10 +148,12 @@ class _Group:
                 or x.device.type != "cpu"
                 or not x.is_floating_point()
                 or not bf16_autocast_on_cpu()  # the CPU's bf16 was checked on entry
-                or not all(p.adapter_on() for p in self.parts)
             ):
                 return own_forward(x, *args, **kwargs)
-            outs = self.compute(x)
+            states = {p.adapter_state() for p in self.parts}
+            if len(states) != 1 or None in states:
+                return own_forward(x, *args, **kwargs)
+            outs = self.compute(x, adapter=states == {"on"})
             self.pending = {i: o for i, o in enumerate(outs) if i != index}
             self.input = x if self.pending else None
             return outs[index]
