@@ -48,7 +48,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
 
 
-def _packable(module: torch.nn.Module) -> bool:
+def packable(module: torch.nn.Module) -> bool:
+    """An nn.Linear whose weight can be packed once: a plain 2-D tensor on the CPU."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
     weight = module.weight
     return (
         type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor / ZeRO-3 shard
@@ -72,7 +75,7 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[int]:
     if not packing_applies():
         yield 0
         return
-    linears = (m for m in model.modules() if isinstance(m, torch.nn.Linear) and _packable(m))
+    linears = (m for m in model.modules() if packable(m))
     with instance_forwards((m, _packed_forward(m, rows)) for m in linears) as n:
         yield n
 

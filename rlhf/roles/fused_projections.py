@@ -39,6 +39,7 @@ from rlhf.infra.forwards import instance_forwards
 from rlhf.infra.prepacked import (
     bf16_autocast_on_cpu,
     pack_weight,
+    packable,
     packed_linear,
     packing_applies,
 )
@@ -74,23 +75,15 @@ class _Parts:
         return "on" if list(m.active_adapters) == [self.adapter] else None
 
 
-def _plain_linear(module: Any) -> bool:
-    return (
-        type(module) is torch.nn.Linear
-        and type(module.weight) in (torch.Tensor, torch.nn.Parameter)  # not sharded
-        and module.weight.device.type == "cpu"
-    )
-
-
 def _parts(module: Any) -> _Parts | None:
     """What a projection computes, where this module can compute it; else None."""
-    if _plain_linear(module):
+    if packable(module):
         return _Parts(module, module)
     name = plain_lora_adapter(module)
-    if name is None or not _plain_linear(module.base_layer):
+    if name is None or not packable(module.base_layer):
         return None
     a, b = module.lora_A[name], module.lora_B[name]
-    if not (_plain_linear(a) and _plain_linear(b) and a.bias is None and b.bias is None):
+    if not (packable(a) and packable(b) and a.bias is None and b.bias is None):
         return None
     return _Parts(module, module.base_layer, a, b, float(module.scaling[name]), name)
 
