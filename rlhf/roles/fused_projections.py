@@ -94,6 +94,7 @@ class _Group:
     def __init__(self, parts: Sequence[_Parts], rows: int):
         self.parts = list(parts)
         self.sizes = [p.base.out_features for p in parts]
+        self.width = sum(self.sizes)  # the base columns; the A columns follow
         self.lora = parts[0].lora_a is not None
         weights = [p.base.weight for p in parts]
         if self.lora:
@@ -118,13 +119,12 @@ class _Group:
 
     def compute(self, x: torch.Tensor, adapter: bool = True) -> list[torch.Tensor]:
         y = packed_linear(x, self.weight, self.bias)
-        width = sum(self.sizes)
         if self.lora and adapter:
             # peft: result + lora_B(lora_A(x)) * scale, on every member's columns at once.
-            z = packed_linear(y[..., width:], self.lora_b, None)
-            y = y[..., :width] + z * self.scale
+            z = packed_linear(y[..., self.width :], self.lora_b, None)
+            y = y[..., : self.width] + z * self.scale
         elif self.lora:  # adapter disabled: peft's result is base(x), the first columns
-            y = y[..., :width]
+            y = y[..., : self.width]
         return list(y.split(self.sizes, dim=-1))
 
     def forward_for(self, index: int, own_forward):
