@@ -79,7 +79,7 @@ def _write_sft(path: Path, n: int) -> None:
             )
 
 
-def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path):
+def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path, matmul_attention_backwards):
     from rlhf.stages import sft
 
     _write_sft(tmp_path / "train.jsonl", 24)
@@ -94,6 +94,8 @@ def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path):
         ],
     )
     run_dir = sft.run(recipe)
+    # its training steps differentiate attention through matmuls (roles/training_forwards.py)
+    assert len(matmul_attention_backwards) > 0
     for name in (
         "recipe.yaml",
         "run.json",

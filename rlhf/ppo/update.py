@@ -9,8 +9,6 @@ warm-up (value_only) the value loss alone trains the critic and the policy is no
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,8 +22,7 @@ from rlhf.algo.ppo import (
 )
 from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
-from rlhf.roles import gated_mlp, models
-from rlhf.roles.attention import matmul_attention_backward
+from rlhf.roles.training_forwards import lean_training_forwards
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
 
@@ -107,17 +104,6 @@ def ppo_update(
     out["policy/minibatches_run"] = float(minibatches_run)
     out["skipped_steps"] = float(guard.skipped - skipped_before)
     return out
-
-
-@contextmanager
-def lean_training_forwards(model: torch.nn.Module) -> Iterator[None]:
-    """The update's forwards: peft's LoRA forward without its per-call bookkeeping, the same
-    numbers (models.lean_lora_forward); on a CPU, attention's gradient through matmuls instead
-    of the slower flash backward; the MLP's act(gate) recomputed in backward instead of kept
-    (the same numbers, less memory)."""
-    lean = models.lean_lora_forward(model)
-    with lean, matmul_attention_backward(), gated_mlp.recomputed_activations(model):
-        yield
 
 
 def micro_batch_loss(

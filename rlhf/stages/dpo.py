@@ -42,6 +42,7 @@ from rlhf.ppo import policy_eval
 from rlhf.roles import models, reward_sources
 from rlhf.roles import preference as pref
 from rlhf.roles.actor_critic import ActorCritic
+from rlhf.roles.training_forwards import lean_training_forwards
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,8 @@ def train(
     """The Trainer's loop; a signal ends it with a checkpoint and Interrupted."""
     stop.install()
     try:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        with lean_training_forwards(trainer.model):  # attention's backward in matmuls on a CPU
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     finally:
         stop.restore()
     if contract.signum:

@@ -35,6 +35,7 @@ from rlhf.infra.rundir import RunDir, write_json_atomic
 from rlhf.infra.runtime import make_accelerator, run_info
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
+from rlhf.roles.training_forwards import lean_training_forwards
 
 log = logging.getLogger(__name__)
 
@@ -243,16 +244,17 @@ class SupervisedStep:
         world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
         group = self.windows.next()
         step_weight = accelerator.reduce(sum(self.objective.weight(b) for b in group), "sum")
-        stats, grad_norm = None, None
-        for batch in training.accumulation_window(accelerator, group):
-            with accelerator.accumulate(self.model), accelerator.autocast():
-                loss_sum, batch_stats = self.objective.loss_and_stats(batch)
-                # accelerate divides by grad_accum and DDP averages over ranks: undo both.
-                accelerator.backward(loss_sum * world * accum / step_weight.clamp(min=1))
-                grad_norm = training.step_if_finite(
-                    accelerator, self.model, self.optimizer, self.max_grad_norm, self.run.guard
-                )
-            stats = batch_stats if stats is None else stats + batch_stats
+        stats, grad_norm, guard = None, None, self.run.guard
+        with lean_training_forwards(self.model):  # attention's backward in matmuls on a CPU
+            for batch in training.accumulation_window(accelerator, group):
+                with accelerator.accumulate(self.model), accelerator.autocast():
+                    loss_sum, batch_stats = self.objective.loss_and_stats(batch)
+                    # accelerate divides by grad_accum and DDP averages over ranks: undo both.
+                    accelerator.backward(loss_sum * world * accum / step_weight.clamp(min=1))
+                    grad_norm = training.step_if_finite(
+                        accelerator, self.model, self.optimizer, self.max_grad_norm, guard
+                    )
+                stats = batch_stats if stats is None else stats + batch_stats
         self.scheduler.step()
         if not log:
             return None
