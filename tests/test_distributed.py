@@ -60,12 +60,21 @@ def run_launch(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+# What a rank killed by a signal from native code (SIGABRT, SIGSEGV) leaves on stderr: it has
+# no Python traceback, and the launcher's own traceback comes first.
+NATIVE_CRASH = ("terminate called", "what():", "Aborted", "free():", "malloc", "Segmentation",
+                "Fatal Python error", "gloo", "Gloo")  # fmt: skip
+
+
 def launch_error(stderr: str) -> str:
     """A failed launch's stderr for the assertion message: the first traceback (the rank that
-    failed first; the tail alone shows only the other rank's broken barrier) and the tail."""
+    failed first; the tail alone shows only the other rank's broken barrier), any lines a
+    native crash leaves (NATIVE_CRASH), and the tail."""
     start = stderr.find("Traceback")
     first = stderr[start : start + 2500] if start >= 0 else ""
-    return f"{first}\n...\n{stderr[-2000:]}"
+    native = [line for line in stderr.splitlines() if any(m in line for m in NATIVE_CRASH)]
+    crash = "\n".join(native[:20])
+    return f"{first}\n...\n{crash}\n...\n{stderr[-2000:]}"
 
 
 def _launch(module_args: list[str], nproc: int) -> None:
