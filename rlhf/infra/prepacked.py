@@ -5,8 +5,15 @@ first reorders it into its blocked layout, then multiplies. Decoding multiplies 
 row, so the reorder costs as much as the multiply: on the bench machine (2-core EPYC, AVX-512
 bf16), a 1536x576 weight at 8 rows took 87 us plain vs 55 us packed, SmolLM2's 49152x576 LM
 head 4.1 ms vs 2.1 ms. Weights do not change while a batch is sampled, so each is packed once
-per `prepacked_linears` block and every step reuses it. The kernel is the same oneDNN matmul
-on the same bf16 operands, so the outputs are bit-identical (tests/test_prepacked.py).
+per `prepacked_linears` block and every step reuses it. The operands are the same bf16 values,
+and the outputs were bit-identical in every check on SmolLM2's shapes (tests/test_prepacked.py,
+the bench's decode rows) but not always: the packed kernel sums in another order, and a sum
+that lands within fp32 rounding of a midpoint between two bf16 values can round the other way.
+Seen once (2026-11-29, session 13): the test LoRA (rank 4) of tests/test_prepacked.py built
+after another test had moved the global RNG, whose lora_B of up_proj gave -0.212890625 packed
+against -0.2119140625 from F.linear at one of 512 outputs (exact, in fp64: -0.21240231, 3e-9
+from the midpoint; F.linear's is the correctly rounded one); the sampled tokens stayed the same.
+The sampled logits are kept either way, so PPO's log-probs are those the tokens were drawn from.
 
 Only where it is the same computation: on CPU, under bf16 autocast (the autocast dtype is
 what F.linear would cast to), without grad, on plain (unsharded) weights. In fp32, PyTorch's
