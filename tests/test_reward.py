@@ -246,6 +246,42 @@ def test_lora_seq_cls_keeps_the_score_head_trainable(tiny_model_dir):
 # ------------------------------------------------------------------------------------ metrics
 
 
+def test_calibration_scores_each_sampled_response_once_sharing_its_prompts_prefix(
+    tiny_model_dir,
+):
+    """The stage's calibration: the seeded sample of training responses, each scored once, the
+    sampled responses of a prompt together with their common prefix run once; the mean/std of
+    scoring each sampled sequence on its own, flat."""
+    import random
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from rlhf.stages.reward import calibrate
+
+    tok = models.load_tokenizer(tiny_model_dir)
+    rows = _prefix_rankings(tok, ((1, 4), (3, 3), (6, 2), (2, 4)))
+    scorer = rm.RewardScorer(models.load_reward_model(tiny_model_dir)).eval()
+    calls = []
+    forward = scorer.forward
+    scorer.forward = lambda **kw: calls.append(sorted(kw)) or forward(**kw)
+    cfg = SimpleNamespace(calibration_size=9, batch_size=1, share_prefix=True,
+                          gradient_checkpointing=False)  # fmt: skip
+    with torch.no_grad():
+        got = calibrate(scorer, rows, cfg, tok.pad_token_id, 7, Accelerator(cpu=True))
+    del scorer.forward  # the class's again
+    flat = [s for row in rows for s in row["seqs"]]  # 13 sequences, the sample picks 9
+    picked = random.Random(7).sample(range(len(flat)), 9)
+    alone = rm.score_sequences(scorer, [flat[i] for i in picked], 1, tok.pad_token_id)
+    assert got["n"] == 9
+    assert got["mean"] == pytest.approx(sum(alone) / 9, abs=1e-5)
+    assert got["std"] == pytest.approx(torch.tensor(alone).std(unbiased=False).item(), abs=1e-5)
+    # one forward per 2 prompts (2 x batch_size) that have a sampled response, with prefixes
+    prompt_of = [p for p, row in enumerate(rows) for _ in row["seqs"]]
+    prompts = len({prompt_of[i] for i in picked})
+    assert len(calls) == -(-prompts // 2) and all("prefix_ids" in kw for kw in calls)
+
+
 def test_kendall_tau_on_known_permutations():
     order = [0, 1, 2, 3]
     assert rm.kendall_tau([4.0, 3.0, 2.0, 1.0], order) == 1.0

@@ -149,23 +149,31 @@ def calibrate(
     seed: int,
     accelerator: Any,
 ) -> dict[str, float]:
-    """Mean/std of the rewards of up to `calibration_size` training responses (seeded sample)."""
-    seqs = [s for row in train_rows for s in row["seqs"]]
-    picked = sorted(
-        random.Random(seed).sample(range(len(seqs)), min(cfg.calibration_size, len(seqs)))
-    )
-    world = accelerator.num_processes
-    mine = [seqs[picked[i]] for i in distributed.rank_indices(len(picked), accelerator)]
+    """Mean/std of the rewards of up to `calibration_size` training responses (seeded sample).
+
+    The sampled responses of one prompt are scored together, as `evaluate` scores a ranking:
+    with `share_prefix`, their common prefix (system prompt, user turn) runs once. Rows are
+    split over the ranks and every sampled response counts once, whatever the padding of the
+    ranks' shares."""
+    where = [(r, k) for r, row in enumerate(train_rows) for k in range(len(row["seqs"]))]
+    picked = random.Random(seed).sample(range(len(where)), min(cfg.calibration_size, len(where)))
+    by_row: dict[int, list[int]] = {}
+    for r, k in sorted(where[i] for i in picked):
+        by_row.setdefault(r, []).append(k)
+    rows = [{"seqs": [train_rows[r]["seqs"][k] for k in ks], "pairs": []}
+            for r, ks in by_row.items()]  # fmt: skip
+    mine = distributed.rank_indices(len(rows), accelerator)
     wrapped = scorer
     scorer = accelerator.unwrap_model(scorer)  # uneven slices: no DDP collectives (see evaluate)
     was_training = scorer.training
     scorer.eval()
     with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
-        scores = rm.score_sequences(scorer, mine, cfg.batch_size * 2, pad_id, accelerator.device)
+        scores = rm.score_rankings(scorer, [rows[i] for i in mine], cfg.batch_size * 2, pad_id,
+                                   accelerator.device, shares_prefix(cfg))  # fmt: skip
     scorer.train(was_training)
-    if world > 1:
-        scores = gather_object(scores)
-    return rm.calibration(scores)
+    pairs = list(zip(mine, scores))
+    by_index = dict(gather_object(pairs) if accelerator.num_processes > 1 else pairs)
+    return rm.calibration([s for i in range(len(rows)) for s in by_index[i]])
 
 
 def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
