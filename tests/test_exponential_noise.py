@@ -41,6 +41,26 @@ def test_same_values_and_next_state_as_torchs_exponential(skip, shape):
     assert torch.equal(ours_after, torch.rand(16))
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_some_rows_are_those_rows_of_the_whole_draw_and_the_generator_moves_past_it(
+    fast, monkeypatch
+):
+    # what the sampler asks for once rows have finished: their noise is not needed, but the
+    # stream must move past it as generate's full-batch draw does
+    if not fast:
+        monkeypatch.setattr(noise, "fast_path_matches_torch", lambda: False)
+    rows = torch.tensor([0, 3, 4])
+    torch.manual_seed(11)
+    start = torch.get_rng_state()
+    some = noise.exponential_noise((5, 7), rows=rows)
+    after = torch.rand(4)
+    torch.set_rng_state(start)
+    whole = torch.empty(5, 7).exponential_(1)
+    assert some.shape == (3, 7)
+    assert torch.equal(some, whole[rows])
+    assert torch.equal(after, torch.rand(4))
+
+
 def test_the_first_value_by_hand_from_pythons_own_mt19937():
     # torch's first value from a state is -log1p(-u), u = the low 53 bits of (a << 32 | b)
     # over 2^53, where a, b are the engine's next two 32-bit outputs. Python's random module

@@ -26,13 +26,20 @@ import torch
 LOW_53 = (1 << 53) - 1
 
 
-def exponential_noise(shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+def exponential_noise(
+    shape: tuple[int, ...], device: torch.device | str = "cpu", rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """float32 Exp(1) noise of `shape` on `device`, the values and the generator's next state
     exactly those of `torch.empty(shape, device=device).exponential_(1)`: drawn here on a CPU,
-    by torch itself elsewhere (a GPU draws in parallel already)."""
+    by torch itself elsewhere (a GPU draws in parallel already).
+
+    rows: return only these rows (indices into dim 0) of that draw. The generator still moves
+    past the whole draw; on the CPU path the arithmetic runs on those rows alone."""
     if torch.device(device).type != "cpu" or not fast_path_matches_torch():
-        return torch.empty(shape, device=device).exponential_(1)
-    return bits_to_noise(_bits(shape))
+        noise = torch.empty(shape, device=device).exponential_(1)
+        return noise if rows is None else noise[rows]
+    bits = _bits(shape)
+    return bits_to_noise(bits if rows is None else bits[rows])
 
 
 def bits_to_noise(bits: torch.Tensor) -> torch.Tensor:
