@@ -244,6 +244,14 @@ def test_bf16_lora_rollout_with_dropped_rows_is_generates_bit_for_bit(
     m = lean.mask.bool()
     assert torch.equal(lean.sampling_logits[m], hf.sampling_logits[m])
     assert torch.equal(lean.sampling_hidden[m], hf.sampling_hidden[m])
+    # kept as the LM head wrote them (bf16, half of generate's fp32 copies), the same values:
+    # the same log-probs at the sampling temperature
+    assert (
+        lean.sampling_logits.dtype == torch.bfloat16 and hf.sampling_logits.dtype == torch.float32
+    )
+    ids, T = lean.response_ids, PPOConfig().temperature
+    lean_lp, hf_lp = (logprobs_from_logits(r.sampling_logits, ids, T) for r in (lean, hf))
+    assert torch.equal(lean_lp[m], hf_lp[m])
 
 
 def _repeated_prompts(k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,9 @@ COMPACT_FRACTION = 0.25
 @dataclass
 class Decoded:
     response_ids: torch.Tensor  # (B, R): pad_id after each row's EOS, as generate fills them
-    logits: torch.Tensor | None  # (B, R, V) float32 raw logits that sampled token t (keep)
+    # (B, R, V) raw logits that sampled token t (keep), in the LM head's dtype: under bf16
+    # autocast bf16, the values whose exact fp32 copy the token was drawn from, in half the memory
+    logits: torch.Tensor | None
     hidden: torch.Tensor | None  # (B, R, H) the LM head's input at those positions (keep)
 
 
@@ -97,9 +99,9 @@ def sample(
             if keep:
                 hidden = seen.pop()[rows_out, -1]
                 if kept_logits is None:
-                    kept_logits = logits.new_empty(B, max_new_tokens, logits.shape[-1])
+                    kept_logits = last.new_empty(B, max_new_tokens, last.shape[-1])
                     kept_hidden = hidden.new_empty(B, max_new_tokens, hidden.shape[-1])
-                kept_logits[rows, t] = logits
+                kept_logits[rows, t] = last
                 kept_hidden[rows, t] = hidden
             steps = t + 1
             unfinished &= ~torch.isin(nxt, eos)
