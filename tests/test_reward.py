@@ -258,6 +258,7 @@ def test_calibration_scores_each_sampled_response_once_sharing_its_prompts_prefi
     from accelerate import Accelerator
 
     from rlhf.stages.reward import calibrate
+    from rlhf.tokens.chat import pad_batch
 
     tok = models.load_tokenizer(tiny_model_dir)
     rows = _prefix_rankings(tok, ((1, 4), (3, 3), (6, 2), (2, 4)))
@@ -272,7 +273,9 @@ def test_calibration_scores_each_sampled_response_once_sharing_its_prompts_prefi
     del scorer.forward  # the class's again
     flat = [s for row in rows for s in row["seqs"]]  # 13 sequences, the sample picks 9
     picked = random.Random(7).sample(range(len(flat)), 9)
-    alone = rm.score_sequences(scorer, [flat[i] for i in picked], 1, tok.pad_token_id)
+    with torch.no_grad():  # each picked sequence alone, unpadded
+        alone = [scorer(**rm.scorer_inputs(pad_batch([flat[i]], tok.pad_token_id))).item()
+                 for i in picked]  # fmt: skip
     assert got["n"] == 9
     assert got["mean"] == pytest.approx(sum(alone) / 9, abs=1e-5)
     assert got["std"] == pytest.approx(torch.tensor(alone).std(unbiased=False).item(), abs=1e-5)
@@ -669,7 +672,6 @@ def test_score_rankings_returns_scores_in_input_order():
         return attention_mask.sum(dim=1).float()
 
     assert rm.score_rankings(fn, rows, 2, 0) == [[9.0, 2.0], [1.0, 1.0], [5.0, 7.0]]
-    assert rm.score_sequences(fn, [[1] * 4, [1], [1] * 3], 2, 0) == [4.0, 1.0, 3.0]
 
 
 def test_reward_halves_are_disjoint_by_prompt_and_cover_everything():

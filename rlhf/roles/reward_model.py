@@ -221,26 +221,6 @@ def score_rankings(
     return out
 
 
-@torch.no_grad()
-def score_sequences(
-    score_fn: Callable[..., torch.Tensor],
-    seqs: Sequence[list[int]],
-    batch_size: int,
-    pad_id: int,
-    device: Any = "cpu",
-) -> list[float]:
-    """Score of each sequence (batched by length, returned in input order)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [0.0] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = pad_batch([seqs[i] for i in idx], pad_id, "right")
-        scores = score_fn(**scorer_inputs(batch, device))
-        for i, value in zip(idx, scores.float().cpu().tolist()):
-            out[i] = value
-    return out
-
-
 # ------------------------------------------------------------------------------------- metrics
 
 
