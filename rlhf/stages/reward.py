@@ -94,24 +94,36 @@ def evaluate(
     share_prefix: bool = False,
 ) -> dict[str, Any]:
     """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
+    ordered = score_rows(scorer, rows, batch_size, pad_id, accelerator, share_prefix)
+    pairs, orders = [r["pairs"] for r in rows], [r["ranking"] for r in rows]
+    return rm.ranking_metrics(ordered, pairs, orders, margin)
+
+
+def score_rows(
+    scorer: torch.nn.Module,
+    rows: list[dict],
+    batch_size: int,
+    pad_id: int,
+    accelerator: Any,
+    share_prefix: bool = False,
+) -> list[list[float]]:
+    """The scores of every row's responses, in order: each rank scores its share of the rows
+    (rm.score_rankings), gathered so that each row counts once whatever the padding of the
+    ranks' shares under sharding."""
     # Score with the unwrapped module: ranks hold different numbers of rows, and a DDP forward
     # runs collectives (buffer broadcast) that would pair up wrongly and hang.
     wrapped, scorer = scorer, accelerator.unwrap_model(scorer)
     was_training = scorer.training
     scorer.eval()
-    world = accelerator.num_processes
     mine = distributed.rank_indices(len(rows), accelerator)  # sharded: equal shares
     with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
         scores = rm.score_rankings(
             scorer, [rows[i] for i in mine], batch_size, pad_id, accelerator.device, share_prefix
         )
-    gathered = (
-        dict(gather_object(list(zip(mine, scores)))) if world > 1 else dict(zip(mine, scores))
-    )
     scorer.train(was_training)
-    ordered = [gathered[i] for i in range(len(rows))]
-    pairs, orders = [r["pairs"] for r in rows], [r["ranking"] for r in rows]
-    return rm.ranking_metrics(ordered, pairs, orders, margin)
+    pairs = list(zip(mine, scores))
+    by_index = dict(gather_object(pairs) if accelerator.num_processes > 1 else pairs)
+    return [by_index[i] for i in range(len(rows))]
 
 
 def evaluate_all(
@@ -154,7 +166,7 @@ def calibrate(
     The sampled responses of one prompt are scored together, as `evaluate` scores a ranking:
     with `share_prefix`, their common prefix (system prompt, user turn) runs once. Rows are
     split over the ranks and every sampled response counts once, whatever the padding of the
-    ranks' shares."""
+    ranks' shares (score_rows)."""
     where = [(r, k) for r, row in enumerate(train_rows) for k in range(len(row["seqs"]))]
     picked = random.Random(seed).sample(range(len(where)), min(cfg.calibration_size, len(where)))
     by_row: dict[int, list[int]] = {}
@@ -162,20 +174,10 @@ def calibrate(
         by_row.setdefault(r, []).append(k)
     rows = [{"seqs": [train_rows[r]["seqs"][k] for k in ks], "pairs": []}
             for r, ks in by_row.items()]  # fmt: skip
-    mine = distributed.rank_indices(len(rows), accelerator)
-    wrapped = scorer
-    scorer = accelerator.unwrap_model(scorer)  # uneven slices: no DDP collectives (see evaluate)
-    was_training = scorer.training
-    scorer.eval()
     # A prompt brings only some of its responses to the sample: twice the training step's
     # prompts per forward (on 2 CPU cores 9.9-12.1 s for 256 responses, 11.7-14.2 at 1x)
-    with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
-        scores = rm.score_rankings(scorer, [rows[i] for i in mine], cfg.batch_size * 2, pad_id,
-                                   accelerator.device, shares_prefix(cfg))  # fmt: skip
-    scorer.train(was_training)
-    pairs = list(zip(mine, scores))
-    by_index = dict(gather_object(pairs) if accelerator.num_processes > 1 else pairs)
-    return rm.calibration([s for i in range(len(rows)) for s in by_index[i]])
+    scored = score_rows(scorer, rows, cfg.batch_size * 2, pad_id, accelerator, shares_prefix(cfg))
+    return rm.calibration([s for row in scored for s in row])
 
 
 def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
