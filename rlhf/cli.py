@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -327,8 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.infra import distributed
 
     args = build_parser().parse_args(argv)
-    # A launched rank that ran a stage ends inside exit_code_of_rank (see its docstring).
-    return distributed.exit_code_of_rank(_dispatch(args))
+    # A launched rank that ran a stage ends inside exit_code_of_rank (see its docstring), on an
+    # error too: the traceback the interpreter would print, then its exit status 1.
+    try:
+        code = _dispatch(args)
+    except Exception:
+        if not distributed.left_process_group():
+            raise
+        traceback.print_exc()
+        code = 1
+    return distributed.exit_code_of_rank(code)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -134,6 +134,34 @@ def test_a_rank_that_left_its_group_exits_with_its_code_flushed_and_without_fina
     assert "logged" in log.read_text()
 
 
+# A stage that fails on a launched rank after leaving its group: rlhf.cli.main prints the
+# traceback and ends that rank with status 1 through exit_code_of_rank, without finalization.
+_RANK_FAILS = """
+import atexit, sys
+import torch.distributed as dist
+from rlhf import cli
+from rlhf.infra import distributed
+
+def failing_stage(args):
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0,
+                            world_size=1)
+    distributed.leave_process_group()  # as cli._stage's finally does
+    raise RuntimeError("boom")
+
+cli._dispatch = failing_stage
+atexit.register(print, "finalized")
+sys.exit(cli.main(["curves", "some_run"]))
+"""
+
+
+def test_a_rank_whose_stage_fails_prints_the_traceback_and_exits_1_without_finalization():
+    cmd = [sys.executable, "-c", _RANK_FAILS, str(_free_port())]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 1, done.stderr
+    assert "RuntimeError: boom" in done.stderr and "Traceback" in done.stderr
+    assert "finalized" not in done.stdout
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")

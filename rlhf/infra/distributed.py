@@ -135,7 +135,7 @@ def use_fsdp_on_cpu_ranks() -> None:
         state.distributed_type = DistributedType.MULTI_GPU
 
 
-_left_a_group = False  # set by leave_process_group; read by exit_code_of_rank
+_left_a_group = False  # set by leave_process_group; read by left_process_group
 
 
 def leave_process_group() -> None:
@@ -155,6 +155,11 @@ def leave_process_group() -> None:
         _left_a_group = True
 
 
+def left_process_group() -> bool:
+    """This process has left a process group (`leave_process_group` destroyed one)."""
+    return _left_a_group
+
+
 def exit_code_of_rank(code: int) -> int:
     """`code`, returned; but a rank that has left its process group ends here, with `code`,
     without the interpreter's finalization (stdout, stderr and logging flushed first).
@@ -169,7 +174,7 @@ def exit_code_of_rank(code: int) -> int:
     (pytorch/pytorch#190489, open). Skipping finalization leaves no such window. Nothing is lost: every output is
     written and closed before the stage's final barrier (runner.finish, the tracker's close).
     """
-    if not _left_a_group:
+    if not left_process_group():
         return code
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
