@@ -164,15 +164,16 @@ def exit_code_of_rank(code: int) -> int:
     """`code`, returned; but a rank that has left its process group ends here, with `code`,
     without the interpreter's finalization (stdout, stderr and logging flushed first).
 
-    destroy_process_group joins gloo's worker threads only when nothing else holds the group,
-    and FSDP2's DeviceMesh (or a DDP reducer) still does, so the threads outlive it. A worker
-    that drops the last reference to a finished collective (a barrier holds the all-gather
-    before it) frees that tensor's Python object and takes the GIL to do so. Once the main
-    thread is finalizing, taking the GIL ends the worker thread, the unwind hits a noexcept
-    destructor and the process aborts (SIGABRT, after every output was written): 2 of 29
-    two-rank FSDP2 launches of tests/dist_sharded.py here, and a CI failure; 0 of 45 with this
-    (pytorch/pytorch#190489, open). Skipping finalization leaves no such window. Nothing is lost: every output is
-    written and closed before the stage's final barrier (runner.finish, the tracker's close).
+    destroy_process_group joins gloo's worker threads only when nothing else holds the group;
+    FSDP2's DeviceMesh, for one, still does, so the threads outlive it. A worker that drops
+    the last reference to a finished collective (a barrier holds the all-gather before it)
+    frees that tensor's Python object and takes the GIL to do so. Once the main thread is
+    finalizing, taking the GIL ends the worker thread, the unwind hits a noexcept destructor
+    and the process aborts (SIGABRT, after every output was written): 2 of 29 two-rank FSDP2
+    launches of tests/dist_sharded.py here, and a CI failure; 0 of 75 with this
+    (pytorch/pytorch#190489, open). Skipping finalization leaves no such window. Nothing is
+    lost: every output is written and closed before the stage's final barrier
+    (runner.finish, the tracker's close).
     """
     if not left_process_group():
         return code
