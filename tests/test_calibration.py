@@ -40,8 +40,8 @@ def test_the_stored_calibration_is_applied_once_in_the_single_model_form(tmp_pat
     )
     sources = reward_sources.build(recipe, lambda model_dir: _scorer(RAW))
     assert sources.passthrough
-    calibration = score_calibration(None, sources.calibration, None, None, sources, None, None,
-                                    recipe, None)  # fmt: skip
+    stored = sources.calibration
+    calibration = score_calibration(None, stored, None, None, sources, None, None, recipe, None)
     total, _ = sources([[]] * 3, ["a", "b", "c"], [{}] * 3)
     score = normalise_score(total, torch.ones(3, dtype=torch.bool), recipe.ppo, calibration)
     assert score.tolist() == [0.0, 1.0, 2.0]
