@@ -2050,10 +2050,13 @@ def words(text: str) -> int:
 
 
 def prompt_row(item: Item) -> dict:
-    """A PPO prompt row; verifiable questions carry their reference `answer` (answer_match)."""
+    """A PPO prompt row; verifiable questions carry their reference `answer` (answer_match),
+    harmful requests `"category": "harmful"` (the rubric judge's refusal rate)."""
     row = {"prompt": item.prompt}
     if item.answer is not None:
         row["answer"] = item.answer
+    if item.harmful:
+        row["category"] = "harmful"  # for judges such as rlhf/roles/rubric.py
     return row
 
 
