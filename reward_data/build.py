@@ -26,14 +26,18 @@ from pathlib import Path
 SEED = 1729
 HERE = Path(__file__).resolve().parent
 TEST_FRACTION = 0.2  # share of facts (whole groups of phrasings) held out for the test files
+VALID_FRACTION = 0.1  # another share, held out for prompts/valid.jsonl (choosing settings)
+SPLITS = ("train", "valid", "test")
 
 # Items per output file; SFT counts are items, and MULTI_TURN pairs of them become one row.
 TARGETS = {
-    "train": {"sft": 264, "rankings": 180, "prompts": 240},
+    "train": {"sft": 248, "rankings": 180, "prompts": 240},
+    "valid": {"prompts": 60},
     "test": {"sft": 56, "rankings": 50, "prompts": 60},
 }
 HARMFUL_TARGETS = {
     "train": {"sft": 18, "rankings": 18, "prompts": 10},
+    "valid": {"prompts": 3},
     "test": {"sft": 4, "rankings": 5, "prompts": 3},
 }
 MULTI_TURN = {"train": 24, "test": 6}
@@ -43,6 +47,7 @@ MINIMUM_ROWS = {
     ("rankings", "train"): 160,
     ("rankings", "test"): 45,
     ("prompts", "train"): 220,
+    ("prompts", "valid"): 55,
     ("prompts", "test"): 55,
 }
 MAX_PROMPT_WORDS = 40
@@ -1951,17 +1956,20 @@ def norm(text: str) -> str:
 
 
 def split_groups(rng: random.Random, groups: list[Group]) -> dict[str, dict[str, list[Group]]]:
-    """Per category, hold out TEST_FRACTION of the facts: {side: {category: [Group]}}."""
+    """Per category, hold out TEST_FRACTION of the facts for test and VALID_FRACTION for
+    valid (at least one each): {side: {category: [Group]}}."""
     by_category: dict[str, list[Group]] = {}
     for group in groups:
         by_category.setdefault(group.category, []).append(group)
-    sides: dict[str, dict[str, list[Group]]] = {"train": {}, "test": {}}
+    sides: dict[str, dict[str, list[Group]]] = {split: {} for split in SPLITS}
     for category, members in by_category.items():
         members = sorted(members, key=lambda g: g.key)
         rng.shuffle(members)
         n_test = max(1, round(TEST_FRACTION * len(members)))
+        n_valid = max(1, round(VALID_FRACTION * len(members)))
         sides["test"][category] = members[:n_test]
-        sides["train"][category] = members[n_test:]
+        sides["valid"][category] = members[n_test : n_test + n_valid]
+        sides["train"][category] = members[n_test + n_valid :]
     return sides
 
 
@@ -2175,7 +2183,7 @@ def main() -> None:
     harmful_sides = split_groups(rng, harmful)
     files: dict[tuple[str, str], list[dict]] = {}
     categories: dict[tuple[str, str], dict[str, int]] = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         safe_targets = {s: n - HARMFUL_TARGETS[split][s] for s, n in TARGETS[split].items()}
         dealt = deal(rng, sides[split], safe_targets)
         dealt_harmful = deal(rng, harmful_sides[split], HARMFUL_TARGETS[split], repeat=True)
@@ -2186,13 +2194,15 @@ def main() -> None:
             for item in items:
                 counts[item.category] = counts.get(item.category, 0) + 1
             categories[(stage, split)] = counts
-        files[("sft", split)] = sft_rows(stage_items["sft"], MULTI_TURN[split], rng)
-        files[("rankings", split)] = [
-            ranking_row(item, i % 4, rng) for i, item in enumerate(stage_items["rankings"])
-        ]
+        if "sft" in stage_items:
+            files[("sft", split)] = sft_rows(stage_items["sft"], MULTI_TURN[split], rng)
+        if "rankings" in stage_items:
+            files[("rankings", split)] = [
+                ranking_row(item, i % 4, rng) for i, item in enumerate(stage_items["rankings"])
+            ]
         files[("prompts", split)] = [prompt_row(item) for item in stage_items["prompts"]]
 
-    files = {key: files[key] for key in sorted(files, key=lambda k: (k[0], k[1] != "train"))}
+    files = {key: files[key] for key in sorted(files, key=lambda k: (k[0], SPLITS.index(k[1])))}
     check(files)
     for (kind, split), rows in files.items():
         write_jsonl(HERE / kind / f"{split}.jsonl", rows)
