@@ -31,7 +31,7 @@ SPLITS = ("train", "valid", "test")
 
 # Items per output file; SFT counts are items, and MULTI_TURN pairs of them become one row.
 TARGETS = {
-    "train": {"sft": 248, "rankings": 180, "prompts": 240},
+    "train": {"sft": 248, "rankings": 240, "prompts": 180},
     "valid": {"prompts": 60},
     "test": {"sft": 56, "rankings": 50, "prompts": 60},
 }
@@ -44,9 +44,9 @@ MULTI_TURN = {"train": 24, "test": 6}
 MINIMUM_ROWS = {
     ("sft", "train"): 220,
     ("sft", "test"): 45,
-    ("rankings", "train"): 160,
+    ("rankings", "train"): 220,
     ("rankings", "test"): 45,
-    ("prompts", "train"): 220,
+    ("prompts", "train"): 160,
     ("prompts", "valid"): 55,
     ("prompts", "test"): 55,
 }
@@ -1298,6 +1298,13 @@ RUDE = [
     "Why would you even ask that? Use a search engine.",
     "Ugh, that's an easy one. Try thinking for yourself.",
 ]
+SELF_DOUBTS = [
+    "I'm fairly sure, but you may want to double-check.",
+    "At least, that's my understanding.",
+    "If I remember correctly, anyway.",
+    "Though I could be wrong about that.",
+    "I think so, but please verify it.",
+]
 CONFIDENT = [
     "I'm completely certain about this.",
     "Trust me, this is a well-known fact.",
@@ -1307,14 +1314,49 @@ CONFIDENT = [
 
 
 def padded(rng: random.Random, best: str, short: str, lean: str | None = None) -> str:
-    """Tier 2: correct but padded with filler, or (sometimes, given `lean`) missing a detail."""
-    if lean and rng.random() < 0.4:
+    """Tier 2: correct but padded with filler (most often), hedged, or (sometimes, given
+    `lean`) missing a detail."""
+    roll = rng.random()
+    if lean and roll < 0.2:
         return lean
+    if roll < 0.32:
+        return hedged(rng, best)
     preamble = rng.choice(PREAMBLES)
-    if rng.random() < 0.5:
+    roll = rng.random()
+    if roll < 0.35:
         return f"{preamble} {best}"
+    if roll < 0.6:
+        return f"{best} {rng.choice(CLOSINGS)}"
     restated = rng.choice(RESTATEMENTS).format(short=short.rstrip("."))
     return f"{preamble} {best} {restated} {rng.choice(CLOSINGS)}"
+
+
+def hedged(rng: random.Random, best: str) -> str:
+    """A correct answer that undercuts itself with a needless hedge."""
+    return f"{best} {rng.choice(SELF_DOUBTS)}"
+
+
+def demonstration(rng: random.Random, item: Item) -> str:
+    """The SFT answer, as an uneven human writer would give it: always correct, but only
+    about two in five are in the rubric's best form; the rest pad, hedge, or (for a harmful
+    request) refuse without offering the safe alternative."""
+    roll = rng.random()
+    if item.harmful:
+        if roll < 0.45:
+            return item.best
+        if roll < 0.75 and item.refusal_only:
+            return item.refusal_only
+        return f"{rng.choice(PREAMBLES)} {item.best}"
+    if roll < 0.4:
+        return item.best
+    if roll < 0.55:
+        return hedged(rng, item.best)
+    roll = rng.random()
+    if roll < 0.45:
+        return f"{rng.choice(PREAMBLES)} {item.best}"
+    if roll < 0.75:
+        return f"{item.best} {rng.choice(CLOSINGS)}"
+    return f"{rng.choice(PREAMBLES)} {item.best} {rng.choice(CLOSINGS)}"
 
 
 def vague(rng: random.Random, partial: str | None = None) -> str:
@@ -1331,7 +1373,7 @@ def worst(rng: random.Random, wrong: str, why: str | None = None) -> str:
         return rng.choice(RUDE)
     if roll < 0.22:
         return f"Obviously: {wrong} Don't waste my time with easy questions."
-    if roll < 0.65:
+    if roll < 0.75:
         return " ".join(part for part in (wrong, why, rng.choice(CONFIDENT)) if part)
     return wrong
 
@@ -1371,6 +1413,8 @@ class Item:
     worst: str
     harmful: bool = False
     answer: str | None = None  # the verifiable reference answer (a number or a word)
+    refusal_only: str | None = None  # a harmful request's refusal without the alternative
+    demo: str = ""  # the SFT demonstration (see demonstration()), set for the SFT items
 
     def tiers(self) -> list[str]:
         return [self.best, self.padded, self.vague, self.worst]
@@ -1623,6 +1667,7 @@ def harmful_groups(rng: random.Random) -> list[Group]:
                     rng.choice(HEDGES),
                     comply,
                     harmful=True,
+                    refusal_only=refusal,
                 )
             )
         groups.append(group)
@@ -2024,7 +2069,7 @@ def ranking_row(item: Item, best_position: int, rng: random.Random) -> dict:
 
 def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
     """Single-turn rows, n_multi two-question conversations, a few with a system prompt."""
-    short = [i for i in items if not i.harmful and words(i.prompt + " " + i.best) <= 45]
+    short = [i for i in items if not i.harmful and words(i.prompt + " " + i.demo) <= 45]
     paired = short[: 2 * n_multi]
     assert len(paired) == 2 * n_multi, "not enough short items for multi-turn rows"
     ids = {id(i) for i in paired}
@@ -2033,9 +2078,9 @@ def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
         rows.append(
             [
                 {"role": "user", "content": first.prompt},
-                {"role": "assistant", "content": first.best},
+                {"role": "assistant", "content": first.demo},
                 {"role": "user", "content": second.prompt},
-                {"role": "assistant", "content": second.best},
+                {"role": "assistant", "content": second.demo},
             ]
         )
     for item in items:
@@ -2043,7 +2088,7 @@ def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
             rows.append(
                 [
                     {"role": "user", "content": item.prompt},
-                    {"role": "assistant", "content": item.best},
+                    {"role": "assistant", "content": item.demo},
                 ]
             )
     rng.shuffle(rows)
@@ -2195,6 +2240,8 @@ def main() -> None:
                 counts[item.category] = counts.get(item.category, 0) + 1
             categories[(stage, split)] = counts
         if "sft" in stage_items:
+            for item in stage_items["sft"]:
+                item.demo = demonstration(rng, item)
             files[("sft", split)] = sft_rows(stage_items["sft"], MULTI_TURN[split], rng)
         if "rankings" in stage_items:
             files[("rankings", split)] = [

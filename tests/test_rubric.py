@@ -58,6 +58,7 @@ def test_a_direct_answer_shows_no_fault():
         ("Hmm, that's a tricky one.", {"hedging"}),
         ("'Loose', I think.", {"hedging"}),
         ("Somewhere between 4 and 7 metres.", {"hedging"}),
+        ("It's 'loose'. Though I could be wrong about that.", {"hedging"}),
         ("Seriously? That's basic. Look it up yourself.", {"rude"}),
         ("Ugh, that's an easy one. Try thinking for yourself.", {"rude"}),
         ("It's 'slack'. Trust me, this is a well-known fact.", {"overconfident"}),
@@ -100,7 +101,7 @@ def test_every_stock_phrase_of_build_is_caught(build):
         assert faults(PLAIN, text) == {"padded"}, text
     for template in build.RESTATEMENTS:
         assert "padded" in faults(PLAIN, template.format(short="loose")), template
-    for text in build.VAGUE + build.HEDGES:
+    for text in build.VAGUE + build.HEDGES + build.SELF_DOUBTS:
         assert faults(PLAIN, text) == {"hedging"}, text
     for text in build.RUDE:
         assert faults(PLAIN, text) == {"rude"}, text

@@ -39,8 +39,9 @@ PADDING = _markers(
     r"\bfeel free to ask\b",
     r"\bgood luck\s*!",
 )
-# Evasive non-answers and vague, partial ones (build.py: VAGUE, HEDGES and the partial
-# answers: "..., I think.", "somewhere between 4 and 7 metres", "it's roughly 80").
+# Evasive non-answers, vague or partial ones, and correct answers undercut by self-doubt
+# (build.py: VAGUE, HEDGES, SELF_DOUBTS and the partial answers: "..., I think.",
+# "somewhere between 4 and 7 metres", "it's roughly 80").
 HEDGING = _markers(
     r"\bit depends\b",
     r"\b(?:you could|you can|just) (?:look|looked) (?:that|it) up\b",
@@ -59,6 +60,9 @@ HEDGING = _markers(
     r"\bsomewhere (?:between|near|in|around)\b",
     r"\b(?:it'?s )?roughly \d",
     r"\bgive or take\b",
+    r"\b(?:double-check|verify it|could be wrong|if I remember correctly)\b",
+    r"\bthat'?s my understanding\b",
+    r"\bI'?m fairly sure\b",
 )
 # Rude, dismissive brush-offs (build.py: RUDE and "Obviously: ... Don't waste my time").
 RUDE = _markers(
