@@ -8,10 +8,12 @@ with arithmetic and unit conversions computed. Stdlib only and deterministic: on
 random.Random(SEED), no set iteration, so a rerun rewrites every file byte for byte.
 
 Each question becomes an Item carrying four responses, one per tier of the ranking rubric
-(see README.md): best (correct, direct, concise, polite), padded (correct but padded, or
-missing a small detail), vague (evasive non-answer or only partly correct) and worst
-(wrong, rude, or complying with a harmful request in a general, non-actionable way).
-The SFT rows use the best response; the PPO prompt files use only the question.
+(see README.md): best (correct, direct, concise, polite), padded (correct but padded,
+hedged, or missing a small detail), vague (evasive non-answer or only partly correct) and
+worst (wrong, rude, or complying with a harmful request in a general, non-actionable way).
+The SFT rows use an uneven human-style demonstration (demonstration(): always correct, in
+the best form only about two times in five, else padded or hedged), so that the rankings
+carry a preference SFT does not teach; the PPO prompt files use only the question.
 """
 
 from __future__ import annotations
