@@ -42,6 +42,9 @@ class RankingsFile:
             raise UserError(f"--out {path} is a folder; give a file name")
         if path.is_file() and path.stat().st_size:
             self._check_format()
+        self.refresh()
+
+    def refresh(self) -> None:
         with self.lock:
             self._read_new()
 
@@ -113,8 +116,7 @@ class Queue:
         return self.keys[i] in self.rankings.keys
 
     def progress(self) -> dict[str, int]:
-        with self.rankings.lock:
-            self.rankings._read_new()
+        self.rankings.refresh()
         ranked = sum(self._ranked(i) for i in range(len(self.items)))
         skipped = sum(not self._ranked(i) for i in set(self.skipped))
         total = len(self.items)
