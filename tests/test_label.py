@@ -262,3 +262,157 @@ def test_cli_samples_once_with_the_tiny_model(tmp_path, tiny_model_dir):
     assert not any("sampled" in line for line in again.log)
     assert (tmp_path / "rankings.samples.jsonl").read_text() == samples
     assert rows_of(out)[0]["responses"] == rows[0]["responses"]
+
+
+# ------------------------------------------------------------------ in a real browser
+
+
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium and chromedriver, or a skip naming the missing package."""
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    driver = shutil.which("chromedriver")
+    if not driver:
+        pytest.skip("chromedriver is not installed (apt-get install chromium-driver)")
+    return browser, driver
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,860",
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless system Chromium driven by its own chromedriver: nothing is downloaded."""
+    binary, driver_path = chromium_paths()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_item(driver, item: int | str) -> None:
+    """Until the page shows item `item` ("" once nothing is left)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 20).until(
+        lambda d: d.find_element("tag name", "body").get_attribute("data-item") == str(item)
+    )
+
+
+def press(driver, *keys: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    for key in keys:
+        ActionChains(driver).send_keys(key).perform()
+
+
+def cards(driver, zone: str) -> list[int]:
+    return [
+        int(c.get_attribute("data-id"))
+        for c in driver.find_elements("css selector", f"#{zone} .card")
+    ]
+
+
+def progress(driver) -> tuple[int, int, int]:
+    return tuple(
+        int(driver.find_element("id", f"n-{n}").text) for n in ("ranked", "skipped", "left")
+    )
+
+
+def drag(driver, card: int, target_css: str, dy: float) -> None:
+    """Drag answer `card` onto the element at `target_css`, `dy` of its height below its middle."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    source = driver.find_element("css selector", f'.card[data-id="{card}"]')
+    target = driver.find_element("css selector", target_css)
+    offset = int(dy * target.size["height"])
+    chain = ActionChains(driver).click_and_hold(source).move_by_offset(12, 12)
+    chain.move_to_element_with_offset(target, 0, offset).release().perform()
+
+
+def rank_by_keyboard(driver) -> None:
+    """Items 0-2 by keys, with an undo of a pick, a skip and its undo, and the all-bad flag."""
+    from selenium.webdriver.common.keys import Keys
+
+    wait_item(driver, 0)
+    press(driver, "3", Keys.BACKSPACE, "2", "4", "1")
+    assert cards(driver, "ranked") == [1, 3, 0] and cards(driver, "pool") == [2]
+    assert "goes last" in driver.find_element("css selector", "#pool .card").text
+    press(driver, Keys.ENTER)
+    wait_item(driver, 1)
+    press(driver, "s")
+    wait_item(driver, 2)
+    assert progress(driver) == (1, 1, 4)
+    press(driver, Keys.BACKSPACE)  # undoes the skip
+    wait_item(driver, 1)
+    press(driver, "1", "2", "3", "b", Keys.ENTER)
+    wait_item(driver, 2)
+    press(driver, "4", "3", "2", Keys.ENTER)
+    wait_item(driver, 3)
+
+
+def rank_by_dragging(driver) -> None:
+    """Item 3: answer 3 into the empty ranking, answer 1 below it, answer 4 above both."""
+    drag(driver, 2, "#ranked", 0)
+    drag(driver, 0, "#ranked", 0.45)
+    assert cards(driver, "ranked") == [2, 0]
+    drag(driver, 3, '#ranked .card[data-id="2"]', -0.4)
+    assert cards(driver, "ranked") == [3, 2, 0]
+    if os.environ.get("RLHF_LABEL_SCREENSHOT"):  # docs/label.png
+        driver.save_screenshot(os.environ["RLHF_LABEL_SCREENSHOT"])
+    driver.find_element("id", "save").click()
+    wait_item(driver, 4)
+
+
+def test_a_person_ranks_in_the_browser_and_resumes_after_a_restart(tmp_path, browser):
+    prompts, out = write_fixture(tmp_path, n=6, script_at=4)
+    server = Server(tmp_path, prompts, out)
+    try:
+        browser.get(server.base + "/")  # no token
+        assert "403" in browser.find_element("tag name", "body").text
+        browser.get(server.url)
+        rank_by_keyboard(browser)
+        rank_by_dragging(browser)
+        # Item 4 holds an answer with <script>: shown as text, never run.
+        assert SCRIPT in browser.find_element("css selector", '#pool .card[data-id="2"]').text
+        assert browser.execute_script("return window.pwned === undefined")
+        assert not browser.find_elements("css selector", "#pool script, #pool img")
+        press(browser, "s")
+        wait_item(browser, 5)
+        assert progress(browser) == (4, 1, 1)
+    finally:
+        server.stop()
+    rows = rows_of(out)
+    expected = shipped_rankings(4)
+    assert [r["prompt"] for r in rows] == [e["prompt"] for e in expected]
+    assert [r["responses"] for r in rows] == [e["responses"] for e in expected]
+    assert [r["ranking"] for r in rows] == [[1, 3, 0, 2], [0, 1, 2, 3], [3, 2, 1, 0], [3, 2, 0, 1]]
+    assert [r["all_bad"] for r in rows] == [False, True, False, False]
+    assert {r["annotator"] for r in rows} == {"tester"}
+    again = Server(tmp_path, prompts, out)
+    try:
+        browser.get(again.url)
+        wait_item(browser, 4)  # the first prompt not ranked; skips last one session
+        assert progress(browser) == (4, 0, 2)
+    finally:
+        again.stop()
