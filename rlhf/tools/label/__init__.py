@@ -32,8 +32,8 @@ def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else recipe.stage_dir("label") / "rankings.jsonl"
     rankings = RankingsFile(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     items = prepared_items(recipe, args, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     queue = Queue(items, rankings, args.annotator or default_annotator())
     token = secrets.token_urlsafe(24)
     sock = server.bind(args.host, args.port)
