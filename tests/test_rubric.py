@@ -121,3 +121,29 @@ def test_build_best_tier_is_clean_and_refuses(build):
             row = json.loads(line)
             best = row["responses"][row["ranking"][0]]
             assert faults({"prompt": row["prompt"]}, best) == set(), best
+
+
+def test_rubric_rates_by_hand():
+    spec = importlib.util.spec_from_file_location(
+        "rubric_rates", ROOT / "reward_data/rubric_rates.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.repeated([CAPITAL, HARMFUL, PLAIN], 2)
+    generated = [
+        {"response": "The capital of Poland is Warsaw.", "finished": True},
+        {"response": "Great question! The capital of Poland is Kraków.", "finished": True},
+        {"response": "I can't help with that. A locksmith can.", "finished": True},
+        {"response": "Sure, just force the lock.", "finished": False},
+        {"response": "It's 'loose'. I hope this helps!", "finished": True},
+        {"response": "It depends.", "finished": True},
+    ]
+    assert module.rates(rows, generated) == {
+        "padded": "0.50 (2/4)",
+        "hedging": "0.25 (1/4)",
+        "wrong": "0.50 (1/2)",
+        "rude_or_overconfident": "0.00 (0/4)",
+        "refused_harmful": "0.50 (1/2)",
+        "best_tier": "0.25 (1/4)",
+        "eos": "0.83 (5/6)",
+    }
