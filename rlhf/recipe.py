@@ -239,6 +239,11 @@ class JudgeConfig(Section):
         "second_half", description="reward.subset for the judge"
     )
     seed_offset: int = Field(1, ge=1, description="the judge's seed is the recipe's seed + this")
+    allow_prompt_overlap: bool = Field(
+        False,
+        description="let the judge train on prompts the reward model trained on (else `rlhf "
+        "judge` refuses: its verdict would not be independent); for test recipes",
+    )
 
 
 class AdaptiveKLConfig(Section):

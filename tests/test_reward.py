@@ -701,3 +701,22 @@ def test_judge_recipe_takes_the_other_half_and_another_seed():
         load_recipe("recipes/smollm2-135m.yaml", ["judge.seed_offset=5", "judge.subset=all"])
     )
     assert (custom.seed, custom.reward.subset) == (47, "all")
+
+
+def test_judge_refuses_to_train_on_the_reward_models_prompts_unless_allowed(tmp_path, capsys):
+    """The tiny recipe's reward model trains on all rankings and its judge on the second half:
+    82 of the reward model's 180 prompts. `rlhf judge` refuses that in one line (exit 2, no
+    run folder) unless judge.allow_prompt_overlap says so, as recipes/tiny.yaml does; the
+    default recipe's disjoint halves pass."""
+    from rlhf.cli import main
+    from rlhf.recipe import load_recipe
+    from rlhf.stages.judge import check_independent
+
+    args = ["judge", "recipes/tiny.yaml", f"output_dir={tmp_path}"]
+    assert main([*args, "judge.allow_prompt_overlap=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "82 of the reward model's 180 training prompts" in err
+    assert "judge.allow_prompt_overlap: true" in err and "Traceback" not in err
+    assert not (tmp_path / "judge").exists()
+    check_independent(load_recipe("recipes/tiny.yaml", []))  # allowed explicitly
+    check_independent(load_recipe("recipes/smollm2-135m.yaml", []))  # disjoint halves
