@@ -214,13 +214,23 @@ def group_advantages(
     scores: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO's outcome advantage (Shao et al. 2024, sec. 4.1.2): (s - mean_group) / (std_group
-    + eps), the population std of the k samples. scale=False keeps only the centring (Dr. GRPO,
-    Liu et al. 2025: the std division favours prompts whose samples all score alike)."""
+    + eps), std_group the sample std of the k scores (group_std). scale=False keeps only the
+    centring (Dr. GRPO, Liu et al. 2025: the std division favours prompts whose samples all
+    score alike)."""
     groups = _groups(scores, k)
     centred = groups - groups.mean(1, keepdim=True)
     if scale:
-        centred = centred / (groups.std(1, unbiased=False, keepdim=True) + eps)
+        centred = centred / (group_std(scores, k).view(-1, k) + eps)
     return centred.reshape(-1)
+
+
+def group_std(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's group std, (B,) -> (B,): the unbiased sample std (divisor k - 1), as TRL's
+    GRPOTrainer and verl's GRPO advantage compute it (torch.std's default), not the population
+    std (divisor k), which is sqrt(k / (k - 1)) times smaller (1.15x at k = 4)."""
+    if k < 2:
+        raise ValueError("a group std needs k >= 2 samples per prompt")
+    return _groups(scores, k).std(1).repeat_interleave(k)
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
