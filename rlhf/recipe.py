@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rlhf.infra.errors import UserError
 
@@ -411,7 +419,11 @@ class PPOConfig(Section):
         "transformers' generate (also used for stop_strings and sharded generation)",
     )
     kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="per-token KL estimate (Schulman 2020) in the reward and the logged KL "
+        "(default: k1 with kl_in reward; kl_in loss takes k3 only, GRPO's loss term)",
+    )
     adaptive_kl: AdaptiveKLConfig | None = None
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -449,7 +461,20 @@ class PPOConfig(Section):
     def _estimator_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("estimator") in ESTIMATOR_DEFAULTS:
             data = {**ESTIMATOR_DEFAULTS[data["estimator"]], **data}
+        if isinstance(data, dict) and data.get("kl_in") == "loss":
+            data = {"kl_estimator": "k3", **data}
         return data
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _k3_in_the_loss(cls, estimator: str, info: ValidationInfo) -> str:
+        # The loss term is GRPO's k3 (rlhf.ppo.update): another estimator would change the log only.
+        if info.data.get("kl_in") == "loss" and estimator != "k3":
+            raise ValueError(
+                f"{estimator} with kl_in: loss, whose KL loss term is k3 (GRPO); set "
+                "kl_estimator: k3 or kl_in: reward"
+            )
+        return estimator
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> PPOConfig:

@@ -287,6 +287,14 @@ def accumulation_window(accelerator: Any, group: list) -> Any:
     yield from group
 
 
+def averaging_undone(accelerator: Any) -> int:
+    """What a loss normalised by the weight of a whole optimizer step (its tokens summed over
+    the step's micro-batches and all ranks) is multiplied by before accelerator.backward, so
+    that the step's gradient is the gradient of that normalised loss: accelerate divides each
+    micro-batch's loss by grad_accum, and DDP / FSDP / ZeRO average the gradients over ranks."""
+    return accelerator.num_processes * accelerator.gradient_accumulation_steps
+
+
 def step_if_finite(
     accelerator: Any,
     model: torch.nn.Module,

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rlhf.infra import distributed
 from rlhf.infra.errors import UserError
 from rlhf.infra.forwards import instance_forwards
 from rlhf.roles.real_token_mlp import mlps_on_real_tokens
@@ -641,13 +642,18 @@ def copy_token_embeddings(model: torch.nn.Module, sources: dict[int, int]) -> No
     initial row, which sits among the other never-trained rows (unused tokens, rare scripts):
     SFT raising its logit then raises theirs too, and samples end in stray tokens instead of
     the turn marker. Starting it from a trained token with the same role avoids that (the
-    mean-embedding variant of this is Hewitt 2021, "Initializing new word embeddings")."""
+    mean-embedding variant of this is Hewitt 2021, "Initializing new word embeddings").
+
+    Loaded under ZeRO-3 the weights are empty placeholders: they are gathered for the copy
+    (every rank must call this)."""
     inputs = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    for dst, src in sources.items():
-        inputs[dst] = inputs[src]
-        if head is not None and head.weight is not inputs:  # untied: the LM head's row too
-            head.weight[dst] = head.weight[src]
+    untied = head is not None and head.weight is not inputs  # then the LM head's row too
+    tables = [inputs, head.weight] if untied else [inputs]
+    with distributed.writable(None, tables):
+        for dst, src in sources.items():
+            for table in tables:
+                table[dst] = table[src]
 
 
 def _retie_output_embeddings(model: torch.nn.Module) -> None:

@@ -241,7 +241,6 @@ class SupervisedStep:
 
     def __call__(self, step: int, log: bool) -> dict[str, float] | None:
         accelerator = self.run.accelerator
-        world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
         group = self.windows.next()
         step_weight = accelerator.reduce(sum(self.objective.weight(b) for b in group), "sum")
         stats, grad_norm, guard = None, None, self.run.guard
@@ -250,7 +249,8 @@ class SupervisedStep:
                 with accelerator.accumulate(self.model), accelerator.autocast():
                     loss_sum, batch_stats = self.objective.loss_and_stats(batch)
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both.
-                    accelerator.backward(loss_sum * world * accum / step_weight.clamp(min=1))
+                    undo = training.averaging_undone(accelerator)
+                    accelerator.backward(loss_sum * undo / step_weight.clamp(min=1))
                     grad_norm = training.step_if_finite(
                         accelerator, self.model, self.optimizer, self.max_grad_norm, guard
                     )
