@@ -77,7 +77,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from rlhf.data.check import check_file
+    from rlhf.tools.data_check import check_file
 
     stats = check_file(args.file, fmt=args.format, tokenizer=args.tokenizer, recipe=args.recipe)
     print(json.dumps(stats, indent=2) if args.json else _format_stats(stats))

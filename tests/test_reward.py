@@ -232,11 +232,10 @@ def test_scores_are_the_same_with_left_and_right_padding(tiny_model_dir):
 
 
 def test_lora_seq_cls_keeps_the_score_head_trainable(tiny_model_dir):
-    from rlhf.infra import training
     from rlhf.recipe import LoraConfig
 
     model = models.load_reward_model(tiny_model_dir)
-    model = training.prepare_for_training(model, LoraConfig(enabled=True, r=4), False, "SEQ_CLS")
+    model = models.prepare_for_training(model, LoraConfig(enabled=True, r=4), False, "SEQ_CLS")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("score" in n for n in trainable)
     assert any("lora_" in n for n in trainable)

@@ -466,6 +466,20 @@ def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") 
         return get_peft_model(model, lora_config(lora, task_type))
 
 
+def prepare_for_training(
+    model: torch.nn.Module, lora: Any, gradient_checkpointing: bool, task_type: str
+) -> torch.nn.Module:
+    """Dropout off is NOT done here (SFT/RM keep the model's dropout); LoRA and checkpointing."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora.enabled:
+        model = apply_lora(model, lora, task_type=task_type)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
 @contextmanager
 def lean_lora_forward(model: torch.nn.Module):
     """While open, each plain LoRA linear computes `base(x) + B(A(x)) * scale` directly.

@@ -311,7 +311,7 @@ def load_model(recipe: Any, init_from: str, revision: str | None, tokenizer: Any
     # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
     model.config.pad_token_id = tokenizer.pad_token_id
     # SEQ_CLS: peft keeps the freshly initialised `score` head fully trainable (modules_to_save).
-    return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
+    return models.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
 
 
 @torch.no_grad()

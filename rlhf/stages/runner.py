@@ -35,6 +35,7 @@ from rlhf.infra.rundir import RunDir, write_json_atomic
 from rlhf.infra.runtime import make_accelerator, run_info
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
+from rlhf.roles import model_folder
 from rlhf.roles.training_forwards import lean_training_forwards
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,10 @@ class StageRun:
         accelerator.wait_for_everyone()
         full = distributed.full_state_dict(accelerator, model, prefix=prefix)  # a collective
         if accelerator.is_main_process:
-            text = training.model_card(card[0], self.recipe, card[1])
+            text = model_folder.model_card(card[0], self.recipe, card[1])
             with self.out.staging(self.out.model_dir) as tmp:
                 to_save = part(accelerator.unwrap_model(model))
-                training.save_model(to_save, tokenizer, tmp, merge_lora, text, full)
+                model_folder.save_model(to_save, tokenizer, tmp, merge_lora, text, full)
                 for name, content in (extra_files or {}).items():
                     write_json_atomic(tmp / name, content)
         self.logger.close()

@@ -21,11 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf import data
+from rlhf.algo.sft import n_targets
+from rlhf.algo.sft import token_nll_sum as token_nll_sum  # re-exported: its old home
 from rlhf.infra import distributed, training
 from rlhf.infra.errors import UserError
-from rlhf.infra.training import labelled_nll_sum, n_targets
-from rlhf.infra.training import token_nll_sum as token_nll_sum  # re-exported: its old home
 from rlhf.roles import models
+from rlhf.roles.labelled_nll import answer_nll_rows, labelled_nll_sum
 from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows, rank_batches
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.tokens.packing import collate_packed, pack_rows
@@ -64,7 +65,7 @@ def evaluate(
         with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
             yield
 
-    per_row = training.answer_nll_rows(model, loader, forward).to(accelerator.device)
+    per_row = answer_nll_rows(model, loader, forward).to(accelerator.device)
     totals = distributed.gather_evaluated(accelerator, per_row, n_rows).sum(0)
     model.train(was_training)
     got = training.perplexity(totals[0].item(), totals[1].item())
@@ -191,7 +192,7 @@ def load_model(
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     models.copy_token_embeddings(model, embedding_sources or {})
-    return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
+    return models.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
 
 
 def token_embedding_sources(cfg: Any, tokenizer: Any) -> dict[int, int]:
