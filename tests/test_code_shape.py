@@ -77,6 +77,76 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+# The package's layers, bottom first. A package may import its own layer and those below it,
+# never one above. rlhf itself (__init__: the version) is below everything; rlhf.algo imports
+# nothing of the package at all (test_the_math_imports_nothing_of_the_package_but_the_math).
+LAYERS: list[tuple[str, ...]] = [
+    ("rlhf",),
+    ("algo",),  # pure tensor math: every loss
+    ("infra",),  # model-agnostic plumbing: errors, accelerate, run folders, optimizer
+    ("tokens", "data"),  # chat templates and sequences; data files as canonical examples
+    ("roles",),  # the models: loading, LoRA, policy / critic / reward model forwards
+    ("accel",),  # the CPU fast paths, switched on over the plain path (may be absent)
+    ("recipe",),  # the recipe schema (validates reward functions with roles)
+    ("ppo",),  # the PPO/GRPO iteration: rollout, scoring, update
+    ("evaluation",),  # a policy against a reference (may be absent)
+    ("stages",),  # the stage runner and the stages
+    ("tools",),  # eval, compare, curves, report, label, data check, ...
+    ("cli", "__main__"),
+]
+
+
+def package_of(module: str) -> str:
+    """rlhf.roles.models -> roles; rlhf.recipe -> recipe; rlhf -> rlhf."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """{package: the other packages its modules import}."""
+    out: dict[str, set[str]] = {}
+    for name, imported in graph.items():
+        out.setdefault(package_of(name), set()).update(package_of(m) for m in imported)
+    return {pkg: imported - {pkg} for pkg, imported in out.items()}
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, ...]] = LAYERS) -> list[str]:
+    """`module -> module` for every import of a package in a higher layer than the importer's."""
+    level = {pkg: i for i, layer in enumerate(layers) for pkg in layer}
+    return [
+        f"{name} -> {other}"
+        for name, imported in sorted(graph.items())
+        for other in sorted(imported)
+        if level[package_of(other)] > level[package_of(name)]
+    ]
+
+
+def test_every_package_has_a_layer():
+    placed = {pkg for layer in LAYERS for pkg in layer}
+    assert set(package_graph(package_imports())) <= placed
+
+
+def test_no_package_imports_one_above_it():
+    upward = upward_imports(package_imports())
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles_between_packages():
+    cycles = import_cycles(package_graph(package_imports()))
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    pkg = tmp_path / "rlhf"
+    for sub in ("infra", "roles"):
+        (pkg / sub).mkdir(parents=True)
+    (pkg / "infra" / "training.py").write_text("def f():\n    from rlhf.roles import models\n")
+    (pkg / "roles" / "models.py").write_text("from rlhf.infra import training\n")
+    graph = package_imports(pkg)
+    assert upward_imports(graph) == ["rlhf.infra.training -> rlhf.roles.models"]
+    assert import_cycles(package_graph(graph)) == [["infra", "roles", "infra"]]
+
+
 def test_no_function_in_the_package_is_longer_than_80_lines():
     too_long = [f"{n} lines: {where}" for n, where in function_lengths() if n > MAX_FUNCTION_LINES]
     assert not too_long, "\n".join(too_long)
