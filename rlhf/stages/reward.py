@@ -31,6 +31,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from rlhf import data
+from rlhf.algo.ranking import prompt_losses
 from rlhf.infra import distributed, training
 from rlhf.infra.errors import UserError
 from rlhf.infra.rundir import require_completed
@@ -226,7 +227,7 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
 
     def bradley_terry(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         scores = scorer(**rm.scorer_inputs(batch))
-        per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
+        per_prompt = prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
         return per_prompt.sum(), step_stats(per_prompt, scores, batch)
 
     base = evaluate_now() if state["step"] == 0 else {}
