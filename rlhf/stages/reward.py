@@ -188,11 +188,9 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     stage = StageRun(recipe, "reward", grad_accum=cfg.grad_accum, folder=folder)
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
-    # The revision pins the recipe's model (a hub id), not a local SFT folder.
-    revision = recipe.model.revision if init_from == recipe.model.name else None
-    tokenizer = models.load_tokenizer(
-        init_from, recipe.model.chat_template, recipe.model.trust_remote_code, revision=revision
-    )
+    # The recipe's model gets its revision (a hub id); another folder (SFT's) does not.
+    folder = None if init_from == recipe.model.name else init_from
+    tokenizer = models.load_recipe_tokenizer(recipe.model, folder)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_sets = encode_datasets(recipe, tokenizer)
     n_train_pairs = sum(len(r["pairs"]) for r in train_rows)
@@ -202,7 +200,7 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     loader = DataLoader(train_rows, cfg.batch_size, shuffle=True, collate_fn=collate,
                         generator=generator)  # fmt: skip
     # --- model: scalar head, pooled at the last real token
-    scorer = rm.RewardScorer(load_model(recipe, init_from, revision, tokenizer))
+    scorer = rm.RewardScorer(load_model(recipe, folder, tokenizer))
     optimizer = training.make_optimizer(scorer, cfg.optim)
     scorer, optimizer, loader = accelerator.prepare(scorer, optimizer, loader)
     total_steps = cfg.max_steps or math.ceil(math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs)
@@ -299,16 +297,11 @@ def truncated(rows: list[dict], max_length: int) -> int:
     return sum(len(s) >= max_length for r in rows for s in r["seqs"])
 
 
-def load_model(recipe: Any, init_from: str, revision: str | None, tokenizer: Any) -> Any:
-    """A sequence-classification model with one label (the reward head), LoRA / checkpointing."""
+def load_model(recipe: Any, folder: str | None, tokenizer: Any) -> Any:
+    """A sequence-classification model with one label (the reward head) on the recipe's model
+    or `folder`, LoRA / checkpointing."""
     cfg = recipe.reward
-    model = models.load_reward_model(
-        init_from,
-        num_hidden_layers=recipe.model.num_hidden_layers,
-        trust_remote_code=recipe.model.trust_remote_code,
-        revision=revision,
-        attn_implementation=recipe.model.attn_implementation,
-    )
+    model = models.load_recipe_model(recipe.model, "reward", folder)
     # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
     model.config.pad_token_id = tokenizer.pad_token_id
     # SEQ_CLS: peft keeps the freshly initialised `score` head fully trainable (modules_to_save).

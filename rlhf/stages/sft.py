@@ -77,7 +77,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     stage = StageRun(recipe, "sft", grad_accum=cfg.grad_accum)
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = models.load_recipe_tokenizer(recipe.model, recipe.sft.init_from)
     train_items, eval_items = data.load_train_eval(recipe, "sft", "sft")
     train_rows = encode_rows(recipe, tokenizer, train_items)
     eval_rows = encode_rows(recipe, tokenizer, eval_items)
@@ -166,30 +166,13 @@ def train_loader(
     return loader, generator, len(rows) if cfg.packing else None
 
 
-def load_tokenizer(recipe: Any) -> Any:
-    """The tokenizer (with the recipe's chat template) of the model SFT starts from."""
-    cfg = recipe.sft
-    return models.load_tokenizer(
-        cfg.init_from or recipe.model.name,
-        recipe.model.chat_template,
-        recipe.model.trust_remote_code,
-        revision=None if cfg.init_from else recipe.model.revision,
-    )
-
-
 def load_model(
     recipe: Any, tokenizer: Any, embedding_sources: dict[int, int] | None = None
 ) -> torch.nn.Module:
     """The model to fine-tune (sft.init_from or the recipe's), its embedding rows copied as
     `embedding_sources` (token_embedding_sources) says, with LoRA / checkpointing."""
     cfg = recipe.sft
-    model = models.load_causal_lm(
-        cfg.init_from or recipe.model.name,
-        num_hidden_layers=recipe.model.num_hidden_layers,
-        trust_remote_code=recipe.model.trust_remote_code,
-        revision=None if cfg.init_from else recipe.model.revision,
-        attn_implementation=recipe.model.attn_implementation,
-    )
+    model = models.load_recipe_model(recipe.model, "lm", cfg.init_from)
     model.config.pad_token_id = tokenizer.pad_token_id
     models.copy_token_embeddings(model, embedding_sources or {})
     return models.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
