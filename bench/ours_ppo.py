@@ -77,8 +77,16 @@ def main() -> None:
     scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
     training.without_fp32_outputs(accelerator, model)  # as the PPO stage does
-    ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer,
-                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
+    ctx = PPOContext(
+        model,
+        reference,
+        optimizer,
+        scheduler,
+        accelerator,
+        tokenizer,
+        FixedKLController(cfg.kl_coef),
+        cfg,
+    )
 
     timer = PhaseTimer()
     # Finer split of the update phase; the coarse phases come from ppo_iteration's own timing.
@@ -101,8 +109,9 @@ def main() -> None:
         timer.mark_iteration()
         t0 = time.perf_counter()
         torch.manual_seed(spec["seed"] + it)
-        batch = Prompts([r["messages"] for r in rows], [{}] * len(rows),
-                        [r["input_ids"] for r in rows])  # fmt: skip
+        batch = Prompts(
+            [r["messages"] for r in rows], [{}] * len(rows), [r["input_ids"] for r in rows]
+        )
 
         def score_fn(roll, messages=batch.messages):
             return timed_reward_model(messages, roll.texts)

@@ -69,8 +69,16 @@ def run_ours(spec: dict) -> dict:
     model = ActorCritic(policy, with_values=False)
     optimizer = training.make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ctx = PPOContext(model, reference, optimizer, None, accelerator, tokenizer,
-                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
+    ctx = PPOContext(
+        model,
+        reference,
+        optimizer,
+        None,
+        accelerator,
+        tokenizer,
+        FixedKLController(cfg.kl_coef),
+        cfg,
+    )
     messages = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     ids = [encode_prompt(tokenizer, m, cfg.max_prompt_length) for m in messages]
     step_times, tokens, per_iter = [], 0, batch // k

@@ -229,7 +229,7 @@ def _add_eval(sub: Any) -> None:
                     "a reward function as judge (sentiment, afinn, answer_match, ...); repeatable",
                 ),
             )
-        ),  # fmt: skip
+        ),
         cmp.add_argument(
             "--samples-per-prompt",
             type=int,
