@@ -1,14 +1,39 @@
-"""Shape rules for the package's code: short functions, no reaching into private names, no
-import cycles, and rlhf/algo/ free of everything but tensors.
+"""Shape rules for the package's code: short functions, no formatter markers, no reaching into
+private names, no import cycles, packages in layers, and rlhf/algo/ free of everything but
+tensors.
 
-`python -m tests.test_code_shape` prints the longest functions in rlhf/.
+`python -m tests.test_code_shape` prints the longest functions in rlhf/ and bench/.
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rlhf"
-MAX_FUNCTION_LINES = 80
+BENCH = PACKAGE.parent / "bench"
+MAX_FUNCTION_LINES = 60
+# Functions still over MAX_FUNCTION_LINES, in files being rewritten on other branches: each is
+# to be split there, and its entry deleted here (a stale entry fails the test).
+LONG_FUNCTIONS_TO_SPLIT = {
+    "rlhf/stages/ppo.py run",
+    "rlhf/ppo/update.py ppo_update",
+    "rlhf/ppo/decode.py sample",
+    "rlhf/ppo/policy_eval.py evaluate_policy",
+    "rlhf/tools/compare.py compare",
+    "rlhf/tools/compare.py compare_cli",
+    "rlhf/tools/compare.py format_report",
+    "rlhf/tools/curves.py draw_panel",
+}
+# Files that still hold `# fmt: skip` / `# fmt: off`, for the same reason.
+FORMATTER_MARKERS_TO_REMOVE = {
+    "rlhf/stages/ppo.py",
+    "rlhf/ppo/policy_eval.py",
+    "rlhf/roles/attention.py",
+    "rlhf/roles/gated_mlp.py",
+    "rlhf/tools/compare.py",
+    "rlhf/tools/curves.py",
+    "rlhf/tools/evaluate.py",
+}
 
 
 def function_lengths(root: Path = PACKAGE) -> list[tuple[int, str]]:
@@ -147,9 +172,50 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
     assert import_cycles(package_graph(graph)) == [["infra", "roles", "infra"]]
 
 
-def test_no_function_in_the_package_is_longer_than_80_lines():
-    too_long = [f"{n} lines: {where}" for n, where in function_lengths() if n > MAX_FUNCTION_LINES]
+def long_functions(roots: tuple[Path, ...] = (PACKAGE, BENCH)) -> dict[str, int]:
+    """{"path name": lines} of every function over MAX_FUNCTION_LINES."""
+    out = {}
+    for root in roots:
+        for n, where in function_lengths(root):
+            if n > MAX_FUNCTION_LINES:
+                path_line, name = where.split(" ")
+                out[f"{path_line.split(':')[0]} {name}"] = n
+    return out
+
+
+def formatter_markers(roots: tuple[Path, ...] = (PACKAGE, BENCH)) -> set[str]:
+    """Files with a `# fmt: skip` or `# fmt: off` comment (the formatter told to look away)."""
+    marker = re.compile(r"#\s*fmt:\s*(skip|off)\b")
+    return {
+        str(path.relative_to(root.parent))
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+        if marker.search(path.read_text())
+    }
+
+
+def test_no_function_is_longer_than_60_lines():
+    found = long_functions()
+    too_long = [f"{n} lines: {w}" for w, n in found.items() if w not in LONG_FUNCTIONS_TO_SPLIT]
     assert not too_long, "\n".join(too_long)
+    stale = LONG_FUNCTIONS_TO_SPLIT - found.keys()
+    assert not stale, f"no longer over {MAX_FUNCTION_LINES} lines: drop from the list: {stale}"
+
+
+def test_no_formatter_markers():
+    found = formatter_markers()
+    assert found <= FORMATTER_MARKERS_TO_REMOVE, sorted(found - FORMATTER_MARKERS_TO_REMOVE)
+    stale = FORMATTER_MARKERS_TO_REMOVE - found
+    assert not stale, f"no marker left: drop from the list: {stale}"
+
+
+def test_the_marker_finder_finds_skip_and_off(tmp_path):
+    pkg = tmp_path / "rlhf"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = [1,\n  2]  # fmt: skip\n")
+    (pkg / "b.py").write_text("# fmt: off\nx = 1\n# fmt: on\n")
+    (pkg / "c.py").write_text('"""fmt: skip in prose is no marker."""\n')
+    assert formatter_markers((pkg,)) == {"rlhf/a.py", "rlhf/b.py"}
 
 
 def test_the_length_count_includes_decorators_and_the_whole_body(tmp_path):
@@ -188,5 +254,5 @@ def test_the_math_imports_nothing_of_the_package_but_the_math():
 
 
 if __name__ == "__main__":
-    for n, where in function_lengths()[:3]:
+    for n, where in sorted(function_lengths() + function_lengths(BENCH), reverse=True)[:10]:
         print(f"{n:4d}  {where}")
