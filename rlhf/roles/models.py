@@ -423,6 +423,30 @@ def load_reward_model(name: str, *settings: Any, **named: Any) -> torch.nn.Modul
     return load_pretrained("reward", name, *settings, **named)
 
 
+def load_recipe_model(model: Any, head: str = "lm", folder: str | None = None) -> torch.nn.Module:
+    """The recipe's model (its `model:` section, a ModelConfig) with `head` ("lm" or "reward"),
+    or another `folder` (an SFT run's model, a stage's init_from) loaded with that section's
+    settings: layers, remote code, attention. The revision pins the recipe's own model only."""
+    return load_pretrained(
+        head,
+        folder or model.name,
+        num_hidden_layers=model.num_hidden_layers,
+        trust_remote_code=model.trust_remote_code,
+        revision=None if folder else model.revision,
+        attn_implementation=model.attn_implementation,
+    )
+
+
+def load_recipe_tokenizer(model: Any, folder: str | None = None) -> Any:
+    """load_tokenizer of load_recipe_model's model, with the recipe's chat template."""
+    return load_tokenizer(
+        folder or model.name,
+        model.chat_template,
+        model.trust_remote_code,
+        revision=None if folder else model.revision,
+    )
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:160]
 
@@ -465,6 +489,20 @@ def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") 
             "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
         )
         return get_peft_model(model, lora_config(lora, task_type))
+
+
+def prepare_for_training(
+    model: torch.nn.Module, lora: Any, gradient_checkpointing: bool, task_type: str
+) -> torch.nn.Module:
+    """Dropout off is NOT done here (SFT/RM keep the model's dropout); LoRA and checkpointing."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora.enabled:
+        model = apply_lora(model, lora, task_type=task_type)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
 
 
 @contextmanager
