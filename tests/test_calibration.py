@@ -145,7 +145,7 @@ def test_a_resumed_run_reads_its_calibrations_from_the_checkpoint(tmp_path):
     run = _reward_run(tmp_path, "reward", mean=2.0, std=4.0)
     recipe = load_recipe("recipes/tiny.yaml", [f"ppo.reward_dir={run}"])
     saved = {"mean": 1.0, "std": 3.0, "n": 4, "source": "sft_samples"}
-    for state in [{"reward_calibrations": {"reward": saved}}, {"calibration": saved}]:
+    for state in [{"calibration": {"reward": saved}}, {"calibration": saved}]:
         sources = reward_sources.build(recipe, lambda d: _scorer(RAW))
         assert score_calibration(state, None, None, sources, None, None, recipe, None) == saved
         assert sources.calibrations == {"reward": saved}

@@ -101,11 +101,9 @@ def run(recipe: Any, resume: bool = False) -> Path:
     if state is not None:
         kl_ctl.load_state_dict(state["kl_controller"])
         sources.load_state_dict(state.get("reward_sources", {}))
-    calibration = score_calibration(
-        state, unwrapped, reference, sources, tokenizer, prompts, recipe, accelerator
-    )
-    stage.out.info["calibration"] = calibration
-    stage.out.info["reward_calibrations"] = sources.calibrations
+    calibration = score_calibration(state, unwrapped, reference, sources, tokenizer, prompts,
+                                    recipe, accelerator)  # fmt: skip
+    stage.out.info.update(calibration=calibration, reward_calibrations=sources.calibrations)
     log.info("ppo: %d prompts, %d iterations x %d rollouts per rank, %d ranks, reference: %s",
              len(prompts), cfg.iterations, cfg.batch_size, accelerator.num_processes,
              info["reference"])  # fmt: skip
@@ -116,8 +114,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     def state_of(n: int) -> dict[str, Any]:
         return {"iteration": n, "kl_controller": kl_ctl.state_dict(),
-                "reward_sources": sources.state_dict(), "calibration": calibration,
-                "reward_calibrations": sources.calibrations}  # fmt: skip
+                "reward_sources": sources.state_dict(), "calibration": sources.calibrations}  # fmt: skip
 
     stage.loop((state or {}).get("iteration", 0), cfg.iterations,
                iteration_step(stage, ctx, prompts, sources, recipe.seed), state_of, scheduler,
@@ -255,9 +252,10 @@ def score_calibration(
     reward model's stored one. Returns the single-model form's, which normalise_score applies
     (None with `ppo.rewards`: the sources apply theirs)."""
     stored = sources.calibrations
-    if state is not None:
-        legacy = {"reward": state["calibration"]} if state.get("calibration") else {}
-        sources.set_calibrations(state.get("reward_calibrations", legacy))
+    if state is not None:  # each model's calibration; an older checkpoint's single model's
+        saved = state.get("calibration") or {}
+        legacy = isinstance(saved.get("mean"), float | int)
+        sources.set_calibrations({"reward": saved} if legacy else saved)
     elif stored and recipe.ppo.calibration_prompts:
         with distributed.gathered_for_generation(accelerator, model):
             measured = sft_calibration(
