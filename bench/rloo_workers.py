@@ -23,6 +23,8 @@ from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def run_ours(spec: dict) -> dict:
+    """Our PPO stage's iteration with a critic-free estimator (spec["estimator"], default
+    rloo; bench/grpo_workers.py runs grpo), one optimizer step per `mini_batch` rollouts."""
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
@@ -34,11 +36,12 @@ def run_ours(spec: dict) -> dict:
     from rlhf.tokens.chat import encode_prompt, pad_batch
 
     k, batch = spec["k"], spec["batch"]
+    estimator = spec.get("estimator", "rloo")
     cfg = PPOConfig(
-        estimator="rloo",
+        estimator=estimator,
         samples_per_prompt=k,
         batch_size=batch,
-        mini_batch_size=batch,
+        mini_batch_size=spec.get("mini_batch", batch),
         ppo_epochs=1,
         max_prompt_length=spec["max_prompt_length"],
         max_new_tokens=spec["max_new_tokens"],
@@ -97,8 +100,8 @@ def run_ours(spec: dict) -> dict:
         )
         step_times.append(time.perf_counter() - t0)
         tokens += int(roll.mask.sum())
-        log(f"ours-rloo: iteration {it} {step_times[-1]:.2f}s")
-    stage = "rloo-lora" if spec["lora"] else "rloo"
+        log(f"ours-{estimator}: iteration {it} {step_times[-1]:.2f}s")
+    stage = f"{estimator}-lora" if spec["lora"] else estimator
     return {"impl": "ours", "stage": stage, "step_times": step_times, "tokens": tokens}
 
 
