@@ -75,11 +75,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     step_times: list[float] = []
     trainer.add_callback(step_time_callback(step_times))
     trainer.train()
-    lengths = [
-        e["completions/mean_length"]
-        for e in trainer.state.log_history
-        if "completions/mean_length" in e
-    ]
+    lengths = [e.get("completions/mean_length", 0) for e in trainer.state.log_history]
     return {
         "impl": "trl",
         "trl": trl.__version__,

@@ -23,8 +23,7 @@ from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def run_ours(spec: dict) -> dict:
-    """Our PPO stage's iteration with a critic-free estimator (spec["estimator"], default
-    rloo; bench/grpo_workers.py runs grpo), one optimizer step per `mini_batch` rollouts."""
+    """Our PPO iteration with spec["estimator"] (default rloo; grpo: bench/grpo_workers.py)."""
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
@@ -36,9 +35,8 @@ def run_ours(spec: dict) -> dict:
     from rlhf.tokens.chat import encode_prompt, pad_batch
 
     k, batch = spec["k"], spec["batch"]
-    estimator = spec.get("estimator", "rloo")
     cfg = PPOConfig(
-        estimator=estimator,
+        estimator=spec.get("estimator", "rloo"),
         samples_per_prompt=k,
         batch_size=batch,
         mini_batch_size=spec.get("mini_batch", batch),
@@ -100,8 +98,8 @@ def run_ours(spec: dict) -> dict:
         )
         step_times.append(time.perf_counter() - t0)
         tokens += int(roll.mask.sum())
-        log(f"ours-{estimator}: iteration {it} {step_times[-1]:.2f}s")
-    stage = f"{estimator}-lora" if spec["lora"] else estimator
+        log(f"ours-{cfg.estimator}: iteration {it} {step_times[-1]:.2f}s")
+    stage = f"{cfg.estimator}-lora" if spec["lora"] else cfg.estimator
     return {"impl": "ours", "stage": stage, "step_times": step_times, "tokens": tokens}
 
 

@@ -273,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [st for st in trainers.STAGES if st in args.only]
     prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
     runs, trainer_runs = [], []
-    worker_settings = {
-        "rloo": rloo_spec(args, model_dir),
-        "dpo": dpo_spec(args, model_dir),
-        "grpo": grpo_spec(args, model_dir),
-    }
+    worker_settings = {st: WORKER_SPECS[st](args, model_dir) for st in WORKER_STAGES}
     worker_runs: dict[str, list[dict]] = {stage: [] for stage in WORKER_STAGES}
     for pair in range(args.pairs):
         for row in (r for r in ROWS if r in args.only):
@@ -464,6 +460,10 @@ def dpo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
         "lora_alpha": 32,
         "seed": 42,
     }
+
+
+# What each worker stage runs, from the command line and the prepared model.
+WORKER_SPECS = {"rloo": rloo_spec, "dpo": dpo_spec, "grpo": grpo_spec}
 
 
 def run_worker(
