@@ -193,6 +193,7 @@ def markdown(report: dict) -> str:
     lines += ["", *trainer_markdown(report.get("sft_reward")), ""]
     lines += [*rloo_markdown(report.get("rloo")), ""]
     lines += [*dpo_markdown(report.get("dpo")), ""]
+    lines += [*grpo_markdown(report.get("grpo")), ""]
     lines += [*decode.markdown(report.get("decode")), ""]
     lines += [f"End to end (`make sft reward ppo`): {report['e2e']['summary']}.", ""]
     for note in report.get("notes", []) if report["rows"] else []:  # notes on the PPO rows
@@ -312,6 +313,27 @@ def rloo_intro(st: dict, trl_version: str) -> str:
 def rloo_cells(section: dict, row: dict) -> list[str]:
     cells = [row["stage"], row["impl"], _fmt(row["s_per_step"]), _fmt(row["peak_rss_gb"])]
     return cells + ratio_cells(ours_ratio(section, row), ("s_per_step", "peak_rss"))
+
+
+def grpo_markdown(section: dict | None) -> list[str]:
+    """ppo.estimator=grpo (the default recipe's set-up) vs TRL's GRPOTrainer: s/iteration and
+    peak RSS, ours / TRL."""
+    header = ["set-up", "impl", "s / iteration", "peak RSS GB", *RATIOS]
+    missing = "GRPO vs TRL's GRPOTrainer"
+    return comparison_markdown(section, missing, grpo_intro, header, rloo_cells)
+
+
+def grpo_intro(st: dict, trl_version: str) -> str:
+    prompts = st["batch"] // st["k"]
+    return (
+        f"GRPO (ppo.estimator=grpo, the default recipe's set-up) vs TRL {trl_version} "
+        f"GRPOTrainer (generate, no vLLM), identical work: k={st['k']} answers to each of "
+        f"{prompts} prompts of reward_data/prompts per iteration ({st['batch']} completions, "
+        f"optimizer steps of {st['mini_batch']}), {st['max_new_tokens']} new tokens, one pass, "
+        f"beta {st['beta']} (k3 in the loss), lr {st['lr']}; LoRA r=16 on all linear layers, "
+        "bf16 where `precision: auto` picks it, the reference = the adapter disabled. "
+        "s / iteration: median over the iterations after the first (warm-up)."
+    )
 
 
 def dpo_markdown(section: dict | None) -> list[str]:

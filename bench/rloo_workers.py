@@ -24,6 +24,7 @@ from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 
 def run_ours(spec: dict) -> dict:
+    """Our PPO iteration with spec["estimator"] (default rloo; grpo: bench/grpo_workers.py)."""
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import make_accelerator
@@ -61,21 +62,22 @@ def run_ours(spec: dict) -> dict:
         )
         step_times.append(time.perf_counter() - t0)
         tokens += int(roll.mask.sum())
-        log(f"ours-rloo: iteration {it} {step_times[-1]:.2f}s")
-    stage = "rloo-lora" if spec["lora"] else "rloo"
+        log(f"ours-{cfg.estimator}: iteration {it} {step_times[-1]:.2f}s")
+    stage = f"{cfg.estimator}-lora" if spec["lora"] else cfg.estimator
     return {"impl": "ours", "stage": stage, "step_times": step_times, "tokens": tokens}
 
 
 def rloo_recipe(spec: dict) -> Any:
-    """Our recipe for the spec's RLOO work (k samples per prompt, one PPO epoch)."""
+    """Our recipe for the spec's work (k samples per prompt, one PPO epoch); the estimator is
+    spec["estimator"], rloo by default (grpo: bench/grpo_workers.py)."""
     from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
 
     batch = spec["batch"]
     cfg = PPOConfig(
-        estimator="rloo",
+        estimator=spec.get("estimator", "rloo"),
         samples_per_prompt=spec["k"],
         batch_size=batch,
-        mini_batch_size=batch,
+        mini_batch_size=spec.get("mini_batch", batch),
         ppo_epochs=1,
         max_prompt_length=spec["max_prompt_length"],
         max_new_tokens=spec["max_new_tokens"],

@@ -6,6 +6,7 @@
   python -m bench.run --model tiny-llama   the same rows on the tiny random model
   python -m bench.run --only sft,reward  SFT / reward-model steps, ours vs TRL's trainers
   python -m bench.run --only rloo        ppo.estimator=rloo vs TRL 1.16's RLOOTrainer
+  python -m bench.run --only grpo        the default recipe's GRPO vs TRL 1.16's GRPOTrainer
   python -m bench.run --only dpo         a DPO step: TRL's DPOTrainer vs our pair loss on the
                                          reward stage's batching (shared prefixes)
   python -m bench.run --only decode      sampling tokens/s vs batch size (8, 16, 32, 64),
@@ -55,13 +56,16 @@ PROMPTS_FILE = (
     / "oasst_prompts_en.jsonl"
 )
 ROWS = ("parity", "trl", "defaults")  # the order inside each round
-WORKER_STAGES = ("rloo", "dpo")  # ours and TRL's in one module, bench/<stage>_workers.py
+# Ours and TRL's in one module each, bench/<stage>_workers.py.
+WORKER_STAGES = ("rloo", "dpo", "grpo")
 # The set-ups each worker stage runs, every one as ours and as TRL's. RLOO: "rloo" is full
 # fine-tuning in fp32 on both sides (a frozen reference copy each); "rloo-lora" is LoRA r=16 on
 # all linear layers on both sides, bf16 where `precision: auto` picks it (ours: the default
 # recipe's set-up, reference = adapter disabled, bf16 frozen weights; TRL: its peft_config path
 # and `bf16=True`).
-WORKER_VARIANTS = {"rloo": ("rloo", "rloo-lora"), "dpo": ("dpo",)}
+# GRPO: "grpo-lora" only, the default recipe's set-up (LoRA r=16, bf16 where `precision: auto`
+# picks it) against TRL's GRPOTrainer with its peft_config and `bf16=True`.
+WORKER_VARIANTS = {"rloo": ("rloo", "rloo-lora"), "dpo": ("dpo",), "grpo": ("grpo-lora",)}
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -78,7 +82,7 @@ def argument_parser() -> argparse.ArgumentParser:
         "--only",
         default="matmul,parity,trl,defaults,sft,reward",
         help="comma list of: matmul, parity, defaults, ours (= parity,defaults), trl, sft, "
-        "reward, rloo, dpo, decode",
+        "reward, rloo, dpo, grpo, decode",
     )
     p.add_argument(
         "--dpo-pairs",
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_samples = [measure_limits(args, scratch, "start")] if "matmul" in args.only else []
     stages = [st for st in trainers.STAGES if st in args.only]
     prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
-    worker_settings = {"rloo": rloo_spec(args, model_dir), "dpo": dpo_spec(args, model_dir)}
+    worker_settings = {st: WORKER_SPECS[st](args, model_dir) for st in WORKER_STAGES}
     ppo = ({**settings, "prompts": prompts}, trl_python)
     runs, trainer_runs, worker_runs = run_rounds(
         args, model_dir, scratch, ppo, stages, prepared, worker_settings
@@ -454,6 +458,27 @@ def rloo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
     }
 
 
+def grpo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The GRPO row's work, the default recipe's iteration: k = 4 answers to each of 4 prompts
+    of reward_data/prompts (16 completions) in optimizer steps of 8, 48 new tokens, T 0.7,
+    kl_coef 0.1, LoRA lr 5e-4."""
+    lines = (ROOT / "reward_data/prompts/train.jsonl").read_text().splitlines()
+    return {
+        "model": str(model_dir),
+        "prompts": [json.loads(x)["prompt"] for x in lines if x.strip()],
+        "k": 4,
+        "batch": 16,
+        "mini_batch": 8,
+        "steps": 1 + args.iterations,  # the summary leaves the first (warm-up) one out
+        "max_prompt_length": 128,
+        "max_new_tokens": 8 if args.quick else 48,
+        "temperature": 0.7,
+        "beta": 0.1,
+        "lr": 5e-4,
+        "seed": 42,
+    }
+
+
 def dpo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
     """The DPO row's work: the 4-way rankings of reward_data/, `--dpo-rankings` per step, as
     the smollm2-135m recipe trains (LoRA r 16, alpha 32, all linear layers; beta 0.1; max
@@ -479,6 +504,10 @@ def dpo_spec(args: argparse.Namespace, model_dir: Path) -> dict:
     }
 
 
+# What each worker stage runs, from the command line and the prepared model.
+WORKER_SPECS = {"rloo": rloo_spec, "dpo": dpo_spec, "grpo": grpo_spec}
+
+
 def run_worker(
     stage: str,
     impl: str,
@@ -494,7 +523,7 @@ def run_worker(
     name = f"{variant}-{impl}.{pair}"
     spec_path = scratch / f"{name}.spec.json"
     out_path = scratch / f"{name}.json"
-    extra = {"lora": variant == "rloo-lora"} if stage == "rloo" else {}
+    extra = {"lora": variant.endswith("-lora")} if stage in ("rloo", "grpo") else {}
     write_json(spec_path, {**settings, **extra, "impl": impl})
     cmd = [sys.executable, "-m", f"bench.{stage}_workers", "--spec", str(spec_path)]
     cmd += ["--out", str(out_path)]

@@ -1,6 +1,9 @@
 """The benchmark harness's arithmetic: FLOP accounting and the ours-vs-TRL summaries. (The
 measurements themselves run under `make bench`, never in the test suite.)"""
 
+import json
+from pathlib import Path
+
 from bench import report, run, trainers
 from bench.flops import Arch, ppo_flops
 
@@ -154,6 +157,56 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     table = "\n".join(report.rloo_markdown(section))
     assert "| rloo | ours |" in table and "| rloo-lora | trl |" in table and "k=4" in table
     assert "not measured" in report.rloo_markdown(None)[0]
+
+
+def test_grpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
+    """Smoke test of `make bench ARGS='--only grpo'`: both workers on the default recipe's GRPO
+    shape (k = 4 answers to 4 prompts, optimizer steps of 8), the summary and the table."""
+    import argparse
+
+    from bench import run
+    from rlhf.roles import models
+
+    if not models.is_prepared("tiny-llama"):
+        import pytest
+
+        pytest.skip("tiny-llama is not prepared (make models)")
+    args = argparse.Namespace(iterations=1, quick=True, pairs=1, timeout=600)
+    settings = run.grpo_spec(args, models.prepared_dir("tiny-llama"))
+    assert (settings["k"], settings["batch"], settings["mini_batch"]) == (4, 16, 8)
+    first = json.loads(Path("reward_data/prompts/train.jsonl").read_text().splitlines()[0])
+    assert settings["steps"] == 2 and settings["prompts"][0] == first["prompt"]
+    runs = [
+        run.run_worker("grpo", impl, 0, settings, tmp_path, args, "grpo-lora")
+        for impl in ("ours", "trl")
+    ]
+    for r in runs:
+        log = tmp_path / f"grpo-lora-{r['impl']}.0.log"
+        assert r["rc"] == 0, log.read_text()[-2000:]
+        # TRL's two optimizer steps per iteration are summed into one iteration's time
+        assert len(r["result"]["step_times"]) == 2 and r["peak_rss_mb"] > 0
+        assert r["result"]["tokens"] > 0 and r["result"]["stage"] == "grpo-lora"
+    section = {  # as bench/run.py builds it
+        "settings": settings,
+        "runs": runs,
+        "rows": trainers.summarize_rows(runs, run.WORKER_VARIANTS["grpo"]),
+        "ratios": trainers.pair_ratios(runs, run.WORKER_VARIANTS["grpo"]),
+    }
+    assert [(r["stage"], r["impl"]) for r in section["rows"]] == [
+        ("grpo-lora", "ours"),
+        ("grpo-lora", "trl"),
+    ]
+    table = "\n".join(report.grpo_markdown(section))
+    assert "| grpo-lora | ours |" in table and "| grpo-lora | trl |" in table
+    assert "k=4 answers to each of 4 prompts" in table and "GRPOTrainer" in table
+    assert "not measured" in report.grpo_markdown(None)[0]
+
+
+def test_grpo_worker_sums_trls_optimizer_steps_per_iteration():
+    from bench.grpo_workers import per_iteration
+
+    assert per_iteration([3.0, 1.0, 2.5, 0.5], 2) == [4.0, 3.0]
+    assert per_iteration([3.0, 1.0, 2.0], 1) == [3.0, 1.0, 2.0]
 
 
 def test_dpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):

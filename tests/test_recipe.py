@@ -105,8 +105,8 @@ def test_trust_remote_code_is_off_by_default_and_loud_when_on(capsys):
 
 def test_the_2026_11_25_bench_workload_is_the_default_recipe_with_that_days_work():
     # bench/workloads/: the work the throughput issue's end-to-end targets were set on, run on
-    # today's code (bench/RESULTS.md, session 16). It inherits the default recipe, so a renamed
-    # or retyped key there must keep this file valid.
+    # today's code (docs/performance.md, "End to end"). It inherits the default recipe, so a
+    # renamed or retyped key there must keep this file valid.
     recipe = load_recipe("bench/workloads/smollm2-135m-2026-11-25.yaml")
     default = load_recipe("recipes/smollm2-135m.yaml")
     assert recipe.judge is None and recipe.reward.subset == "all"

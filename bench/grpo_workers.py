@@ -1,0 +1,99 @@
+"""Worker: one GRPO run, ours (ppo.estimator=grpo) or TRL's GRPOTrainer, on identical work.
+
+The default recipe's GRPO shape on both sides: the prepared model as policy with LoRA r=16
+(alpha 32) on all linear layers, bf16 where `precision: auto` picks it, the reference being
+the adapter disabled; the same model with a 1-output sequence-classification head as reward
+model; k answers to each of batch / k prompts of reward_data/prompts per iteration, taken in
+file order; one pass, in optimizer steps of `mini_batch` completions; the same max new
+tokens, temperature, KL coefficient (k3 in the loss on both sides), learning rate (constant)
+and clip 1.0. TRL generates with transformers' `generate` (no vLLM). Times per iteration
+include generation and scoring; the first `warmup` iterations are left out by the summary.
+Peak RSS is measured by bench/run.py around the process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bench.common import step_time_callback, trl_cpu_args, worker_main
+from bench.rloo_workers import lora_config
+from bench.rloo_workers import run_ours as run_critic_free
+
+
+def run_ours(spec: dict) -> dict:
+    return run_critic_free({**spec, "estimator": "grpo"})
+
+
+def run_trl(spec: dict, out_dir: Path) -> dict:
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.infra.runtime import resolve_precision
+
+    torch.manual_seed(spec["seed"])
+    path = spec["model"]
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    reward_tokenizer = AutoTokenizer.from_pretrained(path)
+    # SmolLM2's pad is its EOS <|im_end|>: TRL's reward pooling (last token != pad) would read
+    # the wrong token (as in bench/rloo_workers.py). Ours pools at the last real token.
+    reward_tokenizer.pad_token = "<|endoftext|>"
+    reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"]]
+    )
+    steps_per_iteration = spec["batch"] // spec["mini_batch"]
+    config = trl.GRPOConfig(
+        **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
+        output_dir=str(out_dir / "trl-grpo-out"),
+        learning_rate=spec["lr"],
+        beta=spec["beta"],
+        max_steps=spec["steps"] * steps_per_iteration,
+        # one generation of k answers to each of batch / k prompts, then one pass over them in
+        # optimizer steps of mini_batch completions
+        per_device_train_batch_size=spec["mini_batch"],
+        steps_per_generation=steps_per_iteration,
+        num_generations=spec["k"],
+        num_iterations=1,
+        max_completion_length=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        shuffle_dataset=False,  # prompts in file order, as ours takes them
+        use_vllm=False,
+    )
+    trainer = trl.GRPOTrainer(
+        model=path,
+        reward_funcs=[reward_model],
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        reward_processing_classes=[reward_tokenizer],
+        peft_config=lora_config(spec),
+    )
+    step_times: list[float] = []
+    trainer.add_callback(step_time_callback(step_times))
+    trainer.train()
+    lengths = [e.get("completions/mean_length", 0) for e in trainer.state.log_history]
+    return {
+        "impl": "trl",
+        "trl": trl.__version__,
+        "stage": "grpo-lora" if spec["lora"] else "grpo",
+        "step_times": per_iteration(step_times, steps_per_iteration),
+        "tokens": int(sum(lengths) * spec["mini_batch"]),
+    }
+
+
+def per_iteration(step_times: list[float], steps: int) -> list[float]:
+    """Optimizer-step times summed per iteration (TRL generates in the first of its steps)."""
+    return [sum(step_times[i : i + steps]) for i in range(0, len(step_times), steps)]
+
+
+def main() -> None:
+    rows = lambda spec: spec["steps"] * spec["batch"]  # noqa: E731
+    worker_main(__doc__.splitlines()[0], run_ours, run_trl, rows)
+
+
+if __name__ == "__main__":
+    main()
