@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.infra import allocator, distributed
+from rlhf import accel
+from rlhf.accel import allocator
+from rlhf.infra import distributed
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
 # dot-product instructions: under them oneDNN converts bf16 to fp32 like a CPU without them.
@@ -78,10 +80,12 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    # Every stage (and bench worker) starts here: from now on, memory a step frees is kept for
-    # the next step instead of being unmapped and faulted in again (allocator.py).
-    allocator.keep_freed_memory()
+    # Every stage (and bench worker) starts here: the recipe's `accel` switch for the process,
+    # and on a CPU, memory a step frees kept for the next step (accel/allocator.py).
+    accel.use(recipe.accel)
     on_cpu = not torch.cuda.is_available()
+    if on_cpu and accel.applies("cpu"):
+        allocator.keep_freed_memory()
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":
         mixed = "bf16"  # fp16 autocast is not supported on CPU

@@ -16,8 +16,8 @@ import inspect
 
 import torch
 
+from rlhf.accel import apply
 from rlhf.roles.models import padded_forward
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
 
@@ -66,7 +66,7 @@ def prefix_shared_hidden(
     cache.batch_select_indices(row_prefix)
     full_mask = torch.cat([prefix_mask[row_prefix], attention_mask], dim=1)
     # the continuations' MLPs see (R, T) rows: their own mask says which are real
-    with mlps_on_real_tokens(backbone, attention_mask):
+    with apply.padded(backbone, attention_mask):
         hidden = backbone(
             input_ids=input_ids,
             attention_mask=full_mask,

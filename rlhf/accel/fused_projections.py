@@ -35,15 +35,15 @@ from typing import Any
 
 import torch
 
-from rlhf.infra.forwards import instance_forwards
-from rlhf.infra.prepacked import (
+from rlhf.accel.forwards import instance_forwards
+from rlhf.accel.lean_lora import plain_lora_adapter
+from rlhf.accel.prepacked import (
     bf16_autocast_on_cpu,
     pack_weight,
     packable,
     packed_linear,
     packing_applies,
 )
-from rlhf.roles.models import plain_lora_adapter
 
 # Sibling projections that read the same input in the transformers decoder layers we run
 # (Llama, Qwen2, Mistral, Gemma); a layer that reads them from different inputs falls back.

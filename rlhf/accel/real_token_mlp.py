@@ -21,8 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
-from rlhf.infra.forwards import instance_forwards
-from rlhf.roles.gated_mlp import GATED_MLPS
+from rlhf.accel.forwards import instance_forwards
+from rlhf.accel.gated_mlp import GATED_MLPS
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf.infra.forwards import instance_forwards
+from rlhf.accel.forwards import instance_forwards
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf.infra.forwards import instance_forwards
+from rlhf.accel.forwards import instance_forwards
 
 # transformers' MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))
 GATED_MLPS = frozenset(
