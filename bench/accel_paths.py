@@ -21,8 +21,16 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-PATHS = ("decode", "prepacked", "fused", "lean_lora", "logprobs", "attention", "gated_mlp",
-         "real_token_mlp")  # fmt: skip
+PATHS = (
+    "decode",
+    "prepacked",
+    "fused",
+    "lean_lora",
+    "logprobs",
+    "attention",
+    "gated_mlp",
+    "real_token_mlp",
+)
 
 
 def switch_off(path: str):
@@ -85,8 +93,16 @@ def setup(args):
     scheduler = training.make_scheduler(optimizer, cfg.optim, 1000)
     model, optimizer = accelerator.prepare(model, optimizer)
     training.without_fp32_outputs(accelerator, model)
-    ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer,
-                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
+    ctx = PPOContext(
+        model,
+        reference,
+        optimizer,
+        scheduler,
+        accelerator,
+        tokenizer,
+        FixedKLController(cfg.kl_coef),
+        cfg,
+    )
     lines = Path("reward_data/prompts/train.jsonl").read_text().splitlines()
     messages = [[{"role": "user", "content": json.loads(x)["prompt"]}] for x in lines if x]
     ids = [encode_prompt(tokenizer, m, cfg.max_prompt_length) for m in messages]
@@ -114,8 +130,9 @@ def one_iteration(ctx, scorer, messages, ids, round_index: int, seed: int) -> di
 
     gen = torch.Generator().manual_seed(seed + 7 + round_index)
     t0 = time.perf_counter()
-    roll, metrics = ppo_iteration(ctx, batch.padded(ctx.tokenizer.pad_token_id, "cpu"),
-                                  score_fn, gen)  # fmt: skip
+    roll, metrics = ppo_iteration(
+        ctx, batch.padded(ctx.tokenizer.pad_token_id, "cpu"), score_fn, gen
+    )
     return {
         "total": time.perf_counter() - t0,
         "rollout": metrics["timing/rollout"],

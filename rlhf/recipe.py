@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf.infra.errors import UserError
 
@@ -526,6 +526,13 @@ class Recipe(Section):
         description="auto: the CPU fast paths of rlhf/accel/ (none on a GPU); off: the plain "
         "path (transformers' generate, unmodified peft and transformers modules)",
     )
+
+    @field_validator("accel", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` as false: `accel: off` means "off"."""
+        return "off" if value is False else value
+
     model: ModelConfig = ModelConfig()
     data: DataPolicy = DataPolicy()
     numerics: NumericsConfig = NumericsConfig()

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 # prints how many of its 4 KiB pages left the process's resident set when it was freed.
 SCRIPT = """
 import os, sys, torch
-from rlhf.infra.allocator import keep_freed_memory
+from rlhf.accel.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def resident_pages():

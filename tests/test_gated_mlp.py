@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf.accel.gated_mlp import GatedProduct, activation_name, recomputed_activations
 from rlhf.roles import models
-from rlhf.roles.gated_mlp import GatedProduct, activation_name, recomputed_activations
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
@@ -37,7 +37,7 @@ def test_a_model_keeps_one_tensor_less_per_layer_with_the_same_logits_and_gradie
     """The tiny Llama under bf16 autocast, as the PPO update runs it: each MLP keeps one
     (tokens, intermediate) tensor less, and down_proj (trained here) rebuilds its input in
     backward instead of keeping it; logits and every gradient are bit-identical."""
-    from rlhf.roles import gated_mlp
+    from rlhf.accel import gated_mlp
 
     rebuilt = []
     product = gated_mlp.product_for_backward
@@ -89,7 +89,7 @@ def test_with_gradient_checkpointing_the_product_is_kept_as_autograd_keeps_it(
 ):
     """Gradient checkpointing has saved-tensor hooks of its own, which the product's would
     shadow: with it on, down_proj keeps its input as usual, and training still matches."""
-    from rlhf.roles import gated_mlp
+    from rlhf.accel import gated_mlp
 
     rebuilt = []
     product = gated_mlp.product_for_backward

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.infra import prepacked
+from rlhf.accel import prepacked
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 from rlhf.ppo.rollout import sample_rollout
 from rlhf.roles import models
@@ -22,7 +22,7 @@ def lora_policy(random_lora):
     # lora_A comes from peft's init on the global RNG: seeded here, so that this adapter does
     # not depend on the tests run before it. Unseeded, after test_fused_projections' gemma3 or
     # qwen2 case, one packed output rounded the other way and the first test below failed: see
-    # rlhf/infra/prepacked.py's docstring.
+    # rlhf/accel/prepacked.py's docstring.
     torch.manual_seed(0)
     policy = random_lora(std=0.5, seed=1)  # a non-zero adapter, so its matmuls count
     models.store_frozen_linears(policy, torch.bfloat16)  # as the PPO stage stores them

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.infra.forwards import instance_forwards
+from rlhf.accel.forwards import instance_forwards
+from rlhf.accel.gated_mlp import recomputed_activations
+from rlhf.accel.real_token_mlp import mlps_on_real_tokens
 from rlhf.roles import models
-from rlhf.roles.gated_mlp import recomputed_activations
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
 
