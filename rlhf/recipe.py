@@ -345,6 +345,11 @@ class EvalConfig(Section):
 class PPOConfig(Section):
     prompts: DataSource | None = None
     eval_prompts: DataSource | None = None
+    valid_prompts: DataSource | None = Field(
+        None,
+        description="prompts for choosing settings (e.g. a judge curve during RL), disjoint "
+        "from the prompts and the eval_prompts; the end-of-run eval uses ppo.eval_prompts",
+    )
     sft_dir: str | None = Field(None, description="default: <output_dir>/sft")
     reward_dir: str | None = Field(None, description="default: <output_dir>/reward")
     policy: Literal["sft", "base"] = Field(

@@ -279,3 +279,37 @@ def test_accel_recipe_key_is_validated():
         load_recipe("recipes/tiny.yaml", ["accel=fast"])
     with pytest.raises(UserError, match="decode"):  # the old switch is gone, not ignored
         load_recipe("recipes/tiny.yaml", ["ppo.decode=lean"])
+
+
+class _PastKeyValuesOnly(torch.nn.Module):
+    """A causal LM whose forward names its cache `past_key_values` (transformers before 5.24,
+    remote-code models) and, like those versions, swallows any other keyword in **kwargs."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(
+        self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=None, **_
+    ):
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=use_cache,
+        )
+
+
+def test_a_forward_that_takes_past_key_values_decodes_on_its_cache(tiny):
+    """The cache goes in under the keyword the forward declares: a cache passed under a name
+    the forward swallows would leave every decode step seeing only its own token."""
+    ids, mask = _prompts()
+    expected, _ = _lean(tiny, ids, mask, EARLY)
+    out, _ = _lean(_PastKeyValuesOnly(tiny), ids, mask, EARLY)
+    assert torch.equal(out.response_ids, expected.response_ids)
+    live = _live(out.response_ids, EARLY)
+    torch.testing.assert_close(out.logits[live], expected.logits[live], rtol=1e-5, atol=1e-5)

@@ -167,9 +167,9 @@ class RewardSources:
                     self._check_finite(name, raw, training)
                     if len(src.members) > 1:
                         metrics[f"objective/score/{name}"] = _finite_mean(raw)
-                    normalised.append(
-                        calibrate(raw, calibration) if src.normalize == "calibration" else raw
-                    )
+                    # the single-model form leaves the calibration to normalise_score
+                    calibrated = src.normalize == "calibration" and not self.passthrough
+                    normalised.append(calibrate(raw, calibration) if calibrated else raw)
                 combined = combine_scores(normalised, src.combine)
                 if self.passthrough:  # the old single-model form: raw, as before
                     terms.append(combined)
