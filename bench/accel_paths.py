@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--recipe", default="recipes/smollm2-135m.yaml")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default=",".join(["all", "off", *(f"all-{x}" for x in PATHS)]))
+    p.add_argument("--warmup", default="all,off", help="variants run once before the rounds")
     p.add_argument("--no-allocator", action="store_true")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, required=True)
@@ -168,7 +169,7 @@ def main() -> None:
     ctx, scorer, messages, ids, mixed = setup(args)
     variants = args.variants.split(",")
     results: dict[str, list[dict]] = {v: [] for v in variants}
-    for v in ("all", "off"):  # warm-up: first-call allocations, both samplers
+    for v in args.warmup.split(","):  # first-call allocations, both samplers
         run_variant(v, ctx, scorer, messages, ids, 0, args.seed)
     for r in range(args.rounds):
         for v in variants:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf import accel
-from rlhf.accel import apply, logprobs
+from rlhf.accel import apply
 from rlhf.recipe import LoraConfig
 from rlhf.roles import models
 
@@ -23,8 +23,6 @@ def _sdpa():
 
 def _opened(model: torch.nn.Module) -> dict[str, object]:
     """What each of apply's contexts changes while open: swapped forwards, the sdpa entry."""
-    mask = torch.ones(2, 5, dtype=torch.long, device=next(model.parameters()).device)
-    mask[0, :2] = 0
     seen = {}
     with apply.sampling(model, rows=2):
         seen["sampling"] = _swapped(model)
@@ -32,8 +30,6 @@ def _opened(model: torch.nn.Module) -> dict[str, object]:
     with apply.training(model):
         seen["training"] = _swapped(model)
         seen["sdpa replaced"] = _sdpa() is not sdpa
-    with apply.padded(model, mask):
-        seen["padded"] = _swapped(model)
     assert not _swapped(model) and _sdpa() is sdpa  # each context undoes its changes on exit
     return seen
 
@@ -48,8 +44,7 @@ def test_auto_on_a_cpu_opens_the_fast_paths(lora_model):
     with accel.using("auto"):
         seen = _opened(lora_model)
     assert seen["sampling"]  # the lean LoRA forward (packing needs bf16 autocast)
-    assert seen["training"] and seen["sdpa replaced"]  # lean LoRA, MLP recompute, attention
-    assert seen["padded"]  # the MLPs on the real tokens only
+    assert seen["training"] and seen["sdpa replaced"]  # lean LoRA, attention's gradient
 
 
 @pytest.mark.parametrize("where", ["off", "auto-on-another-device"])
@@ -58,22 +53,14 @@ def test_off_and_other_devices_change_nothing(lora_model, where):
         lora_model.to("meta")  # no CUDA here: any device that is not the CPU
     with accel.using("off" if where == "off" else "auto"):
         seen = _opened(lora_model)
-    assert seen == {"sampling": [], "training": [], "sdpa replaced": False, "padded": []}
+    assert seen == {"sampling": [], "training": [], "sdpa replaced": False}
 
 
-def test_the_switch_picks_the_log_prob_kernel(monkeypatch):
-    calls = []
-    real = logprobs.TokenLogprobs.apply
-    monkeypatch.setattr(logprobs.TokenLogprobs, "apply", lambda *a: calls.append(1) or real(*a))
-    logits, tokens = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
-    with accel.using("off"):
-        plain = logprobs.token_logprobs(logits, tokens, 0.7)
-    assert not calls
-    with accel.using("auto"):
-        fast = logprobs.token_logprobs(logits, tokens, 0.7)
-    assert calls
-    torch.testing.assert_close(fast, plain)
+def test_auto_applies_on_a_cpu_only():
+    assert accel.applies("cpu") and accel.applies(torch.device("cpu"))
     assert not accel.applies("cuda") and not accel.applies(torch.device("meta"))
+    with accel.using("off"):
+        assert not accel.applies("cpu")
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
@@ -97,3 +84,18 @@ def test_make_accelerator_sets_the_switch_and_the_allocator_only_when_on(mode, m
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="accel"):
         accel.use("fast")
+
+
+def test_instance_forwards_nest_and_restore_the_enclosing_forward():
+    from rlhf.accel.forwards import instance_forwards
+
+    module = torch.nn.Identity()
+
+    def outer(x):
+        return x + 1
+
+    with instance_forwards([(module, outer)]):
+        with instance_forwards([(module, lambda x, inner=module.forward: inner(x) * 10)]):
+            assert module(torch.tensor(1.0)) == 20  # (1 + 1) * 10: it called the outer one
+        assert module(torch.tensor(1.0)) == 2
+    assert module(torch.tensor(1.0)) == 1 and "forward" not in vars(module)

@@ -10,7 +10,6 @@ import torch
 from rlhf.accel import apply
 from rlhf.accel import fused_projections as fp
 from rlhf.accel.lean_lora import lean_lora_forward
-from rlhf.accel.prepacked import prepacked_linears
 from rlhf.infra.runtime import cpu_supports_fast_bf16
 from rlhf.ppo.rollout import sample_rollout
 from rlhf.roles import models
@@ -131,12 +130,11 @@ def test_each_projection_is_its_own_modules_output_bit_for_bit(
         ).bfloat16(),
     }
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), lean_lora_forward(model):
-        with prepacked_linears(model, rows):
-            want = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
-            with fp.fused_projections(model, rows) as n:
-                # A lone projection without LoRA is nothing to fuse.
-                assert n == model.config.num_hidden_layers * (4 if lora else 2)
-                got = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
+        want = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
+        with fp.fused_projections(model, rows) as n:
+            # A lone projection without LoRA is nothing to fuse.
+            assert n == model.config.num_hidden_layers * (4 if lora else 2)
+            got = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
     for g in inputs:
         for name, w, o in zip(g, want[g], got[g]):
             assert o.dtype == w.dtype == torch.bfloat16
@@ -205,7 +203,7 @@ def test_other_architectures_sample_the_same_tokens_and_logits_fused(make, monke
     def sample(fuse: bool):
         torch.manual_seed(5)
         with torch.autocast("cpu", torch.bfloat16), lean_lora_forward(model):
-            with prepacked_linears(model, 3), fp.fused_projections(model, 3) if fuse else _none():
+            with fp.fused_projections(model, 3) if fuse else _none():
                 return decode.sample(model, ids, mask, 10, 0.7, [299], 0, keep=True)
 
     plain = sample(False)

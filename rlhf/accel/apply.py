@@ -1,12 +1,10 @@
 """Where the loops open the fast paths: one context per kind of work, each a no-op unless
 `rlhf.accel.applies` to the model's device.
 
-- sampling: the policy's linears prepacked for oneDNN, sibling projections fused, peft's LoRA
-  forward without its bookkeeping (prepacked.py, fused_projections.py, lean_lora.py);
-- training (the PPO update, SFT, the reward model, DPO): the lean LoRA forward, attention's
-  gradient through matmuls, the MLP's activation recomputed in backward (lean_lora.py,
-  attention.py, gated_mlp.py);
-- padded forwards: the gated MLPs on the real tokens only (real_token_mlp.py).
+- sampling: sibling projections fused into packed oneDNN matmuls, peft's LoRA forward without
+  its bookkeeping (fused_projections.py, lean_lora.py);
+- training (the PPO update, SFT, the reward model, DPO): the lean LoRA forward and attention's
+  gradient through matmuls (lean_lora.py, attention.py).
 """
 
 from __future__ import annotations
@@ -19,10 +17,7 @@ import torch
 from rlhf import accel
 from rlhf.accel.attention import matmul_attention_backward
 from rlhf.accel.fused_projections import fused_projections
-from rlhf.accel.gated_mlp import recomputed_activations
 from rlhf.accel.lean_lora import lean_lora_forward
-from rlhf.accel.prepacked import prepacked_linears
-from rlhf.accel.real_token_mlp import mlps_on_real_tokens
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -34,13 +29,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 @contextmanager
 def sampling(policy: torch.nn.Module, rows: int, sharded: bool = False) -> Iterator[None]:
     """While open, `policy` samples with the fast paths (a batch of `rows`); sharded weights
-    (gathered layer by layer) are not packed."""
+    (gathered layer by layer) are not fused."""
     with ExitStack() as stack:
         if accel.applies(model_device(policy)):
             stack.enter_context(lean_lora_forward(policy))
-            if not sharded:
-                stack.enter_context(prepacked_linears(policy, rows=rows))
-                # inside both: q, k, v (and gate, up) with their LoRA matrices as two matmuls
+            if not sharded:  # q, k, v (and gate, up) with their LoRA matrices as two matmuls
                 stack.enter_context(fused_projections(policy, rows=rows))
         yield
 
@@ -54,14 +47,4 @@ def training(model: torch.nn.Module) -> Iterator[None]:
         if accel.applies(model_device(model)):
             stack.enter_context(lean_lora_forward(model))
             stack.enter_context(matmul_attention_backward())
-            stack.enter_context(recomputed_activations(model))
-        yield
-
-
-@contextmanager
-def padded(model: torch.nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
-    """While open, `model` runs a padded batch with the gated MLPs on the real tokens only."""
-    with ExitStack() as stack:
-        if attention_mask is not None and accel.applies(attention_mask.device):
-            stack.enter_context(mlps_on_real_tokens(model, attention_mask))
         yield

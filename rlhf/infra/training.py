@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from rlhf.accel import apply
 from rlhf.infra.distributed import full_ndim, full_numel
 from rlhf.infra.errors import NumericalFault
 from rlhf.roles import models
@@ -83,7 +82,7 @@ def without_fp32_outputs(accelerator: Any, model: torch.nn.Module) -> torch.nn.M
     With bf16 / fp16, accelerator.prepare wraps the model's forward in autocast and copies
     every low-precision output to fp32. For a stage that opens accelerator.autocast() around
     each forward itself and reads its logits block by block in fp32
-    (accel.logprobs.TokenLogprobs), that copy is a (B, R, V) fp32 tensor kept for backward
+    (tokens.sequences.logprobs_from_logits), that copy is a (B, R, V) fp32 tensor kept for backward
     (52 MB per micro-batch of the PPO bench) and another for its gradient. Values and
     gradients are the same: bf16 -> fp32 is exact, and the gradient is rounded to bf16 once
     either way. The wrapped module (DDP) calls the same, restored forward."""
@@ -134,10 +133,9 @@ def _labelled_logits(
 
     hook = output_embeddings(model).register_forward_pre_hook(keep_predicting_rows)
     try:
-        with apply.padded(model, batch["attention_mask"]):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
-            ).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
+        ).logits
     finally:
         hook.remove()
     targets = next_token_targets(labels)[predicts[:, :-1]]

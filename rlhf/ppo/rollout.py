@@ -16,7 +16,6 @@ import torch
 
 from rlhf import accel
 from rlhf.accel import apply, decode
-from rlhf.accel.logprobs import token_logprobs
 from rlhf.infra import distributed
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
@@ -25,6 +24,7 @@ from rlhf.tokens.chat import encode_prompt_response, pad_batch
 from rlhf.tokens.decoding import Decoding, eos_ids, own_generation_config
 from rlhf.tokens.sequences import (
     entropy_from_logits,
+    logprobs_from_logits,
     response_keep,
     response_mask,
 )
@@ -214,7 +214,7 @@ def score_with_models(
         else:
             values = model.critic_values(ids, attn, keep=keep)[:, :R]
     rollout.sampling_logits = rollout.sampling_hidden = None  # (B, R, V): free it now
-    rollout.logprobs = token_logprobs(logits, rollout.response_ids, temperature)
+    rollout.logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
     rollout.values = values.float() if values is not None else None
     rollout.entropy = entropy_from_logits(logits, temperature)
     del logits
@@ -223,7 +223,9 @@ def score_with_models(
             ref_logits = model.reference_logits(ids, attn, keep=keep)
         else:
             ref_logits = causal_lm_logits(reference, ids, attn, keep=keep)
-    rollout.ref_logprobs = token_logprobs(ref_logits[:, :R], rollout.response_ids, temperature)
+    rollout.ref_logprobs = logprobs_from_logits(
+        ref_logits[:, :R], rollout.response_ids, temperature
+    )
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from rlhf.accel import apply
-from rlhf.accel.logprobs import token_logprobs
 from rlhf.algo.ppo import (
     aggregate_loss,
     kl_penalty,
@@ -24,7 +23,7 @@ from rlhf.algo.ppo import (
 )
 from rlhf.infra.training import NonFiniteGuard, step_if_finite
 from rlhf.ppo.rollout import Rollout
-from rlhf.tokens.sequences import entropy_from_logits, response_keep
+from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
 
 def ppo_update(
@@ -124,7 +123,7 @@ def micro_batch_loss(
         mb.input_ids, mb.attention_mask, keep=response_keep(R), detach_values=value_only
     )
     logits = logits[:, :R]
-    logp = token_logprobs(logits, mb.response_ids, cfg.temperature)
+    logp = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
     pg_loss, pg_stats = policy_loss(
         logp, mb.logprobs, advantages, mb.mask, cfg.cliprange, cfg.loss_aggregation
     )

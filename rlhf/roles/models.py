@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from rlhf.accel import apply
 from rlhf.infra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -595,18 +594,17 @@ def padded_forward(
     module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
 ) -> Any:
     """`module` (a transformers model or its backbone) over a padded batch: positions counted
-    from the mask, the gated MLPs on the real tokens only where rlhf.accel applies."""
+    from the mask."""
     from rlhf.tokens.chat import positions_from_mask
 
     # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
     # left padding as positions and score a padded sequence differently.
-    with apply.padded(module, attention_mask):
-        return module(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            **kwargs,
-        )
+    return module(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+        **kwargs,
+    )
 
 
 def score_at_last_token(

@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 
-from rlhf.accel.logprobs import token_logprobs
 from rlhf.data.types import Ranking
 from rlhf.roles import reward_model as reward
 from rlhf.roles.models import backbone_hidden_states, unwrap_peft
 from rlhf.roles.shared_prefix import prefix_shared_hidden
 from rlhf.tokens.chat import render_ids
-from rlhf.tokens.sequences import next_token_logits, next_token_targets
+from rlhf.tokens.sequences import logprobs_from_logits, next_token_logits, next_token_targets
 
 
 def ranked_pairs(ranking: Ranking, mode: str) -> list[tuple[int, int]]:
@@ -101,7 +100,7 @@ def completion_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
     """Sum of log pi(token) over each row's completion tokens (logits at t predict t + 1)."""
-    token_logps = token_logprobs(next_token_logits(logits), next_token_targets(input_ids))
+    token_logps = logprobs_from_logits(next_token_logits(logits), next_token_targets(input_ids))
     return (token_logps * next_token_targets(completion_mask)).sum(dim=1)
 
 
@@ -211,7 +210,7 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
         ids, mask = ids[:, 1:], mask[:, 1:]
     picked = mask.bool()
     logits = model.get_output_embeddings()(hidden[picked])
-    token_logps = token_logprobs(logits, ids[picked], temperature=1.0)
+    token_logps = logprobs_from_logits(logits, ids[picked], temperature=1.0)
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(picked)[picked]
     return torch.zeros(ids.shape[0], device=ids.device).index_add(0, row, token_logps)
 

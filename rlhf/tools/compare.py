@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from rlhf.accel.logprobs import token_logprobs
 from rlhf.algo.stats import win_rate
 from rlhf.infra.errors import UserError
 from rlhf.ppo.rollout import reward_scores
@@ -34,7 +33,7 @@ from rlhf.roles.reward_sources import calibrate, load_calibration
 from rlhf.roles.rewards import call_reward_function, load_reward_function
 from rlhf.tokens.chat import encode_prompt, last_user_text, pad_batch, positions_from_mask
 from rlhf.tokens.decoding import Decoding, decoding_from_args
-from rlhf.tokens.sequences import response_slice
+from rlhf.tokens.sequences import logprobs_from_logits, response_slice
 from rlhf.tools.generate import generate_responses, load, pick_device
 
 WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.algo.stats.wilson_interval)
@@ -146,7 +145,7 @@ def sequence_logprobs(
         ).logits
         prompt_len, response_len = prompts["input_ids"].shape[1], responses["input_ids"].shape[1]
         window = response_slice(prompt_len, response_len)
-        logp = token_logprobs(logits[:, window], ids[:, prompt_len:], temperature)
+        logp = logprobs_from_logits(logits[:, window], ids[:, prompt_len:], temperature)
         mask = responses["attention_mask"].to(device).float()
         sums.extend((logp * mask).sum(1).tolist())
     return sums

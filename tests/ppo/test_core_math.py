@@ -32,7 +32,7 @@ from rlhf.ppo import (
     shape_rewards,
     value_loss,
 )
-from rlhf.accel.logprobs import token_logprobs
+from rlhf.tokens.sequences import logprobs_from_logits
 
 F64 = torch.float64
 SEEDS = [0, 1, 2, 3, 4]
@@ -506,10 +506,10 @@ def test_fixed_kl_controller_never_moves():
     assert other.value == 0.05
 
 
-def test_token_logprobs_and_their_gradient_by_hand(accel_mode):
+def test_token_logprobs_and_their_gradient_by_hand():
     # logits ln 1, ln 2, ln 3 at T = 0.5: z = ln 1, ln 4, ln 9, softmax(z) = (1, 4, 9) / 14.
     logits = torch.tensor([[[0.0, math.log(2), math.log(3)]]], requires_grad=True)
-    logp = token_logprobs(logits, torch.tensor([[1]]), temperature=0.5)
+    logp = logprobs_from_logits(logits, torch.tensor([[1]]), temperature=0.5)
     assert logp.item() == pytest.approx(math.log(4 / 14), abs=1e-6)
     logp.sum().backward()
     # d log softmax(z)[1] / d logits = (onehot(1) - softmax(z)) / T
@@ -518,14 +518,14 @@ def test_token_logprobs_and_their_gradient_by_hand(accel_mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_logprobs_match_the_composed_log_softmax(dtype, accel_mode):
-    """Blocks of rows (accel auto; 15 rows: one full block and a part) give what log_softmax
-    + gather gives, value and gradient, in the logits' dtype."""
+def test_token_logprobs_match_the_composed_log_softmax(dtype):
+    """log pi(token) gives what log_softmax + gather gives, value and gradient, in the
+    logits' dtype."""
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(3, 5, 1000, generator=gen)).to(dtype).requires_grad_()
     tokens = torch.randint(0, 1000, (3, 5), generator=gen)
     weights = torch.randn(3, 5, generator=gen)
-    ours = token_logprobs(logits, tokens, temperature=0.7)
+    ours = logprobs_from_logits(logits, tokens, temperature=0.7)
     (ours * weights).sum().backward()
     ours_grad, logits.grad = logits.grad, None
     composed = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
