@@ -6,8 +6,7 @@ CPU has it) from the prepared base model, which also serves as the reward model 
 measures cost, not learning). Then, round after round, it runs one iteration per variant:
 `all`: every fast path; `all-X`: every fast path but X; `off`: `accel: off`. Variants run
 interleaved inside each round, on the same prompts, so a busy neighbour hits them alike; the
-table gives medians. The allocator (a process-wide mallopt) cannot be undone inside a
-process: `--no-allocator` runs the whole process without it, for a pair of processes.
+table gives medians. docs/performance.md has the figures and the paths this deleted.
 
     python -m bench.accel_paths --rounds 3 --out accel.json
 """
@@ -21,39 +20,22 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-PATHS = (
-    "decode",
-    "prepacked",
-    "fused",
-    "lean_lora",
-    "logprobs",
-    "attention",
-    "gated_mlp",
-    "real_token_mlp",
-)
+PATHS = ("decode", "fused", "lean_lora", "attention")
 
 
 def switch_off(path: str):
     """Undo-able patches that turn one fast path off; returns the undo function."""
     from rlhf.accel import apply
-    from rlhf.ppo import rollout, update
-    from rlhf.tokens.sequences import logprobs_from_logits
+    from rlhf.ppo import rollout
 
     def null(*_args, **_kwargs):
         return nullcontext()
 
     targets = {
         "decode": [(rollout, "lean_decode_applies", lambda *a: False)],
-        "prepacked": [(apply, "prepacked_linears", null)],
         "fused": [(apply, "fused_projections", null)],
         "lean_lora": [(apply, "lean_lora_forward", null)],
-        "logprobs": [
-            (rollout, "token_logprobs", logprobs_from_logits),
-            (update, "token_logprobs", logprobs_from_logits),
-        ],
         "attention": [(apply, "matmul_attention_backward", null)],
-        "gated_mlp": [(apply, "recomputed_activations", null)],
-        "real_token_mlp": [(apply, "mlps_on_real_tokens", null)],
     }[path]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
     for owner, name, value in targets:
@@ -78,10 +60,6 @@ def setup(args):
     from rlhf.roles import models
     from rlhf.tokens.chat import encode_prompt
 
-    if args.no_allocator:
-        from rlhf.accel import allocator
-
-        allocator.keep_freed_memory = lambda: False
     recipe = load_recipe(args.recipe, ["ppo.normalize_score=false"])
     cfg = recipe.ppo
     accelerator = make_accelerator(recipe)
@@ -162,7 +140,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default=",".join(["all", "off", *(f"all-{x}" for x in PATHS)]))
     p.add_argument("--warmup", default="all,off", help="variants run once before the rounds")
-    p.add_argument("--no-allocator", action="store_true")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()

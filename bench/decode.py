@@ -80,15 +80,11 @@ def sample_once(impl: str, policy, ids, mask, spec: dict, tokenizer) -> Any:
 def measure(spec: dict) -> dict[str, Any]:
     import torch
 
-    from rlhf.accel.allocator import keep_freed_memory
     from rlhf.infra.runtime import frozen_weight_dtype, resolve_precision
     from rlhf.recipe import LoraConfig
     from rlhf.roles import models
     from rlhf.tokens.chat import encode_prompt, pad_batch
 
-    # As every stage's process runs (runtime.make_accelerator): freed memory is reused, not
-    # mapped and faulted in again; generate and ours share this process, so both get it.
-    keep_freed_memory()
     tokenizer = models.load_tokenizer(spec["model"], padding_side="left")
     policy = models.apply_lora(
         models.load_causal_lm(spec["model"]),

@@ -1,5 +1,5 @@
 """One place that builds the Accelerator, picks the precision, seeds every RNG and sets up
-the process (malloc keeps freed memory: allocator.py).
+the process (the `accel` switch: rlhf/accel/).
 
 CPU multi-process needs `Accelerator(cpu=True)` (or ACCELERATE_USE_CPU): with a plain
 `Accelerator()`, `accelerate launch --multi_gpu` on a CPU host starts N ranks that silently
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from rlhf import accel
-from rlhf.accel import allocator
 from rlhf.infra import distributed
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
@@ -80,12 +79,8 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    # Every stage (and bench worker) starts here: the recipe's `accel` switch for the process,
-    # and on a CPU, memory a step frees kept for the next step (accel/allocator.py).
-    accel.use(recipe.accel)
+    accel.use(recipe.accel)  # every stage (and bench worker) starts here: the process's switch
     on_cpu = not torch.cuda.is_available()
-    if on_cpu and accel.applies("cpu"):
-        allocator.keep_freed_memory()
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":
         mixed = "bf16"  # fp16 autocast is not supported on CPU
