@@ -364,11 +364,6 @@ class PPOConfig(Section):
     top_k: int = Field(0, ge=0, description="must stay 0: PPO samples with temperature only")
     top_p: float = Field(1.0, gt=0, le=1, description="must stay 1.0 (as top_k)")
     stop_strings: list[str] = Field(default_factory=list)
-    decode: Literal["lean", "hf"] = Field(
-        "lean",
-        description="lean: our sampling loop (rlhf/ppo/decode.py), finished rows dropped; hf: "
-        "transformers' generate (also used for stop_strings and sharded generation)",
-    )
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1",
@@ -514,6 +509,18 @@ class Recipe(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the hardware runs it faster"
     )
+    accel: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: the CPU fast paths of rlhf/accel/ (none on a GPU); off: the plain "
+        "path (transformers' generate, unmodified peft and transformers modules)",
+    )
+
+    @field_validator("accel", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare `off` as false: `accel: off` means "off"."""
+        return "off" if value is False else value
+
     model: ModelConfig = ModelConfig()
     data: DataPolicy = DataPolicy()
     numerics: NumericsConfig = NumericsConfig()

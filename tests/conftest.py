@@ -77,9 +77,9 @@ def random_lora(tiny_model_dir):
 
 @pytest.fixture()
 def matmul_attention_backwards(monkeypatch):
-    """Counts the attention gradients computed through matmuls (rlhf/roles/attention.py)
+    """Counts the attention gradients computed through matmuls (rlhf/accel/attention.py)
     instead of torch's flash-attention backward: a list that grows by one per call."""
-    from rlhf.roles import attention
+    from rlhf.accel import attention
 
     calls: list[int] = []
     gradients = attention.SdpaMatmulBackward._gradients
@@ -90,3 +90,12 @@ def matmul_attention_backwards(monkeypatch):
 
     monkeypatch.setattr(attention.SdpaMatmulBackward, "_gradients", staticmethod(counted))
     return calls
+
+
+@pytest.fixture(params=["auto", "off"])
+def accel_mode(request):
+    """The test runs twice: with the fast paths of rlhf/accel/ (auto, on this CPU) and without."""
+    from rlhf import accel
+
+    with accel.using(request.param):
+        yield request.param

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf.accel.attention import SdpaMatmulBackward, matmul_attention_backward
 from rlhf.roles import models
-from rlhf.roles.attention import SdpaMatmulBackward, matmul_attention_backward
 
 
 @pytest.mark.parametrize("groups", [1, 3])

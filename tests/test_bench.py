@@ -265,9 +265,9 @@ def test_memory_table_per_rank_bytes_by_hand():
     assert per_rank_gb(m, with_act, False, "DDP", 1, False) == 20.0 + 10 * 1024 * 10 * 4096 / 1e9
 
 
-def test_decode_row_samples_the_same_tokens_as_generate_on_the_tiny_model(tmp_path):
-    """Smoke test of `make bench ARGS='--only decode'`: the worker, its same-token check
-    (our rollout sampler against transformers' generate, one seed) and the table."""
+def test_decode_row_samples_tokens_with_both_samplers_on_the_tiny_model(tmp_path):
+    """Smoke test of `make bench ARGS='--only decode'`: the worker (our rollout sampler and
+    transformers' generate, one seed) and the table."""
     import argparse
 
     from bench import decode, run
@@ -283,10 +283,10 @@ def test_decode_row_samples_the_same_tokens_as_generate_on_the_tiny_model(tmp_pa
     points = section["result"]["points"]
     assert [p["batch_size"] for p in points] == [2, 4]
     for p in points:
-        assert p["same_tokens"] and p["sampled_tokens"] > 0
+        assert all(n > 0 for counts in p["sampled_tokens"].values() for n in counts)
         assert all(len(s) == 1 for s in p["seconds"].values())
     table = "\n".join(decode.markdown(section))
-    assert "| 2 | " in table and "| 4 | " in table and "yes |" in table
+    assert "| 2 | " in table and "| 4 | " in table
     assert "not measured" in decode.markdown(None)[0]
 
 

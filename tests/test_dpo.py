@@ -191,7 +191,7 @@ def test_stage_completes_with_the_contract(sft, matmul_attention_backwards):
     root, args = sft
     out = root / "contract"
     assert main(["dpo", "recipes/tiny.yaml", *args, f"output_dir={out}"]) == 0  # LoRA default
-    # its training steps differentiate attention through matmuls (roles/training_forwards.py)
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training)
     assert len(matmul_attention_backwards) > 0
     run = out / "dpo"
     for name in CONTRACT:

@@ -1,4 +1,4 @@
-"""Sibling projections fused into two packed matmuls while sampling (rlhf.roles.fused_projections):
+"""Sibling projections fused into two packed matmuls while sampling (rlhf.accel.fused_projections):
 every projection's output bit-identical to its own module's, so the same seed samples the same
 tokens from the same logits."""
 
@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.infra.prepacked import prepacked_linears
+from rlhf.accel import apply
+from rlhf.accel import fused_projections as fp
+from rlhf.accel.lean_lora import lean_lora_forward
 from rlhf.infra.runtime import cpu_supports_fast_bf16
-from rlhf.ppo import rollout
 from rlhf.ppo.rollout import sample_rollout
-from rlhf.roles import fused_projections as fp
 from rlhf.roles import models
 
 needs_bf16 = pytest.mark.skipif(
@@ -56,7 +56,7 @@ def _qwen2_with_biases():
 
 def _rollout(policy, tokenizer, fuse: bool, monkeypatch, adapter: bool = True):
     if not fuse:
-        monkeypatch.setattr(rollout, "fused_projections", lambda model, rows: _none())
+        monkeypatch.setattr(apply, "fused_projections", lambda model, rows: _none())
     cfg = SimpleNamespace(max_new_tokens=12, temperature=0.7, stop_strings=[])
     ids = torch.randint(5, 1000, (4, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -129,13 +129,12 @@ def test_each_projection_is_its_own_modules_output_bit_for_bit(
             rows, 1, model.config.intermediate_size, generator=gen
         ).bfloat16(),
     }
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), models.lean_lora_forward(model):
-        with prepacked_linears(model, rows):
-            want = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
-            with fp.fused_projections(model, rows) as n:
-                # A lone projection without LoRA is nothing to fuse.
-                assert n == model.config.num_hidden_layers * (4 if lora else 2)
-                got = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), lean_lora_forward(model):
+        want = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
+        with fp.fused_projections(model, rows) as n:
+            # A lone projection without LoRA is nothing to fuse.
+            assert n == model.config.num_hidden_layers * (4 if lora else 2)
+            got = {g: _members_outputs(model, g, x) for g, x in inputs.items()}
     for g in inputs:
         for name, w, o in zip(g, want[g], got[g]):
             assert o.dtype == w.dtype == torch.bfloat16
@@ -148,7 +147,7 @@ def test_a_disabled_adapter_grad_and_another_input_take_the_modules_own_forward(
     attn = next(m for m in model.modules() if hasattr(m, "q_proj"))
     hidden = model.config.hidden_size
     x, other = torch.randn(3, 1, hidden), torch.randn(3, 1, hidden)
-    with torch.autocast("cpu", torch.bfloat16), models.lean_lora_forward(model):
+    with torch.autocast("cpu", torch.bfloat16), lean_lora_forward(model):
         with torch.no_grad():
             want_k_other = attn.k_proj(other)
             with model.disable_adapter():
@@ -194,7 +193,7 @@ def _gemma3_with_lora():
 @needs_bf16
 @pytest.mark.parametrize("make", [_gemma3_with_lora, _qwen2_with_biases], ids=["gemma3", "qwen2"])
 def test_other_architectures_sample_the_same_tokens_and_logits_fused(make, monkeypatch):
-    from rlhf.ppo import decode
+    from rlhf.accel import decode
 
     model = make()
     ids = torch.randint(5, 300, (3, 7), generator=torch.Generator().manual_seed(1))
@@ -203,8 +202,8 @@ def test_other_architectures_sample_the_same_tokens_and_logits_fused(make, monke
 
     def sample(fuse: bool):
         torch.manual_seed(5)
-        with torch.autocast("cpu", torch.bfloat16), models.lean_lora_forward(model):
-            with prepacked_linears(model, 3), fp.fused_projections(model, 3) if fuse else _none():
+        with torch.autocast("cpu", torch.bfloat16), lean_lora_forward(model):
+            with fp.fused_projections(model, 3) if fuse else _none():
                 return decode.sample(model, ids, mask, 10, 0.7, [299], 0, keep=True)
 
     plain = sample(False)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf import accel
 from rlhf.recipe import load_recipe
 from rlhf.roles import models
 from rlhf.tokens.chat import encode_sft, pad_batch, positions_from_mask
@@ -27,9 +28,9 @@ def _write_sft(path: Path, n: int) -> None:
 
 
 # 1 ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("decode", ["hf", "lean"])
+@pytest.mark.parametrize("accel_mode", ["off", "auto"])
 def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
-    tiny_model_dir, tmp_path, decode
+    tiny_model_dir, tmp_path, accel_mode
 ):
     """A folder whose generation_config.json asks for repetition penalty, top-k and top-p must
     not change how PPO samples: the log-probs assume log_softmax(logits / T). generate gets a
@@ -58,19 +59,23 @@ def test_rollout_samples_with_temperature_only_whatever_the_model_folder_says(
         return out
 
     policy._get_logits_processor = capture
-    cfg = SimpleNamespace(
-        temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8, stop_strings=[], decode=decode
-    )
+    cfg = SimpleNamespace(temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=8, stop_strings=[])
     prompts = [[{"role": "user", "content": f"Say something about {w}."}] for w in "abcd"]
     from rlhf.tokens.chat import encode_prompt
 
     batch = pad_batch([encode_prompt(tok, p, 64) for p in prompts], tok.pad_token_id, "left")
     torch.manual_seed(0)
-    roll = sample_rollout(
-        policy, batch["input_ids"], batch["attention_mask"], cfg, tok, keep_sampling_outputs=True
-    )
+    with accel.using(accel_mode):  # off: generate; auto: the lean loop, as on a CPU
+        roll = sample_rollout(
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            cfg,
+            tok,
+            keep_sampling_outputs=True,
+        )
     used = [type(p) for p in processors]
-    assert used == ([TemperatureLogitsWarper] if decode == "hf" else []), processors
+    assert used == ([TemperatureLogitsWarper] if accel_mode == "off" else []), processors
     raw = roll.sampling_logits
     score_with_models(roll, ActorCritic(policy), reference, 0.7, contextlib.nullcontext)
     with torch.no_grad():

@@ -379,7 +379,7 @@ def test_reward_stage_end_to_end(tmp_path, tiny_reward_data, matmul_attention_ba
     from rlhf.stages import reward as stage
 
     run_dir = stage.run(tiny_recipe(tmp_path, tiny_reward_data))
-    # its training steps differentiate attention through matmuls (roles/training_forwards.py)
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training)
     assert len(matmul_attention_backwards) > 0
     assert run_dir == tmp_path / "run" / "reward"
     for name in ("recipe.yaml", "run.json", "metrics.jsonl", "eval.json", "COMPLETED", "tb"):

@@ -94,7 +94,7 @@ def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path, matmul_atten
         ],
     )
     run_dir = sft.run(recipe)
-    # its training steps differentiate attention through matmuls (roles/training_forwards.py)
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training)
     assert len(matmul_attention_backwards) > 0
     for name in (
         "recipe.yaml",

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from rlhf.accel.attention import matmul_attention_backward
 from rlhf.roles import actor_critic
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, shares_context
-from rlhf.roles.attention import matmul_attention_backward
 from rlhf.roles.shared_prefix import distinct_rows
 from rlhf.tokens.chat import positions_from_mask
 

@@ -1,5 +1,5 @@
 """One place that builds the Accelerator, picks the precision, seeds every RNG and sets up
-the process (malloc keeps freed memory: allocator.py).
+the process (the `accel` switch: rlhf/accel/).
 
 CPU multi-process needs `Accelerator(cpu=True)` (or ACCELERATE_USE_CPU): with a plain
 `Accelerator()`, `accelerate launch --multi_gpu` on a CPU host starts N ranks that silently
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.infra import allocator, distributed
+from rlhf import accel
+from rlhf.infra import distributed
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
 # dot-product instructions: under them oneDNN converts bf16 to fp32 like a CPU without them.
@@ -84,9 +85,7 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    # Every stage (and bench worker) starts here: from now on, memory a step frees is kept for
-    # the next step instead of being unmapped and faulted in again (allocator.py).
-    allocator.keep_freed_memory()
+    accel.use(recipe.accel)  # every stage (and bench worker) starts here: the process's switch
     on_cpu = not torch.cuda.is_available()
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":

@@ -62,7 +62,7 @@ def without_fp32_outputs(accelerator: Any, model: torch.nn.Module) -> torch.nn.M
     With bf16 / fp16, accelerator.prepare wraps the model's forward in autocast and copies
     every low-precision output to fp32. For a stage that opens accelerator.autocast() around
     each forward itself and reads its logits block by block in fp32
-    (tokens.sequences.TokenLogprobs), that copy is a (B, R, V) fp32 tensor kept for backward
+    (tokens.sequences.logprobs_from_logits), that copy is a (B, R, V) fp32 tensor kept for backward
     (52 MB per micro-batch of the PPO bench) and another for its gradient. Values and
     gradients are the same: bf16 -> fp32 is exact, and the gradient is rounded to bf16 once
     either way. The wrapped module (DDP) calls the same, restored forward."""

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from rlhf.infra import distributed, prepacked
-from rlhf.ppo import decode
+from rlhf import accel
+from rlhf.accel import apply, decode
+from rlhf.infra import distributed
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
-from rlhf.roles.fused_projections import fused_projections
 from rlhf.roles.reward_model import RewardScorer, collate_rankings, scorer_inputs
 from rlhf.tokens.chat import encode_prompt_response, pad_batch
 from rlhf.tokens.decoding import Decoding, eos_ids, own_generation_config
@@ -86,15 +86,9 @@ def sample_rollout(
     likewise takes the rollout log-probs from generation).
     """
     stops = eos_ids(policy, tokenizer)
-    lean = models.lean_lora_forward(policy) if hasattr(policy, "peft_config") else nullcontext()
-    # Sharded weights are gathered layer by layer: nothing to pack once for the whole call.
-    rows = prompt_ids.shape[0]
-    sharded = distributed.synced_gpus()
-    packed = nullcontext() if sharded else prepacked.prepacked_linears(policy, rows=rows)
-    # Inside both: q, k, v (and gate, up) with their LoRA matrices as two packed matmuls.
-    fused = nullcontext() if sharded else fused_projections(policy, rows=rows)
-    with lean, packed, fused:
-        if lean_decode_applies(policy, cfg):
+    rows, sharded = prompt_ids.shape[0], distributed.synced_gpus()
+    with apply.sampling(policy, rows, sharded):
+        if lean_decode_applies(policy, cfg, prompt_ids.device):
             out = decode.sample(
                 policy,
                 prompt_ids,
@@ -127,13 +121,13 @@ def sample_rollout(
     return roll
 
 
-def lean_decode_applies(policy: torch.nn.Module, cfg: Any) -> bool:
-    """`ppo.decode: lean` samples with rlhf.ppo.decode unless something needs generate: stop
-    strings, synced_gpus (ZeRO-3 / FSDP ranks step together), or a model that is not a
-    decoder-only transformers LM."""
+def lean_decode_applies(policy: torch.nn.Module, cfg: Any, device: torch.device) -> bool:
+    """Where the fast paths apply, sample with rlhf.accel.decode unless something needs
+    generate: stop strings, synced_gpus (ZeRO-3 / FSDP ranks step together), or a model that
+    is not a decoder-only transformers LM."""
     config = getattr(policy, "config", None)
     return (
-        getattr(cfg, "decode", "lean") == "lean"
+        accel.applies(device)
         and not cfg.stop_strings
         and not distributed.synced_gpus()
         and config is not None

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlhf.accel import apply
 from rlhf.algo.ppo import (
     aggregate_loss,
     aggregation_count,
@@ -26,7 +27,6 @@ from rlhf.algo.ppo import (
 )
 from rlhf.infra.training import NonFiniteGuard, averaging_undone, step_if_finite
 from rlhf.ppo.rollout import Rollout
-from rlhf.roles.training_forwards import lean_training_forwards
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
 
 
@@ -53,7 +53,7 @@ def ppo_update(
     micro = cfg.mini_batch_size // cfg.grad_accum
     model.train()
     epochs_run = minibatches_run = 0
-    with lean_training_forwards(model):
+    with apply.training(model):
         for _ in range(cfg.ppo_epochs):
             epochs_run += 1
             order = torch.randperm(batch, generator=generator)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from rlhf.algo.sft import IGNORE_INDEX, n_targets, nll_per_target, nll_sum
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 
 
 def labelled_nll_sum(model: torch.nn.Module, batch: dict, **forward: Any) -> torch.Tensor:
@@ -46,10 +45,9 @@ def _labelled_logits(
 
     hook = output_embeddings(model).register_forward_pre_hook(keep_predicting_rows)
     try:
-        with mlps_on_real_tokens(model, batch["attention_mask"]):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
-            ).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **forward
+        ).logits
     finally:
         hook.remove()
     targets = labels[:, 1:][predicts[:, :-1]]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from rlhf.roles.models import cache_keyword, padded_forward
-from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
 
@@ -62,13 +61,11 @@ def prefix_shared_hidden(
     cache = getattr(out, name)
     cache.batch_select_indices(row_prefix)
     full_mask = torch.cat([prefix_mask[row_prefix], attention_mask], dim=1)
-    # the continuations' MLPs see (R, T) rows: their own mask says which are real
-    with mlps_on_real_tokens(backbone, attention_mask):
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=full_mask,
-            position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
-            use_cache=True,
-            **{name: cache},
-        ).last_hidden_state
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=full_mask,
+        position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
+        use_cache=True,
+        **{name: cache},
+    ).last_hidden_state
     return out.last_hidden_state, hidden

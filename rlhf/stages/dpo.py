@@ -32,6 +32,7 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from rlhf import data
+from rlhf.accel import apply
 from rlhf.infra import checkpoint, distributed, training
 from rlhf.infra.errors import UserError
 from rlhf.infra.rundir import RunDir, require_completed
@@ -42,7 +43,6 @@ from rlhf.ppo import policy_eval
 from rlhf.roles import model_folder, models, reward_sources
 from rlhf.roles import preference as pref
 from rlhf.roles.actor_critic import ActorCritic
-from rlhf.roles.training_forwards import lean_training_forwards
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ def train(
     """The Trainer's loop; a signal ends it with a checkpoint and Interrupted."""
     stop.install()
     try:
-        with lean_training_forwards(trainer.model):  # attention's backward in matmuls on a CPU
+        with apply.training(trainer.model):  # attention's backward in matmuls on a CPU
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     finally:
         stop.restore()

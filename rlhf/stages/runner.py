@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rlhf.accel import apply
 from rlhf.infra import checkpoint, distributed, training
 from rlhf.infra.progress import Progress
 from rlhf.infra.rundir import RunDir, write_json_atomic
@@ -37,7 +38,6 @@ from rlhf.infra.runtime import make_accelerator, run_info
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
 from rlhf.roles import model_folder
-from rlhf.roles.training_forwards import lean_training_forwards
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class SupervisedStep:
         group = self.windows.next()
         step_weight = accelerator.reduce(sum(self.objective.weight(b) for b in group), "sum")
         stats, grad_norm, guard = None, None, self.run.guard
-        with lean_training_forwards(self.model):  # attention's backward in matmuls on a CPU
+        with apply.training(self.model):  # attention's backward in matmuls on a CPU
             for batch in training.accumulation_window(accelerator, group):
                 with accelerator.accumulate(self.model), accelerator.autocast():
                     loss_sum, batch_stats = self.objective.loss_and_stats(batch)

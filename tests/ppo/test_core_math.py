@@ -519,8 +519,8 @@ def test_token_logprobs_and_their_gradient_by_hand():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logprobs_match_the_composed_log_softmax(dtype):
-    """Blocks of rows (15 rows: one full block and a part) give what log_softmax + gather
-    gives, value and gradient, in the logits' dtype."""
+    """log pi(token) gives what log_softmax + gather gives, value and gradient, in the
+    logits' dtype."""
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(3, 5, 1000, generator=gen)).to(dtype).requires_grad_()
     tokens = torch.randint(0, 1000, (3, 5), generator=gen)

@@ -48,7 +48,7 @@ def test_generate_masks_and_pads_after_eos(tiny_model_dir):
     assert roll.attention_mask[:, 5:].tolist() == roll.mask.long().tolist()
 
 
-def test_lora_reference_is_the_base_model_exactly(tiny_model_dir):
+def test_lora_reference_is_the_base_model_exactly(tiny_model_dir, accel_mode):
     base = models.load_causal_lm(tiny_model_dir).eval()
     policy = models.apply_lora(models.load_causal_lm(tiny_model_dir), LoraConfig(enabled=True, r=4))
     # Move the adapter away from its zero init so the policy differs from the base.

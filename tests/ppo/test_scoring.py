@@ -5,6 +5,7 @@ import contextlib
 
 import torch
 
+from rlhf.accel.lean_lora import lean_lora_forward
 from rlhf.ppo.rollout import sample_rollout, score_with_models
 from rlhf.recipe import LoraConfig, PPOConfig
 from rlhf.roles import models
@@ -60,7 +61,7 @@ def test_causal_lm_logits_slices_models_without_logits_to_keep(tiny_model_dir):
         torch.testing.assert_close(causal_lm_logits(model, ids, mask, keep=3), expected)
 
 
-def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir):
+def test_scores_from_generation_match_a_fresh_forward(tiny_model_dir, accel_mode):
     """Log-probs, entropy and values read off generation equal (to float tolerance) those of
     a full forward over the sampled sequences; the reference is scored the same either way."""
     tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
@@ -128,7 +129,7 @@ def test_lean_lora_forward_under_bf16_autocast_samples_and_trains_as_peft_does(
     for lean in (False, True):
         peft_calls[0] = 0
         torch.manual_seed(0)
-        ctx = models.lean_lora_forward(policy) if lean else contextlib.nullcontext()
+        ctx = lean_lora_forward(policy) if lean else contextlib.nullcontext()
         kept = {}  # storages of the bf16 (tokens, hidden) tensors kept for backward
         hidden = policy.config.hidden_size
 
@@ -151,7 +152,7 @@ def test_lean_lora_forward_under_bf16_autocast_samples_and_trains_as_peft_does(
     )
     assert peft_n > 0 and lean_n == 0  # every LoRA layer took the lean path
     # Per layer, q, k, v's LoRA A keep one bf16 copy of their fp32 input instead of three, gate
-    # and up one instead of two (models._LastInputCast), and o_proj's bf16 input is not copied
+    # and up one instead of two (lean_lora._LastInputCast), and o_proj's bf16 input is not copied
     # by peft's round trip through fp32: 4 fewer.
     assert peft_kept - lean_kept == 4 * policy.config.num_hidden_layers
     assert torch.equal(peft_out.sequences, lean_out.sequences)
@@ -168,7 +169,7 @@ def test_lean_lora_forward_generates_exactly_what_peft_does(random_lora):
     runs = []
     for lean in (False, True):
         torch.manual_seed(0)
-        with models.lean_lora_forward(policy) if lean else contextlib.nullcontext():
+        with lean_lora_forward(policy) if lean else contextlib.nullcontext():
             patched = sum("forward" in vars(m) for m in policy.modules())
             runs.append((policy.generate(input_ids=ids, attention_mask=mask, **kwargs), patched))
     (peft_out, none_patched), (lean_out, n_patched) = runs
@@ -176,7 +177,7 @@ def test_lean_lora_forward_generates_exactly_what_peft_does(random_lora):
     assert torch.equal(peft_out.sequences, lean_out.sequences)
     assert all(torch.equal(a, b) for a, b in zip(peft_out.logits, lean_out.logits))
     assert sum("forward" in vars(m) for m in policy.modules()) == 0  # peft's forward is back
-    with models.lean_lora_forward(policy), policy.disable_adapter(), torch.no_grad():
+    with lean_lora_forward(policy), policy.disable_adapter(), torch.no_grad():
         off = policy(input_ids=ids, attention_mask=mask).logits  # falls back to peft: base only
     with policy.disable_adapter(), torch.no_grad():
         assert torch.equal(off, policy(input_ids=ids, attention_mask=mask).logits)

@@ -1,4 +1,5 @@
-"""While a model samples on a CPU in bf16: the projections that read the same input, fused.
+"""While a model samples on a CPU in bf16: the projections that read the same input, fused,
+their weights packed once for oneDNN (torch.ops.mkldnn) for the whole call.
 
 A decode step multiplies one token per row, so each matmul costs about as much in per-call
 overhead as in reading its weight. With LoRA on every linear, a SmolLM2 layer makes 21 calls
@@ -14,7 +15,7 @@ per-module LoRA bookkeeping. On the bench VM (2-core EPYC, AVX-512 bf16) that is
 what LoRA added to a decode step (bench/RESULTS.md).
 
 Bit for bit the numbers of the modules it replaces (peft's LoRA forward as
-models.lean_lora_forward runs it, on prepacked weights): each output column of a oneDNN matmul
+lean_lora.lean_lora_forward runs it, on weights packed for oneDNN): each output column of a oneDNN matmul
 is the same dot product whatever other columns share the call, a block-diagonal B adds exact
 zeros, and the scale and the sum are elementwise (tests/test_fused_projections.py compares
 the sampled tokens, logits and LM-head inputs with the unfused path's).
@@ -35,19 +36,49 @@ from typing import Any
 
 import torch
 
-from rlhf.infra.forwards import instance_forwards
-from rlhf.infra.prepacked import (
-    bf16_autocast_on_cpu,
-    pack_weight,
-    packable,
-    packed_linear,
-    packing_applies,
-)
-from rlhf.roles.models import plain_lora_adapter
+from rlhf.accel.forwards import instance_forwards
+from rlhf.accel.lean_lora import plain_lora_adapter
+from rlhf.infra.runtime import cpu_supports_fast_bf16
 
 # Sibling projections that read the same input in the transformers decoder layers we run
 # (Llama, Qwen2, Mistral, Gemma); a layer that reads them from different inputs falls back.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+
+
+def bf16_autocast_on_cpu() -> bool:
+    """What F.linear on a CPU casts to is bf16 (cheap: for checks on every call)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def packing_applies() -> bool:
+    """Packed bf16 weights compute what autocast's F.linear would: under bf16 autocast on a
+    CPU with native bf16 (runtime.cpu_supports_fast_bf16, which reads the environment: check
+    once per block, not per call)."""
+    return bf16_autocast_on_cpu() and cpu_supports_fast_bf16()
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (out, in) weight cast to bf16 (as autocast casts it) and reordered for oneDNN."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear under bf16 autocast, on a weight from pack_weight and a bf16 bias (or None):
+    all three operands in bf16, as autocast casts them."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+
+
+def packable(module: torch.nn.Module) -> bool:
+    """An nn.Linear whose weight can be packed once: a plain 2-D tensor on the CPU."""
+    if not isinstance(module, torch.nn.Linear):
+        return False
+    weight = module.weight
+    return (
+        type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a DTensor / ZeRO-3 shard
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.numel() > 0
+    )
 
 
 @dataclass
@@ -174,10 +205,10 @@ def _groups(model: torch.nn.Module, rows: int) -> list[_Group]:
 @contextmanager
 def fused_projections(model: torch.nn.Module, rows: int) -> Iterator[int]:
     """While open, the sibling projections of `model` (GROUPS) run as fused packed matmuls;
-    yields how many groups. Open it inside the autocast, no_grad, lean-LoRA and prepacked
-    blocks that sample (rollout.sample_rollout); where packing does not apply (fp32, a CPU
-    without native bf16, CUDA) it changes nothing. A lone projection without LoRA is left to
-    prepacked_linears (nothing to fuse)."""
+    yields how many groups. Open it inside the autocast, no_grad and lean-LoRA blocks that
+    sample (rollout.sample_rollout); where packing does not apply (fp32, a CPU
+    without native bf16, CUDA) it changes nothing. A lone projection without LoRA is left as it is
+    (nothing to fuse)."""
     if not packing_applies():
         yield 0
         return

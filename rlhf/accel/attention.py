@@ -70,8 +70,14 @@ class SdpaMatmulBackward(torch.autograd.Function):
         # softmax (two passes over the scores instead of four)
         d_s = torch._softmax_backward_data(d_p, p, -1, acc).mul_(s).to(q.dtype)
         d_k = torch.matmul(d_s.transpose(-1, -2), q)
-        return (torch.matmul(d_s, k), _sum_over_groups(d_k, groups),
-                _sum_over_groups(d_v, groups), None, None, None)  # fmt: skip
+        return (
+            torch.matmul(d_s, k),
+            _sum_over_groups(d_k, groups),
+            _sum_over_groups(d_v, groups),
+            None,
+            None,
+            None,
+        )
 
 
 def _per_query_head(kv: torch.Tensor, groups: int) -> torch.Tensor:
@@ -109,19 +115,38 @@ def _applies(query, key, attention_mask, dropout, kwargs) -> bool:
 def _attention(sdpa: Any):
     """transformers' attention-function signature, around its sdpa function `sdpa`."""
 
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                  is_causal=None, **kwargs):  # fmt: skip
+    def attention(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0,
+        scaling=None,
+        is_causal=None,
+        **kwargs,
+    ):
         if not _applies(query, key, attention_mask, dropout, kwargs):
-            return sdpa(module, query, key, value, attention_mask, dropout=dropout,
-                        scaling=scaling, is_causal=is_causal, **kwargs)  # fmt: skip
+            return sdpa(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
         # Under autocast, sdpa casts its inputs to the autocast dtype (from fp32 after the
         # rotary embedding): cast them here, so what is kept for backward is what sdpa
         # computes with, in half the bytes; the casts' backward gives fp32 gradients back.
         device = query.device.type
         if torch.is_autocast_enabled(device):
             low = torch.get_autocast_dtype(device)
-            query, key, value = (t.to(low) if t.is_floating_point() else t
-                                 for t in (query, key, value))  # fmt: skip
+            query, key, value = (
+                t.to(low) if t.is_floating_point() else t for t in (query, key, value)
+            )
         groups = getattr(module, "num_key_value_groups", 1)  # repeated inside, not kept
         out = SdpaMatmulBackward.apply(query, key, value, attention_mask, scaling, groups)
         return out.transpose(1, 2).contiguous(), None

@@ -1,6 +1,6 @@
 """Modules running another forward while a context is open (an instance attribute over the
-class's forward), restored on exit: how the lean LoRA forward, prepacked linears and the
-gated-MLP recompute swap in their own forwards without subclassing transformers' or peft's
+class's forward), restored on exit: how the lean LoRA forward and the fused projections
+swap in their own forwards without subclassing transformers' or peft's
 modules."""
 
 from __future__ import annotations

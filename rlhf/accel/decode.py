@@ -1,23 +1,13 @@
 """A lean sampling loop for causal LMs: prefill, then one token per step on a KV cache, rows
 that have finished dropped from the batch.
 
-What `model.generate(do_sample=True, temperature=T)` does, minus its per-token machinery
+What `model.generate(do_sample=True, temperature=T)` computes, minus its per-token machinery
 (logits processors, stopping-criteria objects, input preparation) and minus the rows that
 are done: generate keeps decoding every row until the last one stops, so in a batch where
 most answers end after 20 tokens and one runs to 48, most of the late steps decode padding.
-
-"Exact" means: tokens drawn the way transformers' `_sample` draws them, from the same random
-numbers. Its step is `probs = softmax(logits / T); torch.multinomial(probs, 1)` over the whole
-batch on the global RNG, and torch's one-sample multinomial is `argmax(probs / q)` with
-`q = empty_like(probs).exponential_(1)` (the exponential form of the Gumbel-max trick,
-aten/src/ATen/native/Distributions.cpp). So each step draws `q` for the FULL batch shape
-(B, V), as generate does (on a CPU through infra/exponential_noise.py, the same values drawn
-faster), and the rows still decoding take their own rows of it: the stream,
-and each row's noise, are generate's whatever rows were dropped, and the generator ends where
-generate leaves it. The tokens are generate's wherever each row's logits do not depend on
-which other rows share its batch (tests/test_decode.py checks fp32 and bf16 autocast). The
-kept logits are the ones each token was sampled from, so PPO's log-probs describe the
-sampling exactly either way.
+Each step draws from softmax(logits / T) exactly (torch.multinomial on torch's global RNG,
+so a seed gives the same tokens); the kept logits are the ones each token was drawn from, so
+PPO's log-probs describe the sampling exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ from typing import Any
 
 import torch
 
-from rlhf.infra.exponential_noise import exponential_noise
 from rlhf.roles.actor_critic import accepts_logits_to_keep, lm_head_inputs
 from rlhf.roles.models import cache_keyword
 from rlhf.roles.shared_prefix import distinct_rows
@@ -65,7 +54,7 @@ def sample(
     """Sample up to `max_new_tokens` per row from softmax(logits / temperature).
 
     prompt_ids / prompt_mask: (B, P), left padded. A row stops after its first token in
-    `eos_ids`; the call stops when every row has. Noise from torch's global RNG, as generate.
+    `eos_ids`; the call stops when every row has. Draws from torch's global RNG.
     compact: drop finished rows from the batch and the cache as they pile up. keep: also
     return the logits and LM-head inputs (zeros where a row had finished).
     """
@@ -86,16 +75,14 @@ def sample(
     sampled = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)  # per row of the batch
     steps = 0
-    # A prompt sampled k times (GRPO, RLOO) is prefilled once: see _forward. Not a batch of
-    # one distinct row: one row alone can round differently (see _rows_to_keep).
+    # A prompt sampled k times (GRPO, RLOO) is prefilled once: see _forward.
     shared = distinct_rows(prompt_ids, prompt_mask)
-    shared = shared if shared is not None and len(shared[0]) > 1 else None
     with lm_head_inputs(model) if keep else nullcontext() as seen:
         for t in range(max_new_tokens):
             spread = shared if t == 0 else None
             last, rows_out = _forward(model, kv, step_ids, attn, step_pos, extra, spread)
             logits = last.float()  # generate's `.to(copy=True, dtype=float32)`
-            nxt = torch.where(unfinished, _draw(logits / temperature, rows, B), pad_id)
+            nxt = torch.where(unfinished, _draw(logits / temperature), pad_id)
             tokens[rows, t] = nxt
             sampled[rows, t] = unfinished
             if keep:
@@ -113,7 +100,7 @@ def sample(
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
             if compact and rows.shape[0] - n_left >= max(1, COMPACT_FRACTION * rows.shape[0]):
-                here = _rows_to_keep(unfinished, attn)
+                here = unfinished.nonzero().squeeze(1)
                 kv.batch_select_indices(here)
                 rows, unfinished, attn = rows[here], unfinished[here], attn[here]
                 step_ids, step_pos = step_ids[here], step_pos[here]
@@ -151,33 +138,6 @@ def _forward(model, kv, ids, attn, pos, extra, spread=None) -> tuple[torch.Tenso
     return out.logits[row, -1], row
 
 
-def _draw(scaled_logits: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """torch.multinomial(softmax(logits / T) of the full batch, 1), for the rows still here:
-    the noise is drawn for all `batch` rows, as generate draws it."""
-    probs = torch.softmax(scaled_logits, dim=-1)
-    # torch's values, bit for bit; on a CPU in about a third of the time, and past the
-    # generator's draws for the dropped rows without their arithmetic
-    live = None if rows.shape[0] == batch else rows
-    return torch.argmax(
-        probs / exponential_noise((batch, probs.shape[-1]), probs.device, live), dim=-1
-    )
-
-
-def _rows_to_keep(unfinished: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """The rows still decoding, plus one finished row where needed to keep the batch's kernels.
-
-    transformers drops an all-ones attention mask (no padding left in the batch) and runs
-    attention without one, which rounds differently from the masked kernel generate keeps
-    using for the same rows; and a batch of one row gave other logits in the last bits
-    (SmolLM2, bf16) than the same row among others. So a finished left-padded row stays when
-    no decoding row is padded, and a finished row stays when only one decodes."""
-    here = unfinished.nonzero().squeeze(1)
-    done = (~unfinished).nonzero().squeeze(1)
-    padded = ~attn.bool().all(1)
-    if bool(padded.any()) and not bool(padded[here].any()):
-        extra = done[padded[done]]
-    elif here.numel() < 2:
-        extra = done
-    else:
-        return here
-    return torch.cat([here, extra[:1]]).sort().values
+def _draw(scaled_logits: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(scaled_logits)."""
+    return torch.multinomial(torch.softmax(scaled_logits, dim=-1), 1)[:, 0]
