@@ -50,6 +50,7 @@ def switch_off(path: str):
 
 def setup(args):
 
+    from rlhf import accel
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import make_accelerator
@@ -62,6 +63,7 @@ def setup(args):
 
     recipe = load_recipe(args.recipe, ["ppo.normalize_score=false"])
     cfg = recipe.ppo
+    accel.use(recipe.accel)
     accelerator = make_accelerator(recipe)
     path = str(models.prepared_dir(recipe.model.name))
     tokenizer = models.load_tokenizer(path, padding_side="left")

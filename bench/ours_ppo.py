@@ -51,10 +51,12 @@ def main() -> None:
     spec = common.read_json(args.spec)
     t_start = time.perf_counter()
 
+    from rlhf import accel
     from rlhf.infra import training
     from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
 
     recipe = build_recipe(spec)
+    accel.use(recipe.accel)
     accelerator = make_accelerator(recipe)
     ctx, reward_model = build_context(spec, recipe, accelerator)
     timer = PhaseTimer()

@@ -25,6 +25,7 @@ from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 
 def run_ours(spec: dict) -> dict:
     """Our PPO iteration with spec["estimator"] (default rloo; grpo: bench/grpo_workers.py)."""
+    from rlhf import accel
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import make_accelerator
@@ -36,6 +37,7 @@ def run_ours(spec: dict) -> dict:
     k, batch = spec["k"], spec["batch"]
     recipe = rloo_recipe(spec)
     cfg = recipe.ppo
+    accel.use(recipe.accel)
     accelerator = make_accelerator(recipe)
     tokenizer = models.load_tokenizer(spec["model"], padding_side="left")
     policy, reference, score = load_roles(spec, recipe, accelerator)

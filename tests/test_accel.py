@@ -64,15 +64,15 @@ def test_auto_applies_on_a_cpu_only():
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
-def test_make_accelerator_sets_the_switch_from_the_recipe(mode):
+def test_a_stage_run_sets_the_switch_from_the_recipe(mode, tmp_path):
     from accelerate.state import AcceleratorState
 
-    from rlhf.infra.runtime import make_accelerator
     from rlhf.recipe import Recipe
+    from rlhf.stages.runner import StageRun
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    with accel.using("auto"):  # restored after the test
-        make_accelerator(Recipe(accel=mode, precision="fp32"))
+    with accel.using("auto" if mode == "off" else "off"):  # restored after the test
+        StageRun(Recipe(accel=mode, precision="fp32", output_dir=str(tmp_path)), "sft")
         assert accel.mode() == mode
     AcceleratorState._reset_state(reset_partial_state=True)
 

@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS_TO_SPLIT = {
     "rlhf/stages/ppo.py run",
     "rlhf/ppo/update.py ppo_update",
-    "rlhf/ppo/decode.py sample",
+    "rlhf/accel/decode.py sample",
     "rlhf/ppo/policy_eval.py evaluate_policy",
     "rlhf/tools/compare.py compare",
     "rlhf/tools/compare.py compare_cli",
@@ -28,8 +28,6 @@ LONG_FUNCTIONS_TO_SPLIT = {
 FORMATTER_MARKERS_TO_REMOVE = {
     "rlhf/stages/ppo.py",
     "rlhf/ppo/policy_eval.py",
-    "rlhf/roles/attention.py",
-    "rlhf/roles/gated_mlp.py",
     "rlhf/tools/compare.py",
     "rlhf/tools/curves.py",
     "rlhf/tools/evaluate.py",

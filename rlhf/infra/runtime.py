@@ -1,5 +1,5 @@
 """One place that builds the Accelerator, picks the precision, seeds every RNG and sets up
-the process (the `accel` switch: rlhf/accel/).
+the process.
 
 CPU multi-process needs `Accelerator(cpu=True)` (or ACCELERATE_USE_CPU): with a plain
 `Accelerator()`, `accelerate launch --multi_gpu` on a CPU host starts N ranks that silently
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf import accel
 from rlhf.infra import distributed
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
@@ -85,7 +84,6 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
-    accel.use(recipe.accel)  # every stage (and bench worker) starts here: the process's switch
     on_cpu = not torch.cuda.is_available()
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rlhf import accel
 from rlhf.accel import apply
 from rlhf.infra import checkpoint, distributed, training
 from rlhf.infra.progress import Progress
@@ -62,6 +63,7 @@ class StageRun:
 
     def __init__(self, recipe: Any, stage: str, grad_accum: int = 1, folder: str | None = None):
         self.recipe, self.stage = recipe, stage
+        accel.use(recipe.accel)  # the process's fast-path switch, before any model is built
         self.accelerator = make_accelerator(recipe, gradient_accumulation_steps=grad_accum)
         folder = folder or stage
         main = self.accelerator.is_main_process
