@@ -23,44 +23,6 @@ PROMPTS = [
 ]
 
 
-# ------------------------------------------------------------------------------ statistics
-
-
-@pytest.mark.parametrize(
-    "successes, n, low, high",
-    [
-        (8, 10, 0.4902, 0.9433),  # textbook Wilson 95% values
-        (5, 10, 0.2366, 0.7634),
-        (0, 10, 0.0, 0.2775),  # all losses: still an interval, unlike the normal approx.
-        (10, 10, 0.7225, 1.0),
-        (1, 1, 0.2065, 1.0),
-    ],
-)
-def test_wilson_interval_known_values(successes, n, low, high):
-    got = stats.wilson_interval(successes, n)
-    assert got == pytest.approx((low, high), abs=1e-4)
-
-
-def test_wilson_interval_rejects_impossible_counts():
-    with pytest.raises(ValueError):
-        stats.wilson_interval(1, 0)
-    with pytest.raises(ValueError):
-        stats.wilson_interval(3, 2)
-
-
-def test_win_rate_counts_ties_half():
-    got = stats.win_rate([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 5.0])
-    assert (got["wins_b"], got["ties"], got["wins_a"]) == (2, 1, 1)
-    assert got["win_rate_b_over_a"] == 2.5 / 4
-    assert got["win_rate_ci95"] == pytest.approx(list(stats.wilson_interval(2.5, 4)))
-    all_ties = stats.win_rate([0.3] * 6, [0.3] * 6)
-    assert all_ties["win_rate_b_over_a"] == 0.5 and all_ties["ties"] == 6
-    lo, hi = all_ties["win_rate_ci95"]
-    assert lo < 0.5 < hi and 0.5 - lo == pytest.approx(hi - 0.5)
-    with pytest.raises(ValueError):
-        stats.win_rate([1.0], [1.0, 2.0])
-
-
 # -------------------------------------------------------------------------- tiny models
 
 
@@ -164,7 +126,7 @@ def test_cli_two_policies_json_with_every_field(
     rc, out, err = run_cli(argv)
     assert rc == 0, err
     got = json.loads(out)
-    assert got["n_prompts"] == 3 and got["win_rate_ci_method"] == "wilson"
+    assert got["n_prompts"] == 3 and got["win_rate_ci_method"] == stats.CI_METHOD
     assert got["decoding"]["do_sample"] and got["decoding"]["temperature"] == 0.8
     assert got["kl_temperature"] == 0.8  # KL at the sampling temperature, as in PPO
     for name in ("a", "b"):

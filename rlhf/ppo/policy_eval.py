@@ -6,7 +6,7 @@ section's settings (temperature, max_new_tokens, eval_size) and the same seeds; 
 training score where there is one (PPO's reward sources), by every judge (another reward
 model, or a function), by answer_match on rows that carry an `answer`; plus KL to the
 reference, length, EOS, truncation and distinct-2. Win rates count ties half and come with a
-95% Wilson interval (rlhf/algo/stats.py). `label` names the tuned policy in the keys ("ppo",
+95% interval clustered by prompt (rlhf/algo/stats.py). `label` names the tuned policy in the keys ("ppo",
 "dpo"): `<label>_score_mean`, judges' `<label>_mean`, answer_accuracy's `<label>`.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rlhf.algo.stats import distinct_n, wilson_interval, win_rate
+from rlhf.algo.stats import CI_METHOD, clustered_rate, clustered_win_rate, distinct_n
 from rlhf.infra import distributed
 from rlhf.infra.errors import UserError
 from rlhf.infra.rundir import require_completed
@@ -189,14 +189,15 @@ def evaluate_policy(
 
         local = {w: gathered.scores(training_score, w) for w in (label, "sft")}
         score = {w: gathered(local[w]) for w in (label, "sft")}
-        versus = judge_summary(score["sft"], score[label], label=label) if n else {}
+        versus = judge_summary(score["sft"], score[label], spp, label=label) if n else {}
         result.update(
             {
                 f"{label}_score_mean": mean(score[label]),
                 "sft_score_mean": mean(score["sft"]),
                 "win_rate": versus.get("win_rate", float("nan")),
                 "win_rate_ci95": versus.get("win_rate_ci95", [float("nan")] * 2),
-                "win_rate_ci_method": "wilson",
+                "win_rate_ci_method": CI_METHOD,
+                **{k: versus.get(k, 0) for k in ("wins", "ties", "losses")},
             }
         )
     result.update(fluency(cat, label, cfg))
@@ -303,7 +304,8 @@ def judge_all(
                 return torch.tensor(got)
 
         judged = {w: gathered(gathered.scores(judge_score, w)) for w in ("sft", label)}
-        judges[name] = judge_summary(judged["sft"], judged[label], entry.positive_above, label)
+        spp = recipe.eval.samples_per_prompt
+        judges[name] = judge_summary(judged["sft"], judged[label], spp, entry.positive_above, label)
     return judges
 
 
@@ -338,23 +340,30 @@ def first_samples(sampled: Sampled, local: dict[str, torch.Tensor], label: str) 
 
 
 def judge_summary(
-    sft: list[float], tuned: list[float], positive_above: float | None = None, label: str = "ppo"
+    sft: list[float],
+    tuned: list[float],
+    samples_per_prompt: int,
+    positive_above: float | None = None,
+    label: str = "ppo",
 ) -> dict[str, Any]:
-    """Means, the tuned-over-SFT win rate (ties half) with its Wilson interval, and optionally
-    the rate of responses scoring above a threshold (with Wilson intervals)."""
-    wins = win_rate(sft, tuned)
+    """Means, the tuned-over-SFT win rate (ties half, counted) with its interval clustered by
+    prompt, and optionally the rate of responses scoring above a threshold (likewise). The
+    scores are in pool order: each prompt's samples_per_prompt samples in a row."""
+    prompts = [i // samples_per_prompt for i in range(len(tuned))]
+    wins = clustered_win_rate(sft, tuned, prompts)
     out: dict[str, Any] = {
         "sft_mean": mean(sft),
         f"{label}_mean": mean(tuned),
-        "win_rate": wins["win_rate_b_over_a"],
-        "win_rate_ci95": wins["win_rate_ci95"],
+        "win_rate": wins["rate"],
+        "win_rate_ci95": [wins["low"], wins["high"]],
+        **{k: wins[k] for k in ("wins", "ties", "losses", "n_prompts")},
         "n": len(tuned),
     }
     if positive_above is not None:
         for which, values in (("sft", sft), (label, tuned)):
-            hits = sum(1 for v in values if v > positive_above)
-            out[f"{which}_positive_rate"] = hits / len(values)
-            out[f"{which}_positive_rate_ci95"] = list(wilson_interval(hits, len(values)))
+            hits = clustered_rate([float(v > positive_above) for v in values], prompts)
+            out[f"{which}_positive_rate"] = hits["rate"]
+            out[f"{which}_positive_rate_ci95"] = [hits["low"], hits["high"]]
         out["positive_above"] = positive_above
     return out
 

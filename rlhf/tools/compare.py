@@ -5,7 +5,7 @@
 
 Both policies answer every prompt with the same decoding settings and the same seed. Per
 reward model: mean raw (and calibrated) score of A and B, and the win rate of B over A (ties
-count half) with a 95% Wilson score interval. Per policy: mean response length in tokens (the
+count half) with a 95% interval clustered by prompt (rlhf/algo/stats.py). Per policy: mean response length in tokens (the
 closing EOS included), EOS rate and, with --reference, the mean summed per-token KL to the
 reference. Scoring, calibration and KL reuse the PPO stage's own functions (rlhf.ppo.rollout,
 rlhf.roles.reward_sources, rlhf.tokens.sequences), so the numbers mean what `ppo_score_mean`, `win_rate`
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rlhf.algo.stats import win_rate
+from rlhf.algo.stats import CI_METHOD, clustered_win_rate
 from rlhf.infra.errors import UserError
 from rlhf.ppo.rollout import reward_scores
 from rlhf.roles import models
@@ -36,7 +36,15 @@ from rlhf.tokens.decoding import Decoding, decoding_from_args
 from rlhf.tokens.sequences import logprobs_from_logits, response_slice
 from rlhf.tools.generate import generate_responses, load, pick_device
 
-WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.algo.stats.wilson_interval)
+
+def win_rate(scores_a: list[float], scores_b: list[float], spp: int) -> dict[str, Any]:
+    """B over A, ties half, with its interval clustered by prompt (spp samples in a row)."""
+    got = clustered_win_rate(scores_a, scores_b, [i // spp for i in range(len(scores_a))])
+    return {
+        "win_rate_b_over_a": got["rate"],
+        "win_rate_ci95": [got["low"], got["high"]],
+        **{"wins_b": got["wins"], "ties": got["ties"], "wins_a": got["losses"]},
+    }
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -190,6 +198,7 @@ def compare(
     device: torch.device | None = None,
     judges: list[str] | None = None,
     rows: list[dict] | None = None,
+    samples_per_prompt: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-prompt samples). Loads one model at a time."""
     decoding = decoding or Decoding(max_new_tokens=48, do_sample=True)
@@ -226,12 +235,13 @@ def compare(
         }  # fmt: skip
         function_judges.append({"judge": spec, "score_a_mean": _mean(raw[spec]["a"]),
                                 "score_b_mean": _mean(raw[spec]["b"]),
-                                **win_rate(raw[spec]["a"], raw[spec]["b"])})  # fmt: skip
+                                **win_rate(raw[spec]["a"], raw[spec]["b"], samples_per_prompt)})  # fmt: skip
     judged = []
     for rm_dir, rm_tokenizer in judge_tokenizers.items():
         entry, raw[rm_dir] = judge_with_reward_model(
             rm_dir, rm_tokenizer, prompts, outputs, max_length, batch_size, device
         )
+        entry.update(win_rate(raw[rm_dir]["a"], raw[rm_dir]["b"], samples_per_prompt))
         judged.append(entry)
     summary = {
         "n_prompts": len(prompts),
@@ -248,7 +258,7 @@ def compare(
         "kl_temperature": kl_temperature if reference else None,
         "reward_models": judged,
         "judges": function_judges,
-        "win_rate_ci_method": WIN_RATE_CI_METHOD,
+        "win_rate_ci_method": CI_METHOD,
     }
     return summary, per_prompt_samples(prompts, outputs, raw, reference)
 
@@ -347,8 +357,6 @@ def judge_with_reward_model(
         calibrated = calibrate(scores, calibration).mean().item() if calibration else None
         entry[f"calibrated_score_{name}_mean"] = calibrated
     entry["calibration"] = calibration
-    # Calibration is affine with a positive scale: raw scores give the same wins.
-    entry.update(win_rate(raw["a"], raw["b"]))
     del rm
     _free_gpu_memory(device)
     return entry, raw
@@ -468,6 +476,7 @@ def compare_cli(args: Any) -> dict[str, Any]:
         args.reward_models,
         judges=args.judges,
         rows=prompt_rows,
+        samples_per_prompt=spp,
         reference=args.reference,
         decoding=decoding,
         seed=args.seed,
