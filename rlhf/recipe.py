@@ -330,7 +330,7 @@ class EvalJudgeConfig(Section):
 
 class EvalConfig(Section):
     """The PPO and DPO stages' end-of-run evaluation (held-out prompts, SFT vs the tuned
-    policy; rlhf/ppo/policy_eval.py)."""
+    policy; rlhf/evaluation.py)."""
 
     judges: list[EvalJudgeConfig] = Field(default_factory=list)
     samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")

@@ -83,15 +83,15 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_model_dir, ti
         seed=3,
         batch_size=2,
     )
-    rm = summary["reward_models"][0]
-    assert rm["win_rate_b_over_a"] == 0.5 and rm["ties"] == len(PROMPTS)
-    assert rm["score_a_mean"] == rm["score_b_mean"]
-    a, b = summary["policies"]["a"], summary["policies"]["b"]
-    assert a["kl_to_reference_mean"] == 0.0 and b["kl_to_reference_mean"] == 0.0
+    rm = summary["judges"][tiny_rm_dir]
+    assert rm["win_rate"] == 0.5 and rm["ties"] == len(PROMPTS)
+    assert rm["win_rate_ci95"] == [0.5, 0.5]  # every prompt a tie
+    assert rm["a_mean"] == rm["b_mean"]
+    assert summary["a_kl_mean"] == 0.0 and summary["kl_mean"] == 0.0
     assert [s["a"] for s in samples] == [s["b"] for s in samples]
     # The stored calibration is applied exactly as PPO does: (raw - mean) / std.
     assert rm["calibration"]["mean"] == 0.5
-    assert rm["calibrated_score_a_mean"] == pytest.approx((rm["score_a_mean"] - 0.5) / 2.0)
+    assert rm["a_calibrated_mean"] == pytest.approx((rm["a_mean"] - 0.5) / 2.0)
 
 
 def test_a_function_judge_reads_the_prompt_rows_not_the_generated_ones(tiny_model_dir):
@@ -106,7 +106,7 @@ def test_a_function_judge_reads_the_prompt_rows_not_the_generated_ones(tiny_mode
         rows=[{"tag": "ab"}, {"tag": "abcd"}],
     )
     assert [s["scores"][spec]["a"] for s in samples] == [2.0, 4.0]
-    assert summary["judges"][0]["score_b_mean"] == 3.0
+    assert summary["judges"][spec]["b_mean"] == 3.0
 
 
 def test_cli_two_policies_json_with_every_field(
@@ -127,24 +127,23 @@ def test_cli_two_policies_json_with_every_field(
     assert rc == 0, err
     got = json.loads(out)
     assert got["n_prompts"] == 3 and got["win_rate_ci_method"] == stats.CI_METHOD
-    assert got["decoding"]["do_sample"] and got["decoding"]["temperature"] == 0.8
+    assert got["sampling"]["do_sample"] and got["sampling"]["temperature"] == 0.8
     assert got["kl_temperature"] == 0.8  # KL at the sampling temperature, as in PPO
-    for name in ("a", "b"):
-        policy = got["policies"][name]
-        assert 1 <= policy["response_tokens_mean"] <= 6 and 0 <= policy["eos_rate"] <= 1
-        assert math.isfinite(policy["kl_to_reference_mean"])
-    assert got["policies"]["a"]["kl_to_reference_mean"] == 0.0  # A is the reference
-    assert got["policies"]["b"]["kl_to_reference_mean"] != 0.0
-    calibrated, raw = got["reward_models"]
+    for prefix in ("a_", ""):
+        assert 1 <= got[f"{prefix}response_length_mean"] <= 6
+        assert 0 <= got[f"{prefix}eos_rate"] <= 1
+    assert got["a_kl_mean"] == 0.0  # A is the reference
+    assert math.isfinite(got["kl_mean"]) and got["kl_mean"] != 0.0
+    calibrated, raw = got["judges"][tiny_rm_dir], got["judges"][uncalibrated_rm_dir]
     for rm in (calibrated, raw):
-        assert rm["wins_b"] + rm["ties"] + rm["wins_a"] == 3
+        assert rm["wins"] + rm["ties"] + rm["losses"] == 3 and rm["n_prompts"] == 3
         lo, hi = rm["win_rate_ci95"]
-        assert 0 <= lo <= rm["win_rate_b_over_a"] <= hi <= 1
-        assert math.isfinite(rm["score_a_mean"]) and math.isfinite(rm["score_b_mean"])
+        assert 0 <= lo <= rm["win_rate"] <= hi <= 1
+        assert math.isfinite(rm["a_mean"]) and math.isfinite(rm["b_mean"])
     # Same weights: same raw scores; only the calibrated one reports calibrated means.
-    assert raw["score_b_mean"] == pytest.approx(calibrated["score_b_mean"], abs=1e-6)
-    assert math.isfinite(calibrated["calibrated_score_b_mean"])
-    assert raw["calibration"] is None and raw["calibrated_score_b_mean"] is None
+    assert raw["b_mean"] == pytest.approx(calibrated["b_mean"], abs=1e-6)
+    assert math.isfinite(calibrated["b_calibrated_mean"])
+    assert raw["calibration"] is None and raw["b_calibrated_mean"] is None
     assert got["text_metrics"]["n_references"] == 3
     samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
     assert len(samples) == 3 and samples[0]["reference"] == "Hello there."
@@ -164,7 +163,9 @@ def test_cli_human_readable_greedy_without_reference(tmp_path, tiny_model_dir, t
     argv = ["eval", "compare", tiny_model_dir, tiny_model_dir, "--prompts", data]
     rc, out, err = run_cli([*argv, "--reward-model", tiny_rm_dir, "--greedy", "--limit", "1"])
     assert rc == 0, err
-    assert "1 prompts" in out and "greedy" in out and "win rate of B over A: 0.500" in out
+    assert (
+        "1 prompts x 1 samples" in out and "greedy" in out and "win rate of B over A: 0.500" in out
+    )
     assert "KL to reference" not in out
 
 
@@ -257,8 +258,8 @@ def test_cli_samples_at_the_ppo_policys_temperature(
     )
     assert rc == 0, err
     got = json.loads(out)
-    assert got["decoding"]["temperature"] == 0.6
-    assert got["decoding"]["temperature_from"] == f"ppo.temperature of {run / 'recipe.yaml'}"
+    assert got["sampling"]["temperature"] == 0.6
+    assert got["sampling"]["temperature_from"] == f"ppo.temperature of {run / 'recipe.yaml'}"
     assert f"sampling T=0.6 (ppo.temperature of {run / 'recipe.yaml'})" in compare.format_report(
         got
     )

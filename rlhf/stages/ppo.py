@@ -9,7 +9,7 @@ rlhf/ppo/iteration.py:
                ppo.estimator rloo / grpo / reinforce_pp, k samples per prompt and no critic)
   5. update    PPO epochs over minibatches: clipped policy + clipped value loss
 The loop, resume, checkpoints and the run folder are the stage runner's; here: the roles and
-prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/ppo/policy_eval.py).
+prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/evaluation.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rlhf import data
+from rlhf import data, evaluation
 from rlhf.algo.ppo import AdaptiveKLController, FixedKLController
 from rlhf.infra import distributed, training
 from rlhf.infra.errors import UserError
@@ -31,10 +31,10 @@ from rlhf.infra.runtime import frozen_weight_dtype
 from rlhf.infra.tracking import mean_across_ranks
 from rlhf.ppo.calibration import sft_calibration
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
-from rlhf.ppo.policy_eval import SharedScorers, evaluate_policy, reward_model_scorer
 from rlhf.ppo.prompts import Prompts, PromptSampler, iteration_seed
 from rlhf.ppo.roles import build_roles
 from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.scorers import SharedScorers, reward_model_scorer
 from rlhf.roles import models, reward_sources
 from rlhf.roles.actor_critic import ActorCritic
 from rlhf.stages.runner import Cadence, StageRun
@@ -80,10 +80,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     critic_dir = str(reward_dir / "model") if reward_dir else None
     model, reference = build_roles(cfg, accelerator, partial(load_policy, recipe, sft_dir),
                                    critic_dir, recipe.model.attn_implementation)  # fmt: skip
-    # One copy of each reward model for training and evaluation (its judges included).
-    load_scorer = SharedScorers(
-        partial(reward_model_scorer, recipe=recipe, accelerator=accelerator)
-    )
+    load_scorer = shared_scorers(recipe, accelerator)
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
     optimizer = training.make_optimizer(model, cfg.optim)
@@ -122,10 +119,12 @@ def run(recipe: Any, resume: bool = False) -> Path:
                shown={"score": "objective/score", "kl": "objective/kl"}, unit="iteration")  # fmt: skip
 
     # --- evaluate and save
+    scoring = eval_scoring(recipe, sources, load_scorer)
     with distributed.gathered_for_generation(accelerator, model):
-        results = evaluate_policy(unwrapped, reference, sources, tokenizer,
-                                  eval_items or train_items, recipe, accelerator, load_scorer,
-                                  calibration)  # fmt: skip
+        results = evaluation.evaluate_stage(unwrapped, reference, tokenizer,
+                                            eval_items or train_items, recipe, accelerator,
+                                            scoring, "ppo", log.info)  # fmt: skip
+    results.update({"calibration": calibration} if calibration else {})
     results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
     card = ("PPO policy", f"PPO for {cfg.iterations} iterations against "
             f"{', '.join(info['reward_sources'])}, KL penalty to `{policy_name}`. Held-out mean "
@@ -137,6 +136,31 @@ def run(recipe: Any, resume: bool = False) -> Path:
              results["ppo_score_mean"], results["sft_score_mean"], results["win_rate"],
              results["kl_mean"])  # fmt: skip
     return path
+
+
+def shared_scorers(recipe: Any, accelerator: Any) -> SharedScorers:
+    """One copy of each reward model for training and evaluation (its judges included)."""
+    return SharedScorers(
+        partial(
+            reward_model_scorer,
+            accelerator=accelerator,
+            max_length=recipe.reward.max_length,
+            attn_implementation=recipe.model.attn_implementation,
+        )
+    )
+
+
+def eval_scoring(recipe: Any, sources: Any, load_scorer: Any) -> evaluation.Scoring:
+    """What judges the evaluation: the training score (with its missing-EOS penalty), the
+    eval judges and the rubric's behaviour rates."""
+    return evaluation.Scoring(
+        recipe.eval.judges,
+        load_scorer,
+        recipe.output_dir,
+        lambda m, t, rows, f: sources(m, t, rows, training=False, finished=f)[0],
+        recipe.ppo.missing_eos_penalty,
+        evaluation.rubric_classify(),
+    )
 
 
 def iteration_step(
