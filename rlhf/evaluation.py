@@ -19,6 +19,7 @@ name, the first side's under its name (`sft_eos_rate`, `judges[j]["sft_mean"]`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -47,51 +48,33 @@ OpenModel = Callable[[], AbstractContextManager[torch.nn.Module]]
 
 @dataclass
 class Sampling:
-    """How both sides answer. Plain sampling at the temperature is the stages' path (the lean
-    decoder where it applies); greedy, top-k, top-p or beams go through generate."""
+    """How both sides answer, as sample_rollout reads it. Plain sampling at the temperature is
+    the stages' path (the lean decoder where it applies); greedy, top-k, top-p or beams
+    (`rlhf eval compare`) go through generate."""
 
-    max_new_tokens: int
-    temperature: float = 1.0
-    do_sample: bool = True
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 1
+    plan: Decoding
     stop_strings: tuple[str, ...] = ()
     decode: str = "lean"
     max_prompt_length: int = 1024
+    max_new_tokens = property(lambda self: self.plan.max_new_tokens)
+    temperature = property(lambda self: self.plan.temperature)
 
     @classmethod
     def of_recipe(cls, recipe: Any) -> Sampling:
         cfg = recipe.ppo  # the stages' sampling settings
-        return cls(
-            cfg.max_new_tokens,
-            cfg.temperature,
-            stop_strings=tuple(cfg.stop_strings),
-            decode=cfg.decode,
-            max_prompt_length=cfg.max_prompt_length,
-        )
+        plan = Decoding(cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
+        return cls(plan, tuple(cfg.stop_strings), cfg.decode, cfg.max_prompt_length)
 
     @property
     def decoding(self) -> Decoding | None:
         """None for plain sampling at the temperature, else the settings for generate."""
-        if self.do_sample and not self.top_k and self.top_p == 1.0 and self.num_beams == 1:
-            return None
-        return Decoding(
-            self.max_new_tokens,
-            self.do_sample,
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            self.num_beams,
-        )
+        d = self.plan
+        plain = d.do_sample and not d.top_k and d.top_p == 1.0 and d.num_beams == 1
+        return None if plain else d
 
     @property
     def kl_temperature(self) -> float:
-        return self.temperature if self.do_sample else 1.0
-
-    def describe(self) -> dict[str, Any]:
-        keys = ("do_sample", "temperature", "top_k", "top_p", "num_beams", "max_new_tokens")
-        return {k: getattr(self, k) for k in keys}
+        return self.plan.temperature if self.plan.do_sample else 1.0
 
 
 @dataclass
@@ -473,7 +456,7 @@ def evaluate(
             {k: trained[k] for k in ("win_rate", "win_rate_ci95", "wins", "ties", "losses")}
         )
     summary.update(side_stats(gathered, answers, names))
-    summary["sampling"] = ev.sampling.describe()
+    summary["sampling"] = dataclasses.asdict(ev.sampling.plan)
     summary["kl_temperature"] = ev.sampling.kl_temperature if reference is not None else None
     texts = {side: gathered.texts(answers[side].texts) for side in names}
     summary["distinct_2"] = {side: distinct_n(texts[side], 2) for side in names}

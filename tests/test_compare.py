@@ -263,3 +263,32 @@ def test_cli_samples_at_the_ppo_policys_temperature(
     assert f"sampling T=0.6 (ppo.temperature of {run / 'recipe.yaml'})" in compare.format_report(
         got
     )
+
+
+def test_judge_rubric_reports_behaviour_rates_per_policy(tiny_model_dir, monkeypatch, capsys):
+    """`--judge rubric`: the rate of each behaviour the rubric's classify reports, per policy,
+    with intervals clustered by prompt. A fake classify stands in for rlhf.roles.rubric."""
+    seen = []
+
+    def classify(row: dict, text: str) -> dict:
+        seen.append(row)
+        return {"long": len(text) > 3, "refused": None}  # refused applies to no row here
+
+    monkeypatch.setattr(compare, "rubric_classify", lambda: classify)
+    summary, samples = compare.compare(
+        tiny_model_dir,
+        tiny_model_dir,
+        PROMPTS,
+        [],
+        judges=["rubric"],
+        decoding=Decoding(max_new_tokens=4, do_sample=True),
+        samples_per_prompt=2,
+    )
+    long = summary["behaviour"]["long"]
+    expected = sum(len(s["a"]) > 3 for s in samples) / 6
+    assert long["n"] == 6 and long["a"] == long["b"] == expected
+    assert 0 <= long["a_ci95"][0] <= expected <= long["a_ci95"][1] <= 1
+    assert "refused" not in summary["behaviour"]  # applies to no sample
+    assert seen[0]["prompt"] == PROMPTS[0] and len(seen) == 12  # 2 policies x 6 samples
+    assert "judges" not in summary  # the rubric is not a scored judge
+    assert "eval: b answered 6/6" in capsys.readouterr().err  # progress while it runs

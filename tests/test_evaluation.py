@@ -6,6 +6,7 @@ import torch
 
 from rlhf import evaluation
 from rlhf.data.types import Prompt
+from rlhf.tokens.decoding import Decoding
 
 
 class _Gathered:
@@ -15,7 +16,7 @@ class _Gathered:
         ev = evaluation.Evaluation(
             prompts,
             spp,
-            evaluation.Sampling(8),
+            evaluation.Sampling(Decoding(8)),
             None,
             evaluation.LocalAccelerator(torch.device("cpu")),
         )
@@ -84,7 +85,8 @@ def test_answer_accuracy_counts_only_rows_with_an_answer():
 
 
 def test_sampling_uses_the_stages_path_only_for_plain_sampling():
-    assert evaluation.Sampling(8, 0.7).decoding is None
-    greedy = evaluation.Sampling(8, do_sample=False)
-    assert greedy.decoding is not None and greedy.kl_temperature == 1.0
-    assert evaluation.Sampling(8, 0.7, top_k=5).decoding.top_k == 5
+    assert evaluation.Sampling(Decoding(8, do_sample=True, temperature=0.7)).decoding is None
+    greedy = evaluation.Sampling(Decoding(8, do_sample=False))
+    assert greedy.decoding is greedy.plan and greedy.kl_temperature == 1.0
+    top_k = Decoding(8, do_sample=True, temperature=0.7, top_k=5)
+    assert evaluation.Sampling(top_k).decoding is top_k

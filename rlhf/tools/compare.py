@@ -217,15 +217,7 @@ def compare(
             raise UserError("--judge rubric: rlhf.roles.rubric is not in this version")
     device = device or torch.device("cpu")
     sides, ref, tokenizer = sides_of(policy_a, policy_b, reference, device)
-    sampling = Sampling(
-        decoding.max_new_tokens,
-        decoding.temperature,
-        decoding.do_sample,
-        decoding.top_k,
-        decoding.top_p,
-        decoding.num_beams,
-        max_prompt_length=max_prompt_length,
-    )
+    sampling = Sampling(decoding, max_prompt_length=max_prompt_length)
     items = [Prompt(m, fields=r) for m, r in zip(prompts, rows or [{}] * len(prompts))]
     ev = Evaluation(
         items,
