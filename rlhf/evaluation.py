@@ -555,12 +555,11 @@ def evaluate_stage(
     scoring: Scoring,
     label: str,
     progress: Callable[[str], None],
-) -> dict[str, Any]:
-    """A stage's eval.json: the tuned policy (`model.policy`) against the SFT policy on
-    prompts[:ppo.eval_size] x eval.samples_per_prompt, sampled as the rollouts are; with the
-    first 8 samples side by side."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The tuned policy (`model.policy`) against the SFT policy on prompts x
+    eval.samples_per_prompt, sampled as the rollouts are, with the same seeds at every call."""
     ev = Evaluation(
-        prompts[: recipe.ppo.eval_size],
+        prompts,
         recipe.eval.samples_per_prompt,
         Sampling.of_recipe(recipe),
         tokenizer,
@@ -571,6 +570,16 @@ def evaluate_stage(
         progress,
     )
     sides, reference_model = stage_sides(model, reference, label)
-    summary, samples = evaluate(ev, sides, reference_model, scoring)
-    summary["samples"] = samples[:8]
-    return summary
+    return evaluate(ev, sides, reference_model, scoring)
+
+
+def curve_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """One point of the judge curve during RL: the trained reward model's and each judge's win
+    rate over the SFT policy, and the KL to it."""
+    out = {"eval/kl": summary["kl_mean"]}
+    if "win_rate" in summary:
+        out["eval/rm_win_rate"] = summary["win_rate"]
+    for name, judge in summary.get("judges", {}).items():
+        if "win_rate" in judge:
+            out[f"eval/judge_win_rate/{name}"] = judge["win_rate"]
+    return out

@@ -431,6 +431,12 @@ class PPOConfig(Section):
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
     eval_size: int = Field(32, ge=1, description="held-out prompts scored at the end")
+    eval_every: int = Field(
+        0, ge=0, description="iterations between judge-curve points (eval/* metrics; 0: none)"
+    )
+    eval_curve_size: int = Field(
+        8, ge=1, description="prompts of the judge curve (ppo.valid_prompts, else eval_prompts)"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -319,7 +319,10 @@ def test_eval_json_judges_the_policy_as_ppo_does(sft, tmp_path):
     for side in ("", "sft_"):
         assert 1 <= results[f"{side}response_length_mean"] <= 8  # tiny: max_new_tokens 8
         assert 0 <= results[f"{side}eos_rate"] <= 1
-    assert set(results["samples"][0]) == {"prompt", "dpo", "sft"}
+    assert results["kl_temperature"] == 0.7  # the KL says the temperature it was measured at
+    sample = results["samples"][0]
+    assert {"prompt", "dpo", "sft", "dpo_kl", "dpo_tokens", "sft_finished"} <= set(sample)
+    assert set(sample["scores"]) == {"reward"}  # the skipped judge scored nothing
 
 
 @pytest.fixture(scope="module")

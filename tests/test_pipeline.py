@@ -112,8 +112,14 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
     assert info["status"] == "completed" and info["world_size"] == 1
     expected_ref = "frozen copy" if "ppo.lora.enabled=false" in variant else "lora-disabled"
     assert info["reference"] == expected_ref
-    rows = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    every = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in every if "objective/score" in r]
     assert [r["step"] for r in rows] == [1, 2]
+    # The judge curve (tiny: ppo.eval_every 1): policy vs SFT on 2 held-out prompts after
+    # iteration 1, the trained reward model's win rate and the KL (the judge is not trained).
+    (curve,) = [r for r in every if "eval/kl" in r]
+    assert curve["step"] == 1 and 0 <= curve["eval/rm_win_rate"] <= 1
+    assert math.isfinite(curve["eval/kl"]) and curve["timing/eval_curve"] > 0
     for key in (
         "objective/score",
         "objective/score_normalized",
@@ -233,6 +239,8 @@ def test_ppo_with_an_ensemble_a_function_and_judges(pipeline):
     results = json.loads((ppo / "eval.json").read_text())
     assert results["n_samples"] == 2 * results["n_prompts"]
     assert results["judges"]["rm"]["n"] == results["n_samples"]
+    curve = [r for r in rows if "eval/kl" in r]  # the judge curve scores with the judges too
+    assert [r["step"] for r in curve] == [1] and 0 <= curve[0]["eval/judge_win_rate/rm"] <= 1
     assert (
         "COMPLETED" in results["judges"]["judge"]["skipped"]
         or "does not exist" in (results["judges"]["judge"]["skipped"])

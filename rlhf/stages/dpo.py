@@ -202,11 +202,11 @@ def generation_eval(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) ->
         judge_entries(recipe), load_scorer, recipe.output_dir, classify=evaluation.rubric_classify()
     )
     with distributed.gathered_for_generation(accelerator, trainer.model_wrapped):
-        results = evaluation.evaluate_stage(
+        results, samples = evaluation.evaluate_stage(
             ActorCritic(policy, with_values=False),
             reference,
             tokenizer,
-            prompts,
+            prompts[: recipe.ppo.eval_size],
             recipe,
             accelerator,
             scoring,
@@ -219,7 +219,7 @@ def generation_eval(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) ->
         results["kl_mean"],
         results["kl_temperature"],
     )
-    return results
+    return {**results, "samples": samples[:8]}
 
 
 def eval_results(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) -> dict[str, Any]:

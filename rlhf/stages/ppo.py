@@ -15,6 +15,7 @@ prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/ev
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -113,19 +114,20 @@ def run(recipe: Any, resume: bool = False) -> Path:
         return {"iteration": n, "kl_controller": kl_ctl.state_dict(),
                 "reward_sources": sources.state_dict(), "calibration": calibration}  # fmt: skip
 
+    evaluate = policy_evaluator(recipe, ctx, unwrapped, sources, load_scorer)
     stage.loop((state or {}).get("iteration", 0), cfg.iterations,
                iteration_step(stage, ctx, prompts, sources, recipe.seed), state_of, scheduler,
-               Cadence(save_every=cfg.save_every, keep_last=cfg.keep_last),
+               Cadence(eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       keep_last=cfg.keep_last),
+               evaluate=judge_curve(recipe, tokenizer, evaluate, eval_items or train_items),
                shown={"score": "objective/score", "kl": "objective/kl"}, unit="iteration")  # fmt: skip
 
     # --- evaluate and save
-    scoring = eval_scoring(recipe, sources, load_scorer)
-    with distributed.gathered_for_generation(accelerator, model):
-        results = evaluation.evaluate_stage(unwrapped, reference, tokenizer,
-                                            eval_items or train_items, recipe, accelerator,
-                                            scoring, "ppo", log.info)  # fmt: skip
+    results, samples = evaluate((eval_items or train_items)[: cfg.eval_size], final=True)
+    results.update(
+        samples=samples[:8], prompts_source="eval_prompts" if eval_items else "train_prompts"
+    )
     results.update({"calibration": calibration} if calibration else {})
-    results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
     card = ("PPO policy", f"PPO for {cfg.iterations} iterations against "
             f"{', '.join(info['reward_sources'])}, KL penalty to `{policy_name}`. Held-out mean "
             f"reward {results['ppo_score_mean']:.3f} (SFT {results['sft_score_mean']:.3f}), win "
@@ -150,17 +152,60 @@ def shared_scorers(recipe: Any, accelerator: Any) -> SharedScorers:
     )
 
 
-def eval_scoring(recipe: Any, sources: Any, load_scorer: Any) -> evaluation.Scoring:
-    """What judges the evaluation: the training score (with its missing-EOS penalty), the
-    eval judges and the rubric's behaviour rates."""
-    return evaluation.Scoring(
-        recipe.eval.judges,
-        load_scorer,
-        recipe.output_dir,
-        lambda m, t, rows, f: sources(m, t, rows, training=False, finished=f)[0],
-        recipe.ppo.missing_eos_penalty,
-        evaluation.rubric_classify(),
-    )
+def policy_evaluator(recipe: Any, ctx: PPOContext, unwrapped: Any, sources: Any, scorer: Any):
+    """evaluate(prompts, final) -> (summary, samples): the PPO policy against the SFT policy
+    (rlhf/evaluation.py) under the training score (with its missing-EOS penalty) and the eval
+    judges; the final evaluation also reports the rubric's behaviour rates. Every rank calls it
+    in step."""
+
+    def training_score(m: list, t: list[str], rows: list[dict], f: list[bool]) -> Any:
+        return sources(m, t, rows, training=False, finished=f)[0]
+
+    def evaluate(prompts: list[Any], final: bool) -> tuple[dict[str, Any], list[dict]]:
+        classify = evaluation.rubric_classify() if final else None
+        scoring = evaluation.Scoring(
+            recipe.eval.judges,
+            scorer,
+            recipe.output_dir,
+            training_score,
+            recipe.ppo.missing_eos_penalty,
+            classify,
+        )
+        with distributed.gathered_for_generation(ctx.accelerator, ctx.model):
+            return evaluation.evaluate_stage(
+                unwrapped,
+                ctx.reference,
+                ctx.tokenizer,
+                prompts,
+                recipe,
+                ctx.accelerator,
+                scoring,
+                "ppo",
+                log.info if final else log.debug,
+            )
+
+    return evaluate
+
+
+def judge_curve(recipe: Any, tokenizer: Any, evaluate: Callable, held_out: list[Any]) -> Any:
+    """The runner's `evaluate` every ppo.eval_every iterations (None when 0): the policy
+    against SFT on the first ppo.eval_curve_size valid prompts (ppo.valid_prompts; else the
+    held-out prompts, said in the log), as eval/* metrics."""
+    cfg = recipe.ppo
+    if not cfg.eval_every:
+        return None
+    source = getattr(cfg, "valid_prompts", None)
+    if source is None:
+        log.info("ppo: the judge curve uses ppo.eval_prompts (ppo.valid_prompts is not set)")
+    items = load_fitted(recipe, tokenizer, source) if source is not None else held_out
+    prompts = items[: cfg.eval_curve_size]
+
+    def curve_point() -> dict[str, float]:
+        began = time.monotonic()
+        point = evaluation.curve_metrics(evaluate(prompts, final=False)[0])
+        return {**point, "timing/eval_curve": time.monotonic() - began}
+
+    return curve_point
 
 
 def iteration_step(
@@ -209,15 +254,17 @@ def kl_controller(cfg: Any) -> AdaptiveKLController | FixedKLController:
     return FixedKLController(cfg.kl_coef)
 
 
+def load_fitted(recipe: Any, tokenizer: Any, source: Any) -> list[Any]:
+    """A prompts source's items, each fitted to ppo.max_prompt_length."""
+    items = data.load_prompts(source, recipe.data.on_invalid).items
+    return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
+
+
 def load_prompt_items(recipe: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     """(training prompts, held-out prompts or []), each fitted to ppo.max_prompt_length."""
     cfg = recipe.ppo
-
-    def load(source: Any) -> list[Any]:
-        items = data.load_prompts(source, recipe.data.on_invalid).items
-        return data.fit_prompts(items, tokenizer, cfg.max_prompt_length, recipe.data)
-
-    return load(cfg.prompts), load(cfg.eval_prompts) if cfg.eval_prompts else []
+    held_out = load_fitted(recipe, tokenizer, cfg.eval_prompts) if cfg.eval_prompts else []
+    return load_fitted(recipe, tokenizer, cfg.prompts), held_out
 
 
 def load_policy(recipe: Any, sft_dir: Path | None) -> torch.nn.Module:
