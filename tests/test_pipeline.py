@@ -1,6 +1,7 @@
 """The three stages chained on the tiny model: PPO reads SFT and reward outputs; role variants."""
 
 import json
+import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
