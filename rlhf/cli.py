@@ -226,7 +226,8 @@ def _add_eval(sub: Any) -> None:
                     "--judge",
                     "judges",
                     "NAME|module:function",
-                    "a reward function as judge (sentiment, afinn, answer_match, ...); repeatable",
+                    "a reward function as judge (sentiment, afinn, answer_match, ...), or rubric "
+                    "(the rate of each rubric behaviour per policy); repeatable",
                 ),
             )
         ),  # fmt: skip

@@ -150,6 +150,10 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
     for key in ("ppo_score_mean", "sft_score_mean", "win_rate", "kl_mean", "eos_rate"):
         assert key in results
     assert results["prompts_source"] == "eval_prompts"
+    # The rubric's behaviour rates (rlhf.roles.rubric), per policy, clustered by prompt.
+    padded = results["behaviour"]["padded"]
+    assert padded["n"] == results["n_samples"] and 0 <= padded["ppo"] <= 1
+    assert padded["sft_ci95"][0] <= padded["sft"] <= padded["sft_ci95"][1]
     low, high = results["win_rate_ci95"]  # clustered by prompt (rlhf/algo/stats.py)
     assert 0.0 <= low <= results["win_rate"] <= high <= 1.0
     assert results["win_rate_ci_method"].startswith("cluster bootstrap over prompts")
