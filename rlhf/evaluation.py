@@ -149,10 +149,13 @@ class LocalAccelerator:
 def summed_logprobs(
     model: torch.nn.Module, roll: Rollout, temperature: float, autocast: Any
 ) -> torch.Tensor:
-    """(B,) summed log pi(token) over each response's own tokens at the temperature."""
+    """(B,) summed log pi(token) over each response's own tokens at the temperature, from the
+    logits the tokens were sampled from where the rollout kept them (as PPO's own log-probs)."""
     R = roll.response_ids.shape[1]
-    with autocast():
-        logits = causal_lm_logits(model, roll.input_ids, roll.attention_mask, response_keep(R))
+    logits = roll.sampling_logits
+    if logits is None:
+        with autocast():
+            logits = causal_lm_logits(model, roll.input_ids, roll.attention_mask, response_keep(R))
     logp = logprobs_from_logits(logits[:, :R], roll.response_ids, temperature)
     return (logp * roll.mask).sum(1).float().cpu()
 
@@ -170,11 +173,13 @@ def answer_all(ev: Evaluation, side: Side, messages: list[list[dict]]) -> Answer
             ids = batch["input_ids"].to(acc.device)
             mask = batch["attention_mask"].to(acc.device)
             torch.manual_seed(ev.seed + start + acc.process_index)
+            keep = side.kl and sampling.decoding is None  # the logits it sampled from
             with acc.autocast():
-                roll = sample_rollout(model, ids, mask, sampling, tok)
+                roll = sample_rollout(model, ids, mask, sampling, tok, keep_sampling_outputs=keep)
             answers.add(roll, sampling.max_new_tokens)
             if side.kl:
                 logprobs.append(summed_logprobs(model, roll, sampling.kl_temperature, acc.autocast))
+            roll.sampling_logits = roll.sampling_hidden = None
             done = min(start + ev.batch_size, len(messages))
             ev.progress(
                 f"eval: {side.name} answered {done}/{len(messages)} "
@@ -555,12 +560,14 @@ def evaluate_stage(
     scoring: Scoring,
     label: str,
     progress: Callable[[str], None],
+    samples_per_prompt: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The tuned policy (`model.policy`) against the SFT policy on prompts x
-    eval.samples_per_prompt, sampled as the rollouts are, with the same seeds at every call."""
+    """The tuned policy (`model.policy`) against the SFT policy on prompts x samples_per_prompt
+    (default eval.samples_per_prompt), sampled as the rollouts are, with the same seeds at
+    every call."""
     ev = Evaluation(
         prompts,
-        recipe.eval.samples_per_prompt,
+        samples_per_prompt or recipe.eval.samples_per_prompt,
         Sampling.of_recipe(recipe),
         tokenizer,
         accelerator,

@@ -442,7 +442,10 @@ class PPOConfig(Section):
         0, ge=0, description="iterations between judge-curve points (eval/* metrics; 0: none)"
     )
     eval_curve_size: int = Field(
-        8, ge=1, description="prompts of the judge curve (ppo.valid_prompts, else eval_prompts)"
+        16,
+        ge=1,
+        description="prompts of the judge curve, one answer each per policy (the first of "
+        "ppo.valid_prompts, else of eval_prompts)",
     )
 
     @model_validator(mode="before")

@@ -87,7 +87,10 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_model_dir, ti
     assert rm["win_rate"] == 0.5 and rm["ties"] == len(PROMPTS)
     assert rm["win_rate_ci95"] == [0.5, 0.5]  # every prompt a tie
     assert rm["a_mean"] == rm["b_mean"]
-    assert summary["a_kl_mean"] == 0.0 and summary["kl_mean"] == 0.0
+    # The policy's log-probs come from the logits it sampled from (KV-cached decoding), the
+    # reference's from one forward: the same numbers up to float rounding.
+    assert summary["a_kl_mean"] == pytest.approx(0.0, abs=1e-4)
+    assert summary["kl_mean"] == pytest.approx(0.0, abs=1e-4)
     assert [s["a"] for s in samples] == [s["b"] for s in samples]
     # The stored calibration is applied exactly as PPO does: (raw - mean) / std.
     assert rm["calibration"]["mean"] == 0.5
@@ -132,8 +135,8 @@ def test_cli_two_policies_json_with_every_field(
     for prefix in ("a_", ""):
         assert 1 <= got[f"{prefix}response_length_mean"] <= 6
         assert 0 <= got[f"{prefix}eos_rate"] <= 1
-    assert got["a_kl_mean"] == 0.0  # A is the reference
-    assert math.isfinite(got["kl_mean"]) and got["kl_mean"] != 0.0
+    assert got["a_kl_mean"] == pytest.approx(0.0, abs=1e-4)  # A is the reference
+    assert math.isfinite(got["kl_mean"]) and abs(got["kl_mean"]) > 1e-3
     calibrated, raw = got["judges"][tiny_rm_dir], got["judges"][uncalibrated_rm_dir]
     for rm in (calibrated, raw):
         assert rm["wins"] + rm["ties"] + rm["losses"] == 3 and rm["n_prompts"] == 3

@@ -185,6 +185,7 @@ def policy_evaluator(recipe: Any, ctx: PPOContext, unwrapped: Any, sources: Any,
                 scoring,
                 "ppo",
                 log.info if final else log.debug,
+                None if final else 1,  # the judge curve: one answer per prompt and policy
             )
 
     return evaluate
