@@ -126,11 +126,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
                shown={"score": "objective/score", "kl": "objective/kl"}, unit="iteration")  # fmt: skip
 
     # --- evaluate and save
-    results, samples = evaluate((eval_items or train_items)[: cfg.eval_size], final=True)
-    results.update(
-        samples=samples[:8], prompts_source="eval_prompts" if eval_items else "train_prompts"
-    )
-    results.update({"calibration": calibration} if calibration else {})
+    results = final_results(evaluate, eval_items, train_items, cfg.eval_size, calibration)
     card = ("PPO policy", f"PPO for {cfg.iterations} iterations against "
             f"{', '.join(info['reward_sources'])}, KL penalty to `{policy_name}`. Held-out mean "
             f"reward {results['ppo_score_mean']:.3f} (SFT {results['sft_score_mean']:.3f}), win "
@@ -189,6 +185,17 @@ def policy_evaluator(recipe: Any, ctx: PPOContext, unwrapped: Any, sources: Any,
             )
 
     return evaluate
+
+
+def final_results(evaluate, eval_items, train_items, size, calibration) -> dict[str, Any]:
+    """eval.json: the policy against SFT on the held-out prompts (else the training prompts),
+    its first 8 samples side by side, and the score's calibration."""
+    results, samples = evaluate((eval_items or train_items)[:size], final=True)
+    results["samples"] = samples[:8]
+    results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
+    if calibration:
+        results["calibration"] = calibration
+    return results
 
 
 def judge_curve(recipe: Any, tokenizer: Any, evaluate: Callable, held_out: list[Any]) -> Any:
