@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,7 +85,6 @@ def measure(spec: dict) -> dict[str, Any]:
     from rlhf.infra.runtime import frozen_weight_dtype, resolve_precision
     from rlhf.recipe import LoraConfig
     from rlhf.roles import models
-    from rlhf.tokens.chat import encode_prompt, pad_batch
 
     # As every stage's process runs (runtime.make_accelerator): freed memory is reused, not
     # mapped and faulted in again; generate and ours share this process, so both get it.
@@ -102,45 +102,55 @@ def measure(spec: dict) -> dict[str, Any]:
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if mixed == "bf16" else nullcontext()
 
-    points = []
-    for batch_size in spec["batch_sizes"]:
-        texts = [spec["prompts"][i % len(spec["prompts"])] for i in range(batch_size)]
-        encoded = [
-            encode_prompt(tokenizer, [{"role": "user", "content": t}], spec["max_prompt_length"])
-            for t in texts
-        ]
-        batch = pad_batch(encoded, tokenizer.pad_token_id, side="left")
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-        tokens: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), autocast():
-            for impl in IMPLS:  # warm-up: first-call allocations, kernel choice
-                sample_once(impl, policy, ids, mask, {**spec, "max_new_tokens": 2}, tokenizer)
-            for _ in range(spec["repeats"]):
-                for impl in IMPLS:
-                    start = time.perf_counter()
-                    tokens[impl] = sample_once(impl, policy, ids, mask, spec, tokenizer)
-                    seconds[impl].append(time.perf_counter() - start)
-                    tokens[impl] = tokens[impl].response_ids
-        first = tokens["generate"]
-        point = {
-            "batch_size": batch_size,
-            "prompt_len": ids.shape[1],
-            "steps": first.shape[1],
-            "sampled_tokens": int((first != tokenizer.pad_token_id).sum()),
-            "same_tokens": torch.equal(tokens["ours"], first),
-            "seconds": seconds,
-        }
-        log(
-            f"batch {batch_size}: "
-            + ", ".join(
-                f"{impl} {point['sampled_tokens'] / statistics.median(s):.0f} tok/s"
-                for impl, s in seconds.items()
-            )
-            + ("" if point["same_tokens"] else " (other tokens!)")
-        )
-        points.append(point)
+    points = [measure_batch(spec, policy, tokenizer, n, autocast) for n in spec["batch_sizes"]]
     return {"mixed_precision": mixed, "torch_threads": torch.get_num_threads(), "points": points}
+
+
+def measure_batch(
+    spec: dict, policy: Any, tokenizer: Any, batch_size: int, autocast: Callable
+) -> dict[str, Any]:
+    """Every IMPLS sampling `batch_size` prompts, `repeats` times interleaved after a warm-up:
+    their seconds, and whether ours sampled generate's tokens."""
+    import torch
+
+    from rlhf.tokens.chat import encode_prompt, pad_batch
+
+    texts = [spec["prompts"][i % len(spec["prompts"])] for i in range(batch_size)]
+    encoded = [
+        encode_prompt(tokenizer, [{"role": "user", "content": t}], spec["max_prompt_length"])
+        for t in texts
+    ]
+    batch = pad_batch(encoded, tokenizer.pad_token_id, side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    seconds: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    tokens: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), autocast():
+        for impl in IMPLS:  # warm-up: first-call allocations, kernel choice
+            sample_once(impl, policy, ids, mask, {**spec, "max_new_tokens": 2}, tokenizer)
+        for _ in range(spec["repeats"]):
+            for impl in IMPLS:
+                start = time.perf_counter()
+                tokens[impl] = sample_once(impl, policy, ids, mask, spec, tokenizer)
+                seconds[impl].append(time.perf_counter() - start)
+                tokens[impl] = tokens[impl].response_ids
+    first = tokens["generate"]
+    point = {
+        "batch_size": batch_size,
+        "prompt_len": ids.shape[1],
+        "steps": first.shape[1],
+        "sampled_tokens": int((first != tokenizer.pad_token_id).sum()),
+        "same_tokens": torch.equal(tokens["ours"], first),
+        "seconds": seconds,
+    }
+    log(
+        f"batch {batch_size}: "
+        + ", ".join(
+            f"{impl} {point['sampled_tokens'] / statistics.median(s):.0f} tok/s"
+            for impl, s in seconds.items()
+        )
+        + ("" if point["same_tokens"] else " (other tokens!)")
+    )
+    return point
 
 
 def summarize(result: dict) -> list[dict]:

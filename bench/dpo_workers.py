@@ -55,6 +55,7 @@ def lora(spec: dict):
 
 
 def run_ours(spec: dict) -> dict:
+    from rlhf.algo.dpo import ranking_pair_losses
     from rlhf.infra import training
     from rlhf.recipe import OptimConfig
     from rlhf.roles import models
@@ -80,7 +81,7 @@ def run_ours(spec: dict) -> dict:
         policy_logps = dpo.response_logps(model, batch)
         with torch.no_grad(), model.disable_adapter():
             ref_logps = dpo.response_logps(model, batch)
-        loss = dpo.ranking_pair_losses(policy_logps, ref_logps, batch, spec["beta"]).mean()
+        loss = ranking_pair_losses(policy_logps, ref_logps, batch, spec["beta"]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

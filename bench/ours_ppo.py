@@ -13,6 +13,7 @@ Both do identical PPO work (batch, new tokens, epochs, minibatches, temperature,
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -50,88 +51,21 @@ def main() -> None:
     spec = common.read_json(args.spec)
     t_start = time.perf_counter()
 
-    from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
-    from rlhf.ppo.iteration import PPOContext, ppo_iteration
-    from rlhf.ppo.prompts import Prompts
-    from rlhf.ppo.roles import build_roles
-    from rlhf.ppo.scorers import reward_model_scorer
-    from rlhf.roles import models
 
     recipe = build_recipe(spec)
-    cfg = recipe.ppo
     accelerator = make_accelerator(recipe)
-    device = accelerator.device
-    path = spec["model"]
-
-    tokenizer = models.load_tokenizer(path, padding_side="left")
-    # The PPO stage's own role builder and reward scorer (frozen weights in the autocast dtype
-    # included); the critic and the reward model start from the base model here.
-    model, reference = build_roles(
-        cfg, accelerator, lambda: models.load_causal_lm(path), critic_dir=path
-    )
-    reward_model = reward_model_scorer(path, accelerator, recipe.reward.max_length)
-    optimizer = training.make_optimizer(model, cfg.optim)
-    n_iters = spec["warmup"] + spec["iterations"]
-    scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    training.without_fp32_outputs(accelerator, model)  # as the PPO stage does
-    ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer,
-                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
-
+    ctx, reward_model = build_context(spec, recipe, accelerator)
     timer = PhaseTimer()
-    # Finer split of the update phase; the coarse phases come from ppo_iteration's own timing.
-    timer.patch(accelerator, "backward", "backward")
-    timer.patch(optimizer, "step", "optimizer")
-    # and of the score phase: the reference's forward and the reward model's
-    if reference is None:
-        timer.patch(accelerator.unwrap_model(model), "reference_logits", "reference")
-    else:
-        timer.patch(reference, "forward", "reference")
-    timed_reward_model = timer.wrap(reward_model, "reward")
-    prompts = spec["prompts"]
+    timed_reward_model = instrument(timer, ctx, reward_model)
     load_s = time.perf_counter() - t_start
     log(f"{spec['label']}: loaded in {load_s:.1f}s, mixed precision {accelerator.mixed_precision}")
 
     iterations = []
-    for it in range(n_iters):
-        # The same fixed batch order as the TRL worker: iteration i gets prompts [8i, 8i+8).
-        rows = [prompts[(it * cfg.batch_size + j) % len(prompts)] for j in range(cfg.batch_size)]
-        timer.mark_iteration()
-        t0 = time.perf_counter()
-        torch.manual_seed(spec["seed"] + it)
-        batch = Prompts([r["messages"] for r in rows], [{}] * len(rows),
-                        [r["input_ids"] for r in rows])  # fmt: skip
-
-        def score_fn(roll, messages=batch.messages):
-            return timed_reward_model(messages, roll.texts)
-
-        gen = torch.Generator().manual_seed(spec["seed"] + 7 + it)
-        roll, metrics = ppo_iteration(
-            ctx, batch.padded(tokenizer.pad_token_id, device), score_fn, gen
-        )
-        total = time.perf_counter() - t0
-        events = timer.iteration_events(time.perf_counter())[-1]
-        row = {
-            "total": total,
-            "generate": metrics["timing/rollout"],
-            "score": metrics["timing/score"],
-            "update": metrics["timing/update"],
-            "backward": common.phase_sum(events, "backward"),
-            "optimizer": common.phase_sum(events, "optimizer"),
-            "reference": common.phase_sum(events, "reference"),
-            "reward": common.phase_sum(events, "reward"),
-            "prompt_len": int(roll.prompt_ids.shape[1]),
-            "response_len": int(roll.response_ids.shape[1]),
-            "response_tokens": common.count_response_tokens(
-                roll.response_ids, tokenizer.eos_token_id
-            ),
-        }
-        row["train_forward_and_loss"] = row["update"] - row["backward"] - row["optimizer"]
-        row["other"] = total - row["generate"] - row["score"] - row["update"]
-        iterations.append(row)
-        log(f"{spec['label']}: iteration {it} {total:.2f}s")
+    for it in range(spec["warmup"] + spec["iterations"]):
+        iterations.append(timed_iteration(ctx, spec, it, timer, timed_reward_model))
+        log(f"{spec['label']}: iteration {it} {iterations[-1]['total']:.2f}s")
 
     common.write_json(
         args.out,
@@ -146,10 +80,89 @@ def main() -> None:
             "frozen_weights": str(
                 frozen_weight_dtype(accelerator.mixed_precision) or torch.float32
             ).removeprefix("torch."),
-            "trainable_parameters": training.trainable_parameters(model)[0],
+            "trainable_parameters": training.trainable_parameters(ctx.model)[0],
             "self_peak_rss_mb": common.self_peak_rss_mb(),
         },
     )
+
+
+def build_context(spec: dict, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
+    """(PPOContext, reward scorer) as the PPO stage builds them, from the spec's model."""
+    from rlhf.algo.ppo import FixedKLController
+    from rlhf.infra import training
+    from rlhf.ppo.iteration import PPOContext
+    from rlhf.ppo.scorers import reward_model_scorer
+    from rlhf.ppo.roles import build_roles
+    from rlhf.roles import models
+
+    cfg, path = recipe.ppo, spec["model"]
+    tokenizer = models.load_tokenizer(path, padding_side="left")
+    # The PPO stage's own role builder and reward scorer (frozen weights in the autocast dtype
+    # included); the critic and the reward model start from the base model here.
+    model, reference = build_roles(
+        cfg, accelerator, lambda: models.load_causal_lm(path), critic_dir=path
+    )
+    reward_model = reward_model_scorer(path, accelerator, recipe.reward.max_length)
+    optimizer = training.make_optimizer(model, cfg.optim)
+    n_iters = spec["warmup"] + spec["iterations"]
+    scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    training.without_fp32_outputs(accelerator, model)  # as the PPO stage does
+    kl_ctl = FixedKLController(cfg.kl_coef)
+    ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer, kl_ctl, cfg)
+    return ctx, reward_model
+
+
+def instrument(timer: PhaseTimer, ctx: Any, reward_model: Any) -> Any:
+    """Time the update's backward and optimizer step, the reference's forward and the reward
+    model (returned wrapped); the coarse phases come from ppo_iteration's own timing."""
+    timer.patch(ctx.accelerator, "backward", "backward")
+    timer.patch(ctx.optimizer, "step", "optimizer")
+    if ctx.reference is None:
+        timer.patch(ctx.accelerator.unwrap_model(ctx.model), "reference_logits", "reference")
+    else:
+        timer.patch(ctx.reference, "forward", "reference")
+    return timer.wrap(reward_model, "reward")
+
+
+def timed_iteration(
+    ctx: Any, spec: dict, it: int, timer: PhaseTimer, reward_model: Any
+) -> dict[str, float]:
+    """PPO iteration `it` on the fixed batch order the TRL worker uses (iteration i gets
+    prompts [8i, 8i+8)): its total and phase seconds, and its rollout's shapes."""
+    from rlhf.ppo.iteration import ppo_iteration
+    from rlhf.ppo.prompts import Prompts
+
+    prompts, size, tokenizer = spec["prompts"], ctx.cfg.batch_size, ctx.tokenizer
+    rows = [prompts[(it * size + j) % len(prompts)] for j in range(size)]
+    timer.mark_iteration()
+    t0 = time.perf_counter()
+    torch.manual_seed(spec["seed"] + it)
+    batch = Prompts([r["messages"] for r in rows], [{}] * len(rows), [r["input_ids"] for r in rows])
+
+    def score_fn(roll, messages=batch.messages):
+        return reward_model(messages, roll.texts)
+
+    gen = torch.Generator().manual_seed(spec["seed"] + 7 + it)
+    padded = batch.padded(tokenizer.pad_token_id, ctx.accelerator.device)
+    roll, metrics = ppo_iteration(ctx, padded, score_fn, gen)
+    total = time.perf_counter() - t0
+    events = timer.iteration_events(time.perf_counter())[-1]
+    row = {
+        "total": total,
+        "generate": metrics["timing/rollout"],
+        "score": metrics["timing/score"],
+        "update": metrics["timing/update"],
+        **{
+            k: common.phase_sum(events, k) for k in ("backward", "optimizer", "reference", "reward")
+        },
+        "prompt_len": int(roll.prompt_ids.shape[1]),
+        "response_len": int(roll.response_ids.shape[1]),
+        "response_tokens": common.count_response_tokens(roll.response_ids, tokenizer.eos_token_id),
+    }
+    row["train_forward_and_loss"] = row["update"] - row["backward"] - row["optimizer"]
+    row["other"] = total - row["generate"] - row["score"] - row["update"]
+    return row
 
 
 if __name__ == "__main__":

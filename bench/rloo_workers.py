@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,52 +26,23 @@ from bench.common import log, step_time_callback, trl_cpu_args, worker_main
 def run_ours(spec: dict) -> dict:
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
-    from rlhf.infra.runtime import frozen_weight_dtype, make_accelerator
+    from rlhf.infra.runtime import make_accelerator
     from rlhf.ppo.iteration import PPOContext, ppo_iteration
-    from rlhf.ppo.rollout import reward_scores
-    from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
     from rlhf.roles import models
-    from rlhf.roles.actor_critic import ActorCritic, disable_dropout
+    from rlhf.roles.actor_critic import ActorCritic
     from rlhf.tokens.chat import encode_prompt, pad_batch
 
     k, batch = spec["k"], spec["batch"]
-    cfg = PPOConfig(
-        estimator="rloo",
-        samples_per_prompt=k,
-        batch_size=batch,
-        mini_batch_size=batch,
-        ppo_epochs=1,
-        max_prompt_length=spec["max_prompt_length"],
-        max_new_tokens=spec["max_new_tokens"],
-        temperature=spec["temperature"],
-        kl_coef=spec["beta"],
-        normalize_score=False,
-        lora=LoraConfig(enabled=spec["lora"], r=16, alpha=32, target_modules="all-linear"),
-        optim=OptimConfig(lr=spec["lr"], warmup_ratio=0.0, scheduler="constant"),
-    )
-    recipe = Recipe(seed=spec["seed"], precision="auto" if spec["lora"] else "fp32", ppo=cfg)
+    recipe = rloo_recipe(spec)
+    cfg = recipe.ppo
     accelerator = make_accelerator(recipe)
-    path = spec["model"]
-    tokenizer = models.load_tokenizer(path, padding_side="left")
-    reward_tokenizer = models.load_tokenizer(path)
-    reward_model = models.load_reward_model(path).eval().requires_grad_(False)
-    disable_dropout(reward_model)
-    if spec["lora"]:  # as the PPO stage sets up LoRA: no reference copy, frozen weights in bf16
-        reference = None
-        policy = models.apply_lora(models.load_causal_lm(path), cfg.lora)
-        frozen = frozen_weight_dtype(accelerator.mixed_precision)
-        if frozen:
-            models.store_frozen_linears(policy, frozen)
-            models.store_frozen_linears(reward_model, frozen)
-    else:
-        reference = models.load_causal_lm(path).eval().requires_grad_(False)
-        disable_dropout(reference)
-        policy = models.load_causal_lm(path)
+    tokenizer = models.load_tokenizer(spec["model"], padding_side="left")
+    policy, reference, score = load_roles(spec, recipe, accelerator)
     model = ActorCritic(policy, with_values=False)
     optimizer = training.make_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ctx = PPOContext(model, reference, optimizer, None, accelerator, tokenizer,
-                     FixedKLController(cfg.kl_coef), cfg)  # fmt: skip
+    kl_ctl = FixedKLController(cfg.kl_coef)
+    ctx = PPOContext(model, reference, optimizer, None, accelerator, tokenizer, kl_ctl, cfg)
     messages = [[{"role": "user", "content": p}] for p in spec["prompts"]]
     ids = [encode_prompt(tokenizer, m, cfg.max_prompt_length) for m in messages]
     step_times, tokens, per_iter = [], 0, batch // k
@@ -82,15 +54,7 @@ def run_ours(spec: dict) -> dict:
         padded = pad_batch([ids[i] for i in rows], tokenizer.pad_token_id, side="left")
 
         def score_fn(roll, rows=rows):
-            return reward_scores(
-                reward_model,
-                reward_tokenizer,
-                [messages[i] for i in rows],
-                roll.texts,
-                recipe.reward.max_length,
-                accelerator.device,
-                accelerator.autocast,
-            )
+            return score([messages[i] for i in rows], roll.texts)
 
         roll, _ = ppo_iteration(
             ctx, padded, score_fn, torch.Generator().manual_seed(spec["seed"] + 7 + it)
@@ -100,6 +64,65 @@ def run_ours(spec: dict) -> dict:
         log(f"ours-rloo: iteration {it} {step_times[-1]:.2f}s")
     stage = "rloo-lora" if spec["lora"] else "rloo"
     return {"impl": "ours", "stage": stage, "step_times": step_times, "tokens": tokens}
+
+
+def rloo_recipe(spec: dict) -> Any:
+    """Our recipe for the spec's RLOO work (k samples per prompt, one PPO epoch)."""
+    from rlhf.recipe import LoraConfig, OptimConfig, PPOConfig, Recipe
+
+    batch = spec["batch"]
+    cfg = PPOConfig(
+        estimator="rloo",
+        samples_per_prompt=spec["k"],
+        batch_size=batch,
+        mini_batch_size=batch,
+        ppo_epochs=1,
+        max_prompt_length=spec["max_prompt_length"],
+        max_new_tokens=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        kl_coef=spec["beta"],
+        normalize_score=False,
+        lora=LoraConfig(enabled=spec["lora"], r=16, alpha=32, target_modules="all-linear"),
+        optim=OptimConfig(lr=spec["lr"], warmup_ratio=0.0, scheduler="constant"),
+    )
+    return Recipe(seed=spec["seed"], precision="auto" if spec["lora"] else "fp32", ppo=cfg)
+
+
+def load_roles(spec: dict, recipe: Any, accelerator: Any) -> tuple[Any, Any, Any]:
+    """(policy, reference or None, score(messages, texts)): all from the spec's model."""
+    from rlhf.infra.runtime import frozen_weight_dtype
+    from rlhf.ppo.rollout import reward_scores
+    from rlhf.roles import models
+    from rlhf.roles.actor_critic import disable_dropout
+
+    path = spec["model"]
+    reward_tokenizer = models.load_tokenizer(path)
+    reward_model = models.load_reward_model(path).eval().requires_grad_(False)
+    disable_dropout(reward_model)
+    if spec["lora"]:  # as the PPO stage sets up LoRA: no reference copy, frozen weights in bf16
+        reference = None
+        policy = models.apply_lora(models.load_causal_lm(path), recipe.ppo.lora)
+        frozen = frozen_weight_dtype(accelerator.mixed_precision)
+        if frozen:
+            models.store_frozen_linears(policy, frozen)
+            models.store_frozen_linears(reward_model, frozen)
+    else:
+        reference = models.load_causal_lm(path).eval().requires_grad_(False)
+        disable_dropout(reference)
+        policy = models.load_causal_lm(path)
+
+    def score(messages: list, texts: list[str]) -> torch.Tensor:
+        return reward_scores(
+            reward_model,
+            reward_tokenizer,
+            messages,
+            texts,
+            recipe.reward.max_length,
+            accelerator.device,
+            accelerator.autocast,
+        )
+
+    return policy, reference, score
 
 
 def run_trl(spec: dict, out_dir: Path) -> dict:

@@ -64,7 +64,7 @@ WORKER_STAGES = ("rloo", "dpo")  # ours and TRL's in one module, bench/<stage>_w
 WORKER_VARIANTS = {"rloo": ("rloo", "rloo-lora"), "dpo": ("dpo",)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model, 1 round, few iterations")
     p.add_argument("--pairs", type=int, default=None, help="interleaved rounds (default 3)")
@@ -100,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-prompts", type=int, default=64)
     p.add_argument("--e2e-log", type=Path, default=None, help="`make sft reward ppo` timings")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with --only expanded and checked and the --quick defaults filled in."""
+    p = argument_parser()
     args = p.parse_args(argv)
     only = set()
     for item in args.only.split(","):
@@ -231,16 +237,70 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rlhf.roles import models
 
-    model_name = args.model
-    model_dir = models.prepared_dir(model_name)
-    if not models.is_prepared(model_name):
-        log(f"{model_name} is not prepared: run `make models` first")
+    model_dir = models.prepared_dir(args.model)
+    if not models.is_prepared(args.model):
+        log(f"{args.model} is not prepared: run `make models` first")
         return 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     scratch = args.out / "tmp" / stamp if not args.quick else args.out / stamp
     scratch.mkdir(parents=True, exist_ok=True)
+    settings = ppo_settings(args, model_dir)
+    # Only the PPO rows read the prompts (the RLOO row falls back to its own).
+    prompts = (
+        encode_prompts(model_dir, args.prompts, args.n_prompts, 64) if args.only & set(ROWS) else []
+    )
+    trl_python = ensure_trl_venv() if "trl" in args.only else None
+    limit_samples = [measure_limits(args, scratch, "start")] if "matmul" in args.only else []
+    stages = [st for st in trainers.STAGES if st in args.only]
+    prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
+    worker_settings = {"rloo": rloo_spec(args, model_dir), "dpo": dpo_spec(args, model_dir)}
+    ppo = ({**settings, "prompts": prompts}, trl_python)
+    runs, trainer_runs, worker_runs = run_rounds(
+        args, model_dir, scratch, ppo, stages, prepared, worker_settings
+    )
+    # Sampling throughput: one process, its repeats interleaved inside (bench/decode.py).
+    decode_section = run_decode(args, model_dir, scratch) if "decode" in args.only else None
+    if limit_samples:
+        limit_samples.append(measure_limits(args, scratch, "end"))
+    machine_limits = best_limits(limit_samples)
+    rows = report.summarize_rows(runs)
+    trl_runs = [r["result"] for r in runs if r["row"] == "trl" and r["result"]]
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node() or "unknown-host",
+        "machine": describe_machine(),
+        "machine_limits": machine_limits,
+        "settings": settings,
+        "rows": rows,
+        "ratios": report.pair_ratios(runs),
+        "efficiency": report.efficiency(rows, str(model_dir), settings, machine_limits),
+        "sft_reward": trainer_section(prepared, trainer_runs) if prepared else None,
+        **{
+            stage: worker_section(worker_settings[stage], worker_runs[stage], stage)
+            if worker_runs[stage]
+            else None
+            for stage in WORKER_STAGES
+        },
+        "decode": decode_section,
+        "e2e": e2e_section(args.e2e_log),
+        "notes": notes(trl_runs[0] if trl_runs else None),
+        "runs": runs,
+        "scratch": str(scratch),
+    }
+    path = report.write(out, args.out, args.results_md)
+    log(f"wrote {path} and appended to {args.results_md}")
+    workers = [r for rs in worker_runs.values() for r in rs]
+    return exit_code([*runs, *trainer_runs, *workers, decode_section])
 
-    settings = {
+
+def exit_code(processes: list[dict | None]) -> int:
+    """0 when every process that ran (None: not run) exited with 0, else 1."""
+    return 0 if all(p["rc"] == 0 for p in processes if p is not None) else 1
+
+
+def ppo_settings(args: argparse.Namespace, model_dir: Path) -> dict:
+    """The PPO rows' shared settings, as the results record them."""
+    return {
         "quick": args.quick,
         "model": str(model_dir),
         "prompts_file": str(args.prompts),
@@ -258,48 +318,25 @@ def main(argv: list[str] | None = None) -> int:
         "iterations": args.iterations,
         "pairs": args.pairs,
     }
-    # Only the PPO rows read them (the RLOO row falls back to its own).
-    prompts = (
-        encode_prompts(model_dir, args.prompts, args.n_prompts, 64) if args.only & set(ROWS) else []
-    )
-    trl_python = ensure_trl_venv() if "trl" in args.only else None
 
-    limit_samples = [measure_limits(args, scratch, "start")] if "matmul" in args.only else []
 
-    stages = [st for st in trainers.STAGES if st in args.only]
-    prepared = trainers.prepare(scratch, model_dir, args.trainer_rows) if stages else None
+def run_rounds(
+    args: argparse.Namespace,
+    model_dir: Path,
+    scratch: Path,
+    ppo: tuple[dict, Path | None],
+    stages: list[str],
+    prepared: dict | None,
+    worker_settings: dict[str, dict],
+) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """`--pairs` interleaved rounds, each running every selected row once:
+    (PPO runs, SFT / reward runs, {worker stage: runs}). `ppo`: the PPO rows' spec (settings
+    and prompts) and TRL's python."""
     runs, trainer_runs = [], []
-    worker_settings = {"rloo": rloo_spec(args, model_dir), "dpo": dpo_spec(args, model_dir)}
     worker_runs: dict[str, list[dict]] = {stage: [] for stage in WORKER_STAGES}
     for pair in range(args.pairs):
         for row in (r for r in ROWS if r in args.only):
-            label = "trl" if row == "trl" else f"ours-{row}"
-            spec = {**settings, "label": label, "variant": row, "prompts": prompts}
-            spec_path = scratch / f"{label}.{pair}.spec.json"
-            out_path = scratch / f"{label}.{pair}.json"
-            write_json(spec_path, spec)
-            python = str(trl_python) if row == "trl" else sys.executable
-            module = "bench.trl_ppo" if row == "trl" else "bench.ours_ppo"
-            cmd = [python, "-m", module, "--spec", str(spec_path), "--out", str(out_path)]
-            log(f"round {pair + 1}/{args.pairs}: {label}")
-            rc, rss, wall = run_process(cmd, scratch / f"{label}.{pair}.log", args.timeout)
-            result = read_json(out_path) if rc == 0 and out_path.exists() else None
-            if result is None:
-                log(f"{label} failed (rc {rc}), see {scratch / f'{label}.{pair}.log'}")
-            else:
-                medians = report.run_medians({"result": result, "batch_size": 8})
-                log(f"{label}: {medians['total']:.2f} s/iteration, peak RSS {rss / 1024:.2f} GB")
-            runs.append(
-                {
-                    "row": label,
-                    "pair": pair,
-                    "rc": rc,
-                    "peak_rss_mb": rss,
-                    "wall_s": wall,
-                    "batch_size": settings["batch_size"],
-                    "result": result,
-                }
-            )
+            runs.append(run_ppo_row(row, pair, *ppo, scratch, args))
         for stage in stages:
             for impl in ("ours", "trl"):
                 trainer_runs.append(
@@ -313,67 +350,72 @@ def main(argv: list[str] | None = None) -> int:
                             stage, impl, pair, worker_settings[stage], scratch, args, variant
                         )
                     )
+    return runs, trainer_runs, worker_runs
 
-    # Sampling throughput: one process, its repeats interleaved inside (bench/decode.py).
-    decode_section = run_decode(args, model_dir, scratch) if "decode" in args.only else None
 
-    if limit_samples:
-        limit_samples.append(measure_limits(args, scratch, "end"))
-    machine_limits = best_limits(limit_samples)
-
-    rows = report.summarize_rows(runs)
-    e2e = {"summary": "not measured"}
-    if args.e2e_log:
-        text = args.e2e_log.read_text().strip()
-        e2e = {"file": str(args.e2e_log), "text": text}
-        e2e["summary"] = f"from {args.e2e_log}: " + "; ".join(text.splitlines())
-    trl_runs = [r["result"] for r in runs if r["row"] == "trl" and r["result"]]
-    out = {
-        "date": datetime.date.today().isoformat(),
-        "host": platform.node() or "unknown-host",
-        "machine": describe_machine(),
-        "machine_limits": machine_limits,
-        "settings": settings,
-        "rows": rows,
-        "ratios": report.pair_ratios(runs),
-        "efficiency": report.efficiency(rows, str(model_dir), settings, machine_limits),
-        "sft_reward": {
-            "settings": {
-                k: prepared[k] for k in ("rows", "tokens", "batch_size", "max_length", "lr")
-            },
-            "rows": trainers.summarize_rows(trainer_runs),
-            "ratios": trainers.pair_ratios(trainer_runs),
-            "runs": trainer_runs,
-        }
-        if prepared
-        else None,
-        **{
-            stage: {
-                "settings": {
-                    k: v
-                    for k, v in worker_settings[stage].items()
-                    if k not in ("prompts", "rankings")
-                },
-                "rows": trainers.summarize_rows(worker_runs[stage], WORKER_VARIANTS[stage]),
-                "ratios": trainers.pair_ratios(worker_runs[stage], WORKER_VARIANTS[stage]),
-                "runs": worker_runs[stage],
-            }
-            if worker_runs[stage]
-            else None
-            for stage in WORKER_STAGES
-        },
-        "decode": decode_section,
-        "e2e": e2e,
-        "notes": notes(trl_runs[0] if trl_runs else None),
-        "runs": runs,
-        "scratch": str(scratch),
+def run_ppo_row(
+    row: str,
+    pair: int,
+    ppo_spec: dict,
+    trl_python: Path | None,
+    scratch: Path,
+    args: argparse.Namespace,
+) -> dict:
+    """One PPO row's process (TRL's in its own venv): its result, exit code, peak RSS, wall."""
+    label = "trl" if row == "trl" else f"ours-{row}"
+    spec = {**ppo_spec, "label": label, "variant": row}
+    spec_path = scratch / f"{label}.{pair}.spec.json"
+    out_path = scratch / f"{label}.{pair}.json"
+    write_json(spec_path, spec)
+    python = str(trl_python) if row == "trl" else sys.executable
+    module = "bench.trl_ppo" if row == "trl" else "bench.ours_ppo"
+    cmd = [python, "-m", module, "--spec", str(spec_path), "--out", str(out_path)]
+    log(f"round {pair + 1}/{args.pairs}: {label}")
+    rc, rss, wall = run_process(cmd, scratch / f"{label}.{pair}.log", args.timeout)
+    result = read_json(out_path) if rc == 0 and out_path.exists() else None
+    if result is None:
+        log(f"{label} failed (rc {rc}), see {scratch / f'{label}.{pair}.log'}")
+    else:
+        medians = report.run_medians({"result": result, "batch_size": 8})
+        log(f"{label}: {medians['total']:.2f} s/iteration, peak RSS {rss / 1024:.2f} GB")
+    return {
+        "row": label,
+        "pair": pair,
+        "rc": rc,
+        "peak_rss_mb": rss,
+        "wall_s": wall,
+        "batch_size": ppo_spec["batch_size"],
+        "result": result,
     }
-    path = report.write(out, args.out, args.results_md)
-    log(f"wrote {path} and appended to {args.results_md}")
-    every = [*runs, *trainer_runs, *(r for rs in worker_runs.values() for r in rs)]
-    if decode_section is not None:
-        every.append(decode_section)
-    return 0 if all(r["rc"] == 0 for r in every) else 1
+
+
+def trainer_section(prepared: dict, trainer_runs: list[dict]) -> dict:
+    """The SFT / reward rows of the results."""
+    return {
+        "settings": {k: prepared[k] for k in ("rows", "tokens", "batch_size", "max_length", "lr")},
+        "rows": trainers.summarize_rows(trainer_runs),
+        "ratios": trainers.pair_ratios(trainer_runs),
+        "runs": trainer_runs,
+    }
+
+
+def worker_section(spec: dict, worker_runs: list[dict], stage: str) -> dict:
+    """A worker stage's (RLOO, DPO) rows of the results."""
+    return {
+        "settings": {k: v for k, v in spec.items() if k not in ("prompts", "rankings")},
+        "rows": trainers.summarize_rows(worker_runs, WORKER_VARIANTS[stage]),
+        "ratios": trainers.pair_ratios(worker_runs, WORKER_VARIANTS[stage]),
+        "runs": worker_runs,
+    }
+
+
+def e2e_section(e2e_log: Path | None) -> dict:
+    """`make sft reward ppo` timings from --e2e-log, when given."""
+    if not e2e_log:
+        return {"summary": "not measured"}
+    text = e2e_log.read_text().strip()
+    summary = f"from {e2e_log}: " + "; ".join(text.splitlines())
+    return {"file": str(e2e_log), "text": text, "summary": summary}
 
 
 def run_decode(args: argparse.Namespace, model_dir: Path, scratch: Path) -> dict:

@@ -24,11 +24,33 @@ LR = {"sft": 2e-5, "reward": 3e-5}  # the default recipe's
 
 def prepare(scratch: Path, model_dir: Path, n_rows: int, batch_size: int = 8) -> dict:
     """Writes the rows and our recipe; returns the settings (token totals counted our way)."""
-    from rlhf.roles import models
-    from rlhf.tokens.chat import encode_prompt_response, encode_sft
-
     folder = scratch / "trainers"
     folder.mkdir(parents=True, exist_ok=True)
+    sft, pairs = bench_rows(n_rows)
+    files = {"sft": folder / "sft.jsonl", "reward": folder / "pairs.jsonl"}
+    for name, rows in (("sft", sft), ("reward", pairs)):
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Our stages evaluate before and after training (outside the step times): 8 rows.
+    evals = {"sft": folder / "sft_eval.jsonl", "reward": folder / "pairs_eval.jsonl"}
+    evals["sft"].write_text("".join(json.dumps(r) + "\n" for r in sft[:8]))
+    evals["reward"].write_text("".join(json.dumps(r) + "\n" for r in pairs[:8]))
+    recipe = our_recipe(folder / "ours-run", model_dir, files, evals, batch_size)
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return {
+        "recipe": str(recipe_path),
+        "output_dir": recipe["output_dir"],
+        "files": {k: str(v) for k, v in files.items()},
+        "rows": {"sft": len(sft), "reward": len(pairs)},
+        "tokens": token_totals(model_dir, sft, pairs),
+        "batch_size": batch_size,
+        "max_length": 256,
+        "lr": LR,
+    }
+
+
+def bench_rows(n_rows: int) -> tuple[list[dict], list[dict]]:
+    """(single-turn SFT conversations, best-vs-worst pairs of the rankings), n_rows each."""
     sft = [json.loads(x) for x in (ROOT / "reward_data/sft/train.jsonl").read_text().splitlines()]
     sft = [r for r in sft if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:n_rows]
     ranked = [
@@ -42,14 +64,13 @@ def prepare(scratch: Path, model_dir: Path, n_rows: int, batch_size: int = 8) ->
         }
         for r in ranked
     ]
-    files = {"sft": folder / "sft.jsonl", "reward": folder / "pairs.jsonl"}
-    for name, rows in (("sft", sft), ("reward", pairs)):
-        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # Our stages evaluate before and after training (outside the step times): 8 rows.
-    evals = {"sft": folder / "sft_eval.jsonl", "reward": folder / "pairs_eval.jsonl"}
-    evals["sft"].write_text("".join(json.dumps(r) + "\n" for r in sft[:8]))
-    evals["reward"].write_text("".join(json.dumps(r) + "\n" for r in pairs[:8]))
+    return sft, pairs
 
+
+def our_recipe(
+    output_dir: Path, model_dir: Path, files: dict, evals: dict, batch_size: int
+) -> dict:
+    """Our recipe for the same work: one epoch, fp32, constant LR, the default recipe's LRs."""
     loop = {
         "epochs": 1,
         "batch_size": batch_size,
@@ -58,9 +79,9 @@ def prepare(scratch: Path, model_dir: Path, n_rows: int, batch_size: int = 8) ->
         "eval_every": 10**6,
     }
     optim = {"warmup_ratio": 0.0, "scheduler": "constant", "max_grad_norm": 1.0}
-    recipe = {
+    return {
         "name": "bench-trainers",
-        "output_dir": str(folder / "ours-run"),
+        "output_dir": str(output_dir),
         "seed": 42,
         "precision": "fp32",
         "model": {"name": str(model_dir)},
@@ -79,27 +100,21 @@ def prepare(scratch: Path, model_dir: Path, n_rows: int, batch_size: int = 8) ->
             "optim": {**optim, "lr": LR["reward"]},
         },
     }
-    recipe_path = folder / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def token_totals(model_dir: Path, sft: list[dict], pairs: list[dict]) -> dict[str, int]:
+    """Tokens of the rows as our stages encode them (max_length 256)."""
+    from rlhf.roles import models
+    from rlhf.tokens.chat import encode_prompt_response, encode_sft
 
     tok = models.load_tokenizer(str(model_dir))
-    tokens = {
+    return {
         "sft": sum(len(encode_sft(tok, r["messages"], 256, True)["input_ids"]) for r in sft),
         "reward": sum(
             len(encode_prompt_response(tok, [{"role": "user", "content": p["prompt"]}], p[k], 256))
             for p in pairs
             for k in ("chosen", "rejected")
         ),
-    }
-    return {
-        "recipe": str(recipe_path),
-        "output_dir": recipe["output_dir"],
-        "files": {k: str(v) for k, v in files.items()},
-        "rows": {"sft": len(sft), "reward": len(pairs)},
-        "tokens": tokens,
-        "batch_size": batch_size,
-        "max_length": 256,
-        "lr": LR,
     }
 
 

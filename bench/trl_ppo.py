@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -69,20 +70,53 @@ def main() -> None:
 
     import transformers
     import trl
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from transformers import AutoTokenizer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
     transformers.logging.set_verbosity_error()
-    path = spec["model"]
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
     tokenizer.pad_token = "<|endoftext|>"  # see the module docstring
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    trainer = build_trainer(spec, tokenizer)
+    timer = PhaseTimer()
+    trainer.dataloader = FixedOrderBatches(
+        spec["prompts"], spec["batch_size"], tokenizer.pad_token_id, timer
+    )
+    instrument(trainer, ppo_module, timer, tokenizer.eos_token_id)
+    load_s = time.perf_counter() - t_start
+    log(f"{spec['label']}: loaded in {load_s:.1f}s (trl {trl.__version__})")
+
+    trainer.train()
+    write_json(
+        args.out,
+        {
+            "label": spec["label"],
+            "variant": "trl",
+            "load_s": load_s,
+            "warmup": spec["warmup"],
+            "iterations": iteration_rows(timer, spec["label"]),
+            "torch_threads": torch.get_num_threads(),
+            "trl_version": trl.__version__,
+            "transformers_version": transformers.__version__,
+            "optimizer": type(trainer.optimizer.optimizer).__name__,
+            "optimizer_defaults": {
+                k: v
+                for k, v in trainer.optimizer.optimizer.defaults.items()
+                if isinstance(v, (bool, int, float, str, type(None)))
+            },
+            "self_peak_rss_mb": self_peak_rss_mb(),
+        },
+    )
+
+
+def build_trainer(spec: dict, tokenizer: Any) -> Any:
+    """TRL's PPOTrainer on the spec's prompts and settings: policy, reference, reward model
+    and value model all loaded from the spec's model, in fp32."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    path = spec["model"]
 
     def causal_lm():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -96,9 +130,8 @@ def main() -> None:
     prompts = spec["prompts"]
     train = Dataset.from_dict({"input_ids": [p["input_ids"] for p in prompts]})
     evaluation = Dataset.from_dict({"input_ids": [p["input_ids"] for p in prompts[:8]]})
-    out_dir = tempfile.mkdtemp(prefix="trl-ppo-")
     config = PPOConfig(
-        output_dir=out_dir,
+        output_dir=tempfile.mkdtemp(prefix="trl-ppo-"),
         use_cpu=True,
         bf16=False,
         seed=spec["seed"],
@@ -118,7 +151,7 @@ def main() -> None:
         logging_steps=1,
         disable_tqdm=True,
     )
-    trainer = PPOTrainer(
+    return PPOTrainer(
         args=config,
         processing_class=tokenizer,
         model=causal_lm(),
@@ -129,11 +162,9 @@ def main() -> None:
         eval_dataset=evaluation,
     )
 
-    timer = PhaseTimer()
-    trainer.dataloader = FixedOrderBatches(
-        prompts, spec["batch_size"], tokenizer.pad_token_id, timer
-    )
 
+def instrument(trainer: Any, ppo_module: Any, timer: PhaseTimer, eos_id: int) -> None:
+    """Time TRL's phases from the outside, and record each rollout's shapes in timer.shapes."""
     # Module-level functions train() looks up at call time: wrap them in place.
     timer.patch(ppo_module, "batch_generation", "generate")
     timer.patch(ppo_module, "get_reward", "score")
@@ -154,16 +185,16 @@ def main() -> None:
             {
                 "prompt_len": int(queries.shape[1]),
                 "response_len": int(response.shape[1]),
-                "response_tokens": count_response_tokens(response, tokenizer.eos_token_id),
+                "response_tokens": count_response_tokens(response, eos_id),
             }
         )
         return query_responses, logits
 
     ppo_module.batch_generation = record_shapes
-    load_s = time.perf_counter() - t_start
-    log(f"{spec['label']}: loaded in {load_s:.1f}s (trl {trl.__version__})")
 
-    trainer.train()
+
+def iteration_rows(timer: PhaseTimer, label: str) -> list[dict]:
+    """Each iteration's total and phase seconds, with its rollout's shapes."""
     per_iter = timer.iteration_events(time.perf_counter())
     bounds = [*timer.marks, time.perf_counter()]
     iterations = []
@@ -178,28 +209,8 @@ def main() -> None:
         row["other"] = row["total"] - row["generate"] - row["score"] - row["update"]
         row.update(timer.shapes[i] if i < len(timer.shapes) else {})
         iterations.append(row)
-        log(f"{spec['label']}: iteration {i} {row['total']:.2f}s")
-
-    write_json(
-        args.out,
-        {
-            "label": spec["label"],
-            "variant": "trl",
-            "load_s": load_s,
-            "warmup": spec["warmup"],
-            "iterations": iterations,
-            "torch_threads": torch.get_num_threads(),
-            "trl_version": trl.__version__,
-            "transformers_version": transformers.__version__,
-            "optimizer": type(trainer.optimizer.optimizer).__name__,
-            "optimizer_defaults": {
-                k: v
-                for k, v in trainer.optimizer.optimizer.defaults.items()
-                if isinstance(v, (bool, int, float, str, type(None)))
-            },
-            "self_peak_rss_mb": self_peak_rss_mb(),
-        },
-    )
+        log(f"{label}: iteration {i} {row['total']:.2f}s")
+    return iterations
 
 
 if __name__ == "__main__":

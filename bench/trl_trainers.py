@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     log,
@@ -29,8 +30,7 @@ def main() -> None:
 
     import torch
     import trl
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -48,41 +48,8 @@ def main() -> None:
         "max_length": spec["max_length"],
         "eval_strategy": "no",
     }
-    if spec["stage"] == "sft":
-        # Conversational prompt/completion: the loss falls on the answer tokens, as in ours.
-        data = Dataset.from_list(
-            [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
-        )
-        config = trl.SFTConfig(**common, packing=False, completion_only_loss=True)
-        trainer = trl.SFTTrainer(
-            model=path, args=config, train_dataset=data, processing_class=tokenizer
-        )
-        lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
-    else:
-        data = Dataset.from_list(
-            [
-                {
-                    "prompt": [{"role": "user", "content": r["prompt"]}],
-                    "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                    "rejected": [{"role": "assistant", "content": r["rejected"]}],
-                }
-                for r in rows
-            ]
-        )
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        config = trl.RewardConfig(**common)
-        trainer = trl.RewardTrainer(
-            model=model, args=config, train_dataset=data, processing_class=tokenizer
-        )
-        lengths = [
-            len(x) + len(y)
-            for x, y in zip(
-                trainer.train_dataset["chosen_ids"],
-                trainer.train_dataset["rejected_ids"],
-            )
-        ]
-
+    build = sft_trainer if spec["stage"] == "sft" else reward_trainer
+    trainer, config, lengths = build(path, tokenizer, rows, common)
     step_times: list[float] = []
     trainer.add_callback(step_time_callback(step_times))
     load_s = time.perf_counter() - t_start
@@ -108,6 +75,49 @@ def main() -> None:
             "load_s": load_s,
         },
     )
+
+
+def sft_trainer(path: str, tokenizer: Any, rows: list[dict], common: dict) -> tuple:
+    """(TRL's SFTTrainer, its config, tokens per row) on conversational prompt/completion rows:
+    the loss falls on the answer tokens, as in ours."""
+    import trl
+    from datasets import Dataset
+
+    data = Dataset.from_list(
+        [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    )
+    config = trl.SFTConfig(**common, packing=False, completion_only_loss=True)
+    trainer = trl.SFTTrainer(
+        model=path, args=config, train_dataset=data, processing_class=tokenizer
+    )
+    return trainer, config, [len(x) for x in trainer.train_dataset["input_ids"]]
+
+
+def reward_trainer(path: str, tokenizer: Any, rows: list[dict], common: dict) -> tuple:
+    """(TRL's RewardTrainer, its config, tokens per pair) on conversational preference pairs."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in rows
+        ]
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    config = trl.RewardConfig(**common)
+    trainer = trl.RewardTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer
+    )
+    tokenized = trainer.train_dataset
+    lengths = [len(x) + len(y) for x, y in zip(tokenized["chosen_ids"], tokenized["rejected_ids"])]
+    return trainer, config, lengths
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from rlhf.data.check import check_file
+    from rlhf.tools.data_check import check_file
 
     stats = check_file(args.file, fmt=args.format, tokenizer=args.tokenizer, recipe=args.recipe)
     print(json.dumps(stats, indent=2) if args.json else _format_stats(stats))
@@ -215,8 +215,16 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--max-length", type=int, default=512, help="tokens the reward model reads")
     e.add_argument("--limit", type=int, default=None, help="first N rows (compare: prompts)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    cmp = e.add_argument_group("compare (policy A vs policy B)")
-    compare_flags = [
+    compare_flags = _add_compare_flags(e.add_argument_group("compare (policy A vs policy B)"))
+    e.set_defaults(
+        func=_eval,
+        compare_flags={a.dest: (a.option_strings[0], a.default) for a in compare_flags},
+    )
+
+
+def _add_compare_flags(cmp: Any) -> list[argparse.Action]:
+    """`eval compare`'s options, returned so that the other evaluations can refuse them."""
+    return [
         cmp.add_argument("--prompts", help="held-out prompts (any format `rlhf data check` reads)"),
         *(
             cmp.add_argument(flag, dest=dest, action="append", default=[], metavar=meta, help=text)
@@ -230,7 +238,7 @@ def _add_eval(sub: Any) -> None:
                     "(the rate of each rubric behaviour per policy); repeatable",
                 ),
             )
-        ),  # fmt: skip
+        ),
         cmp.add_argument(
             "--samples-per-prompt",
             type=int,
@@ -254,10 +262,6 @@ def _add_eval(sub: Any) -> None:
         cmp.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)"),
         cmp.add_argument("--output", help="per-prompt samples and scores, JSONL"),
     ]
-    e.set_defaults(
-        func=_eval,
-        compare_flags={a.dest: (a.option_strings[0], a.default) for a in compare_flags},
-    )
 
 
 # help and description of the tools' sub-commands

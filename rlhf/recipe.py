@@ -7,39 +7,31 @@ before any model loads. Every mistake becomes one `UserError` line naming the fi
 Relative paths in a recipe are relative to the current working directory (run from the repo
 root, as the Makefile does); `inherits:` is relative to the recipe file that names it.
 
-A data source names a local file or a hub dataset. A hub source may also name the file of an
-offline copy (`local:`); a relative `local:` is looked up in the data root (`data.root`, else
-the RLHF_DATA_ROOT environment variable). Hub sources are validated by form, never fetched.
+A data source (rlhf.data.source) names a local file or a hub dataset.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from rlhf.infra.errors import UserError
-
-DATA_FORMATS = (
-    "auto",
-    "messages",
-    "prompt_completion",
-    "alpaca",
-    "pairs",
-    "rankings",
-    "prompts",
-    "hh",
-    "oasst",
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
-DATA_ROOT_ENV = "RLHF_DATA_ROOT"
-# `name` or `owner/name`, as the hub spells dataset ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+from rlhf.data.source import DATA_ROOT_ENV, DataSource
+from rlhf.data.source import looks_like_local_path as looks_like_local_path  # its old home
+from rlhf.infra.errors import UserError
 
 
 class Section(BaseModel):
@@ -69,39 +61,6 @@ class LoraConfig(Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-
-class DataSource(Section):
-    path: str = Field(..., description="local .jsonl/.json/.parquet(.gz) file or a hub dataset id")
-    format: Literal[DATA_FORMATS] = "auto"  # type: ignore[valid-type]
-    split: str = Field("train", description="split name, for hub datasets")
-    data_dir: str | None = Field(None, description="hub datasets: subfolder (HH: harmless-base)")
-    local: str | None = Field(
-        None,
-        description="hub datasets: a local copy, read instead of the hub when it exists; "
-        f"a relative name is looked up in data.root (default ${DATA_ROOT_ENV})",
-    )
-    limit: int | None = Field(None, ge=1, description="use only the first N rows")
-    drop_synthetic: bool = Field(True, description="OASST: drop machine-written replies")
-    lang: str | None = Field(None, description="OASST: keep trees whose prompt is in this language")
-
-    # The recipe key that holds this source (e.g. "reward.train"), for error messages.
-    _key: str = ""
-
-    @model_validator(mode="after")
-    def _local_file_exists(self) -> DataSource:
-        if looks_like_local_path(self.path):
-            if not Path(self.path).exists():
-                raise ValueError(f"data file not found: {self.path}")
-        elif not _HUB_ID.match(self.path):
-            raise ValueError(
-                f"no such local data file as '{self.path}', and not a hub dataset id (owner/name)"
-            )
-        return self
-
-    @property
-    def key(self) -> str:
-        return self._key
 
 
 class OptimConfig(Section):
@@ -239,6 +198,11 @@ class JudgeConfig(Section):
         "second_half", description="reward.subset for the judge"
     )
     seed_offset: int = Field(1, ge=1, description="the judge's seed is the recipe's seed + this")
+    allow_prompt_overlap: bool = Field(
+        False,
+        description="let the judge train on prompts the reward model trained on (else `rlhf "
+        "judge` refuses: its verdict would not be independent); for test recipes",
+    )
 
 
 class AdaptiveKLConfig(Section):
@@ -406,7 +370,11 @@ class PPOConfig(Section):
         "transformers' generate (also used for stop_strings and sharded generation)",
     )
     kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="per-token KL estimate (Schulman 2020) in the reward and the logged KL "
+        "(default: k1 with kl_in reward; kl_in loss takes k3 only, GRPO's loss term)",
+    )
     adaptive_kl: AdaptiveKLConfig | None = None
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -453,7 +421,20 @@ class PPOConfig(Section):
     def _estimator_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("estimator") in ESTIMATOR_DEFAULTS:
             data = {**ESTIMATOR_DEFAULTS[data["estimator"]], **data}
+        if isinstance(data, dict) and data.get("kl_in") == "loss":
+            data = {"kl_estimator": "k3", **data}
         return data
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _k3_in_the_loss(cls, estimator: str, info: ValidationInfo) -> str:
+        # The loss term is GRPO's k3 (rlhf.ppo.update): another estimator would change the log only.
+        if info.data.get("kl_in") == "loss" and estimator != "k3":
+            raise ValueError(
+                f"{estimator} with kl_in: loss, whose KL loss term is k3 (GRPO); set "
+                "kl_estimator: k3 or kl_in: reward"
+            )
+        return estimator
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> PPOConfig:
@@ -566,16 +547,6 @@ class Recipe(Section):
 
 
 # ----------------------------------------------------------------------------------- loading
-
-
-def looks_like_local_path(path: str) -> bool:
-    """A hub id is `owner/name`; anything with a data extension or a path prefix is local."""
-    p = path.lower()
-    return (
-        p.startswith(("/", "./", "../", "~"))
-        or p.endswith((".jsonl", ".json", ".gz", ".parquet", ".csv"))
-        or Path(path).exists()
-    )
 
 
 def read_recipe_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Worker for tests/test_distributed.py: ONE PPO optimizer step on a fixed rollout batch of 8.
 
 Run as `python -m tests.dist_ppo_update OUT` (one rank, all 8 rows) or under
-`accelerate launch --num_processes 2` (each rank its 4 rows). Every row has the same number of
-response tokens, so the per-rank token mean of the losses, averaged by DDP, equals the token
-mean over the whole batch: the two runs must end with the same parameters.
+`accelerate launch --num_processes 2` (each rank its 4 rows), with grad_accum 2 either way. The
+rows have 1 to 6 response tokens, 7 on rank 0 and 21 on rank 1 and different numbers in each
+micro-batch: only a token mean over the whole mini-batch (every micro-batch and rank) ends both
+runs with the same parameters.
 """
 
 import sys
@@ -22,6 +23,8 @@ from rlhf.roles.actor_critic import ActorCritic
 from tests.ppo.tiny_policy import small_vocab_policy
 
 BATCH, P, R, VOCAB = 8, 5, 6, 64
+LENGTHS = [1, 2, 1, 3, 6, 5, 6, 4]  # response tokens per row
+GRAD_ACCUM = 2
 
 
 def fixed_rollout() -> tuple[Rollout, torch.Tensor, torch.Tensor]:
@@ -30,7 +33,7 @@ def fixed_rollout() -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         prompt_ids=torch.randint(3, VOCAB, (BATCH, P), generator=g),
         prompt_mask=torch.ones(BATCH, P, dtype=torch.long),
         response_ids=torch.randint(3, VOCAB, (BATCH, R), generator=g),
-        mask=torch.ones(BATCH, R),
+        mask=(torch.arange(R) < torch.tensor(LENGTHS)[:, None]).float(),
         logprobs=-4.0 + 0.1 * torch.randn(BATCH, R, generator=g),
         values=0.1 * torch.randn(BATCH, R, generator=g),
     )
@@ -44,11 +47,12 @@ def build_model() -> ActorCritic:
     return ActorCritic(small_vocab_policy(seed=0, vocab=VOCAB))
 
 
-def ppo_config(per_rank: int, **optim: float) -> PPOConfig:
+def ppo_config(per_rank: int, grad_accum: int = 1, **optim: float) -> PPOConfig:
     """One PPO epoch over one minibatch of this rank's rows, constant lr, no weight decay."""
     return PPOConfig(
         batch_size=per_rank,
         mini_batch_size=per_rank,
+        grad_accum=grad_accum,
         ppo_epochs=1,
         temperature=0.7,
         entropy_coef=0.01,
@@ -75,13 +79,17 @@ def update_on_rows(
 
 
 def main(out: str) -> None:
-    accelerator = make_accelerator(Recipe(precision="fp32", seed=0))
+    accelerator = make_accelerator(Recipe(precision="fp32", seed=0), GRAD_ACCUM)
     rank, world = accelerator.process_index, accelerator.num_processes
     per_rank = BATCH // world
-    cfg = ppo_config(per_rank)
+    cfg = ppo_config(per_rank, GRAD_ACCUM)
     model = build_model()
     torch.nn.init.normal_(model.value_head.weight, std=0.1)  # a non-trivial value gradient
     optimizer = make_optimizer(model, cfg.optim)
+    # Adam's first step is lr * g / (|g| + eps): about lr * sign(g) with eps 1e-8, whatever
+    # the weights of the tokens. eps = lr makes the step follow the gradient's size.
+    for group in optimizer.param_groups:
+        group["eps"] = cfg.optim.lr
     model, optimizer = accelerator.prepare(model, optimizer)
     mine = torch.arange(rank * per_rank, (rank + 1) * per_rank)
     stats = update_on_rows(model, optimizer, accelerator, cfg, mine)

@@ -20,9 +20,10 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from rlhf.algo.sft import n_targets, token_nll_sum
 from rlhf.infra import distributed
 from rlhf.infra.runtime import make_accelerator
-from rlhf.infra.training import make_optimizer, n_targets, token_nll_sum
+from rlhf.infra.training import make_optimizer
 from rlhf.recipe import Recipe
 from rlhf.roles import models
 from tests.dist_ppo_update import BATCH, VOCAB, build_model, ppo_config, update_on_rows

@@ -327,13 +327,12 @@ def test_save_model_writes_the_gathered_state_dict(tmp_path, tiny_model_dir):
     state dict the weights (a ZeRO-3 module holds empty shards)."""
     from safetensors.torch import load_file
 
-    from rlhf.infra import training
-    from rlhf.roles import models
+    from rlhf.roles import model_folder, models
 
     model = models.load_causal_lm(tiny_model_dir)
     tokenizer = models.load_tokenizer(tiny_model_dir)
     full = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
-    training.save_model(model, tokenizer, tmp_path, False, "card", state_dict=full)
+    model_folder.save_model(model, tokenizer, tmp_path, False, "card", state_dict=full)
     saved = {}
     for f in tmp_path.glob("*.safetensors"):
         saved.update(load_file(f))
@@ -341,7 +340,7 @@ def test_save_model_writes_the_gathered_state_dict(tmp_path, tiny_model_dir):
     torch.testing.assert_close(saved[name], full[name])
     full[name][0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
-        training.save_model(model, tokenizer, tmp_path / "bad", False, "card", state_dict=full)
+        model_folder.save_model(model, tokenizer, tmp_path / "bad", False, "card", state_dict=full)
 
 
 # ----------------------------------------------------------------- real multi-process runs

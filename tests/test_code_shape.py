@@ -1,14 +1,34 @@
-"""Shape rules for the package's code: short functions, no reaching into private names, no
-import cycles, and rlhf/algo/ free of everything but tensors.
+"""Shape rules for the package's code: short functions, no formatter markers, no reaching into
+private names, no import cycles, packages in layers, and rlhf/algo/ free of everything but
+tensors.
 
-`python -m tests.test_code_shape` prints the longest functions in rlhf/.
+`python -m tests.test_code_shape` prints the longest functions in rlhf/ and bench/.
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rlhf"
-MAX_FUNCTION_LINES = 80
+BENCH = PACKAGE.parent / "bench"
+MAX_FUNCTION_LINES = 60
+# Functions still over MAX_FUNCTION_LINES, in files being rewritten on other branches: each is
+# to be split there, and its entry deleted here (a stale entry fails the test).
+LONG_FUNCTIONS_TO_SPLIT = {
+    "rlhf/stages/ppo.py run",
+    "rlhf/ppo/update.py ppo_update",
+    "rlhf/ppo/decode.py sample",
+    "rlhf/tools/compare.py compare_cli",
+    "rlhf/tools/curves.py draw_panel",
+}
+# Files that still hold `# fmt: skip` / `# fmt: off`, for the same reason.
+FORMATTER_MARKERS_TO_REMOVE = {
+    "rlhf/stages/ppo.py",
+    "rlhf/roles/attention.py",
+    "rlhf/roles/gated_mlp.py",
+    "rlhf/tools/curves.py",
+    "rlhf/tools/evaluate.py",
+}
 
 
 def function_lengths(root: Path = PACKAGE) -> list[tuple[int, str]]:
@@ -77,9 +97,120 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def test_no_function_in_the_package_is_longer_than_80_lines():
-    too_long = [f"{n} lines: {where}" for n, where in function_lengths() if n > MAX_FUNCTION_LINES]
+# The package's layers, bottom first. A package may import its own layer and those below it,
+# never one above. rlhf itself (__init__: the version) is below everything; rlhf.algo imports
+# nothing of the package at all (test_the_math_imports_nothing_of_the_package_but_the_math).
+LAYERS: list[tuple[str, ...]] = [
+    ("rlhf",),
+    ("algo",),  # pure tensor math: every loss
+    ("infra",),  # model-agnostic plumbing: errors, accelerate, run folders, optimizer
+    ("tokens", "data"),  # chat templates and sequences; data files as canonical examples
+    ("roles",),  # the models: loading, LoRA, policy / critic / reward model forwards
+    ("accel",),  # the CPU fast paths, switched on over the plain path (may be absent)
+    ("recipe",),  # the recipe schema (validates reward functions with roles)
+    ("ppo",),  # the PPO/GRPO iteration: rollout, scoring, update
+    ("evaluation",),  # a policy against a reference (may be absent)
+    ("stages",),  # the stage runner and the stages
+    ("tools",),  # eval, compare, curves, report, label, data check, ...
+    ("cli", "__main__"),
+]
+
+
+def package_of(module: str) -> str:
+    """rlhf.roles.models -> roles; rlhf.recipe -> recipe; rlhf -> rlhf."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """{package: the other packages its modules import}."""
+    out: dict[str, set[str]] = {}
+    for name, imported in graph.items():
+        out.setdefault(package_of(name), set()).update(package_of(m) for m in imported)
+    return {pkg: imported - {pkg} for pkg, imported in out.items()}
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[tuple[str, ...]] = LAYERS) -> list[str]:
+    """`module -> module` for every import of a package in a higher layer than the importer's."""
+    level = {pkg: i for i, layer in enumerate(layers) for pkg in layer}
+    return [
+        f"{name} -> {other}"
+        for name, imported in sorted(graph.items())
+        for other in sorted(imported)
+        if level[package_of(other)] > level[package_of(name)]
+    ]
+
+
+def test_every_package_has_a_layer():
+    placed = {pkg for layer in LAYERS for pkg in layer}
+    assert set(package_graph(package_imports())) <= placed
+
+
+def test_no_package_imports_one_above_it():
+    upward = upward_imports(package_imports())
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles_between_packages():
+    cycles = import_cycles(package_graph(package_imports()))
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    pkg = tmp_path / "rlhf"
+    for sub in ("infra", "roles"):
+        (pkg / sub).mkdir(parents=True)
+    (pkg / "infra" / "training.py").write_text("def f():\n    from rlhf.roles import models\n")
+    (pkg / "roles" / "models.py").write_text("from rlhf.infra import training\n")
+    graph = package_imports(pkg)
+    assert upward_imports(graph) == ["rlhf.infra.training -> rlhf.roles.models"]
+    assert import_cycles(package_graph(graph)) == [["infra", "roles", "infra"]]
+
+
+def long_functions(roots: tuple[Path, ...] = (PACKAGE, BENCH)) -> dict[str, int]:
+    """{"path name": lines} of every function over MAX_FUNCTION_LINES."""
+    out = {}
+    for root in roots:
+        for n, where in function_lengths(root):
+            if n > MAX_FUNCTION_LINES:
+                path_line, name = where.split(" ")
+                out[f"{path_line.split(':')[0]} {name}"] = n
+    return out
+
+
+def formatter_markers(roots: tuple[Path, ...] = (PACKAGE, BENCH)) -> set[str]:
+    """Files with a `# fmt: skip` or `# fmt: off` comment (the formatter told to look away)."""
+    marker = re.compile(r"#\s*fmt:\s*(skip|off)\b")
+    return {
+        str(path.relative_to(root.parent))
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+        if marker.search(path.read_text())
+    }
+
+
+def test_no_function_is_longer_than_60_lines():
+    found = long_functions()
+    too_long = [f"{n} lines: {w}" for w, n in found.items() if w not in LONG_FUNCTIONS_TO_SPLIT]
     assert not too_long, "\n".join(too_long)
+    stale = LONG_FUNCTIONS_TO_SPLIT - found.keys()
+    assert not stale, f"no longer over {MAX_FUNCTION_LINES} lines: drop from the list: {stale}"
+
+
+def test_no_formatter_markers():
+    found = formatter_markers()
+    assert found <= FORMATTER_MARKERS_TO_REMOVE, sorted(found - FORMATTER_MARKERS_TO_REMOVE)
+    stale = FORMATTER_MARKERS_TO_REMOVE - found
+    assert not stale, f"no marker left: drop from the list: {stale}"
+
+
+def test_the_marker_finder_finds_skip_and_off(tmp_path):
+    pkg = tmp_path / "rlhf"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = [1,\n  2]  # fmt: skip\n")
+    (pkg / "b.py").write_text("# fmt: off\nx = 1\n# fmt: on\n")
+    (pkg / "c.py").write_text('"""fmt: skip in prose is no marker."""\n')
+    assert formatter_markers((pkg,)) == {"rlhf/a.py", "rlhf/b.py"}
 
 
 def test_the_length_count_includes_decorators_and_the_whole_body(tmp_path):
@@ -118,5 +249,5 @@ def test_the_math_imports_nothing_of_the_package_but_the_math():
 
 
 if __name__ == "__main__":
-    for n, where in function_lengths()[:3]:
+    for n, where in sorted(function_lengths() + function_lengths(BENCH), reverse=True)[:10]:
         print(f"{n:4d}  {where}")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf.algo.dpo import ranking_pair_losses
 from rlhf.cli import main
 from rlhf.data.types import Ranking
 from rlhf.recipe import DPO_LOSS_TYPES
@@ -451,19 +452,6 @@ def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
 # --------------------------------------------- our own pair loss on the reward stage batching
 
 
-def test_dpo_pair_loss_by_hand():
-    # margin = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.5 -> -log sigmoid(0.75) = log(1 + e^-0.75)
-    got = pref.dpo_pair_loss(
-        torch.tensor([-1.0, -4.0]),
-        torch.tensor([-3.0, -4.0]),
-        torch.tensor([-2.0, -7.0]),
-        torch.tensor([-2.5, -7.0]),
-        beta=0.5,
-    )
-    # the second pair: policy and reference agree on both answers -> log 2
-    assert got.tolist() == pytest.approx([math.log1p(math.exp(-0.75)), math.log(2.0)], rel=1e-6)
-
-
 def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tmp_path):
     """Our pair loss over the reward stage's batching (each of a ranking's K responses
     forwarded once, the shared prefix once) equals TRL's DPOTrainer sigmoid loss over the
@@ -529,7 +517,7 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
         policy_logps = pref.response_logps(model, batch)
         with model.disable_adapter():
             ref_logps = pref.response_logps(model, batch)
-        ours = pref.ranking_pair_losses(policy_logps, ref_logps, batch, beta=0.1)
+        ours = ranking_pair_losses(policy_logps, ref_logps, batch, beta=0.1)
     assert ours.shape == (12,)
     assert abs(trl_loss.item() - math.log(2.0)) > 1e-3  # the comparison is not trivial
     assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf import cli
-from rlhf.infra import training
+from rlhf.algo import sft as sft_loss
 from rlhf.roles import models
 from rlhf.tokens.chat import encode_sft, pad_batch
 from rlhf.tools import evaluate
@@ -58,8 +58,8 @@ def test_perplexity_matches_the_sft_token_nll(tmp_path, tiny_model_dir):
     )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    nll = training.token_nll_sum(logits, batch["labels"]).item()
-    n = int(training.n_targets(batch["labels"]))
+    nll = sft_loss.token_nll_sum(logits, batch["labels"]).item()
+    n = int(sft_loss.n_targets(batch["labels"]))
     assert got["n_tokens"] == n and got["n_conversations"] == 2
     assert got["loss"] == pytest.approx(nll / n, rel=1e-4)
     assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
@@ -70,7 +70,7 @@ def test_perplexity_matches_the_sft_token_nll(tmp_path, tiny_model_dir):
 def test_sft_module_still_exposes_the_moved_helpers():
     from rlhf.stages import sft
 
-    assert sft.token_nll_sum is training.token_nll_sum and sft.n_targets is training.n_targets
+    assert sft.token_nll_sum is sft_loss.token_nll_sum and sft.n_targets is sft_loss.n_targets
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from rlhf.infra import runtime, training
 from rlhf.recipe import LoraConfig, OptimConfig
-from rlhf.roles import models
+from rlhf.roles import model_folder, models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits
 from rlhf.tokens.chat import positions_from_mask
 
@@ -107,7 +107,7 @@ def test_restoring_fp32_merges_the_adapter_in_fp32_and_saves_a_loadable_model(ti
         ) * (8 / 4)
     assert not torch.equal(merged_q.to(torch.bfloat16).float(), merged_q)  # bf16 would lose it
     tokenizer = models.load_tokenizer(models.resolve("tiny-llama"))
-    training.save_model(policy, tokenizer, tmp_path, merge_lora=True, card="test")
+    model_folder.save_model(policy, tokenizer, tmp_path, merge_lora=True, card="test")
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from rlhf.infra.training import n_targets, token_nll_sum
+from rlhf.algo.sft import n_targets, token_nll_sum
 from rlhf.roles import models
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft
 from rlhf.tokens.packing import collate_packed, pack_rows

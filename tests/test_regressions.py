@@ -168,7 +168,7 @@ def test_grad_accum_steps_the_optimizer_once_per_window(tmp_path):
 # 3 ------------------------------------------------------------------------------------------
 def test_packing_trains_no_target_across_example_boundaries(tiny_model_dir):
     """assistant_only_loss false: a packed row has the targets and loss of its examples."""
-    from rlhf.infra.training import n_targets, token_nll_sum
+    from rlhf.algo.sft import n_targets, token_nll_sum
     from rlhf.tokens.packing import collate_packed, pack_rows
 
     tok = models.load_tokenizer(tiny_model_dir)

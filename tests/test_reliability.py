@@ -14,6 +14,7 @@ from rlhf.infra import training
 from rlhf.infra.errors import NumericalFault
 from rlhf.infra.runtime import make_accelerator
 from rlhf.recipe import Recipe
+from rlhf.roles import model_folder
 from tests.test_pipeline import _overrides, _write_data
 
 
@@ -109,5 +110,5 @@ def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir):
     with torch.no_grad():
         next(model.parameters())[0, 0] = float("nan")
     with pytest.raises(NumericalFault):
-        training.save_model(model, tok, tmp_path / "out", True, "card")
+        model_folder.save_model(model, tok, tmp_path / "out", True, "card")
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.algo import ranking as ranking_loss
 from rlhf.data.types import Ranking
 from rlhf.roles import models
 from rlhf.roles import reward_model as rm
@@ -32,22 +33,10 @@ def fake_row(k: int) -> dict:
 # ------------------------------------------------------------------------------------ the loss
 
 
-def test_bradley_terry_loss_hand_computed():
-    better, worse = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.5, 2.0, 1.0])
-    # -log sigmoid(1.5) = log(1 + e^-1.5) = 0.201413; -log sigmoid(-1.5) = 1.701413;
-    # -log sigmoid(0) = log 2 = 0.693147.
-    got = rm.bradley_terry_loss(better, worse)
-    assert torch.allclose(got, torch.tensor([0.201413, 1.701413, 0.693147]), atol=1e-6)
-    # margin 1: -log sigmoid(1.5 - 1) = log(1 + e^-0.5) = 0.474077
-    assert rm.bradley_terry_loss(better[:1], worse[:1], margin=1.0).item() == pytest.approx(
-        0.474077, abs=1e-6
-    )
-
-
 def test_loss_gradient_pushes_better_up_and_worse_down():
     scores = torch.tensor([0.0, 0.0], requires_grad=True)
     batch = rm.collate_rankings([fake_row(2)], pad_id=0)
-    rm.batch_loss(scores, batch).backward()
+    ranking_loss.batch_loss(scores, batch).backward()
     # d/dr_b of -log sigmoid(r_b - r_w) at 0 = -(1 - sigmoid(0)) = -0.5
     assert scores.grad.tolist() == pytest.approx([-0.5, 0.5])
 
@@ -55,8 +44,8 @@ def test_loss_gradient_pushes_better_up_and_worse_down():
 def test_center_term_is_squared_mean_reward_of_the_prompt():
     scores = torch.tensor([3.0, 1.0])
     batch = rm.collate_rankings([fake_row(2)], pad_id=0)
-    plain = rm.batch_loss(scores, batch)
-    centred = rm.batch_loss(scores, batch, center_coef=0.1)
+    plain = ranking_loss.batch_loss(scores, batch)
+    centred = ranking_loss.batch_loss(scores, batch, center_coef=0.1)
     # log(1 + e^-2) = 0.126928; mean reward 2 -> 0.1 * 2^2 = 0.4
     assert plain.item() == pytest.approx(0.126928, abs=1e-6)
     assert centred.item() - plain.item() == pytest.approx(0.4, abs=1e-6)
@@ -89,7 +78,7 @@ def test_each_response_is_scored_once_per_batch(tiny_model_dir):
     rows = [rm.encode_ranking(tok, ranking(k, f"prompt {k}"), 64) for k in (4, 3, 2)]
     batch = rm.collate_rankings(rows, tok.pad_token_id)
     scores = rm.RewardScorer(model)(batch["input_ids"], batch["attention_mask"])
-    loss = rm.batch_loss(scores, batch)
+    loss = ranking_loss.batch_loss(scores, batch)
     loss.backward()
     hook.remove()
     assert rows_seen == [4 + 3 + 2]  # one forward, one row per response
@@ -147,7 +136,7 @@ def test_prefix_shared_scores_and_gradients_equal_the_flat_forward(tiny_model_di
     for batch in (flat, shared):
         scorer.zero_grad()
         scores = scorer(**rm.scorer_inputs(batch))
-        rm.batch_loss(scores, batch).backward()
+        ranking_loss.batch_loss(scores, batch).backward()
         grads.append(
             {n: p.grad.clone() for n, p in scorer.named_parameters() if p.grad is not None}
         )
@@ -168,20 +157,24 @@ def test_k9_prompt_weighs_the_same_as_a_k2_prompt():
     # K=9 prompt: every pair has margin 2 -> each pair loss log(1 + e^-2).
     k9 = torch.tensor([float(8 - i) * 2 for i in range(9)])  # 16, 14, ..., 0: adjacent gap 2
     batch9 = rm.collate_rankings([fake_row(9)], pad_id=0)
-    per_pair = rm.bradley_terry_loss(k9[batch9["better"]], k9[batch9["worse"]])
+    per_pair = ranking_loss.bradley_terry_loss(k9[batch9["better"]], k9[batch9["worse"]])
     assert batch9["better"].numel() == 36
-    assert rm.batch_loss(k9, batch9).item() == pytest.approx(per_pair.mean().item(), rel=1e-6)
+    assert ranking_loss.batch_loss(k9, batch9).item() == pytest.approx(
+        per_pair.mean().item(), rel=1e-6
+    )
 
     # A K=9 prompt next to a K=2 prompt: each is half of the batch loss, not 36/37 and 1/37.
     k2 = torch.tensor([0.0, 0.0])
     both = rm.collate_rankings([fake_row(9), fake_row(2)], pad_id=0)
     expected = 0.5 * per_pair.mean().item() + 0.5 * math.log(2.0)
-    assert rm.batch_loss(torch.cat([k9, k2]), both).item() == pytest.approx(expected, rel=1e-6)
+    assert ranking_loss.batch_loss(torch.cat([k9, k2]), both).item() == pytest.approx(
+        expected, rel=1e-6
+    )
 
     # One K=9 prompt beside nine K=2 prompts is 1 of 10 prompts (weight 1/10), although it
     # brings 36 of the 45 pairs: (L9 + 9 L2) / 10, not (36 L9 + 9 L2) / 45 (pair weighting).
     batch = rm.collate_rankings([fake_row(9)] + [fake_row(2)] * 9, pad_id=0)
-    loss = rm.batch_loss(torch.cat([k9, torch.zeros(18)]), batch).item()
+    loss = ranking_loss.batch_loss(torch.cat([k9, torch.zeros(18)]), batch).item()
     assert loss == pytest.approx((per_pair.mean().item() + 9 * math.log(2.0)) / 10, rel=1e-6)
     pair_weighted = (per_pair.sum().item() + 9 * math.log(2.0)) / 45
     assert abs(loss - pair_weighted) > 0.1
@@ -192,9 +185,9 @@ def test_prompt_losses_split_across_micro_batches_add_up():
     torch.manual_seed(0)
     rows = [fake_row(k) for k in (2, 5, 3, 4)]
     scores = [torch.randn(len(r["seqs"])) for r in rows]
-    whole = rm.batch_loss(torch.cat(scores), rm.collate_rankings(rows, 0))
+    whole = ranking_loss.batch_loss(torch.cat(scores), rm.collate_rankings(rows, 0))
     parts = sum(
-        rm.prompt_losses(
+        ranking_loss.prompt_losses(
             torch.cat(scores[i : i + 2]), rm.collate_rankings(rows[i : i + 2], 0)
         ).sum()
         for i in (0, 2)
@@ -232,11 +225,10 @@ def test_scores_are_the_same_with_left_and_right_padding(tiny_model_dir):
 
 
 def test_lora_seq_cls_keeps_the_score_head_trainable(tiny_model_dir):
-    from rlhf.infra import training
     from rlhf.recipe import LoraConfig
 
     model = models.load_reward_model(tiny_model_dir)
-    model = training.prepare_for_training(model, LoraConfig(enabled=True, r=4), False, "SEQ_CLS")
+    model = models.prepare_for_training(model, LoraConfig(enabled=True, r=4), False, "SEQ_CLS")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("score" in n for n in trainable)
     assert any("lora_" in n for n in trainable)
@@ -701,3 +693,22 @@ def test_judge_recipe_takes_the_other_half_and_another_seed():
         load_recipe("recipes/smollm2-135m.yaml", ["judge.seed_offset=5", "judge.subset=all"])
     )
     assert (custom.seed, custom.reward.subset) == (47, "all")
+
+
+def test_judge_refuses_to_train_on_the_reward_models_prompts_unless_allowed(tmp_path, capsys):
+    """The tiny recipe's reward model trains on all rankings and its judge on the second half:
+    82 of the reward model's 180 prompts. `rlhf judge` refuses that in one line (exit 2, no
+    run folder) unless judge.allow_prompt_overlap says so, as recipes/tiny.yaml does; the
+    default recipe's disjoint halves pass."""
+    from rlhf.cli import main
+    from rlhf.recipe import load_recipe
+    from rlhf.stages.judge import check_independent
+
+    args = ["judge", "recipes/tiny.yaml", f"output_dir={tmp_path}"]
+    assert main([*args, "judge.allow_prompt_overlap=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "82 of the reward model's 180 training prompts" in err
+    assert "judge.allow_prompt_overlap: true" in err and "Traceback" not in err
+    assert not (tmp_path / "judge").exists()
+    check_independent(load_recipe("recipes/tiny.yaml", []))  # allowed explicitly
+    check_independent(load_recipe("recipes/smollm2-135m.yaml", []))  # disjoint halves

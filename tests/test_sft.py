@@ -163,7 +163,8 @@ def test_lm_head_on_answer_positions_gives_the_full_logits_loss_and_gradients(ti
     labels masked and right padding; a batch without targets gives 0."""
     import torch
 
-    from rlhf.infra.training import labelled_nll_sum, token_nll_sum
+    from rlhf.algo.sft import token_nll_sum
+    from rlhf.roles.labelled_nll import labelled_nll_sum
 
     torch.manual_seed(0)
     model = models.load_causal_lm(tiny_model_dir)
@@ -225,6 +226,7 @@ def test_sharded_held_out_perplexity_counts_each_row_once(tiny_model_dir, monkey
     import torch
 
     from rlhf.infra import distributed, training
+    from rlhf.roles.labelled_nll import answer_nll
     from rlhf.stages import sft
     from rlhf.stages.runner import rank_batches
 
@@ -235,7 +237,7 @@ def test_sharded_held_out_perplexity_counts_each_row_once(tiny_model_dir, monkey
         ids = torch.randint(5, 500, (length,)).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     collate = lambda chunk: sft.collate_rows(chunk, pad_id=0)  # noqa: E731
-    whole = training.answer_nll(model, [collate(rows)])
+    whole = answer_nll(model, [collate(rows)])
     expected = training.perplexity(*whole.tolist())["loss"]
 
     monkeypatch.setattr(distributed, "is_sharded", lambda accelerator=None: True)

@@ -240,3 +240,42 @@ def test_two_machine_launch_on_localhost_under_fsdp2(tmp_path):
     assert shard.is_file() and (run / "sft" / "COMPLETED").is_file()
     model = AutoModelForCausalLM.from_pretrained(run / "sft" / "model")  # gathered, full
     assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+
+
+def _tiny_gemma3(folder: Path) -> torch.Tensor:
+    """A random 2-layer Gemma-3 with tied embeddings (64 tokens) saved to `folder`; returns its
+    embedding table."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    sizes = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "head_dim": 16}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1, "sliding_window": 4}
+    layers = {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
+    config = Gemma3TextConfig(**sizes, **heads, **layers, tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model.get_input_embeddings().weight.detach().clone()
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
+def test_embedding_rows_copy_into_a_model_loaded_partitioned_under_zero3(tmp_path, deepspeed_ops):
+    """sft.init_token_embeddings (recipes/gemma3-270m.yaml) under ZeRO-3: the model is loaded
+    partitioned, each weight an empty placeholder, and the rows are still copied."""
+    from tests.dist_embedding_copy import SOURCES
+
+    table = _tiny_gemma3(tmp_path / "model")
+    out = tmp_path / "out.safetensors"
+    launch = [ACCELERATE, "launch", "--config_file", ENGINES["zero3"][0]]
+    port = ["--main_process_port", str(_free_port())]
+    worker = ["-m", "tests.dist_embedding_copy", str(tmp_path / "model"), str(out)]
+    done = run_launch(launch + port + worker, timeout=400, cwd=REPO, env=_env())
+    assert done.returncode == 0, launch_error(done.stderr)
+    got = load_file(out)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"sharding": "zero3"}
+    assert got["world_size"].item() == 2 and got["held"].item() == 0  # a placeholder
+    assert got["tied"].item()
+    expected = table.clone()
+    for dst, src in SOURCES.items():
+        expected[dst] = table[src]
+    assert torch.equal(got["embedding"], expected)

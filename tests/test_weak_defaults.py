@@ -124,7 +124,7 @@ def test_attn_implementation_reaches_the_loaded_model(tiny_model_dir):
 def test_saved_models_keep_every_end_token(tiny_model_dir, tmp_path):
     import json
 
-    from rlhf.infra.training import save_model
+    from rlhf.roles.model_folder import save_model
     from rlhf.tokens.decoding import eos_ids
 
     tok = models.load_tokenizer(tiny_model_dir)

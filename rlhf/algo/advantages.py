@@ -26,6 +26,7 @@ import torch
 from rlhf.algo.ppo import (
     gae,
     group_advantages,
+    group_std,
     kl_penalty,
     masked_mean,
     masked_whiten,
@@ -43,11 +44,6 @@ def sequence_advantages(rewards: torch.Tensor, estimator: str, k: int) -> torch.
     if estimator == "grpo":
         return group_advantages(rewards, k, scale=False)
     raise ValueError(f"'{estimator}' has no sequence-level advantage")
-
-
-def group_std(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """Each row's group population std, (B,) -> (B,)."""
-    return rewards.view(-1, k).std(1, unbiased=False).repeat_interleave(k)
 
 
 def normalise_advantages(

@@ -114,15 +114,16 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float,
     aggregation: str = "token",
+    total: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise:
     mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps));
-    `aggregation` picks the mean (see aggregate_loss)."""
+    `aggregation` and `total` pick the mean (see aggregate_loss)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, total)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -139,13 +140,15 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float,
+    total: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (PPO2 baselines; "N implementation details" #9):
-    0.5 * mean(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2))."""
+    0.5 * mean(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)), a token mean
+    (`total` as in aggregate_loss)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     err_unclipped = (values - returns) ** 2
     err_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), mask)
+    loss = 0.5 * aggregate_loss(torch.maximum(err_unclipped, err_clipped), mask, "token", total)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((err_clipped > err_unclipped).float(), mask)}
     return loss, stats
@@ -178,7 +181,12 @@ class FixedKLController:
 
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019, sec. 2.2: beta_{t+1} = beta_t * (1 + K_beta * e_t) with the
-    proportional error e_t = clip(KL_t / KL_target - 1, -0.2, 0.2) and K_beta = n_steps / horizon."""
+    proportional error e_t = clip(KL_t / KL_target - 1, -0.2, 0.2) and K_beta = n_steps / horizon,
+    n_steps the rollouts since the last update. Over a run of N rollouts beta moves by at most
+    a factor (1 + 0.2 * n_steps / horizon) ** (N / n_steps) (`reach`): a horizon far above N
+    leaves it where it started."""
+
+    MAX_ERROR = 0.2
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         super().__init__(init_kl_coef)
@@ -186,8 +194,12 @@ class AdaptiveKLController(FixedKLController):
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        error = min(max(current_kl / self.target - 1.0, -self.MAX_ERROR), self.MAX_ERROR)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+    def reach(self, n_steps: int, updates: int) -> float:
+        """The largest factor beta can grow by in `updates` updates of `n_steps` rollouts each."""
+        return (1.0 + self.MAX_ERROR * n_steps / self.horizon) ** updates
 
 
 # ------------------------------------------------------------------ critic-free baselines
@@ -214,20 +226,51 @@ def group_advantages(
     scores: torch.Tensor, k: int, scale: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO's outcome advantage (Shao et al. 2024, sec. 4.1.2): (s - mean_group) / (std_group
-    + eps), the population std of the k samples. scale=False keeps only the centring (Dr. GRPO,
-    Liu et al. 2025: the std division favours prompts whose samples all score alike)."""
+    + eps), std_group the sample std of the k scores (group_std). scale=False keeps only the
+    centring (Dr. GRPO, Liu et al. 2025: the std division favours prompts whose samples all
+    score alike)."""
     groups = _groups(scores, k)
     centred = groups - groups.mean(1, keepdim=True)
     if scale:
-        centred = centred / (groups.std(1, unbiased=False, keepdim=True) + eps)
+        centred = centred / (group_std(scores, k).view(-1, k) + eps)
     return centred.reshape(-1)
 
 
-def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
-    """token: mean over every real token of the batch (long answers weigh more; Dr. GRPO);
-    sequence: mean over each answer's tokens, then over answers (GRPO, Shao et al. 2024 eq. 3)."""
+def group_std(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's group std, (B,) -> (B,): the unbiased sample std (divisor k - 1), as TRL's
+    GRPOTrainer and verl's GRPO advantage compute it (torch.std's default), not the population
+    std (divisor k), which is sqrt(k / (k - 1)) times smaller (1.15x at k = 4)."""
+    if k < 2:
+        raise ValueError("a group std needs k >= 2 samples per prompt")
+    return _groups(scores, k).std(1).repeat_interleave(k)
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    how: str = "token",
+    total: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """token: mean over every real token (DAPO's token-level loss, Yu et al. 2025: long answers
+    weigh more); sequence: mean over each answer's tokens, then over answers (GRPO, Shao et
+    al. 2024 eq. 3). Dr. GRPO (Liu et al. 2025) divides the token sum by a constant instead.
+
+    `total`: the count to divide by (tokens for token, answers for sequence) when this batch is
+    one micro-batch of a larger mini-batch: that mini-batch's count (aggregation_count) over all
+    its micro-batches and ranks, so that every token (answer) of it weighs the same. None: this
+    batch's own count."""
     if how == "token":
-        return masked_mean(per_token, mask)
+        summed = (per_token * mask).sum()
+    elif how == "sequence":
+        summed = masked_mean(per_token, mask, dim=1).sum()
+    else:
+        raise ValueError(f"unknown loss aggregation '{how}' (valid: token, sequence)")
+    count = aggregation_count(mask, how) if total is None else torch.as_tensor(total)
+    return summed / count.to(summed.dtype).clamp(min=1)
+
+
+def aggregation_count(mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """What aggregate_loss divides by: the real tokens (token) or the answers (sequence)."""
     if how == "sequence":
-        return masked_mean(per_token, mask, dim=1).mean()
-    raise ValueError(f"unknown loss aggregation '{how}' (valid: token, sequence)")
+        return torch.tensor(float(mask.shape[0]), device=mask.device)
+    return mask.sum()

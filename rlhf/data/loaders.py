@@ -19,11 +19,11 @@ from pydantic import ValidationError
 
 from rlhf.data import formats, hh, oasst
 from rlhf.data.readers import BadLine, HubUnavailable, read_hub, read_rows
+from rlhf.data.source import DATA_FORMATS, DATA_ROOT_ENV, DataSource, looks_like_local_path
 from rlhf.data.split import split_by_prompt
 from rlhf.data.types import LoadResult, Prompt, Ranking, SFTExample
 from rlhf.data.validate import InvalidRow, RowPolicy
 from rlhf.infra.errors import UserError
-from rlhf.recipe import DATA_FORMATS, DATA_ROOT_ENV, DataSource, looks_like_local_path
 
 Parser = Callable[[Any, str], list]
 

@@ -22,8 +22,14 @@ from rlhf.infra import allocator, distributed
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
 # dot-product instructions: under them oneDNN converts bf16 to fp32 like a CPU without them.
 _ONEDNN_ISAS_WITHOUT_BF16_ARITHMETIC = {
-    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-}  # fmt: skip
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
 _X86_MACHINES = {"x86_64", "amd64", "i386", "i686"}  # platform.machine(), lower case
 
 

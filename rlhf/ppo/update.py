@@ -1,26 +1,30 @@
 """The PPO update: epochs over shuffled minibatches of one rollout batch (Schulman et al. 2017).
 
 loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy [+ kl_coef * k3 KL when
-kl_in is loss], per micro-batch, with gradient accumulation over `grad_accum` micro-batches per
-optimizer step. Without a critic (rloo, grpo, reinforce_pp) there is no value loss; in critic
-warm-up (value_only) the value loss alone trains the critic and the policy is not stepped.
+kl_in is loss], with gradient accumulation over `grad_accum` micro-batches per optimizer step.
+Each term is a mean over the whole mini-batch (its micro-batches on every rank): a token mean
+(DAPO, Yu et al. 2025) or, with loss_aggregation sequence, a mean over its answers, so a token
+of a short answer weighs what a token of a long one does wherever the answers landed. Without a
+critic (rloo, grpo, reinforce_pp) there is no value loss; in critic warm-up (value_only) the
+value loss alone trains the critic and the policy is not stepped.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rlhf.algo.ppo import (
     aggregate_loss,
+    aggregation_count,
     kl_penalty,
-    masked_mean,
     policy_loss,
     value_loss,
 )
-from rlhf.infra.training import NonFiniteGuard, step_if_finite
+from rlhf.infra.training import NonFiniteGuard, averaging_undone, step_if_finite
 from rlhf.ppo.rollout import Rollout
 from rlhf.roles.training_forwards import lean_training_forwards
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
@@ -58,6 +62,7 @@ def ppo_update(
                 mini = order[start : start + cfg.mini_batch_size]
                 minibatch_kl = []
                 minibatches_run += 1
+                counts = minibatch_counts(accelerator, rollout.mask[mini.to(rollout.mask.device)])
                 for m_start in range(0, len(mini), micro):
                     idx = mini[m_start : m_start + micro].to(rollout.mask.device)
                     targets = (
@@ -67,7 +72,7 @@ def ppo_update(
                     )
                     with accelerator.accumulate(model), accelerator.autocast():
                         loss, pg_loss, pg_stats = micro_batch_loss(
-                            model, *targets, cfg, kl_coef, value_only, stats
+                            model, *targets, cfg, kl_coef, value_only, stats, counts
                         )
                         # A non-finite loss (or reward) still goes through backward on every rank;
                         # the synced gradient norm then decides, identically everywhere, to skip.
@@ -115,29 +120,35 @@ def micro_batch_loss(
     kl_coef: float,
     value_only: bool,
     stats: dict[str, list[float]],
+    counts: MiniBatchCounts,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(total loss, policy loss, policy statistics) of one micro-batch of the rollout; value
-    and KL-loss statistics are appended to `stats`."""
+    and KL-loss statistics are appended to `stats`. Each loss is this micro-batch's share of
+    the mini-batch mean (`counts`), times counts.undo: the logged mean over micro-batches and
+    ranks is the mini-batch mean."""
     R = mb.response_ids.shape[1]
     logits, values = model(
         mb.input_ids, mb.attention_mask, keep=response_keep(R), detach_values=value_only
     )
     logits = logits[:, :R]
     logp = logprobs_from_logits(logits, mb.response_ids, cfg.temperature)
+    how, undo = cfg.loss_aggregation, counts.undo
     pg_loss, pg_stats = policy_loss(
-        logp, mb.logprobs, advantages, mb.mask, cfg.cliprange, cfg.loss_aggregation
+        logp, mb.logprobs, advantages, mb.mask, cfg.cliprange, how, counts.of(how)
     )
+    pg_loss = pg_loss * undo
     loss = pg_loss
     if cfg.kl_in == "loss":
         # GRPO (Shao et al. 2024, eq. 4): k3 = r - log r - 1, r = pi_ref / pi.
         kl = kl_penalty(logp, mb.ref_logprobs, "k3")
-        kl_loss = aggregate_loss(kl, mb.mask, cfg.loss_aggregation)
+        kl_loss = aggregate_loss(kl, mb.mask, how, counts.of(how)) * undo
         loss = loss + kl_coef * kl_loss
         stats["policy/kl_loss"].append(kl_loss.item())
     if returns is not None:
         vf_loss, vf_stats = value_loss(
-            values[:, :R], mb.values, returns, mb.mask, cfg.cliprange_value
+            values[:, :R], mb.values, returns, mb.mask, cfg.cliprange_value, counts.tokens
         )
+        vf_loss = vf_loss * undo
         loss = loss + cfg.vf_coef * vf_loss
         stats["value/loss"].append(vf_loss.item())
         stats["value/clipfrac"].append(vf_stats["clipfrac"].item())
@@ -146,6 +157,29 @@ def micro_batch_loss(
         # gradients are dropped after backward, so it is not stepped.
         loss = vf_loss + 0.0 * loss
     if cfg.entropy_coef > 0 and not value_only:
-        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mb.mask)
+        entropy = entropy_from_logits(logits, cfg.temperature)
+        entropy = aggregate_loss(entropy, mb.mask, "token", counts.tokens) * undo
         loss = loss - cfg.entropy_coef * entropy
     return loss, pg_loss, pg_stats
+
+
+@dataclass(frozen=True)
+class MiniBatchCounts:
+    """A mini-batch's real response tokens and answers, summed over its micro-batches and all
+    ranks (what its losses are means over), and averaging_undone (rlhf.infra.training)."""
+
+    tokens: torch.Tensor
+    answers: torch.Tensor
+    undo: int
+
+    def of(self, how: str) -> torch.Tensor:
+        """The count a loss aggregated `how` (token, sequence) divides by."""
+        return self.answers if how == "sequence" else self.tokens
+
+
+def minibatch_counts(accelerator: Any, mask: torch.Tensor) -> MiniBatchCounts:
+    """MiniBatchCounts of the mini-batch whose rows on this rank have response `mask`; a
+    collective: every rank calls it for every mini-batch."""
+    local = torch.stack([aggregation_count(mask, "token"), aggregation_count(mask, "sequence")])
+    tokens, answers = accelerator.reduce(local.float(), "sum")
+    return MiniBatchCounts(tokens, answers, averaging_undone(accelerator))

@@ -157,9 +157,17 @@ def causal_lm_logits(
 # Causal LMs whose forward ends in `lm_head(hidden)` (given no final_logit_softcapping), so
 # the head can be applied to hidden states computed some other way.
 PLAIN_LM_HEADS = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-     "SmolLM3ForCausalLM", "GemmaForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel"}
-)  # fmt: skip
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "SmolLM3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma3ForCausalLM",
+        "GPT2LMHeadModel",
+    }
+)
 
 
 def shares_context(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rlhf.infra import distributed
 from rlhf.infra.errors import UserError
 from rlhf.infra.forwards import instance_forwards
 from rlhf.roles.real_token_mlp import mlps_on_real_tokens
@@ -422,6 +423,30 @@ def load_reward_model(name: str, *settings: Any, **named: Any) -> torch.nn.Modul
     return load_pretrained("reward", name, *settings, **named)
 
 
+def load_recipe_model(model: Any, head: str = "lm", folder: str | None = None) -> torch.nn.Module:
+    """The recipe's model (its `model:` section, a ModelConfig) with `head` ("lm" or "reward"),
+    or another `folder` (an SFT run's model, a stage's init_from) loaded with that section's
+    settings: layers, remote code, attention. The revision pins the recipe's own model only."""
+    return load_pretrained(
+        head,
+        folder or model.name,
+        num_hidden_layers=model.num_hidden_layers,
+        trust_remote_code=model.trust_remote_code,
+        revision=None if folder else model.revision,
+        attn_implementation=model.attn_implementation,
+    )
+
+
+def load_recipe_tokenizer(model: Any, folder: str | None = None) -> Any:
+    """load_tokenizer of load_recipe_model's model, with the recipe's chat template."""
+    return load_tokenizer(
+        folder or model.name,
+        model.chat_template,
+        model.trust_remote_code,
+        revision=None if folder else model.revision,
+    )
+
+
 def _first_line(err: Exception) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:160]
 
@@ -464,6 +489,20 @@ def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") 
             "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
         )
         return get_peft_model(model, lora_config(lora, task_type))
+
+
+def prepare_for_training(
+    model: torch.nn.Module, lora: Any, gradient_checkpointing: bool, task_type: str
+) -> torch.nn.Module:
+    """Dropout off is NOT done here (SFT/RM keep the model's dropout); LoRA and checkpointing."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora.enabled:
+        model = apply_lora(model, lora, task_type=task_type)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
 
 
 @contextmanager
@@ -641,13 +680,18 @@ def copy_token_embeddings(model: torch.nn.Module, sources: dict[int, int]) -> No
     initial row, which sits among the other never-trained rows (unused tokens, rare scripts):
     SFT raising its logit then raises theirs too, and samples end in stray tokens instead of
     the turn marker. Starting it from a trained token with the same role avoids that (the
-    mean-embedding variant of this is Hewitt 2021, "Initializing new word embeddings")."""
+    mean-embedding variant of this is Hewitt 2021, "Initializing new word embeddings").
+
+    Loaded under ZeRO-3 the weights are empty placeholders: they are gathered for the copy
+    (every rank must call this)."""
     inputs = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    for dst, src in sources.items():
-        inputs[dst] = inputs[src]
-        if head is not None and head.weight is not inputs:  # untied: the LM head's row too
-            head.weight[dst] = head.weight[src]
+    untied = head is not None and head.weight is not inputs  # then the LM head's row too
+    tables = [inputs, head.weight] if untied else [inputs]
+    with distributed.writable(None, tables):
+        for dst, src in sources.items():
+            for table in tables:
+                table[dst] = table[src]
 
 
 def _retie_output_embeddings(model: torch.nn.Module) -> None:

@@ -1,10 +1,10 @@
 """DPO's data and bookkeeping around TRL's DPOTrainer: pairs from rankings, metric names, and
 the held-out implicit-reward evaluation. The stage trains with TRL's loss (rlhf/stages/dpo.py).
 
-Also the same loss on the reward stage's batching, which the bench times against TRL's step:
-a prompt's K ranked responses in one batch, their shared prefix computed once, each response
-forwarded once per model (policy; reference), and every pair of the ranking indexing those
-sequence log-probs. TRL forwards the chosen and the rejected sequence of each pair, so a
+Also the reward stage's batching for DPO (the loss: rlhf.algo.dpo), which the bench times
+against TRL's step: a prompt's K ranked responses in one batch, their shared prefix computed
+once, each response forwarded once per model (policy; reference), and every pair of the ranking
+indexing those sequence log-probs. TRL forwards the chosen and the rejected sequence of each pair, so a
 response in several pairs is computed several times, each with the whole prompt.
 
 The implicit reward of a response y to a prompt x is r(x, y) = beta * (log pi(y|x) -
@@ -123,23 +123,6 @@ def implicit_reward_metrics(
     }
 
 
-# ------------------------------------------------- our own pair loss, on the reward batching
-
-
-def dpo_pair_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    """Per-pair DPO loss from summed sequence log-probs (Rafailov et al. 2023, "Direct
-    Preference Optimization", eq. 7): -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))).
-    TRL's `sigmoid` loss_type is this (no label smoothing)."""
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -torch.nn.functional.logsigmoid(beta * margin.float())
-
-
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -213,15 +196,3 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     token_logps = logprobs_from_logits(logits, ids[picked], temperature=1.0)
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(picked)[picked]
     return torch.zeros(ids.shape[0], device=ids.device).index_add(0, row, token_logps)
-
-
-def ranking_pair_losses(
-    policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-    beta: float,
-) -> torch.Tensor:
-    """dpo_pair_loss of every pair in the batch, (N,), indexing the (R,) sequence log-probs:
-    TRL's loss is the mean of these over the batch's pairs."""
-    b, w = batch["better"], batch["worse"]
-    return dpo_pair_loss(policy_logps[b], policy_logps[w], ref_logps[b], ref_logps[w], beta)

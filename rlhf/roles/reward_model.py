@@ -1,21 +1,11 @@
-"""Reward-model math: the Bradley-Terry ranking loss, batching of ranked responses, metrics.
+"""The reward model: batching of ranked responses, the scorer, metrics. Its loss, Bradley-Terry
+over every pair of a prompt's K ranked responses, is rlhf.algo.ranking.
 
-Loss (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, sec. 3.5 / eq. 1):
-
-    loss(prompt) = 1/C(K,2) * sum over its pairs (better, worse) of
-                   -log sigmoid(r(better) - r(worse) - margin)
-                   + center_coef * mean_k(r_k)^2
-
-  * A prompt with K ranked responses gives all K(K-1)/2 pairs. Its pairs stay in ONE batch and
-    each response is scored ONCE (the batch's responses are flattened into one forward, then the
-    pairs are indexed), as InstructGPT does to avoid overfitting and K-fold recomputation.
-  * Normalisation: a prompt's loss is the MEAN over its pairs (InstructGPT's 1/C(K,2)), and the
-    batch loss is the MEAN over prompts, so a K=9 prompt weighs as much as a K=2 prompt. Across
-    micro-batches and ranks the stage divides the summed prompt losses by the number of prompts
-    in the whole optimizer step, so 2 ranks x b prompts equals 1 rank x 2b.
-  * `margin` (Llama 2, Touvron et al. 2023, eq. 2) asks for a gap of at least `margin`.
-  * The centring term (Eisenstein et al. 2023, "Helping or Herding") keeps rewards near zero;
-    here it is the squared mean reward of a prompt's responses, which is (r+ + r-)^2 / 4 for K=2.
+A prompt's pairs stay in ONE batch and each response is scored ONCE (the batch's responses are
+flattened into one forward, then the pairs are indexed), as InstructGPT does to avoid
+overfitting and K-fold recomputation. Across micro-batches and ranks the stage divides the
+summed prompt losses by the number of prompts in the whole optimizer step, so 2 ranks x b
+prompts equals 1 rank x 2b.
 
 Metrics take plain lists, so the stage (gathered across ranks) and `rlhf eval reward` share them.
 """
@@ -119,47 +109,6 @@ def scorer_inputs(batch: dict[str, torch.Tensor], device: Any = None) -> dict[st
     if "prefix_ids" in batch:
         keys += ["prefix_ids", "prefix_mask", "row_prompt"]
     return {k: batch[k].to(device) if device is not None else batch[k] for k in keys}
-
-
-# ---------------------------------------------------------------------------------------- loss
-
-
-def bradley_terry_loss(
-    better: torch.Tensor, worse: torch.Tensor, margin: float = 0.0
-) -> torch.Tensor:
-    """Per-pair -log sigmoid(r_better - r_worse - margin) (Bradley-Terry; InstructGPT eq. 1)."""
-    return -torch.nn.functional.logsigmoid(better.float() - worse.float() - margin)
-
-
-def segment_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of `values` per group `index` in [0, n): (M,), (M,) -> (n,). Empty groups give 0."""
-    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
-    counts = torch.bincount(index, minlength=n).clamp(min=1).to(values.dtype)
-    return sums / counts
-
-
-def prompt_losses(
-    scores: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-    margin: float = 0.0,
-    center_coef: float = 0.0,
-) -> torch.Tensor:
-    """Loss of each prompt in the batch: (R,) scores -> (P,). Mean over the prompt's pairs."""
-    n = int(batch["n_prompts"])
-    scores = scores.float()
-    pair_loss = bradley_terry_loss(scores[batch["better"]], scores[batch["worse"]], margin)
-    loss = segment_mean(pair_loss, batch["pair_prompt"], n)
-    if center_coef:
-        loss = loss + center_coef * segment_mean(scores, batch["row_prompt"], n) ** 2
-    return loss
-
-
-def batch_loss(
-    scores: torch.Tensor, batch: dict[str, torch.Tensor], **loss_args: float
-) -> torch.Tensor:
-    """Mean over prompts of `prompt_losses` (margin, center_coef), for a single micro-batch on
-    a single rank."""
-    return prompt_losses(scores, batch, **loss_args).mean()
 
 
 class RewardScorer(torch.nn.Module):

@@ -323,9 +323,15 @@ def build(
         if entry.function is not None:
             fn = load_reward_function(entry.function)
             sources.append(
-                Source(name, entry.weight, entry.normalize or "none", function=fn,
-                       args=dict(entry.args), moments=moments)
-            )  # fmt: skip
+                Source(
+                    name,
+                    entry.weight,
+                    entry.normalize or "none",
+                    function=fn,
+                    args=dict(entry.args),
+                    moments=moments,
+                )
+            )
             continue
         paths = entry.model if isinstance(entry.model, list) else [entry.model]
         normalize = entry.normalize or ("calibration" if cfg.normalize_score else "none")

@@ -40,7 +40,7 @@ from rlhf.infra.runtime import resolve_precision, run_info, set_seed, setup_logg
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
 from rlhf.ppo.scorers import reward_model_scorer
-from rlhf.roles import models, reward_sources
+from rlhf.roles import model_folder, models, reward_sources
 from rlhf.roles import preference as pref
 from rlhf.roles.actor_critic import ActorCritic
 from rlhf.roles.training_forwards import lean_training_forwards
@@ -480,7 +480,7 @@ def save_policy(
     full = distributed.full_state_dict(accelerator, trainer.model_wrapped)  # every rank
     if not is_main:
         return
-    card = training.model_card(
+    card = model_folder.model_card(
         "DPO policy",
         recipe,
         f"Direct preference optimisation (TRL DPOTrainer, loss `{cfg.loss_type}`, "
@@ -489,7 +489,7 @@ def save_policy(
         f"implicit reward: {results.get('preference', {}).get('accuracy')}.",
     )
     with out.staging(out.model_dir) as tmp:
-        training.save_model(
+        model_folder.save_model(
             accelerator.unwrap_model(trainer.model), tokenizer, tmp, cfg.merge_lora, card, full
         )
 

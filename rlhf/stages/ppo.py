@@ -92,7 +92,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     # every forward below runs inside accelerator.autocast(): no fp32 copies of the logits
     unwrapped: ActorCritic = training.without_fp32_outputs(accelerator, model)
-    kl_ctl = kl_controller(cfg)
+    kl_ctl = kl_controller(cfg, accelerator.num_processes)
     info = run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, reward_dir)
     state = stage.begin(resume, scheduler, **info, prompts=len(prompts),
                         calibration=sources.calibration)  # fmt: skip
@@ -258,11 +258,24 @@ def iteration_step(
     return step
 
 
-def kl_controller(cfg: Any) -> AdaptiveKLController | FixedKLController:
-    """Ziegler et al. 2019's adaptive beta toward a target KL, or a fixed beta."""
-    if cfg.adaptive_kl:
-        return AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
-    return FixedKLController(cfg.kl_coef)
+def kl_controller(cfg: Any, world: int = 1) -> AdaptiveKLController | FixedKLController:
+    """Ziegler et al. 2019's adaptive beta toward a target KL, or a fixed beta. Warns when the
+    horizon is so long that beta cannot move by 10% over the whole run."""
+    if not cfg.adaptive_kl:
+        return FixedKLController(cfg.kl_coef)
+    ctl = AdaptiveKLController(cfg.kl_coef, cfg.adaptive_kl.target, cfg.adaptive_kl.horizon)
+    per_iteration = cfg.batch_size * world  # the n_steps of each update (iteration_step)
+    growth = ctl.reach(per_iteration, cfg.iterations) - 1
+    if growth < 0.1:
+        run = cfg.iterations * per_iteration
+        log.warning(
+            "ppo.adaptive_kl.horizon %d: %d rollouts in the run move beta by at most %.1f%%; "
+            "a horizon of about the run's length lets it act",
+            ctl.horizon,
+            run,
+            100 * growth,
+        )
+    return ctl
 
 
 def load_fitted(recipe: Any, tokenizer: Any, source: Any) -> list[Any]:

@@ -19,7 +19,6 @@ stored with the model (`model/config.json: reward_calibration` and
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 from functools import partial
@@ -31,12 +30,19 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from rlhf import data
-from rlhf.infra import distributed, training
+from rlhf.algo.ranking import prompt_losses
+from rlhf.infra import distributed
 from rlhf.infra.errors import UserError
 from rlhf.infra.rundir import require_completed
 from rlhf.roles import models
 from rlhf.roles import reward_model as rm
-from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows
+from rlhf.stages.runner import (
+    Objective,
+    Prepared,
+    StageRun,
+    prepare_supervised,
+    train_supervised,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +178,9 @@ def calibrate(
     by_row: dict[int, list[int]] = {}
     for r, k in sorted(where[i] for i in picked):
         by_row.setdefault(r, []).append(k)
-    rows = [{"seqs": [train_rows[r]["seqs"][k] for k in ks], "pairs": []}
-            for r, ks in by_row.items()]  # fmt: skip
+    rows = [
+        {"seqs": [train_rows[r]["seqs"][k] for k in ks], "pairs": []} for r, ks in by_row.items()
+    ]
     # A prompt brings only some of its responses to the sample: twice the training step's
     # prompts per forward (on 2 CPU cores 9.9-12.1 s for 256 responses, 11.7-14.2 at 1x)
     scored = score_rows(scorer, rows, cfg.batch_size * 2, pad_id, accelerator, shares_prefix(cfg))
@@ -187,74 +194,139 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     stage = StageRun(recipe, "reward", grad_accum=cfg.grad_accum, folder=folder)
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
-    # The revision pins the recipe's model (a hub id), not a local SFT folder.
-    revision = recipe.model.revision if init_from == recipe.model.name else None
-    tokenizer = models.load_tokenizer(
-        init_from, recipe.model.chat_template, recipe.model.trust_remote_code, revision=revision
-    )
+    # The recipe's model gets its revision (a hub id); another folder (SFT's) does not.
+    init_folder = None if init_from == recipe.model.name else init_from
+    tokenizer = models.load_recipe_tokenizer(recipe.model, init_folder)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_sets = encode_datasets(recipe, tokenizer)
-    n_train_pairs = sum(len(r["pairs"]) for r in train_rows)
-    collate = partial(rm.collate_rankings, pad_id=pad_id, side="right",
-                      share_prefix=shares_prefix(cfg))  # fmt: skip
-    generator = torch.Generator().manual_seed(recipe.seed)
-    loader = DataLoader(train_rows, cfg.batch_size, shuffle=True, collate_fn=collate,
-                        generator=generator)  # fmt: skip
+    loader, generator = train_loader(recipe, train_rows, pad_id)
     # --- model: scalar head, pooled at the last real token
-    scorer = rm.RewardScorer(load_model(recipe, init_from, revision, tokenizer))
-    optimizer = training.make_optimizer(scorer, cfg.optim)
-    scorer, optimizer, loader = accelerator.prepare(scorer, optimizer, loader)
-    total_steps = cfg.max_steps or math.ceil(math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs)
-    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
-    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-    trainable, total = training.trainable_parameters(scorer)
-    eval_sizes = {k: len(v) for k, v in eval_sets.items()}
-    state = stage.begin(
-        resume, scheduler, init_from=init_from, effective_batch_prompts=per_step,
-        train_prompts=len(train_rows), train_pairs=n_train_pairs, eval_prompts=eval_sizes,
-        truncated_responses=truncated(train_rows, cfg.max_length), total_steps=total_steps,
-        trainable_parameters=trainable, parameters=total,
-    )  # fmt: skip
-    state = state or {"step": 0, "epoch": 0, "batches_done": 0}
-    log.info("reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts, "
-             "%d responses truncated to %d tokens", len(train_rows), n_train_pairs, eval_sizes,
-             total_steps, per_step, stage.out.info["truncated_responses"], cfg.max_length)  # fmt: skip
+    scorer = rm.RewardScorer(load_model(recipe, init_folder, tokenizer))
+    prepared = prepare_supervised(accelerator, scorer, loader, cfg)
+    scorer = prepared.model
+    state = begin(stage, resume, prepared, init_from, train_rows, eval_sets)
 
     # --- train: one step is the Bradley-Terry loss of a window's prompts
     def evaluate_now() -> dict[str, dict[str, Any]]:
         return evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)
 
-    def bradley_terry(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = scorer(**rm.scorer_inputs(batch))
-        per_prompt = rm.prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
-        return per_prompt.sum(), step_stats(per_prompt, scores, batch)
+    def evaluate_flat() -> dict[str, float]:
+        return flat_metrics(evaluate_now())
 
     base = evaluate_now() if state["step"] == 0 else {}
     stage.log(0, flat_metrics(base))
-    windows = Windows(accelerator, loader, generator, recipe.seed, cfg.grad_accum,
-                      state["epoch"], state["batches_done"])  # fmt: skip
-    objective = Objective(lambda b: b["n_prompts"], bradley_terry, step_metrics)
-    step = SupervisedStep(stage, scorer, optimizer, scheduler, windows, objective,
-                          cfg.optim.max_grad_norm, state["step"])  # fmt: skip
-    scorer.train()
-    stage.loop(state["step"], total_steps, step, lambda n: {"step": n, **windows.position},
-               scheduler, Cadence(cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last),
-               lambda: flat_metrics(evaluate_now()), shown={"loss": "train/loss"})  # fmt: skip
+    objective = bradley_terry_objective(scorer, cfg)
+    train_supervised(stage, prepared, cfg, generator, state, objective, evaluate_flat)
 
     # --- evaluate, calibrate and save
     final = evaluate_now()
+    total_steps = prepared.total_steps
     stage.log(total_steps, flat_metrics(final))
     calib = calibrate(scorer, train_rows, cfg, pad_id, recipe.seed, accelerator)
     stage.log(total_steps, {"calibration/mean": calib["mean"], "calibration/std": calib["std"]})
-    results = {**eval_results(base, final, calib), "steps": total_steps,
-               "train_prompts": len(train_rows), "train_pairs": n_train_pairs,
-               "skipped_batches": stage.guard.skipped}  # fmt: skip
-    models.unwrap_peft(accelerator.unwrap_model(scorer).model).config.reward_calibration = calib
+    results = {
+        **eval_results(base, final, calib),
+        "steps": total_steps,
+        "train_prompts": len(train_rows),
+        "train_pairs": stage.out.info["train_pairs"],
+        "skipped_batches": stage.guard.skipped,
+    }
+    return save(stage, results, calib, scorer, tokenizer, init_from)
+
+
+def train_loader(recipe: Any, rows: list[dict], pad_id: int) -> tuple[DataLoader, torch.Generator]:
+    """Shuffled batches of whole rankings (each prompt's pairs in one batch), and the generator
+    that shuffles them (reseeded every epoch by the runner's Windows)."""
+    cfg = recipe.reward
+    collate = partial(
+        rm.collate_rankings, pad_id=pad_id, side="right", share_prefix=shares_prefix(cfg)
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    loader = DataLoader(rows, cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    return loader, generator
+
+
+def begin(
+    stage: StageRun,
+    resume: bool,
+    prepared: Prepared,
+    init_from: str,
+    train_rows: list[dict],
+    eval_sets: dict[str, list[dict]],
+) -> dict[str, Any]:
+    """Start (or resume) the run folder with run.json's account of the data and the schedule;
+    the trainer state to start from."""
+    cfg = stage.recipe.reward
+    eval_sizes = {k: len(v) for k, v in eval_sets.items()}
+    state = stage.begin(
+        resume,
+        prepared.scheduler,
+        init_from=init_from,
+        effective_batch_prompts=prepared.per_step,
+        train_prompts=len(train_rows),
+        train_pairs=sum(len(r["pairs"]) for r in train_rows),
+        eval_prompts=eval_sizes,
+        truncated_responses=truncated(train_rows, cfg.max_length),
+        total_steps=prepared.total_steps,
+        **prepared.parameter_counts(),
+    )
+    info = stage.out.info
+    log.info(
+        "reward: %d train prompts (%d pairs), eval %s, %d steps, effective batch %d prompts, "
+        "%d responses truncated to %d tokens",
+        len(train_rows),
+        info["train_pairs"],
+        eval_sizes,
+        prepared.total_steps,
+        prepared.per_step,
+        info["truncated_responses"],
+        cfg.max_length,
+    )
+    return state or {"step": 0, "epoch": 0, "batches_done": 0}
+
+
+def bradley_terry_objective(scorer: torch.nn.Module, cfg: Any) -> Objective:
+    """A step's loss: the summed ranking losses of its prompts (algo.ranking), divided by
+    their number."""
+
+    def bradley_terry(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = scorer(**rm.scorer_inputs(batch))
+        per_prompt = prompt_losses(scores, batch, cfg.margin, cfg.center_coef)
+        return per_prompt.sum(), step_stats(per_prompt, scores, batch)
+
+    return Objective(lambda b: b["n_prompts"], bradley_terry, step_metrics)
+
+
+def save(
+    stage: StageRun,
+    results: dict[str, Any],
+    calib: dict[str, Any],
+    scorer: Any,
+    tokenizer: Any,
+    init_from: str,
+) -> Path:
+    """The reward model's folder (its calibration in config.json and reward_calibration.json)
+    with its card, eval.json and COMPLETED."""
+    unwrapped = stage.accelerator.unwrap_model(scorer).model
+    models.unwrap_peft(unwrapped).config.reward_calibration = calib
     card = ("Reward model", card_text(init_from, results, calib))
-    path = stage.finish(results, scorer, tokenizer, card, cfg.merge_lora, lambda s: s.model,
-                        prefix="model.", extra_files={"reward_calibration.json": calib})  # fmt: skip
-    log.info("reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
-             results.get("accuracy"), results["base_accuracy"], calib["mean"], calib["std"])  # fmt: skip
+    path = stage.finish(
+        results,
+        scorer,
+        tokenizer,
+        card,
+        stage.recipe.reward.merge_lora,
+        lambda s: s.model,
+        prefix="model.",
+        extra_files={"reward_calibration.json": calib},
+    )
+    log.info(
+        "reward: held-out accuracy %s (initial %s), calibration mean %.3f std %.3f",
+        results.get("accuracy"),
+        results["base_accuracy"],
+        calib["mean"],
+        calib["std"],
+    )
     return path
 
 
@@ -298,20 +370,15 @@ def truncated(rows: list[dict], max_length: int) -> int:
     return sum(len(s) >= max_length for r in rows for s in r["seqs"])
 
 
-def load_model(recipe: Any, init_from: str, revision: str | None, tokenizer: Any) -> Any:
-    """A sequence-classification model with one label (the reward head), LoRA / checkpointing."""
+def load_model(recipe: Any, folder: str | None, tokenizer: Any) -> Any:
+    """A sequence-classification model with one label (the reward head) on the recipe's model
+    or `folder`, LoRA / checkpointing."""
     cfg = recipe.reward
-    model = models.load_reward_model(
-        init_from,
-        num_hidden_layers=recipe.model.num_hidden_layers,
-        trust_remote_code=recipe.model.trust_remote_code,
-        revision=revision,
-        attn_implementation=recipe.model.attn_implementation,
-    )
+    model = models.load_recipe_model(recipe.model, "reward", folder)
     # Plain transformers pooling (last token != pad) then agrees with ours (pad != eos here).
     model.config.pad_token_id = tokenizer.pad_token_id
     # SEQ_CLS: peft keeps the freshly initialised `score` head fully trainable (modules_to_save).
-    return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
+    return models.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "SEQ_CLS")
 
 
 @torch.no_grad()

@@ -15,12 +15,13 @@ the final save:
 
 `Windows`, `Objective` and `SupervisedStep` are the supervised stages' (SFT, reward model)
 step: one optimizer step over `grad_accum` micro-batches, normalised by what the whole step
-holds on every rank.
+holds on every rank; `prepare_supervised` and `train_supervised` their set-up and loop.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from rlhf.infra.rundir import RunDir, write_json_atomic
 from rlhf.infra.runtime import make_accelerator, run_info
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
+from rlhf.roles import model_folder
 from rlhf.roles.training_forwards import lean_training_forwards
 
 log = logging.getLogger(__name__)
@@ -167,10 +169,10 @@ class StageRun:
         accelerator.wait_for_everyone()
         full = distributed.full_state_dict(accelerator, model, prefix=prefix)  # a collective
         if accelerator.is_main_process:
-            text = training.model_card(card[0], self.recipe, card[1])
+            text = model_folder.model_card(card[0], self.recipe, card[1])
             with self.out.staging(self.out.model_dir) as tmp:
                 to_save = part(accelerator.unwrap_model(model))
-                training.save_model(to_save, tokenizer, tmp, merge_lora, text, full)
+                model_folder.save_model(to_save, tokenizer, tmp, merge_lora, text, full)
                 for name, content in (extra_files or {}).items():
                     write_json_atomic(tmp / name, content)
         self.logger.close()
@@ -186,8 +188,16 @@ class Windows:
     checkpoint stores, so a resumed run sees exactly the batches an uninterrupted one would.
     A short last window of an epoch is a step of its own."""
 
-    def __init__(self, accelerator: Any, loader: Any, generator: torch.Generator, seed: int,
-                 grad_accum: int, epoch: int = 0, batches_done: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        accelerator: Any,
+        loader: Any,
+        generator: torch.Generator,
+        seed: int,
+        grad_accum: int,
+        epoch: int = 0,
+        batches_done: int = 0,
+    ):
         self.accelerator, self.loader, self.generator = accelerator, loader, generator
         self.seed, self.grad_accum = seed, grad_accum
         self.epoch, self.batches_done = epoch, batches_done
@@ -232,16 +242,23 @@ class SupervisedStep:
     WHOLE step across all ranks, so N ranks x batch b is the same step as 1 rank x N·b and
     accumulation does not overweight short micro-batches."""
 
-    def __init__(self, run: StageRun, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                 windows: Windows, objective: Objective, max_grad_norm: float | None,
-                 first: int):  # fmt: skip
+    def __init__(
+        self,
+        run: StageRun,
+        model: torch.nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        windows: Windows,
+        objective: Objective,
+        max_grad_norm: float | None,
+        first: int,
+    ):
         self.run, self.model, self.optimizer, self.scheduler = run, model, optimizer, scheduler
         self.windows, self.objective, self.max_grad_norm = windows, objective, max_grad_norm
         self.logged_step, self.logged_time = first, time.time()
 
     def __call__(self, step: int, log: bool) -> dict[str, float] | None:
         accelerator = self.run.accelerator
-        world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
         group = self.windows.next()
         step_weight = accelerator.reduce(sum(self.objective.weight(b) for b in group), "sum")
         stats, grad_norm, guard = None, None, self.run.guard
@@ -250,7 +267,8 @@ class SupervisedStep:
                 with accelerator.accumulate(self.model), accelerator.autocast():
                     loss_sum, batch_stats = self.objective.loss_and_stats(batch)
                     # accelerate divides by grad_accum and DDP averages over ranks: undo both.
-                    accelerator.backward(loss_sum * world * accum / step_weight.clamp(min=1))
+                    undo = training.averaging_undone(accelerator)
+                    accelerator.backward(loss_sum * undo / step_weight.clamp(min=1))
                     grad_norm = training.step_if_finite(
                         accelerator, self.model, self.optimizer, self.max_grad_norm, guard
                     )
@@ -272,6 +290,72 @@ class SupervisedStep:
             metrics["train/grad_norm"] = float(grad_norm)
         self.logged_step, self.logged_time = step, now
         return metrics
+
+
+@dataclass
+class Prepared:
+    """A supervised stage's model, optimizer, loader and LR schedule after accelerator.prepare;
+    `per_step`: what one optimizer step holds on all ranks (examples, prompts)."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    loader: Any
+    scheduler: Any
+    total_steps: int
+    per_step: int
+
+    def parameter_counts(self) -> dict[str, int]:
+        """run.json's trainable_parameters and parameters."""
+        trainable, total = training.trainable_parameters(self.model)
+        return {"trainable_parameters": trainable, "parameters": total}
+
+
+def prepare_supervised(accelerator: Any, model: torch.nn.Module, loader: Any, cfg: Any) -> Prepared:
+    """AdamW and the LR schedule of `cfg` (a recipe TrainLoopConfig), prepared with the model
+    and loader. The run is `max_steps` optimizer steps, else `epochs` over the loader's windows."""
+    optimizer = training.make_optimizer(model, cfg.optim)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = cfg.max_steps or math.ceil(math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
+    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    return Prepared(model, optimizer, loader, scheduler, total_steps, per_step)
+
+
+def train_supervised(
+    run: StageRun,
+    prepared: Prepared,
+    cfg: Any,
+    generator: torch.Generator,
+    state: dict[str, Any],
+    objective: Objective,
+    evaluate: Callable[[], dict[str, float]],
+) -> None:
+    """Steps state["step"] + 1 .. total_steps of `objective`, from the state's position in the
+    epochs of `prepared.loader` (shuffled by `generator`), at `cfg`'s cadence."""
+    windows = Windows(
+        run.accelerator,
+        prepared.loader,
+        generator,
+        run.recipe.seed,
+        cfg.grad_accum,
+        state["epoch"],
+        state["batches_done"],
+    )
+    model, optimizer, scheduler = prepared.model, prepared.optimizer, prepared.scheduler
+    step = SupervisedStep(
+        run, model, optimizer, scheduler, windows, objective, cfg.optim.max_grad_norm, state["step"]
+    )
+    model.train()
+    run.loop(
+        state["step"],
+        prepared.total_steps,
+        step,
+        lambda n: {"step": n, **windows.position},
+        scheduler,
+        Cadence(cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last),
+        evaluate,
+        shown={"loss": "train/loss"},
+    )
 
 
 def rank_batches(

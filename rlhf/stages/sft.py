@@ -21,12 +21,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf import data
+from rlhf.algo.sft import n_targets
+from rlhf.algo.sft import token_nll_sum as token_nll_sum  # re-exported: its old home
 from rlhf.infra import distributed, training
 from rlhf.infra.errors import UserError
-from rlhf.infra.training import labelled_nll_sum, n_targets
-from rlhf.infra.training import token_nll_sum as token_nll_sum  # re-exported: its old home
 from rlhf.roles import models
-from rlhf.stages.runner import Cadence, Objective, StageRun, SupervisedStep, Windows, rank_batches
+from rlhf.roles.labelled_nll import answer_nll_rows, labelled_nll_sum
+from rlhf.stages.runner import (
+    Objective,
+    StageRun,
+    prepare_supervised,
+    rank_batches,
+    train_supervised,
+)
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
 from rlhf.tokens.packing import collate_packed, pack_rows
 
@@ -64,7 +71,7 @@ def evaluate(
         with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
             yield
 
-    per_row = training.answer_nll_rows(model, loader, forward).to(accelerator.device)
+    per_row = answer_nll_rows(model, loader, forward).to(accelerator.device)
     totals = distributed.gather_evaluated(accelerator, per_row, n_rows).sum(0)
     model.train(was_training)
     got = training.perplexity(totals[0].item(), totals[1].item())
@@ -76,36 +83,68 @@ def run(recipe: Any, resume: bool = False) -> Path:
     stage = StageRun(recipe, "sft", grad_accum=cfg.grad_accum)
     accelerator = stage.accelerator
     # --- data and tokenizer (all validation happens before the model loads)
-    tokenizer = load_tokenizer(recipe)
-    train_items, eval_items = data.load_train_eval(recipe, "sft", "sft")
-    train_rows = encode_rows(recipe, tokenizer, train_items)
-    eval_rows = encode_rows(recipe, tokenizer, eval_items)
-    if not train_rows:
-        raise UserError(f"{cfg.train.path}: no example has answer tokens within max_length")
+    tokenizer = models.load_recipe_tokenizer(recipe.model, cfg.init_from)
+    train_rows, eval_rows = encode_datasets(recipe, tokenizer)
     embedding_sources = token_embedding_sources(cfg, tokenizer)  # checked before the model loads
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
     loader, generator, packed = train_loader(cfg, train_rows, collate, tokenizer, recipe.seed)
     # --- model
     model = load_model(recipe, tokenizer, embedding_sources)
-    optimizer = training.make_optimizer(model, cfg.optim)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared = prepare_supervised(accelerator, model, loader, cfg)
+    model = prepared.model
     eval_loader = rank_batches(eval_rows, cfg.batch_size, collate, accelerator)
-    total_steps = cfg.max_steps or math.ceil(math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs)
-    scheduler = training.make_scheduler(optimizer, cfg.optim, total_steps)
-    per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-    trainable, total = training.trainable_parameters(model)
     state = stage.begin(
-        resume, scheduler, effective_batch=per_step, train_examples=len(train_rows),
-        packed_rows=packed, eval_examples=len(eval_rows), total_steps=total_steps,
-        trainable_parameters=trainable, parameters=total,
-    )  # fmt: skip
+        resume,
+        prepared.scheduler,
+        effective_batch=prepared.per_step,
+        train_examples=len(train_rows),
+        packed_rows=packed,
+        eval_examples=len(eval_rows),
+        total_steps=prepared.total_steps,
+        **prepared.parameter_counts(),
+    )
     state = state or {"step": 0, "epoch": 0, "batches_done": 0}
-    log.info("sft: %d train / %d eval conversations, %d steps, effective batch %d",
-             len(train_rows), len(eval_rows), total_steps, per_step)  # fmt: skip
+    log.info(
+        "sft: %d train / %d eval conversations, %d steps, effective batch %d",
+        len(train_rows),
+        len(eval_rows),
+        prepared.total_steps,
+        prepared.per_step,
+    )
 
     # --- train: one step is the summed token NLL of a window over its answer tokens
     def evaluate_now() -> dict[str, float]:
         return evaluate(model, eval_loader, accelerator, len(eval_rows)) if eval_rows else {}
+
+    base_eval = evaluate_now() if state["step"] == 0 else {}
+    stage.log(0, base_eval)
+    train_supervised(stage, prepared, cfg, generator, state, nll_objective(model), evaluate_now)
+    final_eval = evaluate_now()
+    stage.log(prepared.total_steps, final_eval)
+    results = {
+        "base_perplexity": base_eval.get("eval/perplexity"),
+        "perplexity": final_eval.get("eval/perplexity"),
+        "eval_loss": final_eval.get("eval/loss"),
+        "steps": prepared.total_steps,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "skipped_batches": stage.guard.skipped,
+    }
+    return save(stage, results, model, tokenizer)
+
+
+def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows), tokenized; stops when no training row has an answer."""
+    train_items, eval_items = data.load_train_eval(recipe, "sft", "sft")
+    train_rows = encode_rows(recipe, tokenizer, train_items)
+    eval_rows = encode_rows(recipe, tokenizer, eval_items)
+    if not train_rows:
+        raise UserError(f"{recipe.sft.train.path}: no example has answer tokens within max_length")
+    return train_rows, eval_rows
+
+
+def nll_objective(model: torch.nn.Module) -> Objective:
+    """A step's loss: the summed NLL of its answer tokens, divided by their number."""
 
     def nll(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # packing restarts positions; the LM head runs on the answer positions only
@@ -115,35 +154,22 @@ def run(recipe: Any, resume: bool = False) -> Path:
     def summarise(nll_sum: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
         return {"train/loss": (nll_sum / tokens.clamp(min=1)).item(), "train/tokens": tokens.item()}
 
-    base_eval = evaluate_now() if state["step"] == 0 else {}
-    stage.log(0, base_eval)
-    windows = Windows(accelerator, loader, generator, recipe.seed, cfg.grad_accum,
-                      state["epoch"], state["batches_done"])  # fmt: skip
-    objective = Objective(lambda b: n_targets(b["labels"]), nll, summarise)
-    step = SupervisedStep(stage, model, optimizer, scheduler, windows, objective,
-                          cfg.optim.max_grad_norm, state["step"])  # fmt: skip
-    model.train()
-    stage.loop(state["step"], total_steps, step, lambda n: {"step": n, **windows.position},
-               scheduler, Cadence(cfg.log_every, cfg.eval_every, cfg.save_every, cfg.keep_last),
-               evaluate_now, shown={"loss": "train/loss"})  # fmt: skip
+    return Objective(lambda b: n_targets(b["labels"]), nll, summarise)
 
-    # --- evaluate and save
-    final_eval = evaluate_now()
-    stage.log(total_steps, final_eval)
-    results = {
-        "base_perplexity": base_eval.get("eval/perplexity"),
-        "perplexity": final_eval.get("eval/perplexity"),
-        "eval_loss": final_eval.get("eval/loss"),
-        "steps": total_steps,
-        "train_examples": len(train_rows),
-        "eval_examples": len(eval_rows),
-        "skipped_batches": stage.guard.skipped,
-    }
-    card = ("SFT model", f"Supervised fine-tuning, {total_steps} steps. Held-out perplexity "
-            f"{results['base_perplexity']} (base) -> {results['perplexity']} (this model).")  # fmt: skip
-    path = stage.finish(results, model, tokenizer, card, cfg.merge_lora)
-    log.info("sft: perplexity %.3f (base %.3f)", results["perplexity"] or math.nan,
-             results["base_perplexity"] or math.nan)  # fmt: skip
+
+def save(stage: StageRun, results: dict[str, Any], model: Any, tokenizer: Any) -> Path:
+    """The model folder with its card, eval.json and COMPLETED."""
+    card = (
+        "SFT model",
+        f"Supervised fine-tuning, {results['steps']} steps. Held-out perplexity "
+        f"{results['base_perplexity']} (base) -> {results['perplexity']} (this model).",
+    )
+    path = stage.finish(results, model, tokenizer, card, stage.recipe.sft.merge_lora)
+    log.info(
+        "sft: perplexity %.3f (base %.3f)",
+        results["perplexity"] or math.nan,
+        results["base_perplexity"] or math.nan,
+    )
     return path
 
 
@@ -165,33 +191,16 @@ def train_loader(
     return loader, generator, len(rows) if cfg.packing else None
 
 
-def load_tokenizer(recipe: Any) -> Any:
-    """The tokenizer (with the recipe's chat template) of the model SFT starts from."""
-    cfg = recipe.sft
-    return models.load_tokenizer(
-        cfg.init_from or recipe.model.name,
-        recipe.model.chat_template,
-        recipe.model.trust_remote_code,
-        revision=None if cfg.init_from else recipe.model.revision,
-    )
-
-
 def load_model(
     recipe: Any, tokenizer: Any, embedding_sources: dict[int, int] | None = None
 ) -> torch.nn.Module:
     """The model to fine-tune (sft.init_from or the recipe's), its embedding rows copied as
     `embedding_sources` (token_embedding_sources) says, with LoRA / checkpointing."""
     cfg = recipe.sft
-    model = models.load_causal_lm(
-        cfg.init_from or recipe.model.name,
-        num_hidden_layers=recipe.model.num_hidden_layers,
-        trust_remote_code=recipe.model.trust_remote_code,
-        revision=None if cfg.init_from else recipe.model.revision,
-        attn_implementation=recipe.model.attn_implementation,
-    )
+    model = models.load_recipe_model(recipe.model, "lm", cfg.init_from)
     model.config.pad_token_id = tokenizer.pad_token_id
     models.copy_token_embeddings(model, embedding_sources or {})
-    return training.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
+    return models.prepare_for_training(model, cfg.lora, cfg.gradient_checkpointing, "CAUSAL_LM")
 
 
 def token_embedding_sources(cfg: Any, tokenizer: Any) -> dict[int, int]:

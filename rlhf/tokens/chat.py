@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
+from rlhf.algo.sft import IGNORE_INDEX
 from rlhf.infra.errors import UserError
-
-IGNORE_INDEX = -100
 
 
 def render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:

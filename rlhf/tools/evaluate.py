@@ -18,6 +18,7 @@ from rlhf.infra import training
 from rlhf.infra.errors import UserError
 from rlhf.roles import models
 from rlhf.roles import reward_model as rm
+from rlhf.roles.labelled_nll import answer_nll
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
 
 
@@ -88,7 +89,7 @@ def perplexity(
         ).items()}
         for chunk in (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
     )  # fmt: skip
-    nll, tokens = training.answer_nll(model, batches).tolist()
+    nll, tokens = answer_nll(model, batches).tolist()
     return {
         **training.perplexity(nll, tokens),
         "n_conversations": len(rows),

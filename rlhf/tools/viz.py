@@ -230,9 +230,15 @@ def plot_kl(labels: list[str], kl: list[float], path: Path, title: str) -> Path:
         y = 1 - (row + 0.5) / len(lines)
         for i, column in line:
             ax_text.text(
-                column / per_line, y, labels[i], family="monospace", fontsize=9, va="center",
-                parse_math=False, bbox={"facecolor": colors[i], "edgecolor": "none", "pad": 1.5},
-            )  # fmt: skip
+                column / per_line,
+                y,
+                labels[i],
+                family="monospace",
+                fontsize=9,
+                va="center",
+                parse_math=False,
+                bbox={"facecolor": colors[i], "edgecolor": "none", "pad": 1.5},
+            )
     ax_text.set_title(title, fontsize=10)
     positions = list(range(len(kl)))
     ax_bar.bar(positions, kl, color=colors, edgecolor="#888", linewidth=0.5)

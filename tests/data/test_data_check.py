@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers_data import write_jsonl
 
-from rlhf.data.check import check_file, percentiles
 from rlhf.infra.errors import UserError
+from rlhf.tools.data_check import check_file, percentiles
 
 
 def test_check_comparisons_reports_skips_and_histogram(tmp_path):

@@ -9,9 +9,9 @@ from collections import Counter
 from helpers_data import write_hh_fixture, write_lottery_fixture, write_oasst_fixture
 
 from rlhf.data import load_comparisons, load_prompts
-from rlhf.data.check import check_file
 from rlhf.data.hh import parse_hh, parse_transcript
 from rlhf.recipe import DataSource
+from rlhf.tools.data_check import check_file
 from tests.conftest import real_data_file
 
 

@@ -36,7 +36,7 @@ def _naive_group(scores, k, scale, eps=1e-6):
     for i, s in enumerate(scores):
         g = scores[(i // k) * k : (i // k) * k + k]
         mean = sum(g) / k
-        std = (sum((x - mean) ** 2 for x in g) / k) ** 0.5
+        std = (sum((x - mean) ** 2 for x in g) / (k - 1)) ** 0.5  # the sample std
         out.append((s - mean) / (std + eps) if scale else s - mean)
     return out
 
@@ -51,14 +51,19 @@ def test_rloo_advantages_by_hand():
 
 
 def test_group_advantages_by_hand():
-    # [1, 3]: mean 2, population std 1 -> [-1, 1] / (1 + eps); [5, 5]: std 0 -> [0, 0]
+    # [1, 3]: mean 2, sample variance (1 + 1) / (2 - 1) = 2 -> [-1, 1] / sqrt(2);
+    # [5, 5]: std 0 -> [0, 0]
     out = group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
-    assert torch.allclose(out, torch.tensor([-1.0, 1.0, 0.0, 0.0]) / torch.tensor(1 + 1e-6))
-    # [0, 0, 0, 4]: mean 1, deviations [-1, -1, -1, 3], variance (1+1+1+9)/4 = 3
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (2**0.5 + 1e-6)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-7)  # -0.70711, 0.70711, 0, 0
+    # [0, 0, 0, 4]: mean 1, deviations [-1, -1, -1, 3], sample variance (1+1+1+9)/3 = 4, std 2
+    # (the population std would be sqrt(12/4) = 1.732: advantages 1.15x larger)
     s = torch.tensor([0.0, 0.0, 0.0, 4.0])
     assert group_advantages(s, 4, scale=False).tolist() == [-1.0, -1.0, -1.0, 3.0]
-    expected = torch.tensor([-1.0, -1.0, -1.0, 3.0]) / (3**0.5 + 1e-6)
-    assert torch.allclose(group_advantages(s, 4), expected)  # -0.57735 x3, 1.73205
+    expected = torch.tensor([-0.5, -0.5, -0.5, 1.5]) * (2 / (2 + 1e-6))
+    assert torch.allclose(group_advantages(s, 4), expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="k >= 2"):
+        group_advantages(torch.tensor([1.0, 2.0]), 1)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -114,15 +119,15 @@ def test_rloo_folds_the_kl_into_the_sequence_reward():
 def test_rloo_with_group_normalisation_divides_by_the_group_std():
     cfg = _cfg(estimator="rloo", kl_in="loss", advantage_norm="group")
     adv = compute_advantages(cfg, SCORE, LOGP, REF, None, MASK, 0.5)[0]
-    # leave-one-out [+1, -1], group [1, 0] has population std 0.5 -> [+2, -2] (up to eps)
-    assert torch.allclose(adv, torch.tensor([[2.0, 2.0], [-2.0, -2.0]]), atol=1e-4)
+    # leave-one-out [+1, -1], group [1, 0] has sample std sqrt(0.5) -> +-sqrt(2) (up to eps)
+    assert torch.allclose(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]) * 2**0.5, atol=1e-5)
 
 
 def test_grpo_group_normalised_and_dr_grpo_unscaled():
     cfg = _cfg(estimator="grpo")  # defaults: kl_in loss, advantage_norm group
     adv = compute_advantages(cfg, SCORE, LOGP, REF, None, MASK, 0.5)[0]
-    # [1, 0]: mean 0.5, std 0.5 -> [+1, -1] (up to eps)
-    assert torch.allclose(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), atol=1e-5)
+    # [1, 0]: mean 0.5, sample std sqrt(0.25 + 0.25) = sqrt(0.5) -> +-0.5 / sqrt(0.5) = +-0.70711
+    assert torch.allclose(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]) / 2**0.5, atol=1e-5)
     cfg = _cfg(estimator="grpo", scale_by_std=False)
     adv = compute_advantages(cfg, SCORE, LOGP, REF, None, MASK, 0.5)[0]
     assert adv.tolist() == [[0.5, 0.5], [-0.5, -0.5]]
