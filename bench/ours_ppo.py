@@ -91,8 +91,8 @@ def build_context(spec: dict, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.ppo.iteration import PPOContext
-    from rlhf.ppo.scorers import reward_model_scorer
     from rlhf.ppo.roles import build_roles
+    from rlhf.ppo.scorers import reward_model_scorer
     from rlhf.roles import models
 
     cfg, path = recipe.ppo, spec["model"]
