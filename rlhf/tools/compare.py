@@ -1,16 +1,15 @@
-"""`rlhf eval compare`: two policies answer the same held-out prompts; reward models judge.
+"""`rlhf eval compare`: two policies answer the same held-out prompts; judges score them.
 
   rlhf eval compare runs/x/sft/model runs/x/ppo/model --prompts held_out.jsonl \\
-      --reward-model runs/x/reward/model [--reward-model OTHER_RM] [--reference runs/x/sft/model]
+      --reward-model runs/x/reward/model [--judge rubric] [--reference runs/x/sft/model]
 
-Both policies answer every prompt with the same decoding settings and the same seed. Per
-reward model: mean raw (and calibrated) score of A and B, and the win rate of B over A (ties
-count half) with a 95% interval clustered by prompt (rlhf/algo/stats.py). Per policy: mean response length in tokens (the
-closing EOS included), EOS rate and, with --reference, the mean summed per-token KL to the
-reference. Scoring, calibration and KL reuse the PPO stage's own functions (rlhf.ppo.rollout,
-rlhf.roles.reward_sources, rlhf.tokens.sequences), so the numbers mean what `ppo_score_mean`, `win_rate`
-and `kl_mean` mean in a PPO run's eval.json. When the prompt rows carry references (an SFT file's final assistant
-turn, or --references-field), BLEU (sacrebleu) and ROUGE (rouge_score) are added if installed.
+The PPO and DPO stages' own evaluator (rlhf/evaluation.py), with the policies loaded one at a
+time: the same sampling path and seeds for A and B, the same KL to --reference, the same
+judges and the same keys as a stage's eval.json (B unprefixed or under `b`, A under `a`);
+win and behaviour rates with 95% intervals clustered by prompt (rlhf/algo/stats.py). A reward
+model's stored calibration is reported with the means it gives. When the prompt rows carry
+references (an SFT file's final assistant turn, or --references-field), BLEU (sacrebleu) and
+ROUGE (rouge_score) are added if installed.
 """
 
 from __future__ import annotations
