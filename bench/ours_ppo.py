@@ -1,7 +1,7 @@
 """Worker: this project's PPO iteration (rlhf.ppo.ppo_iteration) on the benchmark's work.
 
 Roles are built by the PPO stage's own code (rlhf.ppo.roles.build_roles,
-rlhf.ppo.policy_eval.reward_model_scorer), from the prepared base model (no SFT / reward run
+rlhf.ppo.scorers.reward_model_scorer), from the prepared base model (no SFT / reward run
 needed: the benchmark measures cost, not learning):
   parity    full fine-tuning, frozen reference copy, separate value model initialised from the
             reward model (as TRL does), fp32, no gradient clipping (TRL's PPO does not clip)
@@ -93,8 +93,8 @@ def build_context(spec: dict, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.ppo.iteration import PPOContext
-    from rlhf.ppo.policy_eval import reward_model_scorer
     from rlhf.ppo.roles import build_roles
+    from rlhf.ppo.scorers import reward_model_scorer
     from rlhf.roles import models
 
     cfg, path = recipe.ppo, spec["model"]
@@ -104,7 +104,7 @@ def build_context(spec: dict, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
     model, reference = build_roles(
         cfg, accelerator, lambda: models.load_causal_lm(path), critic_dir=path
     )
-    reward_model = reward_model_scorer(path, recipe, accelerator)
+    reward_model = reward_model_scorer(path, accelerator, recipe.reward.max_length)
     optimizer = training.make_optimizer(model, cfg.optim)
     n_iters = spec["warmup"] + spec["iterations"]
     scheduler = training.make_scheduler(optimizer, cfg.optim, n_iters * cfg.ppo_epochs)

@@ -234,7 +234,8 @@ def _add_compare_flags(cmp: Any) -> list[argparse.Action]:
                     "--judge",
                     "judges",
                     "NAME|module:function",
-                    "a reward function as judge (sentiment, afinn, answer_match, ...); repeatable",
+                    "a reward function as judge (sentiment, afinn, answer_match, ...), or rubric "
+                    "(the rate of each rubric behaviour per policy); repeatable",
                 ),
             )
         ),

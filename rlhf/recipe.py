@@ -296,7 +296,7 @@ class EvalJudgeConfig(Section):
 
 class EvalConfig(Section):
     """The PPO and DPO stages' end-of-run evaluation (held-out prompts, SFT vs the tuned
-    policy; rlhf/ppo/policy_eval.py)."""
+    policy; rlhf/evaluation.py)."""
 
     judges: list[EvalJudgeConfig] = Field(default_factory=list)
     samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")
@@ -401,6 +401,15 @@ class PPOConfig(Section):
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
     eval_size: int = Field(32, ge=1, description="held-out prompts scored at the end")
+    eval_every: int = Field(
+        0, ge=0, description="iterations between judge-curve points (eval/* metrics; 0: none)"
+    )
+    eval_curve_size: int = Field(
+        16,
+        ge=1,
+        description="prompts of the judge curve, one answer each per policy (the first of "
+        "ppo.valid_prompts, else of eval_prompts)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -18,17 +18,12 @@ LONG_FUNCTIONS_TO_SPLIT = {
     "rlhf/stages/ppo.py run",
     "rlhf/ppo/update.py ppo_update",
     "rlhf/accel/decode.py sample",
-    "rlhf/ppo/policy_eval.py evaluate_policy",
-    "rlhf/tools/compare.py compare",
     "rlhf/tools/compare.py compare_cli",
-    "rlhf/tools/compare.py format_report",
     "rlhf/tools/curves.py draw_panel",
 }
 # Files that still hold `# fmt: skip` / `# fmt: off`, for the same reason.
 FORMATTER_MARKERS_TO_REMOVE = {
     "rlhf/stages/ppo.py",
-    "rlhf/ppo/policy_eval.py",
-    "rlhf/tools/compare.py",
     "rlhf/tools/curves.py",
     "rlhf/tools/evaluate.py",
 }

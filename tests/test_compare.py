@@ -23,44 +23,6 @@ PROMPTS = [
 ]
 
 
-# ------------------------------------------------------------------------------ statistics
-
-
-@pytest.mark.parametrize(
-    "successes, n, low, high",
-    [
-        (8, 10, 0.4902, 0.9433),  # textbook Wilson 95% values
-        (5, 10, 0.2366, 0.7634),
-        (0, 10, 0.0, 0.2775),  # all losses: still an interval, unlike the normal approx.
-        (10, 10, 0.7225, 1.0),
-        (1, 1, 0.2065, 1.0),
-    ],
-)
-def test_wilson_interval_known_values(successes, n, low, high):
-    got = stats.wilson_interval(successes, n)
-    assert got == pytest.approx((low, high), abs=1e-4)
-
-
-def test_wilson_interval_rejects_impossible_counts():
-    with pytest.raises(ValueError):
-        stats.wilson_interval(1, 0)
-    with pytest.raises(ValueError):
-        stats.wilson_interval(3, 2)
-
-
-def test_win_rate_counts_ties_half():
-    got = stats.win_rate([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 5.0])
-    assert (got["wins_b"], got["ties"], got["wins_a"]) == (2, 1, 1)
-    assert got["win_rate_b_over_a"] == 2.5 / 4
-    assert got["win_rate_ci95"] == pytest.approx(list(stats.wilson_interval(2.5, 4)))
-    all_ties = stats.win_rate([0.3] * 6, [0.3] * 6)
-    assert all_ties["win_rate_b_over_a"] == 0.5 and all_ties["ties"] == 6
-    lo, hi = all_ties["win_rate_ci95"]
-    assert lo < 0.5 < hi and 0.5 - lo == pytest.approx(hi - 0.5)
-    with pytest.raises(ValueError):
-        stats.win_rate([1.0], [1.0, 2.0])
-
-
 # -------------------------------------------------------------------------- tiny models
 
 
@@ -121,15 +83,18 @@ def test_a_policy_against_itself_ties_everywhere_with_zero_kl(tiny_model_dir, ti
         seed=3,
         batch_size=2,
     )
-    rm = summary["reward_models"][0]
-    assert rm["win_rate_b_over_a"] == 0.5 and rm["ties"] == len(PROMPTS)
-    assert rm["score_a_mean"] == rm["score_b_mean"]
-    a, b = summary["policies"]["a"], summary["policies"]["b"]
-    assert a["kl_to_reference_mean"] == 0.0 and b["kl_to_reference_mean"] == 0.0
+    rm = summary["judges"][tiny_rm_dir]
+    assert rm["win_rate"] == 0.5 and rm["ties"] == len(PROMPTS)
+    assert rm["win_rate_ci95"] == [0.5, 0.5]  # every prompt a tie
+    assert rm["a_mean"] == rm["b_mean"]
+    # The policy's log-probs come from the logits it sampled from (KV-cached decoding), the
+    # reference's from one forward: the same numbers up to float rounding.
+    assert summary["a_kl_mean"] == pytest.approx(0.0, abs=1e-4)
+    assert summary["kl_mean"] == pytest.approx(0.0, abs=1e-4)
     assert [s["a"] for s in samples] == [s["b"] for s in samples]
     # The stored calibration is applied exactly as PPO does: (raw - mean) / std.
     assert rm["calibration"]["mean"] == 0.5
-    assert rm["calibrated_score_a_mean"] == pytest.approx((rm["score_a_mean"] - 0.5) / 2.0)
+    assert rm["a_calibrated_mean"] == pytest.approx((rm["a_mean"] - 0.5) / 2.0)
 
 
 def test_a_function_judge_reads_the_prompt_rows_not_the_generated_ones(tiny_model_dir):
@@ -144,7 +109,7 @@ def test_a_function_judge_reads_the_prompt_rows_not_the_generated_ones(tiny_mode
         rows=[{"tag": "ab"}, {"tag": "abcd"}],
     )
     assert [s["scores"][spec]["a"] for s in samples] == [2.0, 4.0]
-    assert summary["judges"][0]["score_b_mean"] == 3.0
+    assert summary["judges"][spec]["b_mean"] == 3.0
 
 
 def test_cli_two_policies_json_with_every_field(
@@ -164,25 +129,24 @@ def test_cli_two_policies_json_with_every_field(
     rc, out, err = run_cli(argv)
     assert rc == 0, err
     got = json.loads(out)
-    assert got["n_prompts"] == 3 and got["win_rate_ci_method"] == "wilson"
-    assert got["decoding"]["do_sample"] and got["decoding"]["temperature"] == 0.8
+    assert got["n_prompts"] == 3 and got["win_rate_ci_method"] == stats.CI_METHOD
+    assert got["sampling"]["do_sample"] and got["sampling"]["temperature"] == 0.8
     assert got["kl_temperature"] == 0.8  # KL at the sampling temperature, as in PPO
-    for name in ("a", "b"):
-        policy = got["policies"][name]
-        assert 1 <= policy["response_tokens_mean"] <= 6 and 0 <= policy["eos_rate"] <= 1
-        assert math.isfinite(policy["kl_to_reference_mean"])
-    assert got["policies"]["a"]["kl_to_reference_mean"] == 0.0  # A is the reference
-    assert got["policies"]["b"]["kl_to_reference_mean"] != 0.0
-    calibrated, raw = got["reward_models"]
+    for prefix in ("a_", ""):
+        assert 1 <= got[f"{prefix}response_length_mean"] <= 6
+        assert 0 <= got[f"{prefix}eos_rate"] <= 1
+    assert got["a_kl_mean"] == pytest.approx(0.0, abs=1e-4)  # A is the reference
+    assert math.isfinite(got["kl_mean"]) and abs(got["kl_mean"]) > 1e-3
+    calibrated, raw = got["judges"][tiny_rm_dir], got["judges"][uncalibrated_rm_dir]
     for rm in (calibrated, raw):
-        assert rm["wins_b"] + rm["ties"] + rm["wins_a"] == 3
+        assert rm["wins"] + rm["ties"] + rm["losses"] == 3 and rm["n_prompts"] == 3
         lo, hi = rm["win_rate_ci95"]
-        assert 0 <= lo <= rm["win_rate_b_over_a"] <= hi <= 1
-        assert math.isfinite(rm["score_a_mean"]) and math.isfinite(rm["score_b_mean"])
+        assert 0 <= lo <= rm["win_rate"] <= hi <= 1
+        assert math.isfinite(rm["a_mean"]) and math.isfinite(rm["b_mean"])
     # Same weights: same raw scores; only the calibrated one reports calibrated means.
-    assert raw["score_b_mean"] == pytest.approx(calibrated["score_b_mean"], abs=1e-6)
-    assert math.isfinite(calibrated["calibrated_score_b_mean"])
-    assert raw["calibration"] is None and raw["calibrated_score_b_mean"] is None
+    assert raw["b_mean"] == pytest.approx(calibrated["b_mean"], abs=1e-6)
+    assert math.isfinite(calibrated["b_calibrated_mean"])
+    assert raw["calibration"] is None and raw["b_calibrated_mean"] is None
     assert got["text_metrics"]["n_references"] == 3
     samples = [json.loads(line) for line in samples_path.read_text().splitlines()]
     assert len(samples) == 3 and samples[0]["reference"] == "Hello there."
@@ -202,7 +166,9 @@ def test_cli_human_readable_greedy_without_reference(tmp_path, tiny_model_dir, t
     argv = ["eval", "compare", tiny_model_dir, tiny_model_dir, "--prompts", data]
     rc, out, err = run_cli([*argv, "--reward-model", tiny_rm_dir, "--greedy", "--limit", "1"])
     assert rc == 0, err
-    assert "1 prompts" in out and "greedy" in out and "win rate of B over A: 0.500" in out
+    assert (
+        "1 prompts x 1 samples" in out and "greedy" in out and "win rate of B over A: 0.500" in out
+    )
     assert "KL to reference" not in out
 
 
@@ -295,8 +261,37 @@ def test_cli_samples_at_the_ppo_policys_temperature(
     )
     assert rc == 0, err
     got = json.loads(out)
-    assert got["decoding"]["temperature"] == 0.6
-    assert got["decoding"]["temperature_from"] == f"ppo.temperature of {run / 'recipe.yaml'}"
+    assert got["sampling"]["temperature"] == 0.6
+    assert got["sampling"]["temperature_from"] == f"ppo.temperature of {run / 'recipe.yaml'}"
     assert f"sampling T=0.6 (ppo.temperature of {run / 'recipe.yaml'})" in compare.format_report(
         got
     )
+
+
+def test_judge_rubric_reports_behaviour_rates_per_policy(tiny_model_dir, monkeypatch, capsys):
+    """`--judge rubric`: the rate of each behaviour the rubric's classify reports, per policy,
+    with intervals clustered by prompt. A fake classify stands in for rlhf.roles.rubric."""
+    seen = []
+
+    def classify(row: dict, text: str) -> dict:
+        seen.append(row)
+        return {"long": len(text) > 3, "refused": None}  # refused applies to no row here
+
+    monkeypatch.setattr(compare, "rubric_classify", lambda: classify)
+    summary, samples = compare.compare(
+        tiny_model_dir,
+        tiny_model_dir,
+        PROMPTS,
+        [],
+        judges=["rubric"],
+        decoding=Decoding(max_new_tokens=4, do_sample=True),
+        samples_per_prompt=2,
+    )
+    long = summary["behaviour"]["long"]
+    expected = sum(len(s["a"]) > 3 for s in samples) / 6
+    assert long["n"] == 6 and long["a"] == long["b"] == expected
+    assert 0 <= long["a_ci95"][0] <= expected <= long["a_ci95"][1] <= 1
+    assert "refused" not in summary["behaviour"]  # applies to no sample
+    assert seen[0]["prompt"] == PROMPTS[0] and len(seen) == 12  # 2 policies x 6 samples
+    assert "judges" not in summary  # the rubric is not a scored judge
+    assert "eval: b answered 6/6" in capsys.readouterr().err  # progress while it runs

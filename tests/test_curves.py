@@ -475,3 +475,45 @@ def test_win_rate_alarm_for_each_interval_that_includes_one_half():
     assert check_win_rate({"win_rate": 0.3, "win_rate_ci95": [0.2, 0.45]}) == []  # clearly worse
     assert check_win_rate({"win_rate_ci95": [0.5, 0.6]}) != []  # a bound at 0.5 includes it
     assert check_win_rate(None) == [] and check_win_rate({"perplexity": 3.0}) == []
+
+
+def test_reward_hacking_alarm_compares_the_two_win_rates_of_the_judge_curve():
+    from rlhf.tools.curves import Series, reward_hacking_alarms
+
+    steps = [5.0, 10.0, 15.0, 20.0]
+    rm_rising = Series(steps, [0.55, 0.6, 0.68, 0.75])
+    judge_falling = Series(steps, [0.56, 0.52, 0.47, 0.41])
+    score_flat = Series(steps, [1.0, 1.0, 1.0, 1.0])
+    series = {
+        "eval/rm_win_rate": rm_rising,
+        "eval/judge_win_rate/judge": judge_falling,
+        "objective/score": score_flat,
+        "eval/kl": Series(steps, [0.1, 0.4, 0.9, 1.5]),
+    }
+    (alarm,) = reward_hacking_alarms(series)
+    assert alarm.name == "judge_disagrees" and alarm.metric == "eval/judge_win_rate/judge"
+    assert "eval/rm_win_rate went 0.55 -> 0.75" in alarm.message and alarm.spans == [(5.0, 20.0)]
+    # Both win rates rise: no alarm. Without the curve, the training score is compared.
+    agreeing = {**series, "eval/judge_win_rate/judge": Series(steps, [0.5, 0.55, 0.6, 0.7])}
+    assert reward_hacking_alarms(agreeing) == []
+    without_curve = {"objective/score": score_flat, "judge/x": judge_falling}
+    assert reward_hacking_alarms(without_curve) == []  # a flat score is not hacking
+    assert reward_hacking_alarms({"eval/judge_win_rate/judge": judge_falling}) == []
+
+
+def test_the_judge_curve_panel_draws_three_lines_with_the_kl_on_a_second_axis(tmp_path):
+    from rlhf.tools.curves import Run, Series, draw_panel, pyplot
+
+    steps = [1.0, 2.0, 3.0]
+    series = {
+        "eval/rm_win_rate": Series(steps, [0.5, 0.6, 0.7]),
+        "eval/judge_win_rate/judge": Series(steps, [0.5, 0.45, 0.4]),
+        "eval/kl": Series(steps, [0.0, 2.0, 5.0]),
+    }
+    run = Run(tmp_path, "run", "ppo", series, {}, None)
+    fig, ax = pyplot().subplots()
+    draw_panel(ax, "judge curve", list(series), [run], smoothing=0.0)
+    (twin,) = [a for a in fig.axes if a is not ax]
+    assert len(ax.get_lines()) == 2 and len(twin.get_lines()) == 1
+    assert twin.get_lines()[0].get_ydata().tolist() == [0.0, 2.0, 5.0]
+    assert len(ax.get_legend().get_texts()) == 3

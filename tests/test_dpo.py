@@ -307,8 +307,9 @@ def test_eval_json_judges_the_policy_as_ppo_does(sft, tmp_path):
 
     rm = results["judges"]["reward"]
     assert rm["n"] == 8 and {"sft_mean", "dpo_mean"} <= set(rm)
-    low, high = rm["win_rate_ci95"]  # Wilson
-    assert 0.0 <= low <= rm["win_rate"] <= high <= 1.0 and low < high
+    low, high = rm["win_rate_ci95"]  # clustered by prompt: 4 prompts of 2 samples
+    assert 0.0 <= low <= rm["win_rate"] <= high <= 1.0 and rm["n_prompts"] == 4
+    assert rm["wins"] + rm["ties"] + rm["losses"] == 8
     assert "does not exist" in results["judges"]["judge"]["skipped"]
 
     assert results["answer_accuracy"]["n"] == 3 * 2  # 3 of the 4 sampled prompts have answers
@@ -319,7 +320,10 @@ def test_eval_json_judges_the_policy_as_ppo_does(sft, tmp_path):
     for side in ("", "sft_"):
         assert 1 <= results[f"{side}response_length_mean"] <= 8  # tiny: max_new_tokens 8
         assert 0 <= results[f"{side}eos_rate"] <= 1
-    assert set(results["samples"][0]) == {"prompt", "dpo", "sft"}
+    assert results["kl_temperature"] == 0.7  # the KL says the temperature it was measured at
+    sample = results["samples"][0]
+    assert {"prompt", "dpo", "sft", "dpo_kl", "dpo_tokens", "sft_finished"} <= set(sample)
+    assert set(sample["scores"]) == {"reward"}  # the skipped judge scored nothing
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The three stages chained on the tiny model: PPO reads SFT and reward outputs; role variants."""
 
 import json
+import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,8 +113,14 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
     assert info["status"] == "completed" and info["world_size"] == 1
     expected_ref = "frozen copy" if "ppo.lora.enabled=false" in variant else "lora-disabled"
     assert info["reference"] == expected_ref
-    rows = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    every = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in every if "objective/score" in r]
     assert [r["step"] for r in rows] == [1, 2]
+    # The judge curve (tiny: ppo.eval_every 1): policy vs SFT on 2 held-out prompts after
+    # iteration 1, the trained reward model's win rate and the KL (the judge is not trained).
+    (curve,) = [r for r in every if "eval/kl" in r]
+    assert curve["step"] == 1 and 0 <= curve["eval/rm_win_rate"] <= 1
+    assert math.isfinite(curve["eval/kl"]) and curve["timing/eval_curve"] > 0
     for key in (
         "objective/score",
         "objective/score_normalized",
@@ -143,8 +150,14 @@ def test_ppo_role_variants_run_and_write_the_contract(pipeline, variant):
     for key in ("ppo_score_mean", "sft_score_mean", "win_rate", "kl_mean", "eos_rate"):
         assert key in results
     assert results["prompts_source"] == "eval_prompts"
-    low, high = results["win_rate_ci95"]  # Wilson: never a single point, inside [0, 1]
-    assert 0.0 <= low <= results["win_rate"] <= high <= 1.0 and low < high
+    # The rubric's behaviour rates (rlhf.roles.rubric), per policy, clustered by prompt.
+    padded = results["behaviour"]["padded"]
+    assert padded["n"] == results["n_samples"] and 0 <= padded["ppo"] <= 1
+    assert padded["sft_ci95"][0] <= padded["sft"] <= padded["sft_ci95"][1]
+    low, high = results["win_rate_ci95"]  # clustered by prompt (rlhf/algo/stats.py)
+    assert 0.0 <= low <= results["win_rate"] <= high <= 1.0
+    assert results["win_rate_ci_method"].startswith("cluster bootstrap over prompts")
+    assert results["wins"] + results["ties"] + results["losses"] == results["n_samples"]
     # The score is normalised on SFT samples scored before iteration 1 (4 in the tiny recipe).
     assert info["calibration"]["source"] == "sft_samples" and info["calibration"]["n"] == 4
     assert results["calibration"] == info["calibration"]
@@ -231,6 +244,8 @@ def test_ppo_with_an_ensemble_a_function_and_judges(pipeline):
     results = json.loads((ppo / "eval.json").read_text())
     assert results["n_samples"] == 2 * results["n_prompts"]
     assert results["judges"]["rm"]["n"] == results["n_samples"]
+    curve = [r for r in rows if "eval/kl" in r]  # the judge curve scores with the judges too
+    assert [r["step"] for r in curve] == [1] and 0 <= curve[0]["eval/judge_win_rate/rm"] <= 1
     assert (
         "COMPLETED" in results["judges"]["judge"]["skipped"]
         or "does not exist" in (results["judges"]["judge"]["skipped"])

@@ -1,5 +1,5 @@
 """PPO for RLHF: the loop's parts (`prompts`, `roles`, `rollout`, `update`, `iteration`,
-`calibration`, `policy_eval`), and the public math API, written in `rlhf.algo.ppo` as pure tensor
+`calibration`, `scorers`), and the public math API, written in `rlhf.algo.ppo` as pure tensor
 functions (the per-token entropy in `rlhf.tokens.sequences`) and importable from here:
 `from rlhf.ppo import gae, policy_loss, ...`."""
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from rlhf.infra import distributed
-from rlhf.ppo.policy_eval import generate_reference
 from rlhf.ppo.prompts import Prompts
+from rlhf.ppo.rollout import generate_reference
 from rlhf.roles.actor_critic import ActorCritic, eval_mode
 
 

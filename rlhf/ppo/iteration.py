@@ -39,10 +39,16 @@ def normalise_score(
     score = calibrate(raw, calibration)
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
-    if cfg.missing_eos_penalty is not None:
-        # Answers cut off at max_new_tokens (scored without an end-of-turn): penalise them.
-        score = score - cfg.missing_eos_penalty * (~ended_with_eos).float()
-    return score
+    return missing_eos_penalised(score, ended_with_eos, cfg.missing_eos_penalty)
+
+
+def missing_eos_penalised(
+    score: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float | None
+) -> torch.Tensor:
+    """Answers cut off at max_new_tokens (scored without an end-of-turn) lose `penalty`."""
+    if penalty is None:
+        return score
+    return score - penalty * (~ended_with_eos.bool()).float()
 
 
 @dataclass

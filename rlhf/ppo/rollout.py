@@ -121,13 +121,23 @@ def sample_rollout(
     return roll
 
 
+def generate_reference(model, reference, ids, mask, cfg, tokenizer) -> Rollout:
+    """Sample from the SFT policy: the adapter-disabled policy, or the frozen reference copy."""
+    if reference is None:
+        with model.adapter_disabled():
+            return sample_rollout(model.policy, ids, mask, cfg, tokenizer)
+    return sample_rollout(reference, ids, mask, cfg, tokenizer)
+
+
 def lean_decode_applies(policy: torch.nn.Module, cfg: Any, device: torch.device) -> bool:
     """Where the fast paths apply, sample with rlhf.accel.decode unless something needs
-    generate: stop strings, synced_gpus (ZeRO-3 / FSDP ranks step together), or a model that
-    is not a decoder-only transformers LM."""
+    generate: another decoding (greedy, top-k, top-p, beams), stop strings, synced_gpus
+    (ZeRO-3 / FSDP ranks step together), or a model that is not a decoder-only transformers
+    LM."""
     config = getattr(policy, "config", None)
     return (
         accel.applies(device)
+        and getattr(cfg, "decoding", None) is None
         and not cfg.stop_strings
         and not distributed.synced_gpus()
         and config is not None
@@ -139,7 +149,8 @@ def _generate(
     policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
 ) -> decode.Decoded:
     """transformers' generate, returning what the lean loop returns (logits and LM-head inputs
-    only when kept and one per generated token)."""
+    only when kept and one per generated token). `cfg.decoding` (rlhf eval compare: greedy,
+    top-k, top-p, beams), when set, replaces the stages' sampling at the temperature."""
     # Only temperature is active (complete config, the folder's generation_config.json
     # ignored): the log-probs are log_softmax(logits / T), the distribution sampled.
     extra: dict[str, Any] = {"use_cache": True}
@@ -147,7 +158,7 @@ def _generate(
         extra["stop_strings"] = list(cfg.stop_strings)
     if keep_sampling_outputs:
         extra.update(return_dict_in_generate=True, output_logits=True)
-    decoding = Decoding(
+    decoding = getattr(cfg, "decoding", None) or Decoding(
         max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature
     )
     config = decoding.generation_config(tokenizer.pad_token_id, stops, **extra)

@@ -9,7 +9,7 @@ rankings as the reward stage, keeping this project's run-directory contract.
   * the loss is TRL's (`dpo.loss_type`, `dpo.beta`); the Trainer runs the loop, DDP included.
   * evaluation: the implicit reward on a fixed sample of held-out pairs (`dpo.eval_pairs`,
     every eval_every steps and at the end), then the PPO stage's end-of-run comparison with
-    SFT (rlhf/ppo/policy_eval.py) on held-out prompts: the trained reward model and eval.judges,
+    SFT (rlhf/evaluation.py) on held-out prompts: the trained reward model and eval.judges,
     answer accuracy, KL to the reference, length, EOS rate.
   * contract: a TrainerCallback writes TRL's logs to metrics.jsonl / tb/ in our key style,
     turns SIGINT/SIGTERM into a checkpoint and a clean stop, and marks each finished checkpoint
@@ -25,13 +25,14 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from rlhf import data
+from rlhf import data, evaluation
 from rlhf.accel import apply
 from rlhf.infra import checkpoint, distributed, training
 from rlhf.infra.errors import UserError
@@ -39,7 +40,7 @@ from rlhf.infra.rundir import RunDir, require_completed
 from rlhf.infra.runtime import resolve_precision, run_info, set_seed, setup_logging
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
-from rlhf.ppo import policy_eval
+from rlhf.ppo.scorers import reward_model_scorer
 from rlhf.roles import model_folder, models, reward_sources
 from rlhf.roles import preference as pref
 from rlhf.roles.actor_critic import ActorCritic
@@ -190,22 +191,38 @@ def generation_eval(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) ->
     # FSDP2: the root's own parameters (embeddings, LM head) stay gathered for the whole
     # generation, not once per token; ZeRO-3's hooks gather layer by layer by themselves. A
     # reference TRL sharded gathers itself in each forward. Every rank generates in step.
+    load_scorer = partial(
+        reward_model_scorer,
+        accelerator=accelerator,
+        max_length=recipe.reward.max_length,
+        attn_implementation=recipe.model.attn_implementation,
+    )
+    # No training score: every reward model is a judge here.
+    scoring = evaluation.Scoring(
+        judge_entries(recipe), load_scorer, recipe.output_dir, classify=evaluation.rubric_classify()
+    )
     with distributed.gathered_for_generation(accelerator, trainer.model_wrapped):
-        return policy_eval.evaluate_policy(
+        results, samples = evaluation.evaluate_stage(
             ActorCritic(policy, with_values=False),
             reference,
-            None,  # no training score: every reward model is a judge here
             tokenizer,
-            prompts,
+            prompts[: recipe.ppo.eval_size],
             recipe,
             accelerator,
-            lambda model_dir: policy_eval.reward_model_scorer(model_dir, recipe, accelerator),
-            label="dpo",
-            judge_entries=judge_entries(recipe),
+            scoring,
+            "dpo",
+            log.info,
         )
+    # DPO trains at temperature 1; its samples and KL are at the PPO stage's temperature.
+    log.info(
+        "dpo: KL to the SFT policy %.3f, measured at temperature %g (ppo.temperature)",
+        results["kl_mean"],
+        results["kl_temperature"],
+    )
+    return {**results, "samples": samples[:8]}
 
 
-def evaluate_policy(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) -> dict[str, Any]:
+def eval_results(trainer: Any, recipe: Any, tokenizer: Any, prompts: list) -> dict[str, Any]:
     """eval.json's numbers: the implicit reward on the held-out pairs, and the
     generation-based comparison with SFT (when there are held-out prompts)."""
     results: dict[str, Any] = {}
@@ -435,7 +452,7 @@ def final_results(
     cfg = recipe.dpo
     step = trainer.state.global_step
     results = {
-        **evaluate_policy(trainer, recipe, tokenizer, pairs.eval_prompts),
+        **eval_results(trainer, recipe, tokenizer, pairs.eval_prompts),
         "steps": step,
         "pairs": cfg.pairs,
         "loss_type": cfg.loss_type,

@@ -9,12 +9,13 @@ rlhf/ppo/iteration.py:
                ppo.estimator rloo / grpo / reinforce_pp, k samples per prompt and no critic)
   5. update    PPO epochs over minibatches: clipped policy + clipped value loss
 The loop, resume, checkpoints and the run folder are the stage runner's; here: the roles and
-prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/ppo/policy_eval.py).
+prompts, one iteration, and the held-out comparison with the SFT policy (rlhf/evaluation.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rlhf import data
+from rlhf import data, evaluation
 from rlhf.algo.ppo import AdaptiveKLController, FixedKLController
 from rlhf.infra import distributed, training
 from rlhf.infra.errors import UserError
@@ -31,10 +32,10 @@ from rlhf.infra.runtime import frozen_weight_dtype
 from rlhf.infra.tracking import mean_across_ranks
 from rlhf.ppo.calibration import sft_calibration
 from rlhf.ppo.iteration import PPOContext, ppo_iteration
-from rlhf.ppo.policy_eval import SharedScorers, evaluate_policy, reward_model_scorer
 from rlhf.ppo.prompts import Prompts, PromptSampler, iteration_seed
 from rlhf.ppo.roles import build_roles
 from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.scorers import SharedScorers, reward_model_scorer
 from rlhf.roles import models, reward_sources
 from rlhf.roles.actor_critic import ActorCritic
 from rlhf.stages.runner import Cadence, StageRun
@@ -80,10 +81,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     critic_dir = str(reward_dir / "model") if reward_dir else None
     model, reference = build_roles(cfg, accelerator, partial(load_policy, recipe, sft_dir),
                                    critic_dir, recipe.model.attn_implementation)  # fmt: skip
-    # One copy of each reward model for training and evaluation (its judges included).
-    load_scorer = SharedScorers(
-        partial(reward_model_scorer, recipe=recipe, accelerator=accelerator)
-    )
+    load_scorer = shared_scorers(recipe, accelerator)
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
     optimizer = training.make_optimizer(model, cfg.optim)
@@ -116,17 +114,16 @@ def run(recipe: Any, resume: bool = False) -> Path:
         return {"iteration": n, "kl_controller": kl_ctl.state_dict(),
                 "reward_sources": sources.state_dict(), "calibration": sources.calibrations}  # fmt: skip
 
+    evaluate = policy_evaluator(recipe, ctx, unwrapped, sources, load_scorer)
     stage.loop((state or {}).get("iteration", 0), cfg.iterations,
                iteration_step(stage, ctx, prompts, sources, recipe.seed), state_of, scheduler,
-               Cadence(save_every=cfg.save_every, keep_last=cfg.keep_last),
+               Cadence(eval_every=cfg.eval_every, save_every=cfg.save_every,
+                       keep_last=cfg.keep_last),
+               evaluate=judge_curve(recipe, tokenizer, evaluate, eval_items or train_items),
                shown={"score": "objective/score", "kl": "objective/kl"}, unit="iteration")  # fmt: skip
 
     # --- evaluate and save
-    with distributed.gathered_for_generation(accelerator, model):
-        results = evaluate_policy(unwrapped, reference, sources, tokenizer,
-                                  eval_items or train_items, recipe, accelerator, load_scorer,
-                                  calibration)  # fmt: skip
-    results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
+    results = final_results(evaluate, eval_items, train_items, cfg.eval_size, calibration)
     card = ("PPO policy", f"PPO for {cfg.iterations} iterations against "
             f"{', '.join(info['reward_sources'])}, KL penalty to `{policy_name}`. Held-out mean "
             f"reward {results['ppo_score_mean']:.3f} (SFT {results['sft_score_mean']:.3f}), win "
@@ -137,6 +134,86 @@ def run(recipe: Any, resume: bool = False) -> Path:
              results["ppo_score_mean"], results["sft_score_mean"], results["win_rate"],
              results["kl_mean"])  # fmt: skip
     return path
+
+
+def shared_scorers(recipe: Any, accelerator: Any) -> SharedScorers:
+    """One copy of each reward model for training and evaluation (its judges included)."""
+    return SharedScorers(
+        partial(
+            reward_model_scorer,
+            accelerator=accelerator,
+            max_length=recipe.reward.max_length,
+            attn_implementation=recipe.model.attn_implementation,
+        )
+    )
+
+
+def policy_evaluator(recipe: Any, ctx: PPOContext, unwrapped: Any, sources: Any, scorer: Any):
+    """evaluate(prompts, final) -> (summary, samples): the PPO policy against the SFT policy
+    (rlhf/evaluation.py) under the training score (with its missing-EOS penalty) and the eval
+    judges; the final evaluation also reports the rubric's behaviour rates. Every rank calls it
+    in step."""
+
+    def training_score(m: list, t: list[str], rows: list[dict], f: list[bool]) -> Any:
+        return sources(m, t, rows, training=False, finished=f)[0]
+
+    def evaluate(prompts: list[Any], final: bool) -> tuple[dict[str, Any], list[dict]]:
+        classify = evaluation.rubric_classify() if final else None
+        scoring = evaluation.Scoring(
+            recipe.eval.judges,
+            scorer,
+            recipe.output_dir,
+            training_score,
+            recipe.ppo.missing_eos_penalty,
+            classify,
+        )
+        with distributed.gathered_for_generation(ctx.accelerator, ctx.model):
+            return evaluation.evaluate_stage(
+                unwrapped,
+                ctx.reference,
+                ctx.tokenizer,
+                prompts,
+                recipe,
+                ctx.accelerator,
+                scoring,
+                "ppo",
+                log.info if final else log.debug,
+                None if final else 1,  # the judge curve: one answer per prompt and policy
+            )
+
+    return evaluate
+
+
+def final_results(evaluate, eval_items, train_items, size, calibration) -> dict[str, Any]:
+    """eval.json: the policy against SFT on the held-out prompts (else the training prompts),
+    its first 8 samples side by side, and the score's calibration."""
+    results, samples = evaluate((eval_items or train_items)[:size], final=True)
+    results["samples"] = samples[:8]
+    results["prompts_source"] = "eval_prompts" if eval_items else "train_prompts"
+    if calibration:
+        results["calibration"] = calibration
+    return results
+
+
+def judge_curve(recipe: Any, tokenizer: Any, evaluate: Callable, held_out: list[Any]) -> Any:
+    """The runner's `evaluate` every ppo.eval_every iterations (None when 0): the policy
+    against SFT on the first ppo.eval_curve_size valid prompts (ppo.valid_prompts; else the
+    held-out prompts, said in the log), as eval/* metrics."""
+    cfg = recipe.ppo
+    if not cfg.eval_every:
+        return None
+    source = getattr(cfg, "valid_prompts", None)
+    if source is None:
+        log.info("ppo: the judge curve uses ppo.eval_prompts (ppo.valid_prompts is not set)")
+    items = load_fitted(recipe, tokenizer, source) if source is not None else held_out
+    prompts = items[: cfg.eval_curve_size]
+
+    def curve_point() -> dict[str, float]:
+        began = time.monotonic()
+        point = evaluation.curve_metrics(evaluate(prompts, final=False)[0])
+        return {**point, "timing/eval_curve": time.monotonic() - began}
+
+    return curve_point
 
 
 def iteration_step(
@@ -198,15 +275,17 @@ def kl_controller(cfg: Any, world: int = 1) -> AdaptiveKLController | FixedKLCon
     return ctl
 
 
+def load_fitted(recipe: Any, tokenizer: Any, source: Any) -> list[Any]:
+    """A prompts source's items, each fitted to ppo.max_prompt_length."""
+    items = data.load_prompts(source, recipe.data.on_invalid).items
+    return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
+
+
 def load_prompt_items(recipe: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     """(training prompts, held-out prompts or []), each fitted to ppo.max_prompt_length."""
     cfg = recipe.ppo
-
-    def load(source: Any) -> list[Any]:
-        items = data.load_prompts(source, recipe.data.on_invalid).items
-        return data.fit_prompts(items, tokenizer, cfg.max_prompt_length, recipe.data)
-
-    return load(cfg.prompts), load(cfg.eval_prompts) if cfg.eval_prompts else []
+    held_out = load_fitted(recipe, tokenizer, cfg.eval_prompts) if cfg.eval_prompts else []
+    return load_fitted(recipe, tokenizer, cfg.prompts), held_out
 
 
 def load_policy(recipe: Any, sft_dir: Path | None) -> torch.nn.Module:

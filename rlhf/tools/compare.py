@@ -1,42 +1,48 @@
-"""`rlhf eval compare`: two policies answer the same held-out prompts; reward models judge.
+"""`rlhf eval compare`: two policies answer the same held-out prompts; judges score them.
 
   rlhf eval compare runs/x/sft/model runs/x/ppo/model --prompts held_out.jsonl \\
-      --reward-model runs/x/reward/model [--reward-model OTHER_RM] [--reference runs/x/sft/model]
+      --reward-model runs/x/reward/model [--judge rubric] [--reference runs/x/sft/model]
 
-Both policies answer every prompt with the same decoding settings and the same seed. Per
-reward model: mean raw (and calibrated) score of A and B, and the win rate of B over A (ties
-count half) with a 95% Wilson score interval. Per policy: mean response length in tokens (the
-closing EOS included), EOS rate and, with --reference, the mean summed per-token KL to the
-reference. Scoring, calibration and KL reuse the PPO stage's own functions (rlhf.ppo.rollout,
-rlhf.roles.reward_sources, rlhf.tokens.sequences), so the numbers mean what `ppo_score_mean`, `win_rate`
-and `kl_mean` mean in a PPO run's eval.json. When the prompt rows carry references (an SFT file's final assistant
-turn, or --references-field), BLEU (sacrebleu) and ROUGE (rouge_score) are added if installed.
+The PPO and DPO stages' own evaluator (rlhf/evaluation.py), with the policies loaded one at a
+time: the same sampling path and seeds for A and B, the same KL to --reference, the same
+judges and the same keys as a stage's eval.json (B unprefixed or under `b`, A under `a`);
+win and behaviour rates with 95% intervals clustered by prompt (rlhf/algo/stats.py). A reward
+model's stored calibration is reported with the means it gives. When the prompt rows carry
+references (an SFT file's final assistant turn, or --references-field), BLEU (sacrebleu) and
+ROUGE (rouge_score) are added if installed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf.algo.stats import win_rate
+from rlhf.data.types import Prompt
+from rlhf.evaluation import (
+    Evaluation,
+    LocalAccelerator,
+    Sampling,
+    Scoring,
+    Side,
+    evaluate,
+    rubric_classify,
+)
 from rlhf.infra.errors import UserError
-from rlhf.ppo.rollout import reward_scores
+from rlhf.ppo.scorers import reward_model_scorer
 from rlhf.roles import models
-from rlhf.roles.reward_sources import calibrate, load_calibration
-from rlhf.roles.rewards import call_reward_function, load_reward_function
-from rlhf.tokens.chat import encode_prompt, last_user_text, pad_batch, positions_from_mask
+from rlhf.roles.rewards import load_reward_function
 from rlhf.tokens.decoding import Decoding, decoding_from_args
-from rlhf.tokens.sequences import logprobs_from_logits, response_slice
-from rlhf.tools.generate import generate_responses, load, pick_device
+from rlhf.tools.generate import load, pick_device
 
-WIN_RATE_CI_METHOD = "wilson"  # as the PPO stage's eval.json (rlhf.algo.stats.wilson_interval)
+RUBRIC = "rubric"  # --judge rubric: the rubric's behaviour rates (rlhf.roles.rubric)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -118,45 +124,7 @@ def text_metrics(
     return out, notes
 
 
-# ---------------------------------------------------------------------------- model helpers
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: list[list[int]],
-    response_ids: list[list[int]],
-    pad_id: int,
-    temperature: float,
-    batch_size: int,
-) -> list[float]:
-    """Summed log pi(token) over each response's own tokens (EOS included), computed as the
-    PPO stage does: left-padded prompt + right-padded response, positions from the mask,
-    log-softmax at the sampling temperature (rlhf.tokens.sequences.logprobs_from_logits)."""
-    device = next(model.parameters()).device
-    sums: list[float] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts = pad_batch(prompt_ids[start : start + batch_size], pad_id, side="left")
-        responses = pad_batch(response_ids[start : start + batch_size], pad_id, side="right")
-        ids = torch.cat([prompts["input_ids"], responses["input_ids"]], dim=1).to(device)
-        attn = torch.cat([prompts["attention_mask"], responses["attention_mask"]], 1).to(device)
-        logits = model(
-            input_ids=ids, attention_mask=attn, position_ids=positions_from_mask(attn)
-        ).logits
-        prompt_len, response_len = prompts["input_ids"].shape[1], responses["input_ids"].shape[1]
-        window = response_slice(prompt_len, response_len)
-        logp = logprobs_from_logits(logits[:, window], ids[:, prompt_len:], temperature)
-        mask = responses["attention_mask"].to(device).float()
-        sums.extend((logp * mask).sum(1).tolist())
-    return sums
-
-
-def _free_gpu_memory(device: torch.device) -> None:
-    """After a model is dropped: give its GPU memory back before the next model loads (one
-    model is held at a time). On CPU reference counting already freed it."""
-    if device.type == "cuda":
-        gc.collect()  # HF modules hold reference cycles
-        torch.cuda.empty_cache()
+# ---------------------------------------------------------------------------------- compare
 
 
 def check_model(flag: str, model_dir: str) -> None:
@@ -167,13 +135,54 @@ def check_model(flag: str, model_dir: str) -> None:
         raise UserError(f"{flag}: {e}") from None
 
 
-def stored_calibration(model_dir: str, model: torch.nn.Module) -> dict | None:
-    """The reward stage's calibration: the file PPO reads, else the copy in config.json."""
-    found = load_calibration(Path(models.resolve(model_dir)))
-    return found or getattr(model.config, "reward_calibration", None) or None
+def loaded(model_dir: str, device: torch.device) -> Callable[[], Any]:
+    """A context that loads a policy for as long as it answers, then frees it: one model is in
+    memory at a time."""
+
+    @contextmanager
+    def open_model() -> Iterator[torch.nn.Module]:
+        model, _ = load(model_dir, device)
+        try:
+            yield model
+        finally:
+            del model
+            if device.type == "cuda":  # HF modules hold reference cycles
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    return open_model
 
 
-# ---------------------------------------------------------------------------------- compare
+def check_judges(reward_models: list[str], judges: list[str]) -> list[Any]:
+    """eval judge entries of the reward models and functions, checked before minutes of
+    generation (a causal LM would get a random head); `rubric` is the behaviour rates."""
+    from rlhf.recipe import EvalJudgeConfig
+
+    entries = []
+    for rm_dir in reward_models:
+        models.require_reward_head(rm_dir)
+        if models.load_tokenizer(rm_dir).chat_template is None:
+            raise UserError(f"--reward-model {rm_dir}: its tokenizer has no chat template")
+        entries.append(EvalJudgeConfig(model=rm_dir, name=rm_dir))
+    for spec in judges:
+        if spec != RUBRIC:
+            load_reward_function(spec)  # an unknown name or a bad module fails now
+            entries.append(EvalJudgeConfig(function=spec, name=spec))
+    return entries
+
+
+def sides_of(policy_a: str, policy_b: str, reference: str | None, device: torch.device):
+    """(the sides A and B, the reference or None, the tokenizer that encodes the prompts)."""
+    tokenizer = models.load_tokenizer(policy_a, padding_side="left")
+    for flag, model_dir in (("POLICY_B", policy_b), ("--reference", reference)):
+        other = models.load_tokenizer(model_dir) if model_dir else tokenizer
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{flag} {model_dir}: its tokenizer differs from POLICY_A's")
+    sides = [
+        Side(name, loaded(d, device), kl=reference is not None)
+        for name, d in (("a", policy_a), ("b", policy_b))
+    ]
+    return sides, loaded(reference, device) if reference else None, tokenizer
 
 
 def compare(
@@ -190,199 +199,40 @@ def compare(
     device: torch.device | None = None,
     judges: list[str] | None = None,
     rows: list[dict] | None = None,
+    samples_per_prompt: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(summary, per-prompt samples). Loads one model at a time."""
+    """(summary, per-sample records) of B against A on prompts x samples_per_prompt, by the
+    stages' evaluator (rlhf/evaluation.py). Loads one model at a time."""
     decoding = decoding or Decoding(max_new_tokens=48, do_sample=True)
     decoding.validate()
     if reference and decoding.do_sample and (decoding.top_k or decoding.top_p < 1.0):
         # The KL is of the full distributions at the temperature, as PPO measures it.
         raise UserError("--reference: the KL needs sampling without --top-k / --top-p")
-    # Judges are checked before minutes of generation: a causal LM would get a random head.
-    judge_tokenizers = {}
-    for rm_dir in reward_models:
-        models.require_reward_head(rm_dir)
-        judge_tokenizers[rm_dir] = models.load_tokenizer(rm_dir)
-        if judge_tokenizers[rm_dir].chat_template is None:
-            raise UserError(f"--reward-model {rm_dir}: its tokenizer has no chat template")
+    entries = check_judges(reward_models, judges or [])
+    classify = None
+    if RUBRIC in (judges or []):
+        classify = rubric_classify()
+        if classify is None:
+            raise UserError("--judge rubric: rlhf.roles.rubric is not in this version")
     device = device or torch.device("cpu")
-    # KL as the PPO stage measures it: log-probs at the sampling temperature (1 for greedy).
-    kl_temperature = decoding.temperature if decoding.do_sample else 1.0
-    settings = {"decoding": decoding, "seed": seed, "batch_size": batch_size,
-                "max_prompt_length": max_prompt_length}  # fmt: skip
-    outputs = {
-        name: answer(model_dir, prompts, settings, device, kl_temperature if reference else None)
-        for name, model_dir in (("a", policy_a), ("b", policy_b))
-    }
-    if reference:
-        add_reference_kl(outputs, reference, device, kl_temperature, batch_size)
-    texts = {name: [r["response"] for r in out["rows"]] for name, out in outputs.items()}
-    raw: dict[str, dict[str, list[float]]] = {}
-    function_judges = []
-    for spec in judges or []:
-        fn = load_reward_function(spec)
-        raw[spec] = {
-            name: call_reward_function(spec, fn, prompts, texts[name], rows or [{}] * len(prompts), {})
-            for name in outputs
-        }  # fmt: skip
-        function_judges.append({"judge": spec, "score_a_mean": _mean(raw[spec]["a"]),
-                                "score_b_mean": _mean(raw[spec]["b"]),
-                                **win_rate(raw[spec]["a"], raw[spec]["b"])})  # fmt: skip
-    judged = []
-    for rm_dir, rm_tokenizer in judge_tokenizers.items():
-        entry, raw[rm_dir] = judge_with_reward_model(
-            rm_dir, rm_tokenizer, prompts, outputs, max_length, batch_size, device
-        )
-        judged.append(entry)
-    summary = {
-        "n_prompts": len(prompts),
-        "seed": seed,
-        "decoding": {
-            "do_sample": decoding.do_sample,
-            "temperature": decoding.temperature,
-            "top_k": decoding.top_k,
-            "top_p": decoding.top_p,
-            "max_new_tokens": decoding.max_new_tokens,
-        },
-        "policies": {name: policy_summary(out, reference) for name, out in outputs.items()},
-        "reference": reference,
-        "kl_temperature": kl_temperature if reference else None,
-        "reward_models": judged,
-        "judges": function_judges,
-        "win_rate_ci_method": WIN_RATE_CI_METHOD,
-    }
-    return summary, per_prompt_samples(prompts, outputs, raw, reference)
-
-
-def answer(
-    model_dir: str,
-    prompts: list[list[dict]],
-    settings: dict[str, Any],
-    device: torch.device,
-    kl_temperature: float | None,
-) -> dict[str, Any]:
-    """One policy's answers ({"model", "rows", "vocab"}), and with a KL temperature the summed
-    log pi of each answer (their difference to log pi_ref is the summed k1 KL, as rollout.py
-    measures it: logprobs - ref_logprobs over the response mask), one model in memory."""
-    model, tokenizer = load(model_dir, device)
-    rows = generate_responses(
-        model,
+    sides, ref, tokenizer = sides_of(policy_a, policy_b, reference, device)
+    sampling = Sampling(decoding, max_prompt_length=max_prompt_length)
+    items = [Prompt(m, fields=r) for m, r in zip(prompts, rows or [{}] * len(prompts))]
+    ev = Evaluation(
+        items,
+        samples_per_prompt,
+        sampling,
         tokenizer,
-        prompts,
-        settings["decoding"],
-        batch_size=settings["batch_size"],
-        max_prompt_length=settings["max_prompt_length"],
-        seed=settings["seed"],  # the same seed for A and B: with equal weights, equal samples
-        progress=sys.stderr.isatty(),
-        with_ids=True,
+        LocalAccelerator(device),
+        seed,
+        batch_size,
+        batch_size,
+        lambda line: print(line, file=sys.stderr),
     )
-    out: dict[str, Any] = {"model": model_dir, "rows": rows, "vocab": tokenizer.get_vocab()}
-    if kl_temperature is not None:
-        out["prompt_ids"] = [
-            encode_prompt(tokenizer, p, settings["max_prompt_length"]) for p in prompts
-        ]
-        out["pad_id"] = tokenizer.pad_token_id
-        out["logprobs"] = sequence_logprobs(
-            model, out["prompt_ids"], [r["ids"] for r in rows], tokenizer.pad_token_id,
-            kl_temperature, settings["batch_size"],
-        )  # fmt: skip
-    del model
-    _free_gpu_memory(device)
-    return out
-
-
-def add_reference_kl(
-    outputs: dict[str, dict[str, Any]],
-    reference: str,
-    device: torch.device,
-    kl_temperature: float,
-    batch_size: int,
-) -> None:
-    """Each output's "kl": summed log pi - log pi_ref of each answer under the reference."""
-    ref_model, ref_tokenizer = load(reference, device)
-    if any(out["vocab"] != ref_tokenizer.get_vocab() for out in outputs.values()):
-        raise UserError(f"--reference {reference}: its tokenizer differs from a policy's")
-    for out in outputs.values():
-        ref = sequence_logprobs(
-            ref_model,
-            out["prompt_ids"],
-            [r["ids"] for r in out["rows"]],
-            out["pad_id"],
-            kl_temperature,
-            batch_size,
-        )
-        out["kl"] = [lp - rp for lp, rp in zip(out["logprobs"], ref)]
-    del ref_model
-    _free_gpu_memory(device)
-
-
-def judge_with_reward_model(
-    rm_dir: str,
-    rm_tokenizer: Any,
-    prompts: list[list[dict]],
-    outputs: dict[str, dict[str, Any]],
-    max_length: int,
-    batch_size: int,
-    device: torch.device,
-) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """(summary entry, raw scores per policy) of one reward model: raw and calibrated means
-    and the win rate of B over A, scored as the PPO stage scores (rlhf.ppo.rollout)."""
-    rm = models.load_reward_model(rm_dir).to(device).eval()
-    calibration = stored_calibration(rm_dir, rm)
-    entry: dict[str, Any] = {"model": rm_dir}
-    raw: dict[str, list[float]] = {}
-    for name, out in outputs.items():
-        texts = [r["response"] for r in out["rows"]]
-        finished = [r["finished"] for r in out["rows"]]
-        scores = torch.cat(
-            [
-                reward_scores(rm, rm_tokenizer, prompts[i : i + batch_size],
-                              texts[i : i + batch_size], max_length, device,
-                              contextlib.nullcontext, finished[i : i + batch_size]).cpu()
-                for i in range(0, len(prompts), batch_size)
-            ]
-        )  # fmt: skip
-        raw[name] = scores.tolist()
-        entry[f"score_{name}_mean"] = scores.mean().item()
-        # The PPO stage's own normalisation, without its clip and EOS penalty.
-        calibrated = calibrate(scores, calibration).mean().item() if calibration else None
-        entry[f"calibrated_score_{name}_mean"] = calibrated
-    entry["calibration"] = calibration
-    # Calibration is affine with a positive scale: raw scores give the same wins.
-    entry.update(win_rate(raw["a"], raw["b"]))
-    del rm
-    _free_gpu_memory(device)
-    return entry, raw
-
-
-def policy_summary(out: dict[str, Any], reference: str | None) -> dict[str, Any]:
-    rows = out["rows"]
-    return {
-        "model": out["model"],
-        "response_tokens_mean": _mean([r["tokens"] for r in rows]),
-        "eos_rate": _mean([float(r["finished"]) for r in rows]),
-        "kl_to_reference_mean": _mean(out["kl"]) if reference else None,
-    }
-
-
-def per_prompt_samples(
-    prompts: list[list[dict]],
-    outputs: dict[str, dict[str, Any]],
-    raw: dict[str, dict[str, list[float]]],
-    reference: str | None,
-) -> list[dict[str, Any]]:
-    samples = []
-    for i, messages in enumerate(prompts):
-        sample: dict[str, Any] = {"prompt": last_user_text(messages)}
-        for name, out in outputs.items():
-            row = out["rows"][i]
-            sample[name] = row["response"]
-            sample[f"{name}_tokens"] = row["tokens"]
-            sample[f"{name}_finished"] = row["finished"]
-            if reference:
-                sample[f"{name}_kl"] = out["kl"][i]
-        sample["scores"] = {rm: {n: s[n][i] for n in s} for rm, s in raw.items()}
-        samples.append(sample)
-    return samples
+    load_scorer = partial(reward_model_scorer, accelerator=ev.accelerator, max_length=max_length)
+    summary, samples = evaluate(ev, sides, ref, Scoring(entries, load_scorer, classify=classify))
+    policies = {"a": policy_a, "b": policy_b}
+    return {"policies": policies, "reference": reference, "seed": seed, **summary}, samples
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -409,8 +259,10 @@ def default_temperature(policies: dict[str, str]) -> tuple[float, str]:
             continue  # not a PPO run folder (or not one we can read): no trained temperature
     if len({t for t, _ in trained.values()}) > 1:
         given = ", ".join(f"{flag} T={t} ({path})" for flag, (t, path) in trained.items())
-        raise UserError(f"the policies were trained at different temperatures ({given}): "
-                        "choose one with --temperature")  # fmt: skip
+        raise UserError(
+            f"the policies were trained at different temperatures ({given}): "
+            "choose one with --temperature"
+        )
     if trained:
         temperature, path = next(iter(trained.values()))
         return temperature, f"ppo.temperature of {path}"
@@ -433,7 +285,8 @@ def compare_cli(args: Any) -> dict[str, Any]:
     if args.samples_per_prompt < 1:
         raise UserError("--samples-per-prompt must be >= 1")
     for spec in args.judges:
-        load_reward_function(spec)  # an unknown name or a bad module fails before generation
+        if spec != RUBRIC:
+            load_reward_function(spec)  # an unknown name or a bad module fails before generation
     if args.batch_size < 1 or args.max_length < 8 or args.max_prompt_length < 1:
         raise UserError("--batch-size and --max-prompt-length must be >= 1, --max-length >= 8")
     if args.limit is not None and args.limit < 1:
@@ -452,11 +305,9 @@ def compare_cli(args: Any) -> dict[str, Any]:
 
         hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
     loaded = datalib.load_prompts(datalib.as_source(args.prompts, args.format, args.limit))
-    # N samples per prompt: each prompt repeated N times in a row, so one seed still gives
-    # both policies the same random stream (identical policies -> identical samples).
+    # N samples per prompt, each prompt's in a row: one seed still gives both policies the
+    # same random stream (identical policies -> identical samples).
     spp = args.samples_per_prompt
-    prompts = [p.messages for p in loaded.items for _ in range(spp)]
-    prompt_rows = [p.fields for p in loaded.items for _ in range(spp)]
     references = load_references(loaded, args.references_field)
     if references is not None:
         references = [r for r in references for _ in range(spp)]
@@ -464,10 +315,11 @@ def compare_cli(args: Any) -> dict[str, Any]:
     summary, samples = compare(
         args.model_dir,
         args.data,
-        prompts,
+        [p.messages for p in loaded.items],
         args.reward_models,
         judges=args.judges,
-        rows=prompt_rows,
+        rows=[p.fields for p in loaded.items],
+        samples_per_prompt=spp,
         reference=args.reference,
         decoding=decoding,
         seed=args.seed,
@@ -476,9 +328,9 @@ def compare_cli(args: Any) -> dict[str, Any]:
         max_length=args.max_length,
         device=pick_device(args.device),
     )
-    summary = {"prompts": str(args.prompts), "samples_per_prompt": spp, **summary}
+    summary = {"prompts": str(args.prompts), **summary}
     if decoding.do_sample:
-        summary["decoding"]["temperature_from"] = temperature_from
+        summary["sampling"]["temperature_from"] = temperature_from
     if references is not None:
         hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
         summary["text_metrics"], notes = text_metrics(hypotheses, references)
@@ -497,60 +349,37 @@ def compare_cli(args: Any) -> dict[str, Any]:
 
 def format_report(summary: dict[str, Any]) -> str:
     """The human-readable table printed without --json."""
-    a, b = summary["policies"]["a"], summary["policies"]["b"]
-    d = summary["decoding"]
-    how = (
-        f"sampling T={d['temperature']}"
-        + (f" ({d['temperature_from']})" if d.get("temperature_from") else "")
-        + f" top_k={d['top_k']} top_p={d['top_p']}"
-        if d["do_sample"]
-        else "greedy"
-    )
+    d = summary["sampling"]
+    how = "greedy"
+    if d["do_sample"]:
+        source = f" ({d['temperature_from']})" if d.get("temperature_from") else ""
+        how = f"sampling T={d['temperature']}{source} top_k={d['top_k']} top_p={d['top_p']}"
 
     def row(label: str, va: float | None, vb: float | None) -> str:
         cells = ["-" if v is None else f"{v:.4f}" for v in (va, vb)]
         return f"  {label:<28s}{cells[0]:>12s}{cells[1]:>12s}"
 
     lines = [
-        f"A: {a['model']}",
-        f"B: {b['model']}",
-        f"{summary['n_prompts']} prompts from {summary.get('prompts', '?')}; {how}, "
-        f"max {d['max_new_tokens']} new tokens, seed {summary['seed']}",
+        f"A: {summary['policies']['a']}",
+        f"B: {summary['policies']['b']}",
+        f"{summary['n_prompts']} prompts x {summary['samples_per_prompt']} samples from "
+        f"{summary.get('prompts', '?')}; {how}, max {d['max_new_tokens']} new tokens, "
+        f"seed {summary['seed']}",
         f"  {'':<28s}{'A':>12s}{'B':>12s}",
-        row("response tokens (mean)", a["response_tokens_mean"], b["response_tokens_mean"]),
-        row("EOS rate", a["eos_rate"], b["eos_rate"]),
+        row(
+            "response tokens (mean)",
+            summary["a_response_length_mean"],
+            summary["response_length_mean"],
+        ),
+        row("EOS rate", summary["a_eos_rate"], summary["eos_rate"]),
     ]
     if summary["reference"]:
-        lines.append(
-            row(
-                f"KL to reference (T={summary['kl_temperature']})",
-                a["kl_to_reference_mean"],
-                b["kl_to_reference_mean"],
-            )
-        )
-    for judge in summary.get("judges", []):
-        lo, hi = judge["win_rate_ci95"]
-        lines += [
-            f"judge {judge['judge']}",
-            row("score (mean)", judge["score_a_mean"], judge["score_b_mean"]),
-            f"  win rate of B over A: {judge['win_rate_b_over_a']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}] (95% {summary['win_rate_ci_method']}); "
-            f"B wins {judge['wins_b']}, ties {judge['ties']}, A wins {judge['wins_a']}",
-        ]
-    for rm in summary["reward_models"]:
-        lo, hi = rm["win_rate_ci95"]
-        lines += [
-            f"reward model {rm['model']}",
-            row("score (raw, mean)", rm["score_a_mean"], rm["score_b_mean"]),
-            row(
-                "score (calibrated, mean)",
-                rm["calibrated_score_a_mean"],
-                rm["calibrated_score_b_mean"],
-            ),
-            f"  win rate of B over A: {rm['win_rate_b_over_a']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}] (95% {summary['win_rate_ci_method']}); "
-            f"B wins {rm['wins_b']}, ties {rm['ties']}, A wins {rm['wins_a']}",
-        ]
+        label = f"KL to reference (T={summary['kl_temperature']})"
+        lines.append(row(label, summary["a_kl_mean"], summary["kl_mean"]))
+    for name, judge in summary.get("judges", {}).items():
+        lines += judge_lines(name, judge, summary["win_rate_ci_method"], row)
+    for name, rates in summary.get("behaviour", {}).items():
+        lines.append(row(f"{name} rate (n={rates['n']})", rates["a"], rates["b"]))
     metrics = summary.get("text_metrics")
     if metrics:
         lines.append(f"against {metrics['n_references']} references")
@@ -558,3 +387,19 @@ def format_report(summary: dict[str, Any]) -> str:
             if key in metrics.get("a", {}):
                 lines.append(row(key, metrics["a"][key], metrics["b"][key]))
     return "\n".join(lines)
+
+
+def judge_lines(name: str, judge: dict[str, Any], method: str, row: Callable) -> list[str]:
+    if "skipped" in judge:
+        return [f"judge {name}: skipped ({judge['skipped']})"]
+    lines = [f"judge {name}", row("score (mean)", judge["a_mean"], judge["b_mean"])]
+    if judge.get("calibration"):
+        lines.append(
+            row("score (calibrated, mean)", judge["a_calibrated_mean"], judge["b_calibrated_mean"])
+        )
+    lo, hi = judge["win_rate_ci95"]
+    lines.append(
+        f"  win rate of B over A: {judge['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] (95%, {method}); "
+        f"B wins {judge['wins']}, ties {judge['ties']}, A wins {judge['losses']}"
+    )
+    return lines

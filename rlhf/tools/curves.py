@@ -66,7 +66,10 @@ PANELS: dict[str, list[tuple[str, list[str]]]] = {
         ("policy", ["policy/clipfrac", "policy/approxkl"]),
         ("value loss", ["value/loss"]),
         ("explained variance", ["value/explained_variance"]),
-        ("held-out judge", ["eval/judge_*", "judge/*"]),
+        (
+            "judge curve: win rate over SFT; KL",
+            ["eval/rm_win_rate", "eval/judge_*", "judge/*", "eval/kl"],
+        ),
         ("timing (s)", ["timing/*"]),
         ("tokens / second", ["tokens_per_second"]),
     ],
@@ -417,8 +420,10 @@ def check_judge(
     judge: Sequence[float],
     judge_name: str = "judge",
     min_trend: float = 0.5,
+    score_name: str = "objective/score",
 ) -> Alarm | None:
-    """The reward-model score rises while a held-out judge falls: reward hacking."""
+    """The trained reward model's score (or win rate) rises while a held-out judge falls:
+    reward hacking."""
     if len(score) < 3 or len(judge) < 3:
         return None
     score_trend, judge_trend = trend(score_steps, score), trend(judge_steps, judge)
@@ -428,11 +433,30 @@ def check_judge(
     return Alarm(
         "judge_disagrees",
         judge_name,
-        f"score rising while the held-out judge disagrees: objective/score went "
+        f"score rising while the held-out judge disagrees: {score_name} went "
         f"{score[0]:.3g} -> {score[-1]:.3g} but {judge_name} {judge[0]:.3g} -> {judge[-1]:.3g}; "
         "the policy is probably exploiting the reward model",
         [(peak, judge_steps[-1])],
     )
+
+
+def reward_hacking_alarms(series: dict[str, Series]) -> list[Alarm]:
+    """check_judge for each judge series (eval/judge_*, judge/*) against the trained reward
+    model's win rate over SFT on the same prompts (eval/rm_win_rate, the judge curve), else
+    against its training score (objective/score)."""
+    score_name = "eval/rm_win_rate" if "eval/rm_win_rate" in series else "objective/score"
+    score = series.get(score_name)
+    if score is None:
+        return []
+    alarms = []
+    for name in sorted(series):
+        if fnmatch.fnmatch(name, "eval/judge_*") or fnmatch.fnmatch(name, "judge/*"):
+            judge = series[name]
+            alarm = check_judge(
+                score.steps, score.values, judge.steps, judge.values, name, score_name=score_name
+            )
+            alarms += [alarm] if alarm else []
+    return alarms
 
 
 def check_critic(steps: Sequence[float], explained_variance: Sequence[float]) -> Alarm | None:
@@ -514,14 +538,7 @@ def check_run(run: Run) -> list[Alarm]:
         alarms.append(check_length(ser.steps, ser.values, max_new if max_new else None))
     if "response/eos_rate" in s:
         alarms.append(check_eos(s["response/eos_rate"].steps, s["response/eos_rate"].values))
-    if "objective/score" in s:
-        score = s["objective/score"]
-        for name in sorted(s):
-            if fnmatch.fnmatch(name, "eval/judge_*") or fnmatch.fnmatch(name, "judge/*"):
-                judge = s[name]
-                alarms.append(
-                    check_judge(score.steps, score.values, judge.steps, judge.values, name)
-                )
+    alarms.extend(reward_hacking_alarms(s))
     if "value/explained_variance" in s:  # only estimators with a critic log it
         ev = s["value/explained_variance"]
         alarms.append(check_critic(ev.steps, ev.values))
@@ -574,6 +591,9 @@ def panels_for(stage: str, runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
     return out
 
 
+SECOND_AXIS = ("eval/kl",)  # drawn on a right-hand axis when it shares a panel
+
+
 def draw_panel(
     ax: Any,
     title: str,
@@ -590,11 +610,14 @@ def draw_panel(
     several = len(runs) > 1
     positive = True
     lo, hi = math.inf, -math.inf
+    twin = ax.twinx() if any(n in SECOND_AXIS for n in names) and len(names) > 1 else None
+    main_ax = ax
     for r, run in enumerate(runs):
         for k, name in enumerate(names):
             ser = run.series.get(name)
             if ser is None or not ser.values:
                 continue
+            ax = twin if twin is not None and name in SECOND_AXIS else main_ax
             color = colors[(r if several else k) % len(colors)]
             style = styles[k % len(styles)] if several else "-"
             if several:
@@ -625,8 +648,10 @@ def draw_panel(
                     [m + s for m, s in zip(ser.values, std.values)],
                     color=color, alpha=0.12, linewidth=0,
                 )  # fmt: skip
-            positive = positive and min(ser.values) > 0
-            lo, hi = min(lo, min(ser.values)), max(hi, max(ser.values))
+            if ax is main_ax:
+                positive = positive and min(ser.values) > 0
+                lo, hi = min(lo, min(ser.values)), max(hi, max(ser.values))
+    ax = main_ax
     # Losses of a random model start orders of magnitude above where they end.
     if positive and hi / lo > 1e3:
         ax.set_yscale("log")
@@ -638,8 +663,14 @@ def draw_panel(
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
     ax.set_xlabel("step", fontsize=8)
-    if ax.get_legend_handles_labels()[0] and (several or len(names) > 1):
-        ax.legend(fontsize=7, loc="best")
+    handles, labels = ax.get_legend_handles_labels()
+    if twin is not None:  # the KL on its own scale, at the right
+        twin.set_ylabel(", ".join(n for n in names if n in SECOND_AXIS), fontsize=8)
+        twin.tick_params(labelsize=8)
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if handles and (several or len(names) > 1):
+        ax.legend(handles, labels, fontsize=7, loc="best")
 
 
 def draw_guides(ax: Any, names: Sequence[str], guides: Sequence[tuple[str, float, str]]) -> None:
