@@ -50,7 +50,7 @@ else
   LAUNCH := $(RLHF)
 endif
 
-.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-fast test-min lint format bench chaos clean
+.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-fast test-min gpu-wheels gpu-check lint format bench chaos clean
 
 help:
 	@grep -E '^#' Makefile | head -9
@@ -87,8 +87,9 @@ pipeline: models
 curves: setup
 	$(RLHF) curves --recipe $(RECIPE) $(ARGS)
 
+# --durations=15: the 15 slowest tests, to see where the suite's time goes.
 test: models
-	bash -c '$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc'
+	bash -c '$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc'
 
 test-fast: models
 	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
@@ -106,6 +107,23 @@ test-min: $(VENV_MIN)/.rlhf-min-stamp
 	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^($(subst $(comma),|,$(MIN_PACKAGES))) '
 	$(VENV_MIN)/bin/rlhf models prepare smollm2-135m-instruct tiny-llama
 	$(VENV_MIN)/bin/python -m pytest -q -m 'not slow' $(MIN_TESTS) $(PYTEST_ARGS)
+
+# The GPU check (gpu/README.md). gpu-wheels, on a machine with the package index: the packages
+# a GPU image lacks (gpu/requirements.txt, for its python GPU_PYTHON) and the prepared tiny model,
+# into gpu/wheels/ (carried to the GPU machine beside the checkout).
+GPU_PYTHON ?= 3.12
+gpu-wheels: models
+	rm -rf gpu/wheels && mkdir -p gpu/wheels/rlhf-cache
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d gpu/wheels $$(grep -v -e '^#' -e '^afinn' gpu/requirements.txt)
+	$(BIN)/pip download -q --no-deps --no-binary=:all: -d gpu/wheels $$(grep '^afinn' gpu/requirements.txt)
+	cp -r $(RLHF_CACHE)/tiny-llama gpu/wheels/rlhf-cache/
+	du -sh gpu/wheels; ls gpu/wheels
+
+# On the GPU machine: `make gpu-check` (or `bash gpu/check.sh`, which needs no make).
+gpu-check:
+	bash gpu/check.sh
 
 lint: setup
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -93,6 +93,9 @@ class ModelDeviceMode(TorchFunctionMode):
 
     def check_mixing(self, name: str, args: tuple, kwargs: dict) -> None:
         if name == "__getitem__":
+            index = [t for t in tree_flatten(args[1:])[0] if isinstance(t, torch.Tensor)]
+            if args[0] in self.host and any(t not in self.host for t in index):
+                self.fault(f"a host tensor {tuple(args[0].shape)} indexed by a model-device one")
             args = args[:1]  # a host index may index a device tensor
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         host = [t for t in tensors if t in self.host and t.dim() > 0]
@@ -120,8 +123,8 @@ class ModelDeviceMode(TorchFunctionMode):
 
     def fault(self, what: str) -> None:
         frames = [f for f in traceback.extract_stack() if "/rlhf/" in f.filename]
-        where = f"{frames[-1].filename.split('/rlhf/')[-1]}:{frames[-1].lineno}" if frames else "?"
-        self.faults.append(f"rlhf/{where}: {what}")
+        where = f"rlhf/{frames[-1].filename.split('/rlhf/')[-1]}:{frames[-1].lineno}"
+        self.faults.append(f"{where if frames else '?'}: {what}")
 
 
 def _caller_sees_the_real_device() -> bool:

@@ -18,15 +18,17 @@ from rlhf.roles import models
 from rlhf.roles.actor_critic import lm_head_inputs
 from rlhf.tokens.chat import positions_from_mask
 from rlhf.tokens.sequences import logprobs_from_logits
+from tests.conftest import device_under_test
 
 T = 0.7
 STEPS = 12
 PAD = 0
+DEVICE = device_under_test()  # CUDA when present (gpu/check.sh)
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return models.load_causal_lm(tiny_model_dir).eval()
+    return models.load_causal_lm(tiny_model_dir).eval().to(DEVICE)
 
 
 def _prompts(rows: int = 5, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +38,7 @@ def _prompts(rows: int = 5, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]
     mask[0, :4] = 0  # left padding of different lengths
     mask[1, :1] = 0
     mask[3, :7] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def _hf(model, ids, mask, eos_ids, seed=0):
@@ -66,7 +68,7 @@ def _lean(model, ids, mask, eos_ids, seed=0, **kwargs):
 
 def _live(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """True up to and including each row's first EOS (the positions whose token was sampled)."""
-    is_eos = torch.isin(response, torch.tensor(eos_ids)).long()
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
     return (is_eos.cumsum(1) - is_eos) == 0
 
 
@@ -149,7 +151,7 @@ def test_a_padded_row_stays_in_the_batch_so_attention_keeps_its_mask(tiny):
 def test_several_eos_ids_stop_a_row_and_pad_the_rest(tiny):
     ids, mask = _prompts()
     out, _ = _lean(tiny, ids, mask, EARLY)
-    eos = torch.tensor(EARLY)
+    eos = torch.tensor(EARLY, device=DEVICE)
     for row in out.response_ids:
         hits = torch.isin(row, eos).nonzero()
         if len(hits):  # stopped at its first EOS, whichever id it was; pads after it
@@ -185,7 +187,7 @@ def test_kept_logits_and_hidden_equal_a_fresh_full_forward(tiny):
 
 
 def test_lora_policy_samples_what_peft_generate_samples(random_lora):
-    policy = random_lora()
+    policy = random_lora().to(DEVICE)
     ids, mask = _prompts()
     hf_tokens, hf_logits, _ = _hf(policy, ids, mask, EARLY)
     with models.lean_lora_forward(policy):
@@ -225,7 +227,7 @@ def test_bf16_lora_rollout_with_dropped_rows_is_generates_bit_for_bit(
 ):
     """The PPO stage's set-up (LoRA, frozen weights in bf16, bf16 autocast, packed weights):
     rows leave the batch at different steps and still get generate's tokens and logits."""
-    policy = random_lora()
+    policy = random_lora().to(DEVICE)
     models.store_frozen_linears(policy, torch.bfloat16)
     tok = models.load_tokenizer(tiny_model_dir, padding_side="left")
     monkeypatch.setattr(
@@ -271,7 +273,7 @@ def test_a_repeated_prompt_is_prefilled_once_and_every_row_still_gets_generates_
         pytest.skip("no native bf16 on this CPU")
     model, autocast = tiny, contextlib.nullcontext()
     if precision == "bf16-lora":
-        model = random_lora()
+        model = random_lora().to(DEVICE)
         models.store_frozen_linears(model, torch.bfloat16)
         autocast = torch.autocast("cpu", torch.bfloat16)
     ids, mask = _repeated_prompts()

@@ -87,6 +87,8 @@ def test_every_tensor_of_an_iteration_follows_the_model_device(
 
     # transformers' hub kernels (train() / eval() re-kernelize) would look for a real GPU.
     monkeypatch.setattr(PreTrainedModel, "set_use_kernels", lambda *args, **kwargs: None)
+    # The tracker computes on the CPU: with a GPU present the accelerator would pick it.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ctx, batch, score = tiny_iteration(tiny_model_dir, estimator)
     with ModelDeviceMode() as mode:
         roll, metrics = ppo_iteration(ctx, batch, score, torch.Generator().manual_seed(0))
@@ -115,6 +117,10 @@ def test_the_tracker_catches_a_hard_coded_cpu_and_a_forgotten_device():
         y = x * torch.arange(3)  # no device: on a GPU this is a host tensor
     assert y.tolist() == [0.0, 1.0, 2.0]
     assert len(mode.faults) == 1 and "mul mixes a host tensor (3,)" in mode.faults[0]
+    with ModelDeviceMode() as mode:
+        rows = torch.arange(4)  # no device
+        rows[torch.ones(2, dtype=torch.long, device=MODEL_DEVICE)]
+    assert mode.faults == ["?: a host tensor (4,) indexed by a model-device one"]
 
 
 def test_the_tracker_allows_what_cuda_allows():
