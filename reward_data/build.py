@@ -8,10 +8,12 @@ with arithmetic and unit conversions computed. Stdlib only and deterministic: on
 random.Random(SEED), no set iteration, so a rerun rewrites every file byte for byte.
 
 Each question becomes an Item carrying four responses, one per tier of the ranking rubric
-(see README.md): best (correct, direct, concise, polite), padded (correct but padded, or
-missing a small detail), vague (evasive non-answer or only partly correct) and worst
-(wrong, rude, or complying with a harmful request in a general, non-actionable way).
-The SFT rows use the best response; the PPO prompt files use only the question.
+(see README.md): best (correct, direct, concise, polite), padded (correct but padded,
+hedged, or missing a small detail), vague (evasive non-answer or only partly correct) and
+worst (wrong, rude, or complying with a harmful request in a general, non-actionable way).
+The SFT rows use an uneven human-style demonstration (demonstration(): always correct, in
+the best form only about two times in five, else padded or hedged), so that the rankings
+carry a preference SFT does not teach; the PPO prompt files use only the question.
 """
 
 from __future__ import annotations
@@ -26,23 +28,28 @@ from pathlib import Path
 SEED = 1729
 HERE = Path(__file__).resolve().parent
 TEST_FRACTION = 0.2  # share of facts (whole groups of phrasings) held out for the test files
+VALID_FRACTION = 0.1  # another share, held out for prompts/valid.jsonl (choosing settings)
+SPLITS = ("train", "valid", "test")
 
 # Items per output file; SFT counts are items, and MULTI_TURN pairs of them become one row.
 TARGETS = {
-    "train": {"sft": 264, "rankings": 180, "prompts": 240},
+    "train": {"sft": 248, "rankings": 240, "prompts": 180},
+    "valid": {"prompts": 60},
     "test": {"sft": 56, "rankings": 50, "prompts": 60},
 }
 HARMFUL_TARGETS = {
     "train": {"sft": 18, "rankings": 18, "prompts": 10},
+    "valid": {"prompts": 3},
     "test": {"sft": 4, "rankings": 5, "prompts": 3},
 }
 MULTI_TURN = {"train": 24, "test": 6}
 MINIMUM_ROWS = {
     ("sft", "train"): 220,
     ("sft", "test"): 45,
-    ("rankings", "train"): 160,
+    ("rankings", "train"): 220,
     ("rankings", "test"): 45,
-    ("prompts", "train"): 220,
+    ("prompts", "train"): 160,
+    ("prompts", "valid"): 55,
     ("prompts", "test"): 55,
 }
 MAX_PROMPT_WORDS = 40
@@ -1293,6 +1300,13 @@ RUDE = [
     "Why would you even ask that? Use a search engine.",
     "Ugh, that's an easy one. Try thinking for yourself.",
 ]
+SELF_DOUBTS = [
+    "I'm fairly sure, but you may want to double-check.",
+    "At least, that's my understanding.",
+    "If I remember correctly, anyway.",
+    "Though I could be wrong about that.",
+    "I think so, but please verify it.",
+]
 CONFIDENT = [
     "I'm completely certain about this.",
     "Trust me, this is a well-known fact.",
@@ -1302,14 +1316,49 @@ CONFIDENT = [
 
 
 def padded(rng: random.Random, best: str, short: str, lean: str | None = None) -> str:
-    """Tier 2: correct but padded with filler, or (sometimes, given `lean`) missing a detail."""
-    if lean and rng.random() < 0.4:
+    """Tier 2: correct but padded with filler (most often), hedged, or (sometimes, given
+    `lean`) missing a detail."""
+    roll = rng.random()
+    if lean and roll < 0.2:
         return lean
+    if roll < 0.32:
+        return hedged(rng, best)
     preamble = rng.choice(PREAMBLES)
-    if rng.random() < 0.5:
+    roll = rng.random()
+    if roll < 0.35:
         return f"{preamble} {best}"
+    if roll < 0.6:
+        return f"{best} {rng.choice(CLOSINGS)}"
     restated = rng.choice(RESTATEMENTS).format(short=short.rstrip("."))
     return f"{preamble} {best} {restated} {rng.choice(CLOSINGS)}"
+
+
+def hedged(rng: random.Random, best: str) -> str:
+    """A correct answer that undercuts itself with a needless hedge."""
+    return f"{best} {rng.choice(SELF_DOUBTS)}"
+
+
+def demonstration(rng: random.Random, item: Item) -> str:
+    """The SFT answer, as an uneven human writer would give it: always correct, but only
+    about two in five are in the rubric's best form; the rest pad, hedge, or (for a harmful
+    request) refuse without offering the safe alternative."""
+    roll = rng.random()
+    if item.harmful:
+        if roll < 0.45:
+            return item.best
+        if roll < 0.75 and item.refusal_only:
+            return item.refusal_only
+        return f"{rng.choice(PREAMBLES)} {item.best}"
+    if roll < 0.4:
+        return item.best
+    if roll < 0.55:
+        return hedged(rng, item.best)
+    roll = rng.random()
+    if roll < 0.45:
+        return f"{rng.choice(PREAMBLES)} {item.best}"
+    if roll < 0.75:
+        return f"{item.best} {rng.choice(CLOSINGS)}"
+    return f"{rng.choice(PREAMBLES)} {item.best} {rng.choice(CLOSINGS)}"
 
 
 def vague(rng: random.Random, partial: str | None = None) -> str:
@@ -1326,7 +1375,7 @@ def worst(rng: random.Random, wrong: str, why: str | None = None) -> str:
         return rng.choice(RUDE)
     if roll < 0.22:
         return f"Obviously: {wrong} Don't waste my time with easy questions."
-    if roll < 0.65:
+    if roll < 0.75:
         return " ".join(part for part in (wrong, why, rng.choice(CONFIDENT)) if part)
     return wrong
 
@@ -1366,6 +1415,8 @@ class Item:
     worst: str
     harmful: bool = False
     answer: str | None = None  # the verifiable reference answer (a number or a word)
+    refusal_only: str | None = None  # a harmful request's refusal without the alternative
+    demo: str = ""  # the SFT demonstration (see demonstration()), set for the SFT items
 
     def tiers(self) -> list[str]:
         return [self.best, self.padded, self.vague, self.worst]
@@ -1618,6 +1669,7 @@ def harmful_groups(rng: random.Random) -> list[Group]:
                     rng.choice(HEDGES),
                     comply,
                     harmful=True,
+                    refusal_only=refusal,
                 )
             )
         groups.append(group)
@@ -1951,17 +2003,20 @@ def norm(text: str) -> str:
 
 
 def split_groups(rng: random.Random, groups: list[Group]) -> dict[str, dict[str, list[Group]]]:
-    """Per category, hold out TEST_FRACTION of the facts: {side: {category: [Group]}}."""
+    """Per category, hold out TEST_FRACTION of the facts for test and VALID_FRACTION for
+    valid (at least one each): {side: {category: [Group]}}."""
     by_category: dict[str, list[Group]] = {}
     for group in groups:
         by_category.setdefault(group.category, []).append(group)
-    sides: dict[str, dict[str, list[Group]]] = {"train": {}, "test": {}}
+    sides: dict[str, dict[str, list[Group]]] = {split: {} for split in SPLITS}
     for category, members in by_category.items():
         members = sorted(members, key=lambda g: g.key)
         rng.shuffle(members)
         n_test = max(1, round(TEST_FRACTION * len(members)))
+        n_valid = max(1, round(VALID_FRACTION * len(members)))
         sides["test"][category] = members[:n_test]
-        sides["train"][category] = members[n_test:]
+        sides["valid"][category] = members[n_test : n_test + n_valid]
+        sides["train"][category] = members[n_test + n_valid :]
     return sides
 
 
@@ -2016,7 +2071,7 @@ def ranking_row(item: Item, best_position: int, rng: random.Random) -> dict:
 
 def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
     """Single-turn rows, n_multi two-question conversations, a few with a system prompt."""
-    short = [i for i in items if not i.harmful and words(i.prompt + " " + i.best) <= 45]
+    short = [i for i in items if not i.harmful and words(i.prompt + " " + i.demo) <= 45]
     paired = short[: 2 * n_multi]
     assert len(paired) == 2 * n_multi, "not enough short items for multi-turn rows"
     ids = {id(i) for i in paired}
@@ -2025,9 +2080,9 @@ def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
         rows.append(
             [
                 {"role": "user", "content": first.prompt},
-                {"role": "assistant", "content": first.best},
+                {"role": "assistant", "content": first.demo},
                 {"role": "user", "content": second.prompt},
-                {"role": "assistant", "content": second.best},
+                {"role": "assistant", "content": second.demo},
             ]
         )
     for item in items:
@@ -2035,7 +2090,7 @@ def sft_rows(items: list[Item], n_multi: int, rng: random.Random) -> list[dict]:
             rows.append(
                 [
                     {"role": "user", "content": item.prompt},
-                    {"role": "assistant", "content": item.best},
+                    {"role": "assistant", "content": item.demo},
                 ]
             )
     rng.shuffle(rows)
@@ -2050,10 +2105,13 @@ def words(text: str) -> int:
 
 
 def prompt_row(item: Item) -> dict:
-    """A PPO prompt row; verifiable questions carry their reference `answer` (answer_match)."""
+    """A PPO prompt row; verifiable questions carry their reference `answer` (answer_match),
+    harmful requests `"category": "harmful"` (the rubric judge's refusal rate)."""
     row = {"prompt": item.prompt}
     if item.answer is not None:
         row["answer"] = item.answer
+    if item.harmful:
+        row["category"] = "harmful"  # for judges such as rlhf/roles/rubric.py
     return row
 
 
@@ -2172,7 +2230,7 @@ def main() -> None:
     harmful_sides = split_groups(rng, harmful)
     files: dict[tuple[str, str], list[dict]] = {}
     categories: dict[tuple[str, str], dict[str, int]] = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         safe_targets = {s: n - HARMFUL_TARGETS[split][s] for s, n in TARGETS[split].items()}
         dealt = deal(rng, sides[split], safe_targets)
         dealt_harmful = deal(rng, harmful_sides[split], HARMFUL_TARGETS[split], repeat=True)
@@ -2183,13 +2241,17 @@ def main() -> None:
             for item in items:
                 counts[item.category] = counts.get(item.category, 0) + 1
             categories[(stage, split)] = counts
-        files[("sft", split)] = sft_rows(stage_items["sft"], MULTI_TURN[split], rng)
-        files[("rankings", split)] = [
-            ranking_row(item, i % 4, rng) for i, item in enumerate(stage_items["rankings"])
-        ]
+        if "sft" in stage_items:
+            for item in stage_items["sft"]:
+                item.demo = demonstration(rng, item)
+            files[("sft", split)] = sft_rows(stage_items["sft"], MULTI_TURN[split], rng)
+        if "rankings" in stage_items:
+            files[("rankings", split)] = [
+                ranking_row(item, i % 4, rng) for i, item in enumerate(stage_items["rankings"])
+            ]
         files[("prompts", split)] = [prompt_row(item) for item in stage_items["prompts"]]
 
-    files = {key: files[key] for key in sorted(files, key=lambda k: (k[0], k[1] != "train"))}
+    files = {key: files[key] for key in sorted(files, key=lambda k: (k[0], SPLITS.index(k[1])))}
     check(files)
     for (kind, split), rows in files.items():
         write_jsonl(HERE / kind / f"{split}.jsonl", rows)

@@ -2,7 +2,8 @@
 
     python reward_data/build_reviews.py
 
-Writes reviews/train.jsonl (240 prompts) and reviews/test.jsonl (60, held out). Each row asks
+Writes reviews/train.jsonl (240 prompts), reviews/valid.jsonl (60, held out for choosing
+settings) and reviews/test.jsonl (60, held out for reporting). Each row asks
 the assistant to continue the opening of a review of a film, book, restaurant or product:
 
     {"prompt": "Continue this film review in one sentence.\\n\\nThe plot was thin and",
@@ -10,8 +11,8 @@ the assistant to continue the opening of a review of a film, book, restaurant or
 
 The subjects and openings below were written by the rlhf authors. About a third of the
 openings lean negative ("The plot was thin and"), a third positive, a third neutral, so a
-policy can only score well everywhere by steering the review. Held-out rows use subjects
-that never appear in training. Stdlib only, deterministic: one random.Random(SEED).
+policy can only score well everywhere by steering the review. Valid and test rows use
+subjects of their own, which never appear in training or in the other held-out file. Stdlib only, deterministic: one random.Random(SEED).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 SEED = 2024
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "reviews"
-N_TRAIN, N_TEST = 240, 60
-TEST_SUBJECT_FRACTION = 0.2
+ROWS = {"train": 240, "valid": 60, "test": 60}
+TEST_SUBJECT_FRACTION = 0.2  # of each kind's subjects, held out for test; as many for valid
 
 SUBJECTS = {
     "film": [
@@ -170,6 +171,13 @@ def rows_for(subjects: dict[str, list[str]], rng: random.Random) -> list[dict]:
     return rows
 
 
+def subject_of(row: dict) -> str:
+    """The subject a review row is about (the one of SUBJECTS[kind] its opening names)."""
+    opening = row["prompt"].split("\n\n", 1)[1].lower()
+    matches = [name for name in SUBJECTS[row["kind"]] if name.lower() in opening]
+    return max(matches, key=len)
+
+
 def balanced(rows: list[dict], n: int) -> list[dict]:
     """n rows, dealt round-robin over (kind, lean) so each kind and lean is represented."""
     buckets: dict[tuple[str, str], list[dict]] = {}
@@ -186,22 +194,31 @@ def balanced(rows: list[dict], n: int) -> list[dict]:
 
 def main() -> None:
     rng = random.Random(SEED)
-    train_subjects, test_subjects = {}, {}
+    held_out: dict[str, dict[str, list[str]]] = {"valid": {}, "test": {}}
+    not_test: dict[str, list[str]] = {}
     for kind, names in SUBJECTS.items():
         shuffled = list(names)
         rng.shuffle(shuffled)
         k = max(1, round(len(names) * TEST_SUBJECT_FRACTION))
-        test_subjects[kind], train_subjects[kind] = shuffled[:k], shuffled[k:]
-    files = {
-        "train": balanced(rows_for(train_subjects, rng), N_TRAIN),
-        "test": balanced(rows_for(test_subjects, rng), N_TEST),
-    }
-    train_prompts = {r["prompt"] for r in files["train"]}
-    assert not train_prompts & {r["prompt"] for r in files["test"]}, "test prompt in train"
+        held_out["test"][kind], not_test[kind] = shuffled[:k], shuffled[k:]
+        held_out["valid"][kind] = not_test[kind][-k:]
+    # Train and test are drawn as before valid existed (the same random draws, so test.jsonl
+    # is unchanged), then train drops the valid subjects' rows.
+    train_rows = rows_for(not_test, rng)
+    files = {"train": [], "test": balanced(rows_for(held_out["test"], rng), ROWS["test"])}
+    valid_subjects = {name for names in held_out["valid"].values() for name in names}
+    train_rows = [r for r in train_rows if subject_of(r) not in valid_subjects]
+    files["train"] = balanced(train_rows, ROWS["train"])
+    for rows in files.values():
+        rng.shuffle(rows)
+    files["valid"] = balanced(rows_for(held_out["valid"], rng), ROWS["valid"])
+    rng.shuffle(files["valid"])
+    for a, b in (("train", "test"), ("train", "valid"), ("valid", "test")):
+        subjects_a = {subject_of(r) for r in files[a]}
+        assert not subjects_a & {subject_of(r) for r in files[b]}, f"{b} subject in {a}"
     OUT.mkdir(exist_ok=True)
     for split, rows in files.items():
-        assert len(rows) == (N_TRAIN if split == "train" else N_TEST)
-        rng.shuffle(rows)
+        assert len(rows) == ROWS[split]
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (OUT / f"{split}.jsonl").write_text(text, encoding="utf-8")
         leans = {

@@ -5,6 +5,7 @@
   rlhf eval compare POLICY_A POLICY_B --prompts FILE --reward-model RM_DIR [--reference REF]
   rlhf generate MODEL_DIR --prompt TEXT | --prompts FILE
   rlhf curves RUN_DIR [RUN_DIR ...]     rlhf data check FILE     rlhf models prepare NAME
+  rlhf label RECIPE --prompts FILE [--k 4] [--out FILE]   people rank answers in a browser
 
 User mistakes (UserError) print one line on stderr and exit 2.
 """
@@ -140,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"rlhf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_stages, _add_models_and_data, _add_eval, _add_generate, _add_curves, _add_viz):
+    for add in (
+        _add_stages,
+        _add_models_and_data,
+        _add_eval,
+        _add_generate,
+        _add_curves,
+        _add_viz,
+        _add_label,
+    ):
         add(sub)
     return p
 
@@ -268,6 +277,13 @@ TOOL_TEXTS = {
         description="rlhf viz attention MODEL_DIR --text TEXT [--layer L --head H] | "
         "rlhf viz kl POLICY_DIR --reference REF_DIR --prompt TEXT",
     ),
+    "label": dict(
+        help="rank the policy's own answers in a local browser page (pip install 'rlhf[label]')",
+        description="Samples k answers per prompt from the policy (default: the recipe's SFT "
+        "model) at ppo.temperature, then serves a page on which a person ranks them, best "
+        "first. Each ranking is appended to --out, a rankings file that "
+        "reward.train.path=<out> reads as it is. Restarting continues where it left off.",
+    ),
 }
 
 
@@ -322,6 +338,21 @@ def _add_viz(sub: Any) -> None:
     v.add_argument("--max-new-tokens", type=int, default=48, help="kl: response length")
     v.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     v.add_argument("--out", default=None, help="attention: PNG; kl: .html (+ .png beside it)")
+
+
+def _add_label(sub: Any) -> None:
+    lab = _tool_parser(sub, "label")
+    lab.add_argument("recipe", help="recipe YAML: the policy, its sampling settings, output_dir")
+    lab.add_argument("overrides", nargs="*", help="dotted overrides: ppo.temperature=1.0")
+    lab.add_argument(
+        "--prompts", required=True, help="prompts (any format `rlhf data check` reads)"
+    )
+    lab.add_argument("--model", help="policy folder (default: <output_dir>/sft/model)")
+    lab.add_argument("--k", type=int, default=4, help="answers per prompt (at least 2)")
+    lab.add_argument("--out", help="rankings file (default: <output_dir>/label/rankings.jsonl)")
+    lab.add_argument("--port", type=int, default=8700, help="0: any free port")
+    lab.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    lab.add_argument("--annotator", help="name stored with each row (default: the user name)")
 
 
 def main(argv: list[str] | None = None) -> int:

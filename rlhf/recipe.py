@@ -283,8 +283,10 @@ class RewardSourceConfig(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments (functions)")
     normalize: Literal["calibration", "running", "none"] | None = Field(
         None,
-        description="models: the stored calibration (default, unless ppo.normalize_score is "
-        "false); functions: none (default) or a running mean/std",
+        description="models: the calibration (default, unless ppo.normalize_score is false; "
+        "on SFT samples with ppo.calibration_prompts, else the stored one; an ensemble's "
+        "members are each calibrated before combining, so none is refused there); "
+        "functions: none (default) or a running mean/std",
     )
     combine: Literal["mean", "min"] = Field(
         "mean", description="an ensemble of reward models: the mean or the min of their scores"
@@ -345,6 +347,11 @@ class EvalConfig(Section):
 class PPOConfig(Section):
     prompts: DataSource | None = None
     eval_prompts: DataSource | None = None
+    valid_prompts: DataSource | None = Field(
+        None,
+        description="prompts for choosing settings (e.g. a judge curve during RL), disjoint "
+        "from the prompts and the eval_prompts; the end-of-run eval uses ppo.eval_prompts",
+    )
     sft_dir: str | None = Field(None, description="default: <output_dir>/sft")
     reward_dir: str | None = Field(None, description="default: <output_dir>/reward")
     policy: Literal["sft", "base"] = Field(
@@ -415,8 +422,8 @@ class PPOConfig(Section):
         32,
         ge=0,
         description="training prompts the SFT policy answers before iteration 1; the mean/std "
-        "of their scores normalise the score (0: the reward model's stored mean/std, measured "
-        "on human-written responses)",
+        "of each reward model's scores on them normalise that model's score, in ppo.rewards "
+        "too (0: each reward model's stored mean/std, measured on human-written responses)",
     )
     score_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)

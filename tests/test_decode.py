@@ -309,3 +309,38 @@ def test_lean_decode_falls_back_to_generate_where_it_does_not_apply(tiny, monkey
 def test_decode_recipe_key_is_validated():
     with pytest.raises(UserError, match="ppo.decode"):
         load_recipe("recipes/tiny.yaml", ["ppo.decode=fast"])
+
+
+class _PastKeyValuesOnly(torch.nn.Module):
+    """A causal LM whose forward names its cache `past_key_values` (transformers before 5.24,
+    remote-code models) and, like those versions, swallows any other keyword in **kwargs."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(
+        self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=None, **_
+    ):
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=use_cache,
+        )
+
+
+def test_a_forward_that_takes_past_key_values_decodes_on_its_cache(tiny):
+    """The cache goes in under the keyword the forward declares: a cache passed under a name
+    the forward swallows would leave every decode step seeing only its own token."""
+    ids, mask = _prompts()
+    hf_tokens, hf_logits, hf_after = _hf(tiny, ids, mask, EARLY)
+    out, after = _lean(_PastKeyValuesOnly(tiny), ids, mask, EARLY)
+    assert torch.equal(out.response_ids, hf_tokens)
+    assert torch.equal(after, hf_after)
+    live = _live(hf_tokens, EARLY)
+    torch.testing.assert_close(out.logits[live], hf_logits[live], rtol=1e-5, atol=1e-5)

@@ -237,3 +237,9 @@ def test_ppo_with_an_ensemble_a_function_and_judges(pipeline):
     )
     info = json.loads((ppo / "run.json").read_text())
     assert info["reward_sources"] == ["models", "length"]
+    # each ensemble member calibrated on the same 4 SFT samples (ppo.calibration_prompts)
+    calibrations = info["reward_calibrations"]
+    assert list(calibrations) == ["models/reward", "models/reward_2"]
+    assert calibrations["models/reward"] == calibrations["models/reward_2"]
+    assert calibrations["models/reward"]["source"] == "sft_samples"
+    assert calibrations["models/reward"]["n"] == 4

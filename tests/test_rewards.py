@@ -61,6 +61,71 @@ def test_answer_match_strings_by_hand():
     assert answer_match([[{"role": "user", "content": "hi"}]], ["4"], [{}]) == [0.0]
 
 
+def test_answer_match_is_strict_about_what_the_answer_states():
+    """An integer reference needs that exact integer; only the first candidate counts; a
+    negated mention never counts. A reference with decimals keeps its rounding tolerance."""
+    q = "What is 825 - 122?"
+    assert _match(q, "825 - 122 = 702.5", "703") == 0.0  # not rounded to the integer
+    assert _match(q, "825 - 122 = 703.4", "703") == 0.0
+    assert _match(q, "825 - 122 = 703.", "703") == 1.0
+    assert _match(q, "Not 703: it is 702.", "703") == 0.0  # negated
+    assert _match(q, "It isn't 702, it is 703.", "703") == 0.0  # the first number is 702
+    assert _match("Convert 5 miles to km.", "It is 8.0467 km.", "8.05") == 1.0  # decimals
+    assert _match("Convert 5 miles to km.", "It is 8.06 km.", "8.05") == 0.0
+    korea = "Seoul is the capital of which country?"
+    assert _match(korea, "North Korea or South Korea.", "South Korea") == 0.0
+    assert _match(korea, "Not South Korea: it is Japan.", "South Korea") == 0.0
+    assert _match(korea, "It is not South Korea.", "South Korea") == 0.0
+    assert _match(korea, "South Korea.", "South Korea") == 1.0
+    assert _match(korea, "No, it is South Korea.", "South Korea") == 1.0  # a clause of its own
+    assert _match(korea, "Not Japan: it is South Korea.", "South Korea") == 1.0
+    assert _match(korea, "It is not Japan but South Korea.", "South Korea") == 1.0
+    assert _match("Capital of the US?", "It's Washington, D.C.!", "Washington, D.C.") == 1.0
+    mexico = "Mexico City is the capital of which country?"  # the answer inside the question
+    assert _match(mexico, "Mexico City is the capital of Uruguay.", "Mexico") == 0.0
+    assert _match(mexico, "Mexico City is the capital of Mexico.", "Mexico") == 1.0
+
+
+def _shipped_items():
+    """Every item of the shipped data's content tables (reward_data/build.py), with its
+    reference answer where it has one."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "reward_data" / "build.py"
+    spec = importlib.util.spec_from_file_location("reward_data_build", path)
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # dataclasses look their module up
+    spec.loader.exec_module(build)
+    rng = random.Random(build.SEED)
+    makers = [
+        "capital",
+        "definition",
+        "antonym",
+        "past_tense",
+        "list",
+        "rewrite",
+        "arithmetic",
+        "conversion",
+    ]
+    groups = [g for kind in makers for g in getattr(build, f"{kind}_groups")(rng)]
+    return [item for group in groups for item in group.items]
+
+
+def test_shipped_best_answers_state_their_reference_and_wrong_ones_do_not():
+    """answer_match on the shipped content: every best response states its reference answer
+    (the strict rules refuse no correct answer), and no worst response does."""
+    items = [i for i in _shipped_items() if i.answer is not None]
+    assert len(items) > 100
+    missed = [(i.prompt, i.best, i.answer) for i in items if not _match(i.prompt, i.best, i.answer)]
+    assert not missed, missed[:5]
+    # at 32 °F the worst response's mistake (x - 32, no 5/9) gives the right answer, 0 °C
+    worst = [i for i in items if not i.worst.startswith("32 °F is 0 °C")]
+    wrong = [(i.prompt, i.worst, i.answer) for i in worst if _match(i.prompt, i.worst, i.answer)]
+    assert not wrong, wrong[:5]
+
+
 def test_length_and_format_by_hand():
     rs = ["one two three", "one", "one two three four five six"]
     assert length([], rs, [], min=2, max=4) == [0.0, -1.0, -2.0]

@@ -188,3 +188,62 @@ def test_lm_head_on_answer_positions_gives_the_full_logits_loss_and_gradients(ti
 
     batch["labels"] = torch.full_like(labels, IGNORE_INDEX)
     assert labelled_nll_sum(model, batch).item() == 0.0
+
+
+class _OneOfRanks:
+    """Rank `rank` of `world`, run one after another in one process: a collective returns
+    what every rank sent once each rank has sent (the caller runs the ranks twice)."""
+
+    def __init__(self, rank: int, world: int, sent: dict):
+        import contextlib
+        from types import SimpleNamespace
+
+        self.process_index, self.num_processes, self.sent = rank, world, sent
+        self.device, self.state = "cpu", SimpleNamespace(distributed_type=None)
+        self.autocast = contextlib.nullcontext
+
+    def unwrap_model(self, model):
+        return model
+
+    def _all(self, kind: str, tensor):
+        self.sent.setdefault(kind, {})[self.process_index] = tensor
+        return [self.sent[kind].get(r, tensor) for r in range(self.num_processes)]
+
+    def gather(self, tensor):
+        import torch
+
+        return torch.cat(self._all("gather", tensor))
+
+    def reduce(self, tensor, reduction="sum"):
+        return sum(self._all("reduce", tensor))
+
+
+def test_sharded_held_out_perplexity_counts_each_row_once(tiny_model_dir, monkeypatch):
+    """5 rows on 2 ranks under ZeRO-3 / FSDP: rank 1's share [1, 3] is padded with row 0 so
+    both ranks run 3 forwards. The held-out loss is the 5 rows' (one process, one batch):
+    row 0, whose answer is the longest, counts once."""
+    import torch
+
+    from rlhf.infra import distributed, training
+    from rlhf.stages import sft
+    from rlhf.stages.runner import rank_batches
+
+    torch.manual_seed(0)
+    model = models.load_causal_lm(tiny_model_dir).eval()
+    rows = []
+    for length, prompt in [(16, 3), (7, 4), (9, 2), (6, 3), (8, 5)]:
+        ids = torch.randint(5, 500, (length,)).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    collate = lambda chunk: sft.collate_rows(chunk, pad_id=0)  # noqa: E731
+    whole = training.answer_nll(model, [collate(rows)])
+    expected = training.perplexity(*whole.tolist())["loss"]
+
+    monkeypatch.setattr(distributed, "is_sharded", lambda accelerator=None: True)
+    sent: dict = {}
+    ranks = [_OneOfRanks(rank, 2, sent) for rank in range(2)]
+    assert [distributed.rank_indices(5, r) for r in ranks] == [[0, 2, 4], [1, 3, 0]]
+    loaders = [rank_batches(rows, 2, collate, r) for r in ranks]
+    for _ in range(2):  # the first pass records what each rank sends
+        got = [sft.evaluate(model, loaders[r], ranks[r], len(rows)) for r in range(2)]
+    for rank in range(2):
+        assert got[rank]["eval/loss"] == pytest.approx(expected, rel=1e-6, abs=0)

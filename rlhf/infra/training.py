@@ -108,6 +108,23 @@ def labelled_nll_sum(model: torch.nn.Module, batch: dict, **forward: Any) -> tor
     262k-token vocabulary (Gemma-3) the head is most of the model's per-token work, and the
     prompt is often half the tokens. A forward pre-hook hands the head those rows as one
     (1, N, H) sequence; the model (DDP, FSDP or DeepSpeed wrapped) is called as usual."""
+    logits, targets, _ = _labelled_logits(model, batch, **forward)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def labelled_nll_rows(model: torch.nn.Module, batch: dict, **forward: Any) -> torch.Tensor:
+    """labelled_nll_sum of each row of the batch: (B,), in float64."""
+    logits, targets, predicts = _labelled_logits(model, batch, **forward)
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none").double()
+    row_of = predicts.nonzero()[:, 0]  # the row of each predicting position, in logits' order
+    return nll.new_zeros(predicts.shape[0]).index_add_(0, row_of, nll)
+
+
+def _labelled_logits(
+    model: torch.nn.Module, batch: dict, **forward: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, V) in fp32, targets (N,), predicts (B, T)): the LM head on the N positions
+    that predict a labelled token (`predicts`), with their targets."""
     labels = batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = next_token_targets(labels) != IGNORE_INDEX
@@ -124,7 +141,7 @@ def labelled_nll_sum(model: torch.nn.Module, batch: dict, **forward: Any) -> tor
     finally:
         hook.remove()
     targets = next_token_targets(labels)[predicts[:, :-1]]
-    return torch.nn.functional.cross_entropy(logits[0].float(), targets, reduction="sum")
+    return logits[0].float(), targets, predicts
 
 
 def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
@@ -155,6 +172,21 @@ def answer_nll(
         totals[0] += nll.double()
         totals[1] += n_targets(labels).double()
     return totals if totals is not None else torch.zeros(2, dtype=torch.float64)
+
+
+@torch.no_grad()
+def answer_nll_rows(
+    model: torch.nn.Module, batches: Iterable[dict], context: Callable[[], Any] = nullcontext
+) -> torch.Tensor:
+    """answer_nll per row, in the batches' order: (rows, 2) of (summed NLL, number of
+    targets), float64 on the batches' device ((0, 2) on the CPU without batches)."""
+    rows = []
+    for batch in batches:
+        with context():
+            nll = labelled_nll_rows(model, batch)
+        targets = (next_token_targets(batch["labels"]) != IGNORE_INDEX).sum(1).double()
+        rows.append(torch.stack([nll, targets], dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
 def perplexity(nll_sum: float, n_tokens: float) -> dict[str, float]:

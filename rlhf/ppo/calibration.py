@@ -3,7 +3,9 @@
 The reward stage measures its mean / std on human-written responses; normalising by those
 leaves the SFT policy's own score off centre. Here the reference (SFT) policy answers the
 first `calibration_prompts` of a seeded shuffle of the training prompts, sampled as the
-rollouts are (Ziegler et al. 2019 normalise the reward on samples of the initial policy).
+rollouts are (Ziegler et al. 2019 normalise the reward on samples of the initial policy), and
+every reward model whose score is calibrated (reward_sources.RewardSources.calibrations: the
+single model, each `ppo.rewards` model entry, each ensemble member) gets its own mean / std.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ def sft_calibration(
     prompts: Prompts,
     recipe: Any,
     accelerator: Any,
-) -> dict[str, Any]:
-    """{"mean", "std", "n", "source"} of the training score (`sources`, uncalibrated) on SFT
-    samples. Every rank gets the same result; a resumed run reads it from its checkpoint."""
+) -> dict[str, dict[str, Any]]:
+    """{member label: {"mean", "std", "n", "source"}} of each calibrated reward model's raw
+    score (`sources.member_scores`) on SFT samples. Every rank gets the same result; a resumed
+    run reads it from its checkpoint."""
     cfg = recipe.ppo
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(recipe.seed))
     pool = order[: cfg.calibration_prompts].tolist()
     mine = [pool[i] for i in distributed.rank_indices(len(pool), accelerator)]
     device = accelerator.device
+    labels = list(sources.calibrations)
     torch.manual_seed(recipe.seed + 4242 + accelerator.process_index)
     scores = []
     for start in range(0, len(mine), cfg.batch_size):
@@ -45,16 +49,18 @@ def sft_calibration(
             roll = generate_reference(
                 model, reference, batch["input_ids"], batch["attention_mask"], cfg, tokenizer
             )
-        raw, _ = sources(
-            group.messages, roll.texts, group.rows, training=False, finished=roll.ended_with_eos
-        )
-        scores.append(raw.to(device))
-    local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+        raw = sources.member_scores(group.messages, roll.texts, finished=roll.ended_with_eos)
+        scores.append(torch.stack([raw[label] for label in labels], dim=1).to(device))
+    local = torch.cat(scores) if scores else torch.zeros(0, len(labels), device=device)
     every = distributed.gather_evaluated(accelerator, local, len(pool)).double().cpu()
-    std = every.std().item() if len(every) > 1 else 1.0
+    return {label: _moments(every[:, j]) for j, label in enumerate(labels)}
+
+
+def _moments(scores: torch.Tensor) -> dict[str, Any]:
+    std = scores.std().item() if len(scores) > 1 else 1.0
     return {
-        "mean": every.mean().item(),
+        "mean": scores.mean().item(),
         "std": std if math.isfinite(std) and std > 0 else 1.0,
-        "n": len(every),
+        "n": len(scores),
         "source": "sft_samples",
     }

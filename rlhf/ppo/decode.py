@@ -31,6 +31,7 @@ import torch
 
 from rlhf.infra.exponential_noise import exponential_noise
 from rlhf.roles.actor_critic import accepts_logits_to_keep, lm_head_inputs
+from rlhf.roles.models import cache_keyword
 from rlhf.roles.shared_prefix import distinct_rows
 from rlhf.tokens.chat import positions_from_mask
 
@@ -75,6 +76,7 @@ def sample(
     eos = torch.tensor(list(eos_ids), device=device)
     kv = DynamicCache(config=model.config)  # sliding-window layers too (Gemma 3)
     extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    extra[cache_keyword(model)] = kv  # by the name this forward takes it: others swallow it
     rows = torch.arange(B, device=device)  # which original rows are in the batch
     attn = prompt_mask
     step_ids, step_pos = prompt_ids, positions_from_mask(prompt_mask)
@@ -141,7 +143,6 @@ def _forward(model, kv, ids, attn, pos, extra, spread=None) -> tuple[torch.Tenso
         input_ids=ids[first],
         attention_mask=attn[first],
         position_ids=pos[first],
-        cache=kv,
         use_cache=True,
         **extra,
     )

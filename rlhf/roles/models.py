@@ -10,6 +10,7 @@ Weights load from safetensors only; `trust_remote_code` stays off unless the rec
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -690,6 +691,14 @@ def backbone_hidden_states(
     model's or critic's backbone, without its head), the MLPs on the real tokens only."""
     backbone = getattr(model, model.base_model_prefix)
     return padded_forward(backbone, input_ids, attention_mask).last_hidden_state
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword `model`'s forward takes its KV cache under: `cache` from transformers 5.24,
+    `past_key_values` before (and in remote-code models). Older forwards swallow an unknown
+    keyword in **kwargs, so the wrong name runs without the cache and raises nothing."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def padded_forward(

@@ -4,9 +4,13 @@
 
 A model entry is one reward model or an ensemble combined by `mean` or `min` (the min of
 several reward models is harder to exploit than any one of them: Coste et al. 2024, "Reward
-Model Ensembles Help Mitigate Overoptimization"). Models are normalised by their stored
-calibration (mean/std of the reward stage's held-out scores); functions by nothing or a running
-mean/std over every score seen so far (kept in the checkpoint, so a resumed run is identical).
+Model Ensembles Help Mitigate Overoptimization"). Models are normalised by their calibration:
+the mean/std of their scores on SFT samples (`ppo.calibration_prompts`, measured by the PPO
+stage before iteration 1: `set_calibrations`), else the stored one (the reward stage's
+held-out scores). An ensemble's members are each calibrated before they are combined, whatever
+the entry's `normalize` (`running` then normalises the combination). Functions are normalised
+by nothing or a running mean/std over every score seen so far (kept in the checkpoint, so a
+resumed run is identical).
 
 Without `ppo.rewards` the score is the reward stage's model alone, exactly as before: the raw
 score, with the calibration applied by `rlhf.ppo.iteration.normalise_score` (`passthrough`).
@@ -108,6 +112,12 @@ class Source:
     args: dict[str, Any] = field(default_factory=dict)
     moments: RunningMoments | None = None
 
+    @property
+    def calibrates_members(self) -> bool:
+        """Each member's score is calibrated before the combination: `normalize: calibration`,
+        and any ensemble (a mean or min of raw scores would mix the models' scales)."""
+        return bool(self.members) and (self.normalize == "calibration" or len(self.members) > 1)
+
 
 class RewardSources:
     """Callable: (prompts, responses, rows) -> (score (B,), metrics). The score is what PPO
@@ -128,9 +138,37 @@ class RewardSources:
 
     @property
     def calibration(self) -> dict | None:
+        """The single-model form's calibration, which normalise_score applies; else None."""
         if self.passthrough and self.sources[0].normalize == "calibration":
             return self.sources[0].members[0][2]
         return None
+
+    @property
+    def calibrations(self) -> dict[str, dict]:
+        """{member label: calibration} of every reward model whose score is calibrated."""
+        return {
+            label: cal
+            for src in self.sources
+            if src.calibrates_members
+            for label, _, cal in src.members
+        }
+
+    def set_calibrations(self, calibrations: dict[str, dict]) -> None:
+        """Replace the calibrations of the members named (e.g. by ones measured on SFT
+        samples, ppo/calibration.py)."""
+        for src in self.sources:
+            src.members = [(n, f, calibrations.get(n, cal)) for n, f, cal in src.members]
+
+    def member_scores(
+        self, prompts: list[list[dict]], responses: list[str], finished: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """The raw scores (B,) of every calibrated reward model, by member label."""
+        return {
+            label: scorer(prompts, responses, finished).float().cpu()
+            for src in self.sources
+            if src.calibrates_members
+            for label, scorer, _ in src.members
+        }
 
     def __call__(
         self,
@@ -167,9 +205,9 @@ class RewardSources:
                     self._check_finite(name, raw, training)
                     if len(src.members) > 1:
                         metrics[f"objective/score/{name}"] = _finite_mean(raw)
-                    normalised.append(
-                        calibrate(raw, calibration) if src.normalize == "calibration" else raw
-                    )
+                    # the single-model form leaves the calibration to normalise_score
+                    calibrated = src.calibrates_members and not self.passthrough
+                    normalised.append(calibrate(raw, calibration) if calibrated else raw)
                 combined = combine_scores(normalised, src.combine)
                 if self.passthrough:  # the old single-model form: raw, as before
                     terms.append(combined)
@@ -291,6 +329,11 @@ def build(
             continue
         paths = entry.model if isinstance(entry.model, list) else [entry.model]
         normalize = entry.normalize or ("calibration" if cfg.normalize_score else "none")
+        if len(paths) > 1 and normalize == "none":
+            raise UserError(
+                f"ppo.rewards ({name}): an ensemble's {entry.combine} needs its members on one "
+                "scale: set normalize: calibration or running (each member is calibrated first)"
+            )
         members = []
         for i, path in enumerate(paths):
             model_dir, run_dir = reward_model_dir(expand_path(path, recipe.output_dir))
@@ -300,10 +343,10 @@ def build(
             if any(label == m[0] for m in members):
                 label = f"{label}_{i + 1}"
             calibration = load_calibration(model_dir)
-            if normalize == "calibration" and calibration is None:
+            if calibration is None and (normalize == "calibration" or len(paths) > 1):
+                fix = "give each member one" if len(paths) > 1 else "set normalize: none or running"
                 raise UserError(
-                    f"ppo.rewards ({name}): {model_dir} has no reward_calibration.json; "
-                    "set normalize: none or running"
+                    f"ppo.rewards ({name}): {model_dir} has no reward_calibration.json; {fix}"
                 )
             members.append((label, load_scorer(model_dir), calibration))
         sources.append(

@@ -102,13 +102,7 @@ def normalise_answer(text: str) -> str:
 
 def numbers_in(text: str) -> list[float]:
     """Every number written in the text, in order: '12,345', '-3', '6.25', '.5'."""
-    out = []
-    for match in _NUMBER.findall(text):
-        try:
-            out.append(float(match.replace(",", "")))
-        except ValueError:  # '1,,2'-like noise
-            continue
-    return out
+    return [x for m in _NUMBER.finditer(text) if (x := _number(m)) is not None]
 
 
 def parse_number(text: str) -> float | None:
@@ -126,33 +120,93 @@ def _decimals(text: str) -> int:
 
 
 def numbers_match(stated: float, reference: str, rel_tol: float = 0.0) -> bool:
-    """The stated number rounds to the reference at the reference's precision ('8.05' accepts
+    """An integer reference needs that exact number ('703' refuses 702.5 and 703.4). A
+    reference with decimals accepts what rounds to it at its precision ('8.05' accepts
     8.0467 but not 8), or is within rel_tol of it."""
     ref = parse_number(reference)
     if ref is None:
         return False
-    half_unit = 0.5 * 10 ** -_decimals(reference)
+    decimals = _decimals(reference)
+    if decimals == 0:
+        return stated == ref
+    half_unit = 0.5 * 10**-decimals
     return abs(stated - ref) <= half_unit + 1e-9 or math.isclose(stated, ref, rel_tol=rel_tol)
 
 
-def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float = 0.0) -> bool:
-    """Does the response state the reference answer?
+# Words that negate what follows them ("not Paris", "isn't 703"), after normalise_answer.
+_NEGATIONS = frozenset(
+    "not no never neither nor isnt arent wasnt werent doesnt dont didnt cant cannot wont".split()
+)
+_CLAUSE_END = re.compile(r"[.,;:!?]|\bbut\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.;:!?]")
 
-    Numbers: the first number of the response that is not one of the prompt's numbers (so
-    '12 x 23 = 276' is judged on 276, and listing many numbers does not help) must match.
-    Text: the normalised answer must occur as whole words in the normalised response.
+
+def negated(before: str, reach: int = 2) -> bool:
+    """Is what follows `before` (the response up to a mention) negated: one of the last
+    `reach` words of its clause a negation ('It is not Paris', 'Not 703: ...')?"""
+    clause = _CLAUSE_END.split(before)[-1]
+    return any(w in _NEGATIONS for w in normalise_answer(clause).split()[-reach:])
+
+
+def offers_alternatives(before: str) -> bool:
+    """Does the sentence before a mention offer another candidate ('North Korea or ...')?"""
+    return "or" in normalise_answer(_SENTENCE_END.split(before)[-1]).split()
+
+
+def first_mention(response: str, wanted: str, prompt: str = "") -> int | None:
+    """Where the first whole-word occurrence of `wanted` (normalised) starts in the response,
+    matched after normalise_answer word by word (so 'Washington, D.C.' is 'washington dc').
+    An occurrence inside a phrase of the prompt (with the word before or after it, as in
+    'Mexico City is the capital of which country?') repeats the question: it is skipped."""
+    spans = [(m.start(), normalise_answer(m.group())) for m in re.finditer(r"\S+", response)]
+    words = [(start, w) for start, word in spans for w in word.split()]
+    said, target = [w for _, w in words], wanted.split()
+    asked = f" {normalise_answer(prompt)} "
+    for i in range(len(said) - len(target) + 1):
+        if said[i : i + len(target)] != target:
+            continue
+        around = [said[max(i - 1, 0) : i + len(target)], said[i : i + len(target) + 1]]
+        if not any(len(p) > len(target) and f" {' '.join(p)} " in asked for p in around):
+            return words[i][0]
+    return None
+
+
+def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float = 0.0) -> bool:
+    """Does the response state the reference answer, as the one it gives?
+
+    Only the first candidate counts, and a negated one never does:
+    - numbers: the first number of the response that is not one of the prompt's numbers (so
+      '12 x 23 = 276' is judged on 276, and listing many numbers does not help) must match
+      (numbers_match: an integer reference exactly; one with decimals at its precision), and
+      not be negated ('Not 703: it is 702.');
+    - text: the first whole-word occurrence of the normalised answer that does not repeat a
+      phrase of the prompt (first_mention), neither negated ('Not South Korea: it is Japan.')
+      nor after an alternative in its sentence ('North Korea or South Korea.').
     """
     reference = str(answer)
-    if parse_number(reference) is not None:
+    ref = parse_number(reference)
+    if ref is not None:
         given = set(numbers_in(prompt_text))
-        stated = numbers_in(response)
-        ref = parse_number(reference)
-        fresh = stated if ref in given else [x for x in stated if x not in given]
-        return bool(fresh) and numbers_match(fresh[0], reference, rel_tol)
+        stated = [
+            (m.start(), x) for m in _NUMBER.finditer(response) if (x := _number(m)) is not None
+        ]
+        fresh = stated if ref in given else [(at, x) for at, x in stated if x not in given]
+        if not fresh or negated(response[: fresh[0][0]]):
+            return False
+        return numbers_match(fresh[0][1], reference, rel_tol)
     wanted = normalise_answer(reference)
-    if not wanted:
+    at = first_mention(response, wanted, prompt_text) if wanted else None
+    if at is None:
         return False
-    return f" {wanted} " in f" {normalise_answer(response)} "
+    before = response[:at]
+    return not negated(before) and not offers_alternatives(before)
+
+
+def _number(match: re.Match) -> float | None:
+    try:
+        return float(match.group().replace(",", ""))
+    except ValueError:  # '1,,2'-like noise
+        return None
 
 
 def _prompt_text(messages: list[dict]) -> str:

@@ -12,11 +12,9 @@ cache into the prefix forward.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from rlhf.roles.models import padded_forward
+from rlhf.roles.models import cache_keyword, padded_forward
 from rlhf.roles.real_token_mlp import mlps_on_real_tokens
 from rlhf.tokens.chat import positions_from_mask
 
@@ -59,10 +57,9 @@ def prefix_shared_hidden(
     the last column), the continuations right padded.
     """
     backbone = getattr(model, model.base_model_prefix)
-    # transformers 5.2x renamed `past_key_values` to `cache` (argument and output field).
-    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else None
+    name = cache_keyword(backbone)  # the output field has the argument's name
     out = padded_forward(backbone, prefix_ids, prefix_mask, use_cache=True)
-    cache = out.cache if name else out.past_key_values
+    cache = getattr(out, name)
     cache.batch_select_indices(row_prefix)
     full_mask = torch.cat([prefix_mask[row_prefix], attention_mask], dim=1)
     # the continuations' MLPs see (R, T) rows: their own mask says which are real
@@ -72,6 +69,6 @@ def prefix_shared_hidden(
             attention_mask=full_mask,
             position_ids=positions_from_mask(full_mask)[:, prefix_ids.shape[1] :],
             use_cache=True,
-            **{name or "past_key_values": cache},
+            **{name: cache},
         ).last_hidden_state
     return out.last_hidden_state, hidden

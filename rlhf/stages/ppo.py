@@ -101,9 +101,11 @@ def run(recipe: Any, resume: bool = False) -> Path:
     if state is not None:
         kl_ctl.load_state_dict(state["kl_controller"])
         sources.load_state_dict(state.get("reward_sources", {}))
-    calibration = score_calibration(state, sources.calibration, unwrapped, reference, sources,
-                                    tokenizer, prompts, recipe, accelerator)  # fmt: skip
+    calibration = score_calibration(
+        state, unwrapped, reference, sources, tokenizer, prompts, recipe, accelerator
+    )
     stage.out.info["calibration"] = calibration
+    stage.out.info["reward_calibrations"] = sources.calibrations
     log.info("ppo: %d prompts, %d iterations x %d rollouts per rank, %d ranks, reference: %s",
              len(prompts), cfg.iterations, cfg.batch_size, accelerator.num_processes,
              info["reference"])  # fmt: skip
@@ -114,7 +116,8 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     def state_of(n: int) -> dict[str, Any]:
         return {"iteration": n, "kl_controller": kl_ctl.state_dict(),
-                "reward_sources": sources.state_dict(), "calibration": calibration}  # fmt: skip
+                "reward_sources": sources.state_dict(), "calibration": calibration,
+                "reward_calibrations": sources.calibrations}  # fmt: skip
 
     stage.loop((state or {}).get("iteration", 0), cfg.iterations,
                iteration_step(stage, ctx, prompts, sources, recipe.seed), state_of, scheduler,
@@ -231,23 +234,34 @@ def run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, rewar
     }
 
 
-def score_calibration(state, stored, model, reference, sources, tokenizer, prompts, recipe,
-                      accelerator) -> dict | None:  # fmt: skip
-    """The calibration normalising the score: a resumed run's (never re-measured), else one
-    measured on SFT samples (ppo.calibration_prompts), else the reward model's stored one."""
+def score_calibration(
+    state, model, reference, sources, tokenizer, prompts, recipe, accelerator
+) -> dict | None:
+    """Set the calibration of every calibrated reward model in `sources`: a resumed run's
+    (never re-measured), else one measured on SFT samples (ppo.calibration_prompts), else the
+    reward model's stored one. Returns the single-model form's, which normalise_score applies
+    (None with `ppo.rewards`: the sources apply theirs)."""
+    stored = sources.calibrations
     if state is not None:
-        calibration = state.get("calibration", stored)
+        legacy = {"reward": state["calibration"]} if state.get("calibration") else {}
+        sources.set_calibrations(state.get("reward_calibrations", legacy))
     elif stored and recipe.ppo.calibration_prompts:
         with distributed.gathered_for_generation(accelerator, model):
-            calibration = sft_calibration(model, reference, sources, tokenizer, prompts, recipe,
-                                          accelerator)  # fmt: skip
-    else:
-        calibration = stored
-    if calibration:
-        log.info("ppo: score normalised by mean %.4f, std %.4f (%s; reward model's own: %s)",
-                 calibration["mean"], calibration["std"],
-                 calibration.get("source", "reward model"), stored)  # fmt: skip
-    return calibration
+            measured = sft_calibration(
+                model, reference, sources, tokenizer, prompts, recipe, accelerator
+            )
+        sources.set_calibrations(measured)
+    for label, cal in sources.calibrations.items():
+        own = stored[label]
+        log.info(
+            "ppo: %s normalised by mean %.4f, std %.4f (%s; reward model's own: %s)",
+            label,
+            cal["mean"],
+            cal["std"],
+            cal.get("source", "reward model"),
+            own,
+        )
+    return sources.calibration
 
 
 def sample_rows(batch: Prompts, roll: Rollout) -> list[dict[str, Any]]:

@@ -47,8 +47,12 @@ def encode_rows(recipe: Any, tokenizer: Any, items: list) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: list[dict], accelerator: Any) -> dict[str, float]:
-    """Held-out loss and perplexity over answer tokens, summed across ranks before dividing."""
+def evaluate(
+    model: torch.nn.Module, loader: list[dict], accelerator: Any, n_rows: int
+) -> dict[str, float]:
+    """Held-out loss and perplexity over the answer tokens of `n_rows` rows, `loader` this
+    rank's rank_batches of them. Each row's sums are gathered by its index, so a row that
+    pads a rank's share under ZeRO-3 / FSDP counts once, then summed before dividing."""
     # Unwrapped: ranks may hold different numbers of batches, and a DDP forward runs
     # collectives (buffer broadcast) that would then pair up wrongly and hang.
     wrapped, model = model, accelerator.unwrap_model(model)
@@ -60,8 +64,8 @@ def evaluate(model: torch.nn.Module, loader: list[dict], accelerator: Any) -> di
         with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
             yield
 
-    totals = training.answer_nll(model, loader, forward).to(accelerator.device)
-    totals = accelerator.reduce(totals, reduction="sum")
+    per_row = training.answer_nll_rows(model, loader, forward).to(accelerator.device)
+    totals = distributed.gather_evaluated(accelerator, per_row, n_rows).sum(0)
     model.train(was_training)
     got = training.perplexity(totals[0].item(), totals[1].item())
     return {"eval/loss": got["loss"], "eval/perplexity": got["perplexity"]}
@@ -101,7 +105,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
     # --- train: one step is the summed token NLL of a window over its answer tokens
     def evaluate_now() -> dict[str, float]:
-        return evaluate(model, eval_loader, accelerator) if eval_rows else {}
+        return evaluate(model, eval_loader, accelerator, len(eval_rows)) if eval_rows else {}
 
     def nll(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # packing restarts positions; the LM head runs on the answer positions only
