@@ -123,8 +123,10 @@ class ModelDeviceMode(TorchFunctionMode):
 
     def fault(self, what: str) -> None:
         frames = [f for f in traceback.extract_stack() if "/rlhf/" in f.filename]
-        where = f"rlhf/{frames[-1].filename.split('/rlhf/')[-1]}:{frames[-1].lineno}"
-        self.faults.append(f"{where if frames else '?'}: {what}")
+        where = "?"
+        if frames:
+            where = f"rlhf/{frames[-1].filename.split('/rlhf/')[-1]}:{frames[-1].lineno}"
+        self.faults.append(f"{where}: {what}")
 
 
 def _caller_sees_the_real_device() -> bool:
