@@ -23,10 +23,14 @@ ACCELERATE_CONFIG ?=
 RESUME ?=
 PYTEST_ARGS ?=
 # `make test-min`: a second venv with exactly pyproject's floors of these packages (the other
-# dependencies resolve to their newest releases), running the fast tests of MIN_TESTS.
+# dependencies resolve to their newest releases), running the fast tests of MIN_TESTS: the ones
+# that use these libraries' APIs most (recipe, model loading, PPO loop, sampling, SFT, reward,
+# DPO through TRL, shared prefixes, precision); `make test-min MIN_TESTS=tests` runs them all.
 VENV_MIN ?= .venv-min
 MIN_PACKAGES := torch,transformers,trl,peft,accelerate,datasets,pydantic
-MIN_TESTS ?= tests
+MIN_TESTS ?= tests/test_recipe.py tests/test_models.py tests/ppo tests/test_decode.py \
+  tests/test_generate.py tests/test_device_placement.py tests/test_sft.py tests/test_reward.py \
+  tests/test_dpo.py tests/test_shared_prefix.py tests/test_precision.py
 export RLHF_CACHE ?= $(HOME)/.cache/rlhf
 # DeepSpeed compiles its CPU extensions (shm_comm ~30 s, cpu_adam ~45 s) on first use: kept
 # here, so later runs and CI (cache this folder) reuse them.
