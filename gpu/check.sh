@@ -98,7 +98,9 @@ step ppo-grpo 120 "${CLI[@]}" ppo $R precision=bf16 output_dir=$OUT/tiny-grpo \
 step dpo 90 "${CLI[@]}" dpo $R "${ARGS[@]}"
 
 # 6. One timed iteration, PPO and GRPO.
-step bench-row 120 $PY gpu/bench_row.py --precision bf16
+# The CPU parts time a smaller batch: the same code, in minutes rather than tens of them.
+BENCH_SIZE=$([ $GPU -eq 1 ] && echo "--batch 16 --new-tokens 32" || echo "--batch 8 --new-tokens 8")
+step bench-row 120 $PY gpu/bench_row.py --precision bf16 $BENCH_SIZE
 
 # 7. The report.
 {
