@@ -39,6 +39,18 @@ def real_data_file(name: str) -> Path:
     return path
 
 
+def device_under_test() -> torch.device:
+    """Where device-aware tests run: $RLHF_TEST_DEVICE when set, else CUDA when present (the
+    accelerate-based code picks it by itself there), else the CPU."""
+    name = os.environ.get("RLHF_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return device_under_test()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     from rlhf.roles import models
@@ -49,6 +61,9 @@ def tiny_model_dir() -> str:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     from rlhf.roles import models
+
+    if os.environ.get("RLHF_TEST_WITHOUT_SMOLLM2") == "1":  # gpu/check.sh: not carried there
+        pytest.skip("SmolLM2 is not available here (RLHF_TEST_WITHOUT_SMOLLM2=1)")
 
     return models.resolve("smollm2-135m-instruct")
 

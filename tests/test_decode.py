@@ -15,15 +15,17 @@ from rlhf.roles import models
 from rlhf.roles.actor_critic import lm_head_inputs
 from rlhf.tokens.chat import positions_from_mask
 from rlhf.tokens.sequences import logprobs_from_logits
+from tests.conftest import device_under_test
 
 T = 0.7
 STEPS = 12
 PAD = 0
+DEVICE = device_under_test()  # CUDA when present (gpu/check.sh)
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return models.load_causal_lm(tiny_model_dir).eval()
+    return models.load_causal_lm(tiny_model_dir).eval().to(DEVICE)
 
 
 def _prompts(rows: int = 5, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +35,7 @@ def _prompts(rows: int = 5, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]
     mask[0, :4] = 0  # left padding of different lengths
     mask[1, :1] = 0
     mask[3, :7] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def _hf(model, ids, mask, eos_ids, seed=0):
@@ -63,7 +65,7 @@ def _lean(model, ids, mask, eos_ids, seed=0, **kwargs):
 
 def _live(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """True up to and including each row's first EOS (the positions whose token was sampled)."""
-    is_eos = torch.isin(response, torch.tensor(eos_ids)).long()
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device)).long()
     return (is_eos.cumsum(1) - is_eos) == 0
 
 
@@ -166,7 +168,7 @@ def test_finished_rows_leave_the_batch(tiny):
 def test_several_eos_ids_stop_a_row_and_pad_the_rest(tiny):
     ids, mask = _prompts()
     out, _ = _lean(tiny, ids, mask, EARLY)
-    eos = torch.tensor(EARLY)
+    eos = torch.tensor(EARLY, device=DEVICE)
     for row in out.response_ids:
         hits = torch.isin(row, eos).nonzero()
         if len(hits):  # stopped at its first EOS, whichever id it was; pads after it

@@ -179,6 +179,7 @@ def _iterate(setup, cfg, tok, it, prompt_ids, **kw):
     accelerator, model, reference, optimizer, kl_ctl = setup
     torch.manual_seed(it)
     ctx = PPOContext(model, reference, optimizer, None, accelerator, tok, kl_ctl, cfg)
+    prompt_ids = prompt_ids.to(accelerator.device)  # the model's device (CUDA when present)
     batch = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
     return ppo_iteration(ctx, batch, programmatic_score, torch.Generator().manual_seed(it), **kw)[1]
 

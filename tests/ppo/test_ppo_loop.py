@@ -90,6 +90,7 @@ def test_tiny_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = FixedKLController(cfg.kl_coef)
     prompt_ids = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(0))
+    prompt_ids = prompt_ids.to(accelerator.device)  # the model's device (CUDA when present)
     batch = {"input_ids": prompt_ids, "attention_mask": torch.ones_like(prompt_ids)}
     ctx = PPOContext(model, reference, optimizer, None, accelerator, tok, kl_ctl, cfg)
     scores, kls = [], []
