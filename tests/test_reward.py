@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -696,8 +697,8 @@ def test_judge_recipe_takes_the_other_half_and_another_seed():
 
 
 def test_judge_refuses_to_train_on_the_reward_models_prompts_unless_allowed(tmp_path, capsys):
-    """The tiny recipe's reward model trains on all rankings and its judge on the second half:
-    82 of the reward model's 180 prompts. `rlhf judge` refuses that in one line (exit 2, no
+    """The tiny recipe's reward model trains on all rankings and its judge on the second half,
+    so every judge prompt is one of the reward model's. `rlhf judge` refuses that in one line (exit 2, no
     run folder) unless judge.allow_prompt_overlap says so, as recipes/tiny.yaml does; the
     default recipe's disjoint halves pass."""
     from rlhf.cli import main
@@ -707,7 +708,11 @@ def test_judge_refuses_to_train_on_the_reward_models_prompts_unless_allowed(tmp_
     args = ["judge", "recipes/tiny.yaml", f"output_dir={tmp_path}"]
     assert main([*args, "judge.allow_prompt_overlap=false"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "82 of the reward model's 180 training prompts" in err
+    found = re.search(r"trains on (\d+) of the reward model's (\d+) training prompts", err)
+    rows = Path("reward_data/rankings/train.jsonl").read_text().splitlines()
+    n_prompts = len({json.loads(row)["prompt"] for row in rows})
+    assert err.count("\n") == 1 and found, err
+    assert int(found[2]) == n_prompts and 0 < int(found[1]) < n_prompts
     assert "judge.allow_prompt_overlap: true" in err and "Traceback" not in err
     assert not (tmp_path / "judge").exists()
     check_independent(load_recipe("recipes/tiny.yaml", []))  # allowed explicitly
