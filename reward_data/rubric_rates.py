@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("generated", nargs="*")
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--out")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     rows = repeated(read_jsonl(args.prompts), args.repeat)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -67,6 +67,8 @@ def test_a_direct_answer_shows_no_fault():
             {"rude", "overconfident"},
         ),
         ("Great question! It depends.", {"padded", "hedging"}),
+        ("I'm glad you asked about it. A thermometer measures temperature.", {"padded"}),
+        ("That's a tough question. I can help you with that. It is 16.", {"padded"}),
     ],
 )
 def test_faults_by_hand(text, expected):
