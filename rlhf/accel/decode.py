@@ -58,63 +58,124 @@ def sample(
     compact: drop finished rows from the batch and the cache as they pile up. keep: also
     return the logits and LM-head inputs (zeros where a row had finished).
     """
-    from transformers import DynamicCache
-
-    B = prompt_ids.shape[0]
-    device = prompt_ids.device
+    B, device = prompt_ids.shape[0], prompt_ids.device
     eos = torch.tensor(list(eos_ids), device=device)
-    kv = DynamicCache(config=model.config)  # sliding-window layers too (Gemma 3)
-    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    extra[cache_keyword(model)] = kv  # by the name this forward takes it: others swallow it
-    rows = torch.arange(B, device=device)  # which original rows are in the batch
-    attn = prompt_mask
-    step_ids, step_pos = prompt_ids, positions_from_mask(prompt_mask)
+    live = LiveRows.for_prompts(model, prompt_ids, prompt_mask)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    # keep: written in place each step; torch.empty, so steps never reached cost no memory.
-    kept_logits = kept_hidden = None
     sampled = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)  # per row of the batch
+    kept = Kept(B, max_new_tokens) if keep else None
     steps = 0
     # A prompt sampled k times (GRPO, RLOO) is prefilled once: see _forward.
     shared = distinct_rows(prompt_ids, prompt_mask)
     with lm_head_inputs(model) if keep else nullcontext() as seen:
         for t in range(max_new_tokens):
-            spread = shared if t == 0 else None
-            last, rows_out = _forward(model, kv, step_ids, attn, step_pos, extra, spread)
+            last, rows_out = live.forward(model, shared if t == 0 else None)
             logits = last.float()  # generate's `.to(copy=True, dtype=float32)`
-            nxt = torch.where(unfinished, _draw(logits / temperature), pad_id)
-            tokens[rows, t] = nxt
-            sampled[rows, t] = unfinished
+            nxt = torch.where(live.unfinished, _draw(logits / temperature), pad_id)
+            tokens[live.rows, t] = nxt
+            sampled[live.rows, t] = live.unfinished
             if keep:
-                hidden = seen.pop()[rows_out, -1]
-                if kept_logits is None:
-                    kept_logits = last.new_empty(B, max_new_tokens, last.shape[-1])
-                    kept_hidden = hidden.new_empty(B, max_new_tokens, hidden.shape[-1])
-                kept_logits[rows, t] = last
-                kept_hidden[rows, t] = hidden
+                kept.write(live.rows, t, last, seen.pop()[rows_out, -1])
             steps = t + 1
-            unfinished &= ~torch.isin(nxt, eos)
-            n_left = int(unfinished.sum())
+            live.unfinished &= ~torch.isin(nxt, eos)
+            n_left = int(live.unfinished.sum())
             if n_left == 0:
                 break
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
-            if compact and rows.shape[0] - n_left >= max(1, COMPACT_FRACTION * rows.shape[0]):
-                here = unfinished.nonzero().squeeze(1)
-                kv.batch_select_indices(here)
-                rows, unfinished, attn = rows[here], unfinished[here], attn[here]
-                step_ids, step_pos = step_ids[here], step_pos[here]
+            live.feed(nxt)
+            if compact and live.finished_pile_up(n_left):
+                live.drop_finished()
     tokens = tokens[:, :steps]
-    if not keep:
-        return Decoded(tokens, None, None)
-    # positions after a row had finished (dropped or not): no sample. Indices, not the bool mask:
-    # `x[mask] = 0` runs masked_fill_ over all of x, (B, R, V) logits included (51 ms at batch
-    # 64, 48 tokens, 40% unsampled), where index_put_ writes only those rows (10.5 ms).
-    not_sampled = (~sampled[:, :steps]).nonzero(as_tuple=True)
-    kept_logits, kept_hidden = kept_logits[:, :steps], kept_hidden[:, :steps]
-    kept_logits.index_put_(not_sampled, kept_logits.new_zeros(()))
-    kept_hidden.index_put_(not_sampled, kept_hidden.new_zeros(()))
-    return Decoded(tokens, kept_logits, kept_hidden)
+    return kept.decoded(tokens, sampled[:, :steps]) if keep else Decoded(tokens, None, None)
+
+
+@dataclass
+class LiveRows:
+    """The rows still in the batch and what the next step feeds them: which original rows they
+    are, their attention mask, the next input ids and positions, which have not finished yet,
+    and the KV cache with the keyword arguments the forward takes it by."""
+
+    rows: torch.Tensor
+    attn: torch.Tensor
+    step_ids: torch.Tensor
+    step_pos: torch.Tensor
+    unfinished: torch.Tensor
+    kv: Any
+    extra: dict[str, Any]
+
+    @classmethod
+    def for_prompts(
+        cls, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> LiveRows:
+        """Every row, before the prefill: the prompts, an empty cache."""
+        from transformers import DynamicCache
+
+        B, device = prompt_ids.shape[0], prompt_ids.device
+        kv = DynamicCache(config=model.config)  # sliding-window layers too (Gemma 3)
+        extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        extra[cache_keyword(model)] = kv  # by the name this forward takes it: others swallow it
+        return cls(
+            rows=torch.arange(B, device=device),
+            attn=prompt_mask,
+            step_ids=prompt_ids,
+            step_pos=positions_from_mask(prompt_mask),
+            unfinished=torch.ones(B, dtype=torch.bool, device=device),
+            kv=kv,
+            extra=extra,
+        )
+
+    def forward(self, model: torch.nn.Module, spread: Any = None) -> tuple[torch.Tensor, Any]:
+        return _forward(model, self.kv, self.step_ids, self.attn, self.step_pos, self.extra, spread)
+
+    def feed(self, nxt: torch.Tensor) -> None:
+        """The sampled tokens are the next step's input, one position on."""
+        self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
+        self.step_ids, self.step_pos = nxt[:, None], self.step_pos[:, -1:] + 1
+
+    def finished_pile_up(self, n_left: int) -> bool:
+        """Whether COMPACT_FRACTION of the rows in the batch (at least one) have finished."""
+        n = self.rows.shape[0]
+        return n - n_left >= max(1, COMPACT_FRACTION * n)
+
+    def drop_finished(self) -> None:
+        """Keep the unfinished rows only, in the batch and in the cache."""
+        here = self.unfinished.nonzero().squeeze(1)
+        self.kv.batch_select_indices(here)
+        self.rows, self.unfinished, self.attn = (
+            self.rows[here],
+            self.unfinished[here],
+            self.attn[here],
+        )
+        self.step_ids, self.step_pos = self.step_ids[here], self.step_pos[here]
+
+
+class Kept:
+    """keep: the raw logits each token was drawn from and the LM head's inputs, (B, R, .),
+    written in place each step. torch.empty, allocated at the first step: steps never reached
+    cost no memory."""
+
+    def __init__(self, batch: int, max_new_tokens: int):
+        self.shape = (batch, max_new_tokens)
+        self.logits: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+
+    def write(self, rows: torch.Tensor, t: int, last: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = last.new_empty(*self.shape, last.shape[-1])
+            self.hidden = hidden.new_empty(*self.shape, hidden.shape[-1])
+        self.logits[rows, t] = last
+        self.hidden[rows, t] = hidden
+
+    def decoded(self, tokens: torch.Tensor, sampled: torch.Tensor) -> Decoded:
+        """Decoded with the kept logits and hidden states, zeros at positions after a row had
+        finished (dropped or not): no sample there."""
+        # Indices, not the bool mask: `x[mask] = 0` runs masked_fill_ over all of x, (B, R, V)
+        # logits included, where index_put_ writes only those rows.
+        not_sampled = (~sampled).nonzero(as_tuple=True)
+        steps = tokens.shape[1]
+        logits, hidden = self.logits[:, :steps], self.hidden[:, :steps]
+        logits.index_put_(not_sampled, logits.new_zeros(()))
+        hidden.index_put_(not_sampled, hidden.new_zeros(()))
+        return Decoded(tokens, logits, hidden)
 
 
 def _forward(model, kv, ids, attn, pos, extra, spread=None) -> tuple[torch.Tensor, Any]:

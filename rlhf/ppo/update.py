@@ -12,6 +12,7 @@ value loss alone trains the critic and the policy is not stepped.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,23 @@ from rlhf.algo.ppo import (
 from rlhf.infra.training import NonFiniteGuard, averaging_undone, step_if_finite
 from rlhf.ppo.rollout import Rollout
 from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, response_keep
+
+
+@dataclass
+class Learner:
+    """What every optimizer step of the update works with: the prepared actor-critic, its
+    optimizer and scheduler (None: none), the accelerator, the recipe's ppo section, the
+    non-finite guard, the weight of the k3 KL loss term, and whether the critic alone trains
+    (value_only: the critic's warm-up)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Any
+    cfg: Any
+    scheduler: Any
+    guard: NonFiniteGuard
+    kl_coef: float
+    value_only: bool
 
 
 def ppo_update(
@@ -47,68 +65,99 @@ def ppo_update(
     """Runs cfg.ppo_epochs passes; returns the mean of each statistic over all micro-batches.
     `returns` None: no critic, no value loss. `kl_coef` weighs the k3 loss term (kl_in: loss)."""
     guard = guard or NonFiniteGuard()
+    learner = Learner(model, optimizer, accelerator, cfg, scheduler, guard, kl_coef, value_only)
     skipped_before = guard.skipped
     stats: dict[str, list[float]] = defaultdict(list)
     batch = rollout.mask.shape[0]
-    micro = cfg.mini_batch_size // cfg.grad_accum
+    minibatches = shuffled_minibatches(batch, cfg.mini_batch_size, cfg.ppo_epochs, generator)
     model.train()
     epochs_run = minibatches_run = 0
     with apply.training(model):
-        for _ in range(cfg.ppo_epochs):
-            epochs_run += 1
-            order = torch.randperm(batch, generator=generator)
-            stop_early = False
-            for start in range(0, batch, cfg.mini_batch_size):
-                mini = order[start : start + cfg.mini_batch_size]
-                minibatch_kl = []
-                minibatches_run += 1
-                counts = minibatch_counts(accelerator, rollout.mask[mini.to(rollout.mask.device)])
-                for m_start in range(0, len(mini), micro):
-                    idx = mini[m_start : m_start + micro].to(rollout.mask.device)
-                    targets = (
-                        rollout.select(idx),
-                        advantages[idx],
-                        None if returns is None else returns[idx],
-                    )
-                    with accelerator.accumulate(model), accelerator.autocast():
-                        loss, pg_loss, pg_stats = micro_batch_loss(
-                            model, *targets, cfg, kl_coef, value_only, stats, counts
-                        )
-                        # A non-finite loss (or reward) still goes through backward on every rank;
-                        # the synced gradient norm then decides, identically everywhere, to skip.
-                        accelerator.backward(loss)
-                        if value_only:
-                            for p in accelerator.unwrap_model(model).policy.parameters():
-                                p.grad = None
-                        norm = step_if_finite(
-                            accelerator, model, optimizer, cfg.optim.max_grad_norm, guard
-                        )
-                        if norm is not None:
-                            stats["policy/grad_norm"].append(norm)
-                    if scheduler is not None and accelerator.sync_gradients:
-                        scheduler.step()
-                    stats["policy/loss"].append(pg_loss.item())
-                    stats["loss/total"].append(loss.item())
-                    stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
-                    stats["policy/approxkl"].append(pg_stats["approxkl"].item())
-                    minibatch_kl.append(pg_stats["approxkl"].item())
-                # Early stop as soon as one minibatch's update moved the policy too far from the
-                # one that sampled the batch (N implementation details; TRL's PPO): checked per
-                # minibatch, mean over ranks so that every rank stops at the same point.
-                if cfg.target_kl_early_stop:
-                    kl = torch.tensor(
-                        sum(minibatch_kl) / len(minibatch_kl), device=accelerator.device
-                    )
-                    if accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop:
-                        stop_early = True
-                        break
-            if stop_early:
+        for epoch, mini in minibatches:
+            epochs_run, minibatches_run = epoch + 1, minibatches_run + 1
+            approxkl = train_minibatch(learner, rollout, advantages, returns, mini, stats)
+            if cfg.target_kl_early_stop and moved_too_far(accelerator, approxkl, cfg):
                 break
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["policy/epochs_run"] = float(epochs_run)
     out["policy/minibatches_run"] = float(minibatches_run)
     out["skipped_steps"] = float(guard.skipped - skipped_before)
     return out
+
+
+def shuffled_minibatches(
+    batch: int, size: int, epochs: int, generator: torch.Generator
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(epoch, row indices) of every mini-batch: each epoch a fresh permutation of the batch,
+    drawn from `generator` when the epoch begins, cut into mini-batches of `size` rows."""
+    for epoch in range(epochs):
+        order = torch.randperm(batch, generator=generator)
+        for start in range(0, batch, size):
+            yield epoch, order[start : start + size]
+
+
+def moved_too_far(accelerator: Any, approxkl: float, cfg: Any) -> bool:
+    """Early stop as soon as one mini-batch's update moved the policy too far from the one
+    that sampled the batch (N implementation details; TRL's PPO): its approximate KL, mean
+    over ranks so that every rank stops at the same point, over cfg.target_kl_early_stop."""
+    kl = torch.tensor(approxkl, device=accelerator.device)
+    return accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop
+
+
+def train_minibatch(
+    learner: Learner,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    returns: torch.Tensor | None,
+    mini: torch.Tensor,
+    stats: dict[str, list[float]],
+) -> float:
+    """One optimizer step on the rollout's rows `mini`, accumulated over micro-batches of
+    mini_batch_size / grad_accum rows; returns the mean approximate KL of its micro-batches."""
+    cfg, device = learner.cfg, rollout.mask.device
+    micro = cfg.mini_batch_size // cfg.grad_accum
+    counts = minibatch_counts(learner.accelerator, rollout.mask[mini.to(device)])
+    approxkl = []
+    for start in range(0, len(mini), micro):
+        idx = mini[start : start + micro].to(device)
+        targets = (rollout.select(idx), advantages[idx], None if returns is None else returns[idx])
+        approxkl.append(micro_batch_step(learner, targets, counts, stats))
+    return sum(approxkl) / len(approxkl)
+
+
+def micro_batch_step(
+    learner: Learner,
+    targets: tuple[Rollout, torch.Tensor, torch.Tensor | None],
+    counts: MiniBatchCounts,
+    stats: dict[str, list[float]],
+) -> float:
+    """Loss and backward of one micro-batch (rows, advantages, returns), then the optimizer
+    step when it is the mini-batch's last (accelerator.accumulate) and the scheduler's; its
+    statistics are appended to `stats`. Returns its approximate KL."""
+    model, accelerator, cfg = learner.model, learner.accelerator, learner.cfg
+    with accelerator.accumulate(model), accelerator.autocast():
+        loss, pg_loss, pg_stats = micro_batch_loss(
+            model, *targets, cfg, learner.kl_coef, learner.value_only, stats, counts
+        )
+        # A non-finite loss (or reward) still goes through backward on every rank; the synced
+        # gradient norm then decides, identically everywhere, to skip.
+        accelerator.backward(loss)
+        if learner.value_only:
+            for p in accelerator.unwrap_model(model).policy.parameters():
+                p.grad = None
+        norm = step_if_finite(
+            accelerator, model, learner.optimizer, cfg.optim.max_grad_norm, learner.guard
+        )
+        if norm is not None:
+            stats["policy/grad_norm"].append(norm)
+    if learner.scheduler is not None and accelerator.sync_gradients:
+        learner.scheduler.step()
+    stats["policy/loss"].append(pg_loss.item())
+    stats["loss/total"].append(loss.item())
+    stats["policy/clipfrac"].append(pg_stats["clipfrac"].item())
+    approxkl = pg_stats["approxkl"].item()
+    stats["policy/approxkl"].append(approxkl)
+    return approxkl
 
 
 def micro_batch_loss(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,42 @@ def run(recipe: Any, resume: bool = False) -> Path:
         raise UserError(f"{recipe._source}: ppo.prompts: missing required key")
     sft_dir, reward_dir = input_dirs(recipe)
     stage = StageRun(recipe, "ppo", grad_accum=cfg.grad_accum)
-    accelerator, device = stage.accelerator, stage.device
+    accelerator = stage.accelerator
     # --- tokenizers and prompts (validated before any model loads)
     policy_name = str(sft_dir / "model") if sft_dir else recipe.model.name
+    tokenizer = load_tokenizers(recipe, policy_name, sft_dir)
+    train_items, eval_items = load_prompt_items(recipe, tokenizer)
+    prompts = Prompts.encode(train_items, tokenizer, cfg.max_prompt_length)
+    # --- roles, reward sources, optimizer; the run folder, fresh or resumed
+    roles = build_roles_and_optimizer(recipe, accelerator, sft_dir, reward_dir)
+    kl_ctl = kl_controller(cfg, accelerator.num_processes)
+    info = run_info_of(recipe, roles, accelerator, policy_name, sft_dir, reward_dir)
+    first, calibration = begin(stage, resume, recipe, roles, kl_ctl, tokenizer, prompts, info)
+    # --- train: one step is one PPO iteration (rollout, score, advantages, update)
+    ctx = PPOContext(
+        roles.model,
+        roles.reference,
+        roles.optimizer,
+        roles.scheduler,
+        accelerator,
+        tokenizer,
+        kl_ctl,
+        cfg,
+        calibration,
+        stage.guard,
+    )
+    evaluate = policy_evaluator(recipe, ctx, roles.unwrapped, roles.sources, roles.load_scorer)
+    curve = judge_curve(recipe, tokenizer, evaluate, eval_items or train_items)
+    train(stage, ctx, prompts, roles.sources, recipe, first, curve)
+    # --- evaluate and save
+    results = final_results(evaluate, eval_items, train_items, cfg.eval_size, calibration)
+    return save(stage, ctx, results, recipe, policy_name, info["reward_sources"])
+
+
+def load_tokenizers(recipe: Any, policy_name: str, sft_dir: Path | None) -> Any:
+    """The policy's tokenizer (left padding, for batched sampling). Every reward model's is
+    loaded too, as it is, so that a model folder without one stops the run in one line before
+    any model loads."""
     tokenizer = models.load_tokenizer(
         policy_name,
         None if sft_dir else recipe.model.chat_template,
@@ -74,13 +108,40 @@ def run(recipe: Any, resume: bool = False) -> Path:
         padding_side="left",
     )
     for model_dir in reward_sources.model_dirs(recipe):
-        models.load_tokenizer(str(model_dir))  # no chat template, no EOS: one line, now
-    train_items, eval_items = load_prompt_items(recipe, tokenizer)
-    prompts = Prompts.encode(train_items, tokenizer, cfg.max_prompt_length)
-    # --- roles, reward sources, optimizer
+        models.load_tokenizer(str(model_dir))
+    return tokenizer
+
+
+@dataclass
+class RolesAndOptimizer:
+    """The PPO stage's models and what trains them: the prepared actor-critic and its
+    unwrapped form (whose forwards, inside accelerator.autocast(), keep no fp32 copies of the
+    logits), the reference (None: the policy with its LoRA adapter off), the reward sources
+    and the reward-model loader they share with the evaluation, optimizer and scheduler."""
+
+    model: Any
+    unwrapped: ActorCritic
+    reference: torch.nn.Module | None
+    sources: Any
+    load_scorer: SharedScorers
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def build_roles_and_optimizer(
+    recipe: Any, accelerator: Any, sft_dir: Path | None, reward_dir: Path | None
+) -> RolesAndOptimizer:
+    """Policy (and critic), reference, reward sources, optimizer and scheduler, then
+    accelerator.prepare, in this order."""
+    cfg, device = recipe.ppo, accelerator.device
     critic_dir = str(reward_dir / "model") if reward_dir else None
-    model, reference = build_roles(cfg, accelerator, partial(load_policy, recipe, sft_dir),
-                                   critic_dir, recipe.model.attn_implementation)  # fmt: skip
+    model, reference = build_roles(
+        cfg,
+        accelerator,
+        partial(load_policy, recipe, sft_dir),
+        critic_dir,
+        recipe.model.attn_implementation,
+    )
     load_scorer = shared_scorers(recipe, accelerator)
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
@@ -90,49 +151,113 @@ def run(recipe: Any, resume: bool = False) -> Path:
     scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.iterations * updates_per_iter)
     distributed.set_deepspeed_micro_batch(accelerator, cfg.mini_batch_size // cfg.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # every forward below runs inside accelerator.autocast(): no fp32 copies of the logits
-    unwrapped: ActorCritic = training.without_fp32_outputs(accelerator, model)
-    kl_ctl = kl_controller(cfg, accelerator.num_processes)
-    info = run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, reward_dir)
-    state = stage.begin(resume, scheduler, **info, prompts=len(prompts),
-                        calibration=sources.calibration)  # fmt: skip
+    unwrapped = training.without_fp32_outputs(accelerator, model)
+    return RolesAndOptimizer(
+        model, unwrapped, reference, sources, load_scorer, optimizer, scheduler
+    )
+
+
+def begin(
+    stage: StageRun,
+    resume: bool,
+    recipe: Any,
+    roles: RolesAndOptimizer,
+    kl_ctl: Any,
+    tokenizer: Any,
+    prompts: Prompts,
+    info: dict[str, Any],
+) -> tuple[int, dict | None]:
+    """Start the run folder, fresh or resumed (with the KL controller's and the reward
+    sources' state), and set the score's calibration. Returns (the iteration to go on from,
+    the calibration normalise_score applies)."""
+    cfg, accelerator, sources = recipe.ppo, stage.accelerator, roles.sources
+    state = stage.begin(
+        resume, roles.scheduler, **info, prompts=len(prompts), calibration=sources.calibration
+    )
     if state is not None:
         kl_ctl.load_state_dict(state["kl_controller"])
         sources.load_state_dict(state.get("reward_sources", {}))
-    calibration = score_calibration(state, unwrapped, reference, sources, tokenizer, prompts,
-                                    recipe, accelerator)  # fmt: skip
+    calibration = score_calibration(
+        state, roles.unwrapped, roles.reference, sources, tokenizer, prompts, recipe, accelerator
+    )
     stage.out.info.update(calibration=calibration, reward_calibrations=sources.calibrations)
-    log.info("ppo: %d prompts, %d iterations x %d rollouts per rank, %d ranks, reference: %s",
-             len(prompts), cfg.iterations, cfg.batch_size, accelerator.num_processes,
-             info["reference"])  # fmt: skip
+    log.info(
+        "ppo: %d prompts, %d iterations x %d rollouts per rank, %d ranks, reference: %s",
+        len(prompts),
+        cfg.iterations,
+        cfg.batch_size,
+        accelerator.num_processes,
+        info["reference"],
+    )
+    return (state or {}).get("iteration", 0), calibration
 
-    # --- train: one step is one PPO iteration (rollout, score, advantages, update)
-    ctx = PPOContext(model, reference, optimizer, scheduler, accelerator, tokenizer, kl_ctl,
-                     cfg, calibration, stage.guard)  # fmt: skip
+
+def train(
+    stage: StageRun,
+    ctx: PPOContext,
+    prompts: Prompts,
+    sources: Any,
+    recipe: Any,
+    first: int,
+    curve: Callable[[], dict[str, float]] | None,
+) -> None:
+    """PPO iterations first+1 .. ppo.iterations on the stage runner's loop; a checkpoint
+    holds the KL controller's and the reward sources' state beside the runner's."""
+    cfg = ctx.cfg
 
     def state_of(n: int) -> dict[str, Any]:
-        return {"iteration": n, "kl_controller": kl_ctl.state_dict(),
-                "reward_sources": sources.state_dict(), "calibration": sources.calibrations}  # fmt: skip
+        return {
+            "iteration": n,
+            "kl_controller": ctx.kl_ctl.state_dict(),
+            "reward_sources": sources.state_dict(),
+            "calibration": sources.calibrations,
+        }
 
-    evaluate = policy_evaluator(recipe, ctx, unwrapped, sources, load_scorer)
-    stage.loop((state or {}).get("iteration", 0), cfg.iterations,
-               iteration_step(stage, ctx, prompts, sources, recipe.seed), state_of, scheduler,
-               Cadence(eval_every=cfg.eval_every, save_every=cfg.save_every,
-                       keep_last=cfg.keep_last),
-               evaluate=judge_curve(recipe, tokenizer, evaluate, eval_items or train_items),
-               shown={"score": "objective/score", "kl": "objective/kl"}, unit="iteration")  # fmt: skip
+    stage.loop(
+        first,
+        cfg.iterations,
+        iteration_step(stage, ctx, prompts, sources, recipe.seed),
+        state_of,
+        ctx.scheduler,
+        Cadence(eval_every=cfg.eval_every, save_every=cfg.save_every, keep_last=cfg.keep_last),
+        evaluate=curve,
+        shown={"score": "objective/score", "kl": "objective/kl"},
+        unit="iteration",
+    )
 
-    # --- evaluate and save
-    results = final_results(evaluate, eval_items, train_items, cfg.eval_size, calibration)
-    card = ("PPO policy", f"PPO for {cfg.iterations} iterations against "
-            f"{', '.join(info['reward_sources'])}, KL penalty to `{policy_name}`. Held-out mean "
-            f"reward {results['ppo_score_mean']:.3f} (SFT {results['sft_score_mean']:.3f}), win "
-            f"rate {results['win_rate']:.2f}.")  # fmt: skip
-    path = stage.finish(results, model, tokenizer, card, cfg.merge_lora, lambda m: m.policy,
-                        prefix="policy.")  # fmt: skip
-    log.info("ppo: held-out score %.3f (SFT %.3f), win rate %.2f, KL %.2f",
-             results["ppo_score_mean"], results["sft_score_mean"], results["win_rate"],
-             results["kl_mean"])  # fmt: skip
+
+def save(
+    stage: StageRun,
+    ctx: PPOContext,
+    results: dict[str, Any],
+    recipe: Any,
+    policy_name: str,
+    source_names: list[str],
+) -> Path:
+    """eval.json, the policy (its LoRA merged with ppo.merge_lora) and its model card."""
+    cfg = ctx.cfg
+    card = (
+        "PPO policy",
+        f"PPO for {cfg.iterations} iterations against {', '.join(source_names)}, KL penalty "
+        f"to `{policy_name}`. Held-out mean reward {results['ppo_score_mean']:.3f} (SFT "
+        f"{results['sft_score_mean']:.3f}), win rate {results['win_rate']:.2f}.",
+    )
+    path = stage.finish(
+        results,
+        ctx.model,
+        ctx.tokenizer,
+        card,
+        cfg.merge_lora,
+        lambda m: m.policy,
+        prefix="policy.",
+    )
+    log.info(
+        "ppo: held-out score %.3f (SFT %.3f), win rate %.2f, KL %.2f",
+        results["ppo_score_mean"],
+        results["sft_score_mean"],
+        results["win_rate"],
+        results["kl_mean"],
+    )
     return path
 
 
@@ -235,16 +360,22 @@ def iteration_step(
         per_source: dict[str, float] = {}
 
         def score_fn(roll: Rollout) -> torch.Tensor:
-            total, parts = sources(batch.messages, roll.texts, batch.rows,
-                                   finished=roll.ended_with_eos)  # fmt: skip
+            total, parts = sources(
+                batch.messages, roll.texts, batch.rows, finished=roll.ended_with_eos
+            )
             per_source.update(parts)
             return total.to(device)
 
         generator = torch.Generator().manual_seed(iteration_seed(seed, i, rank) + 7)
         padded = batch.padded(ctx.tokenizer.pad_token_id, device)
-        roll, metrics = ppo_iteration(ctx, padded, score_fn, generator,
-                                      value_only=i < cfg.critic_warmup_iterations,
-                                      init_value_head=i == 0)  # fmt: skip
+        roll, metrics = ppo_iteration(
+            ctx,
+            padded,
+            score_fn,
+            generator,
+            value_only=i < cfg.critic_warmup_iterations,
+            init_value_head=i == 0,
+        )
         metrics = mean_across_ranks(accelerator, {**metrics, **per_source})
         # Ziegler et al. 2019: adapt beta toward the target KL (per-sequence KL, batch mean).
         ctx.kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
@@ -295,14 +426,19 @@ def load_policy(recipe: Any, sft_dir: Path | None) -> torch.nn.Module:
         return models.load_causal_lm(
             str(sft_dir / "model"), attn_implementation=m.attn_implementation
         )
-    return models.load_causal_lm(m.name, m.num_hidden_layers, m.trust_remote_code,
-                                 revision=m.revision, attn_implementation=m.attn_implementation)  # fmt: skip
+    return models.load_causal_lm(
+        m.name,
+        m.num_hidden_layers,
+        m.trust_remote_code,
+        revision=m.revision,
+        attn_implementation=m.attn_implementation,
+    )
 
 
-def run_info_of(recipe, model, sources, accelerator, policy_name, sft_dir, reward_dir) -> dict:
+def run_info_of(recipe, roles, accelerator, policy_name, sft_dir, reward_dir) -> dict:
     """What run.json records about this PPO run beside the runner's own keys."""
-    cfg, world = recipe.ppo, accelerator.num_processes
-    trainable, total = training.trainable_parameters(model)
+    cfg, world, sources = recipe.ppo, accelerator.num_processes, roles.sources
+    trainable, total = training.trainable_parameters(roles.model)
     frozen_dtype = frozen_weight_dtype(
         accelerator.mixed_precision, distributed.sharding(accelerator)
     )

@@ -278,28 +278,7 @@ def compare_cli(args: Any) -> dict[str, Any]:
         policies = {"POLICY_A": args.model_dir, "POLICY_B": args.data}
         temperature, temperature_from = default_temperature(policies)
     decoding = decoding_from_args(args, sample_by_default=True, temperature=temperature)
-    if not args.prompts:
-        raise UserError("rlhf eval compare needs --prompts FILE (held-out prompts)")
-    if not args.reward_models and not args.judges:
-        raise UserError("rlhf eval compare needs at least one --reward-model RM_DIR or --judge")
-    if args.samples_per_prompt < 1:
-        raise UserError("--samples-per-prompt must be >= 1")
-    for spec in args.judges:
-        if spec != RUBRIC:
-            load_reward_function(spec)  # an unknown name or a bad module fails before generation
-    if args.batch_size < 1 or args.max_length < 8 or args.max_prompt_length < 1:
-        raise UserError("--batch-size and --max-prompt-length must be >= 1, --max-length >= 8")
-    if args.limit is not None and args.limit < 1:
-        raise UserError("--limit must be >= 1")
-    if args.output and Path(args.output).is_dir():
-        raise UserError(f"--output {args.output} is a folder; give a file name")
-    check_model("POLICY_A", args.model_dir)
-    check_model("POLICY_B", args.data)
-    if args.reference:
-        check_model("--reference", args.reference)
-    for rm in args.reward_models:
-        check_model("--reward-model", rm)
-
+    check_args(args)
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
@@ -332,19 +311,57 @@ def compare_cli(args: Any) -> dict[str, Any]:
     if decoding.do_sample:
         summary["sampling"]["temperature_from"] = temperature_from
     if references is not None:
-        hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
-        summary["text_metrics"], notes = text_metrics(hypotheses, references)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        for sample, ref in zip(samples, references):
-            if ref is not None:
-                sample["reference"] = ref
+        add_text_metrics(summary, samples, references)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        Path(args.output).write_text(lines, encoding="utf-8")
-        print(f"compare: {len(samples)} samples -> {args.output}", file=sys.stderr)
+        write_samples(args.output, samples)
     return summary
+
+
+def check_args(args: Any) -> None:
+    """Every argument checked, and every model folder found, before a model loads."""
+    if not args.prompts:
+        raise UserError("rlhf eval compare needs --prompts FILE (held-out prompts)")
+    if not args.reward_models and not args.judges:
+        raise UserError("rlhf eval compare needs at least one --reward-model RM_DIR or --judge")
+    if args.samples_per_prompt < 1:
+        raise UserError("--samples-per-prompt must be >= 1")
+    for spec in args.judges:
+        if spec != RUBRIC:
+            load_reward_function(spec)  # an unknown name or a bad module fails before generation
+    if args.batch_size < 1 or args.max_length < 8 or args.max_prompt_length < 1:
+        raise UserError("--batch-size and --max-prompt-length must be >= 1, --max-length >= 8")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.output and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a folder; give a file name")
+    check_model("POLICY_A", args.model_dir)
+    check_model("POLICY_B", args.data)
+    if args.reference:
+        check_model("--reference", args.reference)
+    for rm in args.reward_models:
+        check_model("--reward-model", rm)
+
+
+def add_text_metrics(
+    summary: dict[str, Any], samples: list[dict[str, Any]], references: list[str | None]
+) -> None:
+    """BLEU / ROUGE of A's and B's answers against the references (one per sample) into
+    summary["text_metrics"], and each sample's reference beside it."""
+    hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
+    summary["text_metrics"], notes = text_metrics(hypotheses, references)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    for sample, ref in zip(samples, references):
+        if ref is not None:
+            sample["reference"] = ref
+
+
+def write_samples(output: str, samples: list[dict[str, Any]]) -> None:
+    """--output: the per-sample records as JSON lines."""
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    Path(output).write_text(lines, encoding="utf-8")
+    print(f"compare: {len(samples)} samples -> {output}", file=sys.stderr)
 
 
 def format_report(summary: dict[str, Any]) -> str:

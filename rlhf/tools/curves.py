@@ -592,6 +592,7 @@ def panels_for(stage: str, runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
 
 
 SECOND_AXIS = ("eval/kl",)  # drawn on a right-hand axis when it shares a panel
+LINE_STYLES = ["-", "--", ":", "-."]  # one per series when several runs share a panel
 
 
 def draw_panel(
@@ -605,53 +606,22 @@ def draw_panel(
 ) -> None:
     """Each series smoothed (solid) over its raw values (faint). One run: a colour per series;
     several runs: a colour per run and a line style per series, so runs stay comparable."""
-    colors = [f"C{i}" for i in range(10)]
-    styles = ["-", "--", ":", "-."]
     several = len(runs) > 1
     positive = True
     lo, hi = math.inf, -math.inf
     twin = ax.twinx() if any(n in SECOND_AXIS for n in names) and len(names) > 1 else None
-    main_ax = ax
     for r, run in enumerate(runs):
         for k, name in enumerate(names):
             ser = run.series.get(name)
             if ser is None or not ser.values:
                 continue
-            ax = twin if twin is not None and name in SECOND_AXIS else main_ax
-            color = colors[(r if several else k) % len(colors)]
-            style = styles[k % len(styles)] if several else "-"
-            if several:
-                label = run.label if len(names) == 1 else f"{run.label}: {name}"
-            else:
-                label = name
-            # A handful of eval points smoothed would mostly show the EMA's lag: draw them raw.
-            weight = smoothing if len(ser.values) >= MIN_POINTS_TO_SMOOTH else 0.0
-            smooth = ema(ser.values, weight)
-            if weight > 0:
-                ax.plot(ser.steps, ser.values, color=color, alpha=0.25, linewidth=1)
-            marker = "o" if len(ser.values) <= 12 else None
-            ax.plot(
-                ser.steps,
-                smooth,
-                color=color,
-                linestyle=style,
-                label=label,
-                marker=marker,
-                markersize=3,
-                linewidth=1.6,
-            )
+            on_twin = twin is not None and name in SECOND_AXIS
+            color, style, label = series_look(r, k, run.label, name, several, len(names))
             std = run.series.get(f"{name}_std")
-            if std is not None and std.steps == ser.steps:
-                ax.fill_between(
-                    ser.steps,
-                    [m - s for m, s in zip(ser.values, std.values)],
-                    [m + s for m, s in zip(ser.values, std.values)],
-                    color=color, alpha=0.12, linewidth=0,
-                )  # fmt: skip
-            if ax is main_ax:
+            draw_series(twin if on_twin else ax, ser, std, smoothing, color, style, label)
+            if not on_twin:
                 positive = positive and min(ser.values) > 0
                 lo, hi = min(lo, min(ser.values)), max(hi, max(ser.values))
-    ax = main_ax
     # Losses of a random model start orders of magnitude above where they end.
     if positive and hi / lo > 1e3:
         ax.set_yscale("log")
@@ -663,6 +633,57 @@ def draw_panel(
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
     ax.set_xlabel("step", fontsize=8)
+    draw_legend(ax, twin, names, several)
+
+
+def series_look(
+    r: int, k: int, run_label: str, name: str, several: bool, n_names: int
+) -> tuple[str, str, str]:
+    """(colour, line style, legend label) of series k of run r: one run, a colour per series;
+    several, a colour per run and a line style per series."""
+    color = f"C{(r if several else k) % 10}"
+    if not several:
+        return color, "-", name
+    label = run_label if n_names == 1 else f"{run_label}: {name}"
+    return color, LINE_STYLES[k % len(LINE_STYLES)], label
+
+
+def draw_series(
+    ax: Any,
+    ser: Series,
+    std: Series | None,
+    smoothing: float,
+    color: str,
+    style: str,
+    label: str,
+) -> None:
+    """One series: its EMA (solid, dots when there are few points) over the raw values
+    (faint), and a band of one standard deviation when `std` has the same steps."""
+    # A handful of eval points smoothed would mostly show the EMA's lag: draw them raw.
+    weight = smoothing if len(ser.values) >= MIN_POINTS_TO_SMOOTH else 0.0
+    smooth = ema(ser.values, weight)
+    if weight > 0:
+        ax.plot(ser.steps, ser.values, color=color, alpha=0.25, linewidth=1)
+    marker = "o" if len(ser.values) <= 12 else None
+    ax.plot(
+        ser.steps,
+        smooth,
+        color=color,
+        linestyle=style,
+        label=label,
+        marker=marker,
+        markersize=3,
+        linewidth=1.6,
+    )
+    if std is not None and std.steps == ser.steps:
+        below = [m - s for m, s in zip(ser.values, std.values)]
+        above = [m + s for m, s in zip(ser.values, std.values)]
+        ax.fill_between(ser.steps, below, above, color=color, alpha=0.12, linewidth=0)
+
+
+def draw_legend(ax: Any, twin: Any, names: Sequence[str], several: bool) -> None:
+    """One legend for both axes (when there is more than one line to tell apart); the
+    second axis, when there is one, labelled at the right."""
     handles, labels = ax.get_legend_handles_labels()
     if twin is not None:  # the KL on its own scale, at the right
         twin.set_ylabel(", ".join(n for n in names if n in SECOND_AXIS), fontsize=8)
@@ -682,9 +703,14 @@ def draw_guides(ax: Any, names: Sequence[str], guides: Sequence[tuple[str, float
         if metric in names and y_lo <= y <= y_hi:
             ax.axhline(y, color="gray", linestyle="--", linewidth=1)
             ax.annotate(
-                text, (1, y), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                fontsize=7, color="gray",
-            )  # fmt: skip
+                text,
+                (1, y),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="gray",
+            )
 
 
 def mark_alarms(ax: Any, names: Sequence[str], alarms: Sequence[Alarm], several: bool) -> list:
@@ -699,10 +725,16 @@ def mark_alarms(ax: Any, names: Sequence[str], alarms: Sequence[Alarm], several:
     if flagged:
         tags = ", ".join(sorted({f"{a.name} ({a.run})" if several else a.name for a in flagged}))
         ax.text(
-            0.02, 0.97, f"ALARM: {tags}", transform=ax.transAxes, color="red", fontsize=8,
-            va="top", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5,
-            "edgecolor": "none"},
-        )  # fmt: skip
+            0.02,
+            0.97,
+            f"ALARM: {tags}",
+            transform=ax.transAxes,
+            color="red",
+            fontsize=8,
+            va="top",
+            fontweight="bold",
+            bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5, "edgecolor": "none"},
+        )
     return flagged
 
 

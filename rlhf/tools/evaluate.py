@@ -82,14 +82,14 @@ def perplexity(
     device = next(model.parameters()).device
     rows = [encode_sft(tokenizer, m, max_length) for m in conversations]
     rows = [r for r in rows if any(t != IGNORE_INDEX for t in r["labels"][1:])]
-    batches = (
-        {k: v.to(device) for k, v in pad_batch(
-            [r["input_ids"] for r in chunk], tokenizer.pad_token_id, "right",
-            [r["labels"] for r in chunk],
-        ).items()}
-        for chunk in (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
-    )  # fmt: skip
-    nll, tokens = answer_nll(model, batches).tolist()
+
+    def padded(chunk: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels = [r["input_ids"] for r in chunk], [r["labels"] for r in chunk]
+        batch = pad_batch(ids, tokenizer.pad_token_id, "right", labels)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    chunks = (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+    nll, tokens = answer_nll(model, (padded(chunk) for chunk in chunks)).tolist()
     return {
         **training.perplexity(nll, tokens),
         "n_conversations": len(rows),
