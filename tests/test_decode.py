@@ -13,6 +13,7 @@ from rlhf.ppo.rollout import lean_decode_applies, sample_rollout
 from rlhf.recipe import PPOConfig, load_recipe
 from rlhf.roles import models
 from rlhf.roles.actor_critic import lm_head_inputs
+from rlhf.roles.models import cache_keyword
 from rlhf.tokens.chat import positions_from_mask
 from rlhf.tokens.sequences import logprobs_from_logits
 from tests.conftest import device_under_test
@@ -297,12 +298,12 @@ class _PastKeyValuesOnly(torch.nn.Module):
     def forward(
         self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=None, **_
     ):
-        return self.inner(
+        return self.inner(  # the wrapped model under its own keyword (5.24: cache)
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=past_key_values,
             use_cache=use_cache,
+            **{cache_keyword(self.inner): past_key_values},
         )
 
 
