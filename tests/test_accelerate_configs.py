@@ -307,7 +307,7 @@ def test_generate_passes_synced_gpus_only_when_sharded(monkeypatch):
 
     seen = {}
 
-    class Policy:
+    class Policy(torch.nn.Module):  # a model without parameters: generate only
         def generate(self, input_ids, attention_mask, **kwargs):
             seen.update(kwargs)
             return torch.cat([input_ids, torch.full_like(input_ids[:, :1], 2)], dim=1)
