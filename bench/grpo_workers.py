@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from bench.common import step_time_callback, trl_cpu_args, worker_main
-from bench.rloo_workers import lora_config
+from bench.rloo_workers import lora_config, trl_inputs
 from bench.rloo_workers import run_ours as run_critic_free
 
 
@@ -28,23 +26,10 @@ def run_ours(spec: dict) -> dict:
 
 def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.infra.runtime import resolve_precision
 
-    torch.manual_seed(spec["seed"])
-    path = spec["model"]
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    reward_tokenizer = AutoTokenizer.from_pretrained(path)
-    # SmolLM2's pad is its EOS <|im_end|>: TRL's reward pooling (last token != pad) would read
-    # the wrong token (as in bench/rloo_workers.py). Ours pools at the last real token.
-    reward_tokenizer.pad_token = "<|endoftext|>"
-    reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-    data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"]]
-    )
+    tokenizer, reward_tokenizer, reward_model, data = trl_inputs(spec)
     steps_per_iteration = spec["batch"] // spec["mini_batch"]
     config = trl.GRPOConfig(
         **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
@@ -64,7 +49,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         use_vllm=False,
     )
     trainer = trl.GRPOTrainer(
-        model=path,
+        model=spec["model"],
         reward_funcs=[reward_model],
         args=config,
         train_dataset=data,

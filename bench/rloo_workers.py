@@ -129,12 +129,11 @@ def load_roles(spec: dict, recipe: Any, accelerator: Any) -> tuple[Any, Any, Any
     return policy, reference, score
 
 
-def run_trl(spec: dict, out_dir: Path) -> dict:
-    import trl
+def trl_inputs(spec: dict) -> tuple[Any, Any, Any, Any]:
+    """(tokenizer, reward tokenizer, reward model, prompt dataset) for a TRL trainer on the
+    spec's model, seeded."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from rlhf.infra.runtime import resolve_precision
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
@@ -148,6 +147,15 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     data = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"]]
     )
+    return tokenizer, reward_tokenizer, reward_model, data
+
+
+def run_trl(spec: dict, out_dir: Path) -> dict:
+    import trl
+
+    from rlhf.infra.runtime import resolve_precision
+
+    tokenizer, reward_tokenizer, reward_model, data = trl_inputs(spec)
     config = trl.RLOOConfig(
         **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
         output_dir=str(out_dir / "trl-rloo-out"),
@@ -162,7 +170,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         temperature=spec["temperature"],
     )
     trainer = trl.RLOOTrainer(
-        model=path,
+        model=spec["model"],
         reward_funcs=[reward_model],
         args=config,
         train_dataset=data,
