@@ -49,14 +49,13 @@ def switch_off(path: str):
 
 
 def setup(args):
-
     from rlhf import accel
     from rlhf.algo.ppo import FixedKLController
     from rlhf.infra import training
     from rlhf.infra.runtime import make_accelerator
     from rlhf.ppo.iteration import PPOContext
-    from rlhf.ppo.policy_eval import reward_model_scorer
     from rlhf.ppo.roles import build_roles
+    from rlhf.ppo.scorers import reward_model_scorer
     from rlhf.recipe import load_recipe
     from rlhf.roles import models
     from rlhf.tokens.chat import encode_prompt
@@ -68,7 +67,7 @@ def setup(args):
     path = str(models.prepared_dir(recipe.model.name))
     tokenizer = models.load_tokenizer(path, padding_side="left")
     model, reference = build_roles(cfg, accelerator, lambda: models.load_causal_lm(path))
-    scorer = reward_model_scorer(path, recipe, accelerator)
+    scorer = reward_model_scorer(path, accelerator, recipe.reward.max_length)
     optimizer = training.make_optimizer(model, cfg.optim)
     scheduler = training.make_scheduler(optimizer, cfg.optim, 1000)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -304,3 +304,26 @@ def test_the_machine_block_says_which_instruction_sets_a_run_was_held_to(monkeyp
         "ISA capped: ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2" in capped["description"]
     )
     assert "precision auto = fp32" in capped["description"]
+
+
+def test_accel_paths_runs_each_variant_on_the_tiny_recipe(tmp_path, monkeypatch):
+    """Smoke test of `python -m bench.accel_paths`: set-up from the recipe, one iteration per
+    variant (every fast path, none, all but one), and the JSON it writes."""
+    import sys
+
+    import pytest
+
+    from bench import accel_paths
+    from rlhf.roles import models
+
+    if not models.is_prepared("tiny-llama"):
+        pytest.skip("tiny-llama is not prepared (make models)")
+    out = tmp_path / "accel.json"
+    argv = ["accel_paths", "--recipe", "recipes/tiny.yaml", "--rounds", "1"]
+    argv += ["--variants", "all,off,all-decode", "--warmup", "all", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    accel_paths.main()
+    results = json.loads(out.read_text())["results"]
+    assert sorted(results) == ["all", "all-decode", "off"]
+    for rows in results.values():
+        assert len(rows) == 1 and rows[0]["total"] > 0 and rows[0]["response_len"] > 0
