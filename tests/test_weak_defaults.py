@@ -74,7 +74,7 @@ def test_ppo_refuses_top_k_and_top_p():
 def test_shipped_recipes_penalise_truncated_answers():
     from rlhf.recipe import load_recipe
 
-    assert load_recipe("recipes/smollm2-135m.yaml").ppo.missing_eos_penalty == 1.0
+    assert load_recipe("recipes/smollm2-135m.yaml").ppo.missing_eos_penalty > 0
 
 
 def test_a_truncated_response_is_scored_without_the_end_of_turn(smol_tok):
