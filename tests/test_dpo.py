@@ -493,6 +493,42 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
     assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
 
 
+def test_lora_reference_is_the_sft_model_with_the_adapter_disabled(sft):
+    """Under LoRA (the tiny recipe's) the stage keeps one copy of the weights: the reference
+    log-probs are the SFT model's own, computed without a graph, while the policy's moved."""
+    from types import SimpleNamespace
+
+    from rlhf.recipe import load_recipe
+    from rlhf.roles import models
+    from rlhf.stages.dpo import load_models, reference_logps
+
+    root, args = sft
+    recipe = load_recipe("recipes/tiny.yaml", args)
+    init_from = root / "run" / "sft" / "model"
+    policy, reference = load_models(recipe, init_from, accelerator=None)
+    assert reference is None
+    with torch.no_grad():  # a fresh adapter (B = 0) would leave the policy equal to SFT
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    tokenizer = models.load_tokenizer(str(init_from))
+    ranking = Ranking(
+        prompt=[{"role": "user", "content": "What is 3 times 7?"}],
+        responses=["It is 21.", "No idea.", "Hm."],
+        ranking=[0, 2, 1],
+    )
+    rows = [pref.encode_ranking(tokenizer, ranking, "all")]
+    batch = pref.collate_rankings(rows, tokenizer.pad_token_id)
+    model = pref.ResponseLogps(policy)
+    ref = reference_logps(model, None, batch, SimpleNamespace(unwrap_model=lambda m: m))
+    with torch.no_grad():
+        sft_logps = pref.response_logps(models.load_causal_lm(str(init_from)).eval(), batch)
+    assert not ref.requires_grad
+    assert torch.allclose(ref, sft_logps, rtol=1e-5, atol=1e-5)
+    policy_logps = model(batch)
+    assert policy_logps.requires_grad and (policy_logps - sft_logps).abs().max() > 1e-3
+
+
 def test_response_logps_shared_prefix_and_whole_sequences_equal_full_logits(tiny_model_dir):
     """Both batchings give each response's summed completion log-probs as completion_logps
     computes them from the full logits of the whole, unshared sequences."""
