@@ -232,6 +232,35 @@ def test_all_pairs_expansion_counts_in_run_json(sft):
     assert info["pairs"] == "all" and info["train_pairs"] == 6 * info["train_rankings"]
 
 
+@pytest.mark.parametrize(
+    "loss_type, extra",
+    [
+        ("ipo", ["dpo.gradient_checkpointing=true"]),  # whole sequences: no KV cache
+        ("hinge", []),
+        ("robust", ["dpo.label_smoothing=0.1"]),
+    ],
+)
+def test_each_loss_type_trains_from_pairs_and_rankings(sft, loss_type, extra):
+    """Every dpo.loss_type runs the stage; hinge from a file of pairs (one pair a prompt)."""
+    root, args = sft
+    out = root / f"loss-{loss_type}"
+    if loss_type == "hinge":
+        pairs = root / "pairs.jsonl"
+        rows = [{"prompt": f"Say {w}.", "chosen": f"{w}.", "rejected": "No."} for w in "abcdefgh"]
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = [*args, f"dpo.train.path={pairs}"]
+    overrides = [f"output_dir={out}", f"dpo.loss_type={loss_type}", "dpo.max_steps=2", *extra]
+    assert main(["dpo", "recipes/tiny.yaml", *args, *overrides]) == 0
+    info = json.loads((out / "dpo" / "run.json").read_text())
+    results = json.loads((out / "dpo" / "eval.json").read_text())
+    assert info["loss_type"] == results["loss_type"] == loss_type
+    if loss_type == "hinge":
+        assert info["train_pairs"] == info["train_rankings"]  # a pair is a ranking of two
+    losses = [r["train/loss"] for r in _rows(out / "dpo") if "train/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(results["preference"]["loss"])
+
+
 def test_eval_pairs_are_a_fixed_seeded_sample():
     from rlhf.stages.dpo import eval_subset
 
