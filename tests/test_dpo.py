@@ -402,14 +402,17 @@ def test_sigterm_leaves_a_resumable_checkpoint(sft, uninterrupted):
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_equal_one_rank_with_twice_the_batch(sft):
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(sft, tuning):
+    """DDP: the same step; under LoRA the reference forward (adapter off) runs through DDP too."""
     root, args = sft
-    runs = {n: root / f"dist{n}" for n in (1, 2)}
+    runs = {n: root / f"dist{n}-{tuning}" for n in (1, 2)}
+    tuned = FULL if tuning == "full" else ["dpo.lora.enabled=true"]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     for nproc, out in runs.items():
         module_args = [
-            "rlhf.cli", "dpo", "recipes/tiny.yaml", *args, *FULL, f"output_dir={out}",
+            "rlhf.cli", "dpo", "recipes/tiny.yaml", *args, *tuned, f"output_dir={out}",
             "dpo.max_steps=1", f"dpo.batch_size={4 // nproc}", "dpo.optim.warmup_ratio=0",
             "dpo.optim.lr=1e-3",
         ]  # fmt: skip
