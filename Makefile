@@ -25,7 +25,7 @@ PYTEST_ARGS ?=
 # `make test-min`: a second venv with exactly pyproject's floors of these packages (the other
 # dependencies resolve to their newest releases), running the fast tests of MIN_TESTS: the ones
 # that use these libraries' APIs most (recipe, model loading, PPO loop, sampling, SFT, reward,
-# DPO through TRL, shared prefixes, precision); `make test-min MIN_TESTS=tests` runs them all.
+# DPO against TRL's loss, shared prefixes, precision); `make test-min MIN_TESTS=tests` runs them all.
 VENV_MIN ?= .venv-min
 MIN_PACKAGES := torch,transformers,trl,peft,accelerate,datasets,pydantic
 MIN_TESTS ?= tests/test_recipe.py tests/test_models.py tests/ppo tests/test_decode.py \

@@ -1,4 +1,4 @@
-"""Worker: DPO optimizer steps, TRL's DPOTrainer or our pair loss on the reward batching.
+"""Worker: DPO optimizer steps, TRL's DPOTrainer or our DPO stage's step.
 
 Both: the prepared model as policy, one LoRA adapter (the reference is the same weights with
 the adapter disabled), fp32, no gradient checkpointing, no dropout, the same rankings in the
@@ -8,8 +8,9 @@ a constant learning rate and no weight decay, clip 1.0.
 
   trl:  DPOTrainer, its batch the step's pairs: one policy forward + backward and one
         reference forward over [chosen; rejected], two whole sequences per pair.
-  ours: rlhf.roles.preference on the reward stage's batching: each ranking's shared prefix once and each of
-        its K responses once per model, every pair indexing those sequence log-probs.
+  ours: the loss of rlhf/stages/dpo.py (`dpo_objective`), on its batches: each ranking's
+        shared prefix once and each of its K responses once per model, every pair indexing
+        those sequence log-probs.
 
 Step times: TRL's from a step callback, ours around the same work (batch, forwards, backward,
 clip, optimizer), each as wall seconds and as this process's CPU seconds (on a shared machine
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -48,6 +50,21 @@ def to_rankings(rows: list[dict]) -> list:
     ]
 
 
+def trl_rows(rankings: list, mode: str) -> list[dict]:
+    """TRL's conversational preference rows, one per pair (`mode`: all, best_vs_rest):
+    {"prompt": messages, "chosen": [assistant message], "rejected": [assistant message]}."""
+    from rlhf.roles.preference import ranked_pairs
+
+    def reply(text: str) -> list[dict]:
+        return [{"role": "assistant", "content": text}]
+
+    return [
+        {"prompt": r.prompt, "chosen": reply(r.responses[b]), "rejected": reply(r.responses[w])}
+        for r in rankings
+        for b, w in ranked_pairs(r, mode)
+    ]
+
+
 def lora(spec: dict):
     from rlhf.recipe import LoraConfig
 
@@ -55,20 +72,23 @@ def lora(spec: dict):
 
 
 def run_ours(spec: dict) -> dict:
-    from rlhf.algo.dpo import ranking_pair_losses
+    from accelerate import Accelerator
+
     from rlhf.infra import training
-    from rlhf.recipe import OptimConfig
+    from rlhf.recipe import DPOStageConfig, ModelConfig, OptimConfig
     from rlhf.roles import models
     from rlhf.roles import preference as dpo
-    from rlhf.roles.actor_critic import disable_dropout
+    from rlhf.stages.dpo import dpo_objective, load_models
 
     torch.manual_seed(spec["seed"])
-    path = spec["model"]
-    tokenizer = models.load_tokenizer(path)
-    policy = models.load_causal_lm(path)
-    disable_dropout(policy)
-    model = models.apply_lora(policy, lora(spec))
+    cfg = DPOStageConfig(pairs=spec["pairs"], beta=spec["beta"], lora=lora(spec))
+    recipe = SimpleNamespace(dpo=cfg, model=ModelConfig(name=spec["model"]))
+    tokenizer = models.load_tokenizer(spec["model"])
+    accelerator = Accelerator(cpu=True)
+    policy, reference = load_models(recipe, spec["model"], accelerator)
+    model = dpo.ResponseLogps(policy)
     optimizer = training.make_optimizer(model, OptimConfig(lr=spec["lr"], weight_decay=0.0))
+    objective = dpo_objective(model, reference, cfg, accelerator)
     model.train()
     steps = [
         [dpo.encode_ranking(tokenizer, r, spec["pairs"], spec["max_length"]) for r in rankings]
@@ -78,10 +98,8 @@ def run_ours(spec: dict) -> dict:
     for i, rows in enumerate(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         batch = dpo.collate_rankings(rows, tokenizer.pad_token_id)
-        policy_logps = dpo.response_logps(model, batch)
-        with torch.no_grad(), model.disable_adapter():
-            ref_logps = dpo.response_logps(model, batch)
-        loss = ranking_pair_losses(policy_logps, ref_logps, batch, spec["beta"]).mean()
+        loss_sum, _ = objective.loss_and_stats(batch)
+        loss = loss_sum / objective.weight(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -106,14 +124,13 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
     from datasets import Dataset
 
     from rlhf.roles import models
-    from rlhf.roles import preference as dpo
 
     torch.manual_seed(spec["seed"])
     path = spec["model"]
     tokenizer = models.load_tokenizer(path)
     policy = models.load_causal_lm(path)
     policy.config.pad_token_id = tokenizer.pad_token_id
-    per_step = [dpo.preference_rows(to_rankings(r), spec["pairs"]) for r in step_rankings(spec)]
+    per_step = [trl_rows(to_rankings(r), spec["pairs"]) for r in step_rankings(spec)]
     batch = len(per_step[0])
     assert all(len(rows) == batch for rows in per_step), "every step needs as many pairs"
     config = trl.DPOConfig(

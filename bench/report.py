@@ -337,7 +337,7 @@ def grpo_intro(st: dict, trl_version: str) -> str:
 
 
 def dpo_markdown(section: dict | None) -> list[str]:
-    """One DPO optimizer step: TRL's DPOTrainer vs our pair loss on the reward batching."""
+    """One DPO optimizer step: TRL's DPOTrainer vs our dpo stage's step."""
     header = ["impl", "s / step", "CPU s / step", "tokens / step", "peak RSS GB"]
     header += ["first-step loss", "ratio vs TRL: time", "ratio vs TRL: CPU time"]
     header += ["ratio vs TRL: RSS"]
@@ -347,7 +347,7 @@ def dpo_markdown(section: dict | None) -> list[str]:
 
 def dpo_intro(st: dict, trl_version: str) -> str:
     return (
-        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf.roles.preference: the same "
+        f"DPO step, TRL {trl_version} DPOTrainer vs ours (rlhf/stages/dpo.py's step: the same "
         "sigmoid loss on the reward stage's batching, each ranking's shared prefix once and each "
         f"response once per model), identical work: {st['rankings_per_step']} 4-way rankings "
         f"per optimizer step -> {st['pairs_per_step']} pairs ({st['pairs']}), LoRA r "

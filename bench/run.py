@@ -7,8 +7,8 @@
   python -m bench.run --only sft,reward  SFT / reward-model steps, ours vs TRL's trainers
   python -m bench.run --only rloo        ppo.estimator=rloo vs TRL 1.16's RLOOTrainer
   python -m bench.run --only grpo        the default recipe's GRPO vs TRL 1.16's GRPOTrainer
-  python -m bench.run --only dpo         a DPO step: TRL's DPOTrainer vs our pair loss on the
-                                         reward stage's batching (shared prefixes)
+  python -m bench.run --only dpo         a DPO step: TRL's DPOTrainer vs our dpo stage's step
+                                         (the reward stage's batching, shared prefixes)
   python -m bench.run --only decode      sampling tokens/s vs batch size (8, 16, 32, 64),
                                          transformers' generate vs our rollout sampler
   python -m bench.run --e2e-log FILE     quote a `make sft reward ppo` timing file verbatim

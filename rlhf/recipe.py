@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from rlhf.algo.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from rlhf.data.source import DATA_ROOT_ENV, DataSource
 from rlhf.data.source import looks_like_local_path as looks_like_local_path  # its old home
 from rlhf.infra.errors import UserError
@@ -129,29 +130,8 @@ class RewardConfig(TrainLoopConfig):
     )
 
 
-# The names trl 1.16's DPOTrainer accepts for `loss_type` (DPOConfig.loss_type's help and the
-# dispatch in DPOTrainer._compute_loss); tests/test_dpo.py checks the list against TRL's.
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
-
-
 class DPOStageConfig(TrainLoopConfig):
-    """Direct preference optimisation (Rafailov et al. 2023) on TRL's DPOTrainer."""
+    """Direct preference optimisation (Rafailov et al. 2023) on the stage runner."""
 
     train: DataSource | None = None
     eval: DataSource | None = None
@@ -175,19 +155,16 @@ class DPOStageConfig(TrainLoopConfig):
         description="a K-way ranking becomes all K(K-1)/2 pairs, or the best against each other",
     )
     loss_type: Literal[DPO_LOSS_TYPES] = Field(  # type: ignore[valid-type]
-        "sigmoid", description="TRL's name: sigmoid (DPO), ipo, hinge, robust, ..."
+        "sigmoid", description="rlhf/algo/dpo.py: sigmoid (DPO), ipo, hinge, robust"
     )
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust / exo_pair losses")
-    batch_size: int = Field(4, ge=1, description="pairs per device micro-step")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid (conservative DPO) and robust: P(label flipped)"
+    )
+    batch_size: int = Field(
+        4, ge=1, description="rankings (not pairs) per device micro-step, each with its pairs"
+    )
     optim: OptimConfig = OptimConfig(lr=5e-7)
-
-    @model_validator(mode="after")
-    def _label_smoothing_fits_the_loss(self) -> DPOStageConfig:
-        # TRL refuses exo_pair without smoothing (its epsilon); other losses ignore it.
-        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
-            raise ValueError("loss_type exo_pair needs label_smoothing > 0 (e.g. 1e-3)")
-        return self
 
 
 class JudgeConfig(Section):

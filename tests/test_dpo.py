@@ -1,4 +1,5 @@
-"""The dpo stage (TRL's DPOTrainer under our run-directory contract) on the tiny model.
+"""The dpo stage (on the stage runner) on the tiny model; TRL's DPOTrainer is the cross-check
+of its loss.
 
 One SFT run feeds every DPO run here. The 4-way rankings of tests/test_pipeline.py's data give
 6 pairs each under `all` and 3 under `best_vs_rest`.
@@ -18,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.algo.dpo import ranking_pair_losses
+from bench.dpo_workers import trl_rows
+from rlhf.algo.dpo import LOSS_TYPES, pair_losses
 from rlhf.cli import main
 from rlhf.data.types import Ranking
-from rlhf.recipe import DPO_LOSS_TYPES
 from rlhf.roles import preference as pref
 from tests.test_distributed import ACCELERATE, CPU_2PROC, _free_port
 from tests.test_pipeline import _overrides, _write_data
@@ -85,7 +86,7 @@ def test_pair_expansion_all_and_best_vs_rest_by_hand():
     )
     assert pref.ranked_pairs(ranking, "all") == [(2, 0), (2, 3), (2, 1), (0, 3), (0, 1), (3, 1)]
     assert pref.ranked_pairs(ranking, "best_vs_rest") == [(2, 0), (2, 3), (2, 1)]
-    rows = pref.preference_rows([ranking], "best_vs_rest")
+    rows = trl_rows([ranking], "best_vs_rest")
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
         ("c", "a"),
         ("c", "d"),
@@ -95,37 +96,6 @@ def test_pair_expansion_all_and_best_vs_rest_by_hand():
     assert rows[0]["chosen"][0]["role"] == "assistant"
     pair = Ranking(prompt=[], responses=["x", "y"], ranking=[1, 0])
     assert pref.ranked_pairs(pair, "all") == pref.ranked_pairs(pair, "best_vs_rest") == [(1, 0)]
-
-
-def test_trainer_log_names_become_our_keys():
-    logs = {
-        "loss": 0.5,
-        "rewards/margins": 0.25,
-        "learning_rate": 1e-5,
-        "grad_norm": 2.0,
-        "epoch": 0.5,
-        "eval_loss": 0.6,
-        "eval_rewards/accuracies": 0.75,
-        "eval_runtime": 1.5,
-        "train_runtime": 9.0,
-        "num_tokens": 100.0,
-        "eval_num_tokens": 50.0,
-        "train_loss": 0.7,
-        "total_flos": 1e9,
-        "num_input_tokens_seen": 300,
-    }
-    assert pref.contract_metrics(logs) == {
-        "train/loss": 0.5,
-        "train/rewards/margins": 0.25,
-        "lr": 1e-5,
-        "train/grad_norm": 2.0,
-        "epoch": 0.5,
-        "eval/loss": 0.6,
-        "eval/rewards/accuracies": 0.75,
-        "timing/eval_runtime": 1.5,
-        "timing/train_runtime": 9.0,
-        "train/tokens_seen": 300.0,
-    }
 
 
 def test_implicit_reward_metrics_by_hand():
@@ -140,6 +110,15 @@ def test_implicit_reward_metrics_by_hand():
     assert got["rejected_reward"] == pytest.approx(0.0)
 
 
+def completion_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Sum of log pi(token) over each row's completion tokens (logits at t predict t + 1),
+    from the full logits: what response_logps must equal."""
+    token_logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])
+    return (token_logps.squeeze(-1) * completion_mask[:, 1:]).sum(dim=1)
+
+
 def test_completion_logps_sum_only_completion_tokens():
     # vocabulary 2, uniform logits except one position: log(1/2) per token unless stated
     logits = torch.zeros(1, 4, 2)
@@ -148,15 +127,17 @@ def test_completion_logps_sum_only_completion_tokens():
     completion_mask = torch.tensor([[0, 0, 1, 1]])  # tokens 2 and 3 are the completion
     # token 2 (=0) from position 1: log 1/2; token 3 (=1) from position 2: log 3/4
     expected = torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.75))
-    got = pref.completion_logps(logits, input_ids, completion_mask)
+    got = completion_logps(logits, input_ids, completion_mask)
     assert torch.allclose(got, expected.reshape(1))
 
 
-def test_loss_types_are_the_ones_trl_accepts():
+def test_loss_types_are_names_trl_accepts():
+    """Ours is a subset of TRL's DPOTrainer `loss_type`s, each the same loss under its name
+    (tests/test_losses.py checks the values)."""
     from trl import DPOConfig
 
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
-    assert set(DPO_LOSS_TYPES) == set(re.findall(r"`'(\w+)'`", help_text))
+    assert set(LOSS_TYPES) <= set(re.findall(r"`'(\w+)'`", help_text))
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -168,7 +149,7 @@ def test_loss_types_are_the_ones_trl_accepts():
         ("dpo.loss_type=bogus", "dpo.loss_type"),
         ("dpo.pairs=some", "dpo.pairs"),
         ("dpo.beta=0", "dpo.beta"),
-        ("dpo.loss_type=exo_pair", "label_smoothing"),
+        ("dpo.loss_type=exo_pair", "dpo.loss_type"),  # TRL's, not ours
     ],
 )
 def test_bad_dpo_settings_give_one_line_exit_2(override, says, capsys):
@@ -249,6 +230,40 @@ def test_all_pairs_expansion_counts_in_run_json(sft):
                  "dpo.max_steps=1"]) == 0  # fmt: skip
     info = json.loads((out / "dpo" / "run.json").read_text())
     assert info["pairs"] == "all" and info["train_pairs"] == 6 * info["train_rankings"]
+
+
+@pytest.mark.parametrize(
+    "loss_type, extra",
+    [
+        ("ipo", ["dpo.gradient_checkpointing=true"]),  # whole sequences: no KV cache
+        ("hinge", ["precision=bf16"]),  # autocast
+        ("robust", ["dpo.label_smoothing=0.1"]),
+    ],
+)
+def test_each_loss_type_trains_from_pairs_and_rankings(sft, loss_type, extra):
+    """Every dpo.loss_type runs the stage; hinge from a file of pairs (one pair a prompt), in
+    bf16 autocast."""
+    root, args = sft
+    out = root / f"loss-{loss_type}"
+    if loss_type == "hinge":
+        pairs = root / "pairs.jsonl"
+        rows = [{"prompt": f"Say {w}.", "chosen": f"{w}.", "rejected": "No."} for w in "abcdefgh"]
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args = [*args, f"dpo.train.path={pairs}"]
+    overrides = [f"output_dir={out}", f"dpo.loss_type={loss_type}", "dpo.max_steps=2", *extra]
+    if "precision=bf16" in extra:
+        _finish([*args, *overrides])  # a process of its own: accelerate's precision is global
+    else:
+        assert main(["dpo", "recipes/tiny.yaml", *args, *overrides]) == 0
+    info = json.loads((out / "dpo" / "run.json").read_text())
+    results = json.loads((out / "dpo" / "eval.json").read_text())
+    assert info["loss_type"] == results["loss_type"] == loss_type
+    if loss_type == "hinge":
+        assert info["train_pairs"] == info["train_rankings"]  # a pair is a ranking of two
+        assert info["mixed_precision"] == "bf16"
+    losses = [r["train/loss"] for r in _rows(out / "dpo") if "train/loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(results["preference"]["loss"])
 
 
 def test_eval_pairs_are_a_fixed_seeded_sample():
@@ -354,7 +369,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(sft, uninterrupted):
     out = root / "killed"
     run_args = [*args, *FULL, "dpo.max_steps=6", "dpo.save_every=1", f"output_dir={out}"]
     proc = _cli(run_args)
-    target = out / "dpo" / "checkpoints" / "checkpoint-3" / "VALID"
+    target = out / "dpo" / "checkpoints" / "step-000003" / "VALID"
     while not target.exists() and proc.poll() is None:
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -382,7 +397,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(sft, uninterrupted):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "--resume" in err
-    saved = list((out / "dpo" / "checkpoints").glob("checkpoint-*/VALID"))
+    saved = list((out / "dpo" / "checkpoints").glob("step-*/VALID"))
     assert len(saved) == 1
     assert not (out / "dpo" / "COMPLETED").exists()
     _finish([*run_args, "--resume"])
@@ -392,14 +407,17 @@ def test_sigterm_leaves_a_resumable_checkpoint(sft, uninterrupted):
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_equal_one_rank_with_twice_the_batch(sft):
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(sft, tuning):
+    """DDP: the same step; under LoRA the reference forward (adapter off) runs through DDP too."""
     root, args = sft
-    runs = {n: root / f"dist{n}" for n in (1, 2)}
+    runs = {n: root / f"dist{n}-{tuning}" for n in (1, 2)}
+    tuned = FULL if tuning == "full" else ["dpo.lora.enabled=true"]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     for nproc, out in runs.items():
         module_args = [
-            "rlhf.cli", "dpo", "recipes/tiny.yaml", *args, *FULL, f"output_dir={out}",
+            "rlhf.cli", "dpo", "recipes/tiny.yaml", *args, *tuned, f"output_dir={out}",
             "dpo.max_steps=1", f"dpo.batch_size={4 // nproc}", "dpo.optim.warmup_ratio=0",
             "dpo.optim.lr=1e-3",
         ]  # fmt: skip
@@ -414,24 +432,13 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(sft):
         assert done.returncode == 0, done.stderr[-3000:]
         info = json.loads((out / "dpo" / "run.json").read_text())
         assert info["world_size"] == nproc
-        assert info["effective_batch_pairs"] == 4
+        assert info["effective_batch_rankings"] == 4
     one, two = _weights(runs[1] / "dpo"), _weights(runs[2] / "dpo")
     start = _weights(root / "run" / "sft")
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 1e-4  # the step did something
     assert gap < 1e-3 * moved  # and the same thing on 2 ranks
-
-
-def test_trainer_precision_follows_the_recipe():
-    from rlhf.infra.runtime import cpu_supports_fast_bf16
-    from rlhf.stages.dpo import trainer_precision
-
-    assert trainer_precision("fp32") == {"bf16": False, "fp16": False}
-    assert trainer_precision("bf16") == {"bf16": True, "fp16": False}
-    if not torch.cuda.is_available():
-        assert trainer_precision("auto") == {"bf16": cpu_supports_fast_bf16(), "fp16": False}
-        assert trainer_precision("fp16") == {"bf16": True, "fp16": False}  # no fp16 on CPU
 
 
 def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
@@ -470,7 +477,7 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
         )
         for a, b in ((3, 7), (12, 4))
     ]
-    pair_rows = pref.preference_rows(rankings, "all")
+    pair_rows = trl_rows(rankings, "all")
     tokenizer = models.load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
     policy = models.load_causal_lm(tiny_model_dir)
@@ -517,10 +524,46 @@ def test_our_ranking_batched_loss_equals_trl_dpo_trainer_loss(tiny_model_dir, tm
         policy_logps = pref.response_logps(model, batch)
         with model.disable_adapter():
             ref_logps = pref.response_logps(model, batch)
-        ours = ranking_pair_losses(policy_logps, ref_logps, batch, beta=0.1)
+        ours = pair_losses(policy_logps, ref_logps, batch, beta=0.1)
     assert ours.shape == (12,)
     assert abs(trl_loss.item() - math.log(2.0)) > 1e-3  # the comparison is not trivial
     assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+
+
+def test_lora_reference_is_the_sft_model_with_the_adapter_disabled(sft):
+    """Under LoRA (the tiny recipe's) the stage keeps one copy of the weights: the reference
+    log-probs are the SFT model's own, computed without a graph, while the policy's moved."""
+    from types import SimpleNamespace
+
+    from rlhf.recipe import load_recipe
+    from rlhf.roles import models
+    from rlhf.stages.dpo import load_models, reference_logps
+
+    root, args = sft
+    recipe = load_recipe("recipes/tiny.yaml", args)
+    init_from = root / "run" / "sft" / "model"
+    policy, reference = load_models(recipe, init_from, accelerator=None)
+    assert reference is None
+    with torch.no_grad():  # a fresh adapter (B = 0) would leave the policy equal to SFT
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    tokenizer = models.load_tokenizer(str(init_from))
+    ranking = Ranking(
+        prompt=[{"role": "user", "content": "What is 3 times 7?"}],
+        responses=["It is 21.", "No idea.", "Hm."],
+        ranking=[0, 2, 1],
+    )
+    rows = [pref.encode_ranking(tokenizer, ranking, "all")]
+    batch = pref.collate_rankings(rows, tokenizer.pad_token_id)
+    model = pref.ResponseLogps(policy)
+    ref = reference_logps(model, None, batch, SimpleNamespace(unwrap_model=lambda m: m))
+    with torch.no_grad():
+        sft_logps = pref.response_logps(models.load_causal_lm(str(init_from)).eval(), batch)
+    assert not ref.requires_grad
+    assert torch.allclose(ref, sft_logps, rtol=1e-5, atol=1e-5)
+    policy_logps = model(batch)
+    assert policy_logps.requires_grad and (policy_logps - sft_logps).abs().max() > 1e-3
 
 
 def test_response_logps_shared_prefix_and_whole_sequences_equal_full_logits(tiny_model_dir):
@@ -546,7 +589,7 @@ def test_response_logps_shared_prefix_and_whole_sequences_equal_full_logits(tiny
     completion = whole["attention_mask"] * (cols[None] >= torch.tensor(starts)[:, None])
     with torch.no_grad():
         logits = model(**whole).logits
-        expected = pref.completion_logps(logits, whole["input_ids"], completion)
+        expected = completion_logps(logits, whole["input_ids"], completion)
         for share in (True, False):
             batch = pref.collate_rankings(rows, tokenizer.pad_token_id, share_prefix=share)
             assert ("prefix_ids" in batch) == share

@@ -1,7 +1,7 @@
 """Every training loss of rlhf.algo outside PPO, pinned by values computed by hand:
 SFT cross-entropy (algo/sft.py), Bradley-Terry and the K-way ranking loss (algo/ranking.py),
-DPO (algo/dpo.py). PPO/GRPO's are in tests/ppo/. TRL's DPO loss is the cross-check in
-tests/test_dpo.py."""
+DPO and its variants (algo/dpo.py), those also against TRL's DPOTrainer on the same log-probs
+(and in tests/test_dpo.py on a model). PPO/GRPO's are in tests/ppo/."""
 
 from __future__ import annotations
 
@@ -128,24 +128,45 @@ def test_segment_mean_gives_zero_for_an_empty_group():
 # ------------------------------------------------------------------------------------- DPO
 
 
-def test_dpo_pair_loss_by_hand():
-    # margin = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.5 -> -log sigmoid(0.75) = log(1 + e^-0.75)
-    got = dpo.dpo_pair_loss(
-        torch.tensor([-1.0, -4.0]),
-        torch.tensor([-3.0, -4.0]),
-        torch.tensor([-2.0, -7.0]),
-        torch.tensor([-2.5, -7.0]),
-        beta=0.5,
+def test_dpo_sigmoid_loss_by_hand():
+    # delta = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.5 -> -log sigmoid(0.75) = log(1 + e^-0.75)
+    delta = (torch.tensor([-1.0, -4.0]) - torch.tensor([-2.0, -7.0])) - (
+        torch.tensor([-3.0, -4.0]) - torch.tensor([-2.5, -7.0])
     )
+    got = dpo.sigmoid_loss(delta, beta=0.5)
     # the second pair: policy and reference agree on both answers -> log 2
     assert got.tolist() == pytest.approx([softplus(-0.75), LOG2], rel=1e-6)
+
+
+def test_dpo_variants_by_hand():
+    delta = torch.tensor([1.5, 3.0])
+    # conservative DPO, eps 0.1: 0.9 log(1 + e^-0.75) + 0.1 log(1 + e^0.75)
+    #   = 0.9 * 0.386871 + 0.1 * 1.136871 = 0.461871
+    assert dpo.sigmoid_loss(delta[:1], 0.5, 0.1).item() == pytest.approx(0.461871, abs=1e-6)
+    # robust, eps 0.1: (0.9 * 0.386871 - 0.1 * 1.136871) / 0.8 = 0.293121
+    assert dpo.robust_loss(delta[:1], 0.5, 0.1).item() == pytest.approx(0.293121, abs=1e-6)
+    # hinge: max(0, 1 - 0.75) = 0.25; max(0, 1 - 1.5) = 0
+    assert dpo.hinge_loss(delta, 0.5).tolist() == pytest.approx([0.25, 0.0], abs=1e-7)
+    # IPO, beta 0.5 (target 1 / (2 beta) = 1): (1.5 - 1)^2 = 0.25, (3 - 1)^2 = 4
+    assert dpo.ipo_loss(delta, 0.5).tolist() == pytest.approx([0.25, 4.0], abs=1e-7)
+
+
+def test_dpo_ipo_averages_each_log_ratio_over_its_response_tokens():
+    batch = {
+        "better": torch.tensor([0]),
+        "worse": torch.tensor([1]),
+        "response_tokens": torch.tensor([4, 1]),
+    }
+    # log-ratios 1 and -0.5 over 4 and 1 tokens: delta = 0.25 + 0.5 = 0.75 -> (0.75 - 1)^2
+    got = dpo.pair_losses(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.5]), batch, 0.5, "ipo")
+    assert got.tolist() == pytest.approx([0.0625], abs=1e-7)
 
 
 def test_dpo_ranking_pairs_index_each_responses_logprob():
     policy = torch.tensor([-1.0, -3.0, -2.0], requires_grad=True)
     ref = torch.tensor([-2.0, -2.5, -2.0])
     batch = {"better": torch.tensor([0, 0]), "worse": torch.tensor([1, 2])}
-    got = dpo.ranking_pair_losses(policy, ref, batch, beta=0.5)
+    got = dpo.pair_losses(policy, ref, batch, beta=0.5)
     # (0, 1): margin (1) - (-0.5) = 1.5 -> log(1 + e^-0.75) = 0.386871
     # (0, 2): margin (1) - (0) = 1 -> log(1 + e^-0.5) = 0.474077
     assert got.tolist() == pytest.approx([0.386871, 0.474077], abs=1e-6)
@@ -153,3 +174,64 @@ def test_dpo_ranking_pairs_index_each_responses_logprob():
     # d/dlogp_c of -log sigmoid(beta m) = -beta sigmoid(-beta m), summed over response 0's pairs
     s1, s2 = 1 / (1 + math.exp(0.75)), 1 / (1 + math.exp(0.5))
     assert policy.grad.tolist() == pytest.approx([-0.5 * (s1 + s2), 0.5 * s1, 0.5 * s2], abs=1e-6)
+
+
+def trl_dpo_loss(
+    policy: torch.Tensor, ref: torch.Tensor, tokens: torch.Tensor, loss_type: str, **config
+) -> float:
+    """TRL's DPOTrainer loss (its `_compute_loss`) on given summed log-probs: chosen rows
+    then rejected rows, as its collator stacks them. The model is a stand-in that returns
+    per-token log-probs summing to `policy` over `tokens` completion tokens per row."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    rows, width = len(policy), int(tokens.max()) + 1
+    completion = (torch.arange(width)[None] >= width - tokens[:, None]).long()
+    per_token = completion[:, 1:] * (policy / tokens)[:, None]
+    outputs = SimpleNamespace(
+        log_probs=per_token,
+        entropy=torch.zeros_like(per_token),
+        mean_logits=torch.zeros_like(per_token),
+        is_top1=torch.zeros_like(per_token, dtype=torch.bool),
+    )
+    trainer = object.__new__(DPOTrainer)  # the loss alone: no model, no data
+    same = lambda x: x  # noqa: E731
+    vars(trainer).update(
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        use_weighting=False,
+        _total_train_tokens=0,
+        _tp_size=1,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(device="cpu", gather=same, gather_for_metrics=same),
+    )
+    vars(trainer).update(config)
+    inputs = {
+        "input_ids": torch.zeros(rows, width, dtype=torch.long),
+        "attention_mask": torch.ones(rows, width, dtype=torch.long),
+        "completion_mask": completion,
+        "ref_chosen_logps": ref[: rows // 2],
+        "ref_rejected_logps": ref[rows // 2 :],
+    }
+    return trainer._compute_loss(lambda **kw: outputs, inputs, False).item()
+
+
+@pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
+def test_dpo_losses_equal_trls_on_the_same_log_probs(loss_type):
+    # three pairs: responses 0-2 chosen, 3-5 rejected, of 3, 1, 2, 2, 3, 1 completion tokens
+    policy = torch.tensor([-4.0, -1.5, -2.0, -6.0, -3.5, -0.5])
+    ref = torch.tensor([-5.0, -1.0, -2.5, -5.0, -4.0, -1.5])
+    tokens = torch.tensor([3, 1, 2, 2, 3, 1])
+    batch = {"better": torch.arange(3), "worse": torch.arange(3, 6), "response_tokens": tokens}
+    smoothing = 0.2 if loss_type == "robust" else 0.0
+    ours = dpo.pair_losses(policy, ref, batch, 0.3, loss_type, smoothing).mean().item()
+    theirs = trl_dpo_loss(policy, ref, tokens, loss_type, beta=0.3, label_smoothing=smoothing)
+    assert abs(ours - math.log(2.0)) > 1e-3  # not the trivial value at delta = 0
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-7)

@@ -2,7 +2,7 @@
 
     sft.py       next-token cross-entropy on labelled tokens (SFT)
     ranking.py   Bradley-Terry and the K-way ranking loss (reward model)
-    dpo.py       the DPO loss
+    dpo.py       the DPO loss and its variants (IPO, hinge, robust)
     ppo.py       PPO/GRPO's clipped policy and value losses, KL penalties and control
     advantages.py, stats.py
 

@@ -29,17 +29,16 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
-def valid_checkpoints(root: Path, prefix: str = "step-") -> list[Path]:
-    """Finished checkpoints (VALID written last), oldest first. `prefix`: our `step-N`, or
-    transformers' `checkpoint-N` for stages that save through a Trainer (DPO)."""
+def valid_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints (VALID written last), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{prefix}*") if p.is_dir() and (p / "VALID").is_file()]
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / "VALID").is_file()]
     return sorted(found, key=step_of)
 
 
 def step_of(path: Path) -> int:
-    """checkpoints/step-000040 (or checkpoint-40) -> 40."""
+    """checkpoints/step-000040 -> 40."""
     return int(path.name.split("-")[1])
 
 

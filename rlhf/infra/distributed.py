@@ -188,33 +188,6 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def state_for_trainer_on_cpu_ranks() -> bool:
-    """Build, for a transformers Trainer (DPO), the process state `runtime.make_accelerator`
-    gets on CPU ranks launched with FSDP or DeepSpeed; True: the Trainer must adopt it
-    (`accelerator_config={"use_configured_state": True}`).
-
-    With `use_cpu=True` the Trainer builds `PartialState(cpu=True)`, which is MULTI_CPU: the
-    FSDP or DeepSpeed config is then dropped without a word and each rank trains a full DDP
-    copy (run.json: MULTI_CPU). Without `use_cpu` it would reject bf16 on a machine without
-    CUDA. So the gloo group is built here as for our own loops: labelled for FSDP
-    (`use_fsdp_on_cpu_ranks`), or with cpu=False for DeepSpeed, which then picks its CPU
-    accelerator. The Trainer's Accelerator reads the FSDP / DeepSpeed plugin from the launch.
-    """
-    import torch
-
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if fsdp_requested():
-        use_fsdp_on_cpu_ranks()
-        return True
-    if deepspeed_requested():
-        from accelerate import PartialState
-
-        PartialState(cpu=False, backend="gloo")
-        return True
-    return False
-
-
 def writable(accelerator: Any, params: list[Any]) -> Any:
     """Context in which in-place writes to `params` (of a prepared model) reach every shard.
 

@@ -1,11 +1,10 @@
-"""DPO's data and bookkeeping around TRL's DPOTrainer: pairs from rankings, metric names, and
-the held-out implicit-reward evaluation. The stage trains with TRL's loss (rlhf/stages/dpo.py).
+"""DPO's policy side: ranked responses batched as the reward stage batches them, and their
+summed response log-probs (the loss: rlhf.algo.dpo; the stage: rlhf/stages/dpo.py).
 
-Also the reward stage's batching for DPO (the loss: rlhf.algo.dpo), which the bench times
-against TRL's step: a prompt's K ranked responses in one batch, their shared prefix computed
-once, each response forwarded once per model (policy; reference), and every pair of the ranking
-indexing those sequence log-probs. TRL forwards the chosen and the rejected sequence of each pair, so a
-response in several pairs is computed several times, each with the whole prompt.
+A batch holds a prompt's K ranked responses once each, their shared prefix computed once, and
+every pair of the ranking indexes those sequence log-probs. TRL's DPOTrainer forwards the
+chosen and the rejected sequence of each pair, so a response in several pairs is computed
+several times, each with the whole prompt (bench/ times the two).
 
 The implicit reward of a response y to a prompt x is r(x, y) = beta * (log pi(y|x) -
 log pi_ref(y|x)) (Rafailov et al. 2023, "Direct Preference Optimization", eq. 5); a pair is
@@ -23,7 +22,7 @@ from rlhf.roles import reward_model as reward
 from rlhf.roles.models import backbone_hidden_states, unwrap_peft
 from rlhf.roles.shared_prefix import prefix_shared_hidden
 from rlhf.tokens.chat import render_ids
-from rlhf.tokens.sequences import logprobs_from_logits, next_token_logits, next_token_targets
+from rlhf.tokens.sequences import logprobs_from_logits
 
 
 def ranked_pairs(ranking: Ranking, mode: str) -> list[tuple[int, int]]:
@@ -35,73 +34,6 @@ def ranked_pairs(ranking: Ranking, mode: str) -> list[tuple[int, int]]:
         best, *rest = ranking.ranking
         return [(best, worse) for worse in rest]
     raise ValueError(f"unknown pair expansion {mode!r}")
-
-
-def preference_rows(rankings: list[Ranking], mode: str) -> list[dict[str, Any]]:
-    """TRL's conversational preference rows: {"prompt": messages, "chosen": [assistant
-    message], "rejected": [assistant message]}, one per pair."""
-    return [
-        {
-            "prompt": r.prompt,
-            "chosen": [{"role": "assistant", "content": r.responses[better]}],
-            "rejected": [{"role": "assistant", "content": r.responses[worse]}],
-        }
-        for r in rankings
-        for better, worse in ranked_pairs(r, mode)
-    ]
-
-
-# TRL / transformers log names that are not `train/<name>` in our key style.
-RENAMED = {
-    "loss": "train/loss",
-    "grad_norm": "train/grad_norm",
-    "learning_rate": "lr",
-    "epoch": "epoch",
-    "num_input_tokens_seen": "train/tokens_seen",  # in trainer_state.json: survives a resume
-}
-# Counters that a resume restarts, so a resumed run would log other values than one that was
-# never stopped: TRL's `num_tokens` lives on the trainer object, not in its checkpoint
-# (transformers' tokens_seen above replaces it); `train_loss`, the summary row's mean loss,
-# averages over the steps of the last session only.
-DROPPED = {"total_flos", "num_tokens", "eval_num_tokens", "train_loss"}
-WALL_CLOCK = ("runtime", "samples_per_second", "steps_per_second", "tokens_per_second")
-
-
-def contract_key(name: str) -> str | None:
-    """A Trainer log name in our metrics.jsonl style (None: not a metric we keep).
-
-    loss -> train/loss, rewards/margins -> train/rewards/margins, eval_rewards/accuracies ->
-    eval/rewards/accuracies, eval_runtime -> timing/eval_runtime, train_runtime ->
-    timing/train_runtime, learning_rate -> lr.
-    """
-    if name in DROPPED:
-        return None
-    if name in RENAMED:
-        return RENAMED[name]
-    for prefix in ("eval_", "train_"):
-        if name.startswith(prefix):
-            rest = name[len(prefix) :]
-            if rest in WALL_CLOCK:
-                return f"timing/{name}"
-            return f"{prefix[:-1]}/{rest}"
-    return f"train/{name}"
-
-
-def contract_metrics(logs: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for name, value in logs.items():
-        key = contract_key(name)
-        if key is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
-
-
-def completion_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
-    """Sum of log pi(token) over each row's completion tokens (logits at t predict t + 1)."""
-    token_logps = logprobs_from_logits(next_token_logits(logits), next_token_targets(input_ids))
-    return (token_logps * next_token_targets(completion_mask)).sum(dim=1)
 
 
 def implicit_reward_metrics(
@@ -159,7 +91,8 @@ def collate_rankings(
 ) -> dict[str, torch.Tensor]:
     """reward.collate_rankings, shared prefixes capped at each prompt's length (off: whole
     sequences, e.g. under gradient checkpointing, which turns the KV cache off), plus
-    `completion_mask`, (R, T): which of input_ids are response tokens."""
+    `completion_mask`, (R, T): which of input_ids are response tokens, `response_tokens`, (R,):
+    how many, and `n_pairs`, (): the number of pairs."""
     batch = reward.collate_rankings(rows, pad_id, share_prefix=share_prefix)
     prompt_len = torch.tensor([row["prompt_len"] for row in rows])[batch["row_prompt"]]
     start = torch.zeros_like(prompt_len)  # where input_ids begin in the whole sequence
@@ -167,6 +100,8 @@ def collate_rankings(
         start = batch["prefix_mask"].sum(1)[batch["row_prompt"]]
     position = start[:, None] + torch.arange(batch["input_ids"].shape[1])
     batch["completion_mask"] = batch["attention_mask"] * (position >= prompt_len[:, None])
+    batch["response_tokens"] = batch["completion_mask"].sum(1)
+    batch["n_pairs"] = torch.tensor(batch["better"].numel())
     return batch
 
 
@@ -196,3 +131,15 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     token_logps = logprobs_from_logits(logits, ids[picked], temperature=1.0)
     row = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(picked)[picked]
     return torch.zeros(ids.shape[0], device=ids.device).index_add(0, row, token_logps)
+
+
+class ResponseLogps(torch.nn.Module):
+    """batch -> response_logps of the (possibly LoRA) causal LM: the module accelerate prepares,
+    so that DDP, FSDP and ZeRO-3 see one forward that contains the LM head."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return response_logps(self.model, batch)
