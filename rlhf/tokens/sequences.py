@@ -42,9 +42,18 @@ def logprobs_from_logits(
 ) -> torch.Tensor:
     """log pi(token) at the sampling temperature: the PPO ratio must compare the distribution
     the tokens were sampled from (N implementation details, #10). Computed in fp32.
-    (..., V) logits and (...) tokens -> (...) log-probs; differentiable in the logits."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens[..., None]).squeeze(-1)
+    (..., V) logits and (...) tokens -> (...) log-probs; differentiable in the logits. Without
+    autograd, a few positions at a time: no (..., V) fp32 temporaries (at a 262k vocabulary,
+    60 answers x 48 tokens would need 3 GB for each)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return logp.gather(-1, tokens[..., None]).squeeze(-1)
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    view, picked = position_rows(out), position_rows(tokens)
+    for at, block in position_blocks(logits):
+        logp = torch.log_softmax(torch.div(block.float(), temperature), dim=-1)
+        view[at] = logp.gather(-1, picked[at][:, None])[:, 0]
+    return out
 
 
 def position_rows(per_position: torch.Tensor) -> torch.Tensor:

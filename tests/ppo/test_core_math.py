@@ -544,3 +544,17 @@ def test_entropy_without_autograd_is_the_differentiable_formula_block_by_block()
     composed = entropy_from_logits(logits.clone().requires_grad_(), temperature=0.7)
     assert blockwise.shape == (3, 20) and composed.requires_grad
     assert torch.allclose(blockwise, composed.detach(), atol=1e-5)
+
+
+def test_logprobs_without_autograd_are_the_differentiable_formula_block_by_block():
+    """The no-grad path (block by block, for memory) gives the same log-probs, bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    full = (3 * torch.randn(3, 21, 500, generator=gen)).to(torch.bfloat16)
+    logits = full[:, :20]  # a slice, as the rollout's logits are: not contiguous
+    tokens = torch.randint(0, 500, (3, 20), generator=gen)
+    blockwise = logprobs_from_logits(logits, tokens, temperature=0.7)
+    composed = logprobs_from_logits(logits.clone().requires_grad_(), tokens, temperature=0.7)
+    assert blockwise.shape == (3, 20) and composed.requires_grad
+    assert torch.equal(blockwise, composed.detach())
+    one_row = logprobs_from_logits(logits[0], tokens[0], temperature=0.7)
+    assert torch.equal(one_row, blockwise[0])
