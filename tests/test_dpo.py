@@ -433,12 +433,22 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(sft, tuning):
         info = json.loads((out / "dpo" / "run.json").read_text())
         assert info["world_size"] == nproc
         assert info["effective_batch_rankings"] == 4
+    # The gradient first: Adam's first step is lr * g / (|g| + eps), blind to a gradient's
+    # scale, so a rank count that rescaled it would show in the norm, not in the weights.
+    first = {}
+    for n, out in runs.items():
+        rows = [json.loads(x) for x in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+        first[n] = next(r for r in rows if "train/grad_norm" in r)
+    assert first[1]["train/loss"] == pytest.approx(first[2]["train/loss"], rel=1e-5)
+    assert first[1]["train/grad_norm"] == pytest.approx(first[2]["train/grad_norm"], rel=1e-4)
     one, two = _weights(runs[1] / "dpo"), _weights(runs[2] / "dpo")
     start = _weights(root / "run" / "sft")
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 1e-4  # the step did something
-    assert gap < 1e-3 * moved  # and the same thing on 2 ranks
+    # and the same thing on 2 ranks: within 1% of a step, since an element whose gradient is
+    # near 0 turns g / (|g| + eps) by the last bits of the reduction order (1 step: 0.15%)
+    assert gap < 1e-2 * moved
 
 
 def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
