@@ -421,18 +421,7 @@ def load_prompt_items(recipe: Any, tokenizer: Any) -> tuple[list[Any], list[Any]
 
 def load_policy(recipe: Any, sft_dir: Path | None) -> torch.nn.Module:
     """The starting policy: the SFT run's model, or the recipe's model (ppo.policy: base)."""
-    m = recipe.model
-    if sft_dir:
-        return models.load_causal_lm(
-            str(sft_dir / "model"), attn_implementation=m.attn_implementation
-        )
-    return models.load_causal_lm(
-        m.name,
-        m.num_hidden_layers,
-        m.trust_remote_code,
-        revision=m.revision,
-        attn_implementation=m.attn_implementation,
-    )
+    return models.load_recipe_model(recipe.model, "lm", str(sft_dir / "model") if sft_dir else None)
 
 
 def run_info_of(recipe, roles, accelerator, policy_name, sft_dir, reward_dir) -> dict:
