@@ -433,12 +433,17 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(sft, tuning):
         info = json.loads((out / "dpo" / "run.json").read_text())
         assert info["world_size"] == nproc
         assert info["effective_batch_rankings"] == 4
+    # The same all-reduced gradient (AdamW's step is blind to its scale): the same norm.
+    norms = [_rows(out / "dpo")[0]["train/grad_norm"] for out in runs.values()]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     one, two = _weights(runs[1] / "dpo"), _weights(runs[2] / "dpo")
     start = _weights(root / "run" / "sft")
     moved = max((one[k] - start[k]).abs().max().item() for k in one)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 1e-4  # the step did something
-    assert gap < 1e-3 * moved  # and the same thing on 2 ranks
+    # And the same step, up to the fp32 reduction order: AdamW's first step, lr * g / (|g| + eps),
+    # magnifies it for gradient elements near eps (1e-8). Unsynced ranks differ by about `moved`.
+    assert gap < 0.01 * moved, (moved, gap)
 
 
 def test_curves_and_report_show_a_dpo_run(uninterrupted, tmp_path):
