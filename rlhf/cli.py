@@ -163,7 +163,7 @@ def _add_stages(sub: Any) -> None:
             "a second reward model for evaluation (the recipe's judge: section, by default "
             "the other half of the rankings and another seed) into <output_dir>/judge",
             "stage 3: PPO against the reward model with a KL penalty",
-            "DPO on the rankings from the SFT model (instead of reward + PPO), on TRL",
+            "DPO on the rankings from the SFT model (instead of reward + PPO)",
         ),
     ):
         s = sub.add_parser(stage, help=text, description=text)
