@@ -107,13 +107,13 @@ def matmul_attention_backwards(monkeypatch):
     return calls
 
 
-FORCED_OFF = "RLHF_ACCEL=off runs the plain path: no fast path to test"
+FORCED_OFF = "RLHF_ACCEL=off: the suite runs without the fast paths of rlhf/accel/"
 
 
 def pytest_collection_modifyitems(config, items):
     """Under RLHF_ACCEL=off (`make test-plain`), skip the tests of a fast path itself (marked
-    fast_path) and the `auto` runs of tests parametrized on accel_mode: neither would test
-    what it names."""
+    fast_path) and the `auto` runs of tests parametrized on accel_mode (they would run off
+    while naming auto): the rest must pass on the plain path alone."""
     from rlhf import accel
 
     if not accel.forced_off():
