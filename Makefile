@@ -54,7 +54,7 @@ else
   LAUNCH := $(RLHF)
 endif
 
-.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-fast test-min gpu-wheels gpu-check lint format bench chaos clean
+.PHONY: help setup models sft reward judge ppo dpo pipeline curves report test test-plain test-fast test-min gpu-wheels gpu-check lint format bench chaos clean
 
 help:
 	@grep -E '^#' Makefile | head -9
@@ -94,6 +94,10 @@ curves: setup
 # --durations=15: the 15 slowest tests, to see where the suite's time goes.
 test: models
 	bash -c '$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc'
+
+# The suite on the plain path: RLHF_ACCEL=off overrides every recipe's `accel` (rlhf/accel/).
+test-plain: models
+	RLHF_ACCEL=off $(MAKE) --no-print-directory test
 
 test-fast: models
 	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS)

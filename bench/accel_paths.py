@@ -144,6 +144,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    from rlhf import accel
+
+    if accel.forced_off():  # every variant would run the plain path under its own label
+        raise SystemExit("bench.accel_paths compares the fast paths with off: unset RLHF_ACCEL")
     ctx, scorer, messages, ids, mixed = setup(args)
     variants = args.variants.split(",")
     results: dict[str, list[dict]] = {v: [] for v in variants}

@@ -498,7 +498,8 @@ class Recipe(Section):
     accel: Literal["auto", "off"] = Field(
         "auto",
         description="auto: the CPU fast paths of rlhf/accel/ (none on a GPU); off: the plain "
-        "path (transformers' generate, unmodified peft and transformers modules)",
+        "path (transformers' generate, unmodified peft and transformers modules); the "
+        "environment's RLHF_ACCEL=off forces off whatever this says",
     )
 
     @field_validator("accel", mode="before")

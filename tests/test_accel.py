@@ -1,6 +1,10 @@
 """The `accel` switch: `off`, and `auto` on any device but a CPU, leave every module, the
 attention registry and malloc as they are; `auto` on a CPU opens the fast paths."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -40,6 +44,7 @@ def lora_model(tiny_model_dir):
     return models.apply_lora(model, LoraConfig(enabled=True, r=4)).eval()
 
 
+@pytest.mark.fast_path
 def test_auto_on_a_cpu_opens_the_fast_paths(lora_model):
     with accel.using("auto"):
         seen = _opened(lora_model)
@@ -56,6 +61,7 @@ def test_off_and_other_devices_change_nothing(lora_model, where):
     assert seen == {"sampling": [], "training": [], "sdpa replaced": False}
 
 
+@pytest.mark.fast_path
 def test_auto_applies_on_a_cpu_only():
     assert accel.applies("cpu") and accel.applies(torch.device("cpu"))
     assert not accel.applies("cuda") and not accel.applies(torch.device("meta"))
@@ -63,17 +69,17 @@ def test_auto_applies_on_a_cpu_only():
         assert not accel.applies("cpu")
 
 
-@pytest.mark.parametrize("mode", ["auto", "off"])
-def test_a_stage_run_sets_the_switch_from_the_recipe(mode, tmp_path):
+@pytest.mark.parametrize("accel_mode", ["auto", "off"])
+def test_a_stage_run_sets_the_switch_from_the_recipe(accel_mode, tmp_path):
     from accelerate.state import AcceleratorState
 
     from rlhf.recipe import Recipe
     from rlhf.stages.runner import StageRun
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    with accel.using("auto" if mode == "off" else "off"):  # restored after the test
-        StageRun(Recipe(accel=mode, precision="fp32", output_dir=str(tmp_path)), "sft")
-        assert accel.mode() == mode
+    with accel.using("auto" if accel_mode == "off" else "off"):  # restored after the test
+        StageRun(Recipe(accel=accel_mode, precision="fp32", output_dir=str(tmp_path)), "sft")
+        assert accel.mode() == accel_mode
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -82,6 +88,30 @@ def test_an_unknown_mode_is_refused():
         accel.use("fast")
 
 
+def test_rlhf_accel_off_wins_over_what_the_recipe_asks(monkeypatch):
+    monkeypatch.setenv("RLHF_ACCEL", "off")
+    with accel.using("auto"):  # what a stage does for a recipe's `accel: auto`
+        assert accel.mode() == "off" and not accel.applies("cpu")
+
+
+@pytest.mark.parametrize("value", ["auto", ""])
+def test_rlhf_accel_auto_or_empty_leaves_the_choice_to_the_recipe(monkeypatch, value):
+    monkeypatch.setenv("RLHF_ACCEL", value)
+    for mode in ("auto", "off"):
+        with accel.using(mode):
+            assert accel.mode() == mode
+
+
+def test_a_bad_rlhf_accel_stops_a_stage_process_with_one_line(tmp_path):
+    """The stage's own process reads the environment, before any model is built."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "sft", "recipes/tiny.yaml", f"output_dir={tmp_path}"]
+    env = {**os.environ, "RLHF_ACCEL": "fast"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == "error: RLHF_ACCEL='fast' is not one of auto, off"
+
+
+@pytest.mark.fast_path
 def test_instance_forwards_nest_and_restore_the_enclosing_forward():
     from rlhf.accel.forwards import instance_forwards
 

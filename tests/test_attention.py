@@ -1,4 +1,4 @@
-"""rlhf.roles.attention: sdpa's forward, the gradient through matmuls (CPU training)."""
+"""rlhf.accel.attention: sdpa's forward, the gradient through matmuls (CPU training)."""
 
 import contextlib
 
@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from rlhf.accel.attention import SdpaMatmulBackward, matmul_attention_backward
 from rlhf.roles import models
+
+pytestmark = pytest.mark.fast_path
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -4,6 +4,8 @@ measurements themselves run under `make bench`, never in the test suite.)"""
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import report, run, trainers
 from bench.flops import Arch, ppo_flops
 
@@ -124,8 +126,6 @@ def test_rloo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     from rlhf.roles import models
 
     if not models.is_prepared("tiny-llama"):
-        import pytest
-
         pytest.skip("tiny-llama is not prepared (make models)")
     args = argparse.Namespace(
         prompts=tmp_path / "none.jsonl", n_prompts=4, iterations=1, quick=True, pairs=1, timeout=600
@@ -168,8 +168,6 @@ def test_grpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     from rlhf.roles import models
 
     if not models.is_prepared("tiny-llama"):
-        import pytest
-
         pytest.skip("tiny-llama is not prepared (make models)")
     args = argparse.Namespace(iterations=1, quick=True, pairs=1, timeout=600)
     settings = run.grpo_spec(args, models.prepared_dir("tiny-llama"))
@@ -219,8 +217,6 @@ def test_dpo_row_runs_ours_and_trl_on_the_tiny_model(tmp_path):
     from rlhf.roles import models
 
     if not models.is_prepared("tiny-llama"):
-        import pytest
-
         pytest.skip("tiny-llama is not prepared (make models)")
     args = argparse.Namespace(
         iterations=1, dpo_rankings=1, dpo_pairs="best_vs_rest", pairs=1, timeout=600
@@ -265,6 +261,7 @@ def test_memory_table_per_rank_bytes_by_hand():
     assert per_rank_gb(m, with_act, False, "DDP", 1, False) == 20.0 + 10 * 1024 * 10 * 4096 / 1e9
 
 
+@pytest.mark.fast_path
 def test_decode_row_samples_tokens_with_both_samplers_on_the_tiny_model(tmp_path):
     """Smoke test of `make bench ARGS='--only decode'`: the worker (our rollout sampler and
     transformers' generate, one seed) and the table."""
@@ -274,8 +271,6 @@ def test_decode_row_samples_tokens_with_both_samplers_on_the_tiny_model(tmp_path
     from rlhf.roles import models
 
     if not models.is_prepared("tiny-llama"):
-        import pytest
-
         pytest.skip("tiny-llama is not prepared (make models)")
     args = argparse.Namespace(quick=True, pairs=1, timeout=600)
     section = run.run_decode(args, models.prepared_dir("tiny-llama"), tmp_path)
@@ -306,12 +301,11 @@ def test_the_machine_block_says_which_instruction_sets_a_run_was_held_to(monkeyp
     assert "precision auto = fp32" in capped["description"]
 
 
+@pytest.mark.fast_path
 def test_accel_paths_runs_each_variant_on_the_tiny_recipe(tmp_path, monkeypatch):
     """Smoke test of `python -m bench.accel_paths`: set-up from the recipe, one iteration per
     variant (every fast path, none, all but one), and the JSON it writes."""
     import sys
-
-    import pytest
 
     from bench import accel_paths
     from rlhf.roles import models
@@ -327,3 +321,14 @@ def test_accel_paths_runs_each_variant_on_the_tiny_recipe(tmp_path, monkeypatch)
     assert sorted(results) == ["all", "all-decode", "off"]
     for rows in results.values():
         assert len(rows) == 1 and rows[0]["total"] > 0 and rows[0]["response_len"] > 0
+
+
+def test_accel_paths_refuses_to_run_when_rlhf_accel_forces_off(tmp_path, monkeypatch):
+    import sys
+
+    from bench import accel_paths
+
+    monkeypatch.setenv("RLHF_ACCEL", "off")
+    monkeypatch.setattr(sys, "argv", ["accel_paths", "--out", str(tmp_path / "accel.json")])
+    with pytest.raises(SystemExit, match="RLHF_ACCEL"):
+        accel_paths.main()

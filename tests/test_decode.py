@@ -111,7 +111,7 @@ def _small_lm(vocab: int = 8):
 CHI2_7_999 = 24.32
 
 
-@pytest.mark.parametrize("sampler", ["lean", "generate"])
+@pytest.mark.parametrize("sampler", [pytest.param("lean", marks=pytest.mark.fast_path), "generate"])
 def test_one_step_draws_from_the_tempered_softmax(sampler):
     model, n = _small_lm(), 4000
     ids = torch.tensor([[1, 5, 3, 6]]).repeat(n, 1)
@@ -143,6 +143,7 @@ def test_one_step_draws_from_the_tempered_softmax(sampler):
     assert float(((counts - wrong) ** 2 / wrong).sum()) > 10 * CHI2_7_999
 
 
+@pytest.mark.fast_path
 def test_a_seed_gives_the_same_tokens_and_another_seed_others(tiny):
     ids, mask = _prompts()
     first, _ = _lean(tiny, ids, mask, EARLY, seed=0)
@@ -153,6 +154,7 @@ def test_a_seed_gives_the_same_tokens_and_another_seed_others(tiny):
     assert not torch.equal(first.response_ids, other.response_ids)
 
 
+@pytest.mark.fast_path
 def test_finished_rows_leave_the_batch(tiny):
     ids, mask = _prompts()
     sizes, hook = _batch_sizes(tiny)
@@ -166,6 +168,7 @@ def test_finished_rows_leave_the_batch(tiny):
     assert len(sizes) == out.response_ids.shape[1]  # one forward per step, no more
 
 
+@pytest.mark.fast_path
 def test_several_eos_ids_stop_a_row_and_pad_the_rest(tiny):
     ids, mask = _prompts()
     out, _ = _lean(tiny, ids, mask, EARLY)
@@ -181,6 +184,7 @@ def test_several_eos_ids_stop_a_row_and_pad_the_rest(tiny):
     assert len(set(stopped)) >= 2  # different EOS ids ended different rows
 
 
+@pytest.mark.fast_path
 def test_kept_logits_and_hidden_equal_a_fresh_full_forward(tiny):
     ids, mask = _prompts()
     out, _ = _lean(tiny, ids, mask, EARLY)
@@ -210,6 +214,7 @@ def _repeated_prompts(k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:3].repeat_interleave(k, 0), mask[:3].repeat_interleave(k, 0)
 
 
+@pytest.mark.fast_path
 def test_a_repeated_prompt_is_prefilled_once_and_every_row_samples_on(tiny):
     """9 rows, 3 distinct prompts: one prefill over the 3, then all 9 decode; each row's kept
     logits are those a full forward over its own finished sequence gives."""
@@ -265,6 +270,7 @@ def test_sample_rollout_keeps_the_logits_each_token_was_drawn_from(
     torch.testing.assert_close(kept[m], fresh[m], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.fast_path
 def test_lean_decode_falls_back_to_generate_where_it_does_not_apply(tiny, monkeypatch):
     cfg, cpu = PPOConfig(), torch.device("cpu")
     assert lean_decode_applies(tiny, cfg, cpu)
@@ -307,6 +313,7 @@ class _PastKeyValuesOnly(torch.nn.Module):
         )
 
 
+@pytest.mark.fast_path
 def test_a_forward_that_takes_past_key_values_decodes_on_its_cache(tiny):
     """The cache goes in under the keyword the forward declares: a cache passed under a name
     the forward swallows would leave every decode step seeing only its own token."""

@@ -14,6 +14,8 @@ from rlhf.infra.runtime import cpu_supports_fast_bf16
 from rlhf.ppo.rollout import sample_rollout
 from rlhf.roles import models
 
+pytestmark = pytest.mark.fast_path
+
 needs_bf16 = pytest.mark.skipif(
     not cpu_supports_fast_bf16(), reason="this CPU has no native bf16: packing (and fusing) is off"
 )

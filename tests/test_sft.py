@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf import accel
 from rlhf.recipe import load_recipe
 from rlhf.roles import models
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
@@ -94,8 +95,9 @@ def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path, matmul_atten
         ],
     )
     run_dir = sft.run(recipe)
-    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training)
-    assert len(matmul_attention_backwards) > 0
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training),
+    # unless RLHF_ACCEL=off forces the plain path over the recipe's `accel: auto`
+    assert bool(matmul_attention_backwards) == (not accel.forced_off())
     for name in (
         "recipe.yaml",
         "run.json",
@@ -109,6 +111,7 @@ def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path, matmul_atten
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["world_size"] == 1 and info["seed"] == 42
     assert {"torch", "transformers"} <= set(info["versions"])
+    assert info["accel"] == ("off" if accel.forced_off() else "auto")  # the recipe's, or the env's
     results = json.loads((run_dir / "eval.json").read_text())
     assert results["steps"] == 3 and results["perplexity"] < results["base_perplexity"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

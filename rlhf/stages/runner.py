@@ -80,7 +80,7 @@ class StageRun:
         """Record `info` in run.json, start the folder (fresh, or resumed from the latest valid
         checkpoint, whose model / optimizer / RNG / scheduler state is restored) and open the
         metrics log. Returns the checkpoint's trainer state, None on a fresh start."""
-        self.out.info.update(run_info(self.accelerator), **info)
+        self.out.info.update(run_info(self.accelerator), accel=accel.mode(), **info)
         ckpt = checkpoint.latest_checkpoint(self.out.checkpoints) if resume else None
         self.out.start(
             resume=ckpt is not None, resume_step=checkpoint.step_of(ckpt) if ckpt else None

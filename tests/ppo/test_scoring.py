@@ -3,6 +3,7 @@ at the response positions, and the policy's log-probs and values taken from gene
 
 import contextlib
 
+import pytest
 import torch
 
 from rlhf.accel.lean_lora import lean_lora_forward
@@ -111,6 +112,7 @@ def _count_peft_forwards(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.fast_path
 def test_lean_lora_forward_under_bf16_autocast_samples_and_trains_as_peft_does(
     random_lora, monkeypatch
 ):
@@ -161,6 +163,7 @@ def test_lean_lora_forward_under_bf16_autocast_samples_and_trains_as_peft_does(
     assert all(torch.equal(peft_grads[n], lean_grads[n]) for n in peft_grads)
 
 
+@pytest.mark.fast_path
 def test_lean_lora_forward_generates_exactly_what_peft_does(random_lora):
     policy = random_lora()
     ids, mask = _left_padded(1000)
