@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import step_time_callback, trl_cpu_args, worker_main
-from bench.rloo_workers import lora_config, trl_inputs
+from bench.common import trl_cpu_args, worker_main
 from bench.rloo_workers import run_ours as run_critic_free
+from bench.rloo_workers import train_trl
 
 
 def run_ours(spec: dict) -> dict:
@@ -29,7 +29,6 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
 
     from rlhf.infra.runtime import resolve_precision
 
-    tokenizer, reward_tokenizer, reward_model, data = trl_inputs(spec)
     steps_per_iteration = spec["batch"] // spec["mini_batch"]
     config = trl.GRPOConfig(
         **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
@@ -48,19 +47,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         shuffle_dataset=False,  # prompts in file order, as ours takes them
         use_vllm=False,
     )
-    trainer = trl.GRPOTrainer(
-        model=spec["model"],
-        reward_funcs=[reward_model],
-        args=config,
-        train_dataset=data,
-        processing_class=tokenizer,
-        reward_processing_classes=[reward_tokenizer],
-        peft_config=lora_config(spec),
-    )
-    step_times: list[float] = []
-    trainer.add_callback(step_time_callback(step_times))
-    trainer.train()
-    lengths = [e.get("completions/mean_length", 0) for e in trainer.state.log_history]
+    step_times, lengths = train_trl(trl.GRPOTrainer, spec, config)
     return {
         "impl": "trl",
         "trl": trl.__version__,

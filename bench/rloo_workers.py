@@ -150,12 +150,31 @@ def trl_inputs(spec: dict) -> tuple[Any, Any, Any, Any]:
     return tokenizer, reward_tokenizer, reward_model, data
 
 
+def train_trl(trainer_class: Any, spec: dict, config: Any) -> tuple[list[float], list[float]]:
+    """Train TRL's `trainer_class` (RLOOTrainer, GRPOTrainer) under `config` on trl_inputs(spec):
+    (each optimizer step's seconds, each logged mean completion length)."""
+    tokenizer, reward_tokenizer, reward_model, data = trl_inputs(spec)
+    trainer = trainer_class(
+        model=spec["model"],
+        reward_funcs=[reward_model],
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        reward_processing_classes=[reward_tokenizer],
+        peft_config=lora_config(spec),
+    )
+    step_times: list[float] = []
+    trainer.add_callback(step_time_callback(step_times))
+    trainer.train()
+    log = trainer.state.log_history
+    return step_times, [e["completions/mean_length"] for e in log if "completions/mean_length" in e]
+
+
 def run_trl(spec: dict, out_dir: Path) -> dict:
     import trl
 
     from rlhf.infra.runtime import resolve_precision
 
-    tokenizer, reward_tokenizer, reward_model, data = trl_inputs(spec)
     config = trl.RLOOConfig(
         **trl_cpu_args(spec["seed"], bf16=spec["lora"] and resolve_precision("auto") == "bf16"),
         output_dir=str(out_dir / "trl-rloo-out"),
@@ -169,23 +188,7 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         max_completion_length=spec["max_new_tokens"],
         temperature=spec["temperature"],
     )
-    trainer = trl.RLOOTrainer(
-        model=spec["model"],
-        reward_funcs=[reward_model],
-        args=config,
-        train_dataset=data,
-        processing_class=tokenizer,
-        reward_processing_classes=[reward_tokenizer],
-        peft_config=lora_config(spec),
-    )
-    step_times: list[float] = []
-    trainer.add_callback(step_time_callback(step_times))
-    trainer.train()
-    lengths = [
-        e["completions/mean_length"]
-        for e in trainer.state.log_history
-        if "completions/mean_length" in e
-    ]
+    step_times, lengths = train_trl(trl.RLOOTrainer, spec, config)
     return {
         "impl": "trl",
         "trl": trl.__version__,
