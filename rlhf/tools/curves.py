@@ -21,8 +21,9 @@ import math
 import statistics
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import astuple, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -265,19 +266,28 @@ def flagged_spans(steps: Sequence[float], flags: Sequence[bool]) -> list[tuple[f
     """Contiguous flagged points -> [(first step, last step), ...]."""
     spans: list[tuple[float, float]] = []
     start = None
-    for i, flag in enumerate(flags):
+    for i, flag in enumerate([*flags, False]):
         if flag and start is None:
             start = i
         if not flag and start is not None:
             spans.append((steps[start], steps[i - 1]))
             start = None
-    if start is not None:
-        spans.append((steps[start], steps[len(flags) - 1]))
     return spans
 
 
-def _first_flag(steps: Sequence[float], flags: Sequence[bool]) -> float:
-    return next(s for s, f in zip(steps, flags) if f)
+def alarm_if(
+    name: str,
+    metric: str,
+    steps: Sequence[float],
+    flags: Sequence[bool],
+    message: Callable[[float], str],
+) -> Alarm | None:
+    """An Alarm over the flagged stretches, `message` given the first flagged step; None when
+    nothing is flagged."""
+    if not any(flags):
+        return None
+    first = next(s for s, f in zip(steps, flags) if f)
+    return Alarm(name, metric, message(first), flagged_spans(steps, flags))
 
 
 # Where the KL and length alarms fire: KL above KL_FACTOR x the adaptive controller's target,
@@ -294,48 +304,47 @@ def check_kl(
 ) -> Alarm | None:
     """KL far above the adaptive controller's target (> KL_FACTOR x target). Without a target,
     far above the run's own typical KL (> KL_MEDIAN_FACTOR x its median)."""
-    factor, median_factor = KL_FACTOR, KL_MEDIAN_FACTOR
     if not kl:
         return None
     if target is not None and target > 0:
-        limit = factor * target
-        why = f"{factor:g}x the target {target:g}"
+        limit, why = KL_FACTOR * target, f"{KL_FACTOR:g}x the target {target:g}"
     else:
         median = statistics.median(kl)
         if len(kl) < 3 or median <= 0:
             return None  # too few points, or a KL still around 0: no baseline to compare to
-        limit = median_factor * median
-        why = f"{median_factor:g}x its median {median:.3g}"
-    flags = [v > limit for v in kl]
-    if not any(flags):
-        return None
-    return Alarm(
+        limit, why = KL_MEDIAN_FACTOR * median, f"{KL_MEDIAN_FACTOR:g}x its median {median:.3g}"
+    return alarm_if(
         "kl_high",
         "objective/kl",
-        f"KL far above target: reached {max(kl):.3g} (limit {limit:.3g} = {why}) from step "
-        f"{_first_flag(steps, flags):g}; the policy is drifting from the reference "
-        "(raise kl_coef or lower the learning rate)",
-        flagged_spans(steps, flags),
+        steps,
+        [v > limit for v in kl],
+        lambda first: (
+            f"KL far above target: reached {max(kl):.3g} (limit {limit:.3g} = {why}) "
+            f"from step {first:g}; the policy is drifting from the reference "
+            "(raise kl_coef or lower the learning rate)"
+        ),
     )
 
 
 def check_entropy(
-    steps: Sequence[float], entropy: Sequence[float], fraction: float = 0.2, metric: str = ""
+    steps: Sequence[float],
+    entropy: Sequence[float],
+    fraction: float = 0.2,
+    metric: str = "objective/entropy",
 ) -> Alarm | None:
     """Entropy collapse: below `fraction` of its first value."""
     if len(entropy) < 2 or entropy[0] <= 0:
         return None
-    limit = fraction * entropy[0]
-    flags = [v < limit for v in entropy]
-    if not any(flags):
-        return None
-    return Alarm(
+    return alarm_if(
         "entropy_collapse",
-        metric or "objective/entropy",
-        f"entropy collapse: {metric or 'entropy'} fell to {min(entropy):.3g}, below {fraction:.0%} of its first value "
-        f"{entropy[0]:.3g}, from step {_first_flag(steps, flags):g}; the policy is becoming "
-        "deterministic (mode collapse)",
-        flagged_spans(steps, flags),
+        metric,
+        steps,
+        [v < fraction * entropy[0] for v in entropy],
+        lambda first: (
+            f"entropy collapse: {metric} fell to {min(entropy):.3g}, below "
+            f"{fraction:.0%} of its first value {entropy[0]:.3g}, from step {first:g}; the policy "
+            "is becoming deterministic (mode collapse)"
+        ),
     )
 
 
@@ -344,57 +353,51 @@ def check_length(
 ) -> Alarm | None:
     """Response length exploding: > LENGTH_FACTOR x its first value, or at max_new_tokens (mean
     length >= 95% of it) for LENGTH_PATIENCE consecutive logged steps (all if fewer)."""
-    factor, patience = LENGTH_FACTOR, LENGTH_PATIENCE
     if not length:
         return None
-    grown = [length[0] > 0 and v > factor * length[0] for v in length]
-    at_max = [bool(max_new_tokens) and v >= 0.95 * max_new_tokens for v in length]
-    need = min(patience, len(length))
+    grown = [length[0] > 0 and v > LENGTH_FACTOR * length[0] for v in length]
+    need = min(LENGTH_PATIENCE, len(length))
     capped = [False] * len(length)
     run = 0
-    for i, hit in enumerate(at_max):
-        run = run + 1 if hit else 0
+    for i, v in enumerate(length):
+        run = run + 1 if max_new_tokens and v >= 0.95 * max_new_tokens else 0
         if run >= need:
-            for j in range(i - run + 1, i + 1):  # the whole stretch, not just its tail
-                capped[j] = True
-    flags = [g or c for g, c in zip(grown, capped)]
-    if not any(flags):
-        return None
+            capped[i - run + 1 : i + 1] = [True] * run  # the whole stretch, not just its tail
     if any(capped):
         what = (
             f"responses hit max_new_tokens ({max_new_tokens}) for {need}+ consecutive steps "
-            f"from step {_first_flag(steps, capped):g}: they are being truncated"
+            f"from step {steps[capped.index(True)]:g}: they are being truncated"
         )
-    else:
+    elif any(grown):
         what = (
-            f"response length grew to {max(length):.3g}, over {factor:g}x its first value "
-            f"{length[0]:.3g}, from step {_first_flag(steps, grown):g}"
+            f"response length grew to {max(length):.3g}, over {LENGTH_FACTOR:g}x its first "
+            f"value {length[0]:.3g}, from step {steps[grown.index(True)]:g}"
         )
-    return Alarm(
+    return alarm_if(
         "length_explosion",
         "response/length_mean",
-        f"response length exploding: {what} (the policy may be exploiting a length bias "
-        "of the reward model)",
-        flagged_spans(steps, flags),
+        steps,
+        [g or c for g, c in zip(grown, capped)],
+        lambda first: (
+            f"response length exploding: {what} (the policy may be exploiting a "
+            "length bias of the reward model)"
+        ),
     )
 
 
 def check_eos(steps: Sequence[float], eos: Sequence[float], threshold: float = 0.5) -> Alarm | None:
     """EOS rate falling: below `threshold` after having been at or above it."""
-    flags = []
-    best = -math.inf
-    for v in eos:
-        flags.append(best >= threshold and v < threshold)
-        best = max(best, v)
-    if not any(flags):
-        return None
-    return Alarm(
+    best_before = accumulate(eos, max, initial=-math.inf)
+    return alarm_if(
         "eos_falling",
         "response/eos_rate",
-        f"EOS rate falling: {min(eos):.0%} of responses end with EOS (was {max(eos):.0%}) from "
-        f"step {_first_flag(steps, flags):g}; responses run into max_new_tokens "
-        "(consider ppo.missing_eos_penalty)",
-        flagged_spans(steps, flags),
+        steps,
+        [v < threshold <= best for v, best in zip(eos, best_before)],
+        lambda first: (
+            f"EOS rate falling: {min(eos):.0%} of responses end with EOS (was "
+            f"{max(eos):.0%}) from step {first:g}; responses run into max_new_tokens "
+            "(consider ppo.missing_eos_penalty)"
+        ),
     )
 
 
@@ -483,34 +486,23 @@ def check_win_rate(results: dict[str, Any] | None) -> list[Alarm]:
     """End-of-run win rate over the SFT policy whose 95% interval includes 0.5: the judge
     cannot tell the two policies apart. eval.json's `win_rate_ci95` (the trained reward
     model) and each `judges[name]["win_rate_ci95"]`."""
-    if not results:
-        return []
-    intervals = [
-        ("the trained reward model", results.get("win_rate"), results.get("win_rate_ci95"))
+    results = results or {}
+    judges = results.get("judges") if isinstance(results.get("judges"), dict) else {}
+    entries = [("the trained reward model", results)] + [
+        (f"judge {name}", entry)
+        for name, entry in sorted(judges.items())
+        if isinstance(entry, dict)
     ]
-    judges = results.get("judges")
-    if isinstance(judges, dict):
-        for name, entry in sorted(judges.items()):
-            if isinstance(entry, dict):
-                intervals.append(
-                    (f"judge {name}", entry.get("win_rate"), entry.get("win_rate_ci95"))
-                )
     out = []
-    for who, rate, ci in intervals:
-        if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
-            continue
-        lo, hi = float(ci[0]), float(ci[1])
-        if lo <= 0.5 <= hi:
+    for who, entry in entries:
+        rate, ci = entry.get("win_rate"), entry.get("win_rate_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] <= 0.5 <= ci[1]:
             shown = f"{float(rate):.2f} " if isinstance(rate, (int, float)) else ""
-            out.append(
-                Alarm(
-                    "win_rate_inconclusive",
-                    "eval/win_rate",
-                    f"win rate inconclusive under {who}: {shown}[{lo:.2f}, {hi:.2f}] includes "
-                    "0.5; this judge cannot tell the PPO policy from the SFT policy",
-                    [],
-                )
+            message = (
+                f"win rate inconclusive under {who}: {shown}[{ci[0]:.2f}, {ci[1]:.2f}] includes "
+                "0.5; this judge cannot tell the PPO policy from the SFT policy"
             )
+            out.append(Alarm("win_rate_inconclusive", "eval/win_rate", message, []))
     return out
 
 
@@ -522,26 +514,23 @@ def check_run(run: Run) -> list[Alarm]:
         # Only the adaptive controller has a target; a fixed kl_coef falls back to the median.
         target = _get(run.recipe, "ppo.adaptive_kl.target")
         target = float(target) if isinstance(target, (int, float)) else None
-        alarms.append(check_kl(s["objective/kl"].steps, s["objective/kl"].values, target))
+        alarms.append(check_kl(*astuple(s["objective/kl"]), target))
     # Per-token entropy when logged: the per-sequence sum also falls when responses merely get
     # shorter, which the length alarm already covers.
-    for name in ("objective/entropy_per_token", "objective/entropy"):
-        if name in s:
-            alarm = check_entropy(s[name].steps, s[name].values, metric=name)
-            if alarm is not None:
-                alarm.metric = "objective/entropy" if "objective/entropy" in s else name
-            alarms.append(alarm)
-            break
+    entropy = next((n for n in ("objective/entropy_per_token", "objective/entropy") if n in s), "")
+    if entropy:
+        alarm = check_entropy(*astuple(s[entropy]), metric=entropy)
+        if alarm is not None and "objective/entropy" in s:
+            alarm.metric = "objective/entropy"  # the panel that shows it
+        alarms.append(alarm)
     if "response/length_mean" in s:
         max_new = _get(run.recipe, "ppo.max_new_tokens")
-        ser = s["response/length_mean"]
-        alarms.append(check_length(ser.steps, ser.values, max_new if max_new else None))
+        alarms.append(check_length(*astuple(s["response/length_mean"]), max_new or None))
     if "response/eos_rate" in s:
-        alarms.append(check_eos(s["response/eos_rate"].steps, s["response/eos_rate"].values))
+        alarms.append(check_eos(*astuple(s["response/eos_rate"])))
     alarms.extend(reward_hacking_alarms(s))
     if "value/explained_variance" in s:  # only estimators with a critic log it
-        ev = s["value/explained_variance"]
-        alarms.append(check_critic(ev.steps, ev.values))
+        alarms.append(check_critic(*astuple(s["value/explained_variance"])))
     alarms.extend(check_win_rate(run.eval))
     out = [a for a in alarms if a is not None]
     for alarm in out:
