@@ -15,7 +15,6 @@ ROUGE (rouge_score) are added if installed.
 from __future__ import annotations
 
 import gc
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -237,18 +236,15 @@ def default_temperature(policies: dict[str, str]) -> tuple[float, str]:
     the temperature it was trained with: its rollouts, rewards and KL were all at that
     temperature, and T=1 would ask a second question. Two PPO policies trained at different
     temperatures need the user to choose. Anything else: T=1."""
-    import yaml
+    from rlhf.tools.curves import dotted_get, is_run_dir, load_run
 
     trained: dict[str, tuple[float, Path]] = {}
     for flag, model_dir in policies.items():
-        run = Path(model_dir).parent
-        try:
-            info = json.loads((run / "run.json").read_text())
-            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-            if info.get("stage") == "ppo":
-                trained[flag] = (float(recipe["ppo"]["temperature"]), run / "recipe.yaml")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
-            continue  # not a PPO run folder (or not one we can read): no trained temperature
+        run_dir = Path(model_dir).parent
+        run = load_run(run_dir) if is_run_dir(run_dir) else None
+        temperature = dotted_get(run.recipe, "ppo.temperature") if run else None
+        if run and run.stage == "ppo" and isinstance(temperature, (int, float)):
+            trained[flag] = (float(temperature), run_dir / "recipe.yaml")
     if len({t for t, _ in trained.values()}) > 1:
         given = ", ".join(f"{flag} T={t} ({path})" for flag, (t, path) in trained.items())
         raise UserError(

@@ -128,22 +128,18 @@ class Run:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file. A run that died mid-write leaves a torn last line: skip it
     rather than refuse to plot everything before it."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [row for row in map(parse_json, lines) if isinstance(row, dict)]
 
 
 def series_from_rows(rows: list[dict[str, Any]]) -> dict[str, Series]:
@@ -171,10 +167,7 @@ def series_from_rows(rows: list[dict[str, Any]]) -> dict[str, Series]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    data = parse_json(path.read_text()) if path.is_file() else None
     return data if isinstance(data, dict) else None
 
 
@@ -240,7 +233,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     )
 
 
-def _get(mapping: dict[str, Any], dotted: str) -> Any:
+def dotted_get(mapping: dict[str, Any], dotted: str) -> Any:
+    """mapping["a"]["b"] for "a.b"; None where a level is missing."""
     node: Any = mapping
     for part in dotted.split("."):
         if not isinstance(node, dict):
@@ -404,16 +398,10 @@ def check_eos(steps: Sequence[float], eos: Sequence[float], threshold: float = 0
 def trend(steps: Sequence[float], values: Sequence[float]) -> float:
     """Least-squares change over the run in units of the series' own spread: about +3.5 for a
     clean rise, around 0 for noise. Comparable between series of different scales."""
-    n = len(values)
-    if n < 2:
+    if len(set(steps)) < 2 or statistics.pstdev(values) == 0:
         return 0.0
-    mean_x, mean_y = sum(steps) / n, sum(values) / n
-    var_x = sum((x - mean_x) ** 2 for x in steps)
-    spread = statistics.pstdev(values)
-    if var_x == 0 or spread == 0:
-        return 0.0
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values)) / var_x
-    return slope * (max(steps) - min(steps)) / spread
+    slope = statistics.linear_regression(steps, values).slope
+    return slope * (max(steps) - min(steps)) / statistics.pstdev(values)
 
 
 def check_judge(
@@ -512,7 +500,7 @@ def check_run(run: Run) -> list[Alarm]:
     alarms: list[Alarm | None] = []
     if "objective/kl" in s:
         # Only the adaptive controller has a target; a fixed kl_coef falls back to the median.
-        target = _get(run.recipe, "ppo.adaptive_kl.target")
+        target = dotted_get(run.recipe, "ppo.adaptive_kl.target")
         target = float(target) if isinstance(target, (int, float)) else None
         alarms.append(check_kl(*astuple(s["objective/kl"]), target))
     # Per-token entropy when logged: the per-sequence sum also falls when responses merely get
@@ -524,7 +512,7 @@ def check_run(run: Run) -> list[Alarm]:
             alarm.metric = "objective/entropy"  # the panel that shows it
         alarms.append(alarm)
     if "response/length_mean" in s:
-        max_new = _get(run.recipe, "ppo.max_new_tokens")
+        max_new = dotted_get(run.recipe, "ppo.max_new_tokens")
         alarms.append(check_length(*astuple(s["response/length_mean"]), max_new or None))
     if "response/eos_rate" in s:
         alarms.append(check_eos(*astuple(s["response/eos_rate"])))
@@ -731,10 +719,10 @@ def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
     """Horizontal lines for the thresholds the alarms use: (metric, y, label)."""
     out: list[tuple[str, float, str]] = []
     for run in runs:
-        target = _get(run.recipe, "ppo.adaptive_kl.target")
+        target = dotted_get(run.recipe, "ppo.adaptive_kl.target")
         if isinstance(target, (int, float)):
             out.append(("objective/kl", float(target), "KL target"))
-        max_new = _get(run.recipe, "ppo.max_new_tokens")
+        max_new = dotted_get(run.recipe, "ppo.max_new_tokens")
         if isinstance(max_new, (int, float)) and run.stage == "ppo":
             out.append(("response/length_mean", float(max_new), "max_new_tokens"))
     if any(run.stage == "ppo" for run in runs):
@@ -742,27 +730,33 @@ def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
     return list(dict.fromkeys(out))  # several runs with one recipe: one line
 
 
-def _figure(n_panels: int, ncols: int) -> tuple[Any, list[Any]]:
-    plt = pyplot()
-    ncols = max(1, min(ncols, n_panels))
-    nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.8), squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[n_panels:]:
+def plot_panels(
+    panels: Sequence[tuple[str, list[str], Sequence[Run]]],
+    path: Path,
+    title: str,
+    ncols: int,
+    smoothing: float,
+    alarms: Sequence[Alarm],
+) -> Path:
+    """One PNG of (title, series names, runs) panels, the alarms listed under them."""
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = pyplot().subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.8), squeeze=False
+    )
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    return fig, flat[:n_panels]
-
-
-def _save(fig: Any, path: Path, title: str, alarms: Sequence[Alarm]) -> Path:
+    for ax, (panel, names, runs) in zip(axes.flat, panels):
+        draw_panel(ax, panel, names, runs, smoothing, alarms, guide_lines(runs))
     fig.suptitle(title, fontsize=12, fontweight="bold")
     bottom = 0.0
     if alarms:
         by_run: dict[str, list[str]] = {}
         for alarm in alarms:
             by_run.setdefault(alarm.run, []).append(alarm.name)
-        text = "\n".join(f"ALARMS {run}: {', '.join(names)}" for run, names in by_run.items())
         width_chars = int(fig.get_figwidth() * 13)  # about 13 characters per inch at 9 pt
-        text = "\n".join(textwrap.fill(line, width_chars) for line in text.splitlines())
+        lines = [f"ALARMS {run}: {', '.join(names)}" for run, names in by_run.items()]
+        text = "\n".join(textwrap.fill(line, width_chars) for line in lines)
         fig.text(0.5, 0.005, text, ha="center", va="bottom", color="red", fontsize=9)
         bottom = (text.count("\n") + 1) * 0.17 / fig.get_figheight()
     return save_figure(fig, path, dpi=90, rect=(0, bottom + 0.01, 1, 0.97))
@@ -776,15 +770,11 @@ def plot_stage(
     alarms: Sequence[Alarm] = (),
 ) -> Path | None:
     """One dashboard PNG for the runs of one stage (overlaid). None when nothing was logged."""
-    panels = panels_for(stage, runs)
+    panels = [(title, names, runs) for title, names in panels_for(stage, runs)]
     if not panels:
         return None
-    fig, axes = _figure(len(panels), 4 if len(panels) > 9 else 3)
-    guides = guide_lines(runs)
-    for ax, (title, names) in zip(axes, panels):
-        draw_panel(ax, title, names, runs, smoothing, alarms, guides)
-    labels = ", ".join(r.label for r in runs)
-    return _save(fig, path, f"{stage}: {labels}", alarms)
+    title = f"{stage}: {', '.join(r.label for r in runs)}"
+    return plot_panels(panels, path, title, 4 if len(panels) > 9 else 3, smoothing, alarms)
 
 
 def plot_overview(
@@ -802,10 +792,8 @@ def plot_overview(
             panels.append((title, names, runs))
     if not panels:
         return None
-    fig, axes = _figure(len(panels), 3)
-    for ax, (title, names, runs) in zip(axes, panels):
-        draw_panel(ax, title, names, runs, smoothing, alarms, guide_lines(runs))
-    return _save(fig, path, "pipeline overview: SFT -> reward model -> PPO", alarms)
+    title = "pipeline overview: SFT -> reward model -> PPO"
+    return plot_panels(panels, path, title, 3, smoothing, alarms)
 
 
 # ------------------------------------------------------------------------------ entry point
