@@ -86,9 +86,7 @@ def load_references(result: Any, field: str | None) -> list[str | None] | None:
     return [by_row.get(p.source) for p in result.items]
 
 
-def text_metrics(
-    hypotheses: dict[str, list[str]], references: list[str | None]
-) -> tuple[dict[str, Any], list[str]]:
+def text_metrics(hypotheses: dict[str, list[str]], references: list[str | None]) -> dict[str, Any]:
     """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE F1 (rouge_score, 0-1) of each policy's
     responses against the references, on the prompts that have one. Each library is optional
     (`pip install 'rlhf[eval]'`): a missing one is skipped with a one-line note."""
@@ -117,7 +115,7 @@ def text_metrics(
                 out.setdefault(name, {})[kind] = fmean(s[kind].fmeasure for s in scores)
     if notes:
         out["notes"] = notes
-    return out, notes
+    return out
 
 
 # ---------------------------------------------------------------------------------- compare
@@ -328,8 +326,8 @@ def add_text_metrics(
     """BLEU / ROUGE of A's and B's answers against the references (one per sample) into
     summary["text_metrics"], and each sample's reference beside it."""
     hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
-    summary["text_metrics"], notes = text_metrics(hypotheses, references)
-    for note in notes:
+    summary["text_metrics"] = text_metrics(hypotheses, references)
+    for note in summary["text_metrics"].get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     for sample, ref in zip(samples, references):
         if ref is not None:

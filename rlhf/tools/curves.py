@@ -439,15 +439,11 @@ def reward_hacking_alarms(series: dict[str, Series]) -> list[Alarm]:
     score = series.get(score_name)
     if score is None:
         return []
-    alarms = []
-    for name in sorted(series):
-        if fnmatch.fnmatch(name, "eval/judge_*") or fnmatch.fnmatch(name, "judge/*"):
-            judge = series[name]
-            alarm = check_judge(
-                score.steps, score.values, judge.steps, judge.values, name, score_name=score_name
-            )
-            alarms += [alarm] if alarm else []
-    return alarms
+    alarms = [
+        check_judge(*astuple(score), *astuple(series[name]), name, score_name=score_name)
+        for name in match_series(list(series), ["eval/judge_*", "judge/*"])
+    ]
+    return [a for a in alarms if a is not None]
 
 
 def check_critic(steps: Sequence[float], explained_variance: Sequence[float]) -> Alarm | None:
@@ -584,23 +580,20 @@ def draw_panel(
     """Each series smoothed (solid) over its raw values (faint). One run: a colour per series;
     several runs: a colour per run and a line style per series, so runs stay comparable."""
     several = len(runs) > 1
-    positive = True
-    lo, hi = math.inf, -math.inf
     twin = ax.twinx() if any(n in SECOND_AXIS for n in names) and len(names) > 1 else None
+    left: list[float] = []  # the values drawn on the left-hand axis
     for r, run in enumerate(runs):
         for k, name in enumerate(names):
             ser = run.series.get(name)
             if ser is None or not ser.values:
                 continue
-            on_twin = twin is not None and name in SECOND_AXIS
+            on = twin if twin is not None and name in SECOND_AXIS else ax
+            left += ser.values if on is ax else []
             color, style, label = series_look(r, k, run.label, name, several, len(names))
             std = run.series.get(f"{name}_std")
-            draw_series(twin if on_twin else ax, ser, std, smoothing, color, style, label)
-            if not on_twin:
-                positive = positive and min(ser.values) > 0
-                lo, hi = min(lo, min(ser.values)), max(hi, max(ser.values))
+            draw_series(on, ser, std, smoothing, color, style, label)
     # Losses of a random model start orders of magnitude above where they end.
-    if positive and hi / lo > 1e3:
+    if left and min(left) > 0 and max(left) / min(left) > 1e3:
         ax.set_yscale("log")
     draw_guides(ax, names, guides)
     flagged = mark_alarms(ax, names, alarms, several)

@@ -208,32 +208,28 @@ def plot_kl(labels: list[str], kl: list[float], path: Path, title: str) -> Path:
     width_in, char_in = 14.0, 0.095  # monospace 9pt is about 0.095 inch per character
     per_line = int(width_in * 0.96 / char_in)
     # Lay the tokens out in lines first so the figure can be as tall as the text.
-    lines: list[list[tuple[int, int]]] = [[]]  # (token index, starting column)
-    col = 0
-    for i, label in enumerate(labels):
-        if col + len(label) > per_line and lines[-1]:
-            lines.append([])
-            col = 0
-        lines[-1].append((i, col))
+    places, row, col = [], 0, 0  # (line, starting column) of each token
+    for label in labels:
+        if col + len(label) > per_line and col:
+            row, col = row + 1, 0
+        places.append((row, col))
         col += len(label) + 1
-    text_h = 0.3 * len(lines) + 0.4
+    text_h = 0.3 * (row + 1) + 0.4
     fig, (ax_text, ax_bar) = plt.subplots(
         2, 1, figsize=(width_in, text_h + 3.2), height_ratios=[text_h, 3.0]
     )
     ax_text.axis("off")
-    for row, line in enumerate(lines):
-        y = 1 - (row + 0.5) / len(lines)
-        for i, column in line:
-            ax_text.text(
-                column / per_line,
-                y,
-                labels[i],
-                family="monospace",
-                fontsize=9,
-                va="center",
-                parse_math=False,
-                bbox={"facecolor": colors[i], "edgecolor": "none", "pad": 1.5},
-            )
+    for label, (line, column), color in zip(labels, places, colors):
+        ax_text.text(
+            column / per_line,
+            1 - (line + 0.5) / (row + 1),
+            label,
+            family="monospace",
+            fontsize=9,
+            va="center",
+            parse_math=False,
+            bbox={"facecolor": color, "edgecolor": "none", "pad": 1.5},
+        )
     ax_text.set_title(title, fontsize=10)
     positions = list(range(len(kl)))
     ax_bar.bar(positions, kl, color=colors, edgecolor="#888", linewidth=0.5)
