@@ -556,12 +556,7 @@ def panels_for(stage: str, runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
         # A stage we do not know: one panel per metric prefix ("train/...", "eval/...").
         prefixes = sorted({n.split("/")[0] for n in names if not n.endswith("_std")})
         spec = [(p, [p, f"{p}/*"]) for p in prefixes]
-    out = []
-    for title, patterns in spec:
-        matched = match_series(names, patterns)
-        if matched:
-            out.append((title, matched))
-    return out
+    return [(title, found) for title, patterns in spec if (found := match_series(names, patterns))]
 
 
 SECOND_AXIS = ("eval/kl",)  # drawn on a right-hand axis when it shares a panel
@@ -836,19 +831,14 @@ def render(
 
 def recipe_run_dirs(recipe_path: str, overrides: Sequence[str]) -> tuple[Path, list[Path]]:
     """(output_dir, its stage folders that exist) for `rlhf curves --recipe`."""
-    from rlhf.recipe import Recipe, load_recipe
+    from rlhf.recipe import Recipe, apply_override, read_recipe_yaml
 
-    try:
-        output_dir = Path(load_recipe(recipe_path, list(overrides)).output_dir)
-    except UserError:
-        # Plotting a finished run must not need its training data: when validation fails
-        # only because a data file is gone, read output_dir from the merged YAML alone.
-        from rlhf.recipe import apply_override, read_recipe_yaml
-
-        data = read_recipe_yaml(Path(recipe_path))  # re-raises for a missing or broken recipe
-        for override in overrides:
-            apply_override(data, override)
-        output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))
+    # The merged YAML, not the validated recipe: plotting a finished run must not need its
+    # training data files to still be there.
+    data = read_recipe_yaml(Path(recipe_path))
+    for override in overrides:
+        apply_override(data, override)
+    output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))
     dirs = [output_dir / s for s in STAGES if (output_dir / s).is_dir()]
     if not dirs:
         raise UserError(
