@@ -357,26 +357,24 @@ def check_length(
         run = run + 1 if max_new_tokens and v >= 0.95 * max_new_tokens else 0
         if run >= need:
             capped[i - run + 1 : i + 1] = [True] * run  # the whole stretch, not just its tail
+    if not any(grown) and not any(capped):
+        return None
     if any(capped):
         what = (
             f"responses hit max_new_tokens ({max_new_tokens}) for {need}+ consecutive steps "
             f"from step {steps[capped.index(True)]:g}: they are being truncated"
         )
-    elif any(grown):
+    else:
         what = (
             f"response length grew to {max(length):.3g}, over {LENGTH_FACTOR:g}x its first "
             f"value {length[0]:.3g}, from step {steps[grown.index(True)]:g}"
         )
-    return alarm_if(
-        "length_explosion",
-        "response/length_mean",
-        steps,
-        [g or c for g, c in zip(grown, capped)],
-        lambda first: (
-            f"response length exploding: {what} (the policy may be exploiting a "
-            "length bias of the reward model)"
-        ),
+    flags = [g or c for g, c in zip(grown, capped)]
+    message = (
+        f"response length exploding: {what} (the policy may be exploiting a length bias "
+        "of the reward model)"
     )
+    return Alarm("length_explosion", "response/length_mean", message, flagged_spans(steps, flags))
 
 
 def check_eos(steps: Sequence[float], eos: Sequence[float], threshold: float = 0.5) -> Alarm | None:
