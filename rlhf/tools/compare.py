@@ -15,12 +15,12 @@ ROUGE (rouge_score) are added if installed.
 from __future__ import annotations
 
 import gc
-import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import torch
@@ -40,13 +40,9 @@ from rlhf.ppo.scorers import reward_model_scorer
 from rlhf.roles import models
 from rlhf.roles.rewards import load_reward_function
 from rlhf.tokens.decoding import Decoding, decoding_from_args
-from rlhf.tools.generate import load, pick_device
+from rlhf.tools.generate import load, pick_device, quiet_loading_in_pipes, write_jsonl
 
 RUBRIC = "rubric"  # --judge rubric: the rubric's behaviour rates (rlhf.roles.rubric)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 # ------------------------------------------------------------------------------- references
@@ -90,9 +86,7 @@ def load_references(result: Any, field: str | None) -> list[str | None] | None:
     return [by_row.get(p.source) for p in result.items]
 
 
-def text_metrics(
-    hypotheses: dict[str, list[str]], references: list[str | None]
-) -> tuple[dict[str, Any], list[str]]:
+def text_metrics(hypotheses: dict[str, list[str]], references: list[str | None]) -> dict[str, Any]:
     """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE F1 (rouge_score, 0-1) of each policy's
     responses against the references, on the prompts that have one. Each library is optional
     (`pip install 'rlhf[eval]'`): a missing one is skipped with a one-line note."""
@@ -118,10 +112,10 @@ def text_metrics(
         for name, hyps in hypotheses.items():
             scores = [scorer.score(r, hyps[i]) for i, r in zip(keep, refs)]
             for kind in kinds:
-                out.setdefault(name, {})[kind] = _mean([s[kind].fmeasure for s in scores])
+                out.setdefault(name, {})[kind] = fmean(s[kind].fmeasure for s in scores)
     if notes:
         out["notes"] = notes
-    return out, notes
+    return out
 
 
 # ---------------------------------------------------------------------------------- compare
@@ -135,22 +129,17 @@ def check_model(flag: str, model_dir: str) -> None:
         raise UserError(f"{flag}: {e}") from None
 
 
-def loaded(model_dir: str, device: torch.device) -> Callable[[], Any]:
-    """A context that loads a policy for as long as it answers, then frees it: one model is in
-    memory at a time."""
-
-    @contextmanager
-    def open_model() -> Iterator[torch.nn.Module]:
-        model, _ = load(model_dir, device)
-        try:
-            yield model
-        finally:
-            del model
-            if device.type == "cuda":  # HF modules hold reference cycles
-                gc.collect()
-                torch.cuda.empty_cache()
-
-    return open_model
+@contextmanager
+def loaded(model_dir: str, device: torch.device) -> Iterator[torch.nn.Module]:
+    """A policy loaded for as long as it answers, then freed: one model in memory at a time."""
+    model, _ = load(model_dir, device)
+    try:
+        yield model
+    finally:
+        del model
+        if device.type == "cuda":  # HF modules hold reference cycles
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def check_judges(reward_models: list[str], judges: list[str]) -> list[Any]:
@@ -179,10 +168,10 @@ def sides_of(policy_a: str, policy_b: str, reference: str | None, device: torch.
         if other.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{flag} {model_dir}: its tokenizer differs from POLICY_A's")
     sides = [
-        Side(name, loaded(d, device), kl=reference is not None)
+        Side(name, partial(loaded, d, device), kl=reference is not None)
         for name, d in (("a", policy_a), ("b", policy_b))
     ]
-    return sides, loaded(reference, device) if reference else None, tokenizer
+    return sides, partial(loaded, reference, device) if reference else None, tokenizer
 
 
 def compare(
@@ -245,18 +234,15 @@ def default_temperature(policies: dict[str, str]) -> tuple[float, str]:
     the temperature it was trained with: its rollouts, rewards and KL were all at that
     temperature, and T=1 would ask a second question. Two PPO policies trained at different
     temperatures need the user to choose. Anything else: T=1."""
-    import yaml
+    from rlhf.tools.curves import dotted_get, is_run_dir, load_run
 
     trained: dict[str, tuple[float, Path]] = {}
     for flag, model_dir in policies.items():
-        run = Path(model_dir).parent
-        try:
-            info = json.loads((run / "run.json").read_text())
-            recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-            if info.get("stage") == "ppo":
-                trained[flag] = (float(recipe["ppo"]["temperature"]), run / "recipe.yaml")
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
-            continue  # not a PPO run folder (or not one we can read): no trained temperature
+        run_dir = Path(model_dir).parent
+        run = load_run(run_dir) if is_run_dir(run_dir) else None
+        temperature = dotted_get(run.recipe, "ppo.temperature") if run else None
+        if run and run.stage == "ppo" and isinstance(temperature, (int, float)):
+            trained[flag] = (float(temperature), run_dir / "recipe.yaml")
     if len({t for t, _ in trained.values()}) > 1:
         given = ", ".join(f"{flag} T={t} ({path})" for flag, (t, path) in trained.items())
         raise UserError(
@@ -279,10 +265,7 @@ def compare_cli(args: Any) -> dict[str, Any]:
         temperature, temperature_from = default_temperature(policies)
     decoding = decoding_from_args(args, sample_by_default=True, temperature=temperature)
     check_args(args)
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+    quiet_loading_in_pipes()
     loaded = datalib.load_prompts(datalib.as_source(args.prompts, args.format, args.limit))
     # N samples per prompt, each prompt's in a row: one seed still gives both policies the
     # same random stream (identical policies -> identical samples).
@@ -313,7 +296,7 @@ def compare_cli(args: Any) -> dict[str, Any]:
     if references is not None:
         add_text_metrics(summary, samples, references)
     if args.output:
-        write_samples(args.output, samples)
+        write_jsonl(args.output, samples, f"compare: {len(samples)} samples")
     return summary
 
 
@@ -325,21 +308,16 @@ def check_args(args: Any) -> None:
         raise UserError("rlhf eval compare needs at least one --reward-model RM_DIR or --judge")
     if args.samples_per_prompt < 1:
         raise UserError("--samples-per-prompt must be >= 1")
-    for spec in args.judges:
-        if spec != RUBRIC:
-            load_reward_function(spec)  # an unknown name or a bad module fails before generation
     if args.batch_size < 1 or args.max_length < 8 or args.max_prompt_length < 1:
         raise UserError("--batch-size and --max-prompt-length must be >= 1, --max-length >= 8")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be >= 1")
     if args.output and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a folder; give a file name")
-    check_model("POLICY_A", args.model_dir)
-    check_model("POLICY_B", args.data)
-    if args.reference:
-        check_model("--reference", args.reference)
-    for rm in args.reward_models:
-        check_model("--reward-model", rm)
+    named = [("POLICY_A", args.model_dir), ("POLICY_B", args.data), ("--reference", args.reference)]
+    for flag, model_dir in named + [("--reward-model", rm) for rm in args.reward_models]:
+        if model_dir:
+            check_model(flag, model_dir)
 
 
 def add_text_metrics(
@@ -348,20 +326,12 @@ def add_text_metrics(
     """BLEU / ROUGE of A's and B's answers against the references (one per sample) into
     summary["text_metrics"], and each sample's reference beside it."""
     hypotheses = {name: [s[name] for s in samples] for name in ("a", "b")}
-    summary["text_metrics"], notes = text_metrics(hypotheses, references)
-    for note in notes:
+    summary["text_metrics"] = text_metrics(hypotheses, references)
+    for note in summary["text_metrics"].get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     for sample, ref in zip(samples, references):
         if ref is not None:
             sample["reference"] = ref
-
-
-def write_samples(output: str, samples: list[dict[str, Any]]) -> None:
-    """--output: the per-sample records as JSON lines."""
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-    Path(output).write_text(lines, encoding="utf-8")
-    print(f"compare: {len(samples)} samples -> {output}", file=sys.stderr)
 
 
 def format_report(summary: dict[str, Any]) -> str:

@@ -21,8 +21,9 @@ import math
 import statistics
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import astuple, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -127,22 +128,18 @@ class Run:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file. A run that died mid-write leaves a torn last line: skip it
     rather than refuse to plot everything before it."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [row for row in map(parse_json, lines) if isinstance(row, dict)]
 
 
 def series_from_rows(rows: list[dict[str, Any]]) -> dict[str, Series]:
@@ -170,10 +167,7 @@ def series_from_rows(rows: list[dict[str, Any]]) -> dict[str, Series]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    data = parse_json(path.read_text()) if path.is_file() else None
     return data if isinstance(data, dict) else None
 
 
@@ -239,7 +233,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     )
 
 
-def _get(mapping: dict[str, Any], dotted: str) -> Any:
+def dotted_get(mapping: dict[str, Any], dotted: str) -> Any:
+    """mapping["a"]["b"] for "a.b"; None where a level is missing."""
     node: Any = mapping
     for part in dotted.split("."):
         if not isinstance(node, dict):
@@ -265,19 +260,28 @@ def flagged_spans(steps: Sequence[float], flags: Sequence[bool]) -> list[tuple[f
     """Contiguous flagged points -> [(first step, last step), ...]."""
     spans: list[tuple[float, float]] = []
     start = None
-    for i, flag in enumerate(flags):
+    for i, flag in enumerate([*flags, False]):
         if flag and start is None:
             start = i
         if not flag and start is not None:
             spans.append((steps[start], steps[i - 1]))
             start = None
-    if start is not None:
-        spans.append((steps[start], steps[len(flags) - 1]))
     return spans
 
 
-def _first_flag(steps: Sequence[float], flags: Sequence[bool]) -> float:
-    return next(s for s, f in zip(steps, flags) if f)
+def alarm_if(
+    name: str,
+    metric: str,
+    steps: Sequence[float],
+    flags: Sequence[bool],
+    message: Callable[[float], str],
+) -> Alarm | None:
+    """An Alarm over the flagged stretches, `message` given the first flagged step; None when
+    nothing is flagged."""
+    if not any(flags):
+        return None
+    first = next(s for s, f in zip(steps, flags) if f)
+    return Alarm(name, metric, message(first), flagged_spans(steps, flags))
 
 
 # Where the KL and length alarms fire: KL above KL_FACTOR x the adaptive controller's target,
@@ -294,48 +298,47 @@ def check_kl(
 ) -> Alarm | None:
     """KL far above the adaptive controller's target (> KL_FACTOR x target). Without a target,
     far above the run's own typical KL (> KL_MEDIAN_FACTOR x its median)."""
-    factor, median_factor = KL_FACTOR, KL_MEDIAN_FACTOR
     if not kl:
         return None
     if target is not None and target > 0:
-        limit = factor * target
-        why = f"{factor:g}x the target {target:g}"
+        limit, why = KL_FACTOR * target, f"{KL_FACTOR:g}x the target {target:g}"
     else:
         median = statistics.median(kl)
         if len(kl) < 3 or median <= 0:
             return None  # too few points, or a KL still around 0: no baseline to compare to
-        limit = median_factor * median
-        why = f"{median_factor:g}x its median {median:.3g}"
-    flags = [v > limit for v in kl]
-    if not any(flags):
-        return None
-    return Alarm(
+        limit, why = KL_MEDIAN_FACTOR * median, f"{KL_MEDIAN_FACTOR:g}x its median {median:.3g}"
+    return alarm_if(
         "kl_high",
         "objective/kl",
-        f"KL far above target: reached {max(kl):.3g} (limit {limit:.3g} = {why}) from step "
-        f"{_first_flag(steps, flags):g}; the policy is drifting from the reference "
-        "(raise kl_coef or lower the learning rate)",
-        flagged_spans(steps, flags),
+        steps,
+        [v > limit for v in kl],
+        lambda first: (
+            f"KL far above target: reached {max(kl):.3g} (limit {limit:.3g} = {why}) "
+            f"from step {first:g}; the policy is drifting from the reference "
+            "(raise kl_coef or lower the learning rate)"
+        ),
     )
 
 
 def check_entropy(
-    steps: Sequence[float], entropy: Sequence[float], fraction: float = 0.2, metric: str = ""
+    steps: Sequence[float],
+    entropy: Sequence[float],
+    fraction: float = 0.2,
+    metric: str = "objective/entropy",
 ) -> Alarm | None:
     """Entropy collapse: below `fraction` of its first value."""
     if len(entropy) < 2 or entropy[0] <= 0:
         return None
-    limit = fraction * entropy[0]
-    flags = [v < limit for v in entropy]
-    if not any(flags):
-        return None
-    return Alarm(
+    return alarm_if(
         "entropy_collapse",
-        metric or "objective/entropy",
-        f"entropy collapse: {metric or 'entropy'} fell to {min(entropy):.3g}, below {fraction:.0%} of its first value "
-        f"{entropy[0]:.3g}, from step {_first_flag(steps, flags):g}; the policy is becoming "
-        "deterministic (mode collapse)",
-        flagged_spans(steps, flags),
+        metric,
+        steps,
+        [v < fraction * entropy[0] for v in entropy],
+        lambda first: (
+            f"entropy collapse: {metric} fell to {min(entropy):.3g}, below "
+            f"{fraction:.0%} of its first value {entropy[0]:.3g}, from step {first:g}; the policy "
+            "is becoming deterministic (mode collapse)"
+        ),
     )
 
 
@@ -344,73 +347,59 @@ def check_length(
 ) -> Alarm | None:
     """Response length exploding: > LENGTH_FACTOR x its first value, or at max_new_tokens (mean
     length >= 95% of it) for LENGTH_PATIENCE consecutive logged steps (all if fewer)."""
-    factor, patience = LENGTH_FACTOR, LENGTH_PATIENCE
     if not length:
         return None
-    grown = [length[0] > 0 and v > factor * length[0] for v in length]
-    at_max = [bool(max_new_tokens) and v >= 0.95 * max_new_tokens for v in length]
-    need = min(patience, len(length))
+    grown = [length[0] > 0 and v > LENGTH_FACTOR * length[0] for v in length]
+    need = min(LENGTH_PATIENCE, len(length))
     capped = [False] * len(length)
     run = 0
-    for i, hit in enumerate(at_max):
-        run = run + 1 if hit else 0
+    for i, v in enumerate(length):
+        run = run + 1 if max_new_tokens and v >= 0.95 * max_new_tokens else 0
         if run >= need:
-            for j in range(i - run + 1, i + 1):  # the whole stretch, not just its tail
-                capped[j] = True
-    flags = [g or c for g, c in zip(grown, capped)]
-    if not any(flags):
+            capped[i - run + 1 : i + 1] = [True] * run  # the whole stretch, not just its tail
+    if not any(grown) and not any(capped):
         return None
     if any(capped):
         what = (
             f"responses hit max_new_tokens ({max_new_tokens}) for {need}+ consecutive steps "
-            f"from step {_first_flag(steps, capped):g}: they are being truncated"
+            f"from step {steps[capped.index(True)]:g}: they are being truncated"
         )
     else:
         what = (
-            f"response length grew to {max(length):.3g}, over {factor:g}x its first value "
-            f"{length[0]:.3g}, from step {_first_flag(steps, grown):g}"
+            f"response length grew to {max(length):.3g}, over {LENGTH_FACTOR:g}x its first "
+            f"value {length[0]:.3g}, from step {steps[grown.index(True)]:g}"
         )
-    return Alarm(
-        "length_explosion",
-        "response/length_mean",
+    flags = [g or c for g, c in zip(grown, capped)]
+    message = (
         f"response length exploding: {what} (the policy may be exploiting a length bias "
-        "of the reward model)",
-        flagged_spans(steps, flags),
+        "of the reward model)"
     )
+    return Alarm("length_explosion", "response/length_mean", message, flagged_spans(steps, flags))
 
 
 def check_eos(steps: Sequence[float], eos: Sequence[float], threshold: float = 0.5) -> Alarm | None:
     """EOS rate falling: below `threshold` after having been at or above it."""
-    flags = []
-    best = -math.inf
-    for v in eos:
-        flags.append(best >= threshold and v < threshold)
-        best = max(best, v)
-    if not any(flags):
-        return None
-    return Alarm(
+    best_before = accumulate(eos, max, initial=-math.inf)
+    return alarm_if(
         "eos_falling",
         "response/eos_rate",
-        f"EOS rate falling: {min(eos):.0%} of responses end with EOS (was {max(eos):.0%}) from "
-        f"step {_first_flag(steps, flags):g}; responses run into max_new_tokens "
-        "(consider ppo.missing_eos_penalty)",
-        flagged_spans(steps, flags),
+        steps,
+        [v < threshold <= best for v, best in zip(eos, best_before)],
+        lambda first: (
+            f"EOS rate falling: {min(eos):.0%} of responses end with EOS (was "
+            f"{max(eos):.0%}) from step {first:g}; responses run into max_new_tokens "
+            "(consider ppo.missing_eos_penalty)"
+        ),
     )
 
 
 def trend(steps: Sequence[float], values: Sequence[float]) -> float:
     """Least-squares change over the run in units of the series' own spread: about +3.5 for a
     clean rise, around 0 for noise. Comparable between series of different scales."""
-    n = len(values)
-    if n < 2:
+    if len(set(steps)) < 2 or statistics.pstdev(values) == 0:
         return 0.0
-    mean_x, mean_y = sum(steps) / n, sum(values) / n
-    var_x = sum((x - mean_x) ** 2 for x in steps)
-    spread = statistics.pstdev(values)
-    if var_x == 0 or spread == 0:
-        return 0.0
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values)) / var_x
-    return slope * (max(steps) - min(steps)) / spread
+    slope = statistics.linear_regression(steps, values).slope
+    return slope * (max(steps) - min(steps)) / statistics.pstdev(values)
 
 
 def check_judge(
@@ -448,15 +437,11 @@ def reward_hacking_alarms(series: dict[str, Series]) -> list[Alarm]:
     score = series.get(score_name)
     if score is None:
         return []
-    alarms = []
-    for name in sorted(series):
-        if fnmatch.fnmatch(name, "eval/judge_*") or fnmatch.fnmatch(name, "judge/*"):
-            judge = series[name]
-            alarm = check_judge(
-                score.steps, score.values, judge.steps, judge.values, name, score_name=score_name
-            )
-            alarms += [alarm] if alarm else []
-    return alarms
+    alarms = [
+        check_judge(*astuple(score), *astuple(series[name]), name, score_name=score_name)
+        for name in match_series(list(series), ["eval/judge_*", "judge/*"])
+    ]
+    return [a for a in alarms if a is not None]
 
 
 def check_critic(steps: Sequence[float], explained_variance: Sequence[float]) -> Alarm | None:
@@ -483,34 +468,23 @@ def check_win_rate(results: dict[str, Any] | None) -> list[Alarm]:
     """End-of-run win rate over the SFT policy whose 95% interval includes 0.5: the judge
     cannot tell the two policies apart. eval.json's `win_rate_ci95` (the trained reward
     model) and each `judges[name]["win_rate_ci95"]`."""
-    if not results:
-        return []
-    intervals = [
-        ("the trained reward model", results.get("win_rate"), results.get("win_rate_ci95"))
+    results = results or {}
+    judges = results.get("judges") if isinstance(results.get("judges"), dict) else {}
+    entries = [("the trained reward model", results)] + [
+        (f"judge {name}", entry)
+        for name, entry in sorted(judges.items())
+        if isinstance(entry, dict)
     ]
-    judges = results.get("judges")
-    if isinstance(judges, dict):
-        for name, entry in sorted(judges.items()):
-            if isinstance(entry, dict):
-                intervals.append(
-                    (f"judge {name}", entry.get("win_rate"), entry.get("win_rate_ci95"))
-                )
     out = []
-    for who, rate, ci in intervals:
-        if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
-            continue
-        lo, hi = float(ci[0]), float(ci[1])
-        if lo <= 0.5 <= hi:
+    for who, entry in entries:
+        rate, ci = entry.get("win_rate"), entry.get("win_rate_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] <= 0.5 <= ci[1]:
             shown = f"{float(rate):.2f} " if isinstance(rate, (int, float)) else ""
-            out.append(
-                Alarm(
-                    "win_rate_inconclusive",
-                    "eval/win_rate",
-                    f"win rate inconclusive under {who}: {shown}[{lo:.2f}, {hi:.2f}] includes "
-                    "0.5; this judge cannot tell the PPO policy from the SFT policy",
-                    [],
-                )
+            message = (
+                f"win rate inconclusive under {who}: {shown}[{ci[0]:.2f}, {ci[1]:.2f}] includes "
+                "0.5; this judge cannot tell the PPO policy from the SFT policy"
             )
+            out.append(Alarm("win_rate_inconclusive", "eval/win_rate", message, []))
     return out
 
 
@@ -520,28 +494,25 @@ def check_run(run: Run) -> list[Alarm]:
     alarms: list[Alarm | None] = []
     if "objective/kl" in s:
         # Only the adaptive controller has a target; a fixed kl_coef falls back to the median.
-        target = _get(run.recipe, "ppo.adaptive_kl.target")
+        target = dotted_get(run.recipe, "ppo.adaptive_kl.target")
         target = float(target) if isinstance(target, (int, float)) else None
-        alarms.append(check_kl(s["objective/kl"].steps, s["objective/kl"].values, target))
+        alarms.append(check_kl(*astuple(s["objective/kl"]), target))
     # Per-token entropy when logged: the per-sequence sum also falls when responses merely get
     # shorter, which the length alarm already covers.
-    for name in ("objective/entropy_per_token", "objective/entropy"):
-        if name in s:
-            alarm = check_entropy(s[name].steps, s[name].values, metric=name)
-            if alarm is not None:
-                alarm.metric = "objective/entropy" if "objective/entropy" in s else name
-            alarms.append(alarm)
-            break
+    entropy = next((n for n in ("objective/entropy_per_token", "objective/entropy") if n in s), "")
+    if entropy:
+        alarm = check_entropy(*astuple(s[entropy]), metric=entropy)
+        if alarm is not None and "objective/entropy" in s:
+            alarm.metric = "objective/entropy"  # the panel that shows it
+        alarms.append(alarm)
     if "response/length_mean" in s:
-        max_new = _get(run.recipe, "ppo.max_new_tokens")
-        ser = s["response/length_mean"]
-        alarms.append(check_length(ser.steps, ser.values, max_new if max_new else None))
+        max_new = dotted_get(run.recipe, "ppo.max_new_tokens")
+        alarms.append(check_length(*astuple(s["response/length_mean"]), max_new or None))
     if "response/eos_rate" in s:
-        alarms.append(check_eos(s["response/eos_rate"].steps, s["response/eos_rate"].values))
+        alarms.append(check_eos(*astuple(s["response/eos_rate"])))
     alarms.extend(reward_hacking_alarms(s))
     if "value/explained_variance" in s:  # only estimators with a critic log it
-        ev = s["value/explained_variance"]
-        alarms.append(check_critic(ev.steps, ev.values))
+        alarms.append(check_critic(*astuple(s["value/explained_variance"])))
     alarms.extend(check_win_rate(run.eval))
     out = [a for a in alarms if a is not None]
     for alarm in out:
@@ -583,12 +554,7 @@ def panels_for(stage: str, runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
         # A stage we do not know: one panel per metric prefix ("train/...", "eval/...").
         prefixes = sorted({n.split("/")[0] for n in names if not n.endswith("_std")})
         spec = [(p, [p, f"{p}/*"]) for p in prefixes]
-    out = []
-    for title, patterns in spec:
-        matched = match_series(names, patterns)
-        if matched:
-            out.append((title, matched))
-    return out
+    return [(title, found) for title, patterns in spec if (found := match_series(names, patterns))]
 
 
 SECOND_AXIS = ("eval/kl",)  # drawn on a right-hand axis when it shares a panel
@@ -607,23 +573,20 @@ def draw_panel(
     """Each series smoothed (solid) over its raw values (faint). One run: a colour per series;
     several runs: a colour per run and a line style per series, so runs stay comparable."""
     several = len(runs) > 1
-    positive = True
-    lo, hi = math.inf, -math.inf
     twin = ax.twinx() if any(n in SECOND_AXIS for n in names) and len(names) > 1 else None
+    left: list[float] = []  # the values drawn on the left-hand axis
     for r, run in enumerate(runs):
         for k, name in enumerate(names):
             ser = run.series.get(name)
             if ser is None or not ser.values:
                 continue
-            on_twin = twin is not None and name in SECOND_AXIS
+            on = twin if twin is not None and name in SECOND_AXIS else ax
+            left += ser.values if on is ax else []
             color, style, label = series_look(r, k, run.label, name, several, len(names))
             std = run.series.get(f"{name}_std")
-            draw_series(twin if on_twin else ax, ser, std, smoothing, color, style, label)
-            if not on_twin:
-                positive = positive and min(ser.values) > 0
-                lo, hi = min(lo, min(ser.values)), max(hi, max(ser.values))
+            draw_series(on, ser, std, smoothing, color, style, label)
     # Losses of a random model start orders of magnitude above where they end.
-    if positive and hi / lo > 1e3:
+    if left and min(left) > 0 and max(left) / min(left) > 1e3:
         ax.set_yscale("log")
     draw_guides(ax, names, guides)
     flagged = mark_alarms(ax, names, alarms, several)
@@ -742,10 +705,10 @@ def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
     """Horizontal lines for the thresholds the alarms use: (metric, y, label)."""
     out: list[tuple[str, float, str]] = []
     for run in runs:
-        target = _get(run.recipe, "ppo.adaptive_kl.target")
+        target = dotted_get(run.recipe, "ppo.adaptive_kl.target")
         if isinstance(target, (int, float)):
             out.append(("objective/kl", float(target), "KL target"))
-        max_new = _get(run.recipe, "ppo.max_new_tokens")
+        max_new = dotted_get(run.recipe, "ppo.max_new_tokens")
         if isinstance(max_new, (int, float)) and run.stage == "ppo":
             out.append(("response/length_mean", float(max_new), "max_new_tokens"))
     if any(run.stage == "ppo" for run in runs):
@@ -753,27 +716,33 @@ def guide_lines(runs: Sequence[Run]) -> list[tuple[str, float, str]]:
     return list(dict.fromkeys(out))  # several runs with one recipe: one line
 
 
-def _figure(n_panels: int, ncols: int) -> tuple[Any, list[Any]]:
-    plt = pyplot()
-    ncols = max(1, min(ncols, n_panels))
-    nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.8), squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[n_panels:]:
+def plot_panels(
+    panels: Sequence[tuple[str, list[str], Sequence[Run]]],
+    path: Path,
+    title: str,
+    ncols: int,
+    smoothing: float,
+    alarms: Sequence[Alarm],
+) -> Path:
+    """One PNG of (title, series names, runs) panels, the alarms listed under them."""
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = pyplot().subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows + 0.8), squeeze=False
+    )
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    return fig, flat[:n_panels]
-
-
-def _save(fig: Any, path: Path, title: str, alarms: Sequence[Alarm]) -> Path:
+    for ax, (panel, names, runs) in zip(axes.flat, panels):
+        draw_panel(ax, panel, names, runs, smoothing, alarms, guide_lines(runs))
     fig.suptitle(title, fontsize=12, fontweight="bold")
     bottom = 0.0
     if alarms:
         by_run: dict[str, list[str]] = {}
         for alarm in alarms:
             by_run.setdefault(alarm.run, []).append(alarm.name)
-        text = "\n".join(f"ALARMS {run}: {', '.join(names)}" for run, names in by_run.items())
         width_chars = int(fig.get_figwidth() * 13)  # about 13 characters per inch at 9 pt
-        text = "\n".join(textwrap.fill(line, width_chars) for line in text.splitlines())
+        lines = [f"ALARMS {run}: {', '.join(names)}" for run, names in by_run.items()]
+        text = "\n".join(textwrap.fill(line, width_chars) for line in lines)
         fig.text(0.5, 0.005, text, ha="center", va="bottom", color="red", fontsize=9)
         bottom = (text.count("\n") + 1) * 0.17 / fig.get_figheight()
     return save_figure(fig, path, dpi=90, rect=(0, bottom + 0.01, 1, 0.97))
@@ -787,15 +756,11 @@ def plot_stage(
     alarms: Sequence[Alarm] = (),
 ) -> Path | None:
     """One dashboard PNG for the runs of one stage (overlaid). None when nothing was logged."""
-    panels = panels_for(stage, runs)
+    panels = [(title, names, runs) for title, names in panels_for(stage, runs)]
     if not panels:
         return None
-    fig, axes = _figure(len(panels), 4 if len(panels) > 9 else 3)
-    guides = guide_lines(runs)
-    for ax, (title, names) in zip(axes, panels):
-        draw_panel(ax, title, names, runs, smoothing, alarms, guides)
-    labels = ", ".join(r.label for r in runs)
-    return _save(fig, path, f"{stage}: {labels}", alarms)
+    title = f"{stage}: {', '.join(r.label for r in runs)}"
+    return plot_panels(panels, path, title, 4 if len(panels) > 9 else 3, smoothing, alarms)
 
 
 def plot_overview(
@@ -813,10 +778,8 @@ def plot_overview(
             panels.append((title, names, runs))
     if not panels:
         return None
-    fig, axes = _figure(len(panels), 3)
-    for ax, (title, names, runs) in zip(axes, panels):
-        draw_panel(ax, title, names, runs, smoothing, alarms, guide_lines(runs))
-    return _save(fig, path, "pipeline overview: SFT -> reward model -> PPO", alarms)
+    title = "pipeline overview: SFT -> reward model -> PPO"
+    return plot_panels(panels, path, title, 3, smoothing, alarms)
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -866,19 +829,14 @@ def render(
 
 def recipe_run_dirs(recipe_path: str, overrides: Sequence[str]) -> tuple[Path, list[Path]]:
     """(output_dir, its stage folders that exist) for `rlhf curves --recipe`."""
-    from rlhf.recipe import Recipe, load_recipe
+    from rlhf.recipe import Recipe, apply_override, read_recipe_yaml
 
-    try:
-        output_dir = Path(load_recipe(recipe_path, list(overrides)).output_dir)
-    except UserError:
-        # Plotting a finished run must not need its training data: when validation fails
-        # only because a data file is gone, read output_dir from the merged YAML alone.
-        from rlhf.recipe import apply_override, read_recipe_yaml
-
-        data = read_recipe_yaml(Path(recipe_path))  # re-raises for a missing or broken recipe
-        for override in overrides:
-            apply_override(data, override)
-        output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))
+    # The merged YAML, not the validated recipe: plotting a finished run must not need its
+    # training data files to still be there.
+    data = read_recipe_yaml(Path(recipe_path))
+    for override in overrides:
+        apply_override(data, override)
+    output_dir = Path(str(data.get("output_dir") or Recipe.model_fields["output_dir"].default))
     dirs = [output_dir / s for s in STAGES if (output_dir / s).is_dir()]
     if not dirs:
         raise UserError(

@@ -57,15 +57,7 @@ def check_file(
         from rlhf.recipe import load_recipe
 
         loaded_recipe = load_recipe(recipe)
-    tok = None
-    if tokenizer is not None or loaded_recipe is not None:
-        from rlhf.roles.models import load_tokenizer
-
-        if tokenizer is not None:
-            tok = load_tokenizer(tokenizer)
-        else:
-            model = loaded_recipe.model
-            tok = load_tokenizer(model.name, model.chat_template, model.trust_remote_code)
+    tok = _tokenizer(tokenizer, loaded_recipe)
 
     prompts = [_prompt_length(item.prompt, tok) for item in items]
     responses = [_response_length(r, tok) for item in items for r in _responses(item)]
@@ -74,10 +66,20 @@ def check_file(
     if responses:
         stats[f"response_{unit}"] = percentiles(responses)
     if loaded_recipe is not None and tok is not None:
-        limit = _max_prompt_length(loaded_recipe, kind)
+        section = {"sft": loaded_recipe.sft, "comparisons": loaded_recipe.reward}
+        limit = section[kind].max_length if kind in section else loaded_recipe.ppo.max_prompt_length
         stats["max_length"] = limit
         stats["prompts_over_max_length"] = sum(n > limit for n in prompts)
     return stats
+
+
+def _tokenizer(name: str | None, recipe: Any) -> Any:
+    """--tokenizer, else the recipe model's; None (count characters) without either."""
+    if name is None and recipe is None:
+        return None
+    from rlhf.roles import models
+
+    return models.load_tokenizer(name) if name else models.load_recipe_tokenizer(recipe.model)
 
 
 def _kind(source: Any) -> str:
@@ -110,14 +112,6 @@ def _response_length(response: str, tok: Any) -> int:
     if tok is None:
         return len(response)
     return len(tok(response, add_special_tokens=False)["input_ids"])
-
-
-def _max_prompt_length(recipe: Any, kind: str) -> int:
-    if kind == "sft":
-        return recipe.sft.max_length
-    if kind == "comparisons":
-        return recipe.reward.max_length
-    return recipe.ppo.max_prompt_length
 
 
 def percentiles(values: list[int]) -> dict[str, int]:

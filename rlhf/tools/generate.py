@@ -33,6 +33,25 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def quiet_loading_in_pipes() -> None:
+    """No weight-loading progress bars in logs and pipes (a terminal keeps them)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def write_jsonl(path: str, rows: list[dict[str, Any]], what: str) -> None:
+    """--output: the rows as JSON lines (creating the folder); `what` they are, on stderr."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(jsonl(rows), encoding="utf-8")
+    print(f"{what} -> {path}", file=sys.stderr)
+
+
+def jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def load(model_dir: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, left-padding tokenizer): generation appends on the right, so the
     prompts must end at the same column."""
@@ -57,7 +76,7 @@ def generate_responses(
 ) -> list[dict[str, Any]]:
     """Chat-templated prompts -> [{"prompt", "response", "tokens", "finished"}], in order.
     `with_ids` adds "ids": the generated token ids (EOS included), for scoring those exact
-    tokens afterwards (`rlhf eval compare` computes log-probs on them).
+    tokens afterwards (`rlhf viz kl`).
 
     Greedy and beam search are deterministic. Sampling draws from torch's global generator,
     seeded once here, so the same seed, prompts and batch size give the same text.
@@ -99,9 +118,7 @@ def generate_responses(
                 "tokens": len(kept),
                 "finished": finished,
             }
-            if with_ids:
-                row["ids"] = kept
-            rows.append(row)
+            rows.append(row | {"ids": kept} if with_ids else row)
     return rows
 
 
@@ -118,10 +135,7 @@ def read_prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
 
 def main(args: argparse.Namespace) -> int:
     decoding = decoding_from_args(args)
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+    quiet_loading_in_pipes()
     if args.output and Path(args.output).is_dir():
         raise UserError(f"--output {args.output} is a folder; give a file name")
     prompts = read_prompts(args)
@@ -136,11 +150,8 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=sys.stderr.isatty(),
     )
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(lines, encoding="utf-8")
-        print(f"generate: {len(rows)} responses -> {args.output}", file=sys.stderr)
+        write_jsonl(args.output, rows, f"generate: {len(rows)} responses")
     else:
-        sys.stdout.write(lines)
+        sys.stdout.write(jsonl(rows))
     return 0

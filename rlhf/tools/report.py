@@ -110,39 +110,34 @@ def key_value_table(pairs: Sequence[tuple[str, Any]]) -> str:
 
 
 def records_table(records: Sequence[dict[str, Any]], text_columns: Sequence[str] = ()) -> str:
-    columns: list[str] = []
-    for record in records:
-        columns.extend(k for k in record if k not in columns)
+    columns = list(dict.fromkeys(key for record in records for key in record))
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
-    body = []
-    for record in records:
-        cells = []
-        for c in columns:
-            value = record.get(c, "")
-            if isinstance(value, str) or c in text_columns:
-                cells.append(f'<td class="text">{esc(value)}</td>')
-            else:
-                cells.append(f'<td class="num">{esc(fmt(value))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
+    body = [
+        "<tr>" + "".join(cell(record.get(c, ""), c in text_columns) for c in columns) + "</tr>"
+        for record in records
+    ]
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def cell(value: Any, text: bool) -> str:
+    """A table cell: strings (and `text` columns) as preformatted text, numbers right-aligned."""
+    if text or isinstance(value, str):
+        return f'<td class="text">{esc(value)}</td>'
+    return f'<td class="num">{esc(fmt(value))}</td>'
 
 
 def eval_section(results: dict[str, Any]) -> str:
     """eval.json: scalars as one table, each list of records (held-out samples) as another."""
-    flat = flatten(results)
-    scalars = [
-        (k, v)
-        for k, v in flat.items()
-        if not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))
-    ]
-    parts = [key_value_table(scalars)] if scalars else []
-    for key, value in flat.items():
+    scalars, tables = [], []
+    for key, value in flatten(results).items():
         if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            parts.append(
+            tables.append(
                 f"<details><summary>{esc(key)} ({len(value)})</summary>"
                 f"{records_table(value)}</details>"
             )
-    return "".join(parts)
+        else:
+            scalars.append((key, value))
+    return "".join(([key_value_table(scalars)] if scalars else []) + tables)
 
 
 def samples_section(samples: Sequence[dict[str, Any]]) -> str:
@@ -181,10 +176,11 @@ def run_section(run: Any) -> str:
     else:
         parts.append("<p class='meta'>no eval.json (the run has not finished)</p>")
     if run.series:
-        last = [
-            (name, s.values[-1], s.steps[-1]) for name, s in sorted(run.series.items()) if s.values
+        rows = [
+            {"metric": name, "last value": s.values[-1], "at step": int(s.steps[-1])}
+            for name, s in sorted(run.series.items())
+            if s.values
         ]
-        rows = [{"metric": n, "last value": v, "at step": int(st)} for n, v, st in last]
         parts.append(
             "<details><summary>last logged value of every metric</summary>"
             + records_table(rows)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from rlhf.infra.errors import UserError
 from rlhf.tokens.chat import encode_prompt
 from rlhf.tokens.decoding import Decoding
 from rlhf.tokens.sequences import response_slice
-from rlhf.tools.generate import generate_responses, load, pick_device
+from rlhf.tools.generate import generate_responses, load, pick_device, quiet_loading_in_pipes
 from rlhf.tools.plotting import pyplot, save_figure
 
 MAX_ATTENTION_TOKENS = 256  # beyond this the heatmap's labels are unreadable
@@ -53,13 +52,10 @@ def _index(value: int, size: int, what: str) -> int:
 
 
 def load_eager(model_dir: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    from rlhf.roles import models
-
-    tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_causal_lm(model_dir)
+    model, tokenizer = load(model_dir, device)
     # SDPA and flash attention never materialise the attention matrix; eager does.
     model.set_attn_implementation("eager")
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer
 
 
 @torch.no_grad()
@@ -178,11 +174,10 @@ def kl_html(
             f'<span class="t" style="background:{color}" title="{html.escape(title)}">'
             f"{html.escape(text)}</span>"
         )
+    steps = [vmax * i / 4 for i in range(5)]
     legend = "".join(
         f'<span class="t" style="background:{c}">{v:.3g}</span>'
-        for v, c in zip(
-            [vmax * i / 4 for i in range(5)], _colors([vmax * i / 4 for i in range(5)], vmax)
-        )
+        for v, c in zip(steps, _colors(steps, vmax))
     )
     total = sum(kl)
     mean = total / max(len(kl), 1)
@@ -213,32 +208,28 @@ def plot_kl(labels: list[str], kl: list[float], path: Path, title: str) -> Path:
     width_in, char_in = 14.0, 0.095  # monospace 9pt is about 0.095 inch per character
     per_line = int(width_in * 0.96 / char_in)
     # Lay the tokens out in lines first so the figure can be as tall as the text.
-    lines: list[list[tuple[int, int]]] = [[]]  # (token index, starting column)
-    col = 0
-    for i, label in enumerate(labels):
-        if col + len(label) > per_line and lines[-1]:
-            lines.append([])
-            col = 0
-        lines[-1].append((i, col))
+    places, row, col = [], 0, 0  # (line, starting column) of each token
+    for label in labels:
+        if col + len(label) > per_line and col:
+            row, col = row + 1, 0
+        places.append((row, col))
         col += len(label) + 1
-    text_h = 0.3 * len(lines) + 0.4
+    text_h = 0.3 * (row + 1) + 0.4
     fig, (ax_text, ax_bar) = plt.subplots(
         2, 1, figsize=(width_in, text_h + 3.2), height_ratios=[text_h, 3.0]
     )
     ax_text.axis("off")
-    for row, line in enumerate(lines):
-        y = 1 - (row + 0.5) / len(lines)
-        for i, column in line:
-            ax_text.text(
-                column / per_line,
-                y,
-                labels[i],
-                family="monospace",
-                fontsize=9,
-                va="center",
-                parse_math=False,
-                bbox={"facecolor": colors[i], "edgecolor": "none", "pad": 1.5},
-            )
+    for label, (line, column), color in zip(labels, places, colors):
+        ax_text.text(
+            column / per_line,
+            1 - (line + 0.5) / (row + 1),
+            label,
+            family="monospace",
+            fontsize=9,
+            va="center",
+            parse_math=False,
+            bbox={"facecolor": color, "edgecolor": "none", "pad": 1.5},
+        )
     ax_text.set_title(title, fontsize=10)
     positions = list(range(len(kl)))
     ax_bar.bar(positions, kl, color=colors, edgecolor="#888", linewidth=0.5)
@@ -259,50 +250,32 @@ def kl_report(
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Generate, measure, write <out>.html and <out>.png. Returns the numbers too."""
-    from rlhf.roles import models
-
     device = device or pick_device(None)
     policy, tokenizer = load(policy_dir, device)
-    ref_tokenizer = models.load_tokenizer(reference_dir)
+    reference, ref_tokenizer = load(reference_dir, device)
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise UserError(
             f"{reference_dir}: its tokenizer differs from the policy's; KL needs the same vocabulary"
         )
-    reference = models.load_causal_lm(reference_dir).to(device).eval()
     prompt_ids, response_ids = greedy_response(policy, tokenizer, prompt, max_new_tokens)
     if not response_ids:
         raise UserError("the policy generated nothing for this prompt")
-    kl, log_ratio = token_kl(policy, reference, prompt_ids, response_ids)
+    kl, log_ratio = (t.tolist() for t in token_kl(policy, reference, prompt_ids, response_ids))
     pieces = [tokenizer.decode([i]) for i in response_ids]
     html_path, png_path = out.with_suffix(".html"), out.with_suffix(".png")
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(
-        kl_html(prompt, pieces, kl.tolist(), log_ratio.tolist(), policy_dir, reference_dir),
-        encoding="utf-8",
-    )
-    plot_kl(
-        token_labels(tokenizer, response_ids),
-        kl.tolist(),
-        png_path,
-        f"KL(policy || reference) per response token: {policy_dir} vs {reference_dir}",
-    )
-    return {
-        "html": html_path,
-        "png": png_path,
-        "tokens": pieces,
-        "kl": kl.tolist(),
-        "log_ratio": log_ratio.tolist(),
-    }
+    page = kl_html(prompt, pieces, kl, log_ratio, policy_dir, reference_dir)
+    html_path.write_text(page, encoding="utf-8")
+    title = f"KL(policy || reference) per response token: {policy_dir} vs {reference_dir}"
+    plot_kl(token_labels(tokenizer, response_ids), kl, png_path, title)
+    return {"html": html_path, "png": png_path, "tokens": pieces, "kl": kl, "log_ratio": log_ratio}
 
 
 # ------------------------------------------------------------------------------ entry point
 
 
 def main(args: argparse.Namespace) -> int:
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no weight-loading bars in logs and pipes
+    quiet_loading_in_pipes()
     device = pick_device(args.device)
     if args.what == "attention":
         if not args.text:

@@ -103,15 +103,12 @@ def sample_items(recipe: Any, model_dir: str, items: list[Item], k: int) -> None
     """Fill each item with k distinct answers from the policy (fewer where it keeps repeating)."""
     import torch
 
-    from rlhf.infra.runtime import resolve_precision
-    from rlhf.roles import models
-    from rlhf.tools.generate import pick_device
+    from rlhf.infra.runtime import frozen_weight_dtype, resolve_precision
+    from rlhf.tools.generate import load, pick_device
 
     device = pick_device(None)
-    tokenizer = models.load_tokenizer(model_dir, padding_side="left")
-    policy = models.load_causal_lm(model_dir).to(device).eval()
-    precision = resolve_precision(recipe.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy, tokenizer = load(model_dir, device)
+    dtype = frozen_weight_dtype(resolve_precision(recipe.precision))  # the autocast dtype
     torch.manual_seed(recipe.seed)
     rows_per_batch = max(k, recipe.eval.batch_size or recipe.ppo.batch_size)
     for _ in range(1 + RESAMPLE_ROUNDS):

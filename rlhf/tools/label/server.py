@@ -78,7 +78,8 @@ def build_app(queue: Queue, token: str) -> Any:
 
 
 class Api:
-    """The endpoints; plain functions run in Starlette's thread pool, the Queue locks."""
+    """The endpoints; plain functions run in Starlette's thread pool, the Queue locks. A
+    ranking is written (and fsync'd) in the thread pool too."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
@@ -125,20 +126,16 @@ class Api:
         return json_response({"ok": True, **self.state(None)})
 
     async def skip(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
         _, i = await self.body_and_item(request)
         if i is not None:
-            await run_in_threadpool(self.queue.skip, i)
+            self.queue.skip(i)  # memory only: no file to wait for
         return json_response(self.state(None))
 
     async def unskip(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
         _, i = await self.body_and_item(request)
         if i is None:
             return json_response({"error": "no such item"}, 400)
-        await run_in_threadpool(self.queue.unskip, i)
+        self.queue.unskip(i)
         return json_response(self.state(i))
 
     def revisit(self, request: Any) -> Any:
