@@ -332,3 +332,17 @@ def test_accel_paths_refuses_to_run_when_rlhf_accel_forces_off(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["accel_paths", "--out", str(tmp_path / "accel.json")])
     with pytest.raises(SystemExit, match="RLHF_ACCEL"):
         accel_paths.main()
+
+
+def test_versions_summary_leaves_out_each_runs_warm_up_iteration():
+    """bench.versions: the median over the runs' iterations after their first, by hand."""
+    from bench import versions
+
+    runs = [
+        {"iteration_s": [30.0, 9.0, 8.0], "length_mean": 20.0},
+        {"iteration_s": [40.0, 7.0, 10.0], "length_mean": 24.0},
+    ]
+    row = versions.summary(runs)
+    assert row["median_iteration_s"] == 8.5  # median of 9, 8, 7, 10: the 30 and 40 left out
+    assert row["runs_median_s"] == [8.5, 8.5]
+    assert row["length_mean"] == 22.0
