@@ -313,7 +313,7 @@ def safetensors_problem(path: Path) -> str | None:
 def _hub_error(name: str, err: Exception) -> UserError:
     return UserError(
         f"model '{name}' is not a local folder or registered name, and could not be fetched "
-        f"from the Hugging Face hub (offline?): {str(err).splitlines()[0][:160]}"
+        f"from the Hugging Face hub (offline?): {_first_line(err)}"
     )
 
 
@@ -340,14 +340,12 @@ def load_tokenizer(
         )
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, ImportError, KeyError) as e:  # e.g. a class with no files
         if local:
             raise UserError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
-        raise _hub_error(name, e) from None
-    except (ValueError, ImportError, KeyError) as e:  # e.g. a tokenizer class with no files
-        if not local:
-            raise
-        raise UserError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
+        if isinstance(e, OSError):
+            raise _hub_error(name, e) from None
+        raise
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token is not None and tok.unk_token != tok.eos_token:
             tok.pad_token = tok.unk_token

@@ -61,11 +61,9 @@ def _afinn() -> Any:
 def sentiment(
     prompts: list, responses: list[str], rows: list[dict], cap: float | None = None, **_: Any
 ) -> list[float]:
-    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0).
-
-    `cap` clips it from above: a review already that positive earns nothing more, so the
-    policy spends its KL budget turning negative reviews positive rather than making
-    positive ones gush (a saturating reward, cheaper in KL than a linear one)."""
+    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0). `cap` clips
+    it from above (a saturating reward: the KL budget goes to turning negative reviews
+    positive rather than making positive ones gush)."""
     analyzer = _vader()
     scores = [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
     return scores if cap is None else [min(s, cap) for s in scores]
@@ -76,13 +74,9 @@ def afinn(
 ) -> list[float]:
     """Sum of AFINN word valences (-5..5 per word); per_word divides by the word count."""
     lexicon = _afinn()
-    out = []
-    for r in responses:
-        score = float(lexicon.score(r))
-        if per_word:
-            score /= max(1, len(r.split()))
-        out.append(score)
-    return out
+    return [
+        float(lexicon.score(r)) / (max(1, len(r.split())) if per_word else 1) for r in responses
+    ]
 
 
 # -------------------------------------------------------------------------- answer_match
@@ -120,9 +114,8 @@ def _decimals(text: str) -> int:
 
 
 def numbers_match(stated: float, reference: str, rel_tol: float = 0.0) -> bool:
-    """An integer reference needs that exact number ('703' refuses 702.5 and 703.4). A
-    reference with decimals accepts what rounds to it at its precision ('8.05' accepts
-    8.0467 but not 8), or is within rel_tol of it."""
+    """An integer reference needs that exact number; one with decimals accepts what rounds to
+    it at its precision ('8.05' accepts 8.0467 but not 8), or is within rel_tol of it."""
     ref = parse_number(reference)
     if ref is None:
         return False
@@ -155,9 +148,8 @@ def offers_alternatives(before: str) -> bool:
 
 def first_mention(response: str, wanted: str, prompt: str = "") -> int | None:
     """Where the first whole-word occurrence of `wanted` (normalised) starts in the response,
-    matched after normalise_answer word by word (so 'Washington, D.C.' is 'washington dc').
-    An occurrence inside a phrase of the prompt (with the word before or after it, as in
-    'Mexico City is the capital of which country?') repeats the question: it is skipped."""
+    matched word by word after normalise_answer. An occurrence that repeats a phrase of the
+    prompt (with the word before or after it) is skipped."""
     spans = [(m.start(), normalise_answer(m.group())) for m in re.finditer(r"\S+", response)]
     words = [(start, w) for start, word in spans for w in word.split()]
     said, target = [w for _, w in words], wanted.split()
@@ -172,16 +164,12 @@ def first_mention(response: str, wanted: str, prompt: str = "") -> int | None:
 
 
 def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float = 0.0) -> bool:
-    """Does the response state the reference answer, as the one it gives?
-
-    Only the first candidate counts, and a negated one never does:
-    - numbers: the first number of the response that is not one of the prompt's numbers (so
-      '12 x 23 = 276' is judged on 276, and listing many numbers does not help) must match
-      (numbers_match: an integer reference exactly; one with decimals at its precision), and
-      not be negated ('Not 703: it is 702.');
-    - text: the first whole-word occurrence of the normalised answer that does not repeat a
-      phrase of the prompt (first_mention), neither negated ('Not South Korea: it is Japan.')
-      nor after an alternative in its sentence ('North Korea or South Korea.').
+    """Does the response state the reference answer, as the one it gives? Only the first
+    candidate counts, and a negated one never does:
+    - numbers: the first number that is not one of the prompt's ('12 x 23 = 276' is judged on
+      276) must match (numbers_match) and not be negated ('Not 703: it is 702.');
+    - text: the first mention of the normalised answer (first_mention), neither negated ('Not
+      South Korea: it is Japan.') nor after an alternative ('North Korea or South Korea.').
     """
     reference = str(answer)
     ref = parse_number(reference)
@@ -330,8 +318,8 @@ def load_reward_function(spec: str) -> RewardFunction:
 
 
 def check_args(spec: str, fn: RewardFunction, args: dict[str, Any]) -> None:
-    """Arguments the function cannot take are a recipe mistake. The built-ins swallow unknown
-    keywords (**_) only to share one calling convention, so they are checked by name."""
+    """Arguments the function cannot take are a recipe mistake (the built-ins' **_ is only a
+    shared calling convention: they are checked by name)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -354,8 +342,7 @@ def call_reward_function(
     rows: list[dict],
     args: dict[str, Any],
 ) -> list[float]:
-    """Call and check the shape: one real number per response (NaN/inf pass through, for
-    the numerics policy to handle)."""
+    """Call and check: one number per response (NaN/inf pass, for the numerics policy)."""
     out = fn(prompts, responses, rows, **args)
     try:
         values = [float(x) for x in out]
