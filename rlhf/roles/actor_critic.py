@@ -58,10 +58,6 @@ class ActorCritic(nn.Module):
         return sorted(names)
 
     @property
-    def has_values(self) -> bool:
-        return self.value_head is not None or self.critic is not None
-
-    @property
     def uses_lora(self) -> bool:
         return hasattr(self.policy, "peft_config")
 

@@ -371,7 +371,6 @@ def load_pretrained(
     name: str,
     num_hidden_layers: int | None = None,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
@@ -381,7 +380,7 @@ def load_pretrained(
     load is one UserError line."""
     import transformers
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if head == "reward":
         auto_class, kwargs["num_labels"] = transformers.AutoModelForSequenceClassification, 1
     else:
@@ -395,11 +394,9 @@ def load_pretrained(
     path = resolve(name)
     try:
         return auto_class.from_pretrained(path, use_safetensors=True, **kwargs)
-    except OSError as e:
-        if not Path(path).exists():
+    except (OSError, ValueError) as e:  # ValueError: an unknown attn_implementation, ...
+        if isinstance(e, OSError) and not Path(path).exists():
             raise _hub_error(name, e) from None
-        raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
-    except ValueError as e:  # an unknown attn_implementation, a config transformers rejects
         raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
 
 

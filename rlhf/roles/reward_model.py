@@ -60,12 +60,10 @@ def collate_rankings(
             better.append(offset + b)
             worse.append(offset + w)
             pair_prompt.append(p)
-    prefix_lens = (
-        [shared_prefix_length(row["seqs"], row.get("prompt_len")) for row in rows]
-        if share_prefix
-        else []
-    )
-    if share_prefix and side == "right" and min(prefix_lens) > 0:
+    prefix_lens = [0]
+    if share_prefix and side == "right":
+        prefix_lens = [shared_prefix_length(row["seqs"], row.get("prompt_len")) for row in rows]
+    if min(prefix_lens) > 0:
         batch = pad_batch(
             [seq[prefix_lens[p] :] for seq, p in zip(seqs, row_prompt)], pad_id, "right"
         )

@@ -25,6 +25,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from functools import cache
 from typing import Any
 
@@ -38,24 +39,22 @@ REWARDS_EXTRA = "pip install -e '.[rewards]'"
 # ------------------------------------------------------------------------------- lexicons
 
 
+# Built-in -> (module, analyser class, package) of its lexicon, an optional dependency.
+LEXICONS = {
+    "sentiment": ("vaderSentiment.vaderSentiment", "SentimentIntensityAnalyzer", "vaderSentiment"),
+    "afinn": ("afinn", "Afinn", "afinn"),
+}
+
+
 @cache
-def _vader() -> Any:
+def _lexicon(reward: str) -> Any:
+    module, analyser, package = LEXICONS[reward]
     try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        return getattr(importlib.import_module(module), analyser)()
     except ImportError:
         raise UserError(
-            f"the 'sentiment' reward needs the vaderSentiment package: {REWARDS_EXTRA}"
+            f"the '{reward}' reward needs the {package} package: {REWARDS_EXTRA}"
         ) from None
-    return SentimentIntensityAnalyzer()
-
-
-@cache
-def _afinn() -> Any:
-    try:
-        from afinn import Afinn
-    except ImportError:
-        raise UserError(f"the 'afinn' reward needs the afinn package: {REWARDS_EXTRA}") from None
-    return Afinn()
 
 
 def sentiment(
@@ -64,7 +63,7 @@ def sentiment(
     """VADER's compound polarity of each response, in [-1, 1] (positive is > 0). `cap` clips
     it from above (a saturating reward: the KL budget goes to turning negative reviews
     positive rather than making positive ones gush)."""
-    analyzer = _vader()
+    analyzer = _lexicon("sentiment")
     scores = [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
     return scores if cap is None else [min(s, cap) for s in scores]
 
@@ -73,7 +72,7 @@ def afinn(
     prompts: list, responses: list[str], rows: list[dict], per_word: bool = False, **_: Any
 ) -> list[float]:
     """Sum of AFINN word valences (-5..5 per word); per_word divides by the word count."""
-    lexicon = _afinn()
+    lexicon = _lexicon("afinn")
     return [
         float(lexicon.score(r)) / (max(1, len(r.split())) if per_word else 1) for r in responses
     ]
@@ -96,7 +95,16 @@ def normalise_answer(text: str) -> str:
 
 def numbers_in(text: str) -> list[float]:
     """Every number written in the text, in order: '12,345', '-3', '6.25', '.5'."""
-    return [x for m in _NUMBER.finditer(text) if (x := _number(m)) is not None]
+    return [x for _, x in _numbers_at(text)]
+
+
+def _numbers_at(text: str) -> list[tuple[int, float]]:
+    """(where it starts, value) of every number in the text."""
+    found = []
+    for m in _NUMBER.finditer(text):
+        with suppress(ValueError):  # '1,,2'-like noise
+            found.append((m.start(), float(m.group().replace(",", ""))))
+    return found
 
 
 def parse_number(text: str) -> float | None:
@@ -175,9 +183,7 @@ def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float =
     ref = parse_number(reference)
     if ref is not None:
         given = set(numbers_in(prompt_text))
-        stated = [
-            (m.start(), x) for m in _NUMBER.finditer(response) if (x := _number(m)) is not None
-        ]
+        stated = _numbers_at(response)
         fresh = stated if ref in given else [(at, x) for at, x in stated if x not in given]
         if not fresh or negated(response[: fresh[0][0]]):
             return False
@@ -188,13 +194,6 @@ def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float =
         return False
     before = response[:at]
     return not negated(before) and not offers_alternatives(before)
-
-
-def _number(match: re.Match) -> float | None:
-    try:
-        return float(match.group().replace(",", ""))
-    except ValueError:  # '1,,2'-like noise
-        return None
 
 
 def _prompt_text(messages: list[dict]) -> str:
@@ -271,7 +270,6 @@ BUILTINS: dict[str, RewardFunction] = {
     "length": length,
     "format": format,
 }
-_NEEDS_PACKAGE = {"sentiment": _vader, "afinn": _afinn}
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -286,8 +284,8 @@ def load_reward_function(spec: str) -> RewardFunction:
     unknown, the module fails to import, or the attribute is not callable."""
     spec = spec.strip()
     if spec in BUILTINS:
-        if spec in _NEEDS_PACKAGE:
-            _NEEDS_PACKAGE[spec]()  # a missing optional package fails now, not mid-run
+        if spec in LEXICONS:
+            _lexicon(spec)  # a missing optional package fails now, not mid-run
         return BUILTINS[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep:
