@@ -1,11 +1,9 @@
-"""The score's calibration on what the SFT policy writes, measured before iteration 1.
+"""The score's calibration on what the SFT policy writes, measured before iteration 1 (the
+reward stage's, on human-written responses, leaves the SFT policy's score off centre).
 
-The reward stage measures its mean / std on human-written responses; normalising by those
-leaves the SFT policy's own score off centre. Here the reference (SFT) policy answers the
-first `calibration_prompts` of a seeded shuffle of the training prompts, sampled as the
-rollouts are (Ziegler et al. 2019 normalise the reward on samples of the initial policy), and
-every reward model whose score is calibrated (reward_sources.RewardSources.calibrations: the
-single model, each `ppo.rewards` model entry, each ensemble member) gets its own mean / std.
+The reference (SFT) policy answers the first `calibration_prompts` of a seeded shuffle of the
+training prompts, sampled as the rollouts are (Ziegler et al. 2019 normalise the reward on
+samples of the initial policy), and every calibrated reward model gets its own mean / std.
 """
 
 from __future__ import annotations

@@ -53,10 +53,8 @@ def missing_eos_penalised(
 
 @dataclass
 class PPOContext:
-    """What one iteration works with and what stays the same from one to the next: the
-    prepared actor-critic, the frozen reference (None: the policy with its LoRA adapter off),
-    optimizer and scheduler, the KL controller, the recipe's ppo section, the score
-    calibration and the non-finite guard."""
+    """What every iteration works with. `reference` None: the policy with its LoRA adapter
+    off; `cfg`: the recipe's ppo section; `calibration`: normalise_score's."""
 
     model: torch.nn.Module
     reference: torch.nn.Module | None
@@ -78,11 +76,10 @@ def ppo_iteration(
     value_only: bool = False,
     init_value_head: bool = False,
 ) -> tuple[Rollout, dict[str, float]]:
-    """One iteration on `prompts` (left-padded input_ids and attention_mask on the device).
-    Returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
-    `generator` shuffles the minibatches. value_only: critic warm-up, only the value function
-    is updated. init_value_head: set the shared value head's bias to this batch's mean return
-    first (ActorCritic.init_value_bias)."""
+    """One iteration on `prompts` (left-padded input_ids and attention_mask on the device);
+    returns the rollout (with .scores and .seq_kl) and this rank's metrics (not reduced).
+    `generator` shuffles the minibatches; value_only: critic warm-up; init_value_head: see
+    advantages_and_returns."""
     model, accelerator, cfg = ctx.model, ctx.accelerator, ctx.cfg
     unwrapped = accelerator.unwrap_model(model)
     times = [time.time()]
@@ -133,7 +130,8 @@ def advantages_and_returns(
     ctx: PPOContext, roll: Rollout, score: torch.Tensor, init_value_head: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(advantages, returns or None without a critic, per-token KL) of the rollout. With
-    `init_value_head` the shared value head's bias first becomes the batch's mean return."""
+    `init_value_head` the shared value head's bias first becomes the batch's mean return
+    (ActorCritic.init_value_bias), the same on all ranks."""
     accelerator, cfg = ctx.accelerator, ctx.cfg
     unwrapped = accelerator.unwrap_model(ctx.model)
 
@@ -144,8 +142,6 @@ def advantages_and_returns(
 
     advantages, returns, kl = estimate()
     if init_value_head and returns is not None and unwrapped.value_head is not None:
-        # With V = 0, `returns` are the plain (lambda-)returns; their mean becomes the bias,
-        # the same on all ranks.
         mean_return = accelerator.reduce(masked_mean(returns, roll.mask), "mean")
         with writable(accelerator, list(unwrapped.value_head.parameters())):
             unwrapped.init_value_bias(mean_return.item())
@@ -162,8 +158,8 @@ def iteration_metrics(
     returns: torch.Tensor | None,
     times: list[float],
 ) -> dict[str, float]:
-    """This rank's objective / response / timing metrics of one iteration; `times`: its start
-    and the ends of rollout, scoring and update."""
+    """This rank's metrics of one iteration; `times`: its start and the ends of rollout,
+    scoring and update."""
     t0, t_rollout, t_score, t_update = times
     kl_coef = ctx.kl_ctl.value
     non_score = -kl_coef * roll.seq_kl  # the KL part of each sequence's return

@@ -1,15 +1,7 @@
-"""The models PPO trains and holds still: the policy, the reference it is kept close to, and the
-value function, built the way the recipe's ppo section asks.
-
-  policy     full fine-tuning, or LoRA (then the reference is the same weights with the
-             adapter disabled: no copy)
-  reference  None with LoRA, else a frozen full copy on each rank's device (never prepared,
-             even next to a ZeRO-3 / FSDP policy: rlhf/infra/distributed.py)
-  values     a head on the policy's backbone (shared), a separate critic initialised from a
-             reward model, or none (the critic-free estimators)
-
-In a bf16 / fp16 run the frozen matmul weights are stored in the autocast dtype: the same
-numbers autocast would compute with, without the per-forward cast, in half the memory.
+"""The models PPO trains and holds still, built the way the recipe's ppo section asks: the
+policy (full or LoRA), the reference (None with LoRA: the policy with its adapter disabled;
+else a frozen copy on each rank's device, never prepared) and the value function (see
+ActorCritic). In a bf16 / fp16 run the frozen matmul weights are stored in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -40,20 +32,31 @@ def build_roles(
     with_values = cfg.estimator == "gae"  # the critic-free estimators build no value function
     if with_values and cfg.value_model == "separate":
         critic = models.load_reward_model(critic_dir, attn_implementation=attn_implementation)
-    frozen_dtype = frozen_weight_dtype(
-        accelerator.mixed_precision, distributed.sharding(accelerator)
-    )
     reference = None
     if cfg.lora.enabled:
         policy = models.apply_lora(policy, cfg.lora)  # reference = adapter disabled, no copy
+        frozen_dtype = frozen_weight_dtype(
+            accelerator.mixed_precision, distributed.sharding(accelerator)
+        )
         # Not under FSDP / ZeRO-3: they flatten a layer's weights into one dtype per shard.
         if frozen_dtype and not distributed.is_sharded(accelerator):
             models.store_frozen_linears(policy, frozen_dtype)
     else:
-        with distributed.unsharded_init(accelerator):
-            reference = load_policy().to(accelerator.device).eval()
-        reference.requires_grad_(False)
-        disable_dropout(reference)
-        if frozen_dtype:
-            models.store_frozen_linears(reference, frozen_dtype)
+        reference = frozen_copy(load_policy, accelerator)
     return ActorCritic(policy, critic, with_values=with_values), reference
+
+
+def frozen_copy(load: Callable[[], torch.nn.Module], accelerator: Any) -> torch.nn.Module:
+    """`load()` frozen on this rank's device, never sharded (even next to a ZeRO-3 / FSDP
+    policy: rlhf/infra/distributed.py), without dropout, its matmul weights stored in the
+    autocast dtype of a bf16 / fp16 run."""
+    with distributed.unsharded_init(accelerator):
+        model = load().to(accelerator.device).eval()
+    model.requires_grad_(False)
+    disable_dropout(model)
+    frozen_dtype = frozen_weight_dtype(
+        accelerator.mixed_precision, distributed.sharding(accelerator)
+    )
+    if frozen_dtype:
+        models.store_frozen_linears(model, frozen_dtype)
+    return model

@@ -80,11 +80,8 @@ def sample_rollout(
     keep_sampling_outputs: bool = False,
 ) -> Rollout:
     """Sample responses from a causal LM with a KV cache; cut everything after the first EOS.
-
-    keep_sampling_outputs also returns the raw logits each token was sampled from and the last
-    hidden states that produced them, so scoring needs no second policy forward (TRL's PPOTrainer
-    likewise takes the rollout log-probs from generation).
-    """
+    keep_sampling_outputs also keeps the raw logits each token was sampled from and the LM-head
+    inputs behind them, so scoring needs no second policy forward (as TRL's PPOTrainer)."""
     stops = eos_ids(policy, tokenizer)
     if lean_decode_applies(policy, cfg, prompt_ids.device):
         out = decode.sample(
@@ -147,10 +144,9 @@ def _generate(
     policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
 ) -> decode.Decoded:
     """transformers' generate, returning what the lean loop returns (logits and LM-head inputs
-    only when kept and one per generated token). `cfg.decoding` (rlhf eval compare: greedy,
-    top-k, top-p, beams), when set, replaces the stages' sampling at the temperature."""
-    # Only temperature is active (complete config, the folder's generation_config.json
-    # ignored): the log-probs are log_softmax(logits / T), the distribution sampled.
+    only when kept and one per generated token). `cfg.decoding` (rlhf eval compare), when
+    set, replaces the stages' sampling at the temperature, the only setting active (the
+    folder's generation_config.json ignored): log_softmax(logits / T) is what was sampled."""
     extra: dict[str, Any] = {"use_cache": True}
     if cfg.stop_strings:
         extra["stop_strings"] = list(cfg.stop_strings)
@@ -204,9 +200,8 @@ def score_with_models(
     temperature: float,
     autocast: Any,
 ) -> None:
-    """Fill logprobs, values, entropy (policy) and ref_logprobs, each forward batched and
-    cut to the response positions. With the sampling logits kept from generation, the
-    policy needs no forward at all (and a shared value head reads the kept hidden states)."""
+    """Fill logprobs, values, entropy (policy) and ref_logprobs, each forward cut to the
+    response positions; with the sampling logits kept, the policy needs no forward."""
     ids, attn = rollout.input_ids, rollout.attention_mask
     R = rollout.response_ids.shape[1]
     keep = response_keep(R)
@@ -248,13 +243,10 @@ def reward_scores(
     autocast: Any,
     finished: torch.Tensor | list[bool] | None = None,
 ) -> torch.Tensor:
-    """Score (prompt, response) exactly as the reward model was trained: the chat template
-    renders the conversation, and the score is read at the last real token. `finished` (B,)
-    bool: False renders that response without the end-of-turn (it was cut off).
-
-    A prompt that comes several times (k samples per prompt) is one group: the tokens its
-    responses start with run once (collate_rankings(share_prefix=True), as in reward-model
-    training), the rest of each response on their cached keys and values."""
+    """Score (prompt, response) as the reward model was trained: rendered by the chat template,
+    read at the last real token. `finished` (B,) bool: False renders that response without
+    the end-of-turn. A prompt that comes several times is one group whose shared prefix runs
+    once (collate_rankings(share_prefix=True))."""
     done = [True] * len(responses) if finished is None else [bool(f) for f in finished]
     seqs = [
         encode_prompt_response(reward_tokenizer, p, r, max_length, f)

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf.infra import distributed
-from rlhf.infra.runtime import frozen_weight_dtype
+from rlhf.ppo.roles import frozen_copy
 from rlhf.ppo.rollout import reward_scores
 from rlhf.roles import models
-from rlhf.roles.actor_critic import disable_dropout
 
 Scorer = Callable[..., torch.Tensor]  # (prompts, texts, finished) -> (B,) scores
 
@@ -25,37 +24,25 @@ def reward_model_scorer(
 ) -> Scorer:
     """A frozen reward model on this rank's device, scoring (prompt, response) as it was
     trained (max_length: reward.max_length)."""
-    device = accelerator.device
-    with distributed.unsharded_init(accelerator):
-        rm = models.load_reward_model(str(model_dir), attn_implementation=attn_implementation)
-        rm = rm.to(device).eval()
-    rm.requires_grad_(False)
-    disable_dropout(rm)
-    frozen_dtype = frozen_weight_dtype(
-        accelerator.mixed_precision, distributed.sharding(accelerator)
+    load = partial(
+        models.load_reward_model, str(model_dir), attn_implementation=attn_implementation
     )
-    if frozen_dtype:  # bf16 runs: stored as autocast would round them (rlhf/roles/models.py)
-        models.store_frozen_linears(rm, frozen_dtype)
-    rm_tokenizer = models.load_tokenizer(str(model_dir))
+    rm, rm_tokenizer = frozen_copy(load, accelerator), models.load_tokenizer(str(model_dir))
 
-    def scorer(batch_prompts: list, texts: list[str], finished: Any = None) -> torch.Tensor:
-        autocast = accelerator.autocast
+    def scorer(prompts: list, texts: list[str], finished: Any = None) -> torch.Tensor:
+        device, autocast = accelerator.device, accelerator.autocast
         return reward_scores(
-            rm, rm_tokenizer, batch_prompts, texts, max_length, device, autocast, finished
+            rm, rm_tokenizer, prompts, texts, max_length, device, autocast, finished
         )
 
     return scorer
 
 
 class SharedScorers:
-    """`load_scorer` that loads each reward model once and remembers its recent scores.
-
-    The PPO evaluation scores its samples with the training sources, and then with each judge;
-    a judge that names a reward model the sources already use (the default recipe's
-    `reward_model` judge, the trained reward model alone) would load a second copy and score
-    the same batches again. Scores are remembered per whole batch (the same prompts, texts and
-    finished flags in the same order): a reward model pads a batch to its longest text, so only
-    the same batch is the same computation. The last `keep` batches per model are kept."""
+    """`load_scorer` that loads each reward model once and remembers the scores of its last
+    `keep` batches, so a judge that names a model the training sources use (the default
+    recipe's `reward_model` judge) neither loads it twice nor scores the same batch again.
+    Whole batches only: a reward model pads a batch to its longest text."""
 
     def __init__(self, load: Callable[[Path], Scorer], keep: int = 256):
         self.load, self.keep = load, keep

@@ -1,12 +1,9 @@
 """The PPO update: epochs over shuffled minibatches of one rollout batch (Schulman et al. 2017).
 
 loss = policy_loss + vf_coef * value_loss - entropy_coef * entropy [+ kl_coef * k3 KL when
-kl_in is loss], with gradient accumulation over `grad_accum` micro-batches per optimizer step.
-Each term is a mean over the whole mini-batch (its micro-batches on every rank): a token mean
-(DAPO, Yu et al. 2025) or, with loss_aggregation sequence, a mean over its answers, so a token
-of a short answer weighs what a token of a long one does wherever the answers landed. Without a
-critic (rloo, grpo, reinforce_pp) there is no value loss; in critic warm-up (value_only) the
-value loss alone trains the critic and the policy is not stepped.
+kl_in is loss], accumulated over `grad_accum` micro-batches per optimizer step. Each term is a
+mean over the whole mini-batch on every rank: a token mean (DAPO, Yu et al. 2025) or, with
+loss_aggregation sequence, a mean over its answers. Without a critic there is no value loss.
 """
 
 from __future__ import annotations
@@ -32,10 +29,7 @@ from rlhf.tokens.sequences import entropy_from_logits, logprobs_from_logits, res
 
 @dataclass
 class Learner:
-    """What every optimizer step of the update works with: the prepared actor-critic, its
-    optimizer and scheduler (None: none), the accelerator, the recipe's ppo section, the
-    non-finite guard, the weight of the k3 KL loss term, and whether the critic alone trains
-    (value_only: the critic's warm-up)."""
+    """What every optimizer step of the update works with (ppo_update's arguments)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -62,7 +56,8 @@ def ppo_update(
     value_only: bool = False,
 ) -> dict[str, float]:
     """Runs cfg.ppo_epochs passes; returns the mean of each statistic over all micro-batches.
-    `returns` None: no critic, no value loss. `kl_coef` weighs the k3 loss term (kl_in: loss)."""
+    `returns` None: no critic, no value loss. `kl_coef` weighs the k3 loss term (kl_in: loss).
+    value_only: the critic's warm-up, only the critic trains."""
     guard = guard or NonFiniteGuard()
     learner = Learner(model, optimizer, accelerator, cfg, scheduler, guard, kl_coef, value_only)
     skipped_before = guard.skipped
@@ -87,7 +82,7 @@ def shuffled_minibatches(
     batch: int, size: int, epochs: int, generator: torch.Generator
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(epoch, row indices) of every mini-batch: each epoch a fresh permutation of the batch,
-    drawn from `generator` when the epoch begins, cut into mini-batches of `size` rows."""
+    cut into mini-batches of `size` rows."""
     for epoch in range(epochs):
         order = torch.randperm(batch, generator=generator)
         for start in range(0, batch, size):
@@ -95,9 +90,8 @@ def shuffled_minibatches(
 
 
 def moved_too_far(accelerator: Any, approxkl: float, cfg: Any) -> bool:
-    """Early stop as soon as one mini-batch's update moved the policy too far from the one
-    that sampled the batch (N implementation details; TRL's PPO): its approximate KL, mean
-    over ranks so that every rank stops at the same point, over cfg.target_kl_early_stop."""
+    """Early stop once a mini-batch's approximate KL (mean over ranks, so every rank stops
+    together) exceeds cfg.target_kl_early_stop (N implementation details; TRL's PPO)."""
     kl = torch.tensor(approxkl, device=accelerator.device)
     return accelerator.reduce(kl, "mean").item() > cfg.target_kl_early_stop
 
@@ -129,14 +123,11 @@ def micro_batch_step(
     counts: MiniBatchCounts,
     stats: dict[str, list[float]],
 ) -> float:
-    """Loss and backward of one micro-batch (rows, advantages, returns), then the optimizer
-    step when it is the mini-batch's last (accelerator.accumulate) and the scheduler's; its
-    statistics are appended to `stats`. Returns its approximate KL."""
+    """Loss and backward of one micro-batch (rows, advantages, returns), the optimizer step
+    on the mini-batch's last (accelerator.accumulate); returns its approximate KL."""
     model, accelerator, cfg = learner.model, learner.accelerator, learner.cfg
     with accelerator.accumulate(model), accelerator.autocast():
-        loss, pg_loss, pg_stats = micro_batch_loss(
-            model, *targets, cfg, learner.kl_coef, learner.value_only, stats, counts
-        )
+        loss, pg_loss, pg_stats = micro_batch_loss(learner, *targets, stats, counts)
         # A non-finite loss (or reward) still goes through backward on every rank; the synced
         # gradient norm then decides, identically everywhere, to skip.
         accelerator.backward(loss)
@@ -159,22 +150,19 @@ def micro_batch_step(
 
 
 def micro_batch_loss(
-    model: torch.nn.Module,
+    learner: Learner,
     mb: Rollout,
     advantages: torch.Tensor,
     returns: torch.Tensor | None,
-    cfg: Any,
-    kl_coef: float,
-    value_only: bool,
     stats: dict[str, list[float]],
     counts: MiniBatchCounts,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(total loss, policy loss, policy statistics) of one micro-batch of the rollout; value
-    and KL-loss statistics are appended to `stats`. Each loss is this micro-batch's share of
-    the mini-batch mean (`counts`), times counts.undo: the logged mean over micro-batches and
-    ranks is the mini-batch mean."""
+    """(total loss, policy loss, policy statistics) of one micro-batch; value and KL-loss
+    statistics go to `stats`. Each loss is this micro-batch's share of the mini-batch mean
+    (`counts`) times counts.undo, so the mean over micro-batches and ranks is that mean."""
+    cfg, value_only = learner.cfg, learner.value_only
     R = mb.response_ids.shape[1]
-    logits, values = model(
+    logits, values = learner.model(
         mb.input_ids, mb.attention_mask, keep=response_keep(R), detach_values=value_only
     )
     logits = logits[:, :R]
@@ -189,7 +177,7 @@ def micro_batch_loss(
         # GRPO (Shao et al. 2024, eq. 4): k3 = r - log r - 1, r = pi_ref / pi.
         kl = kl_penalty(logp, mb.ref_logprobs, "k3")
         kl_loss = aggregate_loss(kl, mb.mask, how, counts.of(how)) * undo
-        loss = loss + kl_coef * kl_loss
+        loss = loss + learner.kl_coef * kl_loss
         stats["policy/kl_loss"].append(kl_loss.item())
     if returns is not None:
         vf_loss, vf_stats = value_loss(
@@ -212,8 +200,8 @@ def micro_batch_loss(
 
 @dataclass(frozen=True)
 class MiniBatchCounts:
-    """A mini-batch's real response tokens and answers, summed over its micro-batches and all
-    ranks (what its losses are means over), and averaging_undone (rlhf.infra.training)."""
+    """A mini-batch's response tokens and answers over its micro-batches and all ranks (what
+    its losses are means over), and averaging_undone (rlhf.infra.training)."""
 
     tokens: torch.Tensor
     answers: torch.Tensor
@@ -225,8 +213,8 @@ class MiniBatchCounts:
 
 
 def minibatch_counts(accelerator: Any, mask: torch.Tensor) -> MiniBatchCounts:
-    """MiniBatchCounts of the mini-batch whose rows on this rank have response `mask`; a
-    collective: every rank calls it for every mini-batch."""
+    """MiniBatchCounts of the mini-batch whose rows on this rank have response `mask` (a
+    collective)."""
     local = torch.stack([aggregation_count(mask, "token"), aggregation_count(mask, "sequence")])
     tokens, answers = accelerator.reduce(local.float(), "sum")
     return MiniBatchCounts(tokens, answers, averaging_undone(accelerator))

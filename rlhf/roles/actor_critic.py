@@ -1,13 +1,8 @@
-"""The trainable PPO roles in one module: the policy (a causal LM, maybe with LoRA) and its value
-function, so DDP / DeepSpeed wrap ONE model and one backward serves both losses.
-
-value_model="shared":   a linear value head on the policy's last hidden state (one forward).
-value_model="separate": a critic initialised from the reward model (InstructGPT, sec. 3.5),
-                        its score head applied at every position.
-value_model=None:       no value function at all (the critic-free estimators: rloo, grpo,
-                        reinforce_pp); forward then returns values None.
-The reference is NOT in here: with LoRA it is the same weights with the adapter disabled
-(`reference_logits`), otherwise a separate frozen copy the stage owns.
+"""The trainable PPO roles in one module, so DDP / DeepSpeed wrap ONE model: the policy (a
+causal LM, maybe with LoRA) and its value function, a linear head on the policy's last hidden
+state (value_model shared), a critic initialised from the reward model (separate, InstructGPT
+sec. 3.5), or none (the critic-free estimators). The reference is the policy with its LoRA
+adapter disabled (`reference_logits`), else a frozen copy the stage owns.
 """
 
 from __future__ import annotations
@@ -63,10 +58,6 @@ class ActorCritic(nn.Module):
         return sorted(names)
 
     @property
-    def has_values(self) -> bool:
-        return self.value_head is not None or self.critic is not None
-
-    @property
     def uses_lora(self) -> bool:
         return hasattr(self.policy, "peft_config")
 
@@ -77,11 +68,9 @@ class ActorCritic(nn.Module):
         keep: int = 0,
         detach_values: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) -> logits (B, K, V) and values (B, K) at the last K = `keep` positions (all
-        T when 0). PPO needs only the response positions, and on a small model the LM head
-        (vocab x hidden) is the largest single matmul: skipping it on the prompt saves work.
-        detach_values: the shared head reads the hidden state without a gradient path into the
-        policy (critic warm-up trains the head alone)."""
+        """(B, T) -> logits (B, K, V) and values (B, K or None) at the last K = `keep`
+        positions (all T when 0). detach_values: no gradient from the shared value head into
+        the policy (critic warm-up)."""
         shared = self.value_head is not None
         with lm_head_inputs(self.policy) if shared else nullcontext([]) as seen:
             logits = causal_lm_logits(self.policy, input_ids, attention_mask, keep)
@@ -100,12 +89,9 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def init_value_bias(self, mean_return: float) -> None:
-        """Shared head: weights stay 0 and the bias becomes the mean return of the first batch.
-        The clipped value loss moves V by at most cliprange_value per update, so a head that
-        starts at 0 with returns centred elsewhere spends its first iterations only chasing
-        the offset while its (noise) predictions are the GAE baseline; starting at the mean
-        makes V a constant baseline that is right on average from the first update. (The
-        separate critic starts from the reward model's head instead, InstructGPT sec. 3.5.)"""
+        """Shared head: weights stay 0 and the bias becomes the mean return of the first batch,
+        a baseline right on average from the first update (the clipped value loss would move
+        a head that starts at 0 by at most cliprange_value per update)."""
         if self.value_head is not None:
             self.value_head.bias.fill_(mean_return)
 
@@ -120,10 +106,8 @@ class ActorCritic(nn.Module):
     def reference_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
     ) -> torch.Tensor:
-        """Logits of the frozen reference: the policy with its LoRA adapter switched off.
-
-        Without LoRA there is no reference in here (the stage owns a frozen copy): running the
-        policy instead would make every KL 0, so that is an error."""
+        """Logits of the frozen reference: the policy with its LoRA adapter switched off (without
+        LoRA the stage owns a frozen copy)."""
         if not self.uses_lora:
             raise RuntimeError(
                 "ActorCritic.reference_logits needs a LoRA policy; without LoRA pass the frozen "
@@ -140,10 +124,8 @@ def causal_lm_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0
 ) -> torch.Tensor:
     """Logits at the last `keep` positions (all when 0), positions counted from the mask.
-    Uses transformers' `logits_to_keep` where the model's forward has it, else slices.
-
     Rows whose first T - keep + 1 tokens are the same (a prompt sampled k times: GRPO, RLOO)
-    run those tokens once (roles/shared_prefix.py), where that is the same function."""
+    run those tokens once (roles/shared_prefix.py)."""
     context = input_ids.shape[1] - keep + 1  # the first kept position ends the context
     if 1 <= context < input_ids.shape[1] and shares_context(model):
         shared = distinct_rows(input_ids[:, :context], attention_mask[:, :context])
@@ -172,9 +154,8 @@ PLAIN_LM_HEADS = frozenset(
 
 def shares_context(model: nn.Module) -> bool:
     """Whether causal_lm_logits may run a shared context once: a causal LM with a plain head,
-    a KV cache in training (not with gradient checkpointing, which turns the cache off), and
-    every rank free to run its own forwards (sharded weights are gathered layer by layer in
-    step on every rank, which the rank-dependent number of forwards would break)."""
+    a KV cache (no gradient checkpointing), and every rank free to run its own number of
+    forwards (not sharded)."""
     lm = unwrap_peft(model)
     return (
         type(lm).__name__ in PLAIN_LM_HEADS
@@ -215,8 +196,7 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 @contextmanager
 def lm_head_inputs(model: nn.Module):
     """Collects what goes into the LM head on each forward call while open: the last hidden
-    state, after the final norm (what `output_hidden_states[-1]` returns, without keeping
-    every layer's states)."""
+    state, after the final norm."""
     seen: list[torch.Tensor] = []
     hook = model.get_output_embeddings().register_forward_pre_hook(
         lambda _module, args: seen.append(args[0])

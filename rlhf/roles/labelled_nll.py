@@ -1,9 +1,7 @@
 """The SFT loss on a model (rlhf.algo.sft), with the LM head run only on the positions that
-predict a labelled token: prompt and padding positions never become (vocab)-wide logits.
-
-For a 262k-token vocabulary (Gemma-3) the head is most of the model's per-token work, and the
-prompt is often half the tokens. A forward pre-hook hands the head those rows as one (1, N, H)
-sequence; the model (DDP, FSDP or DeepSpeed wrapped) is called as usual.
+predict a labelled token: prompt and padding positions never become (vocab)-wide logits (for
+Gemma-3's 262k vocabulary the head is most of the per-token work). A forward pre-hook hands
+the head those rows as one (1, N, H) sequence; the (wrapped) model is called as usual.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf.algo.sft import IGNORE_INDEX, n_targets, nll_per_target, nll_sum
+from rlhf.algo.sft import IGNORE_INDEX, nll_per_target, nll_sum
 
 
 def labelled_nll_sum(model: torch.nn.Module, batch: dict, **forward: Any) -> torch.Tensor:
@@ -61,22 +59,12 @@ def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_output_embeddings()
 
 
-@torch.no_grad()
 def answer_nll(
     model: torch.nn.Module, batches: Iterable[dict], context: Callable[[], Any] = nullcontext
 ) -> torch.Tensor:
     """(summed NLL, number of targets) over the labelled tokens of `batches`, in float64 on
     the batches' device; each forward runs inside `context()` (autocast, gathered weights)."""
-    totals = None
-    for batch in batches:
-        with context():
-            nll = labelled_nll_sum(model, batch)
-        labels = batch["labels"]
-        if totals is None:
-            totals = torch.zeros(2, device=labels.device, dtype=torch.float64)
-        totals[0] += nll.double()
-        totals[1] += n_targets(labels).double()
-    return totals if totals is not None else torch.zeros(2, dtype=torch.float64)
+    return answer_nll_rows(model, batches, context).sum(0)
 
 
 @torch.no_grad()

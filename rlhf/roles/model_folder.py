@@ -23,13 +23,10 @@ def save_model(
     card: str,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """save_pretrained folder: safetensors, tokenizer, chat template, generation config, card.
-
-    Refuses to write non-finite weights. A LoRA model is merged into plain weights when
-    `merge_lora`, else saved as an adapter folder (peft) next to the base model name.
-    `state_dict`: the full weights gathered from a sharded model (rlhf.infra.distributed
-    .full_state_dict); `model` then only supplies the config and class.
-    """
+    """save_pretrained folder: safetensors, tokenizer, chat template, generation config, card;
+    never non-finite weights. A LoRA model is merged when `merge_lora`, else saved as an
+    adapter. `state_dict`: the full weights gathered from a sharded model (`model` then only
+    supplies the config and class)."""
     values = state_dict.values() if state_dict is not None else model.parameters()
     if not all(torch.isfinite(v).all() for v in values if v.is_floating_point()):
         raise NumericalFault("refusing to save: the model has non-finite weights")

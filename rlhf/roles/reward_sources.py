@@ -3,17 +3,14 @@
     score = sum over entries e of  weight_e * normalise_e(raw_e)
 
 A model entry is one reward model or an ensemble combined by `mean` or `min` (the min of
-several reward models is harder to exploit than any one of them: Coste et al. 2024, "Reward
-Model Ensembles Help Mitigate Overoptimization"). Models are normalised by their calibration:
-the mean/std of their scores on SFT samples (`ppo.calibration_prompts`, measured by the PPO
-stage before iteration 1: `set_calibrations`), else the stored one (the reward stage's
-held-out scores). An ensemble's members are each calibrated before they are combined, whatever
-the entry's `normalize` (`running` then normalises the combination). Functions are normalised
-by nothing or a running mean/std over every score seen so far (kept in the checkpoint, so a
-resumed run is identical).
+several reward models is harder to exploit: Coste et al. 2024, "Reward Model Ensembles Help
+Mitigate Overoptimization"). A model is normalised by its calibration: the mean/std of its
+scores on SFT samples (measured by the PPO stage before iteration 1: `set_calibrations`), else
+the reward stage's stored one; an ensemble's members are each calibrated before they are
+combined. `running` normalises by the mean/std of every score seen so far (checkpointed).
 
-Without `ppo.rewards` the score is the reward stage's model alone, exactly as before: the raw
-score, with the calibration applied by `rlhf.ppo.iteration.normalise_score` (`passthrough`).
+Without `ppo.rewards` the score is the reward stage's model alone: the raw score, calibrated
+by `rlhf.ppo.iteration.normalise_score` (`passthrough`).
 """
 
 from __future__ import annotations
@@ -192,37 +189,31 @@ class RewardSources:
                 raw = torch.tensor(values, dtype=torch.float32)
                 self._check_finite(src.name, raw, training)
                 metrics[f"objective/score/{src.name}"] = _finite_mean(raw)
-                if src.moments is not None:
-                    # Every rank updates with the same gathered batch: identical statistics.
-                    if training:
-                        src.moments.update(self.gather(raw).tolist())
-                    raw = src.moments.normalise(raw)
-                terms.append(raw)
-            else:
+                terms.append(self._running(src, raw, training))
+            else:  # the single-model form leaves the calibration to normalise_score
+                calibrated = src.calibrates_members and not self.passthrough
                 normalised = []
                 for name, scorer, calibration in src.members:
                     raw = scorer(prompts, responses, finished).float().cpu()
                     self._check_finite(name, raw, training)
                     if len(src.members) > 1:
                         metrics[f"objective/score/{name}"] = _finite_mean(raw)
-                    # the single-model form leaves the calibration to normalise_score
-                    calibrated = src.calibrates_members and not self.passthrough
                     normalised.append(calibrate(raw, calibration) if calibrated else raw)
                 combined = combine_scores(normalised, src.combine)
-                if self.passthrough:  # the old single-model form: raw, as before
-                    terms.append(combined)
-                    metrics[f"objective/score/{src.name}"] = _finite_mean(combined)
-                    metrics[f"timing/score/{src.name}"] = time.time() - t0
-                    continue
-                if src.moments is not None:
-                    if training:
-                        src.moments.update(self.gather(combined).tolist())
-                    combined = src.moments.normalise(combined)
-                metrics[f"objective/score/{src.name}"] = _finite_mean(combined)
-                terms.append(combined)
+                terms.append(self._running(src, combined, training))
+                metrics[f"objective/score/{src.name}"] = _finite_mean(terms[-1])
             metrics[f"timing/score/{src.name}"] = time.time() - t0
         total = weighted_total(terms, [s.weight for s in self.sources])
         return total, metrics
+
+    def _running(self, src: Source, score: torch.Tensor, training: bool) -> torch.Tensor:
+        """`normalize: running`: the score normalised by the running moments, which every
+        rank updates (in training) with the same gathered batch."""
+        if src.moments is None:
+            return score
+        if training:
+            src.moments.update(self.gather(score).tolist())
+        return src.moments.normalise(score)
 
     def _check_finite(self, name: str, raw: torch.Tensor, training: bool = True) -> None:
         bad = int((~torch.isfinite(raw)).sum())
@@ -306,59 +297,69 @@ def build(
 ) -> RewardSources:
     """The recipe's sources. `load_scorer(model_dir)` loads one reward model (the stage owns
     devices and autocast). Model folders must be finished runs (COMPLETED)."""
-    from rlhf.infra.rundir import require_completed
-
     cfg = recipe.ppo
+    on_nonfinite = recipe.numerics.on_nonfinite
     if cfg.rewards is None:
         model_dir, _ = reward_model_dir(legacy_reward_dir(recipe))
         calibration = load_calibration(model_dir) if cfg.normalize_score else None
         member = ("reward", load_scorer(model_dir), calibration)
         normalize = "calibration" if calibration else "none"
-        source = Source("reward", 1.0, normalize, members=[member])
-        return RewardSources([source], True, recipe.numerics.on_nonfinite, gather)
-
+        return RewardSources(
+            [Source("reward", 1.0, normalize, [member])], True, on_nonfinite, gather
+        )
     sources = []
     for entry, name in zip(cfg.rewards, source_names(cfg.rewards)):
         moments = RunningMoments() if entry.normalize == "running" else None
         if entry.function is not None:
-            fn = load_reward_function(entry.function)
+            fn, args = load_reward_function(entry.function), dict(entry.args)
+            normalize = entry.normalize or "none"
             sources.append(
-                Source(
-                    name,
-                    entry.weight,
-                    entry.normalize or "none",
-                    function=fn,
-                    args=dict(entry.args),
-                    moments=moments,
-                )
+                Source(name, entry.weight, normalize, function=fn, args=args, moments=moments)
             )
             continue
-        paths = entry.model if isinstance(entry.model, list) else [entry.model]
         normalize = entry.normalize or ("calibration" if cfg.normalize_score else "none")
-        if len(paths) > 1 and normalize == "none":
-            raise UserError(
-                f"ppo.rewards ({name}): an ensemble's {entry.combine} needs its members on one "
-                "scale: set normalize: calibration or running (each member is calibrated first)"
-            )
-        members = []
-        for i, path in enumerate(paths):
-            model_dir, run_dir = reward_model_dir(expand_path(path, recipe.output_dir))
-            if run_dir is not None:
-                require_completed(run_dir, f"ppo.rewards ({name}): the reward run")
-            label = name if len(paths) == 1 else f"{name}/{model_label(path) or i}"
-            if any(label == m[0] for m in members):
-                label = f"{label}_{i + 1}"
-            calibration = load_calibration(model_dir)
-            if calibration is None and (normalize == "calibration" or len(paths) > 1):
-                fix = "give each member one" if len(paths) > 1 else "set normalize: none or running"
-                raise UserError(
-                    f"ppo.rewards ({name}): {model_dir} has no reward_calibration.json; {fix}"
-                )
-            members.append((label, load_scorer(model_dir), calibration))
+        members = _model_members(recipe, entry, name, normalize, load_scorer)
         sources.append(
-            Source(name, entry.weight, normalize, members, entry.combine, None, {}, moments)
+            Source(name, entry.weight, normalize, members, entry.combine, moments=moments)
         )
-    return RewardSources(sources, False, recipe.numerics.on_nonfinite, gather)
+    return RewardSources(sources, False, on_nonfinite, gather)
+
+
+def _model_members(
+    recipe: Any, entry: Any, name: str, normalize: str, load_scorer: Callable[[Path], Scorer]
+) -> list[tuple[str, Scorer, dict | None]]:
+    """(label, scorer, calibration) of each reward model of a model entry."""
+    from rlhf.infra.rundir import require_completed
+
+    paths = _entry_models(entry)
+    if len(paths) > 1 and normalize == "none":
+        raise UserError(
+            f"ppo.rewards ({name}): an ensemble's {entry.combine} needs its members on one "
+            "scale: set normalize: calibration or running (each member is calibrated first)"
+        )
+    members: list[tuple[str, Scorer, dict | None]] = []
+    for i, path in enumerate(paths):
+        model_dir, run_dir = reward_model_dir(expand_path(path, recipe.output_dir))
+        if run_dir is not None:
+            require_completed(run_dir, f"ppo.rewards ({name}): the reward run")
+        label = name if len(paths) == 1 else f"{name}/{model_label(path) or i}"
+        if any(label == m[0] for m in members):
+            label = f"{label}_{i + 1}"
+        calibration = load_calibration(model_dir)
+        if calibration is None and (normalize == "calibration" or len(paths) > 1):
+            fix = "give each member one" if len(paths) > 1 else "set normalize: none or running"
+            raise UserError(
+                f"ppo.rewards ({name}): {model_dir} has no reward_calibration.json; {fix}"
+            )
+        members.append((label, load_scorer(model_dir), calibration))
+    return members
+
+
+def _entry_models(entry: Any) -> list[str]:
+    """The reward model paths of a `ppo.rewards` entry (none for a function)."""
+    if entry.model is None:
+        return []
+    return entry.model if isinstance(entry.model, list) else [entry.model]
 
 
 def legacy_reward_dir(recipe: Any) -> Path:
@@ -372,13 +373,10 @@ def legacy_reward_dir(recipe: Any) -> Path:
 
 def model_dirs(recipe: Any) -> list[Path]:
     """Every reward model folder the sources read (checked before any model loads)."""
-    cfg = recipe.ppo
-    if cfg.rewards is None:
+    if recipe.ppo.rewards is None:
         return [reward_model_dir(legacy_reward_dir(recipe))[0]]
-    out = []
-    for entry in cfg.rewards:
-        if entry.model is None:
-            continue
-        for path in entry.model if isinstance(entry.model, list) else [entry.model]:
-            out.append(reward_model_dir(expand_path(path, recipe.output_dir))[0])
-    return out
+    return [
+        reward_model_dir(expand_path(path, recipe.output_dir))[0]
+        for entry in recipe.ppo.rewards
+        for path in _entry_models(entry)
+    ]

@@ -25,6 +25,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from functools import cache
 from typing import Any
 
@@ -38,35 +39,31 @@ REWARDS_EXTRA = "pip install -e '.[rewards]'"
 # ------------------------------------------------------------------------------- lexicons
 
 
+# Built-in -> (module, analyser class, package) of its lexicon, an optional dependency.
+LEXICONS = {
+    "sentiment": ("vaderSentiment.vaderSentiment", "SentimentIntensityAnalyzer", "vaderSentiment"),
+    "afinn": ("afinn", "Afinn", "afinn"),
+}
+
+
 @cache
-def _vader() -> Any:
+def _lexicon(reward: str) -> Any:
+    module, analyser, package = LEXICONS[reward]
     try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        return getattr(importlib.import_module(module), analyser)()
     except ImportError:
         raise UserError(
-            f"the 'sentiment' reward needs the vaderSentiment package: {REWARDS_EXTRA}"
+            f"the '{reward}' reward needs the {package} package: {REWARDS_EXTRA}"
         ) from None
-    return SentimentIntensityAnalyzer()
-
-
-@cache
-def _afinn() -> Any:
-    try:
-        from afinn import Afinn
-    except ImportError:
-        raise UserError(f"the 'afinn' reward needs the afinn package: {REWARDS_EXTRA}") from None
-    return Afinn()
 
 
 def sentiment(
     prompts: list, responses: list[str], rows: list[dict], cap: float | None = None, **_: Any
 ) -> list[float]:
-    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0).
-
-    `cap` clips it from above: a review already that positive earns nothing more, so the
-    policy spends its KL budget turning negative reviews positive rather than making
-    positive ones gush (a saturating reward, cheaper in KL than a linear one)."""
-    analyzer = _vader()
+    """VADER's compound polarity of each response, in [-1, 1] (positive is > 0). `cap` clips
+    it from above (a saturating reward: the KL budget goes to turning negative reviews
+    positive rather than making positive ones gush)."""
+    analyzer = _lexicon("sentiment")
     scores = [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
     return scores if cap is None else [min(s, cap) for s in scores]
 
@@ -75,14 +72,10 @@ def afinn(
     prompts: list, responses: list[str], rows: list[dict], per_word: bool = False, **_: Any
 ) -> list[float]:
     """Sum of AFINN word valences (-5..5 per word); per_word divides by the word count."""
-    lexicon = _afinn()
-    out = []
-    for r in responses:
-        score = float(lexicon.score(r))
-        if per_word:
-            score /= max(1, len(r.split()))
-        out.append(score)
-    return out
+    lexicon = _lexicon("afinn")
+    return [
+        float(lexicon.score(r)) / (max(1, len(r.split())) if per_word else 1) for r in responses
+    ]
 
 
 # -------------------------------------------------------------------------- answer_match
@@ -102,7 +95,16 @@ def normalise_answer(text: str) -> str:
 
 def numbers_in(text: str) -> list[float]:
     """Every number written in the text, in order: '12,345', '-3', '6.25', '.5'."""
-    return [x for m in _NUMBER.finditer(text) if (x := _number(m)) is not None]
+    return [x for _, x in _numbers_at(text)]
+
+
+def _numbers_at(text: str) -> list[tuple[int, float]]:
+    """(where it starts, value) of every number in the text."""
+    found = []
+    for m in _NUMBER.finditer(text):
+        with suppress(ValueError):  # '1,,2'-like noise
+            found.append((m.start(), float(m.group().replace(",", ""))))
+    return found
 
 
 def parse_number(text: str) -> float | None:
@@ -120,9 +122,8 @@ def _decimals(text: str) -> int:
 
 
 def numbers_match(stated: float, reference: str, rel_tol: float = 0.0) -> bool:
-    """An integer reference needs that exact number ('703' refuses 702.5 and 703.4). A
-    reference with decimals accepts what rounds to it at its precision ('8.05' accepts
-    8.0467 but not 8), or is within rel_tol of it."""
+    """An integer reference needs that exact number; one with decimals accepts what rounds to
+    it at its precision ('8.05' accepts 8.0467 but not 8), or is within rel_tol of it."""
     ref = parse_number(reference)
     if ref is None:
         return False
@@ -155,9 +156,8 @@ def offers_alternatives(before: str) -> bool:
 
 def first_mention(response: str, wanted: str, prompt: str = "") -> int | None:
     """Where the first whole-word occurrence of `wanted` (normalised) starts in the response,
-    matched after normalise_answer word by word (so 'Washington, D.C.' is 'washington dc').
-    An occurrence inside a phrase of the prompt (with the word before or after it, as in
-    'Mexico City is the capital of which country?') repeats the question: it is skipped."""
+    matched word by word after normalise_answer. An occurrence that repeats a phrase of the
+    prompt (with the word before or after it) is skipped."""
     spans = [(m.start(), normalise_answer(m.group())) for m in re.finditer(r"\S+", response)]
     words = [(start, w) for start, word in spans for w in word.split()]
     said, target = [w for _, w in words], wanted.split()
@@ -172,24 +172,18 @@ def first_mention(response: str, wanted: str, prompt: str = "") -> int | None:
 
 
 def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float = 0.0) -> bool:
-    """Does the response state the reference answer, as the one it gives?
-
-    Only the first candidate counts, and a negated one never does:
-    - numbers: the first number of the response that is not one of the prompt's numbers (so
-      '12 x 23 = 276' is judged on 276, and listing many numbers does not help) must match
-      (numbers_match: an integer reference exactly; one with decimals at its precision), and
-      not be negated ('Not 703: it is 702.');
-    - text: the first whole-word occurrence of the normalised answer that does not repeat a
-      phrase of the prompt (first_mention), neither negated ('Not South Korea: it is Japan.')
-      nor after an alternative in its sentence ('North Korea or South Korea.').
+    """Does the response state the reference answer, as the one it gives? Only the first
+    candidate counts, and a negated one never does:
+    - numbers: the first number that is not one of the prompt's ('12 x 23 = 276' is judged on
+      276) must match (numbers_match) and not be negated ('Not 703: it is 702.');
+    - text: the first mention of the normalised answer (first_mention), neither negated ('Not
+      South Korea: it is Japan.') nor after an alternative ('North Korea or South Korea.').
     """
     reference = str(answer)
     ref = parse_number(reference)
     if ref is not None:
         given = set(numbers_in(prompt_text))
-        stated = [
-            (m.start(), x) for m in _NUMBER.finditer(response) if (x := _number(m)) is not None
-        ]
+        stated = _numbers_at(response)
         fresh = stated if ref in given else [(at, x) for at, x in stated if x not in given]
         if not fresh or negated(response[: fresh[0][0]]):
             return False
@@ -200,13 +194,6 @@ def states_answer(prompt_text: str, response: str, answer: Any, rel_tol: float =
         return False
     before = response[:at]
     return not negated(before) and not offers_alternatives(before)
-
-
-def _number(match: re.Match) -> float | None:
-    try:
-        return float(match.group().replace(",", ""))
-    except ValueError:  # '1,,2'-like noise
-        return None
 
 
 def _prompt_text(messages: list[dict]) -> str:
@@ -283,7 +270,6 @@ BUILTINS: dict[str, RewardFunction] = {
     "length": length,
     "format": format,
 }
-_NEEDS_PACKAGE = {"sentiment": _vader, "afinn": _afinn}
 
 
 # ------------------------------------------------------------------------------ resolving
@@ -298,8 +284,8 @@ def load_reward_function(spec: str) -> RewardFunction:
     unknown, the module fails to import, or the attribute is not callable."""
     spec = spec.strip()
     if spec in BUILTINS:
-        if spec in _NEEDS_PACKAGE:
-            _NEEDS_PACKAGE[spec]()  # a missing optional package fails now, not mid-run
+        if spec in LEXICONS:
+            _lexicon(spec)  # a missing optional package fails now, not mid-run
         return BUILTINS[spec]
     module_name, sep, attr = spec.partition(":")
     if not sep:
@@ -330,8 +316,8 @@ def load_reward_function(spec: str) -> RewardFunction:
 
 
 def check_args(spec: str, fn: RewardFunction, args: dict[str, Any]) -> None:
-    """Arguments the function cannot take are a recipe mistake. The built-ins swallow unknown
-    keywords (**_) only to share one calling convention, so they are checked by name."""
+    """Arguments the function cannot take are a recipe mistake (the built-ins' **_ is only a
+    shared calling convention: they are checked by name)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -354,8 +340,7 @@ def call_reward_function(
     rows: list[dict],
     args: dict[str, Any],
 ) -> list[float]:
-    """Call and check the shape: one real number per response (NaN/inf pass through, for
-    the numerics policy to handle)."""
+    """Call and check: one number per response (NaN/inf pass, for the numerics policy)."""
     out = fn(prompts, responses, rows, **args)
     try:
         values = [float(x) for x in out]

@@ -1,13 +1,8 @@
-"""A programmatic judge of the ranking rubric in reward_data/README.md.
+"""A programmatic judge of the ranking rubric in reward_data/README.md, for evaluation only (a
+policy trained against phrase lists learns to avoid the phrases, not the behaviour).
 
-`classify(row, text)` says which of the rubric's faults a response shows. The markers are
-the phrases that reward_data/build.py writes into the lower tiers (filler preambles and
-closings, evasive hedges, rude brush-offs, confident false justifications), widened to
-close paraphrases so that a sampled policy that writes them in its own words is caught too.
-
-It is a judge for evaluation, never a default training reward: a policy trained against
-these phrase lists would learn to avoid the phrases, not the behaviour.
-
+`classify(row, text)` says which of the rubric's faults a response shows. The markers are the
+phrases reward_data/build.py writes into the lower tiers, widened to close paraphrases.
 This module imports no torch.
 """
 

@@ -1,13 +1,10 @@
-"""Rows that start with the same tokens run those tokens once.
+"""Rows that start with the same tokens run those tokens once (k samples of a prompt in GRPO
+and RLOO, a prompt's ranked responses in DPO and reward-model training).
 
-GRPO and RLOO sample k responses per prompt, so every forward over a rollout batch (the
-reference's log-probs, the reward model's scores, the policy's forward and backward in the
-update) holds each prompt k times; DPO and reward-model training hold each prompt once per
-ranked response. Causal attention makes a prefix's keys and values independent of what
-follows, so one forward over the distinct prefixes, its KV cache indexed out to the rows,
-and one forward over the rest of each row give the flat forward's hidden states (to float
-rounding: attention reads the prefix's keys from the cache), and gradients flow through the
-cache into the prefix forward.
+Causal attention makes a prefix's keys and values independent of what follows, so one forward
+over the distinct prefixes, its KV cache indexed out to the rows, and one forward over the
+rest of each row give the flat forward's hidden states (to float rounding); gradients flow
+through the cache into the prefix forward.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ def distinct_rows(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(B, L) rows -> (first, row_prefix): the index of each distinct row's first occurrence,
     (U,) in order of appearance, and which of them each row is, (B,), so that
-    `input_ids[first][row_prefix] == input_ids`. None when every row is distinct (nothing
-    to share). Rows are equal when their tokens and mask are."""
+    `input_ids[first][row_prefix] == input_ids`; None when every row is distinct."""
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
     _, inverse = torch.unique(rows, dim=0, return_inverse=True)
     n = int(inverse.max()) + 1 if inverse.numel() else 0
@@ -50,11 +46,8 @@ def prefix_shared_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's last hidden states of the P prefixes, (P, Lp, H), and of the R rows
     that continue them, (R, T, H): row i is prefix[row_prefix[i]] followed by input_ids[i].
-
-    model: a transformers task model (causal LM, sequence classifier) whose backbone is
-    `getattr(model, model.base_model_prefix)`. Prefixes left padded (each one's last token in
-    the last column), the continuations right padded.
-    """
+    model: a transformers task model (causal LM, sequence classifier). Prefixes left padded,
+    the continuations right padded."""
     backbone = getattr(model, model.base_model_prefix)
     name = cache_keyword(backbone)  # the output field has the argument's name
     out = padded_forward(backbone, prefix_ids, prefix_mask, use_cache=True)

@@ -214,7 +214,7 @@ def test_rloo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     assert last > first + 0.2, f"mean score did not rise: {first:.3f} -> {last:.3f}"
     assert max(kls) < 20.0, f"KL ran away: {max(kls):.2f}"
     assert not any(k.startswith("value/") for k in history[-1]), sorted(history[-1])
-    assert model.value_head is None and not model.has_values
+    assert model.value_head is None and model.critic is None
 
 
 def test_critic_warmup_moves_only_the_value_head(tiny_model_dir):
