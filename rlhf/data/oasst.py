@@ -27,13 +27,7 @@ _ROLE = {"prompter": "user", "assistant": "assistant"}
 def parse_tree(
     row: Any, where: str, drop_synthetic: bool = True, lang: str | None = None
 ) -> list[Ranking]:
-    if not isinstance(row, dict):
-        raise v.InvalidRow("wrong type", f"row must be a JSON object, got {type(row).__name__}")
-    root = v.require(row, "prompt")
-    if not isinstance(root, dict):
-        raise v.InvalidRow(
-            "wrong type", f"prompt must be a message tree, got {type(root).__name__}"
-        )
+    root = v.of_type(v.require(v.obj(row), "prompt"), dict, "prompt", "a message tree")
     if root.get("deleted") or (lang is not None and root.get("lang", lang) != lang):
         return []
     out: list[Ranking] = []
@@ -58,9 +52,7 @@ def _walk(
     out: list[Ranking],
 ) -> None:
     conversation = [*path, _message(node)]
-    replies = node.get("replies") or []
-    if not isinstance(replies, list):
-        raise v.InvalidRow("wrong type", f"replies must be a list, got {type(replies).__name__}")
+    replies = v.of_type(node.get("replies") or [], list, "replies", "a list")
     kept = [
         r
         for r in replies
