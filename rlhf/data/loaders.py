@@ -133,7 +133,7 @@ def source_rows(source: DataSource) -> tuple[str, Iterator[tuple[str, Any]]]:
     try:
         return source.path, read_hub(source.path, source.split, source.data_dir)
     except HubUnavailable as e:
-        raise UserError(no_data_message(source, e.reason)) from None
+        raise UserError(no_data_message(source, str(e))) from None
 
 
 def no_data_message(source: DataSource, reason: str) -> str:
