@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from rlhf.data.split import prompt_text
 from rlhf.data.validate import InvalidRow, RowPolicy
-from rlhf.tokens.chat import render_ids
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -16,7 +15,10 @@ log = logging.getLogger(__name__)
 
 def prompt_tokens(tokenizer: Any, prompt: list[dict]) -> int:
     """Length of the prompt as the model sees it: chat template plus the assistant header."""
-    return len(render_ids(tokenizer, prompt, add_generation_prompt=True))
+    out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, Mapping):  # transformers 5 may return a BatchEncoding
+        out = out["input_ids"]
+    return len(out)
 
 
 def check_lengths(

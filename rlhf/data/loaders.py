@@ -102,9 +102,7 @@ def load(
 
     items: list = []
     n_rows = 0
-    for where, row in rows:
-        if source.limit is not None and n_rows >= source.limit:
-            break
+    for where, row in itertools.islice(rows, source.limit):
         n_rows += 1
         if isinstance(row, BadLine):
             policy.invalid(where, InvalidRow("malformed JSON", row.error))

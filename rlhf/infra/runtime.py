@@ -6,17 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import random
 from typing import Any
 
-import numpy as np
 import torch
 
 from rlhf.infra import distributed
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
 # dot-product instructions: under them oneDNN converts bf16 to fp32 like a CPU without them.
-_ONEDNN_ISAS_WITHOUT_BF16_ARITHMETIC = {
+_ONEDNN_ISAS_WITHOUT_BF16 = {
     "SSE41",
     "AVX",
     "AVX2",
@@ -39,12 +37,8 @@ def cpu_supports_fast_bf16() -> bool:
         instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except (AttributeError, RuntimeError):
         return False
-    return onednn and bool(instructions) and not _onednn_capped_below_bf16()
-
-
-def _onednn_capped_below_bf16() -> bool:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return cap.strip().upper() in _ONEDNN_ISAS_WITHOUT_BF16_ARITHMETIC
+    return onednn and bool(instructions) and cap.strip().upper() not in _ONEDNN_ISAS_WITHOUT_BF16
 
 
 def resolve_precision(precision: str) -> str:
@@ -67,7 +61,7 @@ def frozen_weight_dtype(mixed_precision: str, sharding: str = "") -> torch.dtype
 
 def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
     on_cpu = not torch.cuda.is_available()
     mixed = resolve_precision(recipe.precision)
@@ -90,16 +84,9 @@ def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
         kwargs_handlers=handlers,
         log_with=list(recipe.tracking.trackers) or None,
     )
-    set_seed(recipe.seed)
+    set_seed(recipe.seed)  # the same on every rank; sampling RNGs are offset by rank where needed
     setup_logging(accelerator.is_main_process)
     return accelerator
-
-
-def set_seed(seed: int) -> None:
-    """Same seed for model init on every rank; sampling RNGs are offset by rank where needed."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def setup_logging(is_main: bool) -> None:
@@ -108,13 +95,10 @@ def setup_logging(is_main: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def run_info(accelerator: Any) -> dict[str, Any]:
