@@ -103,28 +103,25 @@ def _sft(conversation: list[Message], where: str) -> SFTExample:
 
 def parse_pairs(row: Any, where: str) -> list[Ranking]:
     row = v.obj(row)
-    chosen_raw, rejected_raw = v.require(row, "chosen"), v.require(row, "rejected")
+    chosen, rejected = v.require(row, "chosen"), v.require(row, "rejected")
     prompt = v.prompt(row["prompt"]) if row.get("prompt") is not None else None
-    if isinstance(chosen_raw, list) or isinstance(rejected_raw, list):
+    if isinstance(chosen, list) or isinstance(rejected, list):
         # Conversational pairs: each side is messages ending with the assistant's reply; the
         # turns before it are the prompt (when no explicit prompt is given).
-        chosen_prompt, chosen = _split_reply(chosen_raw, "chosen")
-        rejected_prompt, rejected = _split_reply(rejected_raw, "rejected")
+        chosen_prompt, chosen = _split_reply(chosen, "chosen")
+        rejected_prompt, rejected = _split_reply(rejected, "rejected")
         if chosen_prompt != rejected_prompt:
             raise v.InvalidRow(
                 "invalid prompt", "chosen and rejected continue different conversations"
             )
-        if prompt is None:
-            if not chosen_prompt:
-                raise v.InvalidRow("missing field", "missing field 'prompt'")
-            prompt = v.prompt(chosen_prompt)
-        elif chosen_prompt and chosen_prompt != prompt:
+        if prompt is not None and chosen_prompt and chosen_prompt != prompt:
             raise v.InvalidRow("invalid prompt", "chosen does not continue the given prompt")
+        if prompt is None and chosen_prompt:
+            prompt = v.prompt(chosen_prompt)
     else:
-        if prompt is None:
-            raise v.InvalidRow("missing field", "missing field 'prompt'")
-        chosen = v.response(chosen_raw, "chosen")
-        rejected = v.response(rejected_raw, "rejected")
+        chosen, rejected = v.response(chosen, "chosen"), v.response(rejected, "rejected")
+    if prompt is None:
+        raise v.InvalidRow("missing field", "missing field 'prompt'")
     v.check_responses([chosen, rejected])
     return [Ranking(prompt, [chosen, rejected], [0, 1], where)]
 

@@ -22,8 +22,6 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 from unittest import mock
 
-log = logging.getLogger(__name__)
-
 
 def _state(accelerator: Any | None) -> Any | None:
     if accelerator is not None:
@@ -59,8 +57,7 @@ def synced_gpus(accelerator: Any | None = None) -> bool:
     """`generate(synced_gpus=...)`: True when parameters are sharded over several ranks (a rank
     that is done keeps running dummy forwards, or the others wait in its missing all-gather).
     transformers does not detect it for our policy nested in an accelerate wrapper."""
-    state = _state(accelerator)
-    return state is not None and is_sharded(accelerator) and state.num_processes > 1
+    return is_sharded(accelerator) and _state(accelerator).num_processes > 1
 
 
 @contextmanager
