@@ -1,16 +1,12 @@
 """OpenAssistant message trees -> one Ranking per parent with >= 2 ranked assistant replies.
 
 A tree row is {"prompt": message}; a message has "text", "role" ("prompter" | "assistant")
-and "replies" (messages, recursively). Human raters ranked sibling assistant replies: "rank"
-0 is the best. The prompt of a Ranking is the conversation from the root down to the parent.
+and "replies" (messages, recursively); "rank" 0 is the best sibling reply. The prompt of a
+Ranking is the conversation from the root down to the parent.
 
-Deleted messages are skipped with their whole subtree (their replies answer a message that
-is gone). With drop_synthetic, machine-written replies are skipped the same way, so the
-rankings are human judgements among human-written replies. With `lang`, only trees whose
-prompt is in that language are kept (the hub's oasst1 mixes 35 languages).
-
-The hub's oasst1 is flat (one message per row, with parent_id); `assemble_trees` rebuilds
-the trees first.
+Deleted messages, and with drop_synthetic machine-written ones, are skipped with their whole
+subtree. With `lang`, only trees whose prompt is in that language are kept. The hub's oasst1
+is flat (one message per row, with parent_id): `assemble_trees` rebuilds the trees first.
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ import json
 import socket
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from unittest import mock
 
 from rlhf.infra.errors import UserError
 
@@ -133,20 +134,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-@contextmanager
-def _offline_mode(offline: bool) -> Iterator[None]:
+def _offline_mode(offline: bool) -> ExitStack:
     """Datasets and huggingface_hub read HF_HUB_OFFLINE once, at import: set their copies, so
     that an unreachable hub fails at once (a warm datasets cache still answers)."""
     import datasets.config
     from huggingface_hub import constants
 
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    if offline:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+    stack = ExitStack()
+    for module in (datasets.config, constants) if offline else ():
+        stack.enter_context(mock.patch.object(module, "HF_HUB_OFFLINE", True))
+    return stack
 
 
 class HubUnavailable(UserError):
