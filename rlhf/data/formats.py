@@ -18,7 +18,6 @@ from rlhf.data.types import Message, Prompt, Ranking, SFTExample
 
 SFT_FORMATS = ("messages", "prompt_completion", "alpaca")
 COMPARISON_FORMATS = ("pairs", "rankings", "hh", "oasst")
-PROMPT_FORMATS = ("prompts",)
 
 
 def kind_of(fmt: str) -> str:
@@ -58,29 +57,23 @@ def detect_format(row: Any) -> str | None:
     return None
 
 
-def _object(row: Any) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise v.InvalidRow("wrong type", f"row must be a JSON object, got {type(row).__name__}")
-    return row
-
-
 # ------------------------------------------------------------------------------------- SFT
 
 
 def parse_messages(row: Any, where: str) -> list[SFTExample]:
-    conversation = v.messages(v.require(_object(row), "messages"), "messages")
+    conversation = v.messages(v.require(v.obj(row), "messages"), "messages")
     return [_sft(conversation, where)]
 
 
 def parse_prompt_completion(row: Any, where: str) -> list[SFTExample]:
-    row = _object(row)
+    row = v.obj(row)
     prompt = v.prompt(v.require(row, "prompt"))
     completion = v.response(v.require(row, "completion"), "completion")
     return [_sft([*prompt, {"role": "assistant", "content": completion}], where)]
 
 
 def parse_alpaca(row: Any, where: str) -> list[SFTExample]:
-    row = _object(row)
+    row = v.obj(row)
     instruction = v.text(v.require(row, "instruction"), "instruction")
     extra = row.get("input") or ""  # optional; null and "" both mean "no input"
     extra = v.text(extra, "input")
@@ -109,29 +102,26 @@ def _sft(conversation: list[Message], where: str) -> SFTExample:
 
 
 def parse_pairs(row: Any, where: str) -> list[Ranking]:
-    row = _object(row)
-    chosen_raw, rejected_raw = v.require(row, "chosen"), v.require(row, "rejected")
+    row = v.obj(row)
+    chosen, rejected = v.require(row, "chosen"), v.require(row, "rejected")
     prompt = v.prompt(row["prompt"]) if row.get("prompt") is not None else None
-    if isinstance(chosen_raw, list) or isinstance(rejected_raw, list):
+    if isinstance(chosen, list) or isinstance(rejected, list):
         # Conversational pairs: each side is messages ending with the assistant's reply; the
         # turns before it are the prompt (when no explicit prompt is given).
-        chosen_prompt, chosen = _split_reply(chosen_raw, "chosen")
-        rejected_prompt, rejected = _split_reply(rejected_raw, "rejected")
+        chosen_prompt, chosen = _split_reply(chosen, "chosen")
+        rejected_prompt, rejected = _split_reply(rejected, "rejected")
         if chosen_prompt != rejected_prompt:
             raise v.InvalidRow(
                 "invalid prompt", "chosen and rejected continue different conversations"
             )
-        if prompt is None:
-            if not chosen_prompt:
-                raise v.InvalidRow("missing field", "missing field 'prompt'")
-            prompt = v.prompt(chosen_prompt)
-        elif chosen_prompt and chosen_prompt != prompt:
+        if prompt is not None and chosen_prompt and chosen_prompt != prompt:
             raise v.InvalidRow("invalid prompt", "chosen does not continue the given prompt")
+        if prompt is None and chosen_prompt:
+            prompt = v.prompt(chosen_prompt)
     else:
-        if prompt is None:
-            raise v.InvalidRow("missing field", "missing field 'prompt'")
-        chosen = v.response(chosen_raw, "chosen")
-        rejected = v.response(rejected_raw, "rejected")
+        chosen, rejected = v.response(chosen, "chosen"), v.response(rejected, "rejected")
+    if prompt is None:
+        raise v.InvalidRow("missing field", "missing field 'prompt'")
     v.check_responses([chosen, rejected])
     return [Ranking(prompt, [chosen, rejected], [0, 1], where)]
 
@@ -144,13 +134,9 @@ def _split_reply(value: Any, name: str) -> tuple[list[Message], str]:
 
 
 def parse_rankings(row: Any, where: str) -> list[Ranking]:
-    row = _object(row)
+    row = v.obj(row)
     prompt = v.prompt(v.require(row, "prompt"))
-    responses = v.require(row, "responses")
-    if not isinstance(responses, list):
-        raise v.InvalidRow(
-            "wrong type", f"responses must be a list, got {type(responses).__name__}"
-        )
+    responses = v.of_type(v.require(row, "responses"), list, "responses", "a list")
     if len(responses) < 2:
         raise v.InvalidRow(
             "fewer than 2 responses", f"a ranking needs at least 2 responses, got {len(responses)}"
@@ -167,7 +153,7 @@ def parse_rankings(row: Any, where: str) -> list[Ranking]:
 def parse_prompts(row: Any, where: str) -> list[Prompt]:
     if isinstance(row, str):
         return [Prompt(v.prompt(row), where)]
-    row = _object(row)
+    row = v.obj(row)
     if "prompt" not in row and "messages" in row:
         # A conversation to continue; a trailing assistant reply (an SFT row) is dropped.
         conversation = v.messages(row["messages"], "messages")

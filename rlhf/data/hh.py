@@ -41,8 +41,7 @@ def parse_transcript(transcript: str, name: str = "transcript") -> list[Message]
 
 
 def parse_hh(row: Any, where: str) -> list[Ranking]:
-    if not isinstance(row, dict):
-        raise v.InvalidRow("wrong type", f"row must be a JSON object, got {type(row).__name__}")
+    row = v.obj(row)
     chosen_text = v.text(v.require(row, "chosen"), "chosen")
     rejected_text = v.text(v.require(row, "rejected"), "rejected")
     chosen = parse_transcript(chosen_text, "chosen")

@@ -102,9 +102,7 @@ def load(
 
     items: list = []
     n_rows = 0
-    for where, row in rows:
-        if source.limit is not None and n_rows >= source.limit:
-            break
+    for where, row in itertools.islice(rows, source.limit):
         n_rows += 1
         if isinstance(row, BadLine):
             policy.invalid(where, InvalidRow("malformed JSON", row.error))
@@ -133,7 +131,7 @@ def source_rows(source: DataSource) -> tuple[str, Iterator[tuple[str, Any]]]:
     try:
         return source.path, read_hub(source.path, source.split, source.data_dir)
     except HubUnavailable as e:
-        raise UserError(no_data_message(source, e.reason)) from None
+        raise UserError(no_data_message(source, str(e))) from None
 
 
 def no_data_message(source: DataSource, reason: str) -> str:

@@ -1,16 +1,12 @@
 """OpenAssistant message trees -> one Ranking per parent with >= 2 ranked assistant replies.
 
 A tree row is {"prompt": message}; a message has "text", "role" ("prompter" | "assistant")
-and "replies" (messages, recursively). Human raters ranked sibling assistant replies: "rank"
-0 is the best. The prompt of a Ranking is the conversation from the root down to the parent.
+and "replies" (messages, recursively); "rank" 0 is the best sibling reply. The prompt of a
+Ranking is the conversation from the root down to the parent.
 
-Deleted messages are skipped with their whole subtree (their replies answer a message that
-is gone). With drop_synthetic, machine-written replies are skipped the same way, so the
-rankings are human judgements among human-written replies. With `lang`, only trees whose
-prompt is in that language are kept (the hub's oasst1 mixes 35 languages).
-
-The hub's oasst1 is flat (one message per row, with parent_id); `assemble_trees` rebuilds
-the trees first.
+Deleted messages, and with drop_synthetic machine-written ones, are skipped with their whole
+subtree. With `lang`, only trees whose prompt is in that language are kept. The hub's oasst1
+is flat (one message per row, with parent_id): `assemble_trees` rebuilds the trees first.
 """
 
 from __future__ import annotations
@@ -27,13 +23,7 @@ _ROLE = {"prompter": "user", "assistant": "assistant"}
 def parse_tree(
     row: Any, where: str, drop_synthetic: bool = True, lang: str | None = None
 ) -> list[Ranking]:
-    if not isinstance(row, dict):
-        raise v.InvalidRow("wrong type", f"row must be a JSON object, got {type(row).__name__}")
-    root = v.require(row, "prompt")
-    if not isinstance(root, dict):
-        raise v.InvalidRow(
-            "wrong type", f"prompt must be a message tree, got {type(root).__name__}"
-        )
+    root = v.of_type(v.require(v.obj(row), "prompt"), dict, "prompt", "a message tree")
     if root.get("deleted") or (lang is not None and root.get("lang", lang) != lang):
         return []
     out: list[Ranking] = []
@@ -58,9 +48,7 @@ def _walk(
     out: list[Ranking],
 ) -> None:
     conversation = [*path, _message(node)]
-    replies = node.get("replies") or []
-    if not isinstance(replies, list):
-        raise v.InvalidRow("wrong type", f"replies must be a list, got {type(replies).__name__}")
+    replies = v.of_type(node.get("replies") or [], list, "replies", "a list")
     kept = [
         r
         for r in replies

@@ -14,11 +14,12 @@ import io
 import json
 import socket
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from unittest import mock
 
 from rlhf.infra.errors import UserError
 
@@ -46,29 +47,27 @@ def file_type(path: str) -> str:
 
 def read_rows(path: str) -> Iterator[tuple[str, Any]]:
     """Every row of a local data file, in order, with its location."""
-    kind = file_type(path)
+    read = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet}[file_type(path)]
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"{path}: data file not found")
-    if kind == ".jsonl":
-        yield from _jsonl(path, file)
-    elif kind == ".json":
-        yield from _json(path, file)
-    else:
-        yield from _parquet(path, file)
+    yield from read(path, file)
 
 
-def _open_text(file: Path) -> io.TextIOBase:
-    # utf-8-sig: tolerate the byte-order mark some editors write.
-    if file.name.lower().endswith(".gz"):
-        return gzip.open(file, "rt", encoding="utf-8-sig")
-    return open(file, encoding="utf-8-sig")
+def _open(file: Path) -> BinaryIO:
+    return gzip.open(file, "rb") if file.name.lower().endswith(".gz") else open(file, "rb")
+
+
+def numbered(where: str, rows: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    """("where:row 1", row), ... for rows that have no line numbers."""
+    return ((f"{where}:row {i}", row) for i, row in enumerate(rows, start=1))
 
 
 def _jsonl(path: str, file: Path) -> Iterator[tuple[str, Any]]:
     lineno = 0
     try:
-        with _open_text(file) as f:
+        # utf-8-sig: tolerate the byte-order mark some editors write.
+        with io.TextIOWrapper(_open(file), encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):  # noqa: B007 (lineno used after the loop)
                 if not line.strip():
                     continue  # blank lines (a trailing newline, spacing) are not rows
@@ -86,10 +85,8 @@ def _jsonl(path: str, file: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_bytes(path: str, file: Path) -> bytes:
     try:
-        if file.name.lower().endswith(".gz"):
-            with gzip.open(file, "rb") as f:
-                return f.read()
-        return file.read_bytes()
+        with _open(file) as f:
+            return f.read()
     except _GZIP_ERRORS as e:
         raise UserError(f"{path}: unreadable gzip file ({e})") from None
 
@@ -105,8 +102,7 @@ def _json(path: str, file: Path) -> Iterator[tuple[str, Any]]:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: a .json data file must hold a list of rows")
-    for i, row in enumerate(data, start=1):
-        yield f"{path}:row {i}", row
+    yield from numbered(path, data)
 
 
 def _parquet(path: str, file: Path) -> Iterator[tuple[str, Any]]:
@@ -118,8 +114,7 @@ def _parquet(path: str, file: Path) -> Iterator[tuple[str, Any]]:
         rows = pq.read_table(io.BytesIO(raw)).to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: unreadable parquet file ({str(e).splitlines()[0]})") from None
-    for i, row in enumerate(rows, start=1):
-        yield f"{path}:row {i}", row
+    yield from numbered(path, rows)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -139,28 +134,20 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-@contextmanager
-def _offline_mode(offline: bool) -> Iterator[None]:
+def _offline_mode(offline: bool) -> ExitStack:
     """Datasets and huggingface_hub read HF_HUB_OFFLINE once, at import: set their copies, so
     that an unreachable hub fails at once (a warm datasets cache still answers)."""
     import datasets.config
     from huggingface_hub import constants
 
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    if offline:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+    stack = ExitStack()
+    for module in (datasets.config, constants) if offline else ():
+        stack.enter_context(mock.patch.object(module, "HF_HUB_OFFLINE", True))
+    return stack
 
 
 class HubUnavailable(UserError):
-    """A hub dataset could not be loaded; `reason` is one short line."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    """A hub dataset could not be loaded; the message is one short line."""
 
 
 def read_hub(path: str, split: str, data_dir: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -179,4 +166,4 @@ def read_hub(path: str, split: str, data_dir: str | None = None) -> Iterator[tup
         reason = "hub unreachable (offline)" if offline else first
         raise HubUnavailable(reason) from None
     where = f"{path}[{split}]" if data_dir is None else f"{path}/{data_dir}[{split}]"
-    return ((f"{where}:row {i}", row) for i, row in enumerate(dataset, start=1))
+    return numbered(where, dataset)

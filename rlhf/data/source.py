@@ -13,17 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DATA_FORMATS = (
-    "auto",
-    "messages",
-    "prompt_completion",
-    "alpaca",
-    "pairs",
-    "rankings",
-    "prompts",
-    "hh",
-    "oasst",
-)
+from rlhf.data.formats import COMPARISON_FORMATS, SFT_FORMATS
+
+DATA_FORMATS = ("auto", *SFT_FORMATS, *COMPARISON_FORMATS, "prompts")
 DATA_ROOT_ENV = "RLHF_DATA_ROOT"
 # `name` or `owner/name`, as the hub spells dataset ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")

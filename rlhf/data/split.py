@@ -33,9 +33,8 @@ def split_by_prompt(items: Sequence[T], eval_fraction: float, seed: int) -> tupl
     """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    scores = {prompt_text(item): 0.0 for item in items}
-    for text in scores:
-        scores[text] = _score(seed, text)
+    texts = [prompt_text(item) for item in items]
+    scores = {text: _score(seed, text) for text in texts}
     held_out = {text for text, score in scores.items() if score < eval_fraction}
     if eval_fraction > 0 and len(scores) >= 2:
         by_score = sorted(scores, key=scores.__getitem__)
@@ -43,6 +42,6 @@ def split_by_prompt(items: Sequence[T], eval_fraction: float, seed: int) -> tupl
             held_out = {by_score[0]}
         elif len(held_out) == len(scores):
             held_out.discard(by_score[-1])
-    train = [item for item in items if prompt_text(item) not in held_out]
-    evals = [item for item in items if prompt_text(item) in held_out]
+    train = [item for item, text in zip(items, texts) if text not in held_out]
+    evals = [item for item, text in zip(items, texts) if text in held_out]
     return train, evals

@@ -49,8 +49,7 @@ class Ranking:
 
     @property
     def num_pairs(self) -> int:
-        k = len(self.ranking)
-        return k * (k - 1) // 2
+        return len(self.pairs())
 
     def ranked_responses(self) -> list[str]:
         """The responses, best first."""

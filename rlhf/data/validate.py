@@ -51,16 +51,27 @@ class RowPolicy:
 # ------------------------------------------------------------------------ field checks
 
 
-def require(row: dict[str, Any], key: str) -> Any:
-    if key not in row or row[key] is None:
-        raise InvalidRow("missing field", f"missing field '{key}'")
+def require(row: dict[str, Any], key: str, within: str = "") -> Any:
+    """row[key], which must be present and not null; `within` names the row in the message."""
+    if row.get(key) is None:
+        name = f"{within}.{key}" if within else key
+        raise InvalidRow("missing field", f"missing field '{name}'")
     return row[key]
 
 
-def text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRow("wrong type", f"{name} must be a string, got {_type(value)}")
+def of_type(value: Any, kind: type, name: str, what: str) -> Any:
+    """`value` if it is a `kind`, else the "wrong type" row error "{name} must be {what}"."""
+    if not isinstance(value, kind):
+        raise InvalidRow("wrong type", f"{name} must be {what}, got {_type(value)}")
     return value
+
+
+def obj(row: Any) -> dict[str, Any]:
+    return of_type(row, dict, "row", "a JSON object")
+
+
+def text(value: Any, name: str) -> str:
+    return of_type(value, str, name, "a string")
 
 
 def response(value: Any, name: str) -> str:
@@ -73,30 +84,21 @@ def response(value: Any, name: str) -> str:
 
 def messages(value: Any, name: str) -> list[Message]:
     """A non-empty list of {"role", "content"} dicts, reduced to exactly those two keys."""
-    if not isinstance(value, list):
-        raise InvalidRow("wrong type", f"{name} must be a list of messages, got {_type(value)}")
-    if not value:
+    if not of_type(value, list, name, "a list of messages"):
         reason = "empty prompt" if name == "prompt" else "empty messages"
         raise InvalidRow(reason, f"{name} is empty")
     out = []
     for i, message in enumerate(value):
         where = f"{name}[{i}]"
-        if not isinstance(message, dict):
-            raise InvalidRow("wrong type", f"{where} must be a message dict, got {_type(message)}")
-        role = text(require_key(message, "role", where), f"{where}.role")
+        of_type(message, dict, where, "a message dict")
+        role = text(require(message, "role", where), f"{where}.role")
         if role not in ROLES:
             raise InvalidRow(
                 "wrong type", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}"
             )
-        content = text(require_key(message, "content", where), f"{where}.content")
+        content = text(require(message, "content", where), f"{where}.content")
         out.append({"role": role, "content": content})
     return out
-
-
-def require_key(message: dict[str, Any], key: str, where: str) -> Any:
-    if message.get(key) is None:
-        raise InvalidRow("missing field", f"missing field '{where}.{key}'")
-    return message[key]
 
 
 def prompt(value: Any, name: str = "prompt") -> list[Message]:
@@ -105,11 +107,7 @@ def prompt(value: Any, name: str = "prompt") -> list[Message]:
         if not value.strip():
             raise InvalidRow("empty prompt", f"{name} is empty")
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise InvalidRow(
-            "wrong type", f"{name} must be a string or a list of messages, got {_type(value)}"
-        )
-    out = messages(value, name)
+    out = messages(of_type(value, list, name, "a string or a list of messages"), name)
     if out[-1]["role"] == "assistant":
         # The policy would be asked to continue its own turn; the reply belongs in a response.
         raise InvalidRow("invalid prompt", f"{name} must not end with an assistant message")
@@ -135,13 +133,12 @@ def check_ranking(ranking: Any, k: int) -> list[int]:
         raise InvalidRow(
             "invalid ranking", f"ranking must be a list of response indices, got {ranking!r}"
         )
+    seen: set[int] = set()
     for i in ranking:
         if not 0 <= i < k:
             raise InvalidRow(
                 "invalid ranking", f"ranking index {i} is out of range for {k} responses"
             )
-    seen: set[int] = set()
-    for i in ranking:
         if i in seen:
             raise InvalidRow("invalid ranking", f"ranking lists response {i} more than once")
         seen.add(i)

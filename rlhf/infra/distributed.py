@@ -1,24 +1,15 @@
-"""Everything the stages need to know about sharded training (DeepSpeed ZeRO-3, FSDP), in one place.
+"""Everything the stages need to know about sharded training (DeepSpeed ZeRO-3, FSDP).
 
-DDP, DeepSpeed ZeRO-1/2 and a single process keep a full copy of every parameter on each rank:
-generation, evaluation and saving work on the unwrapped module, and every helper here is a
-no-op. ZeRO-3 and FSDP shard the parameters themselves, which changes three things:
+DDP, ZeRO-1/2 and a single process keep a full copy of every parameter on each rank, and every
+helper here is a no-op. ZeRO-3 and FSDP shard the parameters, which changes three things:
 
-1. A forward of the sharded model is a collective (parameters are all-gathered layer by layer),
-   so every rank must run the same number of forwards, in step. `generate` must keep ranks that
-   finished early stepping until all are done (`synced_gpus`), and evaluation must give every
-   rank the same number of batches (`rank_indices`).
-2. Saving needs the full state dict, gathered by every rank (`full_state_dict`), written by
-   rank 0. For ZeRO-3 the config must set `zero3_save_16bit_model: true`; for FSDP,
-   accelerate gathers a full state dict to rank 0's CPU. Checkpoints for `--resume` stay
-   sharded: one file per rank (ZeRO-3; FSDP2 with SHARDED_STATE_DICT).
-3. Frozen roles (PPO reference and reward model) are NOT prepared: each rank holds a plain,
-   unsharded copy on its device and runs it independently. Under ZeRO-3 with
-   `zero3_init_flag`, `from_pretrained` would partition them at load time (transformers sees
-   the DeepSpeed config), so they are loaded inside `unsharded_init`.
+1. A forward is a collective, so every rank runs the same number of forwards: `synced_gpus`
+   for `generate`, `rank_indices` for evaluation.
+2. Saving gathers the full state dict on every rank (`full_state_dict`); rank 0 writes it.
+3. Frozen roles (reference, reward model) stay a plain copy per rank, loaded inside
+   `unsharded_init` so that ZeRO-3 does not partition them at load time.
 
-All of this also runs on CPU ranks over gloo (tests, `recipes/accelerate/*-cpu.yaml`):
-DeepSpeed picks its CPU accelerator by itself; FSDP needs `use_fsdp_on_cpu_ranks` first.
+All of this also runs on CPU ranks over gloo; FSDP there needs `use_fsdp_on_cpu_ranks` first.
 """
 
 from __future__ import annotations
@@ -29,8 +20,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
-
-log = logging.getLogger(__name__)
+from unittest import mock
 
 
 def _state(accelerator: Any | None) -> Any | None:
@@ -64,36 +54,21 @@ def is_sharded(accelerator: Any | None = None) -> bool:
 
 
 def synced_gpus(accelerator: Any | None = None) -> bool:
-    """`generate(synced_gpus=...)`: True when parameters are sharded over several ranks.
-
-    A rank whose sequences all hit EOS keeps running dummy forwards until every rank is done;
-    otherwise the others would wait forever in that rank's missing all-gather. transformers
-    only auto-detects this for its own DeepSpeed / FSDP setups, not for a module nested in an
-    accelerate-prepared wrapper (our policy inside ActorCritic), so we pass it explicitly.
-    """
-    state = _state(accelerator)
-    return state is not None and is_sharded(accelerator) and state.num_processes > 1
+    """`generate(synced_gpus=...)`: True when parameters are sharded over several ranks (a rank
+    that is done keeps running dummy forwards, or the others wait in its missing all-gather).
+    transformers does not detect it for our policy nested in an accelerate wrapper."""
+    return is_sharded(accelerator) and _state(accelerator).num_processes > 1
 
 
 @contextmanager
 def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[None]:
-    """Make forwards of the UNWRAPPED module (generation, scoring, evaluation) valid.
+    """Make forwards of the UNWRAPPED module of the prepared `model` valid (generation,
+    scoring, evaluation). Every rank enters and runs the same number of forwards inside.
 
-    `model` is the prepared (wrapped) model. Every rank must enter, and run the same number of
-    forwards inside (with `synced_gpus` for `generate`).
-
-    - not sharded (1 process, DDP, ZeRO-1/2): no-op.
-    - ZeRO-3: no-op on purpose. DeepSpeed hooks every submodule of the engine's module, so a
-      forward of the unwrapped policy all-gathers each layer just in time and frees it after;
-      peak memory stays one layer above the shards. The faster alternative, gathering the whole
-      model with `deepspeed.zero.GatheredParameters` (TRL's `unwrap_model_for_generation`),
-      only works after removing those hooks through DeepSpeed internals (the hooks would
-      re-partition gathered parameters after each layer), and needs the full model per rank.
-    - FSDP1: `summon_full_params(recurse=False)` materialises the root's own flat parameter
-      (embeddings, LM head, value head, which the auto wrap leaves at the root); the wrapped
-      decoder layers all-gather themselves in their forward, as TRL does for generation.
-    - FSDP2: the same, with the root's `unshard()` / `reshard()`. The root is initialised
-      first: FSDP2 otherwise elects the first module to run forward (a decoder layer) as root.
+    ZeRO-3 needs nothing: DeepSpeed's hooks gather each layer of the unwrapped module just in
+    time. FSDP1 / FSDP2 materialise the root's own parameters (embeddings, LM head, value
+    head); the wrapped decoder layers gather themselves, as in TRL's generation. FSDP2's root
+    is initialised first, or it would elect the first module to run forward as root.
     """
     kind = sharding(accelerator)
     if kind == "fsdp1":
@@ -113,19 +88,18 @@ def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[None]:
         yield
 
 
-def fsdp_requested() -> bool:
-    """The launcher asked for FSDP (`distributed_type: FSDP` in the accelerate config)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+def requested(backend: str) -> bool:
+    """The launcher asked for `backend` ("FSDP" or "DEEPSPEED", the accelerate config's
+    distributed_type)."""
+    return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
 
 
 def use_fsdp_on_cpu_ranks() -> None:
     """Let `Accelerator(cpu=True)` honour an FSDP launch on CPU ranks (gloo). Call it first.
 
-    accelerate 1.15 enables FSDP only for accelerator-backed process groups (MULTI_GPU, ...):
-    with `cpu=True` the state is MULTI_CPU and the FSDP config is dropped without a word (each
-    rank then trains a full DDP copy). torch's FSDP2 itself runs on a CPU DeviceMesh. So the
-    gloo group is built here and labelled MULTI_GPU, which is exactly the state a GPU FSDP
-    launch has before the Accelerator turns it into FSDP; the device stays the CPU.
+    accelerate drops the FSDP config of a MULTI_CPU state without a word, though torch's FSDP2
+    runs on a CPU DeviceMesh: the gloo group is built here and labelled MULTI_GPU, the state a
+    GPU FSDP launch has before the Accelerator turns it into FSDP.
     """
     from accelerate import PartialState
     from accelerate.utils import DistributedType
@@ -139,14 +113,8 @@ _left_a_group = False  # set by leave_process_group; read by left_process_group
 
 
 def leave_process_group() -> None:
-    """End this rank's part of the process group; every rank calls it once, after its last
-    collective (the stage's final barrier), before the process exits. A no-op in one process.
-
-    Left to interpreter shutdown, the gloo group's threads can be torn down while joinable
-    ("terminate called without an active exception", SIGABRT) after the peer has closed its
-    sockets: that rank's launcher then fails, and a launcher on another machine waits for it.
-    That is not enough on its own: see `exit_code_of_rank`.
-    """
+    """End this rank's part of the process group, after its last collective; a no-op in one
+    process. Left to interpreter shutdown, gloo's threads can abort the process (SIGABRT)."""
     global _left_a_group
     import torch.distributed as dist
 
@@ -161,19 +129,12 @@ def left_process_group() -> bool:
 
 
 def exit_code_of_rank(code: int) -> int:
-    """`code`, returned; but a rank that has left its process group ends here, with `code`,
-    without the interpreter's finalization (stdout, stderr and logging flushed first).
+    """`code`, returned; but a rank that has left its process group exits here with `code`,
+    skipping the interpreter's finalization (output and logging flushed first).
 
-    destroy_process_group joins gloo's worker threads only when nothing else holds the group;
-    FSDP2's DeviceMesh, for one, still does, so the threads outlive it. A worker that drops
-    the last reference to a finished collective (a barrier holds the all-gather before it)
-    frees that tensor's Python object and takes the GIL to do so. Once the main thread is
-    finalizing, taking the GIL ends the worker thread, the unwind hits a noexcept destructor
-    and the process aborts (SIGABRT, after every output was written): 2 of 29 two-rank FSDP2
-    launches of tests/dist_sharded.py here, and a CI failure; 0 of 75 with this
-    (pytorch/pytorch#190489, open). Skipping finalization leaves no such window. Nothing is
-    lost: every output is written and closed before the stage's final barrier
-    (runner.finish, the tracker's close).
+    gloo's worker threads can outlive the group (FSDP2's DeviceMesh still holds it); one that
+    takes the GIL while the interpreter finalizes aborts the process (pytorch/pytorch#190489).
+    Every output is written and closed before the stage's final barrier.
     """
     if not left_process_group():
         return code
@@ -183,19 +144,10 @@ def exit_code_of_rank(code: int) -> int:
     os._exit(code)
 
 
-def deepspeed_requested() -> bool:
-    """The launcher asked for DeepSpeed (`distributed_type: DEEPSPEED`)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
 def writable(accelerator: Any, params: list[Any]) -> Any:
-    """Context in which in-place writes to `params` (of a prepared model) reach every shard.
-
-    ZeRO-3 leaves each parameter an empty placeholder outside a forward: a `fill_` on it is
-    silently lost. `GatheredParameters(modifier_rank=0)` gathers them, and on exit
-    re-partitions rank 0's values to all ranks. Every rank must enter. FSDP2's DTensors and
-    unsharded parameters take in-place pointwise writes directly.
-    """
+    """Context in which in-place writes to `params` (of a prepared model) reach every shard;
+    every rank enters. A ZeRO-3 parameter is an empty placeholder outside a forward: it is
+    gathered, and rank 0's values re-partitioned on exit. FSDP2's DTensors need nothing."""
     if sharding(accelerator) == "zero3":
         import deepspeed
 
@@ -204,11 +156,8 @@ def writable(accelerator: Any, params: list[Any]) -> Any:
 
 
 def set_deepspeed_micro_batch(accelerator: Any, micro_batch: int) -> None:
-    """Give DeepSpeed its per-rank micro-batch when no dataloader is prepared (PPO).
-
-    DeepSpeed's config needs `train_micro_batch_size_per_gpu`; accelerate fills "auto" from a
-    prepared dataloader's batch size and refuses `prepare(model, optimizer)` without one.
-    """
+    """Give DeepSpeed its `train_micro_batch_size_per_gpu` when no dataloader is prepared
+    (PPO): accelerate fills "auto" only from a prepared dataloader."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
@@ -218,9 +167,7 @@ def set_deepspeed_micro_batch(accelerator: Any, micro_batch: int) -> None:
 
 
 def full_numel(param: Any) -> int:
-    """Elements of the whole parameter. A ZeRO-3 parameter is an empty placeholder outside a
-    forward (`numel() == 0`); DeepSpeed keeps the full size in `ds_numel`. A DTensor (FSDP2)
-    reports its global size."""
+    """Elements of the whole parameter (a ZeRO-3 placeholder keeps it in `ds_numel`)."""
     return int(getattr(param, "ds_numel", param.numel()))
 
 
@@ -230,8 +177,7 @@ def full_ndim(param: Any) -> int:
 
 
 def local_numel(param: Any) -> int:
-    """Elements of the parameter this rank holds: its ZeRO-3 partition (`ds_tensor`, padded to
-    a multiple of the world size), its FSDP2 local shard, or all of it when not sharded."""
+    """Elements of the parameter this rank holds: its ZeRO-3 partition, FSDP2 shard, or all."""
     if hasattr(param, "ds_tensor"):
         return int(param.ds_tensor.numel())
     if hasattr(param, "to_local"):
@@ -246,8 +192,7 @@ def parameters_on_rank(model: Any) -> tuple[int, int]:
 
 
 def parameters_per_rank(accelerator: Any, model: Any) -> list[int]:
-    """Elements of `model` each rank holds, gathered to every rank (a collective: every rank
-    calls it). Sharded: about total / world each; DDP or a plain copy: the total on each."""
+    """Elements of `model` each rank holds, gathered to every rank (a collective)."""
     import torch
 
     held = torch.tensor([parameters_on_rank(model)[0]], device=accelerator.device)
@@ -255,12 +200,9 @@ def parameters_per_rank(accelerator: Any, model: Any) -> list[int]:
 
 
 def rank_indices(n: int, accelerator: Any) -> list[int]:
-    """This rank's share of n evaluation items: rank, rank + world, ...
-
-    Under sharding every rank must run the same number of forwards, so the shorter shares are
-    padded with items from the start (at most world - 1 items are then evaluated twice; callers
-    that key results by index are unaffected). Without sharding the shares are disjoint.
-    """
+    """This rank's share of n evaluation items: rank, rank + world, ... Under sharding the
+    shorter shares are padded with items from the start, so every rank runs as many forwards
+    (`gather_evaluated` drops the repeats)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, n, world))
     if is_sharded(accelerator) and n > 0:
@@ -270,13 +212,11 @@ def rank_indices(n: int, accelerator: Any) -> list[int]:
 
 
 def unsharded_init(accelerator: Any) -> Any:
-    """Context to load a model that must stay a plain full copy on each rank (frozen roles).
+    """Context to load a model that stays a plain full copy on each rank (frozen roles).
 
-    Under ZeRO-3, accelerate registers the DeepSpeed config with transformers, and
-    `from_pretrained` then partitions the weights at load time (deepspeed.zero.Init).
-    accelerate's own `zero3_init_context_manager(enable=False)` does not prevent it in
-    accelerate 1.15 (it re-registers the same stage-3 config), so the registration is
-    removed for the load and restored after.
+    Under ZeRO-3 the DeepSpeed config registered with transformers makes `from_pretrained`
+    partition the weights (accelerate's `zero3_init_context_manager(enable=False)` re-registers
+    it), so the registration is removed for the load and restored after.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and plugin.zero_stage == 3:
@@ -284,7 +224,7 @@ def unsharded_init(accelerator: Any) -> Any:
     if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true"):
         # FSDP cpu_ram_efficient_loading: transformers loads on ranks > 0 as empty (meta)
         # tensors, to be filled by FSDP's broadcast, which never happens for a frozen role.
-        return _env_override("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+        return mock.patch.dict(os.environ, {"FSDP_CPU_RAM_EFFICIENT_LOADING": "false"})
     return nullcontext()
 
 
@@ -300,34 +240,18 @@ def _without_transformers_zero3(plugin: Any) -> Iterator[None]:
             set_hf_deepspeed_config(plugin.dschf)
 
 
-@contextmanager
-def _env_override(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str, Any] | None:
-    """The full, unsharded state dict of a prepared model, for `save_pretrained(state_dict=...)`.
+    """The full state dict of a prepared model, for `save_pretrained(state_dict=...)`.
 
-    Collective under sharding: EVERY rank must call it; the result is complete on rank 0 only.
-    Returns None when not sharded (the unwrapped module already holds full weights: save it
-    directly). `prefix` selects a submodule ("policy." of ActorCritic) and strips it.
+    Collective under sharding (every rank calls it; complete on rank 0 only); None when not
+    sharded (save the unwrapped module). `prefix` selects a submodule and strips it.
     """
     if not is_sharded(accelerator):
         return None
     state = accelerator.get_state_dict(model)  # ZeRO-3: needs zero3_save_16bit_model: true
     if state is None:  # ZeRO-3 consolidates on rank 0 only
         return None
-    # FSDP2's full state dict has a tied parameter (LM head = embeddings) once per name, as
-    # separate tensors, which save_pretrained would write twice (ZeRO-3's has it once): keep
-    # the first name, as the unsharded model's own state dict does.
+    # FSDP2's has a tied parameter (LM head = embeddings) once per name: keep the first name.
     first: dict[int, str] = {}
     for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
         if first.setdefault(id(param), name) != name:
@@ -340,10 +264,8 @@ def full_state_dict(accelerator: Any, model: Any, prefix: str = "") -> dict[str,
 def gather_evaluated(accelerator: Any, values: Any, n: int) -> Any:
     """Every rank's per-item results over `rank_indices(n)` -> the n items' results, in order.
 
-    `gather_for_metrics` drops the duplicates that padding adds only for a prepared dataloader;
-    the padded shares of `rank_indices` would otherwise count up to world - 1 items twice.
-    Shares are padded to one length here (unsharded shares differ by one), gathered, and each
-    item is read from the rank that owns it: item i is rank i % world's entry i // world.
+    Shares are padded to one length, gathered, and item i is read from its owner: rank
+    i % world's entry i // world (so `rank_indices`' repeats are not counted twice).
     """
     import torch
 

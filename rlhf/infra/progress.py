@@ -49,8 +49,6 @@ class Progress:
         initial: int = 0,
         enabled: bool = True,
         tty: bool | None = None,
-        every_fraction: float = 0.1,
-        min_interval_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         unit: str = "step",
     ):
@@ -58,8 +56,7 @@ class Progress:
         tty = sys.stderr.isatty() if tty is None else tty
         self.bar = tqdm(total=total, initial=initial, desc=stage, disable=not (enabled and tty))
         self.log_lines = enabled and not tty
-        self.every_steps = max(1, math.ceil(total * every_fraction))
-        self.min_interval_s = min_interval_s
+        self.every_steps = max(1, math.ceil(total * 0.1))
         self.clock = clock
         self.start = clock()
         self.last_line: float | None = None  # time of the last line written
@@ -82,7 +79,7 @@ class Progress:
     def _due(self, step: int) -> bool:
         if step >= self.total or self.last_line is None:
             return True
-        return step >= self.next_step and self.clock() - self.last_line >= self.min_interval_s
+        return step >= self.next_step and self.clock() - self.last_line >= 30.0
 
     def _write(self, step: int) -> None:
         now = self.clock()

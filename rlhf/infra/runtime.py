@@ -1,27 +1,20 @@
 """One place that builds the Accelerator, picks the precision, seeds every RNG and sets up
-the process.
-
-CPU multi-process needs `Accelerator(cpu=True)` (or ACCELERATE_USE_CPU): with a plain
-`Accelerator()`, `accelerate launch --multi_gpu` on a CPU host starts N ranks that silently
-do NOT synchronise (each sees world_size 1). DeepSpeed on CPU needs the gloo backend.
-"""
+the process. CPU ranks need `Accelerator(cpu=True)` (else each sees world_size 1) and gloo."""
 
 from __future__ import annotations
 
 import logging
 import os
 import platform
-import random
 from typing import Any
 
-import numpy as np
 import torch
 
 from rlhf.infra import distributed
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, formerly DNNL_MAX_CPU_ISA) that leave out the bf16
 # dot-product instructions: under them oneDNN converts bf16 to fp32 like a CPU without them.
-_ONEDNN_ISAS_WITHOUT_BF16_ARITHMETIC = {
+_ONEDNN_ISAS_WITHOUT_BF16 = {
     "SSE41",
     "AVX",
     "AVX2",
@@ -34,15 +27,9 @@ _X86_MACHINES = {"x86_64", "amd64", "i386", "i686"}  # platform.machine(), lower
 
 
 def cpu_supports_fast_bf16() -> bool:
-    """bf16 autocast is a win only where the CPU multiplies in bf16: AVX512-BF16 (Cooper Lake,
-    Zen 4 and later) or AMX (Sapphire Rapids and later); 1.58x fp32 on the bench machine.
-
-    torch's own check (mkldnn bf16 "supported") is also true on plain AVX-512 (Skylake-X,
-    Cascade Lake, Ice Lake), where oneDNN runs bf16 by converting to fp32 and back: slower
-    than fp32. Measured on the bench machine with oneDNN capped at that ISA
-    (ONEDNN_MAX_CPU_ISA=AVX512_CORE): a 2048^2 bf16 matmul 74 vs fp32 175 GFLOP/s, a SmolLM2
-    forward + backward of 8 x 96 tokens 9.7 s under bf16 autocast vs 4.2 s in fp32.
-    On ARM torch's check already asks for the instructions (cpuinfo's arm_bf16) and stands."""
+    """bf16 autocast is a win only where the CPU multiplies in bf16: AVX512-BF16 or AMX on x86.
+    torch's own check is also true on plain AVX-512, where oneDNN converts bf16 to fp32 and
+    back (slower than fp32); on ARM it already asks for the instructions."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         if platform.machine().lower() not in _X86_MACHINES:
@@ -50,12 +37,8 @@ def cpu_supports_fast_bf16() -> bool:
         instructions = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except (AttributeError, RuntimeError):
         return False
-    return onednn and bool(instructions) and not _onednn_capped_below_bf16()
-
-
-def _onednn_capped_below_bf16() -> bool:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return cap.strip().upper() in _ONEDNN_ISAS_WITHOUT_BF16_ARITHMETIC
+    return onednn and bool(instructions) and cap.strip().upper() not in _ONEDNN_ISAS_WITHOUT_BF16
 
 
 def resolve_precision(precision: str) -> str:
@@ -69,12 +52,8 @@ def resolve_precision(precision: str) -> str:
 
 def frozen_weight_dtype(mixed_precision: str, sharding: str = "") -> torch.dtype | None:
     """The dtype frozen matmul weights are stored in for accelerate's `mixed_precision`: the
-    autocast dtype (bf16, or fp16 on a GPU without bf16), or None in an fp32 run, where
-    nothing changes. See models.store_frozen_linears.
-
-    None under ZeRO-3 (`sharding`, as distributed.sharding names it): DeepSpeed swaps
-    F.linear for its own autograd function, which does not autocast on CPU ranks, so an fp32
-    activation would meet a bf16 weight (a SmolLM2 PPO run on 2 CPU ranks failed so)."""
+    autocast dtype, or None in an fp32 run. None under ZeRO-3 (`sharding`): DeepSpeed's own
+    F.linear does not autocast on CPU ranks, so an fp32 activation would meet a bf16 weight."""
     if sharding == "zero3":
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision))
@@ -82,43 +61,32 @@ def frozen_weight_dtype(mixed_precision: str, sharding: str = "") -> torch.dtype
 
 def make_accelerator(recipe: Any, gradient_accumulation_steps: int = 1) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
     on_cpu = not torch.cuda.is_available()
     mixed = resolve_precision(recipe.precision)
     if on_cpu and mixed == "fp16":
         mixed = "bf16"  # fp16 autocast is not supported on CPU
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # gloo must be named explicitly for DeepSpeed on CPU; naming it in a single process would
-    # make accelerate look for a process group that does not exist.
+    # gloo for DeepSpeed on CPU; in a single process there is no group to name.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else []
-    # accelerate honours ACCELERATE_USE_DEEPSPEED only with cpu=False (cpu=True would silently
-    # run plain DDP); DeepSpeed then picks its own CPU accelerator and the gloo group above.
-    deepspeed = distributed.deepspeed_requested()
-    if on_cpu and launched and distributed.fsdp_requested():
+    # accelerate honours ACCELERATE_USE_DEEPSPEED only with cpu=False (else it runs plain DDP).
+    deepspeed = distributed.requested("DEEPSPEED")
+    if on_cpu and launched and distributed.requested("FSDP"):
         distributed.use_fsdp_on_cpu_ranks()
     accelerator = Accelerator(
         cpu=on_cpu and not deepspeed,
         mixed_precision=mixed,
-        # The loops decide where an accumulation window ends (training.accumulation_window):
-        # with sync_with_dataloader, accelerate syncs every micro-batch once the dataloader
-        # has reported its end, which a loop that fetches a window ahead reaches early.
+        # The loops decide where an accumulation window ends (training.accumulation_window).
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False
         ),
         kwargs_handlers=handlers,
         log_with=list(recipe.tracking.trackers) or None,
     )
-    set_seed(recipe.seed)
+    set_seed(recipe.seed)  # the same on every rank; sampling RNGs are offset by rank where needed
     setup_logging(accelerator.is_main_process)
     return accelerator
-
-
-def set_seed(seed: int) -> None:
-    """Same seed for model init on every rank; sampling RNGs are offset by rank where needed."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def setup_logging(is_main: bool) -> None:
@@ -127,13 +95,10 @@ def setup_logging(is_main: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def run_info(accelerator: Any) -> dict[str, Any]:

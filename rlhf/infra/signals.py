@@ -31,7 +31,7 @@ class Interrupted(Exception):
 
 
 class StopSignal:
-    """`stop = StopSignal().install()` ... `stop.restore()`, or `with StopSignal() as stop:`."""
+    """`with StopSignal() as stop:` ... `stop.requested(accelerator)` between steps."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -44,22 +44,16 @@ class StopSignal:
             raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
         self.signum = signum
 
-    def install(self) -> StopSignal:
+    def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # signal() needs it
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def restore(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-
-    def __enter__(self) -> StopSignal:
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.restore()
 
     def requested(self, accelerator: Any = None) -> int | None:
         """The signal number if any rank was signalled, else None (a collective when N > 1)."""

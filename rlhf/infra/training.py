@@ -28,11 +28,8 @@ def make_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # No empty group (LoRA alone trains no bias or norm): ZeRO-3 drops empty groups from the
-    # optimizer, and the LR scheduler built on it would then step one group too many.
+    # No empty group (LoRA trains no bias or norm): ZeRO-3 would drop it under the scheduler.
     groups = [g for g in groups if g["params"]]
-    # fused: one kernel per parameter group instead of a chain of foreach ops; on a 2-core CPU
-    # a step over 150M fp32 parameters took 0.10 s instead of 0.57 s (bench).
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), fused=True)
 
 
@@ -57,15 +54,9 @@ def make_scheduler(
 
 
 def without_fp32_outputs(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
-    """The prepared model unwrapped, its forward without accelerate's mixed-precision wrapper.
-
-    With bf16 / fp16, accelerator.prepare wraps the model's forward in autocast and copies
-    every low-precision output to fp32. For a stage that opens accelerator.autocast() around
-    each forward itself and reads its logits block by block in fp32
-    (tokens.sequences.logprobs_from_logits), that copy is a (B, R, V) fp32 tensor kept for backward
-    (52 MB per micro-batch of the PPO bench) and another for its gradient. Values and
-    gradients are the same: bf16 -> fp32 is exact, and the gradient is rounded to bf16 once
-    either way. The wrapped module (DDP) calls the same, restored forward."""
+    """The prepared model unwrapped, its forward without accelerate's mixed-precision wrapper,
+    which copies every bf16 / fp16 output to fp32: for a stage that autocasts its forwards
+    itself, a (B, R, V) fp32 logits copy kept for backward, with the same values."""
     return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
@@ -110,21 +101,16 @@ class NonFiniteGuard:
 
 def accumulation_window(accelerator: Any, group: list) -> Any:
     """Yields the micro-batches of one optimizer step, for `accelerator.accumulate()` inside.
-
-    The gradients sync (and the optimizer steps) on the window's LAST micro-batch only, even
-    for a short last window of an epoch: accelerate syncs when its micro-step counter reaches
-    a multiple of grad_accum, so the counter starts `grad_accum - len(group)` short of it.
-    Needs the accelerator built with `sync_with_dataloader=False` (runtime.make_accelerator).
-    """
+    Gradients sync on the window's last micro-batch, even in a short last window: accelerate's
+    micro-step counter starts `grad_accum - len(group)` short of a multiple of grad_accum."""
     accelerator.step = accelerator.gradient_accumulation_steps - len(group)
     yield from group
 
 
 def averaging_undone(accelerator: Any) -> int:
-    """What a loss normalised by the weight of a whole optimizer step (its tokens summed over
-    the step's micro-batches and all ranks) is multiplied by before accelerator.backward, so
-    that the step's gradient is the gradient of that normalised loss: accelerate divides each
-    micro-batch's loss by grad_accum, and DDP / FSDP / ZeRO average the gradients over ranks."""
+    """The factor a loss normalised over a whole optimizer step (all micro-batches and ranks)
+    is multiplied by before accelerator.backward: accelerate divides each micro-batch's loss
+    by grad_accum, and DDP / FSDP / ZeRO average the gradients over ranks."""
     return accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
@@ -135,12 +121,9 @@ def step_if_finite(
     max_grad_norm: float | None,
     guard: NonFiniteGuard,
 ) -> float | None:
-    """At the end of an accumulation window: clip, then step only if the gradient norm is finite.
-
-    Every rank always runs backward (a rank that skipped it would hang DDP); a non-finite loss
-    on any rank makes the all-reduced gradients non-finite everywhere, so every rank sees the
-    same norm here and takes the same decision. Returns the norm (None inside the window).
-    """
+    """At the end of an accumulation window: clip, then step only if the gradient norm is
+    finite (the all-reduced norm, so every rank decides alike). Returns the norm (None inside
+    the window)."""
     norm = None
     if accelerator.sync_gradients:
         clipped = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)

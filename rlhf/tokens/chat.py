@@ -61,12 +61,9 @@ def encode_sft(
 def encode_prompt_response(
     tokenizer: Any, prompt: list[dict], response: str, max_length: int, finished: bool = True
 ) -> list[int]:
-    """(prompt messages, assistant reply) -> ids of the whole rendered conversation.
-
-    `finished=False` (a reply cut off at max_new_tokens) renders it WITHOUT what the template
-    puts after the reply (the end-of-turn token): the reward model then sees an unfinished
-    answer, not one that looks complete. Over-long sequences keep their END (where the reward
-    is read) and lose the prompt's start.
+    """(prompt messages, assistant reply) -> ids of the whole rendered conversation, keeping
+    the END when too long (where the reward is read). `finished=False` (a reply cut off at
+    max_new_tokens) leaves out the end-of-turn token, so the answer does not look complete.
     """
     messages = [*prompt, {"role": "assistant", "content": response}]
     if finished:

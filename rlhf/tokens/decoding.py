@@ -27,19 +27,20 @@ class Decoding:
     num_beams: int = 1
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise UserError(f"--num-beams must be >= 1, got {self.num_beams}")
-        if self.temperature <= 0:
-            raise UserError(
-                f"--temperature must be > 0 (for greedy decoding leave sampling off), "
-                f"got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for flag, value, ok, rule in (
+            ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("--num-beams", self.num_beams, self.num_beams >= 1, ">= 1"),
+            (
+                "--temperature",
+                self.temperature,
+                self.temperature > 0,
+                "> 0 (for greedy decoding leave sampling off)",
+            ),
+            ("--top-k", self.top_k, self.top_k >= 0, ">= 0"),
+            ("--top-p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+        ):
+            if not ok:
+                raise UserError(f"{flag} must be {rule}, got {value}")
 
     def generation_config(self, pad_id: int, eos_ids: list[int], **extra: Any) -> Any:
         """A complete GenerationConfig (`complete_generation_config`), so a model folder's own

@@ -1,11 +1,8 @@
 """SFT packing: several short conversations share one row of up to max_length tokens.
 
-Packing removes the padding of a batch of short examples (our SFT data is ~60 tokens against
-a max_length of 256). The examples in a row stay independent: positions restart at 0 for each
-one, and a block-diagonal causal mask stops attention across example boundaries, so a packed
-row computes exactly what the examples would compute one by one (tested). The mask is a 4D
-additive float mask, which transformers passes through as given to eager and SDPA attention;
-FlashAttention-2 users would instead rely on the restarting position_ids (padding-free).
+The examples in a row stay independent: positions restart at 0 for each one, and a 4D
+block-diagonal causal mask (passed as given to eager and SDPA attention) stops attention
+across example boundaries, so a packed row computes what the examples compute one by one.
 """
 
 from __future__ import annotations

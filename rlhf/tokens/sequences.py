@@ -1,12 +1,10 @@
 """Conventions of token sequences that every stage and tool shares, each written once:
 
-  * logits at position t predict token t + 1 (`next_token_logits`, `next_token_targets`,
-    `response_slice`, `response_keep`);
-  * log pi(token) is a log-softmax at the sampling temperature, read at the token
-    (`logprobs_from_logits`), and so is the entropy (`entropy_from_logits`), each computed
-    over a few positions at a time (`position_blocks`);
-  * a response ends at its first end token, which it keeps; everything after is masked
-    (`response_mask`; N implementation details of RLHF with PPO, #4).
+  * logits at position t predict token t + 1 (`response_slice`, `response_keep`);
+  * log pi(token) and the entropy are taken at the sampling temperature, a few positions at a
+    time (`logprobs_from_logits`, `entropy_from_logits`, `position_blocks`);
+  * a response ends at its first end token, which it keeps (`response_mask`; N implementation
+    details of RLHF with PPO, #4).
 
 Torch only: the benchmark's TRL environment imports it too.
 """
@@ -14,16 +12,6 @@ Torch only: the benchmark's TRL environment imports it too.
 from __future__ import annotations
 
 import torch
-
-
-def next_token_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) -> (B, T-1, V): the positions that predict a next token."""
-    return logits[:, :-1]
-
-
-def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, T-1): the tokens those positions predict (ids, labels or a mask)."""
-    return ids[:, 1:]
 
 
 def response_slice(prompt_len: int, response_len: int) -> slice:
@@ -40,11 +28,9 @@ def response_keep(response_len: int) -> int:
 def logprobs_from_logits(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log pi(token) at the sampling temperature: the PPO ratio must compare the distribution
-    the tokens were sampled from (N implementation details, #10). Computed in fp32.
-    (..., V) logits and (...) tokens -> (...) log-probs; differentiable in the logits. Without
-    autograd, a few positions at a time: no (..., V) fp32 temporaries (at a 262k vocabulary,
-    60 answers x 48 tokens would need 3 GB for each)."""
+    """log pi(token) at the sampling temperature, in fp32 (N implementation details, #10):
+    (..., V) logits and (...) tokens -> (...) log-probs, differentiable in the logits. Without
+    autograd, a few positions at a time: no (..., V) fp32 temporaries."""
     if torch.is_grad_enabled() and logits.requires_grad:
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
         return logp.gather(-1, tokens[..., None]).squeeze(-1)
@@ -57,18 +43,15 @@ def logprobs_from_logits(
 
 
 def position_rows(per_position: torch.Tensor) -> torch.Tensor:
-    """A (..., R) tensor as (rows, R), a view where it can be: position_blocks' indices index
-    it for a per-position value (a token, a log-prob) of (..., R, V) logits."""
+    """A (..., R) tensor as (rows, R), a view where it can be, indexed by position_blocks."""
     if per_position.dim() > 1:
         return per_position.reshape(-1, per_position.shape[-1])
     return per_position[None]
 
 
 def position_blocks(logits: torch.Tensor, rows: int = 8):
-    """(index, (n <= rows, V) view) over the positions of (..., V) logits, so a per-position
-    computation over the vocabulary needs fp32 temporaries of a few rows only (8 x 49152
-    fp32 is 1.5 MB). Views: a slice such as logits[:, :R] is never copied. The index
-    addresses position_rows of the (...) shape."""
+    """(index, (n <= rows, V) view) over the positions of (..., V) logits, never copied; the
+    index addresses position_rows of the (...) shape."""
     lead = logits.reshape(-1, *logits.shape[-2:]) if logits.dim() > 2 else logits[None]
     for b in range(lead.shape[0]):
         for r in range(0, lead.shape[1], rows):
