@@ -346,18 +346,22 @@ class PPOConfig(Section):
         return estimator
 
     @model_validator(mode="after")
-    def _minibatch_divides_batch(self) -> PPOConfig:
+    def _consistent(self) -> PPOConfig:
         k = self.samples_per_prompt
         if self.estimator != "gae" and k < 2:
             raise ValueError(
                 f"estimator {self.estimator} needs samples_per_prompt >= 2 (got {k}): the "
                 "other answers to the same prompt are its baseline"
             )
-        if self.batch_size % k:
-            raise ValueError(
-                f"samples_per_prompt ({k}) must divide batch_size ({self.batch_size}): "
-                "batch_size counts rollouts, k per prompt"
-            )
+        divides = {  # (part, whole): why
+            ("samples_per_prompt", "batch_size"): ": batch_size counts rollouts, k per prompt",
+            ("mini_batch_size", "batch_size"): "",
+            ("grad_accum", "mini_batch_size"): "",
+        }
+        for (part, whole), why in divides.items():
+            n, of = getattr(self, part), getattr(self, whole)
+            if of % n:
+                raise ValueError(f"{part} ({n}) must divide {whole} ({of}){why}")
         if self.advantage_norm == "group" and self.estimator not in ("rloo", "grpo"):
             raise ValueError(
                 f"advantage_norm group needs a sequence-level estimator (rloo, grpo), not "
@@ -378,16 +382,6 @@ class PPOConfig(Section):
             raise ValueError(
                 "top_k / top_p are not supported for PPO (its log-probs are of the full "
                 "distribution at the temperature): leave them at 0 / 1.0"
-            )
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"mini_batch_size ({self.mini_batch_size}) must divide batch_size "
-                f"({self.batch_size})"
-            )
-        if self.mini_batch_size % self.grad_accum:
-            raise ValueError(
-                f"grad_accum ({self.grad_accum}) must divide mini_batch_size "
-                f"({self.mini_batch_size})"
             )
         if self.rewards is not None and not self.rewards:
             raise ValueError("rewards: give at least one source (or drop the key)")

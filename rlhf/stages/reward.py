@@ -1,19 +1,14 @@
 """Stage 2: a scalar reward model trained on human rankings (InstructGPT step 2, sec. 3.5).
 
-An `AutoModelForSequenceClassification` head (`num_labels=1`) on the SFT model (or
-`reward.init_from`), read at the last real token (`models.sequence_scores`, right or left
-padding), trained with the Bradley-Terry loss of `rlhf.roles.reward_model`:
-
-  * a batch is a set of PROMPTS; each brings its K ranked responses and all K(K-1)/2 pairs;
-    every response is scored once per step (one forward over the flattened responses);
-  * a prompt's loss is the mean over its pairs and the step's loss the mean over its prompts
-    (InstructGPT's 1/C(K,2)), normalised by the number of prompts in the WHOLE optimizer step
-    across micro-batches and ranks, so 2 ranks x b prompts equals 1 rank x 2b (as sft.py does
-    with tokens).
+A sequence-classification head (`num_labels=1`) on the SFT model (or `reward.init_from`), read
+at the last real token, trained with the Bradley-Terry loss (rlhf.algo.ranking): a batch is a
+set of prompts, each with its K ranked responses (each scored once) and all K(K-1)/2 pairs; a
+prompt's loss is the mean over its pairs (InstructGPT's 1/C(K,2)), a step's the mean over the
+prompts of the WHOLE optimizer step across micro-batches and ranks.
 
 At the end the mean/std of the rewards of up to `calibration_size` training responses are
-stored with the model (`model/config.json: reward_calibration` and
-`model/reward_calibration.json`) so that PPO can normalise scores.
+stored with the model (config.json `reward_calibration`, reward_calibration.json) so that PPO
+can normalise scores.
 """
 
 from __future__ import annotations

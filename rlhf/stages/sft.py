@@ -1,10 +1,9 @@
-"""Stage 1: supervised fine-tuning on chat data (InstructGPT step 1), on accelerate.
+"""Stage 1: supervised fine-tuning on chat data (InstructGPT step 1), on the stage runner
+(rlhf/stages/runner.py): here the data, the model, the step and the evaluation.
 
-Our own loop rather than TRL's SFTTrainer: the loss is normalised by the number of target
-tokens in the WHOLE optimizer step (all micro-batches, all ranks), so 2 ranks x batch b equals
-1 rank x 2b exactly and gradient accumulation does not overweight short batches; the same loop
-resumes from our checkpoints; and nothing hides in a trainer. The loop, resume, checkpoints and
-the run folder are the stage runner's (rlhf/stages/runner.py); here: data, model, step, eval.
+Our own loop rather than TRL's SFTTrainer: the loss is normalised by the answer tokens of the
+WHOLE optimizer step (all micro-batches, all ranks), so 2 ranks x batch b equals 1 rank x 2b
+and gradient accumulation does not overweight short batches.
 """
 
 from __future__ import annotations
