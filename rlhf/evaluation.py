@@ -297,20 +297,15 @@ def judge_scorer(
 
 
 def judge_all(
-    ev: Evaluation,
-    gathered: Gather,
-    answers: dict[str, Answers],
-    entries: list,
-    load_scorer: Callable,
-    output_dir: str = "",
+    ev: Evaluation, gathered: Gather, answers: dict[str, Answers], scoring: Scoring
 ) -> tuple[dict, dict]:
     """({name: versus summary}, {name: {side: scores}}) of every judge; a reward-model judge
     that cannot be loaded is reported as skipped, with its reason."""
-    names = tuple(answers)
+    names, entries = tuple(answers), scoring.judges
     judges, scores = {}, {}
     for entry, name in zip(entries, reward_sources.source_names(entries)):
         try:
-            score, model_dir = judge_scorer(entry, name, load_scorer, output_dir)
+            score, model_dir = judge_scorer(entry, name, scoring.load_scorer, scoring.output_dir)
         except UserError as e:
             ev.progress(f"eval: judge {name} skipped: {e}")
             judges[name] = {"skipped": str(e)}
@@ -394,17 +389,23 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+SIDE_STATS = {
+    "kl": "kl_mean",
+    "len": "response_length_mean",
+    "eos": "eos_rate",
+    "trunc": "truncation_rate",
+}
+
+
 def side_stats(gathered: Gather, answers: dict[str, Answers], names: tuple[str, str]) -> dict:
     """Length, EOS, truncation, KL (where measured) and distinct-2 of each side."""
     out: dict[str, Any] = {}
     for side in names:
         prefix = "" if side == names[1] else f"{side}_"
         values = answers[side].values
-        if "kl" in values:
-            out[f"{prefix}kl_mean"] = mean(gathered(values["kl"]))
-        out[f"{prefix}response_length_mean"] = mean(gathered(values["len"]))
-        out[f"{prefix}eos_rate"] = mean(gathered(values["eos"]))
-        out[f"{prefix}truncation_rate"] = mean(gathered(values["trunc"]))
+        for key, name in SIDE_STATS.items():
+            if key in values:  # kl: where measured
+                out[prefix + name] = mean(gathered(values[key]))
     return out
 
 
@@ -455,9 +456,7 @@ def evaluate(
     summary["kl_temperature"] = ev.sampling.kl_temperature if reference is not None else None
     texts = {side: gathered.texts(answers[side].texts) for side in names}
     summary["distinct_2"] = {side: distinct_n(texts[side], 2) for side in names}
-    judges, judged = judge_all(
-        ev, gathered, answers, scoring.judges, scoring.load_scorer, scoring.output_dir
-    )
+    judges, judged = judge_all(ev, gathered, answers, scoring)
     scores.update(judged)
     if judges:
         summary["judges"] = judges

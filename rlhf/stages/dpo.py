@@ -27,10 +27,11 @@ from rlhf.algo.dpo import pair_losses
 from rlhf.infra import distributed
 from rlhf.infra.errors import UserError
 from rlhf.infra.rundir import require_completed
+from rlhf.recipe import EvalJudgeConfig
 from rlhf.roles import models, reward_sources
 from rlhf.roles import preference as pref
 from rlhf.roles.actor_critic import ActorCritic, disable_dropout
-from rlhf.stages.ppo import load_fitted, shared_scorers
+from rlhf.stages.ppo import load_fitted, scorer_loader
 from rlhf.stages.runner import (
     Objective,
     Prepared,
@@ -222,8 +223,6 @@ def eval_log(preference: dict[str, Any]) -> dict[str, float]:
 def judge_entries(recipe: Any) -> list[Any]:
     """eval.judges with the trained reward model first (ppo.reward_dir, default
     <output_dir>/reward; skipped when absent): DPO never saw it, PPO trains against it."""
-    from rlhf.recipe import EvalJudgeConfig
-
     reward = recipe.ppo.reward_dir or "{output_dir}/reward"
     expand = lambda p: reward_sources.expand_path(p, recipe.output_dir)  # noqa: E731
     judges = list(recipe.eval.judges)
@@ -241,7 +240,7 @@ def generation_eval(
     # No training score: every reward model is a judge here.
     scoring = evaluation.Scoring(
         judge_entries(recipe),
-        shared_scorers(recipe, accelerator),
+        scorer_loader(recipe, accelerator),
         recipe.output_dir,
         classify=evaluation.rubric_classify(),
     )

@@ -142,7 +142,8 @@ def build_roles_and_optimizer(
         critic_dir,
         recipe.model.attn_implementation,
     )
-    load_scorer = shared_scorers(recipe, accelerator)
+    # one copy of each reward model for training and evaluation (its judges included)
+    load_scorer = SharedScorers(scorer_loader(recipe, accelerator))
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
     optimizer = training.make_optimizer(model, cfg.optim)
@@ -261,15 +262,13 @@ def save(
     return path
 
 
-def shared_scorers(recipe: Any, accelerator: Any) -> SharedScorers:
-    """One copy of each reward model for training and evaluation (its judges included)."""
-    return SharedScorers(
-        partial(
-            reward_model_scorer,
-            accelerator=accelerator,
-            max_length=recipe.reward.max_length,
-            attn_implementation=recipe.model.attn_implementation,
-        )
+def scorer_loader(recipe: Any, accelerator: Any) -> Callable[[Path], Callable]:
+    """A reward-model folder -> its scorer, at reward.max_length with the recipe's attention."""
+    return partial(
+        reward_model_scorer,
+        accelerator=accelerator,
+        max_length=recipe.reward.max_length,
+        attn_implementation=recipe.model.attn_implementation,
     )
 
 

@@ -336,17 +336,10 @@ def load_model(recipe: Any, folder: str | None, tokenizer: Any) -> Any:
 def step_stats(per_prompt: torch.Tensor, scores: torch.Tensor, batch: dict) -> torch.Tensor:
     """[loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]."""
     d = (scores[batch["better"]] - scores[batch["worse"]]).double()
-    count = lambda n: torch.tensor(float(n), device=d.device, dtype=torch.float64)  # noqa: E731
     correct = ((d > 0).double() + 0.5 * (d == 0).double()).sum()
-    return torch.stack(
-        [
-            per_prompt.detach().sum().double(),
-            correct,
-            count(d.numel()),
-            d.sum(),
-            count(scores.numel()),
-        ]
-    )
+    loss = per_prompt.detach().sum().double()
+    pairs, responses = d.new_tensor(d.numel()), d.new_tensor(scores.numel())
+    return torch.stack([loss, correct, pairs, d.sum(), responses])
 
 
 def step_metrics(totals: torch.Tensor, prompts: torch.Tensor) -> dict[str, float]:
