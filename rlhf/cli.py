@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -38,7 +39,7 @@ def _stage(args: argparse.Namespace) -> int:
     try:
         run_dir = module.run(recipe, resume=args.resume)
     except BaseException as e:
-        if _is_main_process():
+        if os.environ.get("RANK", "0") == "0":  # the main process
             from rlhf.infra.rundir import mark_failed
 
             mark_failed(recipe.stage_dir(args.command), f"{type(e).__name__}: {e}"[:500])
@@ -50,12 +51,6 @@ def _stage(args: argparse.Namespace) -> int:
         distributed.leave_process_group()
     print(f"{args.command}: done -> {run_dir}")
     return 0
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -114,14 +109,9 @@ def _eval(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             limit=args.limit,
         )
-    elif args.what == "perplexity":
+    else:  # perplexity
         result = evaluate.perplexity_cli(args.model_dir, args.data, max_length=args.max_length)
-    else:  # pragma: no cover - argparse restricts choices
-        raise UserError(f"unknown eval '{args.what}'")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(_format_stats(result))
+    print(json.dumps(result) if args.json else _format_stats(result))
     return 0
 
 
@@ -382,10 +372,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Interrupted as e:
-        print(f"{args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except NumericalFault as e:
+    except (Interrupted, NumericalFault) as e:
         print(f"{args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

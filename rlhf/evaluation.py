@@ -1,20 +1,14 @@
 """The one evaluator of a policy against another: the PPO and DPO stages' eval.json, the
 judge curve during RL, and `rlhf eval compare`.
 
-Two sides (the SFT policy and the tuned one; or POLICY_A and POLICY_B) answer the same prompts,
-each prompt `samples_per_prompt` times in a row, batch by batch with the same seeds, through
-the decode path the stages train with (rlhf.ppo.rollout.sample_rollout). Then:
-  * KL to a reference: per sample, the summed log pi - log pi_ref over the response's tokens
-    (k1, EOS included) at `kl_temperature`, the sampling temperature (1 when greedy);
-  * per side: response length, EOS rate, truncation rate, distinct-2;
-  * every judge (a reward model, a function): mean scores and the win rate of the second side
-    over the first, ties half and counted;
-  * the rubric's behaviour rates (rlhf.roles.rubric) and answer accuracy on rows with an
-    `answer`.
-Every rate comes with a 95% interval clustered by prompt (rlhf/algo/stats.py). Under several
-ranks each rank answers its share (distributed.rank_indices) and every value is gathered back
-by sample index, each sample once. Keys: the second side's numbers unprefixed or under its
-name, the first side's under its name (`sft_eos_rate`, `judges[j]["sft_mean"]`).
+Two sides (SFT and the tuned policy, or POLICY_A and POLICY_B) answer the same prompts,
+`samples_per_prompt` times each, with the same seeds, through the stages' decode path
+(rlhf.ppo.rollout.sample_rollout). Reported: each side's KL to a reference (summed k1 over the
+response at the sampling temperature), length, EOS, truncation and distinct-2; each judge's
+means and the second side's win rate (ties half); the rubric's behaviour rates; answer
+accuracy. Rates carry a 95% interval clustered by prompt (rlhf/algo/stats.py). Each rank
+answers its share and values are gathered by sample index. Keys: the second side's numbers
+unprefixed, the first side's under its name (`sft_eos_rate`, `judges[j]["sft_mean"]`).
 """
 
 from __future__ import annotations
@@ -285,35 +279,33 @@ def rate_entry(name: str, outcomes: list[float], prompts: list[int]) -> dict[str
     return {name: got["rate"], f"{name}_ci95": [got["low"], got["high"]]}
 
 
-def judge_scorer(entry: Any, name: str, load_scorer: Callable, output_dir: str) -> Callable:
-    """score(messages, texts, rows, finished) of one eval judge: a reward model or a function.
-    A reward-model judge that is missing or unfinished raises UserError."""
-    if entry.model is not None:
-        path = reward_sources.expand_path(entry.model, output_dir)
-        model_dir, run_dir = reward_sources.reward_model_dir(path)
-        if run_dir is not None:
-            require_completed(run_dir, f"eval.judges ({name}):")
-        scorer = load_scorer(model_dir)
-        return lambda m, t, rows, f: scorer(m, t, f)
-    fn = load_reward_function(entry.function)
-    return lambda m, t, rows, f: call_reward_function(name, fn, m, t, rows, entry.args)
+def judge_scorer(
+    entry: Any, name: str, load_scorer: Callable, output_dir: str
+) -> tuple[Callable, Path | None]:
+    """(score(messages, texts, rows, finished), its reward model's folder or None) of one eval
+    judge: a reward model or a function. A reward-model judge that is missing or unfinished
+    raises UserError."""
+    if entry.model is None:
+        fn = load_reward_function(entry.function)
+        return lambda m, t, rows, f: call_reward_function(name, fn, m, t, rows, entry.args), None
+    path = reward_sources.expand_path(entry.model, output_dir)
+    model_dir, run_dir = reward_sources.reward_model_dir(path)
+    if run_dir is not None:
+        require_completed(run_dir, f"eval.judges ({name}):")
+    scorer = load_scorer(model_dir)
+    return lambda m, t, rows, f: scorer(m, t, f), Path(model_dir)
 
 
 def judge_all(
-    ev: Evaluation,
-    gathered: Gather,
-    answers: dict[str, Answers],
-    entries: list,
-    load_scorer: Callable,
-    output_dir: str = "",
+    ev: Evaluation, gathered: Gather, answers: dict[str, Answers], scoring: Scoring
 ) -> tuple[dict, dict]:
     """({name: versus summary}, {name: {side: scores}}) of every judge; a reward-model judge
     that cannot be loaded is reported as skipped, with its reason."""
-    names = tuple(answers)
+    names, entries = tuple(answers), scoring.judges
     judges, scores = {}, {}
     for entry, name in zip(entries, reward_sources.source_names(entries)):
         try:
-            score = judge_scorer(entry, name, load_scorer, output_dir)
+            score, model_dir = judge_scorer(entry, name, scoring.load_scorer, scoring.output_dir)
         except UserError as e:
             ev.progress(f"eval: judge {name} skipped: {e}")
             judges[name] = {"skipped": str(e)}
@@ -322,30 +314,24 @@ def judge_all(
         judges[name] = versus(
             *scores[name].values(), ev.samples_per_prompt, names, entry.positive_above
         )
-        if entry.model is not None:
-            judges[name].update(calibrated_means(entry, output_dir, scores[name]))
+        if model_dir is not None:
+            judges[name].update(calibrated_means(model_dir, scores[name]))
         del score  # a reward model is freed before the next one loads
     return judges, scores
 
 
-def calibrated_means(entry: Any, output_dir: str, scores: dict[str, list[float]]) -> dict:
-    """A reward-model judge's stored calibration (the reward stage's mean / std) and each
-    side's mean score under it, as the PPO stage normalises its training score."""
-    path = reward_sources.expand_path(entry.model, output_dir)
-    model_dir, _ = reward_sources.reward_model_dir(path)
-    found = reward_sources.load_calibration(Path(model_dir)) or stored_in_config(model_dir)
-    out: dict[str, Any] = {"calibration": found}
+def calibrated_means(model_dir: Path, scores: dict[str, list[float]]) -> dict:
+    """A reward-model judge's stored calibration (the reward stage's mean / std, from
+    reward_calibration.json, else config.json) and each side's mean score under it."""
+    config = model_dir / "config.json"
+    found = reward_sources.load_calibration(model_dir) or (
+        json.loads(config.read_text()).get("reward_calibration") if config.is_file() else None
+    )
+    out: dict[str, Any] = {"calibration": found or None}
     for side, values in scores.items():
         calibrated = reward_sources.calibrate(torch.tensor(values), found) if found else None
         out[f"{side}_calibrated_mean"] = None if calibrated is None else calibrated.mean().item()
     return out
-
-
-def stored_in_config(model_dir: Path) -> dict | None:
-    """The copy of the calibration the reward stage writes into config.json."""
-    config = Path(model_dir) / "config.json"
-    found = json.loads(config.read_text()).get("reward_calibration") if config.is_file() else None
-    return found or None
 
 
 def behaviour_rates(gathered: Gather, answers: dict[str, Answers], classify: Callable) -> dict:
@@ -403,17 +389,23 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+SIDE_STATS = {
+    "kl": "kl_mean",
+    "len": "response_length_mean",
+    "eos": "eos_rate",
+    "trunc": "truncation_rate",
+}
+
+
 def side_stats(gathered: Gather, answers: dict[str, Answers], names: tuple[str, str]) -> dict:
     """Length, EOS, truncation, KL (where measured) and distinct-2 of each side."""
     out: dict[str, Any] = {}
     for side in names:
         prefix = "" if side == names[1] else f"{side}_"
         values = answers[side].values
-        if "kl" in values:
-            out[f"{prefix}kl_mean"] = mean(gathered(values["kl"]))
-        out[f"{prefix}response_length_mean"] = mean(gathered(values["len"]))
-        out[f"{prefix}eos_rate"] = mean(gathered(values["eos"]))
-        out[f"{prefix}truncation_rate"] = mean(gathered(values["trunc"]))
+        for key, name in SIDE_STATS.items():
+            if key in values:  # kl: where measured
+                out[prefix + name] = mean(gathered(values[key]))
     return out
 
 
@@ -464,9 +456,7 @@ def evaluate(
     summary["kl_temperature"] = ev.sampling.kl_temperature if reference is not None else None
     texts = {side: gathered.texts(answers[side].texts) for side in names}
     summary["distinct_2"] = {side: distinct_n(texts[side], 2) for side in names}
-    judges, judged = judge_all(
-        ev, gathered, answers, scoring.judges, scoring.load_scorer, scoring.output_dir
-    )
+    judges, judged = judge_all(ev, gathered, answers, scoring)
     scores.update(judged)
     if judges:
         summary["judges"] = judges
@@ -530,25 +520,6 @@ def rubric_classify() -> Callable[[dict, str], dict] | None:
     return rubric.classify
 
 
-def stage_sides(
-    model: Any, reference: torch.nn.Module | None, label: str
-) -> tuple[list, OpenModel]:
-    """(the SFT side and the tuned side, the reference) of a stage's actor-critic: the SFT
-    policy is the frozen reference copy, or the policy with its LoRA adapter off."""
-
-    @contextmanager
-    def tuned() -> Iterator[torch.nn.Module]:
-        with eval_mode(model):
-            yield model.policy
-
-    @contextmanager
-    def sft() -> Iterator[torch.nn.Module]:
-        with eval_mode(model), nullcontext() if reference is not None else model.adapter_disabled():
-            yield reference if reference is not None else model.policy
-
-    return [Side("sft", sft, kl=False), Side(label, tuned)], sft
-
-
 def evaluate_stage(
     model: Any,
     reference: torch.nn.Module | None,
@@ -561,9 +532,20 @@ def evaluate_stage(
     progress: Callable[[str], None],
     samples_per_prompt: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The tuned policy (`model.policy`) against the SFT policy on prompts x samples_per_prompt
-    (default eval.samples_per_prompt), sampled as the rollouts are, with the same seeds at
-    every call."""
+    """The tuned policy (`model.policy`, an actor-critic) against the SFT policy (`reference`,
+    else the policy with its LoRA adapter off) on prompts x samples_per_prompt (default
+    eval.samples_per_prompt), sampled as the rollouts are, with the same seeds every call."""
+
+    @contextmanager
+    def tuned() -> Iterator[torch.nn.Module]:
+        with eval_mode(model):
+            yield model.policy
+
+    @contextmanager
+    def sft() -> Iterator[torch.nn.Module]:
+        with eval_mode(model), nullcontext() if reference is not None else model.adapter_disabled():
+            yield reference if reference is not None else model.policy
+
     ev = Evaluation(
         prompts,
         samples_per_prompt or recipe.eval.samples_per_prompt,
@@ -575,8 +557,7 @@ def evaluate_stage(
         recipe.ppo.batch_size,
         progress,
     )
-    sides, reference_model = stage_sides(model, reference, label)
-    return evaluate(ev, sides, reference_model, scoring)
+    return evaluate(ev, [Side("sft", sft, kl=False), Side(label, tuned)], sft, scoring)
 
 
 def curve_metrics(summary: dict[str, Any]) -> dict[str, float]:

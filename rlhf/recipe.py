@@ -100,9 +100,8 @@ class SFTConfig(TrainLoopConfig):
     packing: bool = False
     init_token_embeddings: dict[str, str] = Field(
         default_factory=dict,
-        description="before training, each key token's embedding row (input and output) is "
-        "copied from the value token's: for chat-template tokens that the pretrained model "
-        "never trained, e.g. {'<end_of_turn>': '<eos>'} for Gemma-3 pretrained",
+        description="copy the value token's embedding rows to the key token's before training, "
+        "for untrained chat-template tokens: {'<end_of_turn>': '<eos>'} (Gemma-3 pretrained)",
     )
 
 
@@ -119,14 +118,10 @@ class RewardConfig(TrainLoopConfig):
     )
     calibration_size: int = Field(256, ge=1, description="responses used for mean/std")
     subset: Literal["all", "first_half", "second_half"] = Field(
-        "all",
-        description="train on all rankings, or one of two disjoint halves split by prompt "
-        "(the same split for every seed: the judge trains on the other half)",
+        "all", description="all rankings, or one of two halves split by prompt (seed-independent)"
     )
     share_prefix: bool = Field(
-        True,
-        description="run each prompt's shared tokens once for its K responses (KV cache); "
-        "off with gradient_checkpointing",
+        True, description="a prompt's shared tokens run once for its K responses (KV cache)"
     )
 
 
@@ -136,34 +131,20 @@ class DPOStageConfig(TrainLoopConfig):
     train: DataSource | None = None
     eval: DataSource | None = None
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="held out when `eval` is unset")
-    eval_pairs: int = Field(
-        32,
-        ge=0,
-        description="held-out pairs (a seeded sample) scored every eval_every steps and at the "
-        "end; 0 = all of them",
-    )
+    eval_pairs: int = Field(32, ge=0, description="held-out pairs scored at each eval (0: all)")
     eval_prompts: DataSource | None = Field(
-        None,
-        description="prompts for the end-of-run generation eval (default: ppo.eval_prompts), "
-        "sampled and judged as the PPO stage does (ppo sampling settings, eval.*)",
+        None, description="the end-of-run generation eval's prompts (default: ppo.eval_prompts)"
     )
-    sft_dir: str | None = Field(
-        None, description="default: <output_dir>/sft (policy and reference)"
-    )
+    sft_dir: str | None = Field(None, description="default: <output_dir>/sft")
     pairs: Literal["all", "best_vs_rest"] = Field(
-        "all",
-        description="a K-way ranking becomes all K(K-1)/2 pairs, or the best against each other",
+        "all", description="a K-way ranking's K(K-1)/2 pairs, or the best against each other"
     )
     loss_type: Literal[DPO_LOSS_TYPES] = Field(  # type: ignore[valid-type]
         "sigmoid", description="rlhf/algo/dpo.py: sigmoid (DPO), ipo, hinge, robust"
     )
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="sigmoid (conservative DPO) and robust: P(label flipped)"
-    )
-    batch_size: int = Field(
-        4, ge=1, description="rankings (not pairs) per device micro-step, each with its pairs"
-    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="P(label flipped)")
+    batch_size: int = Field(4, ge=1, description="rankings (not pairs) per device micro-step")
     optim: OptimConfig = OptimConfig(lr=5e-7)
 
 
@@ -171,14 +152,10 @@ class JudgeConfig(Section):
     """`rlhf judge`: a second reward model, the reward stage rerun with these changes into
     <output_dir>/judge, to evaluate the PPO policy with a model it was not trained against."""
 
-    subset: Literal["all", "first_half", "second_half"] = Field(
-        "second_half", description="reward.subset for the judge"
-    )
+    subset: Literal["all", "first_half", "second_half"] = "second_half"  # its reward.subset
     seed_offset: int = Field(1, ge=1, description="the judge's seed is the recipe's seed + this")
     allow_prompt_overlap: bool = Field(
-        False,
-        description="let the judge train on prompts the reward model trained on (else `rlhf "
-        "judge` refuses: its verdict would not be independent); for test recipes",
+        False, description="may train on the reward model's prompts (else refused); for tests"
     )
 
 
@@ -207,68 +184,56 @@ def _check_function(spec: str, args: dict[str, Any]) -> None:
         raise ValueError(str(e)) from None
 
 
-class RewardSourceConfig(Section):
-    """One term of the PPO score: score = sum over entries of weight * normalised score."""
+class ScoreSource(Section):
+    """A reward model or a reward function (with its keyword `args`), exactly one of them."""
 
-    name: str | None = Field(None, description="label in the logs (objective/score/<name>)")
-    model: str | list[str] | None = Field(
-        None,
-        description="a reward run or model folder, or a list of them (an ensemble, `combine`); "
-        "'{output_dir}' is replaced by the recipe's output_dir",
-    )
-    function: str | None = Field(
-        None,
-        description="a built-in (sentiment, answer_match, length, format, afinn) or module:function",
-    )
-    weight: float = 1.0
+    name: str | None = Field(None, description="label in the logs and eval.json")
+    model: str | None = Field(None, description="reward run or model folder ('{output_dir}')")
+    function: str | None = Field(None, description="a built-in (sentiment, ...) or module:function")
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments (functions)")
-    normalize: Literal["calibration", "running", "none"] | None = Field(
-        None,
-        description="models: the calibration (default, unless ppo.normalize_score is false; "
-        "on SFT samples with ppo.calibration_prompts, else the stored one; an ensemble's "
-        "members are each calibrated before combining, so none is refused there); "
-        "functions: none (default) or a running mean/std",
-    )
-    combine: Literal["mean", "min"] = Field(
-        "mean", description="an ensemble of reward models: the mean or the min of their scores"
-    )
 
     @model_validator(mode="after")
-    def _one_kind(self) -> RewardSourceConfig:
+    def _one_kind(self) -> ScoreSource:
         if (self.model is None) == (self.function is None):
             raise ValueError("give exactly one of `model` or `function`")
+        if self.function is None and self.args:
+            raise ValueError("`args` are for functions, not reward models")
         if self.function is not None:
-            if self.normalize == "calibration":
-                raise ValueError("normalize: calibration is for reward models; use none or running")
+            self._check_function_source()
             _check_function(self.function, self.args)
-        else:
-            if self.args:
-                raise ValueError("`args` are for functions, not reward models")
-            if isinstance(self.model, list) and not self.model:
-                raise ValueError("model: an empty list")
+        elif isinstance(self.model, list) and not self.model:
+            raise ValueError("model: an empty list")
         return self
 
+    def _check_function_source(self) -> None:
+        """A subclass's checks of a function source, before the function is resolved."""
 
-class EvalJudgeConfig(Section):
+
+class RewardSourceConfig(ScoreSource):
+    """One term of the PPO score: score = sum over entries of weight * normalised score."""
+
+    model: str | list[str] | None = Field(
+        None, description="reward run or model folder ('{output_dir}'), a list: an ensemble"
+    )
+    weight: float = 1.0
+    normalize: Literal["calibration", "running", "none"] | None = Field(
+        None,
+        description="models: calibration (default unless ppo.normalize_score is false; an "
+        "ensemble's members each); functions: none (default) or a running mean/std",
+    )
+    combine: Literal["mean", "min"] = Field("mean", description="an ensemble's scores")
+
+    def _check_function_source(self) -> None:
+        if self.normalize == "calibration":
+            raise ValueError("normalize: calibration is for reward models; use none or running")
+
+
+class EvalJudgeConfig(ScoreSource):
     """A judge for the end-of-run evaluation: another reward model, or a function."""
 
-    name: str | None = None
-    model: str | None = Field(None, description="reward run or model folder ('{output_dir}')")
-    function: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
     positive_above: float | None = Field(
         None, description="also report the rate of responses scoring above this (e.g. 0)"
     )
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> EvalJudgeConfig:
-        if (self.model is None) == (self.function is None):
-            raise ValueError("give exactly one of `model` or `function`")
-        if self.function is not None:
-            _check_function(self.function, self.args)
-        elif self.args:
-            raise ValueError("`args` are for functions, not reward models")
-        return self
 
 
 class EvalConfig(Section):
@@ -278,10 +243,7 @@ class EvalConfig(Section):
     judges: list[EvalJudgeConfig] = Field(default_factory=list)
     samples_per_prompt: int = Field(4, ge=1, description="responses per held-out prompt")
     batch_size: int | None = Field(
-        None,
-        ge=1,
-        description="responses sampled per batch, per rank (default: ppo.batch_size); larger "
-        "batches sample more tokens per second on a CPU (scoring stays at ppo.batch_size)",
+        None, ge=1, description="responses sampled per batch, per rank (default: ppo.batch_size)"
     )
 
 
@@ -289,15 +251,11 @@ class PPOConfig(Section):
     prompts: DataSource | None = None
     eval_prompts: DataSource | None = None
     valid_prompts: DataSource | None = Field(
-        None,
-        description="prompts for choosing settings (e.g. a judge curve during RL), disjoint "
-        "from the prompts and the eval_prompts; the end-of-run eval uses ppo.eval_prompts",
+        None, description="prompts for choosing settings (the judge curve), kept apart from both"
     )
     sft_dir: str | None = Field(None, description="default: <output_dir>/sft")
     reward_dir: str | None = Field(None, description="default: <output_dir>/reward")
-    policy: Literal["sft", "base"] = Field(
-        "sft", description="start from (and stay close to) the SFT model, or the recipe's model"
-    )
+    policy: Literal["sft", "base"] = Field("sft", description="start from SFT or the model")
     rewards: list[RewardSourceConfig] | None = Field(
         None, description="score sources; default: the reward stage's model (ppo.reward_dir)"
     )
@@ -308,16 +266,11 @@ class PPOConfig(Section):
     samples_per_prompt: int = Field(
         1, ge=1, description="k answers per prompt in a rollout batch (>= 2 without a critic)"
     )
+    # kl_in and advantage_norm default by estimator (ESTIMATOR_DEFAULTS)
     kl_in: Literal["reward", "loss"] = Field(
-        "reward",
-        description="KL penalty as k1 in the per-token reward, or as GRPO's k3 term in the loss "
-        "(default: loss for grpo, reward otherwise)",
+        "reward", description="KL penalty in the per-token reward, or GRPO's k3 term in the loss"
     )
-    advantage_norm: Literal["group", "batch", "none"] = Field(
-        "batch",
-        description="advantage normalisation (default: gae/reinforce_pp batch, rloo none, "
-        "grpo group)",
-    )
+    advantage_norm: Literal["group", "batch", "none"] = "batch"
     scale_by_std: bool = Field(
         True, description="advantage_norm divides by the std (false: Dr. GRPO, only centring)"
     )
@@ -327,11 +280,7 @@ class PPOConfig(Section):
     critic_warmup_iterations: int = Field(
         0, ge=0, description="gae: value-only updates on the first N rollouts (policy frozen)"
     )
-    batch_size: int = Field(
-        8,
-        ge=1,
-        description="rollouts per device per iteration: batch_size / samples_per_prompt prompts",
-    )
+    batch_size: int = Field(8, ge=1, description="rollouts per device per iteration")
     mini_batch_size: int = Field(8, ge=1, description="rollouts per optimizer step, per device")
     grad_accum: int = Field(1, ge=1, description="micro-batches per mini-batch")
     ppo_epochs: int = Field(4, ge=1)
@@ -343,9 +292,7 @@ class PPOConfig(Section):
     stop_strings: list[str] = Field(default_factory=list)
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = Field(
-        "k1",
-        description="per-token KL estimate (Schulman 2020) in the reward and the logged KL "
-        "(default: k1 with kl_in reward; kl_in loss takes k3 only, GRPO's loss term)",
+        "k1", description="per-token KL estimate (Schulman 2020); kl_in loss takes k3 only"
     )
     adaptive_kl: AdaptiveKLConfig | None = None
     gamma: float = Field(1.0, ge=0, le=1)
@@ -355,15 +302,12 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.1, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
     whiten_rewards: bool = False
-    normalize_score: bool = Field(
-        True, description="centre and scale the reward-model score (calibration_prompts)"
-    )
+    normalize_score: bool = Field(True, description="centre and scale the reward-model score")
     calibration_prompts: int = Field(
         32,
         ge=0,
-        description="training prompts the SFT policy answers before iteration 1; the mean/std "
-        "of each reward model's scores on them normalise that model's score, in ppo.rewards "
-        "too (0: each reward model's stored mean/std, measured on human-written responses)",
+        description="prompts the SFT policy answers before iteration 1 to measure each reward "
+        "model's mean/std (0: the reward model's stored ones)",
     )
     score_clip: float | None = Field(None, gt=0)
     missing_eos_penalty: float | None = Field(None, ge=0)
@@ -378,15 +322,8 @@ class PPOConfig(Section):
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
     eval_size: int = Field(32, ge=1, description="held-out prompts scored at the end")
-    eval_every: int = Field(
-        0, ge=0, description="iterations between judge-curve points (eval/* metrics; 0: none)"
-    )
-    eval_curve_size: int = Field(
-        16,
-        ge=1,
-        description="prompts of the judge curve, one answer each per policy (the first of "
-        "ppo.valid_prompts, else of eval_prompts)",
-    )
+    eval_every: int = Field(0, ge=0, description="iterations between judge-curve points")
+    eval_curve_size: int = Field(16, ge=1, description="the judge curve's prompts")
 
     @model_validator(mode="before")
     @classmethod
@@ -409,18 +346,22 @@ class PPOConfig(Section):
         return estimator
 
     @model_validator(mode="after")
-    def _minibatch_divides_batch(self) -> PPOConfig:
+    def _consistent(self) -> PPOConfig:
         k = self.samples_per_prompt
         if self.estimator != "gae" and k < 2:
             raise ValueError(
                 f"estimator {self.estimator} needs samples_per_prompt >= 2 (got {k}): the "
                 "other answers to the same prompt are its baseline"
             )
-        if self.batch_size % k:
-            raise ValueError(
-                f"samples_per_prompt ({k}) must divide batch_size ({self.batch_size}): "
-                "batch_size counts rollouts, k per prompt"
-            )
+        divides = {  # (part, whole): why
+            ("samples_per_prompt", "batch_size"): ": batch_size counts rollouts, k per prompt",
+            ("mini_batch_size", "batch_size"): "",
+            ("grad_accum", "mini_batch_size"): "",
+        }
+        for (part, whole), why in divides.items():
+            n, of = getattr(self, part), getattr(self, whole)
+            if of % n:
+                raise ValueError(f"{part} ({n}) must divide {whole} ({of}){why}")
         if self.advantage_norm == "group" and self.estimator not in ("rloo", "grpo"):
             raise ValueError(
                 f"advantage_norm group needs a sequence-level estimator (rloo, grpo), not "
@@ -442,16 +383,6 @@ class PPOConfig(Section):
                 "top_k / top_p are not supported for PPO (its log-probs are of the full "
                 "distribution at the temperature): leave them at 0 / 1.0"
             )
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"mini_batch_size ({self.mini_batch_size}) must divide batch_size "
-                f"({self.batch_size})"
-            )
-        if self.mini_batch_size % self.grad_accum:
-            raise ValueError(
-                f"grad_accum ({self.grad_accum}) must divide mini_batch_size "
-                f"({self.mini_batch_size})"
-            )
         if self.rewards is not None and not self.rewards:
             raise ValueError("rewards: give at least one source (or drop the key)")
         return self
@@ -466,17 +397,13 @@ class DataPolicy(Section):
         "error", description="invalid rows: stop with file:line, or skip and count them"
     )
     truncate_long_prompts: bool = Field(
-        False,
-        description="prompts over the stage's max length keep their END (e.g. long HH "
-        "transcripts) instead of counting as invalid rows",
+        False, description="over-long prompts keep their END instead of being invalid rows"
     )
 
 
 class NumericsConfig(Section):
     on_nonfinite: Literal["skip", "stop"] = Field(
-        "skip",
-        description="non-finite loss / gradients / rewards: skip that step (counted and "
-        "logged) or stop the run with a message",
+        "skip", description="non-finite loss / gradients / rewards: skip the step or stop"
     )
     max_consecutive: int = Field(5, ge=1, description="skip mode: stop after N bad steps in a row")
 
@@ -496,10 +423,7 @@ class Recipe(Section):
         "auto", description="auto: bf16 autocast where the hardware runs it faster"
     )
     accel: Literal["auto", "off"] = Field(
-        "auto",
-        description="auto: the CPU fast paths of rlhf/accel/ (none on a GPU); off: the plain "
-        "path (transformers' generate, unmodified peft and transformers modules); the "
-        "environment's RLHF_ACCEL=off forces off whatever this says",
+        "auto", description="the CPU fast paths of rlhf/accel/, or off (also RLHF_ACCEL=off)"
     )
 
     @field_validator("accel", mode="before")
@@ -514,9 +438,7 @@ class Recipe(Section):
     tracking: TrackingConfig = TrackingConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
-    judge: JudgeConfig | None = Field(
-        None, description="a second, independent reward model (`rlhf judge`, `make reward`)"
-    )
+    judge: JudgeConfig | None = None  # a second, independent reward model (`rlhf judge`)
     ppo: PPOConfig = PPOConfig()
     dpo: DPOStageConfig = DPOStageConfig()
     eval: EvalConfig = EvalConfig()

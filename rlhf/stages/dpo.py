@@ -1,19 +1,14 @@
 """Direct preference optimisation (Rafailov et al. 2023) from the same rankings as the reward
-stage, on the stage runner (rlhf/stages/runner.py) as SFT and the reward model are.
+stage, on the stage runner (rlhf/stages/runner.py).
 
-  * policy and reference: the finished SFT run's model (`dpo.sft_dir`, default
-    <output_dir>/sft). With LoRA the reference is the same weights with the adapter disabled
-    (peft's `disable_adapter`), without LoRA a frozen full copy on each rank (as PPO's).
-  * data: pairs, or K-way rankings expanded to all K(K-1)/2 pairs or the best against each
-    other (`dpo.pairs`). A batch is a set of rankings, batched as the reward stage batches
-    them (rlhf/roles/preference.py): each response forwarded once per model, its prompt's
-    shared prefix once. The held-out rankings always give all pairs.
-  * the loss: rlhf.algo.dpo (`dpo.loss_type`, `dpo.beta`, `dpo.label_smoothing`) on the
-    summed response log-probs, the reference's under no_grad; a step's loss is the mean over
-    the pairs of the WHOLE optimizer step, across micro-batches and ranks.
-  * evaluation: the implicit reward on a fixed sample of held-out pairs (`dpo.eval_pairs`,
-    every eval_every steps and at the end), then the end-of-run comparison with SFT
-    (rlhf/evaluation.py) on held-out prompts, as the PPO stage evaluates.
+  * policy and reference: the finished SFT run's model (`dpo.sft_dir`). With LoRA the
+    reference is the policy with its adapter disabled, without LoRA a frozen full copy.
+  * data: K-way rankings as all K(K-1)/2 pairs or the best against each other (`dpo.pairs`),
+    batched as the reward stage batches them (rlhf/roles/preference.py); held-out: all pairs.
+  * the loss: rlhf.algo.dpo on the summed response log-probs, a step's loss the mean over the
+    pairs of the WHOLE optimizer step, across micro-batches and ranks.
+  * evaluation: the implicit reward on a fixed sample of held-out pairs (`dpo.eval_pairs`),
+    then the comparison with SFT on held-out prompts (rlhf/evaluation.py), as PPO's.
 """
 
 from __future__ import annotations
@@ -26,22 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from rlhf import data, evaluation
 from rlhf.algo.dpo import pair_losses
 from rlhf.infra import distributed
 from rlhf.infra.errors import UserError
 from rlhf.infra.rundir import require_completed
-from rlhf.ppo.scorers import reward_model_scorer
+from rlhf.recipe import EvalJudgeConfig
 from rlhf.roles import models, reward_sources
 from rlhf.roles import preference as pref
 from rlhf.roles.actor_critic import ActorCritic, disable_dropout
+from rlhf.stages.ppo import load_fitted, scorer_loader
 from rlhf.stages.runner import (
     Objective,
+    Prepared,
     StageRun,
+    evaluating,
     prepare_supervised,
     rank_batches,
+    shuffled_loader,
     train_supervised,
 )
 
@@ -55,16 +53,6 @@ def sft_model_dir(recipe: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------------ data
-
-
-def load_eval_prompts(recipe: Any, tokenizer: Any) -> list:
-    """Held-out prompts for the generation eval: dpo.eval_prompts, else ppo.eval_prompts
-    (none: no generation eval), fitted to ppo.max_prompt_length like PPO's."""
-    source = recipe.dpo.eval_prompts or recipe.ppo.eval_prompts
-    if source is None:
-        return []
-    items = data.load_prompts(source, recipe.data.on_invalid).items
-    return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
 
 
 def eval_subset(rows: list[dict], size: int, seed: int) -> list[dict]:
@@ -118,7 +106,9 @@ def load_pairs(recipe: Any, tokenizer: Any) -> Pairs:
         raise UserError(f"{cfg.train.path}: no ranking with at least two responses")
     held_out = [p for row in encode(eval_items, "all") for p in pair_rows(row)]
     eval_rows = eval_subset(held_out, cfg.eval_pairs, recipe.seed)
-    prompts = load_eval_prompts(recipe, tokenizer)
+    # the generation eval's prompts: dpo.eval_prompts, else ppo.eval_prompts (or none)
+    source = cfg.eval_prompts or recipe.ppo.eval_prompts
+    prompts = load_fitted(recipe, tokenizer, source) if source else []
     return Pairs(train_rows, len(eval_items), len(held_out), eval_rows, prompts)
 
 
@@ -200,22 +190,18 @@ def implicit_reward_eval(
     model: Any, reference: Any, batches: list[dict], n_pairs: int, cfg: Any, accelerator: Any
 ) -> dict[str, Any]:
     """Loss, preference accuracy and margins of the implicit reward on the `n_pairs` held-out
-    pairs, `batches` this rank's rank_batches of them. Scored with the unwrapped policy (ranks
-    may hold different numbers of batches), gathered by index."""
-    policy = accelerator.unwrap_model(model).model
-    was_training = policy.training
-    policy.eval()
+    pairs, `batches` this rank's rank_batches of them, gathered by index."""
     per_pair = [torch.zeros(0, 3, dtype=torch.float64, device=accelerator.device)]
-    for batch in batches:
-        with accelerator.autocast(), distributed.gathered_for_generation(accelerator, model):
+    with evaluating(accelerator, model) as unwrapped:
+        policy = unwrapped.model
+        for batch in batches:
             logps = pref.response_logps(policy, batch)
             with policy.disable_adapter() if reference is None else nullcontext():
                 ref = pref.response_logps(policy if reference is None else reference, batch)
-        losses = pair_losses(logps, ref, batch, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-        rewards = cfg.beta * (logps - ref).double()
-        chosen, rejected = rewards[batch["better"]], rewards[batch["worse"]]
-        per_pair.append(torch.stack([losses.double(), chosen, rejected], dim=1))
-    policy.train(was_training)
+            losses = pair_losses(logps, ref, batch, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            rewards = cfg.beta * (logps - ref).double()
+            chosen, rejected = rewards[batch["better"]], rewards[batch["worse"]]
+            per_pair.append(torch.stack([losses.double(), chosen, rejected], dim=1))
     values = distributed.gather_evaluated(accelerator, torch.cat(per_pair), n_pairs).cpu()
     metrics = pref.implicit_reward_metrics(values[:, 1], values[:, 2])
     return {**metrics, "loss": values[:, 0].mean().item()} if n_pairs else metrics
@@ -237,8 +223,6 @@ def eval_log(preference: dict[str, Any]) -> dict[str, float]:
 def judge_entries(recipe: Any) -> list[Any]:
     """eval.judges with the trained reward model first (ppo.reward_dir, default
     <output_dir>/reward; skipped when absent): DPO never saw it, PPO trains against it."""
-    from rlhf.recipe import EvalJudgeConfig
-
     reward = recipe.ppo.reward_dir or "{output_dir}/reward"
     expand = lambda p: reward_sources.expand_path(p, recipe.output_dir)  # noqa: E731
     judges = list(recipe.eval.judges)
@@ -253,15 +237,12 @@ def generation_eval(
     """DPO policy vs the SFT policy on held-out prompts, exactly as the PPO stage evaluates:
     same sampling, seeds, judges, answer accuracy, KL to the reference, length, EOS rate.
     `reference` None: the policy with its adapter off."""
-    load_scorer = partial(
-        reward_model_scorer,
-        accelerator=accelerator,
-        max_length=recipe.reward.max_length,
-        attn_implementation=recipe.model.attn_implementation,
-    )
     # No training score: every reward model is a judge here.
     scoring = evaluation.Scoring(
-        judge_entries(recipe), load_scorer, recipe.output_dir, classify=evaluation.rubric_classify()
+        judge_entries(recipe),
+        scorer_loader(recipe, accelerator),
+        recipe.output_dir,
+        classify=evaluation.rubric_classify(),
     )
     policy = accelerator.unwrap_model(model).model
     # FSDP2: the root's own parameters stay gathered for the whole generation; ZeRO-3's hooks
@@ -304,10 +285,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
         pad_id=tokenizer.pad_token_id,
         share_prefix=not cfg.gradient_checkpointing,
     )
-    generator = torch.Generator().manual_seed(recipe.seed)
-    loader = DataLoader(
-        pairs.train_rows, cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator
-    )
+    loader, generator = shuffled_loader(pairs.train_rows, cfg.batch_size, collate, recipe.seed)
     # --- models: the policy inside the module accelerate prepares, the reference beside it
     policy, reference = load_models(recipe, init_from, accelerator)
     prepared = prepare_supervised(accelerator, pref.ResponseLogps(policy), loader, cfg)
@@ -349,14 +327,14 @@ def run(recipe: Any, resume: bool = False) -> Path:
 
 
 def begin(
-    stage: StageRun, resume: bool, prepared: Any, init_from: Path, pairs: Pairs, reference: Any
+    stage: StageRun, resume: bool, prepared: Prepared, init_from: Path, pairs: Pairs, reference: Any
 ) -> dict[str, Any]:
     """Start (or resume) the run folder with run.json's account of the run; the trainer state
     to start from."""
     cfg, accelerator = stage.recipe.dpo, stage.accelerator
-    state = stage.begin(
+    state = prepared.begin(
+        stage,
         resume,
-        prepared.scheduler,
         init_from=str(init_from),
         pairs=cfg.pairs,
         loss_type=cfg.loss_type,
@@ -375,8 +353,6 @@ def begin(
         eval_pairs=len(pairs.eval_rows),
         held_out_pairs=pairs.held_out,
         eval_prompts=min(len(pairs.eval_prompts), stage.recipe.ppo.eval_size),
-        total_steps=prepared.total_steps,
-        **prepared.parameter_counts(),
     )
     log.info(
         "dpo (%s, beta %g): %d train rankings -> %d pairs (%s), %d eval pairs, %d steps, "
@@ -390,7 +366,7 @@ def begin(
         prepared.total_steps,
         prepared.per_step,
     )
-    return state or {"step": 0, "epoch": 0, "batches_done": 0}
+    return state
 
 
 def save(

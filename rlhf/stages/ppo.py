@@ -67,9 +67,10 @@ def run(recipe: Any, resume: bool = False) -> Path:
     stage = StageRun(recipe, "ppo", grad_accum=cfg.grad_accum)
     accelerator = stage.accelerator
     # --- tokenizers and prompts (validated before any model loads)
-    policy_name = str(sft_dir / "model") if sft_dir else recipe.model.name
+    policy_name = policy_folder(sft_dir) or recipe.model.name
     tokenizer = load_tokenizers(recipe, policy_name, sft_dir)
-    train_items, eval_items = load_prompt_items(recipe, tokenizer)
+    train_items = load_fitted(recipe, tokenizer, cfg.prompts)
+    eval_items = load_fitted(recipe, tokenizer, cfg.eval_prompts) if cfg.eval_prompts else []
     prompts = Prompts.encode(train_items, tokenizer, cfg.max_prompt_length)
     # --- roles, reward sources, optimizer; the run folder, fresh or resumed
     roles = build_roles_and_optimizer(recipe, accelerator, sft_dir, reward_dir)
@@ -114,10 +115,9 @@ def load_tokenizers(recipe: Any, policy_name: str, sft_dir: Path | None) -> Any:
 
 @dataclass
 class RolesAndOptimizer:
-    """The PPO stage's models and what trains them: the prepared actor-critic and its
-    unwrapped form (whose forwards, inside accelerator.autocast(), keep no fp32 copies of the
-    logits), the reference (None: the policy with its LoRA adapter off), the reward sources
-    and the reward-model loader they share with the evaluation, optimizer and scheduler."""
+    """The prepared actor-critic and its unwrapped form (training.without_fp32_outputs), the
+    reference (None: the policy with its LoRA adapter off), the reward sources and the
+    reward-model loader they share with the evaluation, optimizer and scheduler."""
 
     model: Any
     unwrapped: ActorCritic
@@ -138,11 +138,12 @@ def build_roles_and_optimizer(
     model, reference = build_roles(
         cfg,
         accelerator,
-        partial(load_policy, recipe, sft_dir),
+        partial(models.load_recipe_model, recipe.model, "lm", policy_folder(sft_dir)),
         critic_dir,
         recipe.model.attn_implementation,
     )
-    load_scorer = shared_scorers(recipe, accelerator)
+    # one copy of each reward model for training and evaluation (its judges included)
+    load_scorer = SharedScorers(scorer_loader(recipe, accelerator))
     gather = lambda t: accelerator.gather(t.to(device)).cpu()  # noqa: E731
     sources = reward_sources.build(recipe, load_scorer, gather)
     optimizer = training.make_optimizer(model, cfg.optim)
@@ -261,15 +262,13 @@ def save(
     return path
 
 
-def shared_scorers(recipe: Any, accelerator: Any) -> SharedScorers:
-    """One copy of each reward model for training and evaluation (its judges included)."""
-    return SharedScorers(
-        partial(
-            reward_model_scorer,
-            accelerator=accelerator,
-            max_length=recipe.reward.max_length,
-            attn_implementation=recipe.model.attn_implementation,
-        )
+def scorer_loader(recipe: Any, accelerator: Any) -> Callable[[Path], Callable]:
+    """A reward-model folder -> its scorer, at reward.max_length with the recipe's attention."""
+    return partial(
+        reward_model_scorer,
+        accelerator=accelerator,
+        max_length=recipe.reward.max_length,
+        attn_implementation=recipe.model.attn_implementation,
     )
 
 
@@ -327,11 +326,11 @@ def judge_curve(recipe: Any, tokenizer: Any, evaluate: Callable, held_out: list[
     cfg = recipe.ppo
     if not cfg.eval_every:
         return None
-    source = getattr(cfg, "valid_prompts", None)
-    if source is None:
+    if cfg.valid_prompts is None:
         log.info("ppo: the judge curve uses ppo.eval_prompts (ppo.valid_prompts is not set)")
-    items = load_fitted(recipe, tokenizer, source) if source is not None else held_out
-    prompts = items[: cfg.eval_curve_size]
+        prompts = held_out[: cfg.eval_curve_size]
+    else:
+        prompts = load_fitted(recipe, tokenizer, cfg.valid_prompts)[: cfg.eval_curve_size]
 
     def curve_point() -> dict[str, float]:
         began = time.monotonic()
@@ -412,16 +411,9 @@ def load_fitted(recipe: Any, tokenizer: Any, source: Any) -> list[Any]:
     return data.fit_prompts(items, tokenizer, recipe.ppo.max_prompt_length, recipe.data)
 
 
-def load_prompt_items(recipe: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
-    """(training prompts, held-out prompts or []), each fitted to ppo.max_prompt_length."""
-    cfg = recipe.ppo
-    held_out = load_fitted(recipe, tokenizer, cfg.eval_prompts) if cfg.eval_prompts else []
-    return load_fitted(recipe, tokenizer, cfg.prompts), held_out
-
-
-def load_policy(recipe: Any, sft_dir: Path | None) -> torch.nn.Module:
-    """The starting policy: the SFT run's model, or the recipe's model (ppo.policy: base)."""
-    return models.load_recipe_model(recipe.model, "lm", str(sft_dir / "model") if sft_dir else None)
+def policy_folder(sft_dir: Path | None) -> str | None:
+    """The starting policy's folder: the SFT run's model, or None: the recipe's model."""
+    return str(sft_dir / "model") if sft_dir else None
 
 
 def run_info_of(recipe, roles, accelerator, policy_name, sft_dir, reward_dir) -> dict:

@@ -1,19 +1,14 @@
 """Stage 2: a scalar reward model trained on human rankings (InstructGPT step 2, sec. 3.5).
 
-An `AutoModelForSequenceClassification` head (`num_labels=1`) on the SFT model (or
-`reward.init_from`), read at the last real token (`models.sequence_scores`, right or left
-padding), trained with the Bradley-Terry loss of `rlhf.roles.reward_model`:
-
-  * a batch is a set of PROMPTS; each brings its K ranked responses and all K(K-1)/2 pairs;
-    every response is scored once per step (one forward over the flattened responses);
-  * a prompt's loss is the mean over its pairs and the step's loss the mean over its prompts
-    (InstructGPT's 1/C(K,2)), normalised by the number of prompts in the WHOLE optimizer step
-    across micro-batches and ranks, so 2 ranks x b prompts equals 1 rank x 2b (as sft.py does
-    with tokens).
+A sequence-classification head (`num_labels=1`) on the SFT model (or `reward.init_from`), read
+at the last real token, trained with the Bradley-Terry loss (rlhf.algo.ranking): a batch is a
+set of prompts, each with its K ranked responses (each scored once) and all K(K-1)/2 pairs; a
+prompt's loss is the mean over its pairs (InstructGPT's 1/C(K,2)), a step's the mean over the
+prompts of the WHOLE optimizer step across micro-batches and ranks.
 
 At the end the mean/std of the rewards of up to `calibration_size` training responses are
-stored with the model (`model/config.json: reward_calibration` and
-`model/reward_calibration.json`) so that PPO can normalise scores.
+stored with the model (config.json `reward_calibration`, reward_calibration.json) so that PPO
+can normalise scores.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
 
 from rlhf import data
 from rlhf.algo.ranking import prompt_losses
@@ -40,7 +34,9 @@ from rlhf.stages.runner import (
     Objective,
     Prepared,
     StageRun,
+    evaluating,
     prepare_supervised,
+    shuffled_loader,
     train_supervised,
 )
 
@@ -90,21 +86,6 @@ def load_datasets(recipe: Any) -> tuple[list, list, dict[str, list]]:
     return train, evals, extras
 
 
-def evaluate(
-    scorer: torch.nn.Module,
-    rows: list[dict],
-    batch_size: int,
-    pad_id: int,
-    accelerator: Any,
-    margin: float = 0.0,
-    share_prefix: bool = False,
-) -> dict[str, Any]:
-    """Ranking metrics over `rows`; each rank scores a disjoint slice, gathered before the math."""
-    ordered = score_rows(scorer, rows, batch_size, pad_id, accelerator, share_prefix)
-    pairs, orders = [r["pairs"] for r in rows], [r["ranking"] for r in rows]
-    return rm.ranking_metrics(ordered, pairs, orders, margin)
-
-
 def score_rows(
     scorer: torch.nn.Module,
     rows: list[dict],
@@ -116,17 +97,11 @@ def score_rows(
     """The scores of every row's responses, in order: each rank scores its share of the rows
     (rm.score_rankings), gathered so that each row counts once whatever the padding of the
     ranks' shares under sharding."""
-    # Score with the unwrapped module: ranks hold different numbers of rows, and a DDP forward
-    # runs collectives (buffer broadcast) that would pair up wrongly and hang.
-    wrapped, scorer = scorer, accelerator.unwrap_model(scorer)
-    was_training = scorer.training
-    scorer.eval()
-    mine = distributed.rank_indices(len(rows), accelerator)  # sharded: equal shares
-    with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
+    mine = distributed.rank_indices(len(rows), accelerator)
+    with evaluating(accelerator, scorer) as unwrapped:
         scores = rm.score_rankings(
-            scorer, [rows[i] for i in mine], batch_size, pad_id, accelerator.device, share_prefix
+            unwrapped, [rows[i] for i in mine], batch_size, pad_id, accelerator.device, share_prefix
         )
-    scorer.train(was_training)
     pairs = list(zip(mine, scores))
     by_index = dict(gather_object(pairs) if accelerator.num_processes > 1 else pairs)
     return [by_index[i] for i in range(len(rows))]
@@ -135,13 +110,16 @@ def score_rows(
 def evaluate_all(
     scorer: torch.nn.Module, sets: dict[str, list[dict]], cfg: Any, pad_id: int, accelerator: Any
 ) -> dict[str, dict[str, Any]]:
-    return {
-        name: evaluate(
-            scorer, rows, cfg.batch_size, pad_id, accelerator, cfg.margin, shares_prefix(cfg)
-        )
-        for name, rows in sets.items()
-        if rows
-    }
+    """Ranking metrics of each non-empty set of rows, scored by score_rows."""
+    results = {}
+    for name, rows in sets.items():
+        if rows:
+            scores = score_rows(
+                scorer, rows, cfg.batch_size, pad_id, accelerator, shares_prefix(cfg)
+            )
+            pairs, orders = [r["pairs"] for r in rows], [r["ranking"] for r in rows]
+            results[name] = rm.ranking_metrics(scores, pairs, orders, cfg.margin)
+    return results
 
 
 def shares_prefix(cfg: Any) -> bool:
@@ -167,12 +145,9 @@ def calibrate(
     seed: int,
     accelerator: Any,
 ) -> dict[str, float]:
-    """Mean/std of the rewards of up to `calibration_size` training responses (seeded sample).
-
-    The sampled responses of one prompt are scored together, as `evaluate` scores a ranking:
-    with `share_prefix`, their common prefix (system prompt, user turn) runs once. Rows are
-    split over the ranks and every sampled response counts once, whatever the padding of the
-    ranks' shares (score_rows)."""
+    """Mean/std of the rewards of up to `calibration_size` training responses (seeded sample),
+    each counted once; a prompt's sampled responses are scored together (score_rows), their
+    shared prefix once with `share_prefix`."""
     where = [(r, k) for r, row in enumerate(train_rows) for k in range(len(row["seqs"]))]
     picked = random.Random(seed).sample(range(len(where)), min(cfg.calibration_size, len(where)))
     by_row: dict[int, list[int]] = {}
@@ -181,8 +156,7 @@ def calibrate(
     rows = [
         {"seqs": [train_rows[r]["seqs"][k] for k in ks], "pairs": []} for r, ks in by_row.items()
     ]
-    # A prompt brings only some of its responses to the sample: twice the training step's
-    # prompts per forward (on 2 CPU cores 9.9-12.1 s for 256 responses, 11.7-14.2 at 1x)
+    # A prompt brings only some of its responses: twice the training step's prompts a forward.
     scored = score_rows(scorer, rows, cfg.batch_size * 2, pad_id, accelerator, shares_prefix(cfg))
     return rm.calibration([s for row in scored for s in row])
 
@@ -199,7 +173,10 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     tokenizer = models.load_recipe_tokenizer(recipe.model, init_folder)
     pad_id = tokenizer.pad_token_id
     train_rows, eval_sets = encode_datasets(recipe, tokenizer)
-    loader, generator = train_loader(recipe, train_rows, pad_id)
+    collate = partial(
+        rm.collate_rankings, pad_id=pad_id, side="right", share_prefix=shares_prefix(cfg)
+    )
+    loader, generator = shuffled_loader(train_rows, cfg.batch_size, collate, recipe.seed)
     # --- model: scalar head, pooled at the last real token
     scorer = rm.RewardScorer(load_model(recipe, init_folder, tokenizer))
     prepared = prepare_supervised(accelerator, scorer, loader, cfg)
@@ -210,12 +187,10 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     def evaluate_now() -> dict[str, dict[str, Any]]:
         return evaluate_all(scorer, eval_sets, cfg, pad_id, accelerator)
 
-    def evaluate_flat() -> dict[str, float]:
-        return flat_metrics(evaluate_now())
-
     base = evaluate_now() if state["step"] == 0 else {}
     stage.log(0, flat_metrics(base))
     objective = bradley_terry_objective(scorer, cfg)
+    evaluate_flat = lambda: flat_metrics(evaluate_now())  # noqa: E731
     train_supervised(stage, prepared, cfg, generator, state, objective, evaluate_flat)
 
     # --- evaluate, calibrate and save
@@ -234,18 +209,6 @@ def run(recipe: Any, resume: bool = False, folder: str = "reward") -> Path:
     return save(stage, results, calib, scorer, tokenizer, init_from)
 
 
-def train_loader(recipe: Any, rows: list[dict], pad_id: int) -> tuple[DataLoader, torch.Generator]:
-    """Shuffled batches of whole rankings (each prompt's pairs in one batch), and the generator
-    that shuffles them (reseeded every epoch by the runner's Windows)."""
-    cfg = recipe.reward
-    collate = partial(
-        rm.collate_rankings, pad_id=pad_id, side="right", share_prefix=shares_prefix(cfg)
-    )
-    generator = torch.Generator().manual_seed(recipe.seed)
-    loader = DataLoader(rows, cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
-    return loader, generator
-
-
 def begin(
     stage: StageRun,
     resume: bool,
@@ -254,21 +217,19 @@ def begin(
     train_rows: list[dict],
     eval_sets: dict[str, list[dict]],
 ) -> dict[str, Any]:
-    """Start (or resume) the run folder with run.json's account of the data and the schedule;
-    the trainer state to start from."""
-    cfg = stage.recipe.reward
+    """Start (or resume) the run folder with run.json's account of the data; the trainer state
+    to start from."""
+    max_length = stage.recipe.reward.max_length
     eval_sizes = {k: len(v) for k, v in eval_sets.items()}
-    state = stage.begin(
+    state = prepared.begin(
+        stage,
         resume,
-        prepared.scheduler,
         init_from=init_from,
         effective_batch_prompts=prepared.per_step,
         train_prompts=len(train_rows),
         train_pairs=sum(len(r["pairs"]) for r in train_rows),
         eval_prompts=eval_sizes,
-        truncated_responses=truncated(train_rows, cfg.max_length),
-        total_steps=prepared.total_steps,
-        **prepared.parameter_counts(),
+        truncated_responses=sum(len(s) >= max_length for r in train_rows for s in r["seqs"]),
     )
     info = stage.out.info
     log.info(
@@ -280,9 +241,9 @@ def begin(
         prepared.total_steps,
         prepared.per_step,
         info["truncated_responses"],
-        cfg.max_length,
+        max_length,
     )
-    return state or {"step": 0, "epoch": 0, "batches_done": 0}
+    return state
 
 
 def bradley_terry_objective(scorer: torch.nn.Module, cfg: Any) -> Objective:
@@ -309,12 +270,18 @@ def save(
     with its card, eval.json and COMPLETED."""
     unwrapped = stage.accelerator.unwrap_model(scorer).model
     models.unwrap_peft(unwrapped).config.reward_calibration = calib
-    card = ("Reward model", card_text(init_from, results, calib))
+    text = (
+        f"Scalar reward model (Bradley-Terry on ranked pairs), {results['steps']} steps from "
+        f"`{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} (initial) -> "
+        f"{results.get('accuracy')} (this model). Rewards are read at the last token; "
+        f"calibration (mean/std over {calib['n']} training responses) is in "
+        "`reward_calibration.json` and `config.json`."
+    )
     path = stage.finish(
         results,
         scorer,
         tokenizer,
-        card,
+        ("Reward model", text),
         stage.recipe.reward.merge_lora,
         lambda s: s.model,
         prefix="model.",
@@ -328,17 +295,6 @@ def save(
         calib["std"],
     )
     return path
-
-
-def card_text(init_from: str, results: dict[str, Any], calib: dict[str, Any]) -> str:
-    """The model card's account of the trained reward model."""
-    return (
-        f"Scalar reward model (Bradley-Terry on ranked pairs), {results['steps']} steps from "
-        f"`{init_from}`. Held-out pairwise accuracy {results['base_accuracy']} (initial) -> "
-        f"{results.get('accuracy')} (this model). Rewards are read at the last token; "
-        f"calibration (mean/std over {calib['n']} training responses) is in "
-        "`reward_calibration.json` and `config.json`."
-    )
 
 
 def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -365,11 +321,6 @@ def encode_datasets(recipe: Any, tokenizer: Any) -> tuple[list[dict], dict[str, 
     return train_rows, eval_sets
 
 
-def truncated(rows: list[dict], max_length: int) -> int:
-    """How many responses were cut to max_length tokens (recorded in run.json)."""
-    return sum(len(s) >= max_length for r in rows for s in r["seqs"])
-
-
 def load_model(recipe: Any, folder: str | None, tokenizer: Any) -> Any:
     """A sequence-classification model with one label (the reward head) on the recipe's model
     or `folder`, LoRA / checkpointing."""
@@ -385,17 +336,10 @@ def load_model(recipe: Any, folder: str | None, tokenizer: Any) -> Any:
 def step_stats(per_prompt: torch.Tensor, scores: torch.Tensor, batch: dict) -> torch.Tensor:
     """[loss sum over prompts, correct pairs (ties half), pairs, margin sum, responses]."""
     d = (scores[batch["better"]] - scores[batch["worse"]]).double()
-    count = lambda n: torch.tensor(float(n), device=d.device, dtype=torch.float64)  # noqa: E731
     correct = ((d > 0).double() + 0.5 * (d == 0).double()).sum()
-    return torch.stack(
-        [
-            per_prompt.detach().sum().double(),
-            correct,
-            count(d.numel()),
-            d.sum(),
-            count(scores.numel()),
-        ]
-    )
+    loss = per_prompt.detach().sum().double()
+    pairs, responses = d.new_tensor(d.numel()), d.new_tensor(scores.numel())
+    return torch.stack([loss, correct, pairs, d.sum(), responses])
 
 
 def step_metrics(totals: torch.Tensor, prompts: torch.Tensor) -> dict[str, float]:

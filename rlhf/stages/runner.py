@@ -24,11 +24,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from rlhf import accel
 from rlhf.infra import checkpoint, distributed, training
@@ -38,6 +40,7 @@ from rlhf.infra.runtime import make_accelerator, run_info
 from rlhf.infra.signals import Interrupted, StopSignal
 from rlhf.infra.tracking import MetricsLogger
 from rlhf.roles import model_folder
+from rlhf.roles.actor_critic import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +307,43 @@ class Prepared:
     total_steps: int
     per_step: int
 
-    def parameter_counts(self) -> dict[str, int]:
-        """run.json's trainable_parameters and parameters."""
+    def begin(self, run: StageRun, resume: bool, **info: Any) -> dict[str, Any]:
+        """`run.begin` with the schedule and the parameter counts in run.json; the trainer
+        state to start from (step 0 on a fresh start)."""
         trainable, total = training.trainable_parameters(self.model)
-        return {"trainable_parameters": trainable, "parameters": total}
+        state = run.begin(
+            resume,
+            self.scheduler,
+            **info,
+            total_steps=self.total_steps,
+            trainable_parameters=trainable,
+            parameters=total,
+        )
+        return state or {"step": 0, "epoch": 0, "batches_done": 0}
+
+
+def shuffled_loader(
+    rows: list, batch_size: int, collate: Callable[[list], dict], seed: int
+) -> tuple[DataLoader, torch.Generator]:
+    """Shuffled batches of `rows` and the generator that shuffles them (reseeded every epoch by
+    `Windows`)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(rows, batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    return loader, generator
+
+
+@contextmanager
+def evaluating(accelerator: Any, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The unwrapped prepared `model` in eval mode, under autocast, its weights gathered where
+    sharded. Unwrapped: ranks may run different numbers of forwards, and a DDP forward runs
+    collectives (buffer broadcast) that would then pair up wrongly and hang."""
+    unwrapped = accelerator.unwrap_model(model)
+    with (
+        eval_mode(unwrapped),
+        accelerator.autocast(),
+        distributed.gathered_for_generation(accelerator, model),
+    ):
+        yield unwrapped
 
 
 def prepare_supervised(accelerator: Any, model: torch.nn.Module, loader: Any, cfg: Any) -> Prepared:

@@ -1,18 +1,15 @@
-"""Stage 1: supervised fine-tuning on chat data (InstructGPT step 1), on accelerate.
+"""Stage 1: supervised fine-tuning on chat data (InstructGPT step 1), on the stage runner
+(rlhf/stages/runner.py): here the data, the model, the step and the evaluation.
 
-Our own loop rather than TRL's SFTTrainer: the loss is normalised by the number of target
-tokens in the WHOLE optimizer step (all micro-batches, all ranks), so 2 ranks x batch b equals
-1 rank x 2b exactly and gradient accumulation does not overweight short batches; the same loop
-resumes from our checkpoints; and nothing hides in a trainer. The loop, resume, checkpoints and
-the run folder are the stage runner's (rlhf/stages/runner.py); here: data, model, step, eval.
+Our own loop rather than TRL's SFTTrainer: the loss is normalised by the answer tokens of the
+WHOLE optimizer step (all micro-batches, all ranks), so 2 ranks x batch b equals 1 rank x 2b
+and gradient accumulation does not overweight short batches.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,10 @@ from rlhf.roles.labelled_nll import answer_nll_rows, labelled_nll_sum
 from rlhf.stages.runner import (
     Objective,
     StageRun,
+    evaluating,
     prepare_supervised,
     rank_batches,
+    shuffled_loader,
     train_supervised,
 )
 from rlhf.tokens.chat import IGNORE_INDEX, encode_sft, pad_batch
@@ -58,22 +57,11 @@ def evaluate(
     model: torch.nn.Module, loader: list[dict], accelerator: Any, n_rows: int
 ) -> dict[str, float]:
     """Held-out loss and perplexity over the answer tokens of `n_rows` rows, `loader` this
-    rank's rank_batches of them. Each row's sums are gathered by its index, so a row that
-    pads a rank's share under ZeRO-3 / FSDP counts once, then summed before dividing."""
-    # Unwrapped: ranks may hold different numbers of batches, and a DDP forward runs
-    # collectives (buffer broadcast) that would then pair up wrongly and hang.
-    wrapped, model = model, accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-
-    @contextmanager
-    def forward() -> Iterator[None]:
-        with accelerator.autocast(), distributed.gathered_for_generation(accelerator, wrapped):
-            yield
-
-    per_row = answer_nll_rows(model, loader, forward).to(accelerator.device)
+    rank's rank_batches of them; each row's sums are gathered by its index, so a row that pads
+    a rank's share under ZeRO-3 / FSDP counts once."""
+    with evaluating(accelerator, model) as unwrapped:
+        per_row = answer_nll_rows(unwrapped, loader).to(accelerator.device)
     totals = distributed.gather_evaluated(accelerator, per_row, n_rows).sum(0)
-    model.train(was_training)
     got = training.perplexity(totals[0].item(), totals[1].item())
     return {"eval/loss": got["loss"], "eval/perplexity": got["perplexity"]}
 
@@ -85,7 +73,7 @@ def run(recipe: Any, resume: bool = False) -> Path:
     # --- data and tokenizer (all validation happens before the model loads)
     tokenizer = models.load_recipe_tokenizer(recipe.model, cfg.init_from)
     train_rows, eval_rows = encode_datasets(recipe, tokenizer)
-    embedding_sources = token_embedding_sources(cfg, tokenizer)  # checked before the model loads
+    embedding_sources = token_embedding_sources(cfg, tokenizer)
     collate = partial(collate_rows, pad_id=tokenizer.pad_token_id)
     loader, generator, packed = train_loader(cfg, train_rows, collate, tokenizer, recipe.seed)
     # --- model
@@ -93,17 +81,14 @@ def run(recipe: Any, resume: bool = False) -> Path:
     prepared = prepare_supervised(accelerator, model, loader, cfg)
     model = prepared.model
     eval_loader = rank_batches(eval_rows, cfg.batch_size, collate, accelerator)
-    state = stage.begin(
+    state = prepared.begin(
+        stage,
         resume,
-        prepared.scheduler,
         effective_batch=prepared.per_step,
         train_examples=len(train_rows),
         packed_rows=packed,
         eval_examples=len(eval_rows),
-        total_steps=prepared.total_steps,
-        **prepared.parameter_counts(),
     )
-    state = state or {"step": 0, "epoch": 0, "batches_done": 0}
     log.info(
         "sft: %d train / %d eval conversations, %d steps, effective batch %d",
         len(train_rows),
@@ -183,12 +168,11 @@ def train_loader(
 ) -> tuple[DataLoader, torch.Generator, int | None]:
     """(shuffled loader, its generator, number of packed rows or None). With packing,
     batch_size counts packed rows of up to max_length tokens."""
-    if cfg.packing:
-        rows = pack_rows(rows, cfg.max_length)
-        collate = partial(collate_packed, pad_id=tokenizer.pad_token_id)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(rows, cfg.batch_size, shuffle=True, collate_fn=collate, generator=generator)
-    return loader, generator, len(rows) if cfg.packing else None
+    if not cfg.packing:
+        return *shuffled_loader(rows, cfg.batch_size, collate, seed), None
+    packed = pack_rows(rows, cfg.max_length)
+    collate = partial(collate_packed, pad_id=tokenizer.pad_token_id)
+    return *shuffled_loader(packed, cfg.batch_size, collate, seed), len(packed)
 
 
 def load_model(
