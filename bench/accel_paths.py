@@ -17,17 +17,25 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-PATHS = ("decode",)
+PATHS = ("decode", "fused", "lean_lora", "attention")
 
 
 def switch_off(path: str):
     """Undo-able patches that turn one fast path off; returns the undo function."""
+    from rlhf.accel import apply
     from rlhf.ppo import rollout
+
+    def null(*_args, **_kwargs):
+        return nullcontext()
 
     targets = {
         "decode": [(rollout, "lean_decode_applies", lambda *a: False)],
+        "fused": [(apply, "fused_projections", null)],
+        "lean_lora": [(apply, "lean_lora_forward", null)],
+        "attention": [(apply, "matmul_attention_backward", null)],
     }[path]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
     for owner, name, value in targets:

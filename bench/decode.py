@@ -3,8 +3,9 @@
   generate  policy.generate(do_sample, temperature T, top_k 0, top_p 1), keeping the logits
             (output_logits) as TRL's PPOTrainer does: autocast's F.linear, peft's forward
   ours      rlhf.ppo.rollout.sample_rollout(keep_sampling_outputs=True), what a PPO iteration
-            calls: our sampling loop (rlhf/accel/decode.py, finished rows dropped), plus the
-            LM-head inputs kept for the value head
+            calls: our sampling loop (rlhf/accel/decode.py, finished rows dropped) with
+            oneDNN-packed weights under bf16 and the sibling projections fused
+            (rlhf/accel/fused_projections.py), plus the LM-head inputs kept for the value head
 Both sample the default recipe's rollout policy: SmolLM2 with LoRA r 16 on all linear layers,
 frozen weights stored in bf16 where `precision: auto` picks bf16. Each batch size takes the
 first B prompts of reward_data/prompts/train.jsonl (chat template, left padded) and samples

@@ -90,6 +90,23 @@ def random_lora(tiny_model_dir):
     return make
 
 
+@pytest.fixture()
+def matmul_attention_backwards(monkeypatch):
+    """Counts the attention gradients computed through matmuls (rlhf/accel/attention.py)
+    instead of torch's flash-attention backward: a list that grows by one per call."""
+    from rlhf.accel import attention
+
+    calls: list[int] = []
+    gradients = attention.SdpaMatmulBackward._gradients
+
+    def counted(ctx, d_out):
+        calls.append(1)
+        return gradients(ctx, d_out)
+
+    monkeypatch.setattr(attention.SdpaMatmulBackward, "_gradients", staticmethod(counted))
+    return calls
+
+
 FORCED_OFF = "RLHF_ACCEL=off: the suite runs without the fast paths of rlhf/accel/"
 
 

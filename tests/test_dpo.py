@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.dpo_workers import trl_rows
+from rlhf import accel
 from rlhf.algo.dpo import LOSS_TYPES, pair_losses
 from rlhf.cli import main
 from rlhf.data.types import Ranking
@@ -168,10 +169,13 @@ def test_dpo_without_a_finished_sft_run_is_one_line_exit_2(tmp_path, capsys):
 # ------------------------------------------------------------------------------ the stage
 
 
-def test_stage_completes_with_the_contract(sft):
+def test_stage_completes_with_the_contract(sft, matmul_attention_backwards):
     root, args = sft
     out = root / "contract"
     assert main(["dpo", "recipes/tiny.yaml", *args, f"output_dir={out}"]) == 0  # LoRA default
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training),
+    # unless RLHF_ACCEL=off forces the plain path over the recipe's `accel: auto`
+    assert bool(matmul_attention_backwards) == (not accel.forced_off())
     run = out / "dpo"
     for name in CONTRACT:
         assert (run / name).exists(), name

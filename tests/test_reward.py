@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf import accel
 from rlhf.algo import ranking as ranking_loss
 from rlhf.data.types import Ranking
 from rlhf.roles import models
@@ -373,13 +374,16 @@ def tiny_recipe(tmp_path, paths, *extra):
     )
 
 
-def test_reward_stage_end_to_end(tmp_path, tiny_reward_data):
+def test_reward_stage_end_to_end(tmp_path, tiny_reward_data, matmul_attention_backwards):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf import cli
     from rlhf.stages import reward as stage
 
     run_dir = stage.run(tiny_recipe(tmp_path, tiny_reward_data))
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training),
+    # unless RLHF_ACCEL=off forces the plain path over the recipe's `accel: auto`
+    assert bool(matmul_attention_backwards) == (not accel.forced_off())
     assert run_dir == tmp_path / "run" / "reward"
     for name in ("recipe.yaml", "run.json", "metrics.jsonl", "eval.json", "COMPLETED", "tb"):
         assert (run_dir / name).exists(), name

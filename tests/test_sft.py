@@ -80,7 +80,7 @@ def _write_sft(path: Path, n: int) -> None:
             )
 
 
-def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path):
+def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path, matmul_attention_backwards):
     from rlhf.stages import sft
 
     _write_sft(tmp_path / "train.jsonl", 24)
@@ -95,6 +95,9 @@ def test_tiny_sft_stage_writes_the_run_directory_contract(tmp_path):
         ],
     )
     run_dir = sft.run(recipe)
+    # its training steps differentiate attention through matmuls (rlhf.accel.apply.training),
+    # unless RLHF_ACCEL=off forces the plain path over the recipe's `accel: auto`
+    assert bool(matmul_attention_backwards) == (not accel.forced_off())
     for name in (
         "recipe.yaml",
         "run.json",

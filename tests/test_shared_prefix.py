@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rlhf.accel.attention import matmul_attention_backward
 from rlhf.roles import actor_critic
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, shares_context
 from rlhf.roles.shared_prefix import distinct_rows
@@ -49,7 +50,8 @@ def _flat_logits(model, ids, mask, keep):
 
 def test_logits_and_lora_gradients_are_the_flat_forwards(random_lora):
     """Each prompt once, its cache indexed out to its 3 responses: the flat forward's logits
-    and LoRA gradients within fp32 rounding; and the path is taken (one prefix forward over
+    and LoRA gradients within fp32 rounding, inside the update's matmul attention backward
+    (queries continuing a cached prefix) too; and the path is taken (one prefix forward over
     2 rows, not 6)."""
     policy = random_lora(seed=0)
     ids, mask, keep = _grpo_like_batch()
@@ -59,18 +61,20 @@ def test_logits_and_lora_gradients_are_the_flat_forwards(random_lora):
     embed.register_forward_hook(lambda _m, args, _out: seen_rows.append(args[0].shape))
     runs = []
     for shared in (False, True):
-        policy.zero_grad(set_to_none=True)
-        seen_rows.clear()
-        if shared:
-            logits = causal_lm_logits(policy, ids, mask, keep)
-        else:
-            logits = _flat_logits(policy, ids, mask, keep)
-        logits[real].sin().sum().backward()
-        grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
-        runs.append((logits.detach(), grads, list(seen_rows)))
+        for backward_ctx in (torch.enable_grad, matmul_attention_backward):
+            policy.zero_grad(set_to_none=True)
+            seen_rows.clear()
+            with backward_ctx():
+                if shared:
+                    logits = causal_lm_logits(policy, ids, mask, keep)
+                else:
+                    logits = _flat_logits(policy, ids, mask, keep)
+                logits[real].sin().sum().backward()
+            grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+            runs.append((logits.detach(), grads, list(seen_rows)))
     flat, flat_grads, flat_rows = runs[0]
     assert flat_rows == [torch.Size([6, 12])]
-    for logits, grads, rows in runs[1:]:
+    for logits, grads, rows in runs[2:]:
         assert rows == [torch.Size([2, 7]), torch.Size([6, 5])]  # prompts once, then responses
         torch.testing.assert_close(logits[real], flat[real], rtol=1e-4, atol=1e-5)
         assert grads.keys() == flat_grads.keys() and any("lora_B" in n for n in grads)

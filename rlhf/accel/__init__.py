@@ -1,13 +1,13 @@
-"""The CPU fast path, a layer over the plain code that one recipe key switches off.
+"""The CPU fast paths, a layer over the plain code that one recipe key switches off.
 
-`accel: off` runs the plain path everywhere: transformers' `generate` and
-`log_softmax(logits / T)` + `gather`. `accel: auto` (the default) samples with the lean
-sampling loop of `decode.py` where it was measured to pay: on a CPU only, so on a GPU `auto`
-is `off`. docs/performance.md has what it does and what it gains end to end, and the paths
-that were measured and deleted.
+`accel: off` runs the plain path everywhere: transformers' generate, log_softmax + gather,
+unmodified peft and transformers modules, glibc's malloc as it is. `accel: auto` (the default)
+adds the fast paths where they were measured to pay: on a CPU only, so on a GPU `auto` is
+`off`. Each fast path is a module here, and `rlhf.accel.apply` is the one place the loops
+open them; docs/performance.md has what each does and what it gained end to end.
 
 The switch is process-wide: the stage runner sets it from the recipe (`use(recipe.accel)`),
-and the fast path asks `applies(device)` before it changes anything. `RLHF_ACCEL=off` in the
+and every fast path asks `applies(device)` before it changes anything. `RLHF_ACCEL=off` in the
 environment wins over the recipe and over `use`, in every process (`make test-plain`).
 """
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rlhf import accel
-from rlhf.accel import decode
+from rlhf.accel import apply, decode
 from rlhf.infra import distributed
 from rlhf.roles import models
 from rlhf.roles.actor_critic import ActorCritic, causal_lm_logits, lm_head_inputs
@@ -83,21 +83,23 @@ def sample_rollout(
     keep_sampling_outputs also keeps the raw logits each token was sampled from and the LM-head
     inputs behind them, so scoring needs no second policy forward (as TRL's PPOTrainer)."""
     stops = eos_ids(policy, tokenizer)
-    if lean_decode_applies(policy, cfg, prompt_ids.device):
-        out = decode.sample(
-            policy,
-            prompt_ids,
-            prompt_mask,
-            cfg.max_new_tokens,
-            cfg.temperature,
-            stops,
-            tokenizer.pad_token_id,
-            keep=keep_sampling_outputs,
-        )
-    else:
-        out = _generate(
-            policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
-        )
+    rows, sharded = prompt_ids.shape[0], distributed.synced_gpus()
+    with apply.sampling(policy, rows, sharded):
+        if lean_decode_applies(policy, cfg, prompt_ids.device):
+            out = decode.sample(
+                policy,
+                prompt_ids,
+                prompt_mask,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                stops,
+                tokenizer.pad_token_id,
+                keep=keep_sampling_outputs,
+            )
+        else:
+            out = _generate(
+                policy, prompt_ids, prompt_mask, cfg, tokenizer, stops, keep_sampling_outputs
+            )
     response_ids = out.response_ids
     if response_ids.shape[1] == 0:  # every row stopped at once: keep one (EOS) column
         response_ids = torch.full_like(prompt_ids[:, :1], tokenizer.eos_token_id)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rlhf.accel import apply
 from rlhf.algo.ppo import (
     aggregate_loss,
     aggregation_count,
@@ -66,11 +67,12 @@ def ppo_update(
     minibatches = shuffled_minibatches(batch, cfg.mini_batch_size, cfg.ppo_epochs, generator)
     model.train()
     epochs_run = minibatches_run = 0
-    for epoch, mini in minibatches:
-        epochs_run, minibatches_run = epoch + 1, minibatches_run + 1
-        approxkl = train_minibatch(learner, rollout, advantages, returns, mini, stats)
-        if cfg.target_kl_early_stop and moved_too_far(accelerator, approxkl, cfg):
-            break
+    with apply.training(model):
+        for epoch, mini in minibatches:
+            epochs_run, minibatches_run = epoch + 1, minibatches_run + 1
+            approxkl = train_minibatch(learner, rollout, advantages, returns, mini, stats)
+            if cfg.target_kl_early_stop and moved_too_far(accelerator, approxkl, cfg):
+                break
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["policy/epochs_run"] = float(epochs_run)
     out["policy/minibatches_run"] = float(minibatches_run)

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf import accel
+from rlhf.accel import apply
 from rlhf.infra import checkpoint, distributed, training
 from rlhf.infra.progress import Progress
 from rlhf.infra.rundir import RunDir, write_json_atomic
@@ -266,16 +267,17 @@ class SupervisedStep:
         group = self.windows.next()
         step_weight = accelerator.reduce(sum(self.objective.weight(b) for b in group), "sum")
         stats, grad_norm, guard = None, None, self.run.guard
-        for batch in training.accumulation_window(accelerator, group):
-            with accelerator.accumulate(self.model), accelerator.autocast():
-                loss_sum, batch_stats = self.objective.loss_and_stats(batch)
-                # accelerate divides by grad_accum and DDP averages over ranks: undo both.
-                undo = training.averaging_undone(accelerator)
-                accelerator.backward(loss_sum * undo / step_weight.clamp(min=1))
-                grad_norm = training.step_if_finite(
-                    accelerator, self.model, self.optimizer, self.max_grad_norm, guard
-                )
-            stats = batch_stats if stats is None else stats + batch_stats
+        with apply.training(self.model):  # attention's backward in matmuls on a CPU
+            for batch in training.accumulation_window(accelerator, group):
+                with accelerator.accumulate(self.model), accelerator.autocast():
+                    loss_sum, batch_stats = self.objective.loss_and_stats(batch)
+                    # accelerate divides by grad_accum and DDP averages over ranks: undo both.
+                    undo = training.averaging_undone(accelerator)
+                    accelerator.backward(loss_sum * undo / step_weight.clamp(min=1))
+                    grad_norm = training.step_if_finite(
+                        accelerator, self.model, self.optimizer, self.max_grad_norm, guard
+                    )
+                stats = batch_stats if stats is None else stats + batch_stats
         self.scheduler.step()
         if not log:
             return None
