@@ -7,6 +7,8 @@ measures cost, not learning). Then, round after round, it runs one iteration per
 `all`: every fast path; `all-X`: every fast path but X; `off`: `accel: off`. Variants run
 interleaved inside each round, on the same prompts, so a busy neighbour hits them alike; the
 table gives medians. docs/performance.md has the figures and the paths this deleted.
+Switching a path off inside a process that has run it did not reproduce the stage's own
+timing (docs/performance.md): confirm a deletion with `bench.versions`, a process per variant.
 
     python -m bench.accel_paths --rounds 3 --out accel.json
 """
