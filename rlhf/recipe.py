@@ -531,7 +531,7 @@ def _format_error(source: str, err: dict[str, Any], overrides: list[str]) -> str
 def data_sources(recipe: Recipe) -> dict[str, DataSource]:
     """Every data source of the recipe by its key ("reward.extra_eval.0", ...)."""
     found: dict[str, DataSource] = {}
-    for stage in ("sft", "reward", "ppo"):
+    for stage in ("sft", "reward", "ppo", "dpo"):
         section = getattr(recipe, stage)
         for name, value in section:
             if isinstance(value, DataSource):

@@ -49,6 +49,20 @@ def test_data_root_key_wins_over_the_environment(tmp_path, monkeypatch):
     assert load_recipe(HH_RECIPE).reward.train.local == HH_FILE  # no root: left as written
 
 
+def test_dpo_sources_read_local_copies_from_the_data_root_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_DATA_ROOT", str(tmp_path))
+    hub = "Anthropic/hh-rlhf"
+    recipe = load_recipe(
+        HH_RECIPE,
+        [
+            f"dpo.train={{path: {hub}, local: {HH_FILE}}}",
+            f"dpo.eval={{path: {hub}, local: {HH_FILE}}}",
+        ],
+    )
+    assert recipe.dpo.train.local == recipe.dpo.eval.local == str(tmp_path / HH_FILE)
+    assert recipe.dpo.train._key == "dpo.train"
+
+
 def test_hub_source_is_loaded_with_its_data_dir(monkeypatch):
     import datasets
 
