@@ -53,7 +53,8 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         "trl": trl.__version__,
         "stage": "grpo-lora" if spec["lora"] else "grpo",
         "step_times": per_iteration(step_times, steps_per_iteration),
-        "tokens": int(sum(lengths) * spec["mini_batch"]),
+        # TRL logs one mean completion length per generation, of `batch` completions
+        "tokens": int(sum(lengths) * spec["batch"]),
     }
 
 
