@@ -1,10 +1,8 @@
 """Attention whose backward runs in matmuls on a CPU: the forward is sdpa's own kernel.
 
 For a masked batch (left-padded prompts) torch's CPU sdpa runs its flash-attention kernel,
-whose backward took 9.5-10.4 ms per SmolLM2 layer at 8 x 96 tokens (bf16, 2 cores), where
-recomputing the attention weights and differentiating through matmuls took 3.7-5.8 ms, with
-about the same error against an fp64 reference; a PPO update of the bench went from 8.05 to
-7.69 s (medians of 6 interleaved runs). While `matmul_attention_backward()` is open, the
+whose backward is slower there than recomputing the attention weights and differentiating
+through matmuls (docs/performance.md). While `matmul_attention_backward()` is open, the
 "sdpa" attention of transformers models does that: forward by the same F.scaled_dot_product_
 attention call, bit for bit, and the gradient from
 
@@ -16,8 +14,7 @@ else (no grad, not CPU, dropout, an additive or position-bias mask, decoding, a 
 over SCORES_LIMIT bytes) runs transformers' sdpa unchanged. The score matrix (B, H, T, S) is
 a temporary of the backward only. Kept for backward: q, k, v in the dtype sdpa computes in
 (bf16 under autocast, where the rotary embedding hands over fp32 q and k) and k, v once per
-key/value head, not repeated per query head: 159 -> 71 MB per micro-batch of the PPO bench
-(SmolLM2, 9 query and 3 key/value heads, 8 x 96 tokens), 44 MB without the output.
+key/value head, not repeated per query head, and not the output.
 """
 
 from __future__ import annotations

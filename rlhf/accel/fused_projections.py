@@ -11,8 +11,7 @@ and a group is two matmuls:
     out              = base(x) + blockdiag(B_1, ..., B_n)(A(x)) * scale
 
 with the groups (q, k, v), (gate, up), (o) and (down): 8 calls a layer instead of 21, and no
-per-module LoRA bookkeeping. On the bench VM (2-core EPYC, AVX-512 bf16) that is most of
-what LoRA added to a decode step (bench/RESULTS.md).
+per-module LoRA bookkeeping (docs/performance.md has what it saves).
 
 Bit for bit the numbers of the modules it replaces (peft's LoRA forward as
 lean_lora.lean_lora_forward runs it, on weights packed for oneDNN): each output column of a oneDNN matmul

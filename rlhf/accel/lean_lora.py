@@ -18,16 +18,10 @@ from rlhf.accel.forwards import instance_forwards
 
 @contextmanager
 def lean_lora_forward(model: torch.nn.Module):
-    """While open, each plain LoRA linear computes `base(x) + B(A(x)) * scale` directly.
-
-    For generation and the PPO update: peft's forward does per-call bookkeeping (argument
-    checks, adapter lookups, dtype casts) that costs more than the rank-16 matmuls themselves
-    at batch 8, one token at a time; on a 2-core CPU it made LoRA generation about 40% slower
-    than the bare model (bench), and under bf16 autocast it cost 12% of sampling at batch 8
-    and 8% of a PPO update (SmolLM2, r 16, all linears).
-    The operations and their order are peft's, so the numbers are identical, under autocast
-    too (see _lean_forward). Anything else (several or special adapters, dropout, merged or
-    disabled adapters, extra arguments) goes through peft's own forward.
+    """While open, each plain LoRA linear computes `base(x) + B(A(x)) * scale` directly,
+    with peft's numbers under autocast too (see _lean_forward). Anything else (several or
+    special adapters, dropout, merged or disabled adapters, extra arguments) goes through
+    peft's own forward.
     """
     lean = []
     casts = _LastInputCast()
@@ -95,8 +89,8 @@ class _LastInputCast:
     keeps its own bf16 copy for backward. Here the cast is computed once, and each reader gets
     its own autograd node (_CastForOneReader) whose backward casts that reader's gradient back
     to x's dtype, as autocast's cast would: the gradients reaching x are summed in x's dtype,
-    not in bf16. Same values, same gradients (tests/ppo/test_scoring.py), 80 MB less kept per
-    PPO bench micro-batch. Remembers the last input only (by identity and version), so a
+    not in bf16. Same values, same gradients (tests/ppo/test_scoring.py), and one bf16 copy
+    kept for backward instead of one per reader. Remembers the last input only (by identity and version), so a
     tensor changed in place is cast again."""
 
     def __init__(self) -> None:

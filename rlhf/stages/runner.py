@@ -267,7 +267,7 @@ class SupervisedStep:
         group = self.windows.next()
         step_weight = accelerator.reduce(sum(self.objective.weight(b) for b in group), "sum")
         stats, grad_norm, guard = None, None, self.run.guard
-        with apply.training(self.model):  # attention's backward in matmuls on a CPU
+        with apply.training(self.model):  # the fast paths of a training step (rlhf/accel/apply.py)
             for batch in training.accumulation_window(accelerator, group):
                 with accelerator.accumulate(self.model), accelerator.autocast():
                     loss_sum, batch_stats = self.objective.loss_and_stats(batch)
